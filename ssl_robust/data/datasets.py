@@ -1,0 +1,395 @@
+"""Image sources: the embedded default, torchvision datasets and ImageFolder trees.
+
+Every source is an :class:`ImageSource`: a torch Dataset of ``(PIL RGB image, label)`` that
+also knows its class names. Sources that fit in memory are :class:`ArraySource` objects holding
+one uint8 array ``(N, H, W, 3)``, which is what a GPU-side augmentation path can upload once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from rich.progress import track
+from torch.utils.data import Dataset
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+# Per-channel statistics of the training images (used when the config gives none).
+CIFAR10_NORMALIZE = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]}
+CIFAR100_NORMALIZE = {"mean": [0.5071, 0.4865, 0.4409], "std": [0.2673, 0.2564, 0.2762]}
+STL10_NORMALIZE = {"mean": [0.4467, 0.4398, 0.4066], "std": [0.2603, 0.2566, 0.2713]}
+IMAGENET_NORMALIZE = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+class DataError(ValueError):
+    """Bad or missing data; the message names the path."""
+
+
+class ImageSource(Dataset):
+    """A dataset of ``(PIL RGB image, int label)`` with class names."""
+
+    classes: list[str]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return self.load(index), int(self.labels[index])
+
+
+class ArraySource(ImageSource):
+    """Images held as one uint8 array ``(N, H, W, 3)``."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.classes = classes
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index])
+
+    def subset(self, indices: np.ndarray) -> ArraySource:
+        return ArraySource(self.images[indices], self.labels[indices], self.classes)
+
+
+class FileSource(ImageSource):
+    """Images read lazily from files (large ImageFolder trees)."""
+
+    def __init__(self, files: list[Path], labels: np.ndarray, classes: list[str], size: int) -> None:
+        self.files = files
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.classes = classes
+        self.size = size
+
+    def load(self, index: int) -> Image.Image:
+        path = self.files[index]
+        try:
+            return _read_image(path, self.size)
+        except (OSError, UnidentifiedImageError) as err:
+            raise DataError(f"cannot read image file {str(path)!r}: {err}") from None
+
+    def subset(self, indices: np.ndarray) -> FileSource:
+        return FileSource(
+            [self.files[i] for i in indices], self.labels[indices], self.classes, self.size
+        )
+
+
+class TransformDataset(Dataset):
+    """Applies a transform to a source's images: ``(transform(img), label)``."""
+
+    def __init__(self, source: ImageSource, transform: Callable[[Image.Image], Any]) -> None:
+        self.source = source
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        img, label = self.source[index]
+        return self.transform(img), label
+
+
+@dataclass
+class DatasetInfo:
+    name: str
+    num_classes: int
+    image_size: int
+    mean: list[float]
+    std: list[float]
+
+
+@dataclass
+class Splits:
+    train: ImageSource
+    val: ImageSource
+    info: DatasetInfo
+
+
+def _read_image(path: Path, size: int) -> Image.Image:
+    with Image.open(path) as img:
+        img.load()
+        # Grayscale, palette and alpha images all become 3-channel RGB.
+        rgb = img.convert("RGB")
+    if size and rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
+    return rgb
+
+
+def stratified_split(
+    labels: np.ndarray, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class-balanced, seeded train/val index split."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        n_val = max(1, round(len(idx) * val_fraction)) if len(idx) > 1 else 0
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded default: scikit-learn's handwritten digits
+# ---------------------------------------------------------------------------------------------
+
+
+def load_digits_source(image_size: int) -> ArraySource:
+    """The 1,797 real 8x8 handwritten digits that scikit-learn ships, as RGB uint8 images.
+
+    The 17 grey levels (0..16) are scaled to 0..255 and upsampled (bicubic) to ``image_size``;
+    digits are white on black like MNIST.
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    raw = (bunch.images * (255.0 / 16.0)).round().clip(0, 255).astype(np.uint8)  # (N, 8, 8)
+    images = np.stack(
+        [
+            np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.Resampling.BICUBIC))
+            for im in raw
+        ]
+    )
+    images = np.repeat(images[..., None], 3, axis=-1)  # (N, S, S, 3)
+    return ArraySource(images, bunch.target.astype(np.int64), [str(d) for d in range(10)])
+
+
+def _array_stats(images: np.ndarray) -> dict[str, list[float]]:
+    x = images.reshape(-1, 3).astype(np.float64) / 255.0
+    return {"mean": x.mean(0).round(4).tolist(), "std": x.std(0).round(4).tolist()}
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision datasets (local root, explicit download switch)
+# ---------------------------------------------------------------------------------------------
+
+
+def _torchvision(name: str, root: str, download: bool, split: str) -> Any:
+    import torchvision
+
+    kwargs: dict[str, Any]
+    if name == "stl10":
+        cls: Any = torchvision.datasets.STL10
+        kwargs = {"split": split}
+    else:
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        kwargs = {"train": split == "train"}
+    try:
+        return cls(root=root, download=download, **kwargs)
+    except RuntimeError as err:
+        raise DataError(
+            f"{name} not found under {str(Path(root).resolve())!r} ({err}). Put the dataset there "
+            f"or set data.download=true to fetch it."
+        ) from None
+
+
+def load_torchvision_splits(name: str, root: str, download: bool) -> tuple[ArraySource, ArraySource]:
+    if name == "stl10":
+        tr, te = _torchvision(name, root, download, "train"), _torchvision(name, root, download, "test")
+        to_nhwc = lambda d: np.ascontiguousarray(d.data.transpose(0, 2, 3, 1))  # noqa: E731
+        return (
+            ArraySource(to_nhwc(tr), np.asarray(tr.labels), list(tr.classes)),
+            ArraySource(to_nhwc(te), np.asarray(te.labels), list(te.classes)),
+        )
+    tr, te = _torchvision(name, root, download, "train"), _torchvision(name, root, download, "test")
+    return (
+        ArraySource(np.asarray(tr.data), np.asarray(tr.targets), list(tr.classes)),
+        ArraySource(np.asarray(te.data), np.asarray(te.targets), list(te.classes)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageFolder trees
+# ---------------------------------------------------------------------------------------------
+
+
+def scan_image_folder(root: str | Path) -> tuple[list[Path], np.ndarray, list[str]]:
+    """List ``root/<class>/<image>`` files; clear errors for missing or empty folders."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"image folder {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise DataError(f"image folder {str(root)!r} is not a directory")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(
+            f"image folder {str(root)!r} is empty: expected one sub-folder per class "
+            f"holding images ({', '.join(IMG_EXTENSIONS)})"
+        )
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, cls in enumerate(classes):
+        found = sorted(
+            p for p in (root / cls).rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
+        )
+        if not found:
+            raise DataError(
+                f"class folder {str(root / cls)!r} holds no images ({', '.join(IMG_EXTENSIONS)})"
+            )
+        files += found
+        labels += [label] * len(found)
+    return files, np.asarray(labels, dtype=np.int64), classes
+
+
+def _check_files(
+    files: list[Path], skip_bad: bool, size: int, decode: bool
+) -> tuple[list[int], list[np.ndarray]]:
+    """Open every file once; return the indices of good files (and their pixels if decoding)."""
+    good: list[int] = []
+    pixels: list[np.ndarray] = []
+    bad: list[str] = []
+    for i, path in enumerate(track(files, description="Reading images", transient=True)):
+        try:
+            if decode:
+                pixels.append(np.asarray(_read_image(path, size)))
+            else:
+                with Image.open(path) as img:
+                    img.verify()
+            good.append(i)
+        except (OSError, UnidentifiedImageError, SyntaxError) as err:
+            if not skip_bad:
+                raise DataError(
+                    f"cannot read image file {str(path)!r}: {err}. Fix or remove it, or set "
+                    f"data.skip_bad_images=true to skip unreadable files."
+                ) from None
+            bad.append(str(path))
+    if bad:
+        print(f"Skipped {len(bad)} unreadable image file(s), e.g. {bad[0]!r}")
+    if not good:
+        raise DataError("no readable images left after skipping unreadable files")
+    return good, pixels
+
+
+def load_image_folder(
+    root: str | Path,
+    image_size: int,
+    in_memory: bool,
+    skip_bad: bool,
+    cache_dir: str | Path | None = None,
+) -> ImageSource:
+    """An ImageFolder tree, decoded once into a uint8 array when ``in_memory``.
+
+    The decoded array is cached as ``.npz`` in ``cache_dir`` keyed by the file list, sizes and
+    modification times, so later runs skip decoding.
+    """
+    files, labels, classes = scan_image_folder(root)
+    if in_memory and not image_size:
+        with Image.open(files[0]) as first:
+            image_size = max(first.size)
+    cache: Path | None = None
+    if in_memory and cache_dir is not None:
+        h = hashlib.sha1()
+        for f in files:
+            st = f.stat()
+            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
+        h.update(f"{image_size}|{skip_bad}".encode())
+        cache = Path(cache_dir) / f"imagefolder-{h.hexdigest()[:16]}.npz"
+        if cache.is_file():
+            with np.load(cache) as z:
+                return ArraySource(z["images"], z["labels"], json.loads(str(z["classes"])))
+    good, pixels = _check_files(files, skip_bad, image_size, decode=in_memory)
+    if not in_memory:
+        return FileSource([files[i] for i in good], labels[good], classes, image_size)
+    source = ArraySource(np.stack(pixels), labels[good], classes)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.stem + ".tmp.npz")
+        np.savez(tmp, images=source.images, labels=source.labels, classes=json.dumps(classes))
+        os.replace(tmp, cache)
+    return source
+
+
+# ---------------------------------------------------------------------------------------------
+# One entry point
+# ---------------------------------------------------------------------------------------------
+
+DATASETS = ("cifar10", "cifar100", "digits", "imagefolder", "stl10")
+NATIVE_SIZE = {"digits": 16, "cifar10": 32, "cifar100": 32, "stl10": 96}
+
+
+def build_splits(
+    name: str,
+    root: str,
+    download: bool = False,
+    image_size: int = 0,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    in_memory: bool = True,
+    skip_bad_images: bool = False,
+    cache_dir: str | Path | None = None,
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+) -> Splits:
+    """Train and validation sources plus what a model needs to know about them.
+
+    ImageFolder: ``root/train`` and ``root/test`` (or ``root/val``) when present, otherwise the
+    whole tree split by ``val_fraction`` (class-balanced, seeded).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {list(DATASETS)}")
+    stats: dict[str, list[float]]
+    if name == "digits":
+        size = image_size or NATIVE_SIZE["digits"]
+        full = load_digits_source(size)
+        tr_idx, va_idx = stratified_split(full.labels, val_fraction, seed)
+        train, val = full.subset(tr_idx), full.subset(va_idx)
+        stats = _array_stats(train.images)
+    elif name in ("cifar10", "cifar100", "stl10"):
+        train, val = load_torchvision_splits(name, root, download)
+        size = NATIVE_SIZE[name]
+        if image_size and image_size != size:
+            train, val = _resize_array(train, image_size), _resize_array(val, image_size)
+            size = image_size
+        stats = {
+            "cifar10": CIFAR10_NORMALIZE,
+            "cifar100": CIFAR100_NORMALIZE,
+            "stl10": STL10_NORMALIZE,
+        }[name]
+    else:
+        rootp = Path(root)
+        if not rootp.exists():
+            raise DataError(f"image folder {str(rootp)!r} does not exist")
+        val_dir = next((rootp / d for d in ("test", "val") if (rootp / d).is_dir()), None)
+        if (rootp / "train").is_dir() and val_dir is not None:
+            train = load_image_folder(rootp / "train", image_size, in_memory, skip_bad_images, cache_dir)
+            val = load_image_folder(val_dir, image_size, in_memory, skip_bad_images, cache_dir)
+        else:
+            full = load_image_folder(rootp, image_size, in_memory, skip_bad_images, cache_dir)
+            tr_idx, va_idx = stratified_split(full.labels, val_fraction, seed)
+            train, val = full.subset(tr_idx), full.subset(va_idx)  # type: ignore[attr-defined]
+        size = image_size or (train.images.shape[1] if isinstance(train, ArraySource) else 224)
+        stats = _array_stats(train.images) if isinstance(train, ArraySource) else IMAGENET_NORMALIZE
+    info = DatasetInfo(
+        name=name,
+        num_classes=len(train.classes),
+        image_size=size,
+        mean=list(mean) if mean else stats["mean"],
+        std=list(std) if std else stats["std"],
+    )
+    return Splits(train=train, val=val, info=info)
+
+
+def _resize_array(source: ArraySource, size: int) -> ArraySource:
+    images = np.stack(
+        [np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC)) for im in source.images]
+    )
+    return ArraySource(images, source.labels, source.classes)

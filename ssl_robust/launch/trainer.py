@@ -1,0 +1,165 @@
+"""Trainer construction shared by every phase: run directory, loggers, callbacks, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+
+from ssl_robust.config import TrainerConfig, WandbConfig
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (temp file + rename): a crash never leaves a torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class ConfigInCheckpoint(Callback):
+    """Store the resolved config in every checkpoint (nanoGPT-style), as plain data."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint["ssl_robust_config"] = self.config
+
+
+class EpochReseed(Callback):
+    """Re-seed every RNG from ``(seed, epoch)`` at the start of each training epoch.
+
+    The RNG state is not part of a checkpoint, so without this a run resumed at epoch k would
+    draw different augmentations from an uninterrupted run. DataLoader workers take their seeds
+    from the global RNG when the epoch's iterator is created, which happens after this hook.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl.seed_everything(self.seed * 1000 + trainer.current_epoch, workers=True, verbose=False)
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The wandb run id kept in the run directory, so a resumed run continues the same run."""
+    path = run_dir / "wandb_id.txt"
+    if path.is_file():
+        return path.read_text().strip()
+    import wandb
+
+    run_id = wandb.util.generate_id()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(run_id)
+    os.replace(tmp, path)
+    return run_id
+
+
+def build_loggers(
+    run_dir: Path, wandb_cfg: WandbConfig, config: dict[str, Any], job_type: str, default_name: str
+) -> list[Logger]:
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
+    if wandb_cfg.mode != "disabled":
+        import wandb
+
+        loggers.append(
+            WandbLogger(
+                project=wandb_cfg.project,
+                entity=wandb_cfg.entity or None,
+                group=wandb_cfg.group or None,
+                name=wandb_cfg.name or default_name,
+                tags=list(wandb_cfg.tags) or None,
+                job_type=wandb_cfg.job_type or job_type,
+                # Not `offline=`: it would override WANDB_MODE=disabled (REFERENCE §8).
+                mode=wandb_cfg.mode,
+                id=wandb_run_id(run_dir),
+                resume="allow",
+                save_dir=str(run_dir),
+                config=config,
+                settings=wandb.Settings(init_timeout=wandb_cfg.init_timeout_s),
+            )
+        )
+    return loggers
+
+
+def resume_checkpoint(run_dir: Path, resume: bool) -> str | None:
+    """The newest of ``checkpoints/last.ckpt`` and a SLURM ``hpc_ckpt_*.ckpt``, if resuming."""
+    if not resume:
+        return None
+    candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
+    existing = [p for p in candidates if p.is_file()]
+    if not existing:
+        return None
+    return str(max(existing, key=lambda p: p.stat().st_mtime_ns))
+
+
+def checkpoint_callbacks(run_dir: Path, monitor: str | None, mode: str = "max") -> list[Callback]:
+    """``last.ckpt`` after every training epoch, plus ``best.ckpt`` by ``monitor``.
+
+    Lightning writes checkpoints through an fsspec transaction (temp file + rename), so a crash
+    mid-write never leaves a torn ``last.ckpt``.
+    """
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks: list[Callback] = [
+        ModelCheckpoint(
+            dirpath=ckpt_dir, save_last=True, save_top_k=0, save_on_train_epoch_end=True
+        )
+    ]
+    if monitor:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1,
+                auto_insert_metric_name=False, enable_version_counter=False,
+            )
+        )
+    return callbacks
+
+
+def build_trainer(
+    tcfg: TrainerConfig,
+    run_dir: Path,
+    loggers: list[Logger],
+    callbacks: list[Callback],
+    check_val_every_n_epoch: int = 1,
+) -> pl.Trainer:
+    """A Trainer from the trainer section; each argument named, none reflected from the config."""
+    all_callbacks = list(callbacks)
+    if tcfg.progress_bar:
+        all_callbacks.append(RichProgressBar(leave=True))
+    if loggers:
+        all_callbacks.append(LearningRateMonitor(logging_interval="step"))
+    return pl.Trainer(
+        default_root_dir=str(run_dir),
+        max_epochs=tcfg.max_epochs,
+        accelerator=tcfg.accelerator,
+        devices=tcfg.devices,
+        num_nodes=tcfg.num_nodes,
+        strategy=tcfg.strategy,
+        precision=tcfg.precision,  # type: ignore[arg-type]
+        accumulate_grad_batches=tcfg.accumulate_grad_batches,
+        gradient_clip_val=tcfg.gradient_clip_val or None,
+        log_every_n_steps=tcfg.log_every_n_steps,
+        limit_train_batches=tcfg.limit_train_batches,
+        limit_val_batches=tcfg.limit_val_batches,
+        deterministic=tcfg.deterministic,
+        fast_dev_run=tcfg.fast_dev_run,
+        check_val_every_n_epoch=check_val_every_n_epoch,
+        enable_progress_bar=tcfg.progress_bar,
+        logger=loggers or False,
+        callbacks=all_callbacks,
+        num_sanity_val_steps=0,
+    )

@@ -1,0 +1,132 @@
+"""Monitoring parts composed into every method: an online linear probe and a kNN classifier.
+
+Both read detached backbone features, so neither changes what the encoder learns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from lightly.utils.benchmarking import knn_predict
+from torch import nn
+
+
+def knn_accuracy_counts(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    num_classes: int,
+    k: int,
+    t: float,
+) -> torch.Tensor:
+    """Number of correct weighted-kNN predictions (Wu et al. 2018): cosine similarity,
+    ``exp(sim / t)`` votes of the k nearest bank features.
+
+    Args:
+        query: (B, D) features, any scale (normalised here).
+        bank: (N, D) features, any scale.
+    """
+    q = F.normalize(query.float(), dim=1)  # (B, D)
+    b = F.normalize(bank.float(), dim=1).t().contiguous()  # (D, N): lightly's layout
+    pred = knn_predict(q, b, bank_labels, num_classes, knn_k=min(k, b.shape[1]), knn_t=t)
+    return (pred[:, 0] == query_labels).sum()
+
+
+class OnlineMonitor(nn.Module):
+    """A linear probe trained on detached features, and a kNN feature bank.
+
+    Usage inside a LightningModule:
+        training: ``loss, acc = monitor.probe_step(features, labels)``
+        validation loader 0: ``monitor.add_to_bank(features, labels)``
+        validation loader 1: ``stats = monitor.evaluate(features, labels, all_gather)``
+    """
+
+    def __init__(
+        self, feat_dim: int, num_classes: int, knn_k: int = 200, knn_t: float = 0.1, probe: bool = True
+    ) -> None:
+        super().__init__()
+        if knn_k < 1 or knn_t <= 0:
+            raise ValueError(f"knn_k must be >= 1 and knn_t > 0, got {knn_k}, {knn_t}")
+        self.num_classes = num_classes
+        self.knn_k = knn_k
+        self.knn_t = knn_t
+        self.probe = nn.Linear(feat_dim, num_classes) if probe else None
+        self._bank: list[torch.Tensor] = []
+        self._bank_labels: list[torch.Tensor] = []
+        self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def probe_step(
+        self, features: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probe loss and accuracy; labels < 0 (unlabeled images) are ignored."""
+        if self.probe is None:
+            zero = features.new_zeros(())
+            return zero, zero
+        keep = labels >= 0
+        logits = self.probe(features.detach()[keep])  # detach: no gradient into the encoder
+        if logits.shape[0] == 0:
+            zero = features.new_zeros(())
+            return zero, zero
+        loss = F.cross_entropy(logits, labels[keep])
+        acc = (logits.argmax(1) == labels[keep]).float().mean()
+        return loss, acc
+
+    def reset_bank(self) -> None:
+        self._bank, self._bank_labels, self._gathered = [], [], None
+
+    def add_to_bank(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self._gathered = None
+        self._bank.append(F.normalize(features.detach().float(), dim=1))
+        self._bank_labels.append(labels.detach())
+
+    def _full_bank(
+        self, all_gather: Callable[[torch.Tensor], torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._gathered is None:
+            if not self._bank:
+                raise RuntimeError("the kNN bank is empty: run validation loader 0 first")
+            bank, labels = torch.cat(self._bank), torch.cat(self._bank_labels)
+            if all_gather is not None:
+                # (world, N_rank, D) -> (world * N_rank, D): every rank sees the whole bank.
+                bank = all_gather(bank).reshape(-1, bank.shape[-1])
+                labels = all_gather(labels).reshape(-1)
+            self._gathered = (bank, labels)
+        return self._gathered
+
+    def evaluate(
+        self,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        all_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Batch accuracies of the kNN classifier and of the probe on val features."""
+        bank, bank_labels = self._full_bank(all_gather)
+        out = {
+            "val/knn_acc": knn_accuracy_counts(
+                features, labels, bank, bank_labels, self.num_classes, self.knn_k, self.knn_t
+            ).float()
+            / len(labels)
+        }
+        if self.probe is not None:
+            out["val/online_acc"] = (self.probe(features.float()).argmax(1) == labels).float().mean()
+        return out
+
+
+def monitor_validation_step(
+    module: pl.LightningModule,
+    monitor: OnlineMonitor,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    dataloader_idx: int,
+) -> None:
+    """Validation loader 0 fills the kNN bank; loader 1 scores the val split and logs."""
+    if dataloader_idx == 0:
+        monitor.add_to_bank(features, labels)
+        return
+    gather = module.all_gather if module.trainer.world_size > 1 else None
+    stats = monitor.evaluate(features, labels, gather)  # type: ignore[arg-type]
+    module.log_dict(stats, batch_size=len(labels), sync_dist=True, add_dataloader_idx=False)

@@ -1,0 +1,107 @@
+"""Optimiser, learning-rate scaling and schedule: derived hyperparameters in one place."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightly.utils.lars import LARS
+from lightly.utils.scheduler import CosineWarmupScheduler
+from torch import nn
+
+OPTIMIZERS = ("lars", "sgd")
+LR_SCALING = ("linear", "none", "sqrt")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """How to build the optimiser; the learning rate is given at ``reference_batch``."""
+
+    name: str = "sgd"
+    base_lr: float = 0.06
+    reference_batch: int = 128
+    lr_scaling: str = "linear"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.name!r}; choose from {list(OPTIMIZERS)}")
+        if self.lr_scaling not in LR_SCALING:
+            raise ValueError(f"unknown lr_scaling {self.lr_scaling!r}; choose from {list(LR_SCALING)}")
+        if self.base_lr <= 0 or self.reference_batch < 1 or self.warmup_epochs < 0:
+            raise ValueError("base_lr must be > 0, reference_batch >= 1, warmup_epochs >= 0")
+
+
+def scaled_lr(base_lr: float, global_batch: int, reference_batch: int, rule: str) -> float:
+    """The learning-rate scaling rule (Goyal et al. 2017 linear; Krizhevsky 2014 sqrt).
+
+    ``global_batch`` = per-device batch x devices x nodes x gradient accumulation.
+    """
+    ratio = global_batch / reference_batch
+    if rule == "linear":
+        return base_lr * ratio
+    if rule == "sqrt":
+        return base_lr * math.sqrt(ratio)
+    if rule == "none":
+        return base_lr
+    raise ValueError(f"unknown lr_scaling {rule!r}; choose from {list(LR_SCALING)}")
+
+
+def split_weight_decay(modules: Iterable[nn.Module]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Parameters with weight decay (conv/linear weights) and without (norms, biases)."""
+    decay, no_decay = [], []
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+    return decay, no_decay
+
+
+def configure(
+    module: pl.LightningModule,
+    spec: OptimizerSpec,
+    batch_size_per_device: int,
+    model_modules: list[nn.Module],
+    probe: nn.Module | None,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Build ``configure_optimizers``'s return value and the derived numbers to log.
+
+    The global batch comes from the trainer (world size, accumulation); the schedule length from
+    ``trainer.estimated_stepping_batches``, never from a second copy of ``max_epochs``.
+    """
+    trainer = module.trainer
+    global_batch = batch_size_per_device * trainer.world_size * trainer.accumulate_grad_batches
+    lr = scaled_lr(spec.base_lr, global_batch, spec.reference_batch, spec.lr_scaling)
+    decay, no_decay = split_weight_decay(model_modules)
+    groups: list[dict[str, Any]] = [
+        {"name": "model", "params": decay},
+        # LARS (You et al. 2017) and SimCLR exclude norms and biases from decay and adaptation.
+        {"name": "model_no_decay", "params": no_decay, "weight_decay": 0.0},
+    ]
+    if probe is not None:
+        groups.append({"name": "online_probe", "params": list(probe.parameters()), "weight_decay": 0.0})
+    optimizer: torch.optim.Optimizer
+    if spec.name == "lars":
+        optimizer = LARS(groups, lr=lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    total_steps = int(trainer.estimated_stepping_batches)
+    steps_per_epoch = total_steps / max(1, trainer.max_epochs or 1)
+    warmup_steps = min(total_steps, int(spec.warmup_epochs * steps_per_epoch))
+    scheduler = CosineWarmupScheduler(optimizer, warmup_epochs=warmup_steps, max_epochs=total_steps)
+    info = {
+        "optim/global_batch": float(global_batch),
+        "optim/lr": lr,
+        "optim/total_steps": float(total_steps),
+        "optim/warmup_steps": float(warmup_steps),
+    }
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+    }, info

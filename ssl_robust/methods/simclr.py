@@ -1,0 +1,76 @@
+"""SimCLR (Chen et al. 2020): contrast two views of each image with the NT-Xent loss."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightly.loss import NTXentLoss
+from lightly.models.modules import SimCLRProjectionHead
+
+from ssl_robust.methods import optim
+from ssl_robust.methods.monitor import OnlineMonitor, monitor_validation_step
+from ssl_robust.models.backbones import Encoder
+
+
+class SimCLR(pl.LightningModule):
+    def __init__(
+        self,
+        backbone: Encoder,
+        num_classes: int,
+        batch_size_per_device: int,
+        optimizer: optim.OptimizerSpec,
+        temperature: float = 0.5,
+        proj_hidden_dim: int = 512,
+        proj_out_dim: int = 128,
+        knn_k: int = 200,
+        knn_t: float = 0.1,
+        online_probe: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone", "optimizer"])
+        self.backbone = backbone
+        self.projection_head = SimCLRProjectionHead(backbone.feat_dim, proj_hidden_dim, proj_out_dim)
+        # gather_distributed: negatives come from the global batch across all ranks.
+        self.criterion = NTXentLoss(temperature=temperature, gather_distributed=True)
+        self.monitor = OnlineMonitor(backbone.feat_dim, num_classes, knn_k, knn_t, online_probe)
+        self.optimizer_spec = optimizer
+        self.batch_size_per_device = batch_size_per_device
+        self.derived: dict[str, float] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def ssl_loss(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """NT-Xent loss of two views, and the first view's backbone features."""
+        x0, x1 = views
+        features = self.backbone(torch.cat([x0, x1]))  # (2B, D): one pass, shared BN statistics
+        z0, z1 = self.projection_head(features).chunk(2)  # (B, P) each
+        return self.criterion(z0, z1), features[: len(x0)]
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        views, labels = batch
+        loss, features = self.ssl_loss(views)
+        probe_loss, probe_acc = self.monitor.probe_step(features, labels)
+        bs = len(labels)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=bs)
+        self.log("train/online_acc", probe_acc, sync_dist=True, batch_size=bs)
+        return loss + probe_loss
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, labels = batch
+        monitor_validation_step(self, self.monitor, self.backbone(x), labels, dataloader_idx)
+
+    def on_validation_epoch_start(self) -> None:
+        self.monitor.reset_bank()
+
+    def configure_optimizers(self) -> Any:
+        config, self.derived = optim.configure(
+            self,
+            self.optimizer_spec,
+            self.batch_size_per_device,
+            [self.backbone, self.projection_head],
+            self.monitor.probe,
+        )
+        return config

@@ -1,0 +1,58 @@
+"""Encoder export: ``encoder.safetensors`` + ``encoder.json``.
+
+Later phases rebuild the backbone from the JSON and load the weights; they never unpickle a
+training checkpoint and never need the pretraining method's code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from ssl_robust.models.backbones import Encoder, build_backbone
+
+
+@dataclass
+class EncoderMeta:
+    backbone: str
+    width: int
+    feat_dim: int
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    num_classes: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def export_encoder(encoder: Encoder, meta: EncoderMeta, folder: str | Path) -> Path:
+    """Write ``encoder.safetensors`` and ``encoder.json`` into ``folder`` (atomically)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / "encoder.safetensors"
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    tmp = weights.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, weights)
+    info = folder / "encoder.json"
+    info.with_suffix(".tmp").write_text(json.dumps(asdict(meta), indent=2))
+    os.replace(info.with_suffix(".tmp"), info)
+    return weights
+
+
+def load_encoder(folder: str | Path) -> tuple[Encoder, EncoderMeta]:
+    """Rebuild an exported encoder from a run directory (or the folder holding the files)."""
+    folder = Path(folder)
+    info, weights = folder / "encoder.json", folder / "encoder.safetensors"
+    if not info.is_file() or not weights.is_file():
+        raise FileNotFoundError(
+            f"no exported encoder in {str(folder)!r}: expected encoder.json and "
+            f"encoder.safetensors (written at the end of pretraining)"
+        )
+    meta = EncoderMeta(**json.loads(info.read_text()))
+    encoder = build_backbone(meta.backbone, meta.width)
+    encoder.load_state_dict(load_file(str(weights)))
+    return encoder, meta

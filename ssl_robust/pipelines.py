@@ -1,0 +1,213 @@
+"""Pipelines: build objects from a config, run a phase, write its run directory.
+
+The only layer (with ``config.py``) that reads the config. Scripts, SLURM jobs and tests call
+these functions; each returns its final metrics under the project's hierarchical names.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import Callback
+from rich.console import Console
+from rich.table import Table
+
+from ssl_robust.config import save_config, to_dict
+from ssl_robust.data.datamodule import SSLDataModule
+from ssl_robust.data.datasets import Splits, build_splits
+from ssl_robust.data.transforms import ViewParams, eval_transform, view_transform
+from ssl_robust.launch.trainer import (
+    ConfigInCheckpoint,
+    EpochReseed,
+    build_loggers,
+    build_trainer,
+    checkpoint_callbacks,
+    read_json,
+    resume_checkpoint,
+    write_json,
+)
+from ssl_robust.methods import METHODS
+from ssl_robust.methods.optim import OptimizerSpec
+from ssl_robust.models.backbones import Encoder, build_backbone
+from ssl_robust.models.export import EncoderMeta, export_encoder
+
+console = Console()
+
+
+def run_dir_for(cfg: DictConfig, job: str) -> Path:
+    """The run directory: ``run.dir`` or ``runs/<job>-<method>-<data>``."""
+    if cfg.run.dir:
+        return Path(cfg.run.dir)
+    parts = [job] + [str(cfg[s].name) for s in ("method", "data") if s in cfg]
+    return Path("runs") / "-".join(parts)
+
+
+def build_data(cfg: DictConfig, run_dir: Path) -> Splits:
+    d = cfg.data
+    return build_splits(
+        name=d.name,
+        root=d.root,
+        download=d.download,
+        image_size=d.image_size,
+        val_fraction=d.val_fraction,
+        seed=cfg.run.seed,
+        in_memory=d.in_memory,
+        skip_bad_images=d.skip_bad_images,
+        cache_dir=Path(d.root) / ".cache" if d.name == "imagefolder" else None,
+        mean=list(d.mean),
+        std=list(d.std),
+    )
+
+
+def build_method(cfg: DictConfig, backbone: Encoder, num_classes: int) -> pl.LightningModule:
+    m, o, mon = cfg.method, cfg.optim, cfg.monitor
+    spec = OptimizerSpec(
+        name=o.name,
+        base_lr=o.base_lr,
+        reference_batch=o.reference_batch,
+        lr_scaling=o.lr_scaling,
+        momentum=o.momentum,
+        weight_decay=o.weight_decay,
+        warmup_epochs=o.warmup_epochs,
+    )
+    common: dict[str, Any] = {
+        "backbone": backbone,
+        "num_classes": num_classes,
+        "batch_size_per_device": cfg.data.batch_size,
+        "optimizer": spec,
+        "proj_hidden_dim": m.proj_hidden_dim,
+        "proj_out_dim": m.proj_out_dim,
+        "knn_k": mon.knn_k,
+        "knn_t": mon.knn_t,
+        "online_probe": mon.online_probe,
+    }
+    specific: dict[str, dict[str, Any]] = {
+        "simclr": {"temperature": m.temperature},
+        "byol": {"pred_hidden_dim": m.pred_hidden_dim, "base_tau": m.base_tau},
+    }
+    if m.name not in METHODS:
+        raise ValueError(f"unknown method {m.name!r}; choose from {sorted(METHODS)}")
+    return METHODS[m.name](**common, **specific[m.name])
+
+
+def _final_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, value in trainer.callback_metrics.items():
+        if "/" in key and isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[key] = float(value)
+    return out
+
+
+def print_summary(title: str, run_dir: Path, metrics: dict[str, float], extra: dict[str, str]) -> None:
+    table = Table(title=title, show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in sorted(metrics):
+        table.add_row(key, f"{metrics[key]:.4g}")
+    console.print(table)
+    console.print(f"[bold]Run directory:[/bold] {run_dir.resolve()}")
+    for key, value in extra.items():
+        console.print(f"[bold]{key}:[/bold] {value}")
+
+
+def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
+    """Self-supervised pretraining: returns the final metrics (also in ``metrics.json``).
+
+    Writes into the run directory: ``config.yaml``, ``checkpoints/{last,best}.ckpt``,
+    ``logs/metrics.csv``, ``metrics.json``, ``encoder.safetensors`` + ``encoder.json``.
+    Rerunning with the same run directory resumes from the newest checkpoint.
+    """
+    run_dir = run_dir_for(cfg, "pretrain")
+    pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
+
+    # Build everything that can fail on bad input before any file is written.
+    backbone = build_backbone(cfg.model.backbone, cfg.model.width)
+    splits = build_data(cfg, run_dir)
+    info = splits.info
+    views = ViewParams(
+        input_size=info.image_size,
+        mean=tuple(info.mean),
+        std=tuple(info.std),
+        min_scale=cfg.views.min_scale,
+        hf_prob=cfg.views.hf_prob,
+        cj_prob=cfg.views.cj_prob,
+        cj_strength=cfg.views.cj_strength,
+        random_gray_scale=cfg.views.random_gray_scale,
+        gaussian_blur=cfg.views.gaussian_blur,
+    )
+    datamodule = SSLDataModule(
+        train=splits.train,
+        val=splits.val,
+        train_transform=view_transform(cfg.method.name, views),
+        eval_transform=eval_transform(info.image_size, tuple(info.mean), tuple(info.std)),
+        batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.eval_batch_size,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.run.seed,
+        channels_last=cfg.trainer.channels_last,
+    )
+    method = build_method(cfg, backbone, info.num_classes)
+    if cfg.trainer.channels_last:
+        method = method.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    config = to_dict(cfg)
+    trainer = build_trainer(
+        cfg.trainer,
+        run_dir,
+        loggers=build_loggers(run_dir, cfg.wandb, config, "pretrain", run_dir.name),
+        callbacks=[
+            *checkpoint_callbacks(run_dir, monitor="val/knn_acc"),
+            ConfigInCheckpoint(config),
+            EpochReseed(cfg.run.seed),
+            *callbacks,
+        ],
+        check_val_every_n_epoch=cfg.monitor.every_n_epochs,
+    )
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    ckpt = resume_checkpoint(run_dir, cfg.run.resume)
+    if ckpt and trainer.is_global_zero:
+        console.print(f"Resuming from {ckpt}")
+
+    start = time.perf_counter()
+    trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt)
+    elapsed = time.perf_counter() - start
+
+    metrics = read_json(run_dir / "metrics.json")  # a finished run rerun keeps its numbers
+    metrics.update(_final_metrics(trainer))
+    metrics.update(getattr(method, "derived", {}))
+    best = next(
+        (c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val/knn_acc"), None
+    )
+    if best is not None and best.best_model_score is not None:  # type: ignore[attr-defined]
+        metrics["val/knn_acc_best"] = float(best.best_model_score)  # type: ignore[attr-defined]
+    metrics["perf/fit_time_s"] = elapsed
+    metrics["epochs"] = float(trainer.current_epoch)
+    if trainer.is_global_zero and not cfg.trainer.fast_dev_run:
+        write_json(run_dir / "metrics.json", metrics)
+        meta = EncoderMeta(
+            backbone=cfg.model.backbone,
+            width=cfg.model.width,
+            feat_dim=backbone.feat_dim,
+            image_size=info.image_size,
+            mean=list(info.mean),
+            std=list(info.std),
+            num_classes=info.num_classes,
+            extra={"method": cfg.method.name, "dataset": info.name},
+        )
+        export_encoder(backbone, meta, run_dir)
+        shown = {k: v for k, v in metrics.items() if k.split("/")[0] in ("train", "val")}
+        print_summary(
+            f"pretrain {cfg.method.name} on {info.name}",
+            run_dir,
+            shown,
+            {"Encoder": str(run_dir / "encoder.safetensors"), "Fit time": f"{elapsed:.1f} s"},
+        )
+    return metrics
