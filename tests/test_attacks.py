@@ -1,0 +1,428 @@
+"""Behavioural tests of the attacks on a tiny logistic regression trained in the test."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssl_robust.evaluate import attacks as attacks_mod
+from ssl_robust.evaluate.attacks import (
+    eot_grad,
+    pgd,
+    random_search,
+    rescore,
+    robust_accuracy,
+    sanity_checks,
+)
+
+N_CLASSES = 3
+SHAPE = (1, 4, 4)
+
+
+def make_data(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Three linearly separable classes in [0, 1]^(1x4x4): 0.5 + 0.2 * a +-1 prototype + noise."""
+    protos = torch.sign(torch.randn(N_CLASSES, *SHAPE, generator=torch.Generator().manual_seed(0)))
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % N_CLASSES
+    x = 0.5 + 0.2 * protos[y] + 0.05 * torch.randn(n, *SHAPE, generator=gen)
+    return x.clamp(0, 1), y
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[nn.Module, Tensor, Tensor]:
+    torch.manual_seed(0)
+    x_train, y_train = make_data(300, seed=1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, N_CLASSES))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(150):
+        opt.zero_grad()
+        F.cross_entropy(model(x_train), y_train).backward()
+        opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    x_test, y_test = make_data(96, seed=2)
+    return model, x_test, y_test
+
+
+def acc_of(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def test_tiny_model_learns(trained):
+    model, x, y = trained
+    assert acc_of(model, x, y) == 1.0
+
+
+def test_eps_zero_returns_x_exactly(trained):
+    model, x, y = trained
+    calls = []
+
+    def counted(inp: Tensor) -> Tensor:
+        calls.append(1)
+        return model(inp)
+
+    for norm in ("linf", "l2"):
+        x_adv = pgd(counted, x, y, norm=norm, eps=0.0, steps=5)
+        assert torch.equal(x_adv, x)
+        assert acc_of(model, x_adv, y) == acc_of(model, x, y)
+    assert not calls
+
+
+@pytest.mark.parametrize(("norm", "eps"), [("linf", 0.5), ("l2", 2.0)])
+def test_large_eps_breaks_everything(trained, norm, eps):
+    model, x, y = trained
+    x_adv = pgd(
+        model, x, y, norm=norm, eps=eps, steps=20, generator=torch.Generator().manual_seed(0)
+    )
+    assert acc_of(model, x_adv, y) <= 0.02
+
+
+@pytest.mark.parametrize(("norm", "eps"), [("linf", 0.1), ("l2", 0.3), ("linf", 0.3), ("l2", 1.0)])
+@pytest.mark.parametrize("random_start", [True, False])
+def test_perturbation_in_ball_and_box(trained, norm, eps, random_start):
+    model, x, y = trained
+    # Push some pixels to the box edges so that the [0, 1] clamp is exercised.
+    x = x.clone()
+    x[:, :, 0, 0] = 0.0
+    x[:, :, -1, -1] = 1.0
+    gen = torch.Generator().manual_seed(3)
+    x_adv = pgd(model, x, y, norm=norm, eps=eps, steps=7, random_start=random_start, generator=gen)
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    assert (size <= eps + 1e-6).all()
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    with torch.no_grad():
+        assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y) + 0.1
+
+
+def test_single_step_matches_hand_fgsm(trained):
+    """One step without random start is FGSM (Linf) / a normalised gradient step (L2).
+
+    For logistic regression z = W x + b the CE input gradient is W^T (softmax(z) - onehot(y)).
+    """
+    model, x, y = trained
+    lin = model[1]
+    probs = (x.flatten(1) @ lin.weight.T + lin.bias).softmax(1)
+    grad = ((probs - F.one_hot(y, N_CLASSES).float()) @ lin.weight).view_as(x)  # (B, 1, 4, 4)
+    eps = 0.05
+    expected_linf = (x + eps * grad.sign()).clamp(0, 1)
+    got = pgd(model, x, y, "linf", eps, step_size=eps, steps=1, random_start=False, keep="last")
+    torch.testing.assert_close(got, expected_linf)
+
+    eps = 0.4
+    g_norm = grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    expected_l2 = (x + eps * grad / g_norm).clamp(0, 1)
+    got = pgd(model, x, y, "l2", eps, step_size=eps, steps=1, random_start=False, keep="last")
+    torch.testing.assert_close(got, expected_l2)
+
+
+def test_default_step_size_is_madry_rule(trained):
+    model, x, y = trained
+    eps, steps = 0.04, 2
+    explicit = pgd(
+        model,
+        x,
+        y,
+        "linf",
+        eps,
+        step_size=2.5 * eps / steps,
+        steps=steps,
+        random_start=False,
+        keep="last",
+    )
+    default = pgd(model, x, y, "linf", eps, steps=steps, random_start=False, keep="last")
+    torch.testing.assert_close(default, explicit)
+
+
+def test_best_iterate_never_worse_than_last(trained):
+    model, x, y = trained
+    for norm, eps in (("linf", 0.15), ("l2", 0.5)):
+        kwargs = {"norm": norm, "eps": eps, "steps": 10, "step_size": eps}  # big steps oscillate
+        best = pgd(model, x, y, keep="best", generator=torch.Generator().manual_seed(0), **kwargs)
+        last = pgd(model, x, y, keep="last", generator=torch.Generator().manual_seed(0), **kwargs)
+        assert acc_of(model, best, y) <= acc_of(model, last, y)
+
+
+def test_targeted_reaches_target(trained):
+    model, x, y = trained
+    target = (y + 1) % N_CLASSES
+    x_adv = pgd(model, x, target, "linf", 0.5, steps=20, targeted=True)
+    with torch.no_grad():
+        assert (model(x_adv).argmax(1) == target).float().mean() >= 0.95
+
+
+def test_margin_loss_attack_works(trained):
+    model, x, y = trained
+    x_adv = pgd(model, x, y, "linf", 0.5, steps=20, loss="margin")
+    assert acc_of(model, x_adv, y) <= 0.02
+
+
+def test_argument_validation(trained):
+    model, x, y = trained
+    with pytest.raises(ValueError, match=r"'linf'.*'l2'"):
+        pgd(model, x, y, norm="l1", eps=0.1)
+    with pytest.raises(ValueError, match="eps"):
+        pgd(model, x, y, eps=-0.1)
+    with pytest.raises(ValueError, match="steps"):
+        pgd(model, x, y, eps=0.1, steps=0)
+    with pytest.raises(ValueError, match="eot"):
+        pgd(model, x, y, eps=0.1, eot=0)
+    with pytest.raises(ValueError, match="ce"):
+        pgd(model, x, y, eps=0.1, loss="hinge")
+    with pytest.raises(ValueError, match="best"):
+        pgd(model, x, y, eps=0.1, keep="first")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        pgd(model, x * 3 - 1, y, eps=0.1)
+    with pytest.raises(ValueError, match="draws"):
+        rescore(model, x, y, draws=0)
+
+
+class CountingNoisyModel:
+    """Stochastic pipeline: Gaussian input noise, a fresh draw per call; counts its calls."""
+
+    def __init__(self, model: nn.Module, sigma: float = 0.02) -> None:
+        self.model, self.sigma = model, sigma
+        self.gen = torch.Generator().manual_seed(123)
+        self.grad_calls = 0
+        self.nograd_calls = 0
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            self.grad_calls += 1
+        else:
+            self.nograd_calls += 1
+        return self.model(x + self.sigma * torch.randn(x.shape, generator=self.gen))
+
+
+@pytest.mark.parametrize(("steps", "eot"), [(3, 4), (5, 1), (1, 6)])
+def test_eot_call_count(trained, steps, eot):
+    model, x, y = trained
+    noisy = CountingNoisyModel(model)
+    pgd(noisy, x, y, "linf", 0.1, steps=steps, eot=eot, keep="last")
+    assert (noisy.grad_calls, noisy.nograd_calls) == (steps * eot, 0)
+    noisy = CountingNoisyModel(model)
+    pgd(noisy, x, y, "linf", 0.1, steps=steps, eot=eot, keep="best")
+    # Scoring the final iterate for the worst-case selection costs one EOT round without grads.
+    assert (noisy.grad_calls, noisy.nograd_calls) == (steps * eot, eot)
+
+
+def test_eot_gradient_variance_shrinks(trained):
+    """A pipeline with random weights W + noise: averaging eot draws divides the variance by eot."""
+    model, x, y = trained
+    lin = model[1]
+    gen = torch.Generator().manual_seed(7)
+
+    def noisy(inp: Tensor) -> Tensor:
+        w = lin.weight + 0.5 * torch.randn(lin.weight.shape, generator=gen)
+        return inp.flatten(1) @ w.T + lin.bias
+
+    x, y = x[:4], y[:4]
+    estimates = {
+        k: torch.stack([eot_grad(noisy, x, y, eot=k)[0] for _ in range(150)]) for k in (1, 16)
+    }
+    var1 = estimates[1].var(dim=0).mean()
+    var16 = estimates[16].var(dim=0).mean()
+    assert 8 < var1 / var16 < 32  # 16 in expectation
+    # Both estimate the same mean gradient.
+    mean_gap = (estimates[16].mean(0) - estimates[1].mean(0)).abs().mean()
+    assert mean_gap < 3 * math.sqrt(var1.item() / 150)
+
+
+def test_eot_grad_targeted_sign(trained):
+    model, x, y = trained
+    g_untargeted, obj_u, probs = eot_grad(model, x, y)
+    g_targeted, obj_t, _ = eot_grad(model, x, y, targeted=True)
+    torch.testing.assert_close(g_targeted, -g_untargeted)
+    torch.testing.assert_close(obj_t, -obj_u)
+    torch.testing.assert_close(probs.sum(1), torch.ones(len(x)))
+
+
+class FlippingModel:
+    """Swaps the top-2 logits of each sample with probability p, independently per call."""
+
+    def __init__(self, model: nn.Module, p: float, seed: int = 0) -> None:
+        self.model, self.p = model, p
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        logits = self.model(x)
+        top2 = logits.topk(2, dim=1).indices  # (B, 2)
+        flip = torch.rand(x.shape[0], generator=self.gen) < self.p  # (B,)
+        swapped = logits.clone()
+        rows = torch.arange(x.shape[0])
+        swapped[rows, top2[:, 0]] = logits[rows, top2[:, 1]]
+        swapped[rows, top2[:, 1]] = logits[rows, top2[:, 0]]
+        return torch.where(flip[:, None], swapped, logits)
+
+
+def test_rescore_uses_fresh_randomness(trained):
+    model, x, y = trained
+    flipping = FlippingModel(model, p=0.3)
+    out = rescore(flipping, x, y, draws=8)
+    correct = out["correct"]
+    assert correct.shape == (8, len(x)) and correct.dtype == torch.bool
+    assert not (correct == correct[0]).all()  # draws differ
+    assert out["acc"] == pytest.approx(correct.float().mean().item())
+    assert out["acc_worst"] == pytest.approx(correct.all(0).float().mean().item())
+    assert out["acc_worst"] <= out["acc"]
+    assert out["acc"] == pytest.approx(0.7, abs=0.08)  # clean acc is 1, flips with p = 0.3
+    assert out["acc_worst"] == pytest.approx(0.7**8, abs=0.06)
+    torch.testing.assert_close(out["acc_per_draw"], correct.float().mean(1))
+    # A deterministic pipeline has identical draws: worst == mean.
+    det = rescore(model, x, y, draws=3)
+    assert det["acc_worst"] == det["acc"] == 1.0
+
+
+def test_robust_accuracy_batches_and_costs(trained):
+    model, x, y = trained
+    steps, eot = 4, 2
+    kw = {"norm": "linf", "eps": 0.15, "steps": steps, "eot": eot, "rescore_draws": 2}
+    from_tensors = robust_accuracy(
+        model,
+        (x, y),
+        batch_size=32,
+        nfe_per_call=3,
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    )
+    loader = [(x[i : i + 32], y[i : i + 32]) for i in range(0, len(x), 32)]
+    from_loader = robust_accuracy(model, loader, generator=torch.Generator().manual_seed(0), **kw)
+    assert from_tensors["acc"] == from_loader["acc"]
+    assert from_tensors["n"] == len(x)
+    assert from_tensors["clean_acc"] == acc_of(model, x, y)
+    assert from_tensors["acc"] < from_tensors["clean_acc"]
+    assert from_tensors["acc_worst"] <= from_tensors["acc"]
+    assert from_tensors["attack_calls_per_image"] == (steps + 1) * eot
+    assert from_tensors["attack_grad_calls_per_image"] == steps * eot
+    assert from_tensors["attack_nfe_per_image"] == 3 * (steps + 1) * eot
+    assert 0 < from_tensors["attack_wall_s"] <= from_tensors["wall_s"]
+    # Matches a manual PGD + rescore over the whole set.
+    gen = torch.Generator().manual_seed(0)
+    x_adv = torch.cat(
+        [pgd(model, xb, yb, "linf", 0.15, steps=steps, eot=eot, generator=gen) for xb, yb in loader]
+    )
+    assert from_loader["acc"] == pytest.approx(acc_of(model, x_adv, y))
+
+
+def test_random_search_stays_in_ball_and_attacks(trained):
+    model, x, y = trained
+    for norm, eps in (("linf", 0.3), ("l2", 1.0)):
+        x_adv = random_search(
+            model, x, y, norm, eps, queries=100, generator=torch.Generator().manual_seed(0)
+        )
+        delta = (x_adv - x).flatten(1)
+        size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+        assert (size <= eps + 1e-6).all()
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+        assert acc_of(model, x_adv, y) < 0.5
+
+
+class QuantizedModel(nn.Module):
+    """Gradient masking by a step function: round() has zero gradient almost everywhere."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(torch.round(x * 4) / 4)
+
+
+def test_sanity_checks_pass_on_honest_model(trained):
+    model, x, y = trained
+    checks = sanity_checks(
+        model,
+        x,
+        y,
+        "linf",
+        eps_grid=(0.02, 0.06, 0.12, 0.25),
+        steps=10,
+        eot=1,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert set(checks) == {
+        "eps_monotone",
+        "large_eps",
+        "more_steps",
+        "more_eot",
+        "black_box",
+        "nonzero_gradients",
+    }
+    assert all(c["passed"] for c in checks.values()), checks
+    assert checks["eps_monotone"]["values"]["acc"][0] == 1.0
+    assert checks["large_eps"]["values"]["acc"] == 0.0
+
+
+def test_sanity_checks_flag_gradient_masking(trained):
+    model, x, y = trained
+    masked = QuantizedModel(model)
+    assert acc_of(masked, x, y) >= 0.95
+    checks = sanity_checks(
+        masked,
+        x,
+        y,
+        "linf",
+        eps_grid=(0.1, 0.2, 0.3),
+        steps=10,
+        eot=1,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert not checks["black_box"]["passed"]
+    values = checks["black_box"]["values"]
+    assert max(w - b for w, b in zip(values["white_box_acc"], values["black_box_acc"])) > 0.5
+    assert not checks["nonzero_gradients"]["passed"]
+    assert not checks["large_eps"]["passed"]
+
+
+def test_sanity_checks_l2(trained):
+    model, x, y = trained
+    checks = sanity_checks(
+        model,
+        x,
+        y,
+        "l2",
+        eps_grid=(0.1, 0.4, 0.8),
+        steps=10,
+        eot=1,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert all(c["passed"] for c in checks.values()), checks
+
+
+@pytest.mark.parametrize(("norm", "eps"), [("linf", 0.17), ("l2", 0.5)])
+def test_autoattack_on_deterministic_model(trained, norm, eps):
+    """AutoAttack runs on a 3-class, 4 x 4 pipeline and is at least as strong as PGD-20."""
+    pytest.importorskip("pyautoattack")
+    model, x, y = trained
+    x_aa = attacks_mod.autoattack(model, x, y, norm, eps, version="standard", batch_size=64)
+    assert x_aa.shape == x.shape
+    delta = (x_aa - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    assert (size <= eps + 1e-5).all()
+    assert x_aa.min() >= 0 and x_aa.max() <= 1
+    x_pgd = pgd(model, x, y, norm, eps, steps=20, generator=torch.Generator().manual_seed(0))
+    assert acc_of(model, x_pgd, y) < 0.9  # eps where the attack partially succeeds
+    assert acc_of(model, x_aa, y) <= acc_of(model, x_pgd, y) + 0.02
+
+
+def test_autoattack_refuses_stochastic_pipeline(trained):
+    pytest.importorskip("pyautoattack")
+    model, x, y = trained
+    with pytest.raises(ValueError, match="stochastic"):
+        attacks_mod.autoattack(CountingNoisyModel(model), x, y, "linf", 0.1)
+    with pytest.raises(ValueError, match="'linf'"):
+        attacks_mod.autoattack(model, x, y, "l0", 0.1)
+
+
+def test_autoattack_missing_package_raises_clear_import_error(trained, monkeypatch):
+    model, x, y = trained
+    monkeypatch.setitem(sys.modules, "pyautoattack", None)  # makes the import fail
+    with pytest.raises(ImportError, match="pip install pyautoattack"):
+        attacks_mod.autoattack(model, x, y, "linf", 0.1)
