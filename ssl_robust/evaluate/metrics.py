@@ -1,0 +1,134 @@
+"""Accuracy and calibration metrics: ECE, NLL, multi-class Brier score, reliability bins.
+
+Definitions follow REFERENCE §3: ECE with 15 equal-width bins over the top-1 confidence
+(Guo et al. 2017, Eq. 3) computed by torchmetrics from probabilities; NLL; and the
+multi-class Brier score (Brier 1950), the squared error summed over classes and averaged
+over samples.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.functional.classification import multiclass_calibration_error
+
+
+def _check_scores(scores: Tensor, labels: Tensor) -> None:
+    if scores.dim() != 2 or labels.dim() != 1 or scores.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"expected scores (N, K) and labels (N,), got {tuple(scores.shape)} "
+            f"and {tuple(labels.shape)}"
+        )
+    if scores.shape[0] == 0:
+        raise ValueError("no samples")
+
+
+def _check_probs(probs: Tensor, labels: Tensor) -> None:
+    _check_scores(probs, labels)
+    if (
+        probs.min() < 0
+        or probs.max() > 1
+        or not torch.allclose(probs.sum(dim=1), torch.ones_like(probs[:, 0]), atol=1e-4)
+    ):
+        raise ValueError("probs must be probabilities (rows in [0, 1] summing to 1), not logits")
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> float:
+    """Top-1 accuracy of logits (or probabilities) (N, K) against labels (N,)."""
+    _check_scores(logits, labels)
+    return (logits.argmax(dim=1) == labels).float().mean().item()
+
+
+def ece(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
+    """Expected calibration error, L1, equal-width bins over the top-1 confidence.
+
+    ECE = sum_b |B_b| / N * |acc(B_b) - conf(B_b)| (Guo et al. 2017, Eq. 3), computed by
+    torchmetrics' ``MulticlassCalibrationError(norm="l1")`` (its functional form).
+
+    Args:
+        probs: Predicted probabilities (N, K), not logits.
+        labels: Integer labels (N,).
+        n_bins: Number of confidence bins over [0, 1].
+    """
+    _check_probs(probs, labels)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    value = multiclass_calibration_error(
+        probs.float(), labels, num_classes=probs.shape[1], n_bins=n_bins, norm="l1"
+    )
+    return float(value.item())
+
+
+def nll(scores: Tensor, labels: Tensor, from_probs: bool = False) -> float:
+    """Mean negative log-likelihood of the true labels.
+
+    Args:
+        scores: Logits (N, K), or probabilities when ``from_probs``.
+        labels: Integer labels (N,).
+        from_probs: Treat ``scores`` as probabilities (clamped at 1e-12 before the log, so a
+            zero probability on the true class costs ~27.6 nats instead of infinity).
+    """
+    if from_probs:
+        _check_probs(scores, labels)
+        p_true = scores.gather(1, labels[:, None]).squeeze(1)  # (N,)
+        return (-p_true.clamp_min(1e-12).log()).mean().item()
+    _check_scores(scores, labels)
+    return F.cross_entropy(scores.float(), labels).item()
+
+
+def brier(probs: Tensor, labels: Tensor) -> float:
+    """Multi-class Brier score: mean over samples of sum_k (p_k - 1[k = y])^2, in [0, 2]."""
+    _check_probs(probs, labels)
+    onehot = F.one_hot(labels, probs.shape[1]).to(probs)  # (N, K)
+    return ((probs - onehot) ** 2).sum(dim=1).mean().item()
+
+
+def reliability_bins(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, Tensor]:
+    """Per-bin confidence, accuracy and count for a reliability diagram (Guo et al. 2017, Fig. 1).
+
+    Bins are equal-width and left-closed like torchmetrics' (``[lo, hi)``); a confidence of
+    exactly 1.0 joins the last bin here, whereas torchmetrics keeps it in a bin of its own, so
+    ``sum(count / N * |accuracy - confidence|)`` equals :func:`ece` whenever no confidence is
+    exactly 1.
+
+    Args:
+        probs: Predicted probabilities (N, K).
+        labels: Integer labels (N,).
+        n_bins: Number of bins over [0, 1].
+
+    Returns:
+        ``lower``, ``upper`` (bin edges), ``confidence`` and ``accuracy`` (means within the
+        bin, NaN for empty bins) and ``count``, each of shape (n_bins,).
+    """
+    _check_probs(probs, labels)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    probs = probs.double()
+    conf, pred = probs.max(dim=1)  # (N,), (N,)
+    correct = (pred == labels).double()  # (N,)
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=probs.dtype, device=probs.device)
+    idx = (torch.bucketize(conf, edges, right=True) - 1).clamp(0, n_bins - 1)  # (N,)
+    count = torch.zeros(n_bins, dtype=probs.dtype, device=probs.device)
+    count.scatter_add_(0, idx, torch.ones_like(conf))
+    conf_sum = torch.zeros_like(count).scatter_add_(0, idx, conf)
+    acc_sum = torch.zeros_like(count).scatter_add_(0, idx, correct)
+    return {
+        "lower": edges[:-1],
+        "upper": edges[1:],
+        "confidence": conf_sum / count,  # 0 / 0 = NaN marks empty bins
+        "accuracy": acc_sum / count,
+        "count": count,
+    }
+
+
+def calibration_report(logits: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, float]:
+    """``{"ece", "nll", "brier", "acc"}`` of logits (N, K) against labels (N,)."""
+    _check_scores(logits, labels)
+    probs = logits.float().softmax(dim=1)
+    return {
+        "ece": ece(probs, labels, n_bins),
+        "nll": nll(logits, labels),
+        "brier": brier(probs, labels),
+        "acc": accuracy(logits, labels),
+    }

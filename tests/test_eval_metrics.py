@@ -1,0 +1,140 @@
+"""Calibration metrics against hand-computed examples and a loop reference implementation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ssl_robust.evaluate.metrics import (
+    accuracy,
+    brier,
+    calibration_report,
+    ece,
+    nll,
+    reliability_bins,
+)
+
+# Five samples, three classes. Top-1 confidences 0.70, 0.62, 0.90, 0.50, 0.68 sit inside the
+# 15 equal-width bins (edges k / 15), away from the edges:
+#   bin 10 [0.667, 0.733): samples 1 and 5, both correct, mean conf 0.69 -> |1 - 0.69| * 2/5
+#   bin  9 [0.600, 0.667): sample 2, wrong                          -> |0 - 0.62| * 1/5
+#   bin 13 [0.867, 0.933): sample 3, correct                        -> |1 - 0.90| * 1/5
+#   bin  7 [0.467, 0.533): sample 4, wrong                          -> |0 - 0.50| * 1/5
+PROBS = torch.tensor(
+    [
+        [0.70, 0.20, 0.10],
+        [0.10, 0.62, 0.28],
+        [0.05, 0.05, 0.90],
+        [0.50, 0.30, 0.20],
+        [0.12, 0.68, 0.20],
+    ]
+)
+LABELS = torch.tensor([0, 2, 2, 1, 1])
+ECE_HAND = 0.31 * 2 / 5 + 0.62 / 5 + 0.10 / 5 + 0.50 / 5  # = 0.368
+NLL_HAND = -(math.log(0.70) + math.log(0.28) + math.log(0.90) + math.log(0.30) + math.log(0.68)) / 5
+# Per-sample sum over classes of (p - onehot)^2.
+BRIER_HAND = (
+    (0.30**2 + 0.20**2 + 0.10**2)
+    + (0.10**2 + 0.62**2 + 0.72**2)
+    + (0.05**2 + 0.05**2 + 0.10**2)
+    + (0.50**2 + 0.70**2 + 0.20**2)
+    + (0.12**2 + 0.32**2 + 0.20**2)
+) / 5  # = 0.40092
+
+
+def test_hand_example_values():
+    assert ece(PROBS, LABELS) == pytest.approx(ECE_HAND, abs=1e-6)
+    assert ece(PROBS, LABELS) == pytest.approx(0.368, abs=1e-6)
+    assert nll(PROBS, LABELS, from_probs=True) == pytest.approx(NLL_HAND, abs=1e-6)
+    assert brier(PROBS, LABELS) == pytest.approx(BRIER_HAND, abs=1e-6)
+    assert brier(PROBS, LABELS) == pytest.approx(0.40092, abs=1e-6)
+    assert accuracy(PROBS, LABELS) == pytest.approx(0.6)
+
+
+def test_report_from_logits_matches_probabilities():
+    # softmax(log p + c) = p, so logits log(p) + c describe the same predictions.
+    logits = PROBS.log() + 3.0
+    report = calibration_report(logits, LABELS)
+    assert set(report) == {"ece", "nll", "brier", "acc"}
+    assert report["ece"] == pytest.approx(ECE_HAND, abs=1e-5)
+    assert report["nll"] == pytest.approx(NLL_HAND, abs=1e-5)
+    assert report["brier"] == pytest.approx(BRIER_HAND, abs=1e-5)
+    assert report["acc"] == pytest.approx(0.6)
+    assert nll(logits, LABELS) == pytest.approx(NLL_HAND, abs=1e-5)
+
+
+def test_perfect_and_worst_predictions():
+    labels = torch.tensor([0, 1, 2])
+    onehot = torch.eye(3)
+    assert ece(onehot, labels) == pytest.approx(0.0)
+    assert brier(onehot, labels) == pytest.approx(0.0)
+    assert nll(onehot, labels, from_probs=True) == pytest.approx(0.0, abs=1e-6)
+    wrong = onehot[[1, 2, 0]]  # confidently wrong everywhere
+    assert ece(wrong, labels) == pytest.approx(1.0)
+    assert brier(wrong, labels) == pytest.approx(2.0)  # the maximum
+    # A zero probability on the true class is clamped, not infinite.
+    assert nll(wrong, labels, from_probs=True) == pytest.approx(-math.log(1e-12), rel=1e-4)
+
+
+def test_uniform_prediction_brier_and_nll():
+    k = 4
+    probs = torch.full((6, k), 1 / k)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    assert brier(probs, labels) == pytest.approx((1 - 1 / k) ** 2 + (k - 1) / k**2)
+    assert nll(probs, labels, from_probs=True) == pytest.approx(math.log(k))
+
+
+def reference_ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> float:
+    """Guo et al. (2017), Eq. 3, written as a plain loop."""
+    conf, pred = probs.max(1)
+    total = 0.0
+    for b in range(n_bins):
+        lo, hi = b / n_bins, (b + 1) / n_bins
+        in_bin = (conf >= lo) & (conf < hi)
+        if in_bin.any():
+            gap = (pred[in_bin] == labels[in_bin]).float().mean() - conf[in_bin].mean()
+            total += in_bin.float().mean().item() * abs(gap.item())
+    return total
+
+
+@pytest.mark.parametrize("n_bins", [15, 10])
+def test_ece_and_bins_match_loop_reference(n_bins):
+    gen = torch.Generator().manual_seed(0)
+    probs = (2.0 * torch.randn(400, 5, generator=gen)).softmax(1)
+    labels = torch.randint(0, 5, (400,), generator=gen)
+    expected = reference_ece(probs, labels, n_bins)
+    assert ece(probs, labels, n_bins) == pytest.approx(expected, abs=1e-5)
+    bins = reliability_bins(probs, labels, n_bins)
+    filled = bins["count"] > 0
+    from_bins = (
+        (bins["count"][filled] / 400)
+        * (bins["accuracy"][filled] - bins["confidence"][filled]).abs()
+    ).sum()
+    assert from_bins.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_reliability_bins_hand_example():
+    bins = reliability_bins(PROBS, LABELS)
+    assert all(v.shape == (15,) for v in bins.values())
+    torch.testing.assert_close(bins["lower"][10], torch.tensor(10 / 15, dtype=torch.float64))
+    assert bins["count"].tolist() == [0] * 7 + [1, 0, 1, 2, 0, 0, 1, 0]
+    assert bins["confidence"][10].item() == pytest.approx(0.69)
+    assert bins["accuracy"][10].item() == 1.0
+    assert bins["accuracy"][9].item() == 0.0
+    assert torch.isnan(bins["confidence"][0]) and torch.isnan(bins["accuracy"][14])
+    # A confidence of exactly 1 lands in the last bin.
+    last = reliability_bins(torch.eye(3), torch.tensor([0, 1, 2]))
+    assert last["count"][-1].item() == 3
+
+
+def test_validation():
+    with pytest.raises(ValueError, match="probabilities"):
+        ece(PROBS.log(), LABELS)
+    with pytest.raises(ValueError, match="probabilities"):
+        brier(PROBS * 2, LABELS)
+    with pytest.raises(ValueError, match="labels"):
+        ece(PROBS, LABELS[:3])
+    with pytest.raises(ValueError, match="n_bins"):
+        reliability_bins(PROBS, LABELS, n_bins=0)

@@ -1,0 +1,132 @@
+"""OOD scores and metrics against hand examples and brute-force references; local OOD sets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ssl_robust.evaluate.ood import (
+    auroc,
+    energy_score,
+    fpr_at_tpr,
+    held_out_class_split,
+    msp_score,
+    noise_images,
+    ood_metrics,
+)
+
+
+def brute_force_auroc(s_in: torch.Tensor, s_out: torch.Tensor) -> float:
+    """P(in > out) + P(in == out) / 2 over all pairs."""
+    diff = s_in[:, None] - s_out[None, :]  # (m, n)
+    return ((diff > 0).double() + 0.5 * (diff == 0).double()).mean().item()
+
+
+def test_msp_and_energy_hand_values():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    torch.testing.assert_close(msp_score(logits), torch.tensor([0.5, 0.75]))
+    # Negative free energy T * log sum exp(f / T): log 2 and log 4 at T = 1.
+    torch.testing.assert_close(energy_score(logits), torch.tensor([math.log(2), math.log(4)]))
+    # At T = 2: 2 * log(exp(0) + exp(0)) = 2 log 2; 2 * log(sqrt(3) + 1).
+    torch.testing.assert_close(
+        energy_score(logits, T=2.0), torch.tensor([2 * math.log(2), 2 * math.log(3**0.5 + 1)])
+    )
+    # Shifting all logits by c shifts the energy score by c but leaves MSP unchanged.
+    torch.testing.assert_close(energy_score(logits + 5.0), energy_score(logits) + 5.0)
+    torch.testing.assert_close(msp_score(logits + 5.0), msp_score(logits))
+    with pytest.raises(ValueError, match="T"):
+        energy_score(logits, T=0.0)
+
+
+def test_auroc_hand_example():
+    s_in = torch.tensor([0.9, 0.8, 0.4])
+    s_out = torch.tensor([0.7, 0.4, 0.1])
+    # 0.9 and 0.8 beat all three (6 pairs); 0.4 ties 0.4 (1/2) and beats 0.1 (1): 7.5 / 9.
+    assert auroc(s_in, s_out) == pytest.approx(7.5 / 9)
+
+
+def test_auroc_extremes_and_chance():
+    assert auroc(torch.tensor([3.0, 4.0, 5.0]), torch.tensor([0.0, 1.0])) == 1.0
+    assert auroc(torch.tensor([0.0, 1.0]), torch.tensor([3.0, 4.0, 5.0])) == 0.0
+    assert auroc(torch.ones(4), torch.ones(7)) == 0.5
+    gen = torch.Generator().manual_seed(0)
+    same = auroc(torch.randn(3000, generator=gen), torch.randn(3000, generator=gen))
+    assert same == pytest.approx(0.5, abs=0.03)
+
+
+def test_auroc_matches_brute_force_with_ties():
+    gen = torch.Generator().manual_seed(1)
+    s_in = torch.randint(0, 10, (57,), generator=gen).float()
+    s_out = torch.randint(0, 8, (31,), generator=gen).float()
+    assert auroc(s_in, s_out) == pytest.approx(brute_force_auroc(s_in, s_out), abs=1e-12)
+
+
+def test_auroc_exact_for_large_scores():
+    """Energy scores of ~100 differing by less than 1: no sigmoid saturation into ties."""
+    s_in = torch.tensor([100.2, 100.5, 101.0])
+    s_out = torch.tensor([99.0, 100.1, 100.3])
+    assert auroc(s_in, s_out) == pytest.approx(brute_force_auroc(s_in, s_out))
+    assert auroc(s_in, s_out) == pytest.approx(8 / 9)
+
+
+def test_fpr_at_tpr_hand_examples():
+    s_in = torch.arange(1, 21).float()  # 1..20
+    # TPR >= 0.95 needs 19 of 20 in-scores above the threshold: threshold = 2.
+    s_out = torch.tensor([0.0, 1.5, 2.0, 3.0, 25.0])
+    assert fpr_at_tpr(s_in, s_out) == pytest.approx(3 / 5)  # 2.0, 3.0 and 25.0
+    # TPR >= 0.5 of [4, 3, 2, 1]: threshold 3; out-scores 3.5 pass, 2.5 and 0 do not.
+    assert fpr_at_tpr(torch.tensor([4.0, 3.0, 2.0, 1.0]), torch.tensor([3.5, 2.5, 0.0]), 0.5) == (
+        pytest.approx(1 / 3)
+    )
+    # Perfect separation: no false positives; tpr = 1 takes the lowest in-score.
+    assert fpr_at_tpr(s_in, torch.tensor([-1.0, 0.5])) == 0.0
+    assert fpr_at_tpr(s_in, torch.tensor([0.5, 1.0]), tpr=1.0) == 0.5
+    metrics = ood_metrics(s_in, s_out)
+    assert metrics["fpr95"] == pytest.approx(3 / 5)
+    assert metrics["auroc"] == pytest.approx(brute_force_auroc(s_in, s_out))
+    with pytest.raises(ValueError, match="tpr"):
+        fpr_at_tpr(s_in, s_out, tpr=0.0)
+
+
+def test_score_validation():
+    with pytest.raises(ValueError, match="non-empty"):
+        auroc(torch.tensor([1.0]), torch.tensor([]))
+    with pytest.raises(ValueError, match="1-D"):
+        auroc(torch.ones(2, 2), torch.ones(3))
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "uniform", "blobs"])
+def test_noise_images_range_and_reproducibility(kind):
+    a = noise_images(64, (3, 16, 16), kind, generator=torch.Generator().manual_seed(0))
+    b = noise_images(64, (3, 16, 16), kind, generator=torch.Generator().manual_seed(0))
+    assert a.shape == (64, 3, 16, 16) and a.dtype == torch.float32
+    assert a.min() >= 0 and a.max() <= 1
+    torch.testing.assert_close(a, b)
+
+
+def test_noise_image_statistics():
+    gen = torch.Generator().manual_seed(0)
+    uniform = noise_images(200, (1, 8, 8), "uniform", generator=gen)
+    assert uniform.mean().item() == pytest.approx(0.5, abs=0.01)
+    gaussian = noise_images(200, (1, 8, 8), "gaussian", generator=gen)
+    # N(0.5, 1) clipped: P(x <= 0) = Phi(-0.5) = 0.3085 of the pixels sit exactly at 0.
+    assert (gaussian == 0).float().mean().item() == pytest.approx(0.3085, abs=0.01)
+    blobs = noise_images(200, (1, 16, 16), "blobs", generator=gen)
+    assert set(blobs.unique().tolist()) == {0.0, 1.0}
+    # Blurring makes neighbours agree far more often than independent pixels with that rate.
+    p = blobs.mean().item()
+    agree = (blobs[..., 1:] == blobs[..., :-1]).float().mean().item()
+    assert agree > p**2 + (1 - p) ** 2 + 0.15
+    with pytest.raises(ValueError, match="'gaussian'"):
+        noise_images(2, (1, 4, 4), "pink")
+
+
+def test_held_out_class_split():
+    labels = torch.tensor([0, 1, 2, 3, 1, 3, 0])
+    in_mask, out_mask = held_out_class_split(labels, [1, 3])
+    assert out_mask.tolist() == [False, True, False, True, True, True, False]
+    assert torch.equal(in_mask, ~out_mask)
+    with pytest.raises(ValueError, match="at least one"):
+        held_out_class_split(labels, [])
