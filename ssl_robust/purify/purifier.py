@@ -52,10 +52,10 @@ def t_star_from_sigma(alphas_cumprod: Tensor, sigma: float) -> int:
 
 
 def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Standard normal noise shaped like ``x``, drawn from ``generator`` on its own device."""
+    """Standard normal noise like ``x`` (shape, dtype), drawn from ``generator`` on its device."""
     if generator is None:
-        return torch.randn(x.shape, device=x.device, dtype=torch.float32)
-    noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=torch.float32)
+        return torch.randn(x.shape, device=x.device, dtype=x.dtype)
+    noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype)
     return noise.to(x.device)
 
 
