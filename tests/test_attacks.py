@@ -426,3 +426,23 @@ def test_autoattack_missing_package_raises_clear_import_error(trained, monkeypat
     monkeypatch.setitem(sys.modules, "pyautoattack", None)  # makes the import fail
     with pytest.raises(ImportError, match="pip install pyautoattack"):
         attacks_mod.autoattack(model, x, y, "linf", 0.1)
+
+
+def test_sanity_checks_pass_on_stochastic_pipeline(trained):
+    """With a tolerance of ~2 standard errors, EOT/steps comparisons hold despite the noise."""
+    model, x, y = trained
+    noisy = CountingNoisyModel(model, sigma=0.05)
+    checks = sanity_checks(
+        noisy,
+        x,
+        y,
+        "linf",
+        eps_grid=(0.05, 0.15, 0.25),
+        steps=5,
+        eot=2,
+        rescore_draws=4,
+        tol=0.07,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert all(c["passed"] for c in checks.values()), checks
+    assert checks["more_eot"]["values"]["eot"] == [2, 4]

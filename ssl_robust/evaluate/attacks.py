@@ -365,7 +365,8 @@ def random_search(
             proposal = delta * (1 - window) + eps * signs * window
         else:
             proposal = delta + window * _randn(x.shape, generator, x) * eps / side
-            proposal = eps * proposal / _per_sample_view(proposal.flatten(1).norm(dim=1), x)
+            p_norm = proposal.flatten(1).norm(dim=1).clamp_min(1e-12)  # (B,)
+            proposal = eps * proposal / _per_sample_view(p_norm, x)
         x_new = _project(x + proposal, x, norm, eps)
         margin_new = _margin(model(x_new), y)
         # Stop moving samples that are already misclassified.
