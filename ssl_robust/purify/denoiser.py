@@ -81,7 +81,7 @@ class DenoiserModule(pl.LightningModule):
                 f"num_timestep_buckets must be in [1, {num_train_timesteps}], "
                 f"got {num_timestep_buckets}"
             )
-        if scheduler.config["get"]("prediction_type", "epsilon") != "epsilon":
+        if scheduler.config.get("prediction_type", "epsilon") != "epsilon":
             raise ValueError(
                 "DenoiserModule trains epsilon prediction; the scheduler says otherwise"
             )
