@@ -49,11 +49,15 @@ SEVERITIES = (1, 2, 3, 4, 5)
 
 
 def _zoom_factors(stop: float) -> tuple[float, ...]:
-    # np.arange(1, stop, 0.01) as make_cifar_c.py builds it: float round-off makes
+    # np.arange(1, stop, 0.01) exactly as make_cifar_c.py builds it. Float round-off makes
     # arange(1, 1.06, .01) and arange(1, 1.11, .01) include their stop value (7 and 12
-    # factors), while the three larger ones stop one short (16, 21, 26 factors).
+    # factors) while the larger three stop one short (16, 21, 26), and the factors stay
+    # unrounded because clipped_zoom rounds crop * factor: round(26 * 1.25) = 32 but
+    # round(26 * 1.2500000000000002) = 33.
+    # numpy fills arange as start + i * (a[1] - a[0]), with a[1] - a[0] = 0.010000000000000009.
     count = math.ceil((stop - 1.0) / 0.01)
-    return tuple(round(1.0 + 0.01 * i, 2) for i in range(count))
+    delta = (1.0 + 0.01) - 1.0
+    return tuple(1.0 + i * delta for i in range(count))
 
 
 # The CIFAR-10-C parameter table (make_cifar_c.py), one entry per severity 1..5.
@@ -765,9 +769,8 @@ def elastic_transform(x: Tensor, severity: int, generator: torch.Generator | Non
     make_cifar_c.py: move the three points ``centre + (s, s)``, ``centre + (s, -s)``,
     ``centre - (s, s)`` (s = size // 3) by U(-affine, affine), warp with that affine map
     (bilinear, reflect-101 border), then displace by ``alpha * gaussian(U(-1, 1), sigma)``
-    per axis and resample bilinearly. Both resamplings use grid_sample with reflection
-    about the edge pixels; scipy's map_coordinates mirrors about the pixel edge instead,
-    which differs only for samples less than a pixel outside the image.
+    per axis and resample bilinearly (scipy map_coordinates, order 1, mode "reflect").
+    Both resamplings are grid_sample calls with the same border rules.
     """
     x, (alpha, sigma, affine) = _prepare(x, "elastic_transform", severity)
     b, _, h, w = x.shape
@@ -791,22 +794,33 @@ def elastic_transform(x: Tensor, severity: int, generator: torch.Generator | Non
     )
     pix = torch.stack((xx, yy, torch.ones_like(xx)), -1).view(1, h * w, 3)
     src = torch.bmm(pix.expand(b, -1, -1), inv).view(b, h, w, 2)  # (B, H, W, (x, y))
-    x = _sample(x, src)
+    x = _sample(x, src, "reflect101")
     # Elastic displacement: smoothed U(-1, 1) fields (skimage gaussian, mode "reflect",
     # truncate 3), scaled by alpha.
     field = _uniform((b, 2, h, w), -1.0, 1.0, generator, dev)
     field = _gaussian_blur(field, float(sigma), truncate=3.0, mode="symmetric")
     field = alpha * field  # (B, 2, H, W): (dx, dy)
     src = torch.stack((xx, yy), -1)[None] + field.permute(0, 2, 3, 1)
-    return _finish(_sample(x, src))
+    return _finish(_sample(x, src, "symmetric"))
 
 
-def _sample(x: Tensor, src: Tensor) -> Tensor:
-    """Bilinear sampling of ``x`` at pixel coordinates ``src`` (B, H, W, (x, y))."""
+def _sample(x: Tensor, src: Tensor, mode: str) -> Tensor:
+    """Bilinear sampling of ``x`` at pixel coordinates ``src`` (B, H, W, (x, y)).
+
+    ``mode`` is the rule outside the image: ``reflect101`` mirrors about the edge pixels
+    (cv2.BORDER_REFLECT_101), ``symmetric`` about the image edge (scipy's "reflect").
+    """
     h, w = x.shape[-2:]
-    scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=x.device)
-    grid = src * scale - 1.0
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
+    size = torch.tensor([w, h], device=x.device, dtype=src.dtype)
+    padding = "reflection"
+    if mode == "symmetric":
+        # Fold the coordinates into [-0.5, n - 0.5]; the half pixel beyond the edge
+        # pixel's centre then reads the edge value, as scipy's mirrored signal does.
+        c = (src + 0.5).remainder(2 * size)
+        src = torch.where(c > size, 2 * size - c, c) - 0.5
+        padding = "border"
+    grid = src * (2.0 / (size - 1).clamp_min(1)) - 1.0
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=True)
 
 
 def pixelate(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:

@@ -1,0 +1,603 @@
+"""Tests of the batched CIFAR-10-C corruptions against the parameter table and against
+hand-written numpy/scipy ports of make_cifar_c.py."""
+
+from __future__ import annotations
+
+import colorsys
+import itertools
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from ssl_robust.evaluate import corruptions as C
+from ssl_robust.evaluate.corruptions import (
+    CORRUPTION_GROUPS,
+    CORRUPTIONS,
+    EXTRA_CORRUPTIONS,
+    PARAMS,
+    corrupt,
+    severity_params,
+)
+
+ndimage = pytest.importorskip("scipy.ndimage")
+
+ALL_NAMES = list(CORRUPTIONS) + list(EXTRA_CORRUPTIONS)
+STOCHASTIC = [n for n in ALL_NAMES if n not in C.DETERMINISTIC]
+
+# Corruptions whose mean absolute change must grow with severity 1 -> 5.
+MONOTONE = [
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "speckle_noise",
+    "defocus_blur",
+    "zoom_blur",
+    "gaussian_blur",
+    "fog",
+    "brightness",
+    "contrast",
+    "jpeg_compression",
+]
+# Excluded, because the table does not order them:
+# - glass_blur: sigma drops from .4 (severity 3) to .25 (4) while the iterations double.
+# - motion_blur: severities 3 and 4 share sigma 2; the larger radius only adds taps of
+#   weight < exp(-36/8), so their change is equal up to the random angle.
+# - snow: thresholds (.6, .5, .55, .6, .65) and zooms (1, 1, 1.75, 2.25, 1.25) are not ordered.
+# - frost: the change is (a - 1) x + b * texture, which depends on the image brightness.
+# - elastic_transform: the affine amplitude falls (2.56 -> .96 px) as the displacement rises.
+# - pixelate: sizes 30, 28, 27, 24, 20 px; how well the reduced grid aligns with the
+#   32-px grid matters as much as the factor (24 = 3/4 changes smooth images less than 27).
+# - saturate: factors (.3, .1, 1.5, 2, 2.5) move saturation down and then up.
+
+CANONICAL = [
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "glass_blur",
+    "motion_blur",
+    "zoom_blur",
+    "snow",
+    "frost",
+    "fog",
+    "brightness",
+    "contrast",
+    "elastic_transform",
+    "pixelate",
+    "jpeg_compression",
+]
+
+
+def synthetic_images(b: int = 4, h: int = 32, w: int = 32) -> torch.Tensor:
+    """Smooth colour gradients with a disc and a dark bar, (B, 3, H, W) in [0, 1]."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    images = []
+    for i in range(b):
+        img = torch.stack(
+            (
+                0.2 + 0.6 * xx,
+                0.3 + 0.5 * yy * (0.5 + (i % 3) / 3),
+                0.5 + 0.3 * torch.sin(6 * xx + i),
+            )
+        )
+        disc = (yy * h - (8 + i)) ** 2 + (xx * w - (10 + 3 * i)) ** 2 < 30
+        img[:, disc] = torch.tensor([0.9, 0.1, 0.25])[:, None]
+        img[:, h // 2 : h // 2 + 4, 4:20] = 0.05
+        images.append(img.clamp(0, 1))
+    return torch.stack(images)
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def grey(value: float = 0.5, b: int = 8, size: int = 32) -> torch.Tensor:
+    return torch.full((b, 3, size, size), value)
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return synthetic_images()
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registries_follow_the_benchmark() -> None:
+    assert list(CORRUPTIONS) == CANONICAL
+    assert [n for group in CORRUPTION_GROUPS.values() for n in group] == CANONICAL
+    assert [len(v) for v in CORRUPTION_GROUPS.values()] == [3, 4, 4, 4]
+    assert list(EXTRA_CORRUPTIONS) == ["speckle_noise", "gaussian_blur", "saturate"]
+    assert set(PARAMS) == set(ALL_NAMES)
+    assert all(len(PARAMS[n]) == 5 for n in PARAMS)
+    # make_cifar_c.py's np.arange zoom factors, float round-off included.
+    assert [len(z) for z in PARAMS["zoom_blur"]] == [
+        len(np.arange(1, stop, 0.01)) for stop in (1.06, 1.11, 1.16, 1.21, 1.26)
+    ]
+    for ours, stop in zip(PARAMS["zoom_blur"], (1.06, 1.11, 1.16, 1.21, 1.26)):
+        assert list(ours) == np.arange(1, stop, 0.01).tolist()
+
+
+def test_params_are_the_cifar10c_table() -> None:
+    """The 32-px table of make_cifar_c.py, written out independently of PARAMS."""
+    table = {
+        "gaussian_noise": [0.04, 0.06, 0.08, 0.09, 0.10],
+        "shot_noise": [500, 250, 100, 75, 50],
+        "impulse_noise": [0.01, 0.02, 0.03, 0.05, 0.07],
+        "defocus_blur": [(0.3, 0.4), (0.4, 0.5), (0.5, 0.6), (1, 0.2), (1.5, 0.1)],
+        "glass_blur": [(0.05, 1, 1), (0.25, 1, 1), (0.4, 1, 1), (0.25, 1, 2), (0.4, 1, 2)],
+        "motion_blur": [(6, 1), (6, 1.5), (6, 2), (8, 2), (9, 2.5)],
+        "snow": [
+            (0.1, 0.2, 1, 0.6, 8, 3, 0.95),
+            (0.1, 0.2, 1, 0.5, 10, 4, 0.9),
+            (0.15, 0.3, 1.75, 0.55, 10, 4, 0.9),
+            (0.25, 0.3, 2.25, 0.6, 12, 6, 0.85),
+            (0.3, 0.3, 1.25, 0.65, 14, 12, 0.8),
+        ],
+        "frost": [(1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)],
+        "fog": [(0.2, 3), (0.5, 3), (0.75, 2.5), (1, 2), (1.5, 1.75)],
+        "brightness": [0.05, 0.1, 0.15, 0.2, 0.3],
+        "contrast": [0.75, 0.5, 0.4, 0.3, 0.15],
+        "elastic_transform": [
+            (32 * 0, 32 * 0, 32 * 0.08),
+            (32 * 0.05, 32 * 0.2, 32 * 0.07),
+            (32 * 0.08, 32 * 0.06, 32 * 0.06),
+            (32 * 0.1, 32 * 0.04, 32 * 0.05),
+            (32 * 0.1, 32 * 0.03, 32 * 0.03),
+        ],
+        "pixelate": [0.95, 0.9, 0.85, 0.75, 0.65],
+        "jpeg_compression": [80, 65, 58, 50, 40],
+        "speckle_noise": [0.06, 0.1, 0.12, 0.16, 0.2],
+        "gaussian_blur": [0.4, 0.6, 0.7, 0.8, 1],
+        "saturate": [(0.3, 0), (0.1, 0), (1.5, 0), (2, 0.1), (2.5, 0.2)],
+    }
+    for name, rows in table.items():
+        for severity, row in enumerate(rows, start=1):
+            expected = row if isinstance(row, tuple) else (row,)
+            assert severity_params(name, severity) == pytest.approx(expected), (name, severity)
+
+
+def test_invalid_arguments_name_the_choices(images: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match=r"gaussian_noise.*jpeg_compression.*saturate"):
+        corrupt(images, "rain", 1)
+    for bad in (0, 6, 2.0, True):
+        with pytest.raises(ValueError, match=r"\[1, 2, 3, 4, 5\]"):
+            corrupt(images, "fog", bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        corrupt(images[0], "fog", 1)
+    with pytest.raises(ValueError, match="float"):
+        corrupt((images * 255).to(torch.uint8), "fog", 1)
+    with pytest.raises(ValueError, match="choose from"):
+        severity_params("rain", 1)
+
+
+# ----------------------------------------------------------------------------- contract
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_shape_range_and_reproducibility(images: torch.Tensor, name: str) -> None:
+    for severity in range(1, 6):
+        out = corrupt(images, name, severity, gen(0))
+        assert out.shape == images.shape
+        assert out.dtype == torch.float32
+        assert out.min() >= 0 and out.max() <= 1
+        assert not torch.equal(out, images)
+        torch.testing.assert_close(corrupt(images, name, severity, gen(0)), out, rtol=0, atol=0)
+        other = corrupt(images, name, severity, gen(1))
+        if name in STOCHASTIC:
+            assert not torch.equal(other, out)
+        else:
+            torch.testing.assert_close(other, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_other_image_sizes_and_dtypes(name: str) -> None:
+    x = synthetic_images(2, 48, 40).double()
+    out = corrupt(x, name, 3)  # no generator: torch's global RNG
+    assert out.shape == x.shape and out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_size_rule_scales_only_pixel_parameters() -> None:
+    assert severity_params("defocus_blur", 5, 64, 64) == (3.0, 0.2)
+    assert severity_params("glass_blur", 2, 64, 96) == (0.5, 2, 1)
+    assert severity_params("motion_blur", 1, 16, 16) == (3, 0.5)
+    assert severity_params("snow", 1, 64, 64)[4:] == (16, 6.0, 0.95)
+    assert severity_params("gaussian_noise", 3, 224, 224) == (0.08,)
+    assert severity_params("pixelate", 3, 224, 224) == (0.85,)
+    assert severity_params("zoom_blur", 1, 224, 224) == PARAMS["zoom_blur"][0]
+    assert severity_params("elastic_transform", 2, 32, 32) == pytest.approx((1.6, 6.4, 2.24))
+    assert severity_params("elastic_transform", 2, 64, 64) == pytest.approx((3.2, 12.8, 4.48))
+
+
+@pytest.mark.parametrize("name", MONOTONE)
+def test_change_grows_with_severity(images: torch.Tensor, name: str) -> None:
+    change = [(corrupt(images, name, s, gen(0)) - images).abs().mean().item() for s in range(1, 6)]
+    assert all(a < b for a, b in itertools.pairwise(change)), change
+
+
+# ----------------------------------------------------------------------------- noise
+
+
+def test_gaussian_noise_sigma() -> None:
+    x = grey()
+    for severity, sigma in enumerate(PARAMS["gaussian_noise"], start=1):
+        noise = corrupt(x, "gaussian_noise", severity, gen(severity)) - x
+        assert noise.std().item() == pytest.approx(sigma, rel=0.03)
+        assert abs(noise.mean().item()) < 0.003
+
+
+def test_shot_noise_variance_is_x_over_c() -> None:
+    for value in (0.2, 0.5):
+        x = grey(value)
+        for severity in (1, 5):
+            c = PARAMS["shot_noise"][severity - 1]
+            out = corrupt(x, "shot_noise", severity, gen(severity))
+            assert out.var().item() == pytest.approx(value / c, rel=0.06)
+            assert out.mean().item() == pytest.approx(value, abs=0.003)
+            # Poisson counts: every value is a multiple of 1 / c.
+            torch.testing.assert_close(out * c, torch.round(out * c), rtol=0, atol=1e-3)
+
+
+def test_impulse_noise_amount() -> None:
+    x = grey(0.4)
+    for severity, amount in enumerate(PARAMS["impulse_noise"], start=1):
+        out = corrupt(x, "impulse_noise", severity, gen(severity))
+        changed = out != x
+        assert changed.float().mean().item() == pytest.approx(amount, abs=0.004)
+        assert set(out[changed].unique().tolist()) <= {0.0, 1.0}
+        assert (out[changed] == 1).float().mean().item() == pytest.approx(0.5, abs=0.1)
+
+
+def test_speckle_noise_scales_with_the_pixel() -> None:
+    x = grey(0.4)
+    c = PARAMS["speckle_noise"][4]
+    noise = corrupt(x, "speckle_noise", 5, gen(0)) - x
+    assert noise.std().item() == pytest.approx(0.4 * c, rel=0.03)
+
+
+# ----------------------------------------------------------------------------- blur
+
+
+def _correlate(x: torch.Tensor, kernel: np.ndarray, mode: str) -> np.ndarray:
+    arr = x.double().numpy()
+    return np.stack([[ndimage.correlate(ch, kernel, mode=mode) for ch in img] for img in arr]).clip(
+        0, 1
+    )
+
+
+def test_defocus_blur_known_kernels(images: torch.Tensor) -> None:
+    # Severity 1: the disk of radius .3 is one pixel, so the kernel is cv2's 3 x 3
+    # Gaussian of sigma .4 (outer product); OpenCV's default border is scipy's "mirror".
+    g = np.exp(-(np.arange(-1, 2) ** 2) / (2 * 0.4**2))
+    g /= g.sum()
+    ref = _correlate(images, np.outer(g, g), "mirror")
+    np.testing.assert_allclose(corrupt(images, "defocus_blur", 1).numpy(), ref, atol=1e-6)
+    # Severity 5: radius 1.5 covers the 3 x 3 square; sigma .1 barely blurs it.
+    ref = _correlate(images, np.full((3, 3), 1 / 9), "mirror")
+    np.testing.assert_allclose(corrupt(images, "defocus_blur", 5).numpy(), ref, atol=1e-6)
+
+
+def test_gaussian_blur_matches_scipy(images: torch.Tensor) -> None:
+    for severity, sigma in enumerate(PARAMS["gaussian_blur"], start=1):
+        ref = ndimage.gaussian_filter(images.double().numpy(), (0, 0, sigma, sigma), mode="nearest")
+        out = corrupt(images, "gaussian_blur", severity).numpy()
+        np.testing.assert_allclose(out, ref.clip(0, 1), atol=1e-6)
+
+
+def _clipped_zoom(img: np.ndarray, factor: float) -> np.ndarray:
+    # make_cifar_c.py's clipped_zoom on an (H, W) array.
+    h = img.shape[0]
+    ch = int(np.ceil(h / factor))
+    top = (h - ch) // 2
+    img = ndimage.zoom(img[top : top + ch, top : top + ch], factor, order=1)
+    trim = (img.shape[0] - h) // 2
+    return img[trim : trim + h, trim : trim + h]
+
+
+def test_zoom_blur_matches_scipy_port(images: torch.Tensor) -> None:
+    x = images[:2]
+    for severity, stop in zip((1, 5), (1.06, 1.26)):
+        factors = np.arange(1, stop, 0.01)
+        ref = np.stack(
+            [
+                [
+                    (ch + sum(_clipped_zoom(ch, z) for z in factors)) / (len(factors) + 1)
+                    for ch in im
+                ]
+                for im in x.double().numpy()
+            ]
+        )
+        np.testing.assert_allclose(corrupt(x, "zoom_blur", severity).numpy(), ref, atol=1e-6)
+
+
+def _motion_blur_reference(img: np.ndarray, radius: int, sigma: float, angle: float) -> np.ndarray:
+    # ImageMagick's MotionBlurImage as a loop over taps (edge pixels replicated).
+    width = 2 * radius + 1
+    k = np.exp(-(np.arange(width) ** 2) / (2 * sigma**2))
+    k /= k.sum()
+    h, w = img.shape[-2:]
+    out = np.zeros_like(img)
+    for i in range(width):
+        oy = math.ceil(i * math.sin(math.radians(angle)) - 0.5)
+        ox = math.ceil(i * math.cos(math.radians(angle)) - 0.5)
+        if abs(oy) >= h or abs(ox) >= w:
+            break
+        rows = np.clip(np.arange(h) + oy, 0, h - 1)
+        cols = np.clip(np.arange(w) + ox, 0, w - 1)
+        out += k[i] * img[..., rows[:, None], cols[None, :]]
+    return out
+
+
+def test_motion_blur_matches_tap_loop(images: torch.Tensor) -> None:
+    angles = torch.tensor([-44.0, -7.5, 0.0, 38.2])
+    for radius, sigma in (PARAMS["motion_blur"][0], PARAMS["motion_blur"][4]):
+        out = C._motion_blur(images, radius, sigma, angles).numpy()
+        for b, angle in enumerate(angles.tolist()):
+            ref = _motion_blur_reference(images[b].double().numpy(), radius, sigma, angle)
+            np.testing.assert_allclose(out[b], ref, atol=1e-6)
+
+
+def test_motion_blur_angles_are_uniform_in_range() -> None:
+    # A single bright pixel smears along the drawn angle: recover it from the centroid.
+    x = torch.zeros(256, 3, 32, 32)
+    x[:, :, 16, 16] = 1.0
+    out = corrupt(x, "motion_blur", 5, gen(0))[:, 0]
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    dy = ((out * yy).sum((1, 2)) / out.sum((1, 2))) - 16
+    dx = ((out * xx).sum((1, 2)) / out.sum((1, 2))) - 16
+    angle = torch.rad2deg(torch.atan2(-dy, -dx))  # the blur reads ahead, so it smears back
+    assert angle.abs().max() <= 46
+    assert angle.min() < -30 and angle.max() > 30
+
+
+def _sequential_shuffle(img: np.ndarray, dy: np.ndarray, dx: np.ndarray, d: int) -> np.ndarray:
+    img = img.copy()
+    h, w = img.shape[-2:]
+    for it in range(dy.shape[0]):
+        k = 0
+        for r in range(h - d, d, -1):
+            for c in range(w - d, d, -1):
+                r2, c2 = r + dy[it, k], c + dx[it, k]
+                img[:, [r, r2], [c, c2]] = img[:, [r2, r], [c2, c]]
+                k += 1
+    return img
+
+
+@pytest.mark.parametrize("delta", [1, 2])
+def test_glass_shuffle_waves_equal_the_sequential_loop(images: torch.Tensor, delta: int) -> None:
+    steps = (32 - 2 * delta) ** 2
+    off = torch.randint(-delta, delta, (2, len(images), steps, 2), generator=gen(3))
+    out = C._glass_shuffle(images, off[..., 0], off[..., 1], delta).numpy()
+    for b in range(len(images)):
+        ref = _sequential_shuffle(
+            images[b].numpy(), off[:, b, :, 0].numpy(), off[:, b, :, 1].numpy(), delta
+        )
+        np.testing.assert_array_equal(out[b], ref)
+
+
+def test_glass_blur_severity_1_only_moves_pixels(images: torch.Tensor) -> None:
+    # sigma .05 is below scipy's one-tap radius, so severity 1 is quantise + shuffle.
+    x = torch.round(images * 255) / 255
+    out = corrupt(x, "glass_blur", 1, gen(0))
+    assert not torch.equal(out, x)
+    flat_in = (x * 255).round().flatten(2).permute(0, 2, 1)  # (B, HW, 3)
+    flat_out = (out * 255).round().flatten(2).permute(0, 2, 1)
+    for a, b in zip(flat_in, flat_out):  # same pixels (as RGB triples), new places
+        assert sorted(map(tuple, a.tolist())) == sorted(map(tuple, b.tolist()))
+
+
+# ----------------------------------------------------------------------------- weather
+
+
+def _plasma_reference(mapsize: int, decay: float, draws: list[np.ndarray]) -> np.ndarray:
+    """make_cifar_c.py's plasma_fractal with its uniform draws supplied."""
+    m = np.zeros((mapsize, mapsize))
+    step, wibble, it = mapsize, 100.0, iter(draws)
+
+    def wibbled_mean(a: np.ndarray) -> np.ndarray:
+        return a / 4 + wibble * (-wibble + 2 * wibble * next(it).reshape(a.shape))
+
+    while step >= 2:
+        half = step // 2
+        corners = m[0::step, 0::step]
+        acc = corners + np.roll(corners, -1, axis=0)
+        acc += np.roll(acc, -1, axis=1)
+        m[half::step, half::step] = wibbled_mean(acc)
+        dr, ul = m[half::step, half::step], m[0::step, 0::step]
+        m[0::step, half::step] = wibbled_mean(dr + np.roll(dr, 1, 0) + ul + np.roll(ul, -1, 1))
+        m[half::step, 0::step] = wibbled_mean(dr + np.roll(dr, 1, 1) + ul + np.roll(ul, -1, 0))
+        step //= 2
+        wibble /= decay
+    m -= m.min()
+    return m / m.max()
+
+
+def test_plasma_fractal_matches_diamond_square() -> None:
+    ours = C._plasma_fractal(2, 32, 2.0, gen(3), torch.device("cpu")).double().numpy()
+    g, draws, step = gen(3), [], 32
+    while step >= 2:
+        draws += [torch.rand((2, 32 // step, 32 // step), generator=g).double() for _ in range(3)]
+        step //= 2
+    for b in range(2):
+        ref = _plasma_reference(32, 2.0, [d[b].numpy() for d in draws])
+        np.testing.assert_allclose(ours[b], ref, atol=1e-5)
+
+
+def test_fog_adds_a_normalised_plasma() -> None:
+    x = grey(0.3, b=4)
+    strength, _ = PARAMS["fog"][2]
+    out = corrupt(x, "fog", 3, gen(0)).double()
+    max_val = 0.3
+    plasma = (out * (max_val + strength) / max_val - x.double()) / strength
+    assert plasma.amin((1, 2, 3)).abs().max() < 1e-5
+    assert (plasma.amax((1, 2, 3)) - 1).abs().max() < 1e-5
+    torch.testing.assert_close(plasma[:, 0], plasma[:, 2])  # one grey map for all channels
+
+
+def test_snow_never_darkens(images: torch.Tensor) -> None:
+    for severity in range(1, 6):
+        out = corrupt(images, "snow", severity, gen(severity))
+        assert (out >= images - 1e-6).all()
+        assert (out > images + 0.2).any()  # some flakes
+
+
+def test_snow_matches_reference_port(images: torch.Tensor) -> None:
+    """Reproduce the draws (layer, then angles) and run make_cifar_c.py's snow steps."""
+    x = images[:2]
+    for severity in (1, 3, 5):
+        loc, scale, zoom, thresh, radius, sigma, blend = PARAMS["snow"][severity - 1]
+        out = corrupt(x, "snow", severity, gen(7)).double().numpy()
+        g = gen(7)
+        layers = (loc + scale * torch.randn((2, 1, 32, 32), generator=g)).double().numpy()
+        angles = (-135 + 90 * torch.rand((2,), generator=g)).tolist()
+        for b in range(2):
+            layer = _clipped_zoom(layers[b, 0], zoom)
+            layer[layer < thresh] = 0
+            layer = np.floor(np.clip(layer, 0, 1) * 255) / 255  # PIL "L" image
+            layer = _motion_blur_reference(layer, radius, sigma, angles[b])
+            layer = np.round(layer * 255) / 255
+            img = x[b].double().numpy()
+            gray = 0.299 * img[0] + 0.587 * img[1] + 0.114 * img[2]
+            img = blend * img + (1 - blend) * np.maximum(img, gray * 1.5 + 0.5)
+            ref = np.clip(img + layer + np.rot90(layer, 2), 0, 1)
+            np.testing.assert_allclose(out[b], ref, atol=1e-5)
+
+
+def test_frost_mixes_a_bluish_texture() -> None:
+    x = grey(0.3, b=16)
+    for severity, (a, coef) in enumerate(PARAMS["frost"], start=1):
+        out = corrupt(x, "frost", severity, gen(severity))
+        texture = (out - a * x) / coef
+        assert texture.min() >= -1e-5 and texture.max() <= 1 + 1e-5
+        assert texture.std((2, 3)).mean() > 0.03  # textured, not a flat veil
+        mean_rgb = texture.mean((0, 2, 3))
+        assert mean_rgb[2] >= mean_rgb[1] >= mean_rgb[0]
+
+
+def test_elastic_transform_matches_scipy_port(images: torch.Tensor) -> None:
+    """Reproduce the draws (affine offsets, then displacement fields) and run the
+    make_cifar_c.py algorithm with scipy: affine warp with reflect-101 ("mirror"),
+    displacement with map_coordinates(order=1, mode="reflect")."""
+    x = images[:1]
+    for severity in (1, 4):
+        alpha, sigma, affine = PARAMS["elastic_transform"][severity - 1]
+        out = corrupt(x, "elastic_transform", severity, gen(5))[0].double().numpy()
+        g = gen(5)
+        offsets = (-affine + 2 * affine * torch.rand((1, 3, 2), generator=g))[0].double().numpy()
+        field = (-1 + 2 * torch.rand((1, 2, 32, 32), generator=g))[0].double().numpy()
+        pts1 = np.array([[16 + 10, 16 + 10], [16 + 10, 16 - 10], [16 - 10, 16 - 10]], float)
+        pts2 = pts1 + offsets
+        # inverse map dst -> src in (x, y): [x y 1] @ inv = src
+        inv = np.linalg.solve(np.hstack([pts2, np.ones((3, 1))]), pts1)
+        yy, xx = np.mgrid[0:32, 0:32].astype(float)
+        src = np.stack([xx, yy, np.ones_like(xx)], -1) @ inv
+        warped = np.stack(
+            [
+                ndimage.map_coordinates(ch, [src[..., 1], src[..., 0]], order=1, mode="mirror")
+                for ch in x[0].double().numpy()
+            ]
+        )
+        if sigma > 0:
+            dx, dy = (
+                ndimage.gaussian_filter(f, sigma, mode="reflect", truncate=3) * alpha for f in field
+            )
+        else:
+            dx = dy = np.zeros((32, 32))
+        ref = np.stack(
+            [
+                ndimage.map_coordinates(ch, [yy + dy, xx + dx], order=1, mode="reflect")
+                for ch in warped
+            ]
+        ).clip(0, 1)
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- digital
+
+
+def test_contrast_is_an_exact_blend_to_the_mean(images: torch.Tensor) -> None:
+    for severity, c in enumerate(PARAMS["contrast"], start=1):
+        mean = images.mean((2, 3), keepdim=True)
+        expected = ((images - mean) * c + mean).clamp(0, 1)
+        torch.testing.assert_close(corrupt(images, "contrast", severity), expected)
+
+
+def _hsv_reference(x: torch.Tensor, fn) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    arr = x.double().permute(0, 2, 3, 1).numpy()
+    out = np.empty_like(arr)
+    for idx in np.ndindex(arr.shape[:3]):
+        h, s, v = fn(*colorsys.rgb_to_hsv(*arr[idx]))
+        out[idx] = colorsys.hsv_to_rgb(h, s, v)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float()
+
+
+def test_brightness_raises_the_value_channel(images: torch.Tensor) -> None:
+    x = torch.cat([images[:2, :, ::2, ::2], torch.zeros(1, 3, 16, 16)])  # include black
+    for severity, c in enumerate(PARAMS["brightness"], start=1):
+        out = corrupt(x, "brightness", severity)
+        torch.testing.assert_close(out.amax(1), (x.amax(1) + c).clamp(max=1))
+        ref = _hsv_reference(x, lambda h, s, v, c=c: (h, s, min(v + c, 1.0)))
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_saturate_matches_colorsys(images: torch.Tensor) -> None:
+    x = images[:2, :, ::2, ::2]
+    for severity, (a, b) in enumerate(PARAMS["saturate"], start=1):
+        ref = _hsv_reference(x, lambda h, s, v, a=a, b=b: (h, min(max(s * a + b, 0), 1), v))
+        torch.testing.assert_close(corrupt(x, "saturate", severity), ref, atol=1e-5, rtol=0)
+
+
+def test_jpeg_equals_torchvision_codec(images: torch.Tensor) -> None:
+    from torchvision.io import decode_jpeg, encode_jpeg
+
+    x8 = torch.round(images * 255).to(torch.uint8)
+    for severity, quality in enumerate(PARAMS["jpeg_compression"], start=1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            ref = torch.stack(decode_jpeg(encode_jpeg(list(x8), quality=quality)))
+        out = corrupt(x8.float() / 255, "jpeg_compression", severity)
+        torch.testing.assert_close(torch.round(out * 255).to(torch.uint8), ref, rtol=0, atol=0)
+
+
+def test_pixelate_block_size_and_pil_box(images: torch.Tensor) -> None:
+    from PIL import Image
+
+    # A horizontal ramp: after box down/up-scaling the image has int(32 c) distinct columns.
+    ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(1, 3, 32, 32)
+    x8 = torch.round(images * 255).to(torch.uint8)
+    for severity, c in enumerate(PARAMS["pixelate"], start=1):
+        out = corrupt(ramp, "pixelate", severity)
+        assert len(torch.unique(out[0, 0, 0])) == int(32 * c)
+        size = int(32 * c)
+        ref = np.stack(
+            [
+                np.array(
+                    Image.fromarray(im)
+                    .resize((size, size), Image.Resampling.BOX)
+                    .resize((32, 32), Image.Resampling.BOX)
+                )
+                for im in x8.permute(0, 2, 3, 1).numpy()
+            ]
+        )
+        ours = corrupt(x8.float() / 255, "pixelate", severity).permute(0, 2, 3, 1).numpy() * 255
+        # Pillow rounds to uint8 after each of its passes; we stay in float.
+        assert np.abs(ours - ref).max() <= 1.0 + 1e-4
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_cuda_matches_cpu_for_a_cpu_generator(images: torch.Tensor, name: str) -> None:
+    for severity in (1, 5):
+        cpu = corrupt(images, name, severity, gen(0))
+        cuda = corrupt(images.cuda(), name, severity, gen(0)).cpu()
+        # float reduction order differs; glass/snow quantise to uint8 levels internally
+        atol = 1.5 / 255 if name in ("glass_blur", "snow", "jpeg_compression") else 1e-4
+        assert (cuda - cpu).abs().max() <= atol, (cuda - cpu).abs().max()
