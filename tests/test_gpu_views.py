@@ -340,6 +340,49 @@ def test_flip_rotation_gray_jitter_rates() -> None:
     assert _within_binomial(~(solarized == base).flatten(1).all(1), 0.2)
 
 
+def test_sampled_params_follow_torchvision_and_lightly() -> None:
+    n = 3000
+    view = gv.BatchViewTransform(
+        input_size=32, gaussian_blur=0.5, solarization_prob=0.2, vf_prob=0.1, rr_prob=0.3
+    )  # SimCLR's jitter defaults
+    params = view.sample_params(n, 32, 32, torch.Generator().manual_seed(15))
+
+    # jitter factors and op order against torchvision's ColorJitter.make_params
+    jitter = T.ColorJitter(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2)
+    torch.manual_seed(15)
+    ref = [jitter.make_params([]) for _ in range(n)]
+    names = ["brightness_factor", "contrast_factor", "saturation_factor", "hue_factor"]
+    ref_factors = torch.tensor([[r[name] for name in names] for r in ref])
+    for k in range(4):
+        assert _ks_ok(params["jitter_factors"][:, k], ref_factors[:, k]), names[k]
+    code = torch.tensor([64, 16, 4, 1])  # one integer per permutation of 0..3
+    ours_codes = (params["jitter_order"] * code).sum(1)
+    ref_codes = (torch.stack([r["fn_idx"] for r in ref]) * code).sum(1)
+    assert set(ours_codes.tolist()) == set(ref_codes.tolist()) and ours_codes.unique().numel() == 24
+    counts = torch.stack([(ours_codes == c).sum() for c in ours_codes.unique()])
+    assert stats.chisquare(counts.numpy()).pvalue > KS_P_MIN  # uniform over the 24 orders
+
+    # blur sigma ~ U(sigmas) like lightly's np.random.uniform, where blurred
+    sigma = params["sigma"][params["sigma"] > 0]
+    assert _ks_ok(sigma, np.random.default_rng(0).uniform(0.1, 2.0, n))
+
+    masks = {
+        "hflip": 0.5,
+        "vflip": 0.1,
+        "rot90": 0.3,
+        "jitter": 0.8,
+        "gray": 0.2,
+        "solarize": 0.2,
+    }
+    params["blur"] = params["sigma"] > 0
+    masks["blur"] = 0.5
+    for name, p in masks.items():
+        assert _within_binomial(params[name], p), name
+    # independent draws: joint rates are products
+    for a, b in [("hflip", "gray"), ("jitter", "blur"), ("gray", "solarize"), ("vflip", "rot90")]:
+        assert _within_binomial(params[a] & params[b], masks[a] * masks[b]), (a, b)
+
+
 # ---------------------------------------------------------------------------------------------
 # blur and solarization against Pillow
 # ---------------------------------------------------------------------------------------------

@@ -682,64 +682,117 @@ class BatchViewTransform(nn.Module):
         """
         _check_input(x)
         batch, _, height, width = x.shape
-        size = self.input_size
-        # Every random number of this call in one draw (B, 38): one RNG call, one copy.
-        u = _uniforms((batch, _N_UNIFORMS), generator, x.device)
+        params = self.sample_params(batch, height, width, generator, x.device)
+        return self.apply_params(x, params)
 
-        # 1. crop + flips + rotation: one grid, one grid_sample.
-        params = _crop_params_from_uniforms(
-            u[:, :_N_CROP], height, width, (self.min_scale, 1.0), _RATIO
-        )
-        hflip = u[:, _COL_HFLIP] < self.hf_prob if self.hf_prob > 0 else None
-        vflip = u[:, _COL_VFLIP] < self.vf_prob if self.vf_prob > 0 else None
-        rot90 = u[:, _COL_ROT] < self.rr_prob if self.rr_prob > 0 else None
-        out = resized_crop(_to_float_rgb(x), params, size, hflip, vflip, rot90)  # (B, C, S, S)
-        if out.shape[1] == 1:
-            out = out.expand(batch, 3, size, size)  # grayscale input -> RGB like PIL convert
+    def sample_params(
+        self,
+        batch: int,
+        height: int,
+        width: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> dict[str, Tensor]:
+        """Draws the random parameters of ``batch`` views of (height, width) images.
 
-        # 2. colour jitter with probability cj_prob.
-        if self.cj_prob > 0:
-            out = self._jitter(out, u)
+        All of them come from one (B, 38) uniform draw: one RNG call and one copy to
+        ``device``. Each parameter has the law torchvision/lightly give it.
 
-        # 3. grayscale with probability random_gray_scale.
-        if self.random_gray_scale > 0:
-            gray = u[:, _COL_GRAY] < self.random_gray_scale
-            out = torch.where(gray.view(-1, 1, 1, 1), rgb_to_grayscale(out).expand_as(out), out)
+        Args:
+            batch: Number of images.
+            height: Input image height.
+            width: Input image width.
+            generator: Source of randomness; the global RNG of ``device`` if None.
+            device: Device of the parameters (default: CPU).
 
-        # 4. Gaussian blur with probability gaussian_blur; sigma ~ U(sigmas) as in lightly.
-        if self.gaussian_blur > 0 and self.sigmas[1] > 0:
-            blur = u[:, _COL_BLUR] < self.gaussian_blur
-            lo, hi = self.sigmas
-            sigma = lo + (hi - lo) * u[:, _COL_SIGMA]
-            sigma = torch.where(blur, sigma, torch.zeros_like(sigma))  # sigma 0 = identity
-            out = gaussian_blur(out.contiguous(), sigma, max_sigma=hi)
-
-        # 5. solarization with probability solarization_prob.
-        if self.solarization_prob > 0:
-            solar = (u[:, _COL_SOLARIZE] < self.solarization_prob).view(-1, 1, 1, 1)
-            out = torch.where(solar & (out >= self.solarize_threshold), 1.0 - out, out)
-
-        # 6. normalisation.
-        return self.normalize(out)
-
-    def _jitter(self, out: Tensor, u: Tensor) -> Tensor:
-        """Colour jitter on (B, 3, S, S) with the per-image draws in ``u``."""
+        Returns:
+            ``crop`` (B, 4) int64 ``(top, left, height, width)``; bool (B,) masks ``hflip``,
+            ``vflip``, ``rot90``, ``jitter``, ``gray``, ``solarize``; ``jitter_factors``
+            (B, 4) float32 brightness, contrast, saturation factors and hue shift;
+            ``jitter_order`` (B, 4) int64 permutations of 0..3 (op order, as torchvision's
+            ``randperm``); ``sigma`` (B,) float32 blur std, 0 where not blurred.
+        """
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        u = _uniforms((batch, _N_UNIFORMS), generator, dev)
         lo = torch.tensor(
             [self.brightness[0], self.contrast[0], self.saturation[0], self.hue[0]],
             dtype=torch.float64,
-            device=u.device,
+            device=dev,
         )
         hi = torch.tensor(
             [self.brightness[1], self.contrast[1], self.saturation[1], self.hue[1]],
             dtype=torch.float64,
-            device=u.device,
+            device=dev,
         )
-        factors = lo + (hi - lo) * u[:, _COL_CJ_FACTORS : _COL_CJ_FACTORS + 4]  # (B, 4)
-        # Argsort of iid uniforms is a uniform random permutation, like torch.randperm(4).
-        order = u[:, _COL_CJ_ORDER : _COL_CJ_ORDER + 4].argsort(dim=1)  # (B, 4)
-        jittered = color_jitter(out, factors.to(out.dtype), order, with_hue=self.hue[1] > 0)
-        apply = (u[:, _COL_CJ] < self.cj_prob).view(-1, 1, 1, 1)
-        return torch.where(apply, jittered, out)
+        sigma_lo, sigma_hi = self.sigmas
+        blur = u[:, _COL_BLUR] < self.gaussian_blur
+        sigma = sigma_lo + (sigma_hi - sigma_lo) * u[:, _COL_SIGMA]  # U(sigmas) as lightly
+        return {
+            "crop": _crop_params_from_uniforms(
+                u[:, :_N_CROP], height, width, (self.min_scale, 1.0), _RATIO
+            ),
+            "hflip": u[:, _COL_HFLIP] < self.hf_prob,
+            "vflip": u[:, _COL_VFLIP] < self.vf_prob,
+            "rot90": u[:, _COL_ROT] < self.rr_prob,
+            "jitter": u[:, _COL_CJ] < self.cj_prob,
+            # torchvision ColorJitter: each factor ~ U(range), independently.
+            "jitter_factors": (lo + (hi - lo) * u[:, _COL_CJ_FACTORS : _COL_CJ_FACTORS + 4]).to(
+                torch.float32
+            ),
+            # The argsort of iid uniforms is a uniform random permutation, like randperm(4).
+            "jitter_order": u[:, _COL_CJ_ORDER : _COL_CJ_ORDER + 4].argsort(dim=1),
+            "gray": u[:, _COL_GRAY] < self.random_gray_scale,
+            "sigma": torch.where(blur, sigma, torch.zeros_like(sigma)).to(torch.float32),
+            "solarize": u[:, _COL_SOLARIZE] < self.solarization_prob,
+        }
+
+    def apply_params(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        """Applies the view with given parameters (see ``sample_params``).
+
+        Ops whose probability is 0 are skipped without looking at their parameters.
+
+        Args:
+            x: (B, C, H, W) uint8 in [0, 255] or float in [0, 1], C in {1, 3}.
+            params: Per-image parameters on ``x``'s device, as ``sample_params`` returns.
+
+        Returns:
+            (B, 3, S, S) float32 views.
+        """
+        _check_input(x)
+        batch = x.shape[0]
+        size = self.input_size
+
+        # 1. crop + flips + rotation: one grid, one grid_sample.
+        hflip = params["hflip"] if self.hf_prob > 0 else None
+        vflip = params["vflip"] if self.vf_prob > 0 else None
+        rot90 = params["rot90"] if self.rr_prob > 0 else None
+        out = resized_crop(_to_float_rgb(x), params["crop"], size, hflip, vflip, rot90)
+        if out.shape[1] == 1:  # (B, 1, S, S) -> (B, 3, S, S), like PIL's convert("RGB")
+            out = out.expand(batch, 3, size, size)
+
+        # 2. colour jitter with probability cj_prob.
+        if self.cj_prob > 0:
+            jittered = color_jitter(
+                out, params["jitter_factors"], params["jitter_order"], with_hue=self.hue[1] > 0
+            )
+            out = torch.where(params["jitter"].view(-1, 1, 1, 1), jittered, out)
+
+        # 3. grayscale with probability random_gray_scale.
+        if self.random_gray_scale > 0:
+            gray = params["gray"].view(-1, 1, 1, 1)
+            out = torch.where(gray, rgb_to_grayscale(out).expand_as(out), out)
+
+        # 4. Gaussian blur with probability gaussian_blur (sigma 0 is the identity kernel).
+        if self.gaussian_blur > 0 and self.sigmas[1] > 0:
+            out = gaussian_blur(out.contiguous(), params["sigma"], max_sigma=self.sigmas[1])
+
+        # 5. solarization with probability solarization_prob.
+        if self.solarization_prob > 0:
+            solar = params["solarize"].view(-1, 1, 1, 1)
+            out = torch.where(solar & (out >= self.solarize_threshold), 1.0 - out, out)
+
+        # 6. normalisation.
+        return self.normalize(out)
 
 
 class EvalTransform(nn.Module):
