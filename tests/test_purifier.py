@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -358,3 +360,50 @@ def test_load_errors_name_the_path(tmp_path: Path) -> None:
     (tmp_path / "noweights" / "unet" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="noweights"):
         load_denoiser(tmp_path / "noweights")
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def _bench_module() -> Any:
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "purify_bench.py"
+    spec = importlib.util.spec_from_file_location("purify_bench", path)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_purify_smoke_rows(capsys: pytest.CaptureFixture[str]) -> None:
+    rows = _bench_module().bench_purify(
+        "cpu",
+        preset="tiny",
+        batch=2,
+        image_size=SIZE,
+        samplers=(("oneshot", None), ("ddim", 2), ("ddpm", 3)),
+        dtypes=("fp32",),
+        repeats=1,
+        t_star=4,
+        raw_calls=2,
+        warmup=0,
+    )
+    assert [(r["kind"], r["sampler"], r["nfe"]) for r in rows] == [
+        ("raw", "-", 2),
+        ("purifier", "oneshot", 1),
+        ("purifier", "ddim", 2),
+        ("purifier", "ddpm", 3),
+    ]
+    for r in rows[1:]:
+        assert r["image_nfe_per_s"] == pytest.approx(r["images_per_s"] * r["nfe"])
+        assert r["ratio"] == pytest.approx(r["image_nfe_per_s"] / rows[0]["image_nfe_per_s"])
+    assert "img-NFE/s" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_purifier_throughput_close_to_raw_unet_on_gpu() -> None:
+    rows = _bench_module().bench_purify(
+        "cuda", samplers=(("ddim", 5), ("ddpm", 100)), dtypes=("bf16",), repeats=3
+    )
+    for r in rows[1:]:
+        assert r["ratio"] >= 0.9, r
