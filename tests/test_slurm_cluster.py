@@ -287,13 +287,13 @@ record(event="fit_end", global_step=trainer.global_step)
 
 @pytest.mark.timeout(300)
 def test_preemption_checkpoints_requeues_and_resumes(tmp_path: Path, jobs: list[int]) -> None:
-    max_steps = 60
+    max_steps = 50
     (tmp_path / "train_preempt.py").write_text(_PREEMPT_TRAIN)
     out = tmp_path / "out"
     out.mkdir()
     body = (
         _MASTER_ADDR
-        + f"srun {sys.executable} {tmp_path / 'train_preempt.py'} {out} {max_steps} 0.2"
+        + f"srun {sys.executable} {tmp_path / 'train_preempt.py'} {out} {max_steps} 0.15"
     )
     script = _batch_script(
         tmp_path / "preempt.sh",

@@ -36,6 +36,15 @@ for bin in munged munge unmunge slurmctld slurmd sinfo scontrol runuser; do
     command -v "$bin" >/dev/null 2>&1 || { log "missing $bin: run .ci/slurm/install.sh"; exit 1; }
 done
 
+# State is wiped below, so only ever in a directory this script created (it leaves a marker).
+MARKER="$DIR/.ssl_robust_slurm"
+if [ -e "$DIR" ] && [ ! -e "$MARKER" ] && [ -n "$(ls -A "$DIR" 2>/dev/null)" ]; then
+    log "refusing to use $DIR: it is not empty and was not created by this script"
+    exit 1
+fi
+mkdir -p "$DIR"
+touch "$MARKER"
+
 # A previous cluster from the same DIR (possibly half-dead) is stopped by its pid files.
 bash "$HERE/stop.sh" "$DIR" >&2 || true
 rm -rf "$DIR/etc" "$DIR/munge" "$DIR/state" "$DIR/spool" "$DIR/log" "$DIR/run" "$DIR/env.sh"
@@ -101,6 +110,9 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
 SchedulerType=sched/backfill
+# A requeued job becomes eligible cred_expire s later and is then started by the backfill pass,
+# which runs every bf_interval s (default 30); 5 s keeps requeue tests short.
+SchedulerParameters=bf_interval=5
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
