@@ -50,11 +50,11 @@ class DataConfig:
     name: str = "digits"
     root: str = "data"
     download: bool = False
-    # 0 keeps the dataset's native size (digits: 16, CIFAR: 32, STL-10: 96).
+    # 0 keeps the native size (digits: upsampled from 8 to 16 px, CIFAR: 32, STL-10: 96).
     image_size: int = 0
     # Held-out fraction when the source has no separate validation split.
     val_fraction: float = 0.2
-    batch_size: int = 256
+    batch_size: int = 128
     eval_batch_size: int = 512
     num_workers: int = 2
     # imagefolder: decode every image once into a uint8 array (cached on disk next to the run).
@@ -70,8 +70,10 @@ class DataConfig:
 class ViewsConfig:
     """Parameters of lightly's SimCLR/BYOL view transforms that the presets change."""
 
-    min_scale: float = 0.08
-    hf_prob: float = 0.5
+    # Defaults suit the 16-px digits (the presets set lightly's CIFAR values 0.08 and 0.5):
+    # tiny crops of a digit leave nothing to recognise and a mirrored digit is another symbol.
+    min_scale: float = 0.3
+    hf_prob: float = 0.0
     cj_prob: float = 0.8
     cj_strength: float = 1.0
     random_gray_scale: float = 0.2
@@ -109,7 +111,7 @@ class OptimConfig:
     lr_scaling: str = "linear"
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    warmup_epochs: float = 0.0
+    warmup_epochs: float = 1.0
 
 
 @dataclass

@@ -24,7 +24,6 @@ from ssl_robust.data.datasets import Splits, build_splits
 from ssl_robust.data.transforms import ViewParams, eval_transform, view_transform
 from ssl_robust.launch.trainer import (
     ConfigInCheckpoint,
-    EpochReseed,
     build_loggers,
     build_trainer,
     checkpoint_callbacks,
@@ -164,7 +163,6 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
         callbacks=[
             *checkpoint_callbacks(run_dir, monitor="val/knn_acc"),
             ConfigInCheckpoint(config),
-            EpochReseed(cfg.run.seed),
             *callbacks,
         ],
         check_val_every_n_epoch=cfg.monitor.every_n_epochs,

@@ -22,12 +22,14 @@ from torch.utils.data import DataLoader, Sampler
 from ssl_robust.data.datasets import ImageSource, TransformDataset
 
 
-class EpochSeededSampler(Sampler[int]):
-    """Shuffles with a permutation seeded by ``(seed, epoch)``.
+class EpochSeededSampler(Sampler[tuple[int, int]]):
+    """Yields ``(epoch, index)`` in an order seeded by ``(seed, epoch)``.
 
-    Lightning calls ``set_epoch`` before each epoch, so the order of epoch k is the same in a
-    run resumed at epoch k as in an uninterrupted one (the global RNG state is not in the
-    checkpoint). Under DDP Lightning wraps it in a distributed sampler that keeps this property.
+    Lightning calls ``set_epoch`` before each epoch (also through its DDP sampler wrapper, which
+    shards these items), and the dataset seeds each sample's augmentation from
+    ``(seed, epoch, index)``. Order and views of epoch k are therefore the same in a run
+    resumed at epoch k as in an uninterrupted one, whatever the number of workers: the global
+    RNG state, which a checkpoint does not hold, plays no part.
     """
 
     def __init__(self, n: int, seed: int) -> None:
@@ -38,9 +40,9 @@ class EpochSeededSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        return iter((self.epoch, i) for i in torch.randperm(self.n, generator=g).tolist())
 
     def __len__(self) -> int:
         return self.n
@@ -91,14 +93,12 @@ class SSLDataModule(pl.LightningDataModule):
             batch_size=batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
-            # Not persistent: workers are re-seeded from the per-epoch seed each epoch, which
-            # keeps augmentations identical across a resume.
             persistent_workers=False,
             **kw,
         )
 
     def train_dataloader(self) -> DataLoader:
-        ds = TransformDataset(self.train_source, self.train_transform)
+        ds = TransformDataset(self.train_source, self.train_transform, seed=self.seed)
         return self._loader(
             ds,
             self.batch_size,

@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, UnidentifiedImageError
 from rich.progress import track
 from torch.utils.data import Dataset
@@ -91,16 +93,33 @@ class FileSource(ImageSource):
 
 
 class TransformDataset(Dataset):
-    """Applies a transform to a source's images: ``(transform(img), label)``."""
+    """Applies a transform to a source's images: ``(transform(img), label)``.
 
-    def __init__(self, source: ImageSource, transform: Callable[[Image.Image], Any]) -> None:
+    Indexed by ``(epoch, index)`` with a ``seed``, it seeds the RNGs that torchvision and
+    lightly transforms draw from (torch, numpy, random) from ``(seed, epoch, index)`` first:
+    each view is then a pure function of those three numbers.
+    """
+
+    def __init__(
+        self, source: ImageSource, transform: Callable[[Image.Image], Any], seed: int | None = None
+    ) -> None:
         self.source = source
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int]:
+        if isinstance(key, tuple):
+            epoch, index = key
+            if self.seed is not None:
+                state = np.random.SeedSequence([self.seed, epoch, index]).generate_state(2)
+                torch.manual_seed(int(state[0]))
+                np.random.seed(int(state[1]))
+                random.seed(int(state[0]))
+        else:
+            index = key
         img, label = self.source[index]
         return self.transform(img), label
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -40,29 +41,13 @@ class ConfigInCheckpoint(Callback):
         checkpoint["ssl_robust_config"] = self.config
 
 
-class EpochReseed(Callback):
-    """Re-seed every RNG from ``(seed, epoch)`` at the start of each training epoch.
-
-    The RNG state is not part of a checkpoint, so without this a run resumed at epoch k would
-    draw different augmentations from an uninterrupted run. DataLoader workers take their seeds
-    from the global RNG when the epoch's iterator is created, which happens after this hook.
-    """
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pl.seed_everything(self.seed * 1000 + trainer.current_epoch, workers=True, verbose=False)
-
-
 def wandb_run_id(run_dir: Path) -> str:
     """The wandb run id kept in the run directory, so a resumed run continues the same run."""
     path = run_dir / "wandb_id.txt"
     if path.is_file():
         return path.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = uuid.uuid4().hex[:8]  # wandb's id alphabet: lowercase letters and digits
+    run_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(run_id)
     os.replace(tmp, path)

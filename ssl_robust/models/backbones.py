@@ -87,9 +87,8 @@ def build_backbone(name: str, width: int = 32) -> Encoder:
         model = torchvision.models.get_model(tv_name, weights=None)
         head_name = next(h for h in ("fc", "classifier", "head", "heads") if hasattr(model, h))
         head = getattr(model, head_name)
-        linear = head if isinstance(head, nn.Linear) else next(
-            m for m in reversed(list(head.modules())) if isinstance(m, nn.Linear)
-        )
+        # The whole head is dropped, so the features are what its first Linear layer reads.
+        linear = next(m for m in head.modules() if isinstance(m, nn.Linear))
         setattr(model, head_name, nn.Identity())
         return Encoder(model, linear.in_features, name)
     if name.startswith("timm:"):

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny CPU configs so every test runs in seconds on 2 cores."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY_PRETRAIN = [
+    "data.image_size=8",
+    "data.batch_size=64",
+    "data.eval_batch_size=512",
+    "data.num_workers=0",
+    "model.backbone=convnet",
+    "model.width=4",
+    "method.proj_hidden_dim=16",
+    "method.proj_out_dim=8",
+    "method.pred_hidden_dim=16",
+    "monitor.knn_k=20",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=3",
+    "trainer.progress_bar=false",
+    "trainer.accelerator=cpu",
+]
+
+
+@pytest.fixture
+def tiny_pretrain_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """``tiny_pretrain_cfg("method=byol", ...)``: a seconds-long pretraining config in tmp_path."""
+    from ssl_robust.config import PretrainConfig, load_config
+
+    def make(*overrides: str, run_dir: Path | None = None) -> DictConfig:
+        run = run_dir or tmp_path / "run"
+        return load_config(
+            PretrainConfig, [*TINY_PRETRAIN, f"run.dir={run}", *overrides], job="pretrain"
+        )
+
+    return make

@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ssl_robust.config import (
+    CHOICES,
+    SCHEMAS,
+    ConfigError,
+    PretrainConfig,
+    config_root,
+    load_config,
+    schema_keys,
+)
+
+YAMLS = sorted(config_root().glob("*/*.yaml"))
+
+
+def test_there_are_presets() -> None:
+    names = {p.stem for p in YAMLS}
+    assert {"default", "simclr_cifar10", "byol_cifar10", "simclr_cifar100", "byol_cifar100"} <= names
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_yaml_validates_against_its_schema(path: Path) -> None:
+    job = path.parent.name
+    assert job in SCHEMAS, f"configs/{job}/ has no schema; known jobs: {sorted(SCHEMAS)}"
+    by_name = load_config(SCHEMAS[job], [path.stem], job=job)
+    by_path = load_config(SCHEMAS[job], [str(path)], job=job)
+    assert by_name == by_path
+
+
+def test_default_preset_equals_schema_defaults() -> None:
+    assert load_config(PretrainConfig, ["default"]) == load_config(PretrainConfig, [])
+
+
+def test_precedence_schema_then_preset_then_command_line() -> None:
+    cfg = load_config(PretrainConfig, ["byol_cifar10", "trainer.max_epochs=3", "data.batch_size=64"])
+    assert cfg.method.name == "byol"  # preset
+    assert cfg.model.backbone == "resnet18_cifar"  # preset
+    assert cfg.trainer.max_epochs == 3  # command line beats preset (200)
+    assert cfg.data.batch_size == 64
+    assert cfg.monitor.knn_k == 200  # schema default kept
+
+
+def test_group_shorthand_selects_by_name() -> None:
+    cfg = load_config(PretrainConfig, ["method=byol", "data=cifar10", "trainer.max_epochs=200"])
+    assert (cfg.method.name, cfg.data.name, cfg.trainer.max_epochs) == ("byol", "cifar10", 200)
+
+
+def test_typo_names_key_and_valid_choices() -> None:
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'; valid keys under 'optim': base_lr, lr_scaling"):
+        load_config(PretrainConfig, ["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"'trainer.max_epoch'.*did you mean 'trainer.max_epochs'"):
+        load_config(PretrainConfig, ["trainer.max_epoch=3"])
+
+
+def test_typo_in_yaml_names_file_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  batchsize: 12\n")
+    with pytest.raises(ConfigError, match=r"'data.batchsize'.*batch_size"):
+        load_config(PretrainConfig, [str(bad)])
+
+
+def test_wrong_type_names_key_and_expected_type() -> None:
+    with pytest.raises(ConfigError, match=r"'trainer.max_epochs'.*expected int"):
+        load_config(PretrainConfig, ["trainer.max_epochs=many"])
+    with pytest.raises(ConfigError, match=r"'run.resume'.*true or false"):
+        load_config(PretrainConfig, ["run.resume=perhaps"])
+
+
+def test_bad_choice_lists_valid_values() -> None:
+    with pytest.raises(ConfigError, match=r"'method.name'.*\['byol', 'simclr'\]"):
+        load_config(PretrainConfig, ["method=mocov3"])
+    with pytest.raises(ConfigError, match=r"'wandb.mode'.*disabled.*offline.*online"):
+        load_config(PretrainConfig, ["wandb.mode=cloud"])
+
+
+def test_unknown_preset_lists_presets() -> None:
+    with pytest.raises(ConfigError, match=r"unknown pretrain preset 'simclr_cifar11'.*simclr_cifar10"):
+        load_config(PretrainConfig, ["simclr_cifar11"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(PretrainConfig, ["/nonexistent/x.yaml"])
+
+
+def test_choices_match_the_code_that_implements_them() -> None:
+    from ssl_robust.data.datasets import DATASETS
+    from ssl_robust.methods import METHODS
+    from ssl_robust.methods.optim import LR_SCALING, OPTIMIZERS
+
+    assert set(CHOICES["method.name"]) == set(METHODS)
+    assert set(CHOICES["data.name"]) == set(DATASETS)
+    assert set(CHOICES["optim.name"]) == set(OPTIMIZERS)
+    assert set(CHOICES["optim.lr_scaling"]) == set(LR_SCALING)
+    keys = set(schema_keys(PretrainConfig))
+    assert set(CHOICES) <= keys

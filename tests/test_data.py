@@ -1,0 +1,157 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssl_robust.data.datamodule import EpochSeededSampler, SSLDataModule
+from ssl_robust.data.datasets import (
+    ArraySource,
+    DataError,
+    FileSource,
+    build_splits,
+    load_digits_source,
+    load_image_folder,
+    stratified_split,
+)
+from ssl_robust.data.transforms import ViewParams, eval_transform, view_transform
+
+
+def _tree(root: Path, classes: dict[str, int], size: int = 12, mode: str = "RGB") -> Path:
+    rng = np.random.default_rng(0)
+    for cls, n in classes.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            shape = (size, size, 3) if mode == "RGB" else (size, size)
+            Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_digits_are_real_images_with_ten_classes() -> None:
+    src = load_digits_source(16)
+    assert src.images.shape == (1797, 16, 16, 3) and src.images.dtype == np.uint8
+    assert sorted(np.unique(src.labels).tolist()) == list(range(10))
+    # Real digits: the mean "0" and the mean "1" look different (not noise, not constants).
+    m0 = src.images[src.labels == 0].mean(0)
+    m1 = src.images[src.labels == 1].mean(0)
+    assert np.abs(m0 - m1).mean() > 20
+    assert np.array_equal(src.images[..., 0], src.images[..., 2])  # grey -> 3 channels
+
+
+def test_stratified_split_is_balanced_disjoint_and_seeded() -> None:
+    labels = np.repeat(np.arange(4), 25)
+    tr, va = stratified_split(labels, 0.2, seed=3)
+    assert not set(tr) & set(va) and len(tr) + len(va) == 100
+    assert np.bincount(labels[va]).tolist() == [5, 5, 5, 5]
+    tr2, va2 = stratified_split(labels, 0.2, seed=3)
+    assert np.array_equal(va, va2)
+    _, va3 = stratified_split(labels, 0.2, seed=4)
+    assert not np.array_equal(va, va3)
+
+
+def test_build_splits_digits_info() -> None:
+    s = build_splits("digits", root="unused", image_size=8, val_fraction=0.25, seed=0)
+    assert s.info.num_classes == 10 and s.info.image_size == 8
+    assert len(s.train) + len(s.val) == 1797
+    assert len(s.info.mean) == 3 and all(0 < v < 1 for v in s.info.std)
+
+
+def test_unknown_dataset_lists_choices() -> None:
+    with pytest.raises(ValueError, match=r"unknown dataset 'mnist'.*cifar10.*digits.*imagefolder"):
+        build_splits("mnist", root=".")
+
+
+def test_missing_torchvision_root_names_path_and_switch(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"cifar10 not found under .*nowhere.*data.download=true"):
+        build_splits("cifar10", root=str(tmp_path / "nowhere"))
+
+
+def test_image_folder_missing_root(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"image folder '.*missing' does not exist"):
+        build_splits("imagefolder", root=str(tmp_path / "missing"))
+
+
+def test_image_folder_empty(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"image folder '.*empty' is empty"):
+        load_image_folder(tmp_path / "empty", 0, True, False)
+
+
+def test_image_folder_class_without_images(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "t", {"cat": 3})
+    (root / "dog").mkdir()
+    (root / "dog" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match=r"class folder '.*dog' holds no images"):
+        load_image_folder(root, 0, True, False)
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_unreadable_image_raises_or_skips_with_count(
+    tmp_path: Path, in_memory: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = _tree(tmp_path / "t", {"a": 3, "b": 3})
+    (root / "b" / "broken.png").write_bytes(b"this is not a png")
+    with pytest.raises(DataError, match=r"cannot read image file '.*broken.png'.*skip_bad_images"):
+        load_image_folder(root, 0, in_memory, skip_bad=False)
+    src = load_image_folder(root, 0, in_memory, skip_bad=True)
+    assert len(src) == 6
+    assert "Skipped 1 unreadable image file" in capsys.readouterr().out
+
+
+def test_grayscale_images_become_rgb_and_cache_is_reused(tmp_path: Path) -> None:
+    root = _tree(tmp_path / "t", {"a": 2, "b": 2}, size=10, mode="L")
+    cache = tmp_path / "cache"
+    src = load_image_folder(root, 0, in_memory=True, skip_bad=False, cache_dir=cache)
+    assert isinstance(src, ArraySource) and src.images.shape == (4, 10, 10, 3)
+    assert len(list(cache.glob("*.npz"))) == 1
+    again = load_image_folder(root, 0, in_memory=True, skip_bad=False, cache_dir=cache)
+    assert np.array_equal(again.images, src.images) and again.classes == ["a", "b"]  # type: ignore[attr-defined]
+    lazy = load_image_folder(root, 0, in_memory=False, skip_bad=False)
+    assert isinstance(lazy, FileSource) and lazy[0][0].mode == "RGB"
+
+
+def test_image_folder_train_test_layout(tmp_path: Path) -> None:
+    _tree(tmp_path / "ds" / "train", {"a": 4, "b": 4})
+    _tree(tmp_path / "ds" / "test", {"a": 2, "b": 2})
+    s = build_splits("imagefolder", root=str(tmp_path / "ds"))
+    assert (len(s.train), len(s.val), s.info.num_classes, s.info.image_size) == (8, 4, 2, 12)
+
+
+def test_epoch_seeded_sampler_depends_only_on_seed_and_epoch() -> None:
+    a, b = EpochSeededSampler(50, seed=1), EpochSeededSampler(50, seed=1)
+    a.set_epoch(3)
+    list(b)  # consuming other epochs does not matter
+    b.set_epoch(3)
+    assert list(a) == list(b) and sorted(i for _, i in a) == list(range(50))
+    assert {e for e, _ in a} == {3}
+    b.set_epoch(4)
+    assert list(a) != list(b)
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_datamodule_batches(method: str) -> None:
+    s = build_splits("digits", root="", image_size=8)
+    params = ViewParams(input_size=8, mean=tuple(s.info.mean), std=tuple(s.info.std))
+    dm = SSLDataModule(
+        s.train, s.val, view_transform(method, params), eval_transform(8, params.mean, params.std),
+        batch_size=32, eval_batch_size=100,
+    )
+    views, labels = next(iter(dm.train_dataloader()))
+    assert len(views) == 2 and views[0].shape == (32, 3, 8, 8) and labels.shape == (32,)
+    assert not torch.equal(views[0], views[1])  # two different augmentations
+    bank, val = dm.val_dataloader()
+    x, y = next(iter(val))
+    assert x.shape == (100, 3, 8, 8)
+    assert len(bank.dataset) == len(s.train)  # type: ignore[arg-type]
+    # Normalised with the dataset statistics: roughly zero-mean over the whole val split.
+    allx = torch.cat([b[0] for b in val])
+    assert abs(float(allx.mean())) < 0.15
+
+
+def test_datamodule_rejects_batch_larger_than_dataset() -> None:
+    s = build_splits("digits", root="", image_size=8)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        SSLDataModule(s.train, s.val, lambda x: [x, x], lambda x: x, batch_size=10_000)

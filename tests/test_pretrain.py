@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ssl_robust.models.export import load_encoder
+from ssl_robust.pipelines import pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class StopAfterEpoch(pl.Callback):
+    """Simulates a crash/preemption right after epoch ``k`` was checkpointed."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.k:
+            trainer.should_stop = True
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return ckpt["state_dict"]
+
+
+def test_pretrain_writes_the_run_directory(tiny_pretrain_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+    cfg = tiny_pretrain_cfg()
+    metrics = pretrain(cfg)
+    run = Path(cfg.run.dir)
+    for name in ("config.yaml", "metrics.json", "encoder.safetensors", "encoder.json",
+                 "checkpoints/last.ckpt", "checkpoints/best.ckpt", "logs/metrics.csv"):
+        assert (run / name).is_file(), name
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved == pytest.approx(metrics)
+    for key in ("train/loss", "val/knn_acc", "val/online_acc", "optim/lr", "optim/global_batch"):
+        assert key in saved
+    assert saved["optim/global_batch"] == 64 and saved["optim/lr"] == pytest.approx(0.06 * 64 / 128)
+    assert OmegaConf.load(run / "config.yaml") == cfg
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["ssl_robust_config"] == OmegaConf.to_container(cfg, resolve=True)
+    assert ckpt["global_step"] == 6  # 2 epochs x 3 batches
+    # The exported encoder is the trained backbone.
+    enc, meta = load_encoder(run)
+    assert meta.feat_dim == enc.feat_dim and meta.num_classes == 10 and meta.image_size == 8
+    state = {k.removeprefix("backbone."): v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
+    for k, v in enc.state_dict().items():
+        torch.testing.assert_close(v, state[k])
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_resumed_run_matches_uninterrupted_run(
+    method: str, tiny_pretrain_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    common = (f"method={method}", "trainer.max_epochs=3", "optim.warmup_epochs=1")
+    full = tiny_pretrain_cfg(*common, run_dir=tmp_path / "full")
+    full_metrics = pretrain(full)
+
+    part = tiny_pretrain_cfg(*common, run_dir=tmp_path / "part")
+    pretrain(part, callbacks=[StopAfterEpoch(1)])
+    assert torch.load(tmp_path / "part/checkpoints/last.ckpt", weights_only=False)["global_step"] == 3
+    resumed_metrics = pretrain(part)  # same command, same run directory: resumes
+
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert resumed_metrics["train/loss"] == pytest.approx(full_metrics["train/loss"], rel=1e-5)
+    assert resumed_metrics["val/knn_acc"] == pytest.approx(full_metrics["val/knn_acc"])
+
+
+def test_rerunning_a_finished_run_does_not_retrain(tiny_pretrain_cfg: Callable[..., DictConfig]) -> None:
+    cfg = tiny_pretrain_cfg("trainer.max_epochs=1")
+    first = pretrain(cfg)
+    before = _weights(Path(cfg.run.dir))
+    again = pretrain(cfg)
+    after = _weights(Path(cfg.run.dir))
+    for k in before:
+        assert torch.equal(before[k], after[k])
+    assert again["val/knn_acc"] == first["val/knn_acc"]
+
+
+def test_no_resume_starts_over(tiny_pretrain_cfg: Callable[..., DictConfig]) -> None:
+    cfg = tiny_pretrain_cfg("trainer.max_epochs=1")
+    pretrain(cfg)
+    seen: list[int] = []
+
+    class Epochs(pl.Callback):
+        def on_train_epoch_start(self, trainer: pl.Trainer, module: Any) -> None:
+            seen.append(trainer.current_epoch)
+
+    pretrain(tiny_pretrain_cfg("trainer.max_epochs=1", "run.resume=false"), callbacks=[Epochs()])
+    assert seen == [0]
+
+
+def test_wandb_offline_keeps_run_id_across_resume(tiny_pretrain_cfg: Callable[..., DictConfig]) -> None:
+    pytest.importorskip("wandb")
+    cfg = tiny_pretrain_cfg("wandb.mode=offline", "trainer.max_epochs=1", "wandb.group=g", "wandb.tags=[a,b]")
+    pretrain(cfg)
+    run = Path(cfg.run.dir)
+    run_id = (run / "wandb_id.txt").read_text().strip()
+    offline = list((run / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert offline, list((run / "wandb").glob("*"))
+    pretrain(tiny_pretrain_cfg("wandb.mode=offline", "trainer.max_epochs=2", "wandb.group=g"))
+    assert (run / "wandb_id.txt").read_text().strip() == run_id
+    assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}"))) >= 1
+
+
+def _script(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "pretrain.py"), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_script_reports_config_errors_before_any_work(tmp_path: Path) -> None:
+    res = _script("trainer.max_epoch=2", cwd=tmp_path)
+    assert res.returncode != 0
+    assert "unknown config key 'trainer.max_epoch'" in res.stderr and "max_epochs" in res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_script_runs_the_embedded_default(tmp_path: Path) -> None:
+    from tests.conftest import TINY_PRETRAIN
+
+    res = _script(*TINY_PRETRAIN, "trainer.max_epochs=1", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = tmp_path / "runs" / "pretrain-simclr-digits"
+    assert json.loads((run / "metrics.json").read_text())["val/knn_acc"] > 0.1
+    assert "Run directory" in res.stdout
