@@ -194,7 +194,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def config_root() -> Path:
-    """The folder holding the YAML presets (``configs/`` of the source tree, or $SSL_ROBUST_CONFIGS)."""
+    """The YAML presets folder: ``configs/`` of the source tree, or $SSL_ROBUST_CONFIGS."""
     env = os.environ.get(CONFIG_ROOT_ENV)
     if env:
         return Path(env)
@@ -223,7 +223,7 @@ def resolve_preset(preset: str, job: str) -> Path:
 
 
 def _valid_keys(node: Any) -> list[str]:
-    return sorted(node.keys()) if isinstance(node, DictConfig) else []
+    return sorted(str(k) for k in node) if isinstance(node, DictConfig) else []
 
 
 def _unknown_key_error(schema: DictConfig, full_key: str) -> ConfigError:
@@ -264,7 +264,7 @@ def _merge(base: DictConfig, other: DictConfig, schema: DictConfig, source: str)
         key = getattr(err, "full_key", None) or "?"
         expected = _expected_type(schema, key)
         raise ConfigError(
-            f"invalid value for {key!r} in {source}: {err.msg.splitlines()[0]}"
+            f"invalid value for {key!r} in {source}: {(err.msg or str(err)).splitlines()[0]}"
             + (f" (expected {expected})" if expected else "")
         ) from None
 
@@ -290,7 +290,9 @@ def validate_choices(cfg: DictConfig) -> None:
             raise ConfigError(f"invalid value {value!r} for {key!r}; choose from {list(valid)}")
 
 
-def load_config(schema: type[T], args: list[str] | None = None, job: str = "pretrain") -> DictConfig:
+def load_config(
+    schema: type[T], args: list[str] | None = None, job: str = "pretrain"
+) -> DictConfig:
     """Build a validated config: schema defaults <- preset YAML(s) <- ``key=value`` overrides.
 
     Args:

@@ -103,7 +103,9 @@ def _final_metrics(trainer: pl.Trainer) -> dict[str, float]:
     return out
 
 
-def print_summary(title: str, run_dir: Path, metrics: dict[str, float], extra: dict[str, str]) -> None:
+def print_summary(
+    title: str, run_dir: Path, metrics: dict[str, float], extra: dict[str, str]
+) -> None:
     table = Table(title=title, show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -182,7 +184,8 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
     metrics.update(_final_metrics(trainer))
     metrics.update(getattr(method, "derived", {}))
     best = next(
-        (c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val/knn_acc"), None
+        (c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val/knn_acc"),
+        None,
     )
     if best is not None and best.best_model_score is not None:  # type: ignore[attr-defined]
         metrics["val/knn_acc_best"] = float(best.best_model_score)  # type: ignore[attr-defined]

@@ -19,7 +19,13 @@ YAMLS = sorted(config_root().glob("*/*.yaml"))
 
 def test_there_are_presets() -> None:
     names = {p.stem for p in YAMLS}
-    assert {"default", "simclr_cifar10", "byol_cifar10", "simclr_cifar100", "byol_cifar100"} <= names
+    assert {
+        "default",
+        "simclr_cifar10",
+        "byol_cifar10",
+        "simclr_cifar100",
+        "byol_cifar100",
+    } <= names
 
 
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -36,7 +42,9 @@ def test_default_preset_equals_schema_defaults() -> None:
 
 
 def test_precedence_schema_then_preset_then_command_line() -> None:
-    cfg = load_config(PretrainConfig, ["byol_cifar10", "trainer.max_epochs=3", "data.batch_size=64"])
+    cfg = load_config(
+        PretrainConfig, ["byol_cifar10", "trainer.max_epochs=3", "data.batch_size=64"]
+    )
     assert cfg.method.name == "byol"  # preset
     assert cfg.model.backbone == "resnet18_cifar"  # preset
     assert cfg.trainer.max_epochs == 3  # command line beats preset (200)
@@ -50,9 +58,14 @@ def test_group_shorthand_selects_by_name() -> None:
 
 
 def test_typo_names_key_and_valid_choices() -> None:
-    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'; valid keys under 'optim': base_lr, lr_scaling"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown config key 'optim.lrr'; valid keys under 'optim': base_lr, lr_scaling",
+    ):
         load_config(PretrainConfig, ["optim.lrr=0.1"])
-    with pytest.raises(ConfigError, match=r"'trainer.max_epoch'.*did you mean 'trainer.max_epochs'"):
+    with pytest.raises(
+        ConfigError, match=r"'trainer.max_epoch'.*did you mean 'trainer.max_epochs'"
+    ):
         load_config(PretrainConfig, ["trainer.max_epoch=3"])
 
 
@@ -78,7 +91,9 @@ def test_bad_choice_lists_valid_values() -> None:
 
 
 def test_unknown_preset_lists_presets() -> None:
-    with pytest.raises(ConfigError, match=r"unknown pretrain preset 'simclr_cifar11'.*simclr_cifar10"):
+    with pytest.raises(
+        ConfigError, match=r"unknown pretrain preset 'simclr_cifar11'.*simclr_cifar10"
+    ):
         load_config(PretrainConfig, ["simclr_cifar11"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(PretrainConfig, ["/nonexistent/x.yaml"])

@@ -26,7 +26,9 @@ def _tree(root: Path, classes: dict[str, int], size: int = 12, mode: str = "RGB"
         (root / cls).mkdir(parents=True, exist_ok=True)
         for i in range(n):
             shape = (size, size, 3) if mode == "RGB" else (size, size)
-            Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(root / cls / f"{i}.png")
+            Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(
+                root / cls / f"{i}.png"
+            )
     return root
 
 
@@ -46,7 +48,7 @@ def test_stratified_split_is_balanced_disjoint_and_seeded() -> None:
     tr, va = stratified_split(labels, 0.2, seed=3)
     assert not set(tr) & set(va) and len(tr) + len(va) == 100
     assert np.bincount(labels[va]).tolist() == [5, 5, 5, 5]
-    tr2, va2 = stratified_split(labels, 0.2, seed=3)
+    _, va2 = stratified_split(labels, 0.2, seed=3)
     assert np.array_equal(va, va2)
     _, va3 = stratified_split(labels, 0.2, seed=4)
     assert not np.array_equal(va, va3)
@@ -136,14 +138,18 @@ def test_datamodule_batches(method: str) -> None:
     s = build_splits("digits", root="", image_size=8)
     params = ViewParams(input_size=8, mean=tuple(s.info.mean), std=tuple(s.info.std))
     dm = SSLDataModule(
-        s.train, s.val, view_transform(method, params), eval_transform(8, params.mean, params.std),
-        batch_size=32, eval_batch_size=100,
+        s.train,
+        s.val,
+        view_transform(method, params),
+        eval_transform(8, params.mean, params.std),
+        batch_size=32,
+        eval_batch_size=100,
     )
     views, labels = next(iter(dm.train_dataloader()))
     assert len(views) == 2 and views[0].shape == (32, 3, 8, 8) and labels.shape == (32,)
     assert not torch.equal(views[0], views[1])  # two different augmentations
     bank, val = dm.val_dataloader()
-    x, y = next(iter(val))
+    x, _ = next(iter(val))
     assert x.shape == (100, 3, 8, 8)
     assert len(bank.dataset) == len(s.train)  # type: ignore[arg-type]
     # Normalised with the dataset statistics: roughly zero-mean over the whole val split.

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
-from ssl_robust.methods import METHODS, BYOL, SimCLR
+from ssl_robust.methods import BYOL, METHODS, SimCLR
 from ssl_robust.methods.monitor import OnlineMonitor, knn_accuracy_counts
 from ssl_robust.methods.optim import OptimizerSpec, scaled_lr
 from ssl_robust.models.backbones import build_backbone
@@ -20,15 +20,25 @@ def _method(name: str, **kw: Any) -> pl.LightningModule:
     enc = build_backbone("convnet", width=4)
     extra = {"temperature": 0.5} if name == "simclr" else {"pred_hidden_dim": 16, "base_tau": 0.9}
     return METHODS[name](
-        backbone=enc, num_classes=3, batch_size_per_device=16, optimizer=OptimizerSpec(),
-        proj_hidden_dim=16, proj_out_dim=8, knn_k=5, **extra, **kw,
+        backbone=enc,
+        num_classes=3,
+        batch_size_per_device=16,
+        optimizer=OptimizerSpec(),
+        proj_hidden_dim=16,
+        proj_out_dim=8,
+        knn_k=5,
+        **extra,
+        **kw,
     )
 
 
 def _views(seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(16, 3, 8, 8, generator=g)
-    return [x + 0.05 * torch.randn(x.shape, generator=g), x + 0.05 * torch.randn(x.shape, generator=g)]
+    return [
+        x + 0.05 * torch.randn(x.shape, generator=g),
+        x + 0.05 * torch.randn(x.shape, generator=g),
+    ]
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -55,7 +65,9 @@ def test_loss_decreases_on_a_fixed_batch(name: str) -> None:
 def test_build_method_rejects_unknown(tiny_pretrain_cfg: Callable[..., DictConfig]) -> None:
     cfg = tiny_pretrain_cfg()
     cfg.method.name = "swav"
-    with pytest.raises(ValueError, match=r"unknown method 'swav'; choose from \['byol', 'simclr'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown method 'swav'; choose from \['byol', 'simclr'\]"
+    ):
         build_method(cfg, build_backbone("convnet", 4), 10)
 
 
@@ -68,8 +80,12 @@ class _Capture(pl.Callback):
         target = [p.detach().clone() for p in module.backbone_momentum.parameters()]
         self.records.append({"online": online, "target": target, "tau": module.momentum()})
 
-    def on_train_batch_end(self, trainer: pl.Trainer, module: Any, out: Any, batch: Any, idx: int) -> None:
-        self.records[-1]["target_after"] = [p.detach().clone() for p in module.backbone_momentum.parameters()]
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, module: Any, out: Any, batch: Any, idx: int
+    ) -> None:
+        self.records[-1]["target_after"] = [
+            p.detach().clone() for p in module.backbone_momentum.parameters()
+        ]
         opt_ids = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
         self.records[-1]["target_in_optimizer"] = any(
             id(p) in opt_ids for p in module.backbone_momentum.parameters()
@@ -78,7 +94,10 @@ class _Capture(pl.Callback):
 
 def test_byol_target_is_a_momentum_copy(tiny_pretrain_cfg: Callable[..., DictConfig]) -> None:
     cap = _Capture()
-    pretrain(tiny_pretrain_cfg("method=byol", "method.base_tau=0.9", "trainer.max_epochs=1"), callbacks=[cap])
+    pretrain(
+        tiny_pretrain_cfg("method=byol", "method.base_tau=0.9", "trainer.max_epochs=1"),
+        callbacks=[cap],
+    )
     assert len(cap.records) == 3
     for rec in cap.records:
         assert not rec["target_in_optimizer"]
@@ -109,7 +128,9 @@ def test_knn_matches_hand_computed_example() -> None:
     assert int(knn_accuracy_counts(q, torch.tensor([0]), bank, bank_labels, 2, k=3, t=0.1)) == 1
     # A query at 80 degrees goes to class 1; scale of features does not matter (cosine).
     q2 = torch.tensor([[0.17, 0.98]]) * 7.0
-    assert int(knn_accuracy_counts(q2, torch.tensor([1]), bank * 3.0, bank_labels, 2, k=5, t=0.1)) == 1
+    assert (
+        int(knn_accuracy_counts(q2, torch.tensor([1]), bank * 3.0, bank_labels, 2, k=5, t=0.1)) == 1
+    )
 
 
 def test_monitor_gathers_bank_and_scores() -> None:
@@ -126,7 +147,9 @@ def test_monitor_gathers_bank_and_scores() -> None:
 def test_online_probe_never_backpropagates_into_encoder(name: str) -> None:
     model = _method(name)
     views, labels = _views(), torch.randint(0, 3, (16,))
-    model.trainer = pl.Trainer(max_steps=1, logger=False, enable_progress_bar=False)  # for momentum()
+    model.trainer = pl.Trainer(
+        max_steps=1, logger=False, enable_progress_bar=False
+    )  # for momentum()
     model.trainer.fit_loop.epoch_loop  # noqa: B018 - attached only for estimated_stepping_batches
     model.log = lambda *a, **k: None  # type: ignore[method-assign]
     if isinstance(model, BYOL):
@@ -149,9 +172,11 @@ def test_lr_scaling_rule() -> None:
     assert scaled_lr(0.06, 512, 128, "none") == pytest.approx(0.06)
     with pytest.raises(ValueError, match="lr_scaling"):
         OptimizerSpec(lr_scaling="cubic")
-    with pytest.raises(ValueError, match=r"unknown optimizer 'adam'; choose from \['lars', 'sgd'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown optimizer 'adam'; choose from \['lars', 'sgd'\]"
+    ):
         OptimizerSpec(name="adam")
 
 
 def test_simclr_and_byol_are_registered() -> None:
-    assert METHODS == {"byol": BYOL, "simclr": SimCLR}
+    assert {"byol": BYOL, "simclr": SimCLR} == METHODS

@@ -28,7 +28,13 @@ def test_cifar_stem_keeps_resolution() -> None:
 
 @pytest.mark.parametrize(
     ("name", "feat_dim"),
-    [("resnet50_cifar", 2048), ("convnet", 64), ("tv:resnet18", 512), ("tv:mobilenet_v3_small", 576), ("timm:resnet10t", 512)],
+    [
+        ("resnet50_cifar", 2048),
+        ("convnet", 64),
+        ("tv:resnet18", 512),
+        ("tv:mobilenet_v3_small", 576),
+        ("timm:resnet10t", 512),
+    ],
 )
 def test_backbones_report_feature_dim(name: str, feat_dim: int) -> None:
     enc = build_backbone(name, width=16)
@@ -46,7 +52,9 @@ def test_cifar_stem_is_the_only_stem_surgery() -> None:
 
 
 def test_unknown_backbone_lists_choices() -> None:
-    with pytest.raises(ValueError, match=r"unknown backbone 'resnet19'.*convnet.*resnet18_cifar.*tv:"):
+    with pytest.raises(
+        ValueError, match=r"unknown backbone 'resnet19'.*convnet.*resnet18_cifar.*tv:"
+    ):
         build_backbone("resnet19")
     with pytest.raises(ValueError, match="unknown torchvision model"):
         build_backbone("tv:notamodel")

@@ -34,12 +34,21 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return ckpt["state_dict"]
 
 
-def test_pretrain_writes_the_run_directory(tiny_pretrain_cfg: Callable[..., DictConfig], tmp_path: Path) -> None:
+def test_pretrain_writes_the_run_directory(
+    tiny_pretrain_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
     cfg = tiny_pretrain_cfg()
     metrics = pretrain(cfg)
     run = Path(cfg.run.dir)
-    for name in ("config.yaml", "metrics.json", "encoder.safetensors", "encoder.json",
-                 "checkpoints/last.ckpt", "checkpoints/best.ckpt", "logs/metrics.csv"):
+    for name in (
+        "config.yaml",
+        "metrics.json",
+        "encoder.safetensors",
+        "encoder.json",
+        "checkpoints/last.ckpt",
+        "checkpoints/best.ckpt",
+        "logs/metrics.csv",
+    ):
         assert (run / name).is_file(), name
     saved = json.loads((run / "metrics.json").read_text())
     assert saved == pytest.approx(metrics)
@@ -53,7 +62,11 @@ def test_pretrain_writes_the_run_directory(tiny_pretrain_cfg: Callable[..., Dict
     # The exported encoder is the trained backbone.
     enc, meta = load_encoder(run)
     assert meta.feat_dim == enc.feat_dim and meta.num_classes == 10 and meta.image_size == 8
-    state = {k.removeprefix("backbone."): v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
+    state = {
+        k.removeprefix("backbone."): v
+        for k, v in ckpt["state_dict"].items()
+        if k.startswith("backbone.")
+    }
     for k, v in enc.state_dict().items():
         torch.testing.assert_close(v, state[k])
 
@@ -68,7 +81,9 @@ def test_resumed_run_matches_uninterrupted_run(
 
     part = tiny_pretrain_cfg(*common, run_dir=tmp_path / "part")
     pretrain(part, callbacks=[StopAfterEpoch(1)])
-    assert torch.load(tmp_path / "part/checkpoints/last.ckpt", weights_only=False)["global_step"] == 3
+    assert (
+        torch.load(tmp_path / "part/checkpoints/last.ckpt", weights_only=False)["global_step"] == 3
+    )
     resumed_metrics = pretrain(part)  # same command, same run directory: resumes
 
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")
@@ -79,7 +94,9 @@ def test_resumed_run_matches_uninterrupted_run(
     assert resumed_metrics["val/knn_acc"] == pytest.approx(full_metrics["val/knn_acc"])
 
 
-def test_rerunning_a_finished_run_does_not_retrain(tiny_pretrain_cfg: Callable[..., DictConfig]) -> None:
+def test_rerunning_a_finished_run_does_not_retrain(
+    tiny_pretrain_cfg: Callable[..., DictConfig],
+) -> None:
     cfg = tiny_pretrain_cfg("trainer.max_epochs=1")
     first = pretrain(cfg)
     before = _weights(Path(cfg.run.dir))
@@ -103,9 +120,13 @@ def test_no_resume_starts_over(tiny_pretrain_cfg: Callable[..., DictConfig]) -> 
     assert seen == [0]
 
 
-def test_wandb_offline_keeps_run_id_across_resume(tiny_pretrain_cfg: Callable[..., DictConfig]) -> None:
+def test_wandb_offline_keeps_run_id_across_resume(
+    tiny_pretrain_cfg: Callable[..., DictConfig],
+) -> None:
     pytest.importorskip("wandb")
-    cfg = tiny_pretrain_cfg("wandb.mode=offline", "trainer.max_epochs=1", "wandb.group=g", "wandb.tags=[a,b]")
+    cfg = tiny_pretrain_cfg(
+        "wandb.mode=offline", "trainer.max_epochs=1", "wandb.group=g", "wandb.tags=[a,b]"
+    )
     pretrain(cfg)
     run = Path(cfg.run.dir)
     run_id = (run / "wandb_id.txt").read_text().strip()
@@ -119,7 +140,10 @@ def test_wandb_offline_keeps_run_id_across_resume(tiny_pretrain_cfg: Callable[..
 def _script(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "pretrain.py"), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=600,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 

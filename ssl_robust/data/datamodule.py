@@ -48,7 +48,9 @@ class EpochSeededSampler(Sampler[tuple[int, int]]):
         return self.n
 
 
-def _collate_views(batch: list[tuple[list[torch.Tensor], int]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _collate_views(
+    batch: list[tuple[list[torch.Tensor], int]],
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     views = [torch.stack([item[0][v] for item in batch]) for v in range(len(batch[0][0]))]
     labels = torch.tensor([item[1] for item in batch], dtype=torch.long)
     return views, labels

@@ -47,6 +47,9 @@ class ImageSource(Dataset):
     def load(self, index: int) -> Image.Image:
         raise NotImplementedError
 
+    def subset(self, indices: np.ndarray) -> ImageSource:
+        raise NotImplementedError
+
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         return self.load(index), int(self.labels[index])
 
@@ -56,7 +59,9 @@ class ArraySource(ImageSource):
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+            raise ValueError(
+                f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}"
+            )
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images = images
@@ -73,7 +78,9 @@ class ArraySource(ImageSource):
 class FileSource(ImageSource):
     """Images read lazily from files (large ImageFolder trees)."""
 
-    def __init__(self, files: list[Path], labels: np.ndarray, classes: list[str], size: int) -> None:
+    def __init__(
+        self, files: list[Path], labels: np.ndarray, classes: list[str], size: int
+    ) -> None:
         self.files = files
         self.labels = np.asarray(labels, dtype=np.int64)
         self.classes = classes
@@ -184,7 +191,9 @@ def load_digits_source(image_size: int) -> ArraySource:
     raw = (bunch.images * (255.0 / 16.0)).round().clip(0, 255).astype(np.uint8)  # (N, 8, 8)
     images = np.stack(
         [
-            np.asarray(Image.fromarray(im).resize((image_size, image_size), Image.Resampling.BICUBIC))
+            np.asarray(
+                Image.fromarray(im).resize((image_size, image_size), Image.Resampling.BICUBIC)
+            )
             for im in raw
         ]
     )
@@ -221,9 +230,14 @@ def _torchvision(name: str, root: str, download: bool, split: str) -> Any:
         ) from None
 
 
-def load_torchvision_splits(name: str, root: str, download: bool) -> tuple[ArraySource, ArraySource]:
+def load_torchvision_splits(
+    name: str, root: str, download: bool
+) -> tuple[ArraySource, ArraySource]:
     if name == "stl10":
-        tr, te = _torchvision(name, root, download, "train"), _torchvision(name, root, download, "test")
+        tr, te = (
+            _torchvision(name, root, download, "train"),
+            _torchvision(name, root, download, "test"),
+        )
         to_nhwc = lambda d: np.ascontiguousarray(d.data.transpose(0, 2, 3, 1))  # noqa: E731
         return (
             ArraySource(to_nhwc(tr), np.asarray(tr.labels), list(tr.classes)),
@@ -366,6 +380,8 @@ def build_splits(
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose from {list(DATASETS)}")
     stats: dict[str, list[float]]
+    train: ImageSource
+    val: ImageSource
     if name == "digits":
         size = image_size or NATIVE_SIZE["digits"]
         full = load_digits_source(size)
@@ -389,12 +405,14 @@ def build_splits(
             raise DataError(f"image folder {str(rootp)!r} does not exist")
         val_dir = next((rootp / d for d in ("test", "val") if (rootp / d).is_dir()), None)
         if (rootp / "train").is_dir() and val_dir is not None:
-            train = load_image_folder(rootp / "train", image_size, in_memory, skip_bad_images, cache_dir)
+            train = load_image_folder(
+                rootp / "train", image_size, in_memory, skip_bad_images, cache_dir
+            )
             val = load_image_folder(val_dir, image_size, in_memory, skip_bad_images, cache_dir)
         else:
-            full = load_image_folder(rootp, image_size, in_memory, skip_bad_images, cache_dir)
-            tr_idx, va_idx = stratified_split(full.labels, val_fraction, seed)
-            train, val = full.subset(tr_idx), full.subset(va_idx)  # type: ignore[attr-defined]
+            tree = load_image_folder(rootp, image_size, in_memory, skip_bad_images, cache_dir)
+            tr_idx, va_idx = stratified_split(tree.labels, val_fraction, seed)
+            train, val = tree.subset(tr_idx), tree.subset(va_idx)
         size = image_size or (train.images.shape[1] if isinstance(train, ArraySource) else 224)
         stats = _array_stats(train.images) if isinstance(train, ArraySource) else IMAGENET_NORMALIZE
     info = DatasetInfo(
@@ -409,6 +427,9 @@ def build_splits(
 
 def _resize_array(source: ArraySource, size: int) -> ArraySource:
     images = np.stack(
-        [np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC)) for im in source.images]
+        [
+            np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC))
+            for im in source.images
+        ]
     )
     return ArraySource(images, source.labels, source.classes)

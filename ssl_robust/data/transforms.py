@@ -7,7 +7,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torchvision.transforms as T
-from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform, SimCLRTransform
+from lightly.transforms import (
+    BYOLTransform,
+    BYOLView1Transform,
+    BYOLView2Transform,
+    SimCLRTransform,
+)
 
 
 @dataclass(frozen=True)

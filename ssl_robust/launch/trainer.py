@@ -9,7 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from pytorch_lightning.callbacks import (
+    Callback,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    RichProgressBar,
+)
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
 from ssl_robust.config import TrainerConfig, WandbConfig
@@ -107,8 +112,13 @@ def checkpoint_callbacks(run_dir: Path, monitor: str | None, mode: str = "max") 
     if monitor:
         callbacks.append(
             ModelCheckpoint(
-                dirpath=ckpt_dir, filename="best", monitor=monitor, mode=mode, save_top_k=1,
-                auto_insert_metric_name=False, enable_version_counter=False,
+                dirpath=ckpt_dir,
+                filename="best",
+                monitor=monitor,
+                mode=mode,
+                save_top_k=1,
+                auto_insert_metric_name=False,
+                enable_version_counter=False,
             )
         )
     return callbacks

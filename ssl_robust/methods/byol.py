@@ -55,7 +55,7 @@ class BYOL(pl.LightningModule):
         return self.backbone(x)
 
     def momentum(self) -> float:
-        """tau = 1 - (1 - tau_base)(cos(pi k / K) + 1)/2 over the K optimizer steps (BYOL Sec. 3.2)."""
+        """tau = 1 - (1 - tau_0)(cos(pi k / K) + 1) / 2 over K optimizer steps (BYOL Sec. 3.2)."""
         total = max(1, int(self.trainer.estimated_stepping_batches))
         return cosine_schedule(min(self.global_step, total), total, self.base_tau, 1.0)
 

@@ -46,7 +46,12 @@ class OnlineMonitor(nn.Module):
     """
 
     def __init__(
-        self, feat_dim: int, num_classes: int, knn_k: int = 200, knn_t: float = 0.1, probe: bool = True
+        self,
+        feat_dim: int,
+        num_classes: int,
+        knn_k: int = 200,
+        knn_t: float = 0.1,
+        probe: bool = True,
     ) -> None:
         super().__init__()
         if knn_k < 1 or knn_t <= 0:
@@ -112,7 +117,9 @@ class OnlineMonitor(nn.Module):
             / len(labels)
         }
         if self.probe is not None:
-            out["val/online_acc"] = (self.probe(features.float()).argmax(1) == labels).float().mean()
+            out["val/online_acc"] = (
+                (self.probe(features.float()).argmax(1) == labels).float().mean()
+            )
         return out
 
 

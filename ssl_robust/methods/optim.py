@@ -33,7 +33,9 @@ class OptimizerSpec:
         if self.name not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.name!r}; choose from {list(OPTIMIZERS)}")
         if self.lr_scaling not in LR_SCALING:
-            raise ValueError(f"unknown lr_scaling {self.lr_scaling!r}; choose from {list(LR_SCALING)}")
+            raise ValueError(
+                f"unknown lr_scaling {self.lr_scaling!r}; choose from {list(LR_SCALING)}"
+            )
         if self.base_lr <= 0 or self.reference_batch < 1 or self.warmup_epochs < 0:
             raise ValueError("base_lr must be > 0, reference_batch >= 1, warmup_epochs >= 0")
 
@@ -53,9 +55,12 @@ def scaled_lr(base_lr: float, global_batch: int, reference_batch: int, rule: str
     raise ValueError(f"unknown lr_scaling {rule!r}; choose from {list(LR_SCALING)}")
 
 
-def split_weight_decay(modules: Iterable[nn.Module]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+def split_weight_decay(
+    modules: Iterable[nn.Module],
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Parameters with weight decay (conv/linear weights) and without (norms, biases)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for module in modules:
         for p in module.parameters():
             if p.requires_grad:
@@ -85,12 +90,16 @@ def configure(
         {"name": "model_no_decay", "params": no_decay, "weight_decay": 0.0},
     ]
     if probe is not None:
-        groups.append({"name": "online_probe", "params": list(probe.parameters()), "weight_decay": 0.0})
+        groups.append(
+            {"name": "online_probe", "params": list(probe.parameters()), "weight_decay": 0.0}
+        )
     optimizer: torch.optim.Optimizer
     if spec.name == "lars":
         optimizer = LARS(groups, lr=lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     else:
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+        optimizer = torch.optim.SGD(
+            groups, lr=lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+        )
     total_steps = int(trainer.estimated_stepping_batches)
     steps_per_epoch = total_steps / max(1, trainer.max_epochs or 1)
     warmup_steps = min(total_steps, int(spec.warmup_epochs * steps_per_epoch))

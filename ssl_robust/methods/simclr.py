@@ -31,7 +31,9 @@ class SimCLR(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "optimizer"])
         self.backbone = backbone
-        self.projection_head = SimCLRProjectionHead(backbone.feat_dim, proj_hidden_dim, proj_out_dim)
+        self.projection_head = SimCLRProjectionHead(
+            backbone.feat_dim, proj_hidden_dim, proj_out_dim
+        )
         # gather_distributed: negatives come from the global batch across all ranks.
         self.criterion = NTXentLoss(temperature=temperature, gather_distributed=True)
         self.monitor = OnlineMonitor(backbone.feat_dim, num_classes, knn_k, knn_t, online_probe)

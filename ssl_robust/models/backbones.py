@@ -98,7 +98,7 @@ def build_backbone(name: str, width: int = 32) -> Encoder:
         if not timm.is_model(timm_name):
             raise ValueError(f"unknown timm model {timm_name!r}; see timm.list_models()")
         model = timm.create_model(timm_name, pretrained=False, num_classes=0)
-        return Encoder(model, int(model.num_features), name)
+        return Encoder(model, int(model.num_features), name)  # type: ignore[arg-type]
     raise ValueError(
         f"unknown backbone {name!r}; choose from {sorted(BACKBONES)}, 'tv:<torchvision name>' "
         f"or 'timm:<timm name>'"
