@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import zlib
 from collections.abc import Iterable, Sequence
@@ -278,7 +279,8 @@ def load_cifar_c(
             message names the path and the corruptions available.
         ValueError: Bad severity or inconsistent array shapes.
     """
-    if isinstance(severity, bool) or severity not in SEVERITIES:
+    ok = isinstance(severity, numbers.Integral) and not isinstance(severity, bool)
+    if not ok or severity not in SEVERITIES:
         raise ValueError(f"severity must be one of {list(SEVERITIES)}, got {severity!r}")
     path = Path(folder)
     available = available_corruptions(path)

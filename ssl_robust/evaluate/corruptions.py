@@ -14,9 +14,10 @@ so a seeded CPU generator gives the same corruption on CPU and GPU.
 Images of other sizes than 32 px: parameters measured in pixels (kernel radii, blur
 sigmas, pixel-shuffle distance, displacement amplitudes) are multiplied by
 ``spatial_scale(H, W) = min(H, W) / 32``; photometric parameters, zoom factors,
-pixelate factors and JPEG qualities are unchanged; the fog plasma map is the next
-power of two >= max(H, W) (32 at 32 px) and is cropped to the image. The rule lives in
-``severity_params``.
+pixelate factors and JPEG qualities are unchanged. ``severity_params`` applies this rule
+to the table; the two sizes not in the table follow the image in place: the fog plasma
+map is the next power of two >= max(H, W) (32 at 32 px, cropped to the image), and the
+frost texture's feature sizes scale with ``spatial_scale``.
 
 Deliberate differences from ``make_cifar_c.py`` are stated in each function; the
 largest is frost, whose photographic frost textures are replaced by procedural ones.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +39,7 @@ from torch import Tensor
 __all__ = [
     "CORRUPTIONS",
     "CORRUPTION_GROUPS",
+    "DETERMINISTIC",
     "EXTRA_CORRUPTIONS",
     "PARAMS",
     "SEVERITIES",
@@ -49,12 +52,12 @@ SEVERITIES = (1, 2, 3, 4, 5)
 
 
 def _zoom_factors(stop: float) -> tuple[float, ...]:
-    # np.arange(1, stop, 0.01) exactly as make_cifar_c.py builds it. Float round-off makes
-    # arange(1, 1.06, .01) and arange(1, 1.11, .01) include their stop value (7 and 12
-    # factors) while the larger three stop one short (16, 21, 26), and the factors stay
+    # np.arange(1, stop, 0.01) exactly as make_cifar_c.py builds it: numpy fills
+    # start + i * (a[1] - a[0]) with a[1] - a[0] = 0.010000000000000009. Float round-off
+    # makes arange(1, 1.06, .01) and arange(1, 1.11, .01) include their stop value (7 and
+    # 12 factors) while the larger three stop one short (16, 21, 26). The factors stay
     # unrounded because clipped_zoom rounds crop * factor: round(26 * 1.25) = 32 but
     # round(26 * 1.2500000000000002) = 33.
-    # numpy fills arange as start + i * (a[1] - a[0]), with a[1] - a[0] = 0.010000000000000009.
     count = math.ceil((stop - 1.0) / 0.01)
     delta = (1.0 + 0.01) - 1.0
     return tuple(1.0 + i * delta for i in range(count))
@@ -159,7 +162,8 @@ def severity_params(name: str, severity: int, height: int = 32, width: int = 32)
 
 
 def _check_severity(severity: int) -> None:
-    if isinstance(severity, bool) or not isinstance(severity, int) or severity not in SEVERITIES:
+    ok = isinstance(severity, numbers.Integral) and not isinstance(severity, bool)
+    if not ok or severity not in SEVERITIES:
         raise ValueError(f"severity must be one of {list(SEVERITIES)}, got {severity!r}")
 
 
@@ -520,24 +524,30 @@ def defocus_blur(x: Tensor, severity: int, generator: torch.Generator | None = N
     return _finish(_filter2d(x, _disk_kernel(float(radius), float(alias)), "reflect101"))
 
 
-def _shuffle_waves(height: int, width: int, delta: int) -> list[Tensor]:
+@functools.lru_cache(maxsize=32)
+def _shuffle_waves(height: int, width: int, delta: int) -> tuple[Tensor, tuple[int, ...]]:
     """Group glass blur's sequential swap steps into waves of independent steps.
 
     Step (h, w) swaps pixel (h, w) with (h + dy, w + dx), dy, dx in [-d, d - 1]; steps run
     row by row from the bottom-right. Two steps touch a common pixel only when their rows
     and columns both differ by less than 2d, so ordering them by the key
     ``2d * (rows done) + (columns done)`` keeps every touching pair in its original order
-    while steps with equal keys touch disjoint pixels and can run at once: about 90
-    waves instead of 900 steps at 32 px, and the result equals the sequential loop for
-    the same draws. Each wave is a tensor of step indices (in sequential order).
+    while steps with equal keys touch disjoint pixels and can run at once: 88 waves
+    instead of 900 steps at 32 px, and the result equals the sequential loop for the same
+    draws.
+
+    Returns:
+        The step indices (sequential numbering) sorted by wave, and the wave sizes.
     """
-    rows = list(range(height - delta, delta, -1))
-    cols = list(range(width - delta, delta, -1))
+    rows = range(height - delta, delta, -1)
+    cols = range(width - delta, delta, -1)
     waves: dict[int, list[int]] = {}
-    for a, _ in enumerate(rows):
-        for b, _ in enumerate(cols):
+    for a in range(len(rows)):
+        for b in range(len(cols)):
             waves.setdefault(2 * delta * a + b, []).append(a * len(cols) + b)
-    return [torch.tensor(waves[k]) for k in sorted(waves)]
+    keys = sorted(waves)
+    order = torch.tensor([i for k in keys for i in waves[k]], dtype=torch.long)
+    return order, tuple(len(waves[k]) for k in keys)
 
 
 def _glass_shuffle(x: Tensor, dy: Tensor, dx: Tensor, delta: int) -> Tensor:
@@ -551,25 +561,30 @@ def _glass_shuffle(x: Tensor, dy: Tensor, dx: Tensor, delta: int) -> Tensor:
         delta: The maximal displacement.
     """
     b, c, h, w = x.shape
-    rows = torch.arange(h - delta, delta, -1, device=x.device)
-    cols = torch.arange(w - delta, delta, -1, device=x.device)
-    step_h = rows.repeat_interleave(len(cols))  # (S,)
-    step_w = cols.repeat(len(rows))  # (S,)
-    flat = x.reshape(b, c, h * w).clone()
-    waves = [wave.to(x.device) for wave in _shuffle_waves(h, w, delta)]
+    dev = x.device
+    order, sizes = _shuffle_waves(h, w, delta)
+    order = order.to(dev)
+    rows = torch.arange(h - delta, delta, -1, device=dev)
+    cols = torch.arange(w - delta, delta, -1, device=dev)
+    step_h = rows.repeat_interleave(len(cols))[order]  # (S,), in wave order
+    step_w = cols.repeat(len(rows))[order]
+    # Pixels as rows of a (B * H * W, C) table: index_select/index_copy_ of whole rows is
+    # several times faster than gather/scatter along a channel-last axis.
+    base = (torch.arange(b, device=dev) * (h * w))[:, None]  # (B, 1)
+    p_all = base + (step_h * w + step_w)[None]  # (B, S)
+    p_waves = [p.reshape(-1) for p in p_all.split(sizes, dim=1)]
+    table = x.permute(0, 2, 3, 1).reshape(b * h * w, c).clone()
     for it in range(dy.shape[0]):
-        qy = step_h[None] + dy[it].to(x.device)  # (B, S)
-        qx = step_w[None] + dx[it].to(x.device)
-        q_all = qy * w + qx  # (B, S)
-        p_all = step_h * w + step_w  # (S,)
-        for wave in waves:
-            p = p_all[wave].view(1, 1, -1).expand(b, c, -1)  # (B, C, n)
-            q = q_all[:, wave].unsqueeze(1).expand(b, c, -1)  # (B, C, n)
-            vp = flat.gather(2, p)
-            vq = flat.gather(2, q)
-            flat.scatter_(2, p, vq)
-            flat.scatter_(2, q, vp)
-    return flat.view(b, c, h, w)
+        qy = step_h + dy[it].to(dev)[:, order]  # (B, S)
+        qx = step_w + dx[it].to(dev)[:, order]
+        q_all = base + qy * w + qx
+        for p, q in zip(p_waves, q_all.split(sizes, dim=1)):
+            q = q.reshape(-1)  # (B * n,)
+            vp = table.index_select(0, p)
+            vq = table.index_select(0, q)
+            table.index_copy_(0, p, vq)
+            table.index_copy_(0, q, vp)
+    return table.view(b, h, w, c).permute(0, 3, 1, 2).contiguous()
 
 
 def glass_blur(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
