@@ -142,7 +142,7 @@ def bench_corruptions(
 
 def _print_table(rows: list[dict[str, Any]], device: torch.device) -> None:
     def fmt(v: float | None, spec: str) -> str:
-        return "-" if v is None else format(v, spec)
+        return "-".rjust(12) if v is None else format(v, spec)
 
     print(
         f"\ncorruption throughput, images/s (ours on {device}, {torch.get_num_threads()} threads)"
