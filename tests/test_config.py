@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 
 from ssl_robust.config import (
-    CHOICES,
     SCHEMAS,
     ConfigError,
     PretrainConfig,
     config_root,
+    job_choices,
     load_config,
     schema_keys,
 )
@@ -104,9 +104,25 @@ def test_choices_match_the_code_that_implements_them() -> None:
     from ssl_robust.methods import METHODS
     from ssl_robust.methods.optim import LR_SCALING, OPTIMIZERS
 
-    assert set(CHOICES["method.name"]) == set(METHODS)
-    assert set(CHOICES["data.name"]) == set(DATASETS)
-    assert set(CHOICES["optim.name"]) == set(OPTIMIZERS)
-    assert set(CHOICES["optim.lr_scaling"]) == set(LR_SCALING)
-    keys = set(schema_keys(PretrainConfig))
-    assert set(CHOICES) <= keys
+    choices = job_choices("pretrain")
+    assert set(choices["method.name"]) == set(METHODS)
+    assert set(choices["data.name"]) == set(DATASETS)
+    assert set(choices["optim.name"]) == set(OPTIMIZERS)
+    assert set(choices["optim.lr_scaling"]) == set(LR_SCALING)
+
+
+@pytest.mark.parametrize("job", sorted(SCHEMAS))
+def test_every_job_choice_names_a_real_key(job: str) -> None:
+    keys = set(schema_keys(SCHEMAS[job]))
+    assert {
+        k for k in job_choices(job) if k.split(".")[0] in {k2.split(".")[0] for k2 in keys}
+    } <= keys
+    assert load_config(SCHEMAS[job], [], job=job) is not None  # schema defaults are valid
+
+
+def test_unknown_job() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown job 'train'; choose from \['denoiser', 'evaluate', 'finetune', 'pretrain'\]",
+    ):
+        job_choices("train")

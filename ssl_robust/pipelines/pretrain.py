@@ -1,26 +1,18 @@
-"""Pipelines: build objects from a config, run a phase, write its run directory.
-
-The only layer (with ``config.py``) that reads the config. Scripts, SLURM jobs and tests call
-these functions; each returns its final metrics under the project's hierarchical names.
-"""
+"""The pretraining pipeline: config -> data, backbone, method, trainer -> run directory."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback
-from rich.console import Console
-from rich.table import Table
 
 from ssl_robust.config import save_config, to_dict
 from ssl_robust.data.datamodule import SSLDataModule
-from ssl_robust.data.datasets import Splits, build_splits
 from ssl_robust.data.transforms import ViewParams, eval_transform, view_transform
 from ssl_robust.launch.trainer import (
     ConfigInCheckpoint,
@@ -35,33 +27,13 @@ from ssl_robust.methods import METHODS
 from ssl_robust.methods.optim import OptimizerSpec
 from ssl_robust.models.backbones import Encoder, build_backbone
 from ssl_robust.models.export import EncoderMeta, export_encoder
-
-console = Console()
-
-
-def run_dir_for(cfg: DictConfig, job: str) -> Path:
-    """The run directory: ``run.dir`` or ``runs/<job>-<method>-<data>``."""
-    if cfg.run.dir:
-        return Path(cfg.run.dir)
-    parts = [job] + [str(cfg[s].name) for s in ("method", "data") if s in cfg]
-    return Path("runs") / "-".join(parts)
-
-
-def build_data(cfg: DictConfig, run_dir: Path) -> Splits:
-    d = cfg.data
-    return build_splits(
-        name=d.name,
-        root=d.root,
-        download=d.download,
-        image_size=d.image_size,
-        val_fraction=d.val_fraction,
-        seed=cfg.run.seed,
-        in_memory=d.in_memory,
-        skip_bad_images=d.skip_bad_images,
-        cache_dir=Path(d.root) / ".cache" if d.name == "imagefolder" else None,
-        mean=list(d.mean),
-        std=list(d.std),
-    )
+from ssl_robust.pipelines.common import (
+    build_data,
+    console,
+    final_metrics,
+    print_summary,
+    run_dir_for,
+)
 
 
 def build_method(cfg: DictConfig, backbone: Encoder, num_classes: int) -> pl.LightningModule:
@@ -93,28 +65,6 @@ def build_method(cfg: DictConfig, backbone: Encoder, num_classes: int) -> pl.Lig
     if m.name not in METHODS:
         raise ValueError(f"unknown method {m.name!r}; choose from {sorted(METHODS)}")
     return METHODS[m.name](**common, **specific[m.name])
-
-
-def _final_metrics(trainer: pl.Trainer) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, value in trainer.callback_metrics.items():
-        if "/" in key and isinstance(value, torch.Tensor) and value.numel() == 1:
-            out[key] = float(value)
-    return out
-
-
-def print_summary(
-    title: str, run_dir: Path, metrics: dict[str, float], extra: dict[str, str]
-) -> None:
-    table = Table(title=title, show_header=True)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key in sorted(metrics):
-        table.add_row(key, f"{metrics[key]:.4g}")
-    console.print(table)
-    console.print(f"[bold]Run directory:[/bold] {run_dir.resolve()}")
-    for key, value in extra.items():
-        console.print(f"[bold]{key}:[/bold] {value}")
 
 
 def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
@@ -181,7 +131,7 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
     elapsed = time.perf_counter() - start
 
     metrics = read_json(run_dir / "metrics.json")  # a finished run rerun keeps its numbers
-    metrics.update(_final_metrics(trainer))
+    metrics.update(final_metrics(trainer))
     metrics.update(getattr(method, "derived", {}))
     best = next(
         (c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val/knn_acc"),

@@ -1,0 +1,140 @@
+"""Config sections shared by several jobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A config key, type, value or preset is invalid."""
+
+
+@dataclass
+class RunConfig:
+    # Run directory: the unit of resume. "" derives runs/<job>-<method>-<data>.
+    dir: str = ""
+    seed: int = 0
+    # Rerunning with the same directory continues from checkpoints/last.ckpt.
+    resume: bool = True
+
+
+@dataclass
+class DataConfig:
+    # digits: the embedded default (scikit-learn's 1,797 real 8x8 handwritten digits, upsampled),
+    # needs no download. cifar10/cifar100/stl10 through torchvision; imagefolder: any tree.
+    name: str = "digits"
+    root: str = "data"
+    download: bool = False
+    # 0 keeps the native size (digits: upsampled from 8 to 16 px, CIFAR: 32, STL-10: 96).
+    image_size: int = 0
+    # Held-out fraction when the source has no separate validation split.
+    val_fraction: float = 0.2
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    num_workers: int = 2
+    # imagefolder: decode every image once into a uint8 array (cached on disk next to the run).
+    in_memory: bool = True
+    # Unreadable image files: false raises naming the file; true skips them and reports a count.
+    skip_bad_images: bool = False
+    # Normalisation; empty lists take the dataset's own statistics.
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+
+@dataclass
+class ViewsConfig:
+    """Parameters of lightly's SimCLR/BYOL view transforms that the presets change."""
+
+    # Defaults suit the 16-px digits (the presets set lightly's CIFAR values 0.08 and 0.5):
+    # tiny crops of a digit leave nothing to recognise and a mirrored digit is another symbol.
+    min_scale: float = 0.3
+    hf_prob: float = 0.0
+    cj_prob: float = 0.8
+    cj_strength: float = 1.0
+    random_gray_scale: float = 0.2
+    # Blur is off at 32 px (lightly's CIFAR-10 benchmark; solo-learn). >0 turns it on.
+    gaussian_blur: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    # resnet18_cifar, resnet50_cifar, convnet, a torchvision model name ("tv:resnet34")
+    # or a timm model name ("timm:resnet26d").
+    backbone: str = "convnet"
+    # Base width of the small "convnet" backbone (ignored by the others).
+    width: int = 32
+
+
+@dataclass
+class MethodConfig:
+    name: str = "simclr"
+    # SimCLR: NT-Xent temperature (Chen et al. 2020).
+    temperature: float = 0.5
+    proj_hidden_dim: int = 512
+    proj_out_dim: int = 128
+    # BYOL: prediction head width and the start of the cosine momentum schedule (tau -> 1).
+    pred_hidden_dim: int = 1024
+    base_tau: float = 0.99
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    # The learning rate at reference_batch; scaled to the global batch by lr_scaling.
+    base_lr: float = 0.06
+    reference_batch: int = 128
+    lr_scaling: str = "linear"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 15
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    channels_last: bool = False
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float = 0.0
+    log_every_n_steps: int = 10
+    limit_train_batches: float = 1.0
+    limit_val_batches: float = 1.0
+    deterministic: bool = False
+    progress_bar: bool = True
+    fast_dev_run: bool = False
+
+
+@dataclass
+class MonitorConfig:
+    # kNN classifier on the val split (Wu et al. 2018: cosine similarity, k=200, T=0.1).
+    knn_k: int = 200
+    knn_t: float = 0.1
+    every_n_epochs: int = 1
+    online_probe: bool = True
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"
+    project: str = "ssl_robust"
+    entity: str = ""
+    group: str = ""
+    name: str = ""
+    tags: list[str] = field(default_factory=list)
+    job_type: str = ""
+    init_timeout_s: int = 300
+
+
+# Closed sets of values of the shared sections, checked at load time (each job adds its own).
+# Registries (METHODS, datasets) have tests that keep these lists equal to the code.
+COMMON_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.name": ("cifar10", "cifar100", "digits", "imagefolder", "stl10"),
+    "trainer.accelerator": ("auto", "cpu", "cuda", "gpu"),
+    "trainer.precision": ("16-mixed", "32-true", "bf16-mixed", "bf16-true"),
+    "trainer.strategy": ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"),
+    "wandb.mode": ("disabled", "offline", "online"),
+}

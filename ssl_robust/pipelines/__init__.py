@@ -1,0 +1,9 @@
+"""Pipelines: build objects from a config, run a phase, write its run directory.
+
+With ``ssl_robust.config`` the only layer that reads the config. Scripts, SLURM jobs and tests
+call these functions; each returns its final metrics under the project's hierarchical names.
+"""
+
+from ssl_robust.pipelines.pretrain import build_method, pretrain
+
+__all__ = ["build_method", "pretrain"]
