@@ -1,0 +1,55 @@
+"""Classifier export: ``classifier.safetensors`` + ``classifier.json`` in a fine-tuning run.
+
+The JSON says how to rebuild the module (the encoder's :class:`EncoderMeta`, the number of
+classes) and which data it was trained for, so the evaluation phase can rebuild the test
+split without the fine-tuning code or a training checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file, save_file
+
+from ssl_robust.finetune.model import Classifier
+from ssl_robust.models.backbones import build_backbone
+from ssl_robust.models.export import EncoderMeta
+
+
+def save_classifier(
+    classifier: Classifier, encoder_meta: EncoderMeta, folder: str | Path, **info: Any
+) -> Path:
+    """Write the classifier and its description; ``info`` (JSON-serialisable) is kept as is,
+    e.g. ``classes=[...]``, ``data={"name": ..., "root": ..., "image_size": ...}``, ``mode``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / "classifier.safetensors"
+    state = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
+    save_file(state, str(weights.with_suffix(".tmp")))
+    os.replace(weights.with_suffix(".tmp"), weights)
+    meta = {"encoder": asdict(encoder_meta), "num_classes": classifier.num_classes, **info}
+    desc = folder / "classifier.json"
+    desc.with_suffix(".tmp").write_text(json.dumps(meta, indent=2))
+    os.replace(desc.with_suffix(".tmp"), desc)
+    return weights
+
+
+def load_classifier(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild a classifier exported by :func:`save_classifier` (weights on the CPU)."""
+    folder = Path(folder)
+    desc, weights = folder / "classifier.json", folder / "classifier.safetensors"
+    if not desc.is_file() or not weights.is_file():
+        raise FileNotFoundError(
+            f"no exported classifier in {str(folder)!r}: expected classifier.json and "
+            f"classifier.safetensors (written at the end of fine-tuning)"
+        )
+    meta = json.loads(desc.read_text())
+    enc_meta = EncoderMeta(**meta["encoder"])
+    encoder = build_backbone(enc_meta.backbone, enc_meta.width)
+    classifier = Classifier(encoder, int(meta["num_classes"]), enc_meta.mean, enc_meta.std)
+    classifier.load_state_dict(load_file(str(weights)))
+    return classifier, meta
