@@ -71,11 +71,18 @@ def test_pretrain_writes_the_run_directory(
         torch.testing.assert_close(v, state[k])
 
 
-@pytest.mark.parametrize("method", ["simclr", "byol"])
+@pytest.mark.parametrize(
+    ("method", "augment"), [("simclr", "cpu"), ("byol", "cpu"), ("simclr", "gpu")]
+)
 def test_resumed_run_matches_uninterrupted_run(
-    method: str, tiny_pretrain_cfg: Callable[..., DictConfig], tmp_path: Path
+    method: str, augment: str, tiny_pretrain_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
-    common = (f"method={method}", "trainer.max_epochs=3", "optim.warmup_epochs=1")
+    common = (
+        f"method={method}",
+        f"data.augment={augment}",
+        "trainer.max_epochs=3",
+        "optim.warmup_epochs=1",
+    )
     full = tiny_pretrain_cfg(*common, run_dir=tmp_path / "full")
     full_metrics = pretrain(full)
 

@@ -36,6 +36,10 @@ class DataConfig:
     in_memory: bool = True
     # Unreadable image files: false raises naming the file; true skips them and reports a count.
     skip_bad_images: bool = False
+    # Where the pretraining views are made: "cpu" (lightly's PIL transforms in DataLoader
+    # workers, any dataset) or "gpu" (the uint8 dataset on the device, batched transforms;
+    # in-memory datasets only; works on the CPU too).
+    augment: str = "cpu"
     # Normalisation; empty lists take the dataset's own statistics.
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
@@ -93,9 +97,18 @@ class OptimConfig:
 class TrainerConfig:
     max_epochs: int = 15
     accelerator: str = "auto"
+    # One process per device: devices x num_nodes ranks (srun: --ntasks-per-node=devices,
+    # --nodes=num_nodes; torchrun: --nproc-per-node=devices, --nnodes=num_nodes).
     devices: int = 1
     num_nodes: int = 1
+    # auto: DDP as soon as devices x num_nodes > 1 (NCCL on GPUs, gloo on CPU).
     strategy: str = "auto"
+    # How long a rank waits in a collective for the others before the job fails.
+    pg_timeout_s: int = 1800
+    # BatchNorm statistics over the global batch; GPUs only (ignored with a note on CPU).
+    sync_batchnorm: bool = False
+    # Under SLURM: on SIGUSR1 write hpc_ckpt_N.ckpt into the run dir and requeue the job.
+    auto_requeue: bool = True
     precision: str = "32-true"
     channels_last: bool = False
     accumulate_grad_batches: int = 1
@@ -133,6 +146,7 @@ class WandbConfig:
 # Registries (METHODS, datasets) have tests that keep these lists equal to the code.
 COMMON_CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("cifar10", "cifar100", "digits", "imagefolder", "stl10"),
+    "data.augment": ("cpu", "gpu"),
     "trainer.accelerator": ("auto", "cpu", "cuda", "gpu"),
     "trainer.precision": ("16-mixed", "32-true", "bf16-mixed", "bf16-true"),
     "trainer.strategy": ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"),

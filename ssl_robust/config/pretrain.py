@@ -18,6 +18,19 @@ from ssl_robust.config.common import (
 
 
 @dataclass
+class DenoiseViewsConfig:
+    """Denoised views: noise a view to a random t in [t_min, t_max] and denoise it in one shot
+    with a frozen denoiser, so the encoder learns noise-robust features. Off when run is ""."""
+
+    # A denoiser run directory (scripts/train_denoiser.py) or a diffusers UNet folder.
+    run: str = ""
+    # Which views to replace: "second" or "both".
+    mode: str = "second"
+    t_min: int = 0
+    t_max: int = 100
+
+
+@dataclass
 class PretrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -27,6 +40,7 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    denoise: DenoiseViewsConfig = field(default_factory=DenoiseViewsConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -34,4 +48,5 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.name": ("byol", "simclr"),
     "optim.name": ("lars", "sgd"),
     "optim.lr_scaling": ("linear", "none", "sqrt"),
+    "denoise.mode": ("both", "second"),
 }

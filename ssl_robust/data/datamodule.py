@@ -5,21 +5,29 @@ Batches the methods see, whatever produces the views:
 - val loader 0 (the kNN feature bank: train images) and val loader 1 (the val split):
   ``(images, labels)``.
 
-The CPU path runs lightly's PIL transforms in DataLoader workers. A device-side path only has to
-replace ``train_dataloader`` (yield uint8 batches) and ``on_after_batch_transfer`` (turn them
-into views on the device); the methods do not change.
+Two ways to make the views, chosen by ``augment``:
+- ``"cpu"``: lightly's PIL transforms in DataLoader workers (any dataset);
+- ``"gpu"``: the uint8 image array is uploaded to the device once, the loader yields only
+  indices, and batched transforms (``gpu_views``) make the views on the device in
+  ``on_after_batch_transfer``. For datasets that fit in memory.
+Either way, an optional ``view_hook`` (e.g. denoised views) rewrites the views on the device.
+The methods do not know which path ran.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ssl_robust.data.datasets import ImageSource, TransformDataset
+from ssl_robust.data.datasets import ArraySource, ImageSource, TransformDataset
+
+AUGMENT = ("cpu", "gpu")
 
 
 class EpochSeededSampler(Sampler[tuple[int, int]]):
@@ -48,12 +56,24 @@ class EpochSeededSampler(Sampler[tuple[int, int]]):
         return self.n
 
 
-def _collate_views(
-    batch: list[tuple[list[torch.Tensor], int]],
-) -> tuple[list[torch.Tensor], torch.Tensor]:
-    views = [torch.stack([item[0][v] for item in batch]) for v in range(len(batch[0][0]))]
-    labels = torch.tensor([item[1] for item in batch], dtype=torch.long)
-    return views, labels
+def batch_seed(seed: int, keys: Sequence[tuple[int, int]]) -> int:
+    """A seed for a whole batch from its ``(epoch, index)`` keys (for device-side randomness)."""
+    first_epoch = keys[0][0]
+    state = np.random.SeedSequence([seed, first_epoch, *(i for _, i in keys[:8])])
+    return int(state.generate_state(1)[0])
+
+
+class _Keys(Dataset):
+    """The device path's dataset: ``(epoch, index) -> (epoch, index, label)``."""
+
+    def __init__(self, labels: np.ndarray) -> None:
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[int, int, int]:
+        return key[0], key[1], int(self.labels[key[1]])
 
 
 class SSLDataModule(pl.LightningDataModule):
@@ -63,17 +83,30 @@ class SSLDataModule(pl.LightningDataModule):
         self,
         train: ImageSource,
         val: ImageSource,
-        train_transform: Callable[[Any], list[torch.Tensor]],
+        train_transform: Callable[[Any], list[torch.Tensor]] | Sequence[nn.Module],
         eval_transform: Callable[[Any], torch.Tensor],
         batch_size: int,
         eval_batch_size: int = 512,
         num_workers: int = 0,
         seed: int = 0,
         channels_last: bool = False,
+        augment: str = "cpu",
+        view_hook: nn.Module | None = None,
     ) -> None:
+        """Args:
+        train_transform: for ``augment="cpu"`` a PIL transform returning the list of views;
+            for ``"gpu"`` one batched module per view (uint8 (B, C, H, W) -> float views).
+        view_hook: ``hook(views, generator) -> views`` applied on the device to train batches.
+        """
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError("batch sizes must be >= 1")
+        if augment not in AUGMENT:
+            raise ValueError(f"unknown augment {augment!r}; choose from {list(AUGMENT)}")
+        if augment == "gpu" and not isinstance(train, ArraySource):
+            raise ValueError(
+                "augment='gpu' needs the training images in memory (data.in_memory=true)"
+            )
         if len(train) < batch_size:
             raise ValueError(
                 f"the training split has {len(train)} images, fewer than one batch of "
@@ -88,6 +121,9 @@ class SSLDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.channels_last = channels_last
+        self.augment = augment
+        self.view_hook = view_hook
+        self._device_images: torch.Tensor | None = None
 
     def _loader(self, dataset: Any, batch_size: int, **kw: Any) -> DataLoader:
         return DataLoader(
@@ -100,14 +136,38 @@ class SSLDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        ds = TransformDataset(self.train_source, self.train_transform, seed=self.seed)
+        sampler = EpochSeededSampler(len(self.train_source), self.seed)
+        if self.augment == "gpu":
+            # Only indices travel; the images already live on the device.
+            return DataLoader(
+                _Keys(self.train_source.labels),
+                batch_size=self.batch_size,
+                sampler=sampler,
+                drop_last=True,
+                collate_fn=self._collate_keys,
+            )
+        ds = TransformDataset(self.train_source, self.train_transform, seed=self.seed)  # type: ignore[arg-type]
         return self._loader(
-            ds,
-            self.batch_size,
-            sampler=EpochSeededSampler(len(ds), self.seed),
-            drop_last=True,
-            collate_fn=_collate_views,
+            ds, self.batch_size, sampler=sampler, drop_last=True, collate_fn=self._collate_views
         )
+
+    def _collate_keys(self, items: list[tuple[int, int, int]]) -> dict[str, Any]:
+        keys = [(e, i) for e, i, _ in items]
+        return {
+            "index": torch.tensor([i for _, i in keys], dtype=torch.long),
+            "label": torch.tensor([y for _, _, y in items], dtype=torch.long),
+            "seed": batch_seed(self.seed, keys),
+        }
+
+    def _collate_views(
+        self, items: list[tuple[list[torch.Tensor], int, tuple[int, int]]]
+    ) -> dict[str, Any]:
+        views = [torch.stack([item[0][v] for item in items]) for v in range(len(items[0][0]))]
+        return {
+            "views": views,
+            "label": torch.tensor([item[1] for item in items], dtype=torch.long),
+            "seed": batch_seed(self.seed, [item[2] for item in items]),
+        }
 
     def val_dataloader(self) -> list[DataLoader]:
         bank = TransformDataset(self.train_source, self.eval_transform)
@@ -117,10 +177,30 @@ class SSLDataModule(pl.LightningDataModule):
             self._loader(val, self.eval_batch_size, shuffle=False),
         ]
 
+    def images_on(self, device: torch.device) -> torch.Tensor:
+        """The training images as one uint8 (N, C, H, W) tensor on ``device`` (uploaded once)."""
+        if self._device_images is None or self._device_images.device != device:
+            images = torch.from_numpy(self.train_source.images)  # type: ignore[attr-defined]
+            self._device_images = images.permute(0, 3, 1, 2).contiguous().to(device)
+        return self._device_images
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if not self.channels_last:
-            return batch
-        x, y = batch
-        if isinstance(x, list):
-            return [v.contiguous(memory_format=torch.channels_last) for v in x], y
-        return x.contiguous(memory_format=torch.channels_last), y
+        if isinstance(batch, dict):  # a training batch
+            labels = batch["label"]
+            device = labels.device
+            generator = torch.Generator(device=device).manual_seed(batch["seed"])
+            if self.augment == "gpu":
+                images = self.images_on(device)[batch["index"]]  # (B, C, H, W) uint8
+                views = [t(images, generator=generator) for t in self.train_transform]  # type: ignore[union-attr]
+            else:
+                views = batch["views"]
+            if self.view_hook is not None:
+                self.view_hook.to(device)
+                views = self.view_hook(views, generator=generator)
+            if self.channels_last:
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            return views, labels
+        if self.channels_last:
+            x, y = batch
+            return x.contiguous(memory_format=torch.channels_last), y
+        return batch

@@ -117,7 +117,8 @@ class TransformDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, ...]:
+        """``(transform(img), label)``; keyed by ``(epoch, index)`` also returns the key."""
         if isinstance(key, tuple):
             epoch, index = key
             if self.seed is not None:
@@ -125,9 +126,9 @@ class TransformDataset(Dataset):
                 torch.manual_seed(int(state[0]))
                 np.random.seed(int(state[1]))
                 random.seed(int(state[0]))
-        else:
-            index = key
-        img, label = self.source[index]
+            img, label = self.source[index]
+            return self.transform(img), label, key
+        img, label = self.source[key]
         return self.transform(img), label
 
 

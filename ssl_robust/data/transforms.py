@@ -49,6 +49,26 @@ def view_transform(method: str, params: ViewParams) -> Callable[[Any], list[Any]
     raise ValueError(f"no view transform for method {method!r}; choose from ['byol', 'simclr']")
 
 
+def gpu_view_transforms(method: str, params: ViewParams) -> list[Any]:
+    """The device-side twin of :func:`view_transform`: one batched transform per view."""
+    from ssl_robust.data import gpu_views as gv
+
+    kw = params.lightly_kwargs()
+    if method == "simclr":
+        return gv.simclr_views(**kw)
+    if method == "byol":
+        p = kw.pop("gaussian_blur")
+        return [
+            gv.BatchViewTransform(
+                **{**gv.BYOL_DEFAULTS, **gv.BYOL_VIEW1, **kw, "gaussian_blur": p}
+            ),
+            gv.BatchViewTransform(
+                **{**gv.BYOL_DEFAULTS, **gv.BYOL_VIEW2, **kw, "gaussian_blur": 0.1 * p}
+            ),
+        ]
+    raise ValueError(f"no view transform for method {method!r}; choose from ['byol', 'simclr']")
+
+
 def eval_transform(input_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> T.Compose:
     """Resize (if needed) + to tensor + normalise: what validation and feature extraction see."""
     return T.Compose(

@@ -102,7 +102,8 @@ def configure(
         )
     total_steps = int(trainer.estimated_stepping_batches)
     steps_per_epoch = total_steps / max(1, trainer.max_epochs or 1)
-    warmup_steps = min(total_steps, int(spec.warmup_epochs * steps_per_epoch))
+    # Leave at least one step of cosine decay (lightly's schedule needs a non-empty decay).
+    warmup_steps = min(max(0, total_steps - 1), int(spec.warmup_epochs * steps_per_epoch))
     scheduler = CosineWarmupScheduler(optimizer, warmup_epochs=warmup_steps, max_epochs=total_steps)
     info = {
         "optim/global_batch": float(global_batch),

@@ -13,7 +13,12 @@ from pytorch_lightning.callbacks import Callback
 
 from ssl_robust.config import save_config, to_dict
 from ssl_robust.data.datamodule import SSLDataModule
-from ssl_robust.data.transforms import ViewParams, eval_transform, view_transform
+from ssl_robust.data.transforms import (
+    ViewParams,
+    eval_transform,
+    gpu_view_transforms,
+    view_transform,
+)
 from ssl_robust.launch.trainer import (
     ConfigInCheckpoint,
     build_loggers,
@@ -92,16 +97,35 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
         random_gray_scale=cfg.views.random_gray_scale,
         gaussian_blur=cfg.views.gaussian_blur,
     )
+    augment = cfg.data.augment
+    view_hook = None
+    if cfg.denoise.run:
+        from ssl_robust.purify.views import load_denoised_views
+
+        view_hook = load_denoised_views(
+            cfg.denoise.run,
+            t_min=cfg.denoise.t_min,
+            t_max=cfg.denoise.t_max,
+            mode=cfg.denoise.mode,
+            mean=info.mean,
+            std=info.std,
+        )
     datamodule = SSLDataModule(
         train=splits.train,
         val=splits.val,
-        train_transform=view_transform(cfg.method.name, views),
+        train_transform=(
+            gpu_view_transforms(cfg.method.name, views)
+            if augment == "gpu"
+            else view_transform(cfg.method.name, views)
+        ),
         eval_transform=eval_transform(info.image_size, tuple(info.mean), tuple(info.std)),
         batch_size=cfg.data.batch_size,
         eval_batch_size=cfg.data.eval_batch_size,
         num_workers=cfg.data.num_workers,
         seed=cfg.run.seed,
         channels_last=cfg.trainer.channels_last,
+        augment=augment,
+        view_hook=view_hook,
     )
     method = build_method(cfg, backbone, info.num_classes)
     if cfg.trainer.channels_last:
