@@ -18,6 +18,15 @@ from pytorch_lightning.callbacks import (
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
 from ssl_robust.config import TrainerConfig, WandbConfig
+from ssl_robust.launch.distributed import (
+    ScaleSummary,
+    build_strategy,
+    check_world_size,
+    cluster_plugins,
+    is_global_zero,
+    resolve_accelerator,
+    use_sync_batchnorm,
+)
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
@@ -62,8 +71,15 @@ def wandb_run_id(run_dir: Path) -> str:
 def build_loggers(
     run_dir: Path, wandb_cfg: WandbConfig, config: dict[str, Any], job_type: str, default_name: str
 ) -> list[Logger]:
+    """A CSV logger (``logs/metrics.csv``) and, unless disabled, a wandb logger.
+
+    wandb follows the naming convention in ``slurm/README.md``: project per study, ``group``
+    per experiment, ``job_type`` per phase (defaults to ``job_type``), run name = run directory
+    name. The run id lives in the run directory, so a resumed or requeued run continues the same
+    wandb run; only global rank zero creates it (and only rank zero ever logs to wandb).
+    """
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
-    if wandb_cfg.mode != "disabled":
+    if wandb_cfg.mode != "disabled" and is_global_zero():
         import wandb
 
         loggers.append(
@@ -131,19 +147,31 @@ def build_trainer(
     callbacks: list[Callback],
     check_val_every_n_epoch: int = 1,
 ) -> pl.Trainer:
-    """A Trainer from the trainer section; each argument named, none reflected from the config."""
-    all_callbacks = list(callbacks)
+    """A Trainer from the trainer section; each argument named, none reflected from the config.
+
+    The same section runs on one CPU, one GPU, many GPUs or many nodes: DDP (NCCL on GPUs, gloo
+    on CPU, ``pg_timeout_s``) as soon as ``devices x num_nodes > 1``; under SLURM a
+    ``SLURMEnvironment`` that checkpoints and requeues on SIGUSR1. A world that the launcher
+    did not start at the configured size fails here, before process-group setup would hang.
+    """
+    check_world_size(tcfg.devices, tcfg.num_nodes)
+    accelerator = resolve_accelerator(tcfg.accelerator)
+    all_callbacks = [*callbacks, ScaleSummary()]
     if tcfg.progress_bar:
         all_callbacks.append(RichProgressBar(leave=True))
     if loggers:
         all_callbacks.append(LearningRateMonitor(logging_interval="step"))
     return pl.Trainer(
-        default_root_dir=str(run_dir),
+        default_root_dir=str(run_dir),  # also where SLURM's hpc_ckpt_N.ckpt go
         max_epochs=tcfg.max_epochs,
-        accelerator=tcfg.accelerator,
+        accelerator=accelerator,
         devices=tcfg.devices,
         num_nodes=tcfg.num_nodes,
-        strategy=tcfg.strategy,
+        strategy=build_strategy(
+            tcfg.strategy, accelerator, tcfg.devices, tcfg.num_nodes, tcfg.pg_timeout_s
+        ),
+        plugins=cluster_plugins(tcfg.auto_requeue) or None,
+        sync_batchnorm=use_sync_batchnorm(tcfg.sync_batchnorm, accelerator),
         precision=tcfg.precision,  # type: ignore[arg-type]
         accumulate_grad_batches=tcfg.accumulate_grad_batches,
         gradient_clip_val=tcfg.gradient_clip_val or None,

@@ -1,0 +1,218 @@
+"""How a run is spread over processes: accelerator, DDP strategy, cluster environment, checks.
+
+The same config runs unchanged on one CPU, one GPU, 8 GPUs or N nodes; only ``trainer.devices``
+and ``trainer.num_nodes`` (and the launcher: plain ``python``, ``torchrun`` or SLURM's ``srun``)
+change. Everything here is decided before ``pl.Trainer`` is built, so a wrong setup fails with a
+message instead of hanging in process-group setup, which waits for ranks that never come.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.strategies import DDPStrategy, Strategy
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true")
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu")
+
+# Job names with which Lightning deliberately ignores SLURM (an interactive shell in an
+# allocation, REFERENCE §8): processes are then launched by something else.
+_SLURM_INTERACTIVE_NAMES = ("bash", "interactive")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Who started this process, and how many processes it started in all.
+
+    Attributes:
+        launcher: ``"slurm"``, ``"torchrun"`` or ``"python"`` (Lightning starts the other
+            local processes itself).
+        world_size: Processes started in all; ``None`` when the launcher does not say.
+        source: Where ``world_size`` came from, for messages (e.g. ``"SLURM_NTASKS"``).
+    """
+
+    launcher: str
+    world_size: int | None
+    source: str
+
+
+def detect_launch(env: Mapping[str, str] | None = None) -> Launch:
+    """Read the launcher and the launched world size from the environment.
+
+    torchrun sets ``TORCHELASTIC_RUN_ID`` and ``WORLD_SIZE``; SLURM sets ``SLURM_NTASKS`` (the
+    step's task count inside ``srun``, which Lightning's SLURMEnvironment takes as the world
+    size) and ``SLURM_STEP_ID`` only inside an ``srun`` step.
+    """
+    env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" in env and "WORLD_SIZE" in env:
+        return Launch("torchrun", int(env["WORLD_SIZE"]), "torchrun's WORLD_SIZE")
+    slurm_job = env.get("SLURM_JOB_NAME", "")
+    if "SLURM_NTASKS" in env and slurm_job not in _SLURM_INTERACTIVE_NAMES:
+        if "SLURM_STEP_ID" not in env:
+            # The batch script itself: one process, whatever the allocation holds.
+            return Launch("slurm", 1, "the batch script (no srun step)")
+        return Launch("slurm", int(env["SLURM_NTASKS"]), "SLURM_NTASKS")
+    return Launch("python", None, "")
+
+
+def is_global_zero(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this process will be global rank zero, read before the Trainer exists.
+
+    For files that must be written by exactly one process before ``fit`` (e.g. the wandb run
+    id: two ranks writing different ids would split a requeued run in two).
+    """
+    env = os.environ if env is None else env
+    launch = detect_launch(env)
+    if launch.launcher == "torchrun":
+        return int(env.get("RANK", "0")) == 0
+    if launch.launcher == "slurm":
+        return int(env.get("SLURM_PROCID", "0")) == 0
+    # Lightning's own launcher: NODE_RANK per node, LOCAL_RANK per child process.
+    node = int(env.get("NODE_RANK", env.get("GROUP_RANK", "0")))
+    return node == 0 and int(env.get("LOCAL_RANK", "0")) == 0
+
+
+def check_world_size(devices: int, num_nodes: int, env: Mapping[str, str] | None = None) -> Launch:
+    """Fail fast when the launched processes cannot form ``devices x num_nodes`` ranks.
+
+    Without this, a mis-sized world hangs in process-group setup (each rank waits for ranks
+    that were never started) until the timeout, which is 30 minutes by default.
+
+    Raises:
+        ValueError: Naming both numbers and the fix.
+    """
+    if devices < 1 or num_nodes < 1:
+        raise ValueError(
+            f"trainer.devices and trainer.num_nodes must be >= 1, got {devices}, {num_nodes}"
+        )
+    expected = devices * num_nodes
+    launch = detect_launch(env)
+    env = os.environ if env is None else env
+    if launch.world_size is not None and launch.world_size != expected:
+        hint = ""
+        if launch.source.startswith("the batch script"):
+            hint = " Start the training with `srun python ...` inside the batch script."
+        elif launch.launcher == "slurm":
+            hint = (
+                f" Submit with --nodes={num_nodes} --ntasks-per-node={devices}, or set"
+                " trainer.devices / trainer.num_nodes to the allocation."
+            )
+        elif launch.launcher == "torchrun":
+            hint = f" Run torchrun with --nnodes={num_nodes} --nproc-per-node={devices}."
+        raise ValueError(
+            f"trainer.devices x trainer.num_nodes = {devices} x {num_nodes} = {expected} ranks, "
+            f"but {launch.source} launched {launch.world_size} process(es).{hint}"
+        )
+    if launch.launcher == "python" and num_nodes > 1 and "NODE_RANK" not in env:
+        raise ValueError(
+            f"trainer.num_nodes={num_nodes} needs a launcher on every node: srun (SLURM), "
+            "torchrun --nnodes, or NODE_RANK + MASTER_ADDR + MASTER_PORT set on each node"
+        )
+    return launch
+
+
+def resolve_accelerator(accelerator: str) -> str:
+    """``auto`` -> ``gpu`` when CUDA is available, else ``cpu``; names the valid choices."""
+    if accelerator not in ACCELERATORS:
+        raise ValueError(f"unknown accelerator {accelerator!r}; choose from {list(ACCELERATORS)}")
+    if accelerator == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return "gpu" if accelerator == "cuda" else accelerator
+
+
+def process_group_backend(accelerator: str) -> str:
+    """NCCL between GPUs, gloo between CPU processes (NCCL has no CPU tensors)."""
+    return "nccl" if resolve_accelerator(accelerator) == "gpu" else "gloo"
+
+
+def build_strategy(
+    strategy: str, accelerator: str, devices: int, num_nodes: int, pg_timeout_s: int
+) -> Strategy | str:
+    """The Lightning strategy: DDP with an explicit backend and timeout as soon as there is
+    more than one rank (or one is asked for), ``"auto"`` for a single process.
+
+    Args:
+        strategy: One of :data:`STRATEGIES`; ``auto`` means DDP when ``devices x num_nodes > 1``.
+        pg_timeout_s: Collective timeout: how long a rank waits for the others (a stalled
+            rank, a slow checkpoint on rank zero) before the job fails instead of hanging.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {list(STRATEGIES)}")
+    if pg_timeout_s < 1:
+        raise ValueError(f"trainer.pg_timeout_s must be >= 1, got {pg_timeout_s}")
+    if strategy == "auto" and devices * num_nodes == 1:
+        return "auto"
+    kwargs: dict[str, Any] = {
+        "process_group_backend": process_group_backend(accelerator),
+        "timeout": timedelta(seconds=pg_timeout_s),
+    }
+    if strategy == "ddp_spawn":
+        kwargs["start_method"] = "spawn"
+    if strategy == "ddp_find_unused_parameters_true":
+        kwargs["find_unused_parameters"] = True
+    return DDPStrategy(**kwargs)
+
+
+def use_sync_batchnorm(requested: bool, accelerator: str) -> bool:
+    """SyncBatchNorm (BN statistics over the global batch) on GPUs only.
+
+    torch's SyncBatchNorm raises on CPU tensors, so on CPU the request is ignored with a note
+    rather than failing a run that is otherwise valid (the same config then runs everywhere).
+    """
+    if requested and resolve_accelerator(accelerator) == "cpu":
+        rank_zero_print("note: trainer.sync_batchnorm is ignored on CPU (SyncBatchNorm needs GPUs)")
+        return False
+    return requested
+
+
+def cluster_plugins(auto_requeue: bool, env: Mapping[str, str] | None = None) -> list[Any]:
+    """``SLURMEnvironment`` when running under SLURM: rank/world from SLURM's variables and,
+    with ``auto_requeue``, on SIGUSR1 (``#SBATCH --signal=SIGUSR1@90``) an ``hpc_ckpt_N.ckpt``
+    in the run directory and ``scontrol requeue``."""
+    if detect_launch(env).launcher != "slurm":
+        return []
+    return [SLURMEnvironment(auto_requeue=auto_requeue)]
+
+
+@rank_zero_only
+def rank_zero_print(message: str) -> None:
+    print(message, flush=True)
+
+
+class ScaleSummary(pl.Callback):
+    """Print and log, once on rank zero at the start of training, how the run is scaled.
+
+    The numbers derived from the world size (global batch, scaled learning rate) are computed
+    in the methods' ``configure_optimizers`` and read from ``pl_module.derived``.
+    """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        derived: dict[str, float] = dict(getattr(pl_module, "derived", {}))
+        strategy = trainer.strategy
+        backend = getattr(strategy, "process_group_backend", None) or "none"
+        scale = {
+            "dist/world_size": float(trainer.world_size),
+            "dist/num_nodes": float(trainer.num_nodes),
+            "dist/devices": float(trainer.num_devices),
+        }
+        if trainer.is_global_zero:
+            parts = [
+                f"world {trainer.world_size} = {trainer.num_nodes} node(s) x "
+                f"{trainer.num_devices} device(s)",
+                f"strategy {type(strategy).__name__} ({backend})",
+            ]
+            if "optim/global_batch" in derived:
+                parts.append(f"global batch {int(derived['optim/global_batch'])}")
+            if "optim/lr" in derived:
+                parts.append(f"scaled lr {derived['optim/lr']:.6g}")
+            print("scale: " + ", ".join(parts), flush=True)
+        for logger in trainer.loggers:
+            logger.log_metrics({**scale, **derived}, step=trainer.global_step)
