@@ -1,16 +1,112 @@
-"""The fine-tuning job's schema (labeled subsets; linear probe or full fine-tune)."""
+"""The fine-tuning job's schema (labeled subsets; linear probe or full fine-tune).
+
+The defaults are the embedded default job: a linear probe on 10 % of the digits labels, on the
+encoder of the pretraining run named by ``encoder.run``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ssl_robust.config.common import RunConfig, WandbConfig
+from ssl_robust.config.common import (
+    COMMON_CHOICES,
+    DataConfig,
+    RunConfig,
+    TrainerConfig,
+    WandbConfig,
+)
+
+
+@dataclass
+class EncoderSourceConfig:
+    # A pretraining run directory holding encoder.safetensors + encoder.json (required).
+    run: str = ""
+
+
+@dataclass
+class FinetuneDataConfig(DataConfig):
+    # "" fine-tunes on the data the encoder was pretrained on: name, root, download,
+    # image_size, val_fraction, in_memory and skip_bad_images are then read from the pretraining
+    # run's config.yaml (the dataset name from encoder.json when there is none). A dataset name
+    # uses this section as written.
+    name: str = ""
+    # Seed of the train/evaluation split (datasets without a test split); -1 takes the
+    # pretraining run's run.seed, so the evaluation images are ones the encoder never saw.
+    split_seed: int = -1
+    batch_size: int = 64
+
+
+@dataclass
+class SubsetConfig:
+    # Share of each class's train images that keep their labels, in (0, 1]: 0.01, 0.1, 1.0.
+    fraction: float = 0.1
+    # > 0: exactly this many labeled images per class instead of a fraction.
+    per_class: int = 0
+
+
+@dataclass
+class LinearConfig:
+    # Where features are cached; "" = <encoder run>/features (keyed by the encoder weights'
+    # hash, the data and the image size, so a sweep over fractions and seeds computes them once).
+    cache_dir: str = ""
+    # Standardise features with the labeled set's mean/std before the linear layer (MAE, He et
+    # al. 2022, App. A.2, uses a non-affine BatchNorm for this); folded into the exported head.
+    standardize: bool = True
+
+
+@dataclass
+class AugmentConfig:
+    # Full fine-tuning only: random crop from a zero-padded image, then a horizontal flip (the
+    # CIFAR augmentation of He et al. 2016, Sec. 4.2: pad 4, flip 0.5). Digits: a mirrored digit
+    # is another symbol, so the default flips nothing.
+    crop_padding: int = 2
+    hflip_prob: float = 0.0
+
+
+@dataclass
+class FinetuneOptimConfig:
+    # SGD with momentum; linear warmup then cosine decay to 0 over the trainer's total steps.
+    lr: float = 0.1
+    # Full fine-tuning: the encoder's learning rate is lr * encoder_lr_mult.
+    encoder_lr_mult: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0.0
+
+
+@dataclass
+class PurifyConfig:
+    # A denoiser run directory (diffusers folder); "" = no purification at test time.
+    run: str = ""
+    sampler: str = "ddpm"
+    # Forward diffusion steps (DiffPure's t* = 0.1 of 1000 steps is 100) ...
+    t_star: int = 100
+    # ... or, when >= 0, the step whose noise matches N(0, sigma^2) on [0, 1] images.
+    sigma: float = -1.0
+    ddim_steps: int = 5
+    seed: int = 0
 
 
 @dataclass
 class FinetuneConfig:
     run: RunConfig = field(default_factory=RunConfig)
+    # linear: a linear head on frozen, cached features; full: encoder + head, augmented images.
+    mode: str = "linear"
+    encoder: EncoderSourceConfig = field(default_factory=EncoderSourceConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    subset: SubsetConfig = field(default_factory=SubsetConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(max_epochs=100))
+    purify: PurifyConfig = field(default_factory=PurifyConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {}
+CHOICES: dict[str, tuple[str, ...]] = {
+    # "" = the encoder's pretraining data.
+    "data.name": ("", *COMMON_CHOICES["data.name"]),
+    "mode": ("full", "linear"),
+    "purify.sampler": ("ddim", "ddpm", "oneshot"),
+}

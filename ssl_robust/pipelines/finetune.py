@@ -1,0 +1,451 @@
+"""The fine-tuning pipeline: encoder run + labeled subset -> classifier run directory.
+
+Two modes share everything but the training loop:
+
+- ``linear``: features of the whole train and evaluation splits are computed once per encoder
+  and data (``<encoder run>/features/``) and a linear head is trained on the subset's rows;
+- ``full``: encoder + head are trained on augmented images of the subset, the encoder with a
+  smaller learning rate; ``checkpoints/last.ckpt`` makes a rerun resume.
+
+Both test the final weights on the evaluation split (``test/acc``), optionally through a
+diffusion purifier too (``test/acc_purified``), and export ``classifier.safetensors`` +
+``classifier.json`` for the evaluation phase.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytorch_lightning as pl
+import torch
+import torchvision.transforms as T
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import Callback
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ssl_robust.config import save_config, to_dict
+from ssl_robust.data.datamodule import EpochSeededSampler
+from ssl_robust.data.datasets import ImageSource, Splits, TransformDataset, build_splits
+from ssl_robust.data.subsets import SubsetSpec, assert_disjoint, load_or_draw_subset
+from ssl_robust.finetune.export import save_classifier
+from ssl_robust.finetune.features import (
+    feature_key,
+    load_or_compute_features,
+    source_images,
+    weights_digest,
+)
+from ssl_robust.finetune.model import Classifier
+from ssl_robust.finetune.modules import ClassifierTest, FineTuner, LinearProbe
+from ssl_robust.launch.trainer import (
+    ConfigInCheckpoint,
+    build_loggers,
+    build_trainer,
+    checkpoint_callbacks,
+    read_json,
+    resume_checkpoint,
+    write_json,
+)
+from ssl_robust.models.export import EncoderMeta, load_encoder
+from ssl_robust.pipelines.common import console, final_metrics, print_summary
+
+if TYPE_CHECKING:
+    from ssl_robust.purify.purifier import Purifier
+
+# The keys of classifier.json's "data": what the evaluation phase needs to rebuild the split.
+DATA_KEYS = (
+    "name",
+    "root",
+    "download",
+    "image_size",
+    "val_fraction",
+    "seed",
+    "in_memory",
+    "skip_bad_images",
+    "mean",
+    "std",
+)
+
+
+@dataclass
+class _Job:
+    """What both modes get from the shared preparation."""
+
+    cfg: DictConfig
+    run_dir: Path
+    encoder_dir: Path
+    classifier: Classifier
+    meta: EncoderMeta
+    splits: Splits
+    data: dict[str, Any]
+    subset: torch.Tensor  # (M,) indices into the train split
+    purifier: Purifier | None
+    device: torch.device
+
+
+def resolve_data(cfg: DictConfig, encoder_dir: Path, meta: EncoderMeta) -> dict[str, Any]:
+    """The data description (``DATA_KEYS``): the encoder's pretraining data unless
+    ``data.name`` is set; the split seed of the pretraining run unless ``data.split_seed`` is."""
+    d = cfg.data
+    pre_path = encoder_dir / "config.yaml"
+    pre = OmegaConf.load(pre_path) if pre_path.is_file() else None
+    inherited = ("root", "download", "image_size", "val_fraction", "in_memory", "skip_bad_images")
+    if d.name:
+        out: dict[str, Any] = {"name": d.name, **{k: d[k] for k in inherited}}
+    elif pre is not None and "data" in pre:
+        out = {"name": pre.data.name, **{k: pre.data.get(k, d[k]) for k in inherited}}
+    else:
+        name = meta.extra.get("dataset")
+        if not name:
+            raise ValueError(
+                f"cannot tell which data the encoder in {str(encoder_dir)!r} was pretrained on "
+                f"(no config.yaml, no dataset in encoder.json); set data.name"
+            )
+        out = {"name": str(name), **{k: d[k] for k in inherited}}
+        out["image_size"] = d.image_size or meta.image_size
+    if d.split_seed >= 0:
+        out["seed"] = int(d.split_seed)
+    else:
+        out["seed"] = int(pre.run.seed) if pre is not None and "run" in pre else 0
+    # The encoder saw inputs normalised with its own statistics; keep them unless overridden.
+    out["mean"] = [float(v) for v in (d.mean or meta.mean)]
+    out["std"] = [float(v) for v in (d.std or meta.std)]
+    return out
+
+
+def _build_splits(data: dict[str, Any]) -> Splits:
+    return build_splits(
+        name=data["name"],
+        root=data["root"],
+        download=data["download"],
+        image_size=data["image_size"],
+        val_fraction=data["val_fraction"],
+        seed=data["seed"],
+        in_memory=data["in_memory"],
+        skip_bad_images=data["skip_bad_images"],
+        cache_dir=Path(data["root"]) / ".cache" if data["name"] == "imagefolder" else None,
+        mean=data["mean"],
+        std=data["std"],
+    )
+
+
+def default_run_dir(cfg: DictConfig, spec: SubsetSpec) -> Path:
+    """``run.dir``, or ``finetune-<mode>-<subset>-seed<seed>-<encoder run name>`` next to the
+    encoder run (the encoder's name keeps sweeps over several encoders apart)."""
+    if cfg.run.dir:
+        return Path(cfg.run.dir)
+    enc = Path(cfg.encoder.run)
+    return enc.parent / f"finetune-{cfg.mode}-{spec.label}-seed{cfg.run.seed}-{enc.name}"
+
+
+def _check_same_job(run_dir: Path, cfg: DictConfig) -> None:
+    """A rerun must continue the same job: never resume another encoder's or mode's run."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    old = OmegaConf.load(path)
+    for key, new in (("mode", cfg.mode), ("encoder.run", cfg.encoder.run)):
+        before = OmegaConf.select(old, key, default=None)
+        same = (
+            Path(str(before)).resolve() == Path(new).resolve()
+            if key == "encoder.run" and before is not None
+            else before == new
+        )
+        if not same:
+            raise ValueError(
+                f"{str(run_dir)!r} holds a fine-tuning run with {key}={before!r}, not {new!r}; "
+                f"use another run.dir"
+            )
+
+
+def _device(accelerator: str) -> torch.device:
+    if accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def build_purifier(p: DictConfig, image_size: int) -> Purifier | None:
+    """The test-time purifier of the ``purify`` section, or None when ``purify.run`` is empty."""
+    if not p.run:
+        return None
+    from ssl_robust.purify.purifier import Purifier
+    from ssl_robust.purify.unet import load_denoiser
+
+    unet, scheduler = load_denoiser(p.run)
+    size = unet.config["sample_size"]
+    if (size if isinstance(size, int) else size[0]) != image_size:
+        raise ValueError(
+            f"the denoiser in {p.run!r} works on {size}-px images, the data is {image_size} px; "
+            f"train a denoiser at this size or set data.image_size"
+        )
+    unet.requires_grad_(False)
+    use_sigma = p.sigma >= 0
+    return Purifier(
+        unet,
+        scheduler,
+        t_star=None if use_sigma else p.t_star,
+        sigma=p.sigma if use_sigma else None,
+        sampler=p.sampler,
+        ddim_steps=p.ddim_steps,
+    )
+
+
+def _image_loader(source: ImageSource, batch_size: int, num_workers: int) -> DataLoader:
+    """Unaugmented [0, 1] images (the classifier normalises inside)."""
+    return DataLoader(
+        TransformDataset(source, T.ToTensor()),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+    )
+
+
+def _trainer(job: _Job, callbacks: Sequence[Callback]) -> pl.Trainer:
+    cfg = job.cfg
+    config = to_dict(cfg)
+    return build_trainer(
+        cfg.trainer,
+        job.run_dir,
+        loggers=build_loggers(job.run_dir, cfg.wandb, config, "finetune", job.run_dir.name),
+        # No best-by-val checkpoint: val/acc is measured on the evaluation split, and picking
+        # weights by it would select on the test set. The final weights are tested.
+        callbacks=[*checkpoint_callbacks(job.run_dir, monitor=None), ConfigInCheckpoint(config)]
+        + list(callbacks),
+    )
+
+
+def _test_purified(trainer: pl.Trainer, job: _Job, clean: bool, metrics: dict[str, float]) -> None:
+    """Run the image-level test pass (clean and/or purified) and record its metrics."""
+    if job.purifier is None and not clean:
+        return
+    d = job.cfg.data
+    loader = _image_loader(job.splits.val, d.eval_batch_size, d.num_workers)
+    module = ClassifierTest(job.classifier, job.purifier, seed=job.cfg.purify.seed, clean=clean)
+    start = time.perf_counter()
+    trainer.test(module, dataloaders=loader, verbose=False)
+    metrics.update(final_metrics(trainer))
+    if job.purifier is not None:
+        metrics["purify/nfe"] = float(job.purifier.nfe)
+        metrics["purify/t_star"] = float(job.purifier.t_star)
+        metrics["perf/test_purified_s"] = time.perf_counter() - start
+
+
+def run_linear(
+    job: _Job, callbacks: Sequence[Callback], metrics: dict[str, float]
+) -> tuple[pl.Trainer, dict[str, str]]:
+    """Linear probe on cached features; the folded head is copied into the classifier."""
+    cfg, clf = job.cfg, job.classifier
+    clf.to(job.device).eval()
+    cache = Path(cfg.linear.cache_dir) if cfg.linear.cache_dir else job.encoder_dir / "features"
+    key = feature_key(weights_digest(clf.encoder), job.data, job.data["image_size"])
+    start = time.perf_counter()
+    feats = load_or_compute_features(
+        clf.features, job.splits.train, job.splits.val, cache, key,
+        cfg.data.eval_batch_size, job.device,
+    )  # fmt: skip
+    metrics["perf/features_s"] = time.perf_counter() - start
+    clf.cpu()
+    x = feats.train[job.subset]  # (M, D)
+    y = feats.train_labels[job.subset]  # (M,)
+    mean, std = None, None
+    if cfg.linear.standardize:
+        # Features that never vary (dead units) keep a unit scale instead of a division by 0.
+        mean, std = x.mean(0), x.std(0, unbiased=False)
+        std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    o = cfg.optim
+    probe = LinearProbe(
+        feats.train.shape[1],
+        job.splits.info.num_classes,
+        lr=o.lr,
+        momentum=o.momentum,
+        weight_decay=o.weight_decay,
+        nesterov=o.nesterov,
+        warmup_epochs=o.warmup_epochs,
+        feat_mean=mean,
+        feat_std=std,
+    )
+    bs = cfg.data.batch_size
+    train_loader = DataLoader(
+        TensorDataset(x, y),
+        batch_size=bs,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(cfg.run.seed),
+        drop_last=len(y) > bs,
+    )
+    eval_loader = DataLoader(
+        TensorDataset(feats.eval, feats.eval_labels), batch_size=cfg.data.eval_batch_size
+    )
+    trainer = _trainer(job, callbacks)
+    _fit(trainer, probe, train_loader, eval_loader, job, metrics)
+    trainer.test(probe, dataloaders=eval_loader, verbose=False)
+    metrics.update(final_metrics(trainer))
+    metrics.update(probe.derived)
+    clf.head = probe.folded_head()
+    _test_purified(trainer, job, clean=False, metrics=metrics)
+    extra = {
+        "Features": f"{feats.path} ({'computed' if feats.computed else 'read from the cache'})"
+    }
+    return trainer, extra
+
+
+def run_full(
+    job: _Job, callbacks: Sequence[Callback], metrics: dict[str, float]
+) -> tuple[pl.Trainer, dict[str, str]]:
+    """Full fine-tuning on augmented images of the subset."""
+    cfg, o, a = job.cfg, job.cfg.optim, job.cfg.augment
+    if a.crop_padding < 0 or not 0.0 <= a.hflip_prob <= 1.0:
+        raise ValueError(
+            f"augment.crop_padding must be >= 0 and augment.hflip_prob in [0, 1], got "
+            f"{a.crop_padding}, {a.hflip_prob}"
+        )
+    size = job.splits.info.image_size
+    steps: list[Callable[..., Any]] = []
+    if a.crop_padding:
+        steps.append(T.RandomCrop(size, padding=a.crop_padding))
+    if a.hflip_prob:
+        steps.append(T.RandomHorizontalFlip(a.hflip_prob))
+    steps.append(T.ToTensor())
+    train_source = job.splits.train.subset(job.subset.numpy())
+    train_ds = TransformDataset(train_source, T.Compose(steps), seed=cfg.run.seed)
+    bs = cfg.data.batch_size
+    train_loader = DataLoader(
+        train_ds,
+        batch_size=bs,
+        # (seed, epoch)-ordered batches and per-sample seeded crops: a resumed run sees the
+        # same images in the same order as an uninterrupted one.
+        sampler=EpochSeededSampler(len(train_ds), cfg.run.seed),
+        # BatchNorm in train mode cannot take a batch of one.
+        drop_last=len(train_ds) > bs,
+        num_workers=cfg.data.num_workers,
+    )
+    eval_loader = _image_loader(job.splits.val, cfg.data.eval_batch_size, cfg.data.num_workers)
+    module = FineTuner(
+        job.classifier,
+        lr=o.lr,
+        encoder_lr=o.lr * o.encoder_lr_mult,
+        momentum=o.momentum,
+        weight_decay=o.weight_decay,
+        nesterov=o.nesterov,
+        warmup_epochs=o.warmup_epochs,
+    )
+    trainer = _trainer(job, callbacks)
+    _fit(trainer, module, train_loader, eval_loader, job, metrics)
+    metrics.update(module.derived)
+    _test_purified(trainer, job, clean=True, metrics=metrics)
+    return trainer, {}
+
+
+def _fit(
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    train_loader: DataLoader,
+    eval_loader: DataLoader,
+    job: _Job,
+    metrics: dict[str, float],
+) -> None:
+    ckpt = resume_checkpoint(job.run_dir, job.cfg.run.resume)
+    if ckpt and trainer.is_global_zero:
+        console.print(f"Resuming from {ckpt}")
+    start = time.perf_counter()
+    trainer.fit(module, train_loader, eval_loader, ckpt_path=ckpt)
+    metrics["perf/fit_time_s"] = time.perf_counter() - start
+    metrics["epochs"] = float(trainer.current_epoch)
+    metrics.update(final_metrics(trainer))
+
+
+MODES: dict[
+    str,
+    Callable[[_Job, Sequence[Callback], dict[str, float]], tuple[pl.Trainer, dict[str, str]]],
+] = {"full": run_full, "linear": run_linear}
+
+
+def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
+    """Fine-tune a pretrained encoder on a labeled subset; returns the final metrics.
+
+    Writes into the run directory: ``config.yaml``, ``subset.npy`` + ``subset.json``,
+    ``checkpoints/last.ckpt``, ``logs/metrics.csv``, ``metrics.json`` and
+    ``classifier.safetensors`` + ``classifier.json``. Rerunning with the same run directory
+    reuses the subset and resumes from the newest checkpoint.
+
+    Raises:
+        ValueError: Unknown mode, bad subset request, a subset or run directory that belongs
+            to another request, overlapping splits.
+        FileNotFoundError: ``encoder.run`` (or ``purify.run``) holds no export.
+    """
+    # Cheap checks first: nothing is loaded or written before the request is known valid.
+    if cfg.mode not in MODES:
+        raise ValueError(f"unknown mode {cfg.mode!r}; choose from {sorted(MODES)}")
+    spec = SubsetSpec(cfg.subset.fraction, cfg.subset.per_class, seed=cfg.run.seed)
+    if not cfg.encoder.run:
+        raise ValueError(
+            "encoder.run is empty: give the pretraining run directory that holds "
+            "encoder.safetensors and encoder.json, e.g. encoder.run=runs/pretrain-simclr-digits"
+        )
+    encoder_dir = Path(cfg.encoder.run)
+    encoder, meta = load_encoder(encoder_dir)
+    pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
+
+    data = resolve_data(cfg, encoder_dir, meta)
+    splits = _build_splits(data)
+    data["image_size"] = splits.info.image_size  # 0 ("native") resolved, for the evaluation
+    run_dir = default_run_dir(cfg, spec)
+    _check_same_job(run_dir, cfg)
+    purifier = build_purifier(cfg.purify, splits.info.image_size)
+    classifier = Classifier(encoder, splits.info.num_classes, data["mean"], data["std"])
+
+    indices = load_or_draw_subset(
+        run_dir, splits.train.labels, spec, data=data, classes=splits.train.classes
+    )
+    assert_disjoint(source_images(splits.train.subset(indices)), source_images(splits.val))
+    job = _Job(
+        cfg=cfg,
+        run_dir=run_dir,
+        encoder_dir=encoder_dir,
+        classifier=classifier,
+        meta=meta,
+        splits=splits,
+        data=data,
+        subset=torch.from_numpy(indices),
+        purifier=purifier,
+        device=_device(cfg.trainer.accelerator),
+    )
+    save_config(cfg, run_dir / "config.yaml")
+
+    metrics = read_json(run_dir / "metrics.json")
+    metrics["subset/size"] = float(len(indices))
+    trainer, extra = MODES[cfg.mode](job, callbacks, metrics)
+
+    if trainer.is_global_zero and not cfg.trainer.fast_dev_run:
+        write_json(run_dir / "metrics.json", metrics)
+        save_classifier(
+            classifier,
+            meta,
+            run_dir,
+            classes=list(splits.train.classes),
+            data={k: data[k] for k in DATA_KEYS},
+            mode=cfg.mode,
+            subset={**spec.__dict__, "size": len(indices)},
+            encoder_run=str(encoder_dir),
+        )
+        shown = {
+            k: v
+            for k, v in metrics.items()
+            if k.split("/")[0] in ("train", "val", "test", "purify")
+        }
+        print_summary(
+            f"finetune {cfg.mode} on {data['name']}, {spec.label} labels",
+            run_dir,
+            shown,
+            {
+                "Encoder": str(encoder_dir),
+                "Labeled images": f"{len(indices)} of {len(splits.train)}",
+                **extra,
+                "Classifier": str(run_dir / "classifier.safetensors"),
+                "Fit time": f"{metrics.get('perf/fit_time_s', 0.0):.1f} s",
+            },
+        )
+    return metrics
