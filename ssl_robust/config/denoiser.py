@@ -4,13 +4,71 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ssl_robust.config.common import RunConfig, WandbConfig
+from ssl_robust.config.common import DataConfig, RunConfig, TrainerConfig, WandbConfig
+
+
+@dataclass
+class DenoiserConfig:
+    # A key of ssl_robust.purify.UNET_PRESETS. "tiny" (68k parameters) trains on a 2-core CPU
+    # in minutes; "ddpm-cifar10" is the 35.7M-parameter google/ddpm-cifar10-32 architecture.
+    unet: str = "tiny"
+    # Linear beta schedule of Ho et al. (2020, Sec. 4): T = 1000, beta 1e-4 .. 0.02.
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    # AdamW, linear warmup then cosine decay to 0 over the run (DDPM: 2e-4, warmup 5000).
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    # Upper bound of the EMA decay (ramped as (1 + n) / (10 + n)); DDPM uses 0.9999 over 800k
+    # steps. The EMA weights are what the run exports.
+    ema_decay: float = 0.995
+    # val/mse_t<lo>-<hi>: the validation MSE in this many equal timestep ranges.
+    num_timestep_buckets: int = 10
+
+
+@dataclass
+class ImageViewsConfig:
+    # Random horizontal flips of the training images (0.5 for natural images); off for
+    # digits, where a mirrored digit is another symbol.
+    hf_prob: float = 0.0
+
+
+@dataclass
+class SamplesConfig:
+    # Image grids written to <run>/samples/ (and to wandb) every this many epochs and at the end.
+    every_n_epochs: int = 5
+    # Images per grid.
+    n: int = 16
+    # Sample grid: generation from pure noise (t = T) with the EMA weights.
+    sampler: str = "ddim"
+    steps: int = 50
+    # Purification grid: val images diffused to t_star (DiffPure's t* = 0.1 is step 100 of 1000)
+    # and purified with purify_sampler (ddim uses `steps`, capped at t_star).
+    t_star: int = 100
+    purify_sampler: str = "ddpm"
+    seed: int = 0
+
+
+def _trainer_defaults() -> TrainerConfig:
+    # Gradient clipping at 1.0 as in the DDPM reference training (Ho et al. 2020, App. B).
+    return TrainerConfig(max_epochs=40, gradient_clip_val=1.0)
 
 
 @dataclass
 class DenoiserJobConfig:
     run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ImageViewsConfig = field(default_factory=ImageViewsConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    trainer: TrainerConfig = field(default_factory=_trainer_defaults)
+    samples: SamplesConfig = field(default_factory=SamplesConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {}
+# Kept equal to ssl_robust.purify.UNET_PRESETS and SAMPLERS by tests/test_train_denoiser.py.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "denoiser.unet": ("ddpm-cifar10", "small", "tiny"),
+    "samples.sampler": ("ddim", "ddpm"),
+    "samples.purify_sampler": ("ddim", "ddpm", "oneshot"),
+}

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,11 @@ class DenoiserModule(pl.LightningModule):
     random initialisation. The EMA state is stored in the Lightning checkpoint, so a resumed run
     continues exactly where it stopped.
 
+    With ``seed`` set, the timesteps and noise of each training batch come from a generator
+    seeded by ``(seed, rank, epoch, batch index)`` rather than the global RNG, which checkpoints
+    do not hold: a run resumed from a checkpoint then takes exactly the steps an uninterrupted
+    run takes.
+
     Validation uses the online weights and fixed noise (seeded by the batch index) so epochs are
     comparable. Timesteps are stratified: image i of a batch falls in bucket i mod
     ``num_timestep_buckets``, uniform within it, so ``val/loss`` is still the uniform-t loss and
@@ -52,6 +58,7 @@ class DenoiserModule(pl.LightningModule):
             the remaining ``trainer.estimated_stepping_batches``.
         ema_decay: Upper bound of the EMA decay (DDPM: 0.9999).
         num_timestep_buckets: Number of equal timestep ranges for the validation MSE.
+        seed: Seed of the training noise; None draws it from the global RNG.
     """
 
     alphas_cumprod: Tensor  # (T,) buffer
@@ -65,6 +72,7 @@ class DenoiserModule(pl.LightningModule):
         warmup_steps: int = 5000,
         ema_decay: float = 0.9999,
         num_timestep_buckets: int = 10,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         num_train_timesteps = int(scheduler.config["num_train_timesteps"])
@@ -92,6 +100,7 @@ class DenoiserModule(pl.LightningModule):
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
         self.num_timestep_buckets = num_timestep_buckets
+        self.seed = seed
         self.num_train_timesteps = num_train_timesteps
         self.register_buffer(
             "alphas_cumprod", scheduler.alphas_cumprod.detach().float().clone(), persistent=False
@@ -116,8 +125,14 @@ class DenoiserModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = _images(batch)
-        t = torch.randint(0, self.num_train_timesteps, (x.shape[0],), device=x.device)
-        noise = torch.randn_like(x)
+        generator = None
+        if self.seed is not None:
+            key = [self.seed, self.global_rank, self.current_epoch, batch_idx]
+            state = np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)
+            generator = torch.Generator(device=x.device).manual_seed(int(state[0]) >> 1)
+        shape = (x.shape[0],)
+        t = torch.randint(0, self.num_train_timesteps, shape, generator=generator, device=x.device)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         loss = self._noise_loss(x, t, noise).mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
