@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from collections.abc import Callable
@@ -170,3 +171,21 @@ def test_script_runs_the_embedded_default(tmp_path: Path) -> None:
     run = tmp_path / "runs" / "pretrain-simclr-digits"
     assert json.loads((run / "metrics.json").read_text())["val/knn_acc"] > 0.1
     assert "Run directory" in res.stdout
+
+
+def test_extending_a_finished_run_follows_the_new_schedule(
+    tiny_pretrain_cfg: Callable[..., DictConfig],
+) -> None:
+    pretrain(tiny_pretrain_cfg("trainer.max_epochs=1", "optim.warmup_epochs=0"))
+    lrs: list[float] = []
+
+    class LR(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, module: Any, b: Any, i: int) -> None:
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    pretrain(tiny_pretrain_cfg("trainer.max_epochs=2", "optim.warmup_epochs=0"), callbacks=[LR()])
+    # Epoch 2 of a 6-step cosine run (steps 3..5) from 1 to 0.001 of the peak rate, not stuck
+    # at the final rate of the 3-step run it extends.
+    peak = 0.06 * 64 / 128
+    expected = [peak * (0.001 + 0.999 * (math.cos(math.pi * k / 5) + 1) / 2) for k in (3, 4, 5)]
+    assert lrs == pytest.approx(expected, rel=1e-4)

@@ -345,10 +345,13 @@ def load_image_folder(
         return FileSource([files[i] for i in good], labels[good], classes, image_size)
     source = ArraySource(np.stack(pixels), labels[good], classes)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.stem + ".tmp.npz")
-        np.savez(tmp, images=source.images, labels=source.labels, classes=json.dumps(classes))
-        os.replace(tmp, cache)
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(cache.stem + ".tmp.npz")
+            np.savez(tmp, images=source.images, labels=source.labels, classes=json.dumps(classes))
+            os.replace(tmp, cache)
+        except OSError as err:  # a read-only dataset folder: decode again next time
+            print(f"Could not cache decoded images in {str(cache.parent)!r}: {err}")
     return source
 
 

@@ -40,6 +40,24 @@ class OptimizerSpec:
             raise ValueError("base_lr must be > 0, reference_batch >= 1, warmup_epochs >= 0")
 
 
+class WarmupCosine(CosineWarmupScheduler):
+    """lightly's warm-up + cosine schedule that follows the current run's length on resume.
+
+    LambdaLR checkpoints its attributes, so a run resumed with a larger ``max_epochs`` would
+    otherwise keep the old schedule length and sit at the final learning rate.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        keep = ("max_epochs", "warmup_epochs")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in keep})
+        # The optimizer's restored rates came from the old schedule: recompute them (a no-op
+        # when the length did not change, so an ordinary resume stays exact).
+        for group, base_lr, lr_lambda in zip(
+            self.optimizer.param_groups, self.base_lrs, self.lr_lambdas
+        ):
+            group["lr"] = base_lr * lr_lambda(self.last_epoch)
+
+
 def scaled_lr(base_lr: float, global_batch: int, reference_batch: int, rule: str) -> float:
     """The learning-rate scaling rule (Goyal et al. 2017 linear; Krizhevsky 2014 sqrt).
 
@@ -104,7 +122,7 @@ def configure(
     steps_per_epoch = total_steps / max(1, trainer.max_epochs or 1)
     # Leave at least one step of cosine decay (lightly's schedule needs a non-empty decay).
     warmup_steps = min(max(0, total_steps - 1), int(spec.warmup_epochs * steps_per_epoch))
-    scheduler = CosineWarmupScheduler(optimizer, warmup_epochs=warmup_steps, max_epochs=total_steps)
+    scheduler = WarmupCosine(optimizer, warmup_epochs=warmup_steps, max_epochs=total_steps)
     info = {
         "optim/global_batch": float(global_batch),
         "optim/lr": lr,
