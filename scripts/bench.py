@@ -1,0 +1,41 @@
+#!/usr/bin/env python
+"""The project's speed in one place: pretraining pipeline vs lightly and the compute floor,
+purification per sampler vs raw UNet calls, corruption generation vs the CPU reference.
+
+    python scripts/bench.py --json runs/bench/all.json             # full run (GPU if present)
+    python scripts/bench.py --smoke                                # tiny CPU run for CI
+    python scripts/bench.py --only pretrain --cifar /data/cifar10-jpeg/train
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import corruption_bench, pretrain_bench, purify_bench  # noqa: E402
+
+PARTS = ("pretrain", "purify", "corruptions")
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--smoke", action="store_true", help="tiny CPU versions (seconds)")
+    p.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS))
+    p.add_argument("--json", type=Path, help="write every result here")
+    a = p.parse_args()
+    flag = ["--smoke"] if a.smoke else []
+    results = {}
+    if "pretrain" in a.only:
+        results["pretrain"] = pretrain_bench.main(flag)
+    if "purify" in a.only:
+        results["purify"] = purify_bench.main(flag)
+    if "corruptions" in a.only:
+        results["corruptions"] = corruption_bench.main(flag)
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(results, indent=2, default=str))
+        print(f"wrote {a.json}")
