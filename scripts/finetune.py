@@ -2,8 +2,8 @@
 """Fine-tuning of a pretrained encoder on a labeled subset (linear probe or full fine-tune).
 
 python scripts/finetune.py encoder.run=runs/pretrain-simclr-digits          # linear, 10 % labels
-python scripts/finetune.py linear_cifar10 encoder.run=runs/pretrain-simclr-cifar10 subset.fraction=0.01
-python scripts/finetune.py full_cifar10 encoder.run=runs/pretrain-byol-cifar10 run.seed=1
+python scripts/finetune.py linear_cifar10 encoder.run=runs/simclr-c10 subset.fraction=0.01
+python scripts/finetune.py full_cifar10 encoder.run=runs/byol-c10 run.seed=1
 """
 
 import sys

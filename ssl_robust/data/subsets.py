@@ -123,7 +123,7 @@ def subset_record(spec: SubsetSpec, labels: np.ndarray, data: dict[str, Any]) ->
     """What ``subset.json`` holds: the request, the split it indexes and the data it came from."""
     return {
         **asdict(spec),
-        "num_train": int(len(labels)),
+        "num_train": len(labels),
         "train_labels_sha1": labels_digest(labels),
         "data": data,
     }

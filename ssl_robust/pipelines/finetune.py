@@ -25,7 +25,6 @@ import torch
 import torchvision.transforms as T
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from ssl_robust.config import save_config, to_dict
@@ -213,8 +212,11 @@ def _trainer(job: _Job, callbacks: Sequence[Callback]) -> pl.Trainer:
         loggers=build_loggers(job.run_dir, cfg.wandb, config, "finetune", job.run_dir.name),
         # No best-by-val checkpoint: val/acc is measured on the evaluation split, and picking
         # weights by it would select on the test set. The final weights are tested.
-        callbacks=[*checkpoint_callbacks(job.run_dir, monitor=None), ConfigInCheckpoint(config)]
-        + list(callbacks),
+        callbacks=[
+            *checkpoint_callbacks(job.run_dir, monitor=None),
+            ConfigInCheckpoint(config),
+            *callbacks,
+        ],
     )
 
 

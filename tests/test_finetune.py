@@ -1,0 +1,216 @@
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+from safetensors.torch import load_file
+
+from ssl_robust.config import ConfigError, FinetuneConfig, load_config
+from ssl_robust.config.finetune import CHOICES
+from ssl_robust.data.datasets import build_splits
+from ssl_robust.finetune import features as features_mod
+from ssl_robust.finetune.export import load_classifier
+from ssl_robust.models.backbones import build_backbone
+from ssl_robust.models.export import EncoderMeta, export_encoder
+from ssl_robust.pipelines.finetune import MODES, finetune
+from ssl_robust.pipelines.pretrain import pretrain
+
+TINY = [
+    "trainer.accelerator=cpu",
+    "trainer.progress_bar=false",
+    "data.num_workers=0",
+    "data.batch_size=32",
+]
+
+
+def ft_cfg(encoder_run: Path, run_dir: Path, *overrides: str) -> DictConfig:
+    return load_config(
+        FinetuneConfig,
+        [*TINY, f"encoder.run={encoder_run}", f"run.dir={run_dir}", *overrides],
+        job="finetune",
+    )
+
+
+@pytest.fixture(scope="module")
+def random_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised convnet exported like a pretraining run (no config.yaml: the
+    data comes from encoder.json)."""
+    torch.manual_seed(0)
+    enc = build_backbone("convnet", 4)
+    folder = tmp_path_factory.mktemp("enc") / "pretrain-random"
+    meta = EncoderMeta(
+        "convnet", 4, enc.feat_dim, 8, [0.3] * 3, [0.4] * 3, 10, {"dataset": "digits"}
+    )
+    export_encoder(enc, meta, folder)
+    return folder
+
+
+def _accuracy(classifier: torch.nn.Module, data: dict[str, Any]) -> float:
+    """Accuracy of an exported classifier on the evaluation split rebuilt from its JSON."""
+    splits = build_splits(
+        data["name"], data["root"], image_size=data["image_size"],
+        val_fraction=data["val_fraction"], seed=data["seed"],
+    )  # fmt: skip
+    x = torch.from_numpy(splits.val.images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        pred = classifier.eval()(x).argmax(1)
+    return float((pred == torch.from_numpy(splits.val.labels)).float().mean())
+
+
+def test_linear_probe_caches_features_learns_and_exports(
+    tiny_pretrain_cfg: Callable[..., DictConfig],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    enc_run = tmp_path / "pretrain"
+    pretrain(tiny_pretrain_cfg(run_dir=enc_run))
+    enc_bytes = (enc_run / "encoder.safetensors").read_bytes()
+    calls: list[int] = []
+    original = features_mod.extract_features
+
+    def counting(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(features_mod, "extract_features", counting)
+
+    run = tmp_path / "ft"
+    metrics = finetune(ft_cfg(enc_run, run, "trainer.max_epochs=30"))
+    assert len(calls) == 2  # train and evaluation splits, once each
+    cache = list((enc_run / "features").glob("*.pt"))
+    assert len(cache) == 1
+    mtime = cache[0].stat().st_mtime_ns
+    for name in ("config.yaml", "subset.npy", "subset.json", "metrics.json", "classifier.json"):
+        assert (run / name).is_file(), name
+    assert json.loads((run / "metrics.json").read_text()) == pytest.approx(metrics)
+    assert metrics["subset/size"] == 143
+    # Learning: a 4-wide convnet pretrained for 6 steps still separates digits far above chance.
+    assert metrics["test/acc"] > 0.5 and metrics["train/loss"] < 1.5
+    # The encoder is frozen: its export is untouched and the classifier carries it unchanged.
+    assert (enc_run / "encoder.safetensors").read_bytes() == enc_bytes
+    clf, info = load_classifier(run)
+    enc_state = load_file(str(enc_run / "encoder.safetensors"))
+    for k, v in clf.encoder.state_dict().items():
+        torch.testing.assert_close(v, enc_state[k], rtol=0, atol=0)
+    # The exported classifier (folded standardisation) reproduces the logged test accuracy.
+    assert info["classes"] == [str(d) for d in range(10)] and info["mode"] == "linear"
+    assert info["data"]["seed"] == 0 and info["data"]["image_size"] == 8
+    assert _accuracy(clf, info["data"]) == pytest.approx(metrics["test/acc"], abs=1.5 / 359)
+
+    # Another seed (another subset, another run) reuses the cached features.
+    other = finetune(ft_cfg(enc_run, tmp_path / "ft-seed1", "run.seed=1", "trainer.max_epochs=30"))
+    assert len(calls) == 2 and cache[0].stat().st_mtime_ns == mtime
+    assert not np.array_equal(
+        np.load(run / "subset.npy"), np.load(tmp_path / "ft-seed1/subset.npy")
+    )
+    assert other["test/acc"] > 0.5
+
+
+def test_full_finetune_changes_the_encoder_and_resumes(
+    random_encoder: Path, tmp_path: Path
+) -> None:
+    class StopAfterFirstEpoch(pl.Callback):
+        def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            trainer.should_stop = True
+
+    run = tmp_path / "full"
+    common = ("mode=full", "subset.per_class=10", "trainer.max_epochs=2", "optim.lr=0.05")
+    finetune(ft_cfg(random_encoder, run, *common), callbacks=[StopAfterFirstEpoch()])
+    ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3  # one epoch: 100 images / 32, drop_last
+    metrics = finetune(ft_cfg(random_encoder, run, *common))  # rerun = resume
+    ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 6 and metrics["epochs"] == 2
+    assert metrics["optim/encoder_lr"] == pytest.approx(0.005)
+    for key in ("train/loss", "val/acc", "test/acc"):
+        assert key in metrics
+    clf, info = load_classifier(run)
+    assert info["mode"] == "full" and info["subset"]["size"] == 100
+    before = load_file(str(random_encoder / "encoder.safetensors"))
+    after = clf.encoder.state_dict()
+    assert any(not torch.equal(after[k], before[k]) for k in before if after[k].is_floating_point())
+    assert _accuracy(clf, info["data"]) == pytest.approx(metrics["test/acc"], abs=1.5 / 359)
+
+
+def test_full_finetune_fast_dev_run(random_encoder: Path, tmp_path: Path) -> None:
+    metrics = finetune(
+        ft_cfg(random_encoder, tmp_path / "dev", "mode=full", "trainer.fast_dev_run=true")
+    )
+    assert "train/loss" in metrics and "test/acc" in metrics
+    assert not (tmp_path / "dev" / "classifier.safetensors").exists()
+
+
+def test_purifier_at_test_time(random_encoder: Path, tmp_path: Path) -> None:
+    from ssl_robust.purify.unet import build_unet, make_scheduler, save_denoiser
+
+    torch.manual_seed(0)
+    save_denoiser(build_unet("tiny", 8), make_scheduler(), tmp_path / "denoiser")
+    purify = f"purify.run={tmp_path / 'denoiser'}"
+    cfg = ft_cfg(
+        random_encoder, tmp_path / "ft", "trainer.max_epochs=5", purify,
+        "purify.sampler=oneshot", "purify.sigma=0.1",
+    )  # fmt: skip
+    metrics = finetune(cfg)
+    assert metrics["purify/nfe"] == 1 and 0 < metrics["purify/t_star"] < 1000
+    assert 0.0 <= metrics["test/acc_purified"] <= 1.0 and "test/acc" in metrics
+    bad = ft_cfg(
+        random_encoder,
+        tmp_path / "ft16",
+        "data.image_size=16",
+        f"purify.run={tmp_path / 'denoiser'}",
+    )
+    with pytest.raises(ValueError, match="8-px images, the data is 16 px"):
+        finetune(bad)
+
+
+def test_bad_inputs_raise_clear_errors(random_encoder: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "missing"))):
+        finetune(ft_cfg(tmp_path / "missing", tmp_path / "a"))
+    with pytest.raises(ValueError, match=r"encoder\.run is empty"):
+        finetune(load_config(FinetuneConfig, [*TINY, f"run.dir={tmp_path / 'b'}"], job="finetune"))
+    for fraction in ("0", "1.5", "-0.1"):
+        with pytest.raises(ValueError, match=r"subset.fraction must be in \(0, 1\]"):
+            finetune(ft_cfg(random_encoder, tmp_path / "c", f"subset.fraction={fraction}"))
+    with pytest.raises(
+        ConfigError, match=r"invalid value 'probe' for 'mode'; choose from \['full', 'linear'\]"
+    ):
+        ft_cfg(random_encoder, tmp_path / "d", "mode=probe")
+    cfg = ft_cfg(random_encoder, tmp_path / "d")
+    cfg.mode = "probe"  # past the loader: the pipeline checks too
+    with pytest.raises(ValueError, match=r"unknown mode 'probe'; choose from \['full', 'linear'\]"):
+        finetune(cfg)
+    with pytest.raises(ValueError, match=r"class .0. has only 142 train images.*per_class=200"):
+        finetune(ft_cfg(random_encoder, tmp_path / "e", "subset.per_class=200"))
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_rerun_with_another_request_raises(random_encoder: Path, tmp_path: Path) -> None:
+    run = tmp_path / "ft"
+    finetune(ft_cfg(random_encoder, run, "trainer.max_epochs=1"))
+    with pytest.raises(ValueError, match="drawn for another request"):
+        finetune(ft_cfg(random_encoder, run, "trainer.max_epochs=1", "subset.fraction=0.2"))
+    with pytest.raises(ValueError, match="mode='linear', not 'full'"):
+        finetune(ft_cfg(random_encoder, run, "mode=full"))
+
+
+def test_default_run_dir_and_choices(random_encoder: Path) -> None:
+    from ssl_robust.data.subsets import SubsetSpec
+    from ssl_robust.pipelines.finetune import default_run_dir
+
+    cfg = load_config(
+        FinetuneConfig, [f"encoder.run={random_encoder}", "run.seed=3"], job="finetune"
+    )
+    assert default_run_dir(cfg, SubsetSpec(0.1, seed=3)) == (
+        random_encoder.parent / "finetune-linear-10pct-seed3-pretrain-random"
+    )
+    assert set(CHOICES["mode"]) == set(MODES)
+    for preset in ("default", "linear_cifar10", "full_cifar10"):
+        assert load_config(FinetuneConfig, [preset], job="finetune").mode in MODES
