@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,28 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ssl_robust.benchmarking import median_seconds
 from ssl_robust.evaluate.corruptions import CORRUPTIONS, corrupt
 
 SMOKE_CORRUPTIONS = ("gaussian_noise", "defocus_blur", "fog", "jpeg_compression")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> float:
-    """Median wall seconds of ``fn`` over ``repeats`` runs, after ``warmup`` untimed runs."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def make_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -113,7 +93,7 @@ def bench_corruptions(
         def ours(name: str = name, gen: torch.Generator = gen) -> torch.Tensor:
             return corrupt(x, name, severity, generator=gen)
 
-        ours_s = _time(ours, dev, repeats, warmup)
+        ours_s = median_seconds(ours, dev, repeats, warmup)
         row: dict[str, Any] = {
             "corruption": name,
             "severity": severity,
@@ -132,7 +112,7 @@ def bench_corruptions(
                 for img in subset:
                     ref_fn(img, corruption_name=name, severity=severity)
 
-            ref_s = _time(ref, torch.device("cpu"), repeats, warmup)
+            ref_s = median_seconds(ref, torch.device("cpu"), repeats, warmup)
             row["ref_img_s"] = ref_images / ref_s
             row["ratio"] = row["ours_img_s"] / row["ref_img_s"]
         rows.append(row)

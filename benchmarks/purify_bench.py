@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ssl_robust.benchmarking import median_seconds
 from ssl_robust.purify import Purifier, build_unet, make_scheduler
 
 # How the UNet runs: (autocast dtype or None, dtype the weights are cast to or None).
@@ -31,25 +30,6 @@ PRECISIONS: dict[str, tuple[torch.dtype | None, torch.dtype | None]] = {
     "bf16": (torch.bfloat16, None),  # bf16 autocast, fp32 weights: the Purifier's dtype=bf16
     "bf16-weights": (None, torch.bfloat16),  # the UNet itself cast to bf16
 }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> float:
-    """Median wall seconds of ``fn`` over ``repeats`` runs, after ``warmup`` untimed runs."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_purify(
@@ -117,7 +97,7 @@ def bench_purify(
                     _ = unet(x_in, ts).sample
 
         with torch.inference_mode():
-            seconds = _time(raw, dev, repeats, warmup)
+            seconds = median_seconds(raw, dev, repeats, warmup)
         raw_rate = batch * raw_calls / seconds
         rows.append(
             {
@@ -151,7 +131,7 @@ def bench_purify(
                     p(x, g)
 
             with torch.inference_mode():
-                seconds = _time(run, dev, repeats, warmup) / loops
+                seconds = median_seconds(run, dev, repeats, warmup) / loops
             images_per_s = batch / seconds
             rows.append(
                 {

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ from lightly.transforms import (
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ssl_robust.benchmarking import median_seconds
 from ssl_robust.data.gpu_views import byol_views, simclr_views
 
 
@@ -57,23 +56,6 @@ def _lightly_transform(method: str, image_size: int) -> Callable[[Image.Image], 
         BYOLView1Transform(input_size=image_size, gaussian_blur=0.0),
         BYOLView2Transform(input_size=image_size, gaussian_blur=0.0),
     )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_seconds(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
-    fn()  # warm-up: worker start-up, allocator, kernel caches
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_views(
@@ -122,7 +104,7 @@ def bench_views(
         for _views in loader:
             pass
 
-    lightly_s = _median_seconds(lightly_epoch, torch.device("cpu"), repeats)
+    lightly_s = median_seconds(lightly_epoch, torch.device("cpu"), repeats)
 
     # (b) ours: uint8 dataset already on the device, two views per batch.
     saved_threads = torch.get_num_threads()
@@ -140,7 +122,7 @@ def bench_views(
             for view in views:
                 view(x, view_gen)
 
-    batched_s = _median_seconds(batched_epoch, dev, repeats)
+    batched_s = median_seconds(batched_epoch, dev, repeats)
     used_threads = torch.get_num_threads()
     torch.set_num_threads(saved_threads)
 

@@ -50,9 +50,11 @@ def test_subset_is_disjoint_from_the_evaluation_split(digits: tuple) -> None:
     idx = draw_subset(labels, SubsetSpec(fraction=1.0))
     assert not set(train_idx[idx]) & set(val_idx)  # in indices of the full digits set
     splits = build_splits("digits", "data", image_size=8)
-    assert_disjoint(splits.train.images[idx], splits.val.images)
-    with pytest.raises(ValueError, match="1 labeled training image"):
-        assert_disjoint(splits.train.images[idx], splits.train.images[idx[:1]])
+    assert assert_disjoint(splits.train.images[idx], splits.val.images) == 0
+    # A stray duplicate (public datasets have a few) is reported; a real overlap raises.
+    assert assert_disjoint(splits.train.images[idx], splits.train.images[idx[:1]]) == 1
+    with pytest.raises(ValueError, match="100 labeled training image"):
+        assert_disjoint(splits.train.images[idx], splits.train.images[idx[:100]])
 
 
 def test_saved_subset_is_reused_and_a_different_request_raises(

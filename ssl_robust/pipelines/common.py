@@ -43,7 +43,13 @@ def build_data(cfg: DictConfig, run_dir: Path) -> Splits:
 def final_metrics(trainer: pl.Trainer) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, value in trainer.callback_metrics.items():
-        if "/" in key and isinstance(value, torch.Tensor) and value.numel() == 1:
+        # Hierarchical names only; the LR monitor's "lr-SGD/..." curves stay in the logs.
+        if (
+            "/" in key
+            and not key.startswith("lr-")
+            and isinstance(value, torch.Tensor)
+            and (value.numel() == 1)
+        ):
             out[key] = float(value)
     return out
 
