@@ -1,4 +1,9 @@
-"""The evaluation job's schema (clean, corruptions, attacks, calibration, OOD, latency)."""
+"""The evaluation job's schema (clean, corruptions, attacks, calibration, OOD, latency).
+
+Every section can be switched off and shrunk, so CI runs a tiny grid with the same code that
+runs the full benchmark. Value sets that are lists (corruption names, eps lists) are checked by
+the pipeline before any work starts (``pipelines.evaluate.check_config``).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,178 @@ from dataclasses import dataclass, field
 
 from ssl_robust.config.common import RunConfig, WandbConfig
 
+# The 15 CIFAR-10-C benchmark corruptions (Hendrycks & Dietterich 2019), in the paper's order.
+BENCHMARK_CORRUPTIONS = [
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "glass_blur",
+    "motion_blur",
+    "zoom_blur",
+    "snow",
+    "frost",
+    "fog",
+    "brightness",
+    "contrast",
+    "elastic_transform",
+    "pixelate",
+    "jpeg_compression",
+]
+
+
+@dataclass
+class ClassifierSection:
+    # A fine-tuning run directory holding classifier.safetensors + classifier.json (required).
+    run: str = ""
+
+
+@dataclass
+class PurifierSection:
+    # A denoiser run directory or any local diffusers UNet folder; "" evaluates the bare
+    # classifier.
+    run: str = ""
+    sampler: str = "ddpm"
+    # Diffusion steps added before the reverse pass. DiffPure's t* = 0.1 of T = 1000 (Nie et
+    # al. 2022, Sec. 5.1). Ignored when sigma > 0.
+    t_star: int = 100
+    # > 0: pick t* for this Gaussian std on [0, 1] images (denoised smoothing, Carlini et al.
+    # 2023).
+    sigma: float = 0.0
+    ddim_steps: int = 5
+    # Recompute UNet activations in the backward pass: exact gradients through long samplers
+    # in bounded memory (REFERENCE §4.2).
+    gradient_checkpointing: bool = True
+    # Freeze the purifier's noise (a deterministic pipeline; AutoAttack then applies).
+    fixed_noise: bool = False
+    dtype: str = "float32"
+
+
+@dataclass
+class EvalDataSection:
+    # "auto": the data the classifier was fine-tuned on (classifier.json "data"); the
+    # evaluation split is that data's validation split.
+    name: str = "auto"
+    # "" keeps the classifier's data root (set it when the data moved).
+    root: str = ""
+    download: bool = False
+
+
+@dataclass
+class EvalSection:
+    # "auto" takes cuda when available.
+    device: str = "auto"
+    batch_size: int = 256
+    # Cap on evaluation images (a seeded random subset of the split); 0 = all.
+    max_images: int = 0
+    progress: bool = True
+
+
+@dataclass
+class CleanSection:
+    enabled: bool = True
+
+
+@dataclass
+class ShiftSection:
+    enabled: bool = True
+    corruptions: list[str] = field(default_factory=lambda: list(BENCHMARK_CORRUPTIONS))
+    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    # A CIFAR-10-C style folder (released layout: <corruption>.npy + labels.npy) to read
+    # instead of generating the corruptions on the fly.
+    cifar_c_dir: str = ""
+    # With cifar_c_dir: first generate the missing corruptions of the evaluation set there
+    # (resumable), then read them.
+    write_cifar_c: bool = False
+    # Images per corruption call; the generated images depend on it (random draws are made
+    # per batch), so keep it equal to the one a cache was written with.
+    batch_size: int = 1000
+
+
+@dataclass
+class AttackSection:
+    enabled: bool = True
+    # Linf radii in units of 1/255 and L2 radii on [0, 1] images (REFERENCE §3).
+    linf_eps: list[float] = field(default_factory=lambda: [8.0])
+    l2_eps: list[float] = field(default_factory=lambda: [0.5])
+    # PGD steps (>= 100 for purifiers, REFERENCE §4.3) and step size (0: 2.5 * eps / steps).
+    steps: int = 100
+    step_size: float = 0.0
+    random_start: bool = True
+    loss: str = "ce"
+    # Through a stochastic purifier: gradients averaged over `eot` draws per step (>= 20) and
+    # each adversarial example re-scored over `rescore_draws` purifications (REFERENCE §4.3-4).
+    # A deterministic pipeline uses 1 and 1.
+    eot: int = 20
+    rescore_draws: int = 10
+    # Images attacked (a seeded subset of the evaluation set); 0 = all.
+    max_images: int = 512
+    # AutoAttack (Croce & Hein 2020) for deterministic pipelines; needs `pyautoattack`.
+    autoattack: bool = True
+    autoattack_version: str = "standard"
+    # Attacks of version "custom" (apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square).
+    autoattack_attacks: list[str] = field(default_factory=list)
+    # The checks of REFERENCE §4.5 on `sanity_images` images, for each norm in use.
+    sanity_checks: bool = True
+    sanity_images: int = 100
+    sanity_linf_eps: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0, 16.0])
+    sanity_l2_eps: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
+    # Black-box queries per image (0: max(100, steps * eot)); comparison slack (0: automatic,
+    # one image or two standard errors of the accuracy estimate).
+    sanity_queries: int = 0
+    sanity_tol: float = 0.0
+
+
+@dataclass
+class CalibSection:
+    enabled: bool = True
+    n_bins: int = 15
+
+
+@dataclass
+class OODSection:
+    enabled: bool = True
+    # Synthetic noise sets (Hendrycks et al. 2019, Outlier Exposure, App. B).
+    noise_kinds: list[str] = field(default_factory=lambda: ["gaussian", "uniform", "blobs"])
+    # Noise images per kind; 0 = as many as evaluation images.
+    num_noise: int = 0
+    # Classes whose images count as OOD against the other classes. The classifier was
+    # trained on every class, so this is meaningful only for a classifier fine-tuned without
+    # them; empty skips the held-out set.
+    held_out_classes: list[int] = field(default_factory=list)
+    # The pooled highest-severity corruptions as a near-OOD set (needs the shift section).
+    shift: bool = True
+
+
+@dataclass
+class PerfSection:
+    enabled: bool = True
+    batch_size: int = 256
+    warmup: int = 3
+    iters: int = 10
+
 
 @dataclass
 class EvaluateConfig:
     run: RunConfig = field(default_factory=RunConfig)
+    classifier: ClassifierSection = field(default_factory=ClassifierSection)
+    purifier: PurifierSection = field(default_factory=PurifierSection)
+    data: EvalDataSection = field(default_factory=EvalDataSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    clean: CleanSection = field(default_factory=CleanSection)
+    shift: ShiftSection = field(default_factory=ShiftSection)
+    adv: AttackSection = field(default_factory=AttackSection)
+    calib: CalibSection = field(default_factory=CalibSection)
+    ood: OODSection = field(default_factory=OODSection)
+    perf: PerfSection = field(default_factory=PerfSection)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.name": ("auto", "cifar10", "cifar100", "digits", "imagefolder", "stl10"),
+    "eval.device": ("auto", "cpu", "cuda"),
+    "purifier.sampler": ("ddim", "ddpm", "oneshot"),
+    "purifier.dtype": ("bfloat16", "float32"),
+    "adv.loss": ("ce", "margin"),
+    "adv.autoattack_version": ("custom", "plus", "rand", "standard"),
+}

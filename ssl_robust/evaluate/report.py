@@ -1,0 +1,776 @@
+"""The evaluation report: ``report.json``, ``report.md``, PNG plots and their wandb twins.
+
+A report is a plain dict, so it can be written, read back and re-rendered without the models:
+
+- ``metrics``: every number under a hierarchical name (the names of :data:`METRIC_DOCS`);
+- ``meta``: what was evaluated and how (runs, data, grid, threat models, attack protocol);
+- ``sanity``: the REFERENCE §4.5 checks per norm, ``{"passed": bool, "values": ...}``;
+- ``reliability``: reliability-diagram bins per calibration set;
+- ``ood_hist``: score histograms (in-distribution vs each OOD set);
+- ``notes``: protocol deviations and skipped parts, in words.
+
+The Markdown and wandb tables come from the same :func:`report_tables`, so the two never
+disagree. Plots use matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ssl_robust.evaluate.corruptions import CORRUPTION_GROUPS
+
+__all__ = [
+    "ANCHORS",
+    "METRIC_DOCS",
+    "OOD_SCORES",
+    "SANITY_CHECKS",
+    "Table",
+    "describe_metric",
+    "expected_metric_keys",
+    "group_of",
+    "log_to_wandb",
+    "make_plots",
+    "render_markdown",
+    "report_tables",
+    "threat_name",
+    "write_report",
+]
+
+# The documented metric names. ``{...}`` fields are filled by expected_metric_keys; every key
+# a report holds matches exactly one template (tests check both directions).
+METRIC_DOCS: dict[str, str] = {
+    "test/acc": "Clean top-1 accuracy of the evaluated pipeline (one purification per image).",
+    "test/acc_unpurified": "Clean accuracy of the classifier alone (runs with a purifier).",
+    "test/n": "Number of evaluation images.",
+    "shift/{corruption}/{severity}/acc": "Accuracy on one corruption at one severity.",
+    "shift/mean_acc": "Mean accuracy over the corruption x severity grid (RobustBench).",
+    "shift/group/{group}/acc": "Mean over the group's corruptions in the grid, all severities.",
+    "shift/severity/{severity}/acc": "Mean over the grid's corruptions at one severity.",
+    "shift/severity5_acc": "Mean over the grid's corruptions at severity 5.",
+    "adv/{threat}/acc": "PGD(-EOT) robust accuracy, mean over re-scoring purifications.",
+    "adv/{threat}/acc_worst": "Fraction of attacked images correct in every re-scoring draw.",
+    "adv/{threat}/clean_acc": "Accuracy of the attacked subset before the attack.",
+    "adv/{threat}/n": "Number of attacked images.",
+    "adv/{threat}/steps": "PGD steps.",
+    "adv/{threat}/eot": "Gradient draws averaged per PGD step (EOT).",
+    "adv/{threat}/rescore_draws": "Independent pipeline calls scoring each adversarial image.",
+    "adv/{threat}/attack_calls_per_image": "Pipeline calls made by the attack per image.",
+    "adv/{threat}/pipeline_calls_per_image": "All pipeline calls per image: attack + scoring.",
+    "adv/{threat}/nfe_per_image": "Network evaluations per image of the attack "
+    "(denoiser calls + one classifier call per pipeline call).",
+    "adv/{threat}/wall_s": "Wall time of the attack and its scoring, seconds.",
+    "adv/{threat}/autoattack_acc": "AutoAttack robust accuracy (deterministic pipelines).",
+    "adv/{threat}/autoattack_wall_s": "Wall time of AutoAttack, seconds.",
+    "adv/sanity/{norm}/{check}": "1 if the REFERENCE §4.5 check passed, else 0.",
+    "adv/sanity/{norm}/passed": "1 if every sanity check of the norm passed.",
+    "calib/{set}/ece": "Expected calibration error, 15 equal-width bins (Guo et al. 2017).",
+    "calib/{set}/nll": "Mean negative log-likelihood.",
+    "calib/{set}/brier": "Multi-class Brier score.",
+    "calib/{set}/acc": "Accuracy of the calibration set.",
+    "ood/{set}/{score}/auroc": "AUROC, in-distribution as positives.",
+    "ood/{set}/{score}/fpr95": "False-positive rate at 95% true-positive rate.",
+    "perf/latency_ms": "Classifier latency at batch 1, median ms.",
+    "perf/throughput_ips": "Classifier throughput at perf.batch_size, images/s.",
+    "perf/purified_latency_ms": "Purifier + classifier latency at batch 1, median ms.",
+    "perf/purified_throughput_ips": "Purifier + classifier throughput, images/s.",
+    "perf/purifier_nfe": "Denoiser evaluations per purification.",
+    "perf/batch_size": "Batch size of the throughput measurement.",
+    "perf/eval_wall_s": "Wall time of the whole evaluation, seconds.",
+}
+
+OOD_SCORES = ("msp", "energy")
+SANITY_CHECKS = (
+    "eps_monotone",
+    "large_eps",
+    "more_steps",
+    "more_eot",
+    "black_box",
+    "nonzero_gradients",
+)
+
+# REFERENCE §1: published numbers to read ours against (CIFAR-10, accuracies in %).
+ANCHORS: list[dict[str, str]] = [
+    {
+        "model": "Standard WRN-28-10",
+        "clean": "94.78",
+        "measure": "CIFAR-10-C mean 73.46 "
+        "(sev 1..5: 86.9 / 81.3 / 74.9 / 67.6 / 56.5); AutoAttack Linf 8/255: 0.0",
+    },
+    {"model": "AugMix WRN-40-2", "clean": "95.08", "measure": "CIFAR-10-C mean 88.82"},
+    {"model": "best CIFAR-10-C entries", "clean": "~96.6", "measure": "CIFAR-10-C mean 92.78"},
+    {
+        "model": "Sehwag2021 ResNet-18 (adv. trained)",
+        "clean": "84.59",
+        "measure": "AutoAttack Linf 8/255: 55.54",
+    },
+    {
+        "model": "DiffPure WRN-28-10 (as published)",
+        "clean": "89.0",
+        "measure": "Linf 8/255: 70.6 claimed; full-gradient re-evaluations ~46-47",
+    },
+]
+
+
+def threat_name(norm: str, eps: float) -> str:
+    """``linf_8`` (eps in units of 1/255) or ``l2_0.5`` (eps on [0, 1] images).
+
+    Args:
+        norm: ``"linf"`` or ``"l2"``.
+        eps: The radius in the metric-name unit: 1/255 for Linf, plain for L2.
+    """
+    if norm not in ("linf", "l2"):
+        raise ValueError(f"unknown norm {norm!r}; choose from ['linf', 'l2']")
+    return f"{norm}_{eps:g}"
+
+
+def group_of(corruption: str) -> str:
+    """The CIFAR-10-C group of a corruption (noise, blur, weather, digital) or ``extra``."""
+    return next((g for g, names in CORRUPTION_GROUPS.items() if corruption in names), "extra")
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    parts = re.split(r"\{[a-z]+\}", template)
+    return re.compile("^" + "[^/]+".join(re.escape(p) for p in parts) + "$")
+
+
+_TEMPLATES = [(t, _template_regex(t)) for t in METRIC_DOCS]
+
+
+def describe_metric(key: str) -> str | None:
+    """The documentation of a metric name, or None when no template matches it."""
+    fixed = METRIC_DOCS.get(key)
+    if fixed is not None:
+        return fixed
+    for template, regex in _TEMPLATES:
+        if "{" in template and regex.match(key):
+            return METRIC_DOCS[template]
+    return None
+
+
+def expected_metric_keys(
+    *,
+    clean: bool = True,
+    purified: bool = False,
+    corruptions: Sequence[str] = (),
+    severities: Sequence[int] = (),
+    threats: Sequence[str] = (),
+    autoattack: bool = False,
+    sanity_norms: Sequence[str] = (),
+    calib_sets: Sequence[str] = (),
+    ood_sets: Sequence[str] = (),
+    perf: bool = False,
+) -> set[str]:
+    """Every metric name a report of this shape holds.
+
+    Args:
+        clean: The clean section ran.
+        purified: A purifier sat in front of the classifier.
+        corruptions: The corruption grid (empty: the shift section did not run).
+        severities: Its severities.
+        threats: Threat names (:func:`threat_name`) attacked.
+        autoattack: AutoAttack ran for every threat.
+        sanity_norms: Norms whose sanity checks ran.
+        calib_sets: Calibration sets (``clean``, ``shift``).
+        ood_sets: OOD sets.
+        perf: The latency section ran.
+    """
+    keys: set[str] = {"perf/eval_wall_s"}
+    if clean:
+        keys |= {"test/acc", "test/n"}
+        if purified:
+            keys.add("test/acc_unpurified")
+    if corruptions and severities:
+        keys.add("shift/mean_acc")
+        keys |= {f"shift/{c}/{s}/acc" for c in corruptions for s in severities}
+        keys |= {f"shift/group/{group_of(c)}/acc" for c in corruptions}
+        keys |= {f"shift/severity/{s}/acc" for s in severities}
+        if 5 in severities:
+            keys.add("shift/severity5_acc")
+    per_threat = [
+        "acc",
+        "acc_worst",
+        "clean_acc",
+        "n",
+        "steps",
+        "eot",
+        "rescore_draws",
+        "attack_calls_per_image",
+        "pipeline_calls_per_image",
+        "nfe_per_image",
+        "wall_s",
+    ]
+    if autoattack:
+        per_threat += ["autoattack_acc", "autoattack_wall_s"]
+    keys |= {f"adv/{t}/{m}" for t in threats for m in per_threat}
+    for norm in sanity_norms:
+        keys |= {f"adv/sanity/{norm}/{c}" for c in SANITY_CHECKS}
+        keys.add(f"adv/sanity/{norm}/passed")
+    keys |= {f"calib/{s}/{m}" for s in calib_sets for m in ("ece", "nll", "brier", "acc")}
+    keys |= {f"ood/{s}/{sc}/{m}" for s in ood_sets for sc in OOD_SCORES for m in ("auroc", "fpr95")}
+    if perf:
+        keys |= {"perf/latency_ms", "perf/throughput_ips", "perf/batch_size"}
+        if purified:
+            keys |= {
+                "perf/purified_latency_ms",
+                "perf/purified_throughput_ips",
+                "perf/purifier_nfe",
+            }
+    return keys
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables (shared by the Markdown and wandb)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Table:
+    """A titled table; ``formats`` per column: ``str``, ``pct`` (fraction shown in %),
+    ``f4``, ``f2``, ``f1`` or ``int``."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+    formats: list[str]
+
+
+def _fmt(value: Any, kind: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "**no**"
+    if kind == "str" or isinstance(value, str):
+        return str(value)
+    if kind == "pct":
+        return f"{100 * value:.2f}"
+    if kind == "int":
+        return f"{round(value)}"
+    digits = {"f4": 4, "f2": 2, "f1": 1}.get(kind, 4)
+    return f"{value:.{digits}f}"
+
+
+def _markdown_table(table: Table) -> str:
+    head = "| " + " | ".join(table.columns) + " |"
+    align = "| " + " | ".join("---" if f == "str" else "---:" for f in table.formats) + " |"
+    body = [
+        "| " + " | ".join(_fmt(v, f) for v, f in zip(row, table.formats)) + " |"
+        for row in table.rows
+    ]
+    return "\n".join([head, align, *body])
+
+
+def _grid(report: dict[str, Any]) -> tuple[list[str], list[int]]:
+    grid = report.get("meta", {}).get("grid") or {}
+    return list(grid.get("corruptions", [])), [int(s) for s in grid.get("severities", [])]
+
+
+def _threats(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(report.get("meta", {}).get("threats", []))
+
+
+def _compact(values: Any) -> str:
+    """A short, readable rendering of a sanity check's values."""
+
+    def short(v: Any) -> Any:
+        if isinstance(v, float):
+            return float(f"{v:.4g}")
+        if isinstance(v, list):
+            return [short(x) for x in v]
+        if isinstance(v, dict):
+            return {k: short(x) for k, x in v.items()}
+        return v
+
+    return json.dumps(short(values), separators=(", ", ": "))
+
+
+def report_tables(report: dict[str, Any]) -> dict[str, Table]:
+    """The report's tables by key (those whose section ran), in reading order."""
+    m: dict[str, float] = report.get("metrics", {})
+    tables: dict[str, Table] = {}
+
+    if "test/acc" in m:
+        rows: list[list[Any]] = [["pipeline", m["test/acc"], m.get("test/n")]]
+        if "test/acc_unpurified" in m:
+            rows.append(["classifier alone (no purifier)", m["test/acc_unpurified"], m["test/n"]])
+        tables["clean"] = Table(
+            "Clean accuracy (%)", ["model", "acc", "images"], rows, ["str", "pct", "int"]
+        )
+
+    corruptions, severities = _grid(report)
+    if "shift/mean_acc" in m:
+        summary = [["mean over the grid", m["shift/mean_acc"]]]
+        if "shift/severity5_acc" in m:
+            summary.append(["severity 5", m["shift/severity5_acc"]])
+        if "test/acc" in m:
+            summary.insert(0, ["clean", m["test/acc"]])
+        tables["shift_summary"] = Table(
+            "Corruption accuracy (%)", ["set", "acc"], summary, ["str", "pct"]
+        )
+        groups = [g for g in [*CORRUPTION_GROUPS, "extra"] if f"shift/group/{g}/acc" in m]
+        tables["shift_groups"] = Table(
+            "Per group (%)",
+            ["group", "acc"],
+            [[g, m[f"shift/group/{g}/acc"]] for g in groups],
+            ["str", "pct"],
+        )
+        tables["shift_severities"] = Table(
+            "Per severity (%)",
+            ["severity", "acc"],
+            [[str(s), m[f"shift/severity/{s}/acc"]] for s in severities],
+            ["str", "pct"],
+        )
+        grid_rows = []
+        for c in corruptions:
+            cells = [m.get(f"shift/{c}/{s}/acc") for s in severities]
+            valid = [v for v in cells if v is not None]
+            grid_rows.append([c, group_of(c), *cells, sum(valid) / len(valid) if valid else None])
+        grid_rows.append(
+            [
+                "mean",
+                "",
+                *[m.get(f"shift/severity/{s}/acc") for s in severities],
+                m["shift/mean_acc"],
+            ]
+        )
+        tables["shift_grid"] = Table(
+            "Corruption x severity (%)",
+            ["corruption", "group", *[f"s{s}" for s in severities], "mean"],
+            grid_rows,
+            ["str", "str", *["pct"] * len(severities), "pct"],
+        )
+
+    threats = [t for t in _threats(report) if f"adv/{t['name']}/acc" in m]
+    if threats:
+        rows = []
+        for t in threats:
+            p = f"adv/{t['name']}/"
+            rows.append(
+                [
+                    t["name"],
+                    t.get("eps_label", ""),
+                    m[p + "clean_acc"],
+                    m[p + "acc"],
+                    m[p + "acc_worst"],
+                    m.get(p + "autoattack_acc"),
+                    m[p + "n"],
+                    m[p + "nfe_per_image"],
+                    m[p + "wall_s"],
+                ]
+            )
+        tables["adv"] = Table(
+            "Robust accuracy (%)",
+            [
+                "threat",
+                "eps",
+                "clean",
+                "PGD mean",
+                "PGD worst",
+                "AutoAttack",
+                "images",
+                "NFE / image",
+                "wall s",
+            ],
+            rows,
+            ["str", "str", "pct", "pct", "pct", "pct", "int", "int", "f1"],
+        )
+
+    sanity: dict[str, dict[str, dict[str, Any]]] = report.get("sanity", {})
+    if sanity:
+        rows = [
+            [norm, check, bool(result.get("passed")), _compact(result.get("values"))]
+            for norm, checks in sanity.items()
+            for check, result in checks.items()
+        ]
+        tables["sanity"] = Table(
+            "Sanity checks (REFERENCE §4.5)",
+            ["norm", "check", "passed", "values"],
+            rows,
+            ["str", "str", "str", "str"],
+        )
+
+    calib_sets = [s for s in ("clean", "shift") if f"calib/{s}/ece" in m]
+    if calib_sets:
+        tables["calib"] = Table(
+            "Calibration",
+            ["set", "acc (%)", "ECE", "NLL", "Brier"],
+            [
+                [
+                    s,
+                    m[f"calib/{s}/acc"],
+                    m[f"calib/{s}/ece"],
+                    m[f"calib/{s}/nll"],
+                    m[f"calib/{s}/brier"],
+                ]
+                for s in calib_sets
+            ],
+            ["str", "pct", "f4", "f4", "f4"],
+        )
+
+    ood_sets = report.get("meta", {}).get("ood_sets", [])
+    ood_rows = [
+        [s, score, m[f"ood/{s}/{score}/auroc"], m[f"ood/{s}/{score}/fpr95"]]
+        for s in ood_sets
+        for score in OOD_SCORES
+        if f"ood/{s}/{score}/auroc" in m
+    ]
+    if ood_rows:
+        tables["ood"] = Table(
+            "OOD detection (in-distribution = positives)",
+            ["set", "score", "AUROC (%)", "FPR@95 (%)"],
+            ood_rows,
+            ["str", "str", "pct", "pct"],
+        )
+
+    if "perf/latency_ms" in m:
+        rows = [
+            ["classifier", m["perf/latency_ms"], m["perf/throughput_ips"]],
+        ]
+        if "perf/purified_latency_ms" in m:
+            rows.append(
+                [
+                    f"purifier ({m['perf/purifier_nfe']:.0f} NFE) + classifier",
+                    m["perf/purified_latency_ms"],
+                    m["perf/purified_throughput_ips"],
+                ]
+            )
+        batch = m.get("perf/batch_size", float("nan"))
+        tables["perf"] = Table(
+            "Latency and throughput",
+            ["pipeline", "latency batch 1 (ms)", f"throughput batch {batch:.0f} (img/s)"],
+            rows,
+            ["str", "f2", "f1"],
+        )
+    return tables
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------------
+
+
+def _anchors_md() -> str:
+    table = Table(
+        "Anchors",
+        ["model", "clean (%)", "measure (%)"],
+        [[a["model"], a["clean"], a["measure"]] for a in ANCHORS],
+        ["str", "str", "str"],
+    )
+    return _markdown_table(table)
+
+
+def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None) -> str:
+    """The human-readable report: the tables of :func:`report_tables` plus context.
+
+    Args:
+        report: The report dict (see the module docstring).
+        plots: Plot name -> path relative to the Markdown file, embedded where they belong.
+    """
+    plots = plots or {}
+    meta: dict[str, Any] = report.get("meta", {})
+    m: dict[str, float] = report.get("metrics", {})
+    tables = report_tables(report)
+    out: list[str] = [f"# Evaluation report: {meta.get('title', 'classifier')}", ""]
+    info = [
+        ["classifier run", meta.get("classifier", "")],
+        ["purifier", meta.get("purifier") or "none"],
+        ["data", meta.get("data", "")],
+        ["evaluation images", meta.get("num_images", "")],
+        ["device", meta.get("device", "")],
+        ["seed", meta.get("seed", "")],
+        ["wall time (s)", f"{m['perf/eval_wall_s']:.1f}" if "perf/eval_wall_s" in m else ""],
+        ["created", meta.get("created", "")],
+    ]
+    out += [_markdown_table(Table("", ["", ""], info, ["str", "str"])), ""]
+    notes = report.get("notes", [])
+    if notes:
+        out += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+
+    def section(title: str, keys: Sequence[str], text: str = "", plot: str = "") -> None:
+        present = [k for k in keys if k in tables]
+        if not present:
+            return
+        out.extend([f"## {title}", ""])
+        if text:
+            out.extend([text, ""])
+        for k in present:
+            t = tables[k]
+            if len(present) > 1 or k not in ("clean",):
+                out.extend([f"**{t.title}**", ""])
+            out.extend([_markdown_table(t), ""])
+        if plot and plot in plots:
+            out.extend([f"![{plot}]({plots[plot]})", ""])
+
+    section("Clean accuracy", ["clean"])
+    grid = meta.get("grid") or {}
+    section(
+        "Common corruptions",
+        ["shift_summary", "shift_groups", "shift_severities", "shift_grid"],
+        f"CIFAR-10-C corruptions, source: {grid.get('source', 'generated on the fly')}. "
+        "The mean is over the whole corruption x severity grid (RobustBench convention).",
+        "shift_severity",
+    )
+    attack = meta.get("attack") or {}
+    protocol = ""
+    if attack:
+        protocol = (
+            f"PGD-{attack.get('steps')} ({attack.get('loss')} loss, step "
+            f"{attack.get('step_size_rule', '2.5 eps / steps')}, random start "
+            f"{attack.get('random_start')}) on the whole pipeline x in [0, 1] -> "
+            f"{'purifier -> ' if meta.get('purifier') else ''}classifier; EOT "
+            f"{attack.get('eot')} gradient draws per step, each adversarial image re-scored over "
+            f"{attack.get('rescore_draws')} independent calls (mean and worst case). "
+            f"Gradients: {attack.get('gradients', 'exact')}."
+        )
+    section("Adversarial robustness", ["adv", "sanity"], protocol, "robust_eps")
+    section(
+        "Calibration",
+        ["calib"],
+        "ECE with 15 equal-width confidence bins; NLL; multi-class Brier score. The shift set "
+        f"pools {meta.get('calib_shift_set', 'the highest-severity corruptions')}.",
+        "reliability",
+    )
+    section("Out-of-distribution detection", ["ood"], "", "ood_hist")
+    section("Latency and throughput", ["perf"])
+    out += ["## Anchors for context (REFERENCE §1, CIFAR-10)", "", _anchors_md(), ""]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def _plot_shift(report: dict[str, Any], path: Path) -> Path | None:
+    m = report.get("metrics", {})
+    corruptions, severities = _grid(report)
+    if "shift/mean_acc" not in m or not severities:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = ([0] if "test/acc" in m else []) + severities
+    groups: dict[str, list[str]] = {}
+    for c in corruptions:
+        groups.setdefault(group_of(c), []).append(c)
+    for group, names in groups.items():
+        ys = [sum(m[f"shift/{c}/{s}/acc"] for c in names) / len(names) for s in severities]
+        ys = ([m["test/acc"]] if "test/acc" in m else []) + ys
+        ax.plot(xs, [100 * y for y in ys], marker="o", label=group)
+    mean = [m[f"shift/severity/{s}/acc"] for s in severities]
+    mean = ([m["test/acc"]] if "test/acc" in m else []) + mean
+    ax.plot(xs, [100 * y for y in mean], "k--", marker="s", label="mean")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(["clean" if x == 0 else str(x) for x in xs])
+    ax.set_xlabel("severity")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy vs corruption severity")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def _plot_reliability(report: dict[str, Any], path: Path) -> Path | None:
+    bins_by_set: dict[str, dict[str, list[Any]]] = report.get("reliability", {})
+    if not bins_by_set:
+        return None
+    plt = _pyplot()
+    n = len(bins_by_set)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 4), squeeze=False)
+    for ax, (name, bins) in zip(axes[0], bins_by_set.items()):
+        # Empty bins (count 0) have no accuracy or confidence: draw nothing there.
+        full = [i for i, c in enumerate(bins["count"]) if c]
+        lower = [bins["lower"][i] for i in full]
+        widths = [bins["upper"][i] - bins["lower"][i] for i in full]
+        acc = [bins["accuracy"][i] for i in full]
+        conf = [bins["confidence"][i] for i in full]
+        ax.bar(lower, acc, width=widths, align="edge", edgecolor="k", alpha=0.7, label="accuracy")
+        ax.bar(
+            lower,
+            [c - a for c, a in zip(conf, acc)],
+            bottom=acc,
+            width=widths,
+            align="edge",
+            color="red",
+            alpha=0.3,
+            label="gap to confidence",
+        )
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+        ece = report.get("metrics", {}).get(f"calib/{name}/ece")
+        ax.set_title(f"{name}" + (f" (ECE {ece:.3f})" if ece is not None else ""))
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.legend(loc="upper left")
+    return _save(fig, path)
+
+
+def _plot_robust(report: dict[str, Any], path: Path) -> Path | None:
+    m = report.get("metrics", {})
+    threats = [t for t in _threats(report) if f"adv/{t['name']}/acc" in m]
+    sanity = report.get("sanity", {})
+    norms = sorted({t["norm"] for t in threats} | set(sanity))
+    if not norms:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(norms), figsize=(4.5 * len(norms), 4), squeeze=False)
+    for ax, norm in zip(axes[0], norms):
+        scale = 255.0 if norm == "linf" else 1.0  # plot Linf radii in units of 1/255
+        curve = sanity.get(norm, {}).get("eps_monotone", {}).get("values")
+        if curve:
+            ax.plot(
+                [scale * e for e in curve["eps"]],
+                [100 * a for a in curve["acc"]],
+                "o-",
+                color="gray",
+                label="sanity sweep",
+            )
+        mine = sorted((t for t in threats if t["norm"] == norm), key=lambda t: t["eps"])
+        if mine:
+            xs = [scale * t["eps"] for t in mine]
+            ax.plot(xs, [100 * m[f"adv/{t['name']}/acc"] for t in mine], "s-", label="PGD mean")
+            ax.plot(
+                xs, [100 * m[f"adv/{t['name']}/acc_worst"] for t in mine], "v--", label="PGD worst"
+            )
+            if any(f"adv/{t['name']}/autoattack_acc" in m for t in mine):
+                aa = [
+                    (scale * t["eps"], 100 * m[f"adv/{t['name']}/autoattack_acc"])
+                    for t in mine
+                    if f"adv/{t['name']}/autoattack_acc" in m
+                ]
+                ax.plot(*zip(*aa), "x", markersize=9, label="AutoAttack")
+        ax.set_xlabel("eps (x 1/255)" if norm == "linf" else "eps (L2)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(-2, 102)
+        ax.set_title(f"Robust accuracy, {norm}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, path)
+
+
+def _plot_ood(report: dict[str, Any], path: Path) -> Path | None:
+    hists: dict[str, dict[str, dict[str, list[float]]]] = report.get("ood_hist", {})
+    if not hists:
+        return None
+    plt = _pyplot()
+    sets = list(hists)
+    fig, axes = plt.subplots(1, len(sets), figsize=(4 * len(sets), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], sets):
+        h = hists[name].get("msp") or next(iter(hists[name].values()))
+        edges = h["edges"]
+        widths = [b - a for a, b in itertools.pairwise(edges)]
+        ax.bar(edges[:-1], h["in"], width=widths, align="edge", alpha=0.6, label="in-dist.")
+        ax.bar(edges[:-1], h["out"], width=widths, align="edge", alpha=0.6, label=name)
+        auroc = report.get("metrics", {}).get(f"ood/{name}/msp/auroc")
+        ax.set_title(f"MSP: {name}" + (f" (AUROC {auroc:.3f})" if auroc is not None else ""))
+        ax.set_xlabel("max softmax probability")
+        ax.set_ylabel("fraction")
+        ax.legend()
+    return _save(fig, path)
+
+
+_PLOTTERS = {
+    "shift_severity": _plot_shift,
+    "reliability": _plot_reliability,
+    "robust_eps": _plot_robust,
+    "ood_hist": _plot_ood,
+}
+
+
+def make_plots(report: dict[str, Any], folder: str | Path) -> dict[str, Path]:
+    """Write the PNG plots whose data the report holds; returns name -> path."""
+    folder = Path(folder)
+    written: dict[str, Path] = {}
+    for name, plot in _PLOTTERS.items():
+        path = plot(report, folder / f"{name}.png")
+        if path is not None:
+            written[name] = path
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and wandb
+# ---------------------------------------------------------------------------------------------
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf -> None (JSON has no NaN), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(report: dict[str, Any], folder: str | Path) -> dict[str, Path]:
+    """Write ``report.json``, ``plots/*.png`` and ``report.md`` into ``folder``.
+
+    Returns:
+        Name -> path of everything written (``json``, ``markdown`` and one entry per plot).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    report = _json_safe(report)
+    paths: dict[str, Path] = {"json": folder / "report.json"}
+    _atomic_write(paths["json"], json.dumps(report, indent=2, sort_keys=False) + "\n")
+    plots = make_plots(report, folder / "plots")
+    rel = {k: str(p.relative_to(folder)) for k, p in plots.items()}
+    paths["markdown"] = folder / "report.md"
+    _atomic_write(paths["markdown"], render_markdown(report, rel))
+    return {**paths, **plots}
+
+
+def log_to_wandb(run: Any, report: dict[str, Any], plots: dict[str, Path]) -> None:
+    """Log the report's numbers, tables and plots to a wandb run.
+
+    Args:
+        run: A ``wandb.init`` run (anything with ``log`` and ``summary.update``).
+        report: The report dict.
+        plots: Plot name -> PNG path (from :func:`make_plots`).
+    """
+    import wandb
+
+    metrics = report.get("metrics", {})
+    payload: dict[str, Any] = dict(metrics)
+    for key, table in report_tables(report).items():
+        rows = [
+            [v if v is None or isinstance(v, (int, float, str)) else str(v) for v in row]
+            for row in table.rows
+        ]
+        payload[f"tables/{key}"] = wandb.Table(columns=list[Any](table.columns), data=rows)
+    for name, path in plots.items():
+        payload[f"plots/{name}"] = wandb.Image(str(path))
+    run.log(payload)
+    run.summary.update(metrics)

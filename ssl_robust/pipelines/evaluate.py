@@ -1,0 +1,837 @@
+"""The evaluation pipeline: a classifier (and optionally a purifier) -> report.json, report.md.
+
+Sections, each switchable and shrinkable from the config: clean accuracy; CIFAR-10-C style
+corruptions (generated on the fly on the device, or read from a released-layout folder);
+PGD(-EOT) robust accuracy with re-scoring, AutoAttack for deterministic pipelines and the
+REFERENCE §4.5 sanity checks; calibration; OOD detection; latency and throughput. Every
+section evaluates the deployed pipeline ``x in [0, 1] -> purifier -> classifier``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import Tensor, nn
+
+from ssl_robust.config import ConfigError, save_config, to_dict
+from ssl_robust.data.datasets import ArraySource, build_splits
+from ssl_robust.evaluate.attacks import autoattack, robust_accuracy, sanity_checks
+from ssl_robust.evaluate.cifar_c import _corruption_seed, load_cifar_c, write_cifar_c
+from ssl_robust.evaluate.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, corrupt
+from ssl_robust.evaluate.latency import measure_latency
+from ssl_robust.evaluate.metrics import calibration_report, reliability_bins
+from ssl_robust.evaluate.ood import (
+    NOISE_KINDS,
+    energy_score,
+    held_out_class_split,
+    msp_score,
+    noise_images,
+    ood_metrics,
+)
+from ssl_robust.evaluate.report import OOD_SCORES, group_of, log_to_wandb, threat_name, write_report
+from ssl_robust.finetune.export import load_classifier
+from ssl_robust.finetune.model import Classifier
+from ssl_robust.launch.trainer import wandb_run_id, write_json
+from ssl_robust.pipelines.common import console, print_summary
+from ssl_robust.purify.purifier import Purifier
+from ssl_robust.purify.unet import load_denoiser
+
+# Offsets of the per-section random streams from run.seed, so that switching one section off
+# does not change the numbers of another.
+_SEED_CLEAN, _SEED_SHIFT, _SEED_ADV, _SEED_OOD, _SEED_PERF = 1, 2, 3, 4, 5
+# Minimums of REFERENCE §4.3 for a stochastic purifier.
+_MIN_EOT, _MIN_STEPS = 20, 100
+
+
+class Pipeline(nn.Module):
+    """The deployed model ``x in [0, 1] -> [purifier ->] classifier -> logits``.
+
+    The purifier draws its noise from ``generator`` (fresh noise on every call unless it has
+    ``fixed_noise``). ``calls`` counts the images passed through, so the cost of each protocol
+    can be measured independently of the attack code's own bookkeeping.
+    """
+
+    def __init__(self, classifier: Classifier, purifier: Purifier | None = None) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.purifier = purifier
+        self.generator: torch.Generator | None = None
+        self.calls = 0
+
+    @property
+    def stochastic(self) -> bool:
+        p = self.purifier
+        return p is not None and not p.fixed_noise and p.t_star > 0
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per image: denoiser calls plus the classifier."""
+        return 1 + (self.purifier.nfe if self.purifier is not None else 0)
+
+    def reseed(self, seed: int, device: torch.device) -> None:
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += x.shape[0]
+        if self.purifier is not None:
+            x = self.purifier(x, None if self.purifier.fixed_noise else self.generator)
+        return self.classifier(x)  # (B, K)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _threats(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Threat models from the eps lists: name, norm, eps on [0, 1] images, label."""
+    out: list[dict[str, Any]] = []
+    for e in dict.fromkeys(float(v) for v in cfg.adv.linf_eps):
+        out.append(
+            {
+                "name": threat_name("linf", e),
+                "norm": "linf",
+                "eps": e / 255,
+                "eps_label": f"{e:g}/255",
+            }
+        )
+    for e in dict.fromkeys(float(v) for v in cfg.adv.l2_eps):
+        out.append({"name": threat_name("l2", e), "norm": "l2", "eps": e, "eps_label": f"{e:g}"})
+    return out
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Value checks the schema cannot express (list contents, ranges); raises ConfigError."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    need(
+        bool(cfg.classifier.run),
+        "classifier.run is required: a fine-tuning run directory holding classifier.json "
+        "and classifier.safetensors",
+    )
+    need(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
+    need(cfg.eval.max_images >= 0, f"eval.max_images must be >= 0, got {cfg.eval.max_images}")
+    p = cfg.purifier
+    need(p.t_star >= 0, f"purifier.t_star must be >= 0, got {p.t_star}")
+    need(p.sigma >= 0, f"purifier.sigma must be >= 0, got {p.sigma}")
+    need(p.ddim_steps >= 1, f"purifier.ddim_steps must be >= 1, got {p.ddim_steps}")
+    s = cfg.shift
+    if s.enabled:
+        valid = [*CORRUPTIONS, *EXTRA_CORRUPTIONS]
+        need(len(s.corruptions) > 0, f"shift.corruptions is empty; choose from {valid}")
+        for name in s.corruptions:
+            need(
+                name in valid,
+                f"unknown corruption {name!r} in shift.corruptions; choose from {valid}",
+            )
+        need(len(s.severities) > 0, f"shift.severities is empty; choose from {list(SEVERITIES)}")
+        for sev in s.severities:
+            need(
+                sev in SEVERITIES,
+                f"invalid severity {sev!r} in shift.severities; choose from {list(SEVERITIES)}",
+            )
+        need(s.batch_size >= 1, f"shift.batch_size must be >= 1, got {s.batch_size}")
+        need(
+            not s.write_cifar_c or bool(s.cifar_c_dir),
+            "shift.write_cifar_c needs shift.cifar_c_dir (the folder to write)",
+        )
+    a = cfg.adv
+    if a.enabled:
+        for e in a.linf_eps:
+            need(
+                0 < e <= 255,
+                f"invalid eps {e} in adv.linf_eps: Linf radii are in units of "
+                "1/255 and must be in (0, 255]",
+            )
+        for e in a.l2_eps:
+            need(e > 0, f"invalid eps {e} in adv.l2_eps: L2 radii must be > 0")
+        need(
+            len(a.linf_eps) + len(a.l2_eps) > 0,
+            "adv.enabled but adv.linf_eps and adv.l2_eps are empty; give a radius or set "
+            "adv.enabled=false",
+        )
+        for key in ("steps", "eot", "rescore_draws", "sanity_images"):
+            need(a[key] >= 1, f"adv.{key} must be >= 1, got {a[key]}")
+        need(a.max_images >= 0, f"adv.max_images must be >= 0, got {a.max_images}")
+        need(a.step_size >= 0, f"adv.step_size must be >= 0 (0: automatic), got {a.step_size}")
+        need(a.sanity_queries >= 0, f"adv.sanity_queries must be >= 0, got {a.sanity_queries}")
+        need(a.sanity_tol >= 0, f"adv.sanity_tol must be >= 0, got {a.sanity_tol}")
+        for key in ("sanity_linf_eps", "sanity_l2_eps"):
+            need(
+                all(e > 0 for e in a[key]) and len(a[key]) > 0,
+                f"adv.{key} must hold positive radii, got {list(a[key])}",
+            )
+        custom = a.autoattack_version == "custom"
+        need(
+            not a.autoattack or custom == bool(a.autoattack_attacks),
+            "adv.autoattack_attacks must be given exactly when adv.autoattack_version=custom",
+        )
+    need(cfg.calib.n_bins >= 1, f"calib.n_bins must be >= 1, got {cfg.calib.n_bins}")
+    o = cfg.ood
+    if o.enabled:
+        for kind in o.noise_kinds:
+            need(
+                kind in NOISE_KINDS,
+                f"unknown noise kind {kind!r} in ood.noise_kinds; choose from {list(NOISE_KINDS)}",
+            )
+        need(o.num_noise >= 0, f"ood.num_noise must be >= 0, got {o.num_noise}")
+    f = cfg.perf
+    if f.enabled:
+        need(f.batch_size >= 1, f"perf.batch_size must be >= 1, got {f.batch_size}")
+        need(f.warmup >= 0 and f.iters >= 1, "perf.warmup must be >= 0 and perf.iters >= 1")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("eval.device=cuda but no CUDA device is available; use auto or cpu")
+    return torch.device(name)
+
+
+def _run_dir(cfg: DictConfig) -> Path:
+    if cfg.run.dir:
+        return Path(cfg.run.dir)
+    name = Path(cfg.classifier.run).resolve().name
+    return Path("runs") / f"evaluate-{name}{'-purified' if cfg.purifier.run else ''}"
+
+
+def _subset(n: int, cap: int, seed: int) -> np.ndarray:
+    """A seeded random subset of ``cap`` indices out of n (all when cap is 0 or >= n), sorted."""
+    if cap <= 0 or cap >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:cap])
+
+
+def _eval_data(cfg: DictConfig, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The evaluation split as uint8 (N, H, W, 3) images and labels, and its description."""
+    data = dict(meta.get("data") or {})
+    if cfg.data.name != "auto":
+        data["name"] = cfg.data.name
+    if cfg.data.root:
+        data["root"] = cfg.data.root
+    if cfg.data.download:
+        data["download"] = True
+    if "name" not in data:
+        raise ConfigError(
+            f"the classifier in {cfg.classifier.run} records no data; set data.name (and data.root)"
+        )
+    name = str(data["name"])
+    root = str(data.get("root", "data"))
+    splits = build_splits(
+        name=name,
+        root=root,
+        download=bool(data.get("download", False)),
+        image_size=int(data.get("image_size", 0)),
+        val_fraction=float(data.get("val_fraction", 0.2)),
+        seed=int(data.get("seed", 0)),
+        in_memory=bool(data.get("in_memory", True)),
+        cache_dir=Path(root) / ".cache" if name == "imagefolder" else None,
+    )
+    val = splits.val
+    if isinstance(val, ArraySource):
+        images = val.images
+    else:  # files read lazily: decode the evaluation split once
+        images = np.stack([np.asarray(val.load(i).convert("RGB")) for i in range(len(val))])
+    labels = np.asarray(val.labels, dtype=np.int64)
+    idx = _subset(len(images), cfg.eval.max_images, cfg.run.seed)
+    data["image_size"] = splits.info.image_size
+    return np.ascontiguousarray(images[idx]), labels[idx], data
+
+
+def _build_purifier(cfg: DictConfig, image_size: int) -> Purifier | None:
+    p = cfg.purifier
+    if not p.run:
+        return None
+    unet, scheduler = load_denoiser(p.run)
+    size = unet.config["sample_size"]
+    size = size if isinstance(size, int) else size[0]
+    if size != image_size or unet.config["in_channels"] != 3:
+        raise ConfigError(
+            f"the denoiser in {p.run} was built for {unet.config['in_channels']}-channel "
+            f"{size}x{size} images, the evaluation images are 3-channel {image_size}x{image_size}"
+        )
+    return Purifier(
+        unet.requires_grad_(False),
+        scheduler,
+        t_star=None if p.sigma > 0 else p.t_star,
+        sigma=p.sigma if p.sigma > 0 else None,
+        sampler=p.sampler,
+        ddim_steps=p.ddim_steps,
+        fixed_noise=p.fixed_noise,
+        gradient_checkpointing=p.gradient_checkpointing,
+        dtype=torch.bfloat16 if p.dtype == "bfloat16" else None,
+        seed=cfg.run.seed,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+def _to_float(u8: Tensor, device: torch.device) -> Tensor:
+    return u8.to(device).float() / 255.0  # (B, 3, H, W) in [0, 1]
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, images: Tensor, batch_size: int, device: torch.device) -> Tensor:
+    """Logits (N, K) on the CPU for uint8 (N, 3, H, W) or float [0, 1] images."""
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start : start + batch_size]
+        x = _to_float(batch, device) if batch.dtype == torch.uint8 else batch.to(device)
+        out.append(model(x).float().cpu())
+    return torch.cat(out)
+
+
+def _nchw(images_nhwc: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images_nhwc)).permute(0, 3, 1, 2).contiguous()
+
+
+def _generate(
+    images_nhwc: np.ndarray, name: str, severity: int, seed: int, batch: int, device: torch.device
+) -> Tensor:
+    """One cell of the grid, bit-identical to what ``write_cifar_c`` stores for the same seed,
+    batch size and device type: the same per-(corruption, severity) generator, the same batches,
+    the same rounding to uint8 (the released CIFAR-10-C is uint8 too). uint8 (N, 3, H, W)."""
+    gen = torch.Generator(device=device).manual_seed(_corruption_seed(seed, name, severity))
+    out = []
+    for start in range(0, len(images_nhwc), batch):
+        x = _to_float(_nchw(images_nhwc[start : start + batch]), device)
+        y = corrupt(x, name, severity, generator=gen)
+        out.append(torch.round(y * 255.0).to(torch.uint8).cpu())
+    return torch.cat(out)
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Progress]:
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not enabled,
+        transient=False,
+    )
+    with bar:
+        yield bar
+
+
+def _ood_hist(s_in: Tensor, s_out: Tensor, score: str, bins: int = 20) -> dict[str, list[float]]:
+    if score == "msp":
+        lo, hi = 0.0, 1.0
+    else:
+        both = torch.cat([s_in, s_out])
+        lo, hi = float(both.min()), float(both.max())
+        hi = hi if hi > lo else lo + 1.0
+    edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+
+    def frac(s: Tensor) -> list[float]:
+        counts = torch.histc(s.double().clamp(lo, hi), bins=bins, min=lo, max=hi)
+        return (counts / max(1, s.numel())).tolist()
+
+    return {"edges": edges.tolist(), "in": frac(s_in), "out": frac(s_out)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate a fine-tuned classifier, optionally behind a diffusion purifier.
+
+    Writes into the run directory (``run.dir``, default ``runs/evaluate-<classifier run>``
+    with ``-purified`` appended when a purifier is used): ``config.yaml``, ``report.json``
+    (every number under hierarchical names, plus the sanity checks, reliability bins, OOD
+    histograms and notes), ``report.md``, ``plots/*.png`` and ``metrics.json`` (the report's
+    numbers, like every other job). Logs the same to wandb unless ``wandb.mode=disabled``.
+
+    Returns:
+        The metrics (names documented in :data:`ssl_robust.evaluate.report.METRIC_DOCS`).
+    """
+    start_wall = time.perf_counter()
+    # Everything that can fail on bad input comes before any file is written.
+    check_config(cfg)
+    device = _device(cfg.eval.device)
+    classifier, clf_meta = load_classifier(cfg.classifier.run)
+    images, labels, data = _eval_data(cfg, clf_meta)
+    purifier = _build_purifier(cfg, int(data["image_size"]))
+    num_classes = classifier.num_classes
+    held_out = list(cfg.ood.held_out_classes) if cfg.ood.enabled else []
+    for c in held_out:
+        if not 0 <= c < num_classes:
+            raise ConfigError(
+                f"ood.held_out_classes holds {c}; the classifier has classes 0..{num_classes - 1}"
+            )
+    if labels.size and labels.max() >= num_classes:
+        raise ConfigError(
+            f"the evaluation data has labels up to {labels.max()} but the classifier has "
+            f"{num_classes} classes; check data.name"
+        )
+    threats = _threats(cfg) if cfg.adv.enabled else []
+    corruptions = list(cfg.shift.corruptions) if cfg.shift.enabled else []
+    severities = sorted({int(s) for s in cfg.shift.severities}) if cfg.shift.enabled else []
+
+    run_dir = _run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+
+    model = Pipeline(classifier.eval().requires_grad_(False), purifier).to(device).eval()
+    seed = int(cfg.run.seed)
+    bs = int(cfg.eval.batch_size)
+    x_u8 = _nchw(images)  # (N, 3, H, W) uint8 on the CPU
+    y = torch.from_numpy(labels)
+    n = len(y)
+    if n == 0:
+        raise ConfigError("the evaluation split is empty")
+    metrics: dict[str, float] = {}
+    notes: list[str] = []
+    stochastic = model.stochastic
+    purifier_desc = None
+    if purifier is not None:
+        purifier_desc = (
+            f"{cfg.purifier.run} ({purifier.sampler}, t*={purifier.t_star}, "
+            f"{purifier.nfe} NFE, {'fixed noise' if purifier.fixed_noise else 'fresh noise'})"
+        )
+    meta: dict[str, Any] = {
+        "title": Path(cfg.classifier.run).resolve().name + (" + purifier" if purifier else ""),
+        "classifier": str(cfg.classifier.run),
+        "purifier": purifier_desc,
+        "stochastic": stochastic,
+        "data": f"{data['name']} validation split ({data.get('root', '')}), "
+        f"{data['image_size']} px",
+        "data_config": data,
+        "classes": list(clf_meta.get("classes", [])),
+        "num_images": n,
+        "device": str(device),
+        "seed": seed,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "ood_sets": [],
+    }
+    report: dict[str, Any] = {"metrics": metrics, "meta": meta, "notes": notes}
+
+    # -- clean -----------------------------------------------------------------------------
+    clean_logits: Tensor | None = None
+    if cfg.clean.enabled or cfg.calib.enabled or cfg.ood.enabled:
+        model.reseed(seed + _SEED_CLEAN, device)
+        clean_logits = _predict(model, x_u8, bs, device)
+    if cfg.clean.enabled:
+        assert clean_logits is not None
+        metrics["test/acc"] = (clean_logits.argmax(1) == y).float().mean().item()
+        metrics["test/n"] = float(n)
+        if purifier is not None:
+            bare = _predict(model.classifier, x_u8, bs, device)
+            metrics["test/acc_unpurified"] = (bare.argmax(1) == y).float().mean().item()
+    if stochastic:
+        notes.append(
+            "The purifier is stochastic: clean, corruption, calibration and OOD numbers use one "
+            "purification per image; robust accuracy is re-scored over several (mean and worst)."
+        )
+
+    shift_logits: Tensor | None = None
+    shift_labels: Tensor | None = None
+    with _progress(cfg.eval.progress) as bar:
+        # -- corruptions -------------------------------------------------------------------
+        if corruptions:
+            shift_logits, shift_labels = _shift_section(
+                cfg, model, images, y, corruptions, severities, device, metrics, meta, notes, bar
+            )
+        # -- adversarial -------------------------------------------------------------------
+        if threats:
+            _adv_section(cfg, model, x_u8, y, threats, device, metrics, report, bar)
+
+    # -- calibration ---------------------------------------------------------------------------
+    reliability: dict[str, Any] = {}
+    if cfg.calib.enabled:
+        sets: list[tuple[str, Tensor, Tensor]] = []
+        if clean_logits is not None:
+            sets.append(("clean", clean_logits, y))
+        if shift_logits is not None and shift_labels is not None:
+            sets.append(("shift", shift_logits, shift_labels))
+        for name, logits, labels_t in sets:
+            for k, v in calibration_report(logits, labels_t, cfg.calib.n_bins).items():
+                metrics[f"calib/{name}/{k}"] = v
+            bins = reliability_bins(logits.softmax(1), labels_t, cfg.calib.n_bins)
+            reliability[name] = {k: v.tolist() for k, v in bins.items()}
+    report["reliability"] = reliability
+
+    # -- OOD -----------------------------------------------------------------------------------
+    if cfg.ood.enabled and clean_logits is not None:
+        _ood_section(cfg, model, clean_logits, y, shift_logits, images.shape, device, report)
+
+    # -- latency -------------------------------------------------------------------------------
+    if cfg.perf.enabled:
+        _perf_section(cfg, model, x_u8, device, metrics)
+
+    metrics["perf/eval_wall_s"] = time.perf_counter() - start_wall
+    paths = write_report(report, run_dir)
+    write_json(run_dir / "metrics.json", metrics)
+    if cfg.wandb.mode != "disabled":
+        _log_wandb(
+            cfg, run_dir, report, {k: v for k, v in paths.items() if k not in ("json", "markdown")}
+        )
+    shown = {k: v for k, v in metrics.items() if _in_summary(k)}
+    failed = [
+        f"{norm}/{check}"
+        for norm, checks in report.get("sanity", {}).items()
+        for check, result in checks.items()
+        if not result["passed"]
+    ]
+    extra = {"Report": str(paths["markdown"])}
+    if report.get("sanity"):
+        extra["Sanity checks"] = "all passed" if not failed else "FAILED: " + ", ".join(failed)
+    print_summary(f"evaluate {meta['title']}", run_dir, shown, extra)
+    return metrics
+
+
+def _in_summary(key: str) -> bool:
+    """Keep the console summary short: no grid cells, sanity details or protocol counts."""
+    parts = key.split("/")
+    if parts[0] == "shift" and len(parts) == 4 and parts[1] not in ("group", "severity"):
+        return False
+    if key.startswith("adv/sanity/") and not key.endswith("/passed"):
+        return False
+    return not key.endswith(("calls_per_image", "/steps", "/eot", "/rescore_draws", "/n"))
+
+
+def _shift_section(
+    cfg: DictConfig,
+    model: Pipeline,
+    images: np.ndarray,
+    y: Tensor,
+    corruptions: list[str],
+    severities: list[int],
+    device: torch.device,
+    metrics: dict[str, float],
+    meta: dict[str, Any],
+    notes: list[str],
+    bar: Progress,
+) -> tuple[Tensor, Tensor]:
+    """Accuracy over the corruption grid; returns the pooled highest-severity logits/labels."""
+    s = cfg.shift
+    seed = int(cfg.run.seed)
+    folder = Path(s.cifar_c_dir) if s.cifar_c_dir else None
+    if folder is not None and s.write_cifar_c:
+        write_cifar_c(
+            folder,
+            images,
+            y.numpy(),
+            corruptions,
+            seed=seed,
+            batch_size=s.batch_size,
+            device=device,
+        )
+    meta["grid"] = {
+        "corruptions": corruptions,
+        "severities": severities,
+        "source": f"the folder {folder}"
+        if folder
+        else f"generated on the fly on {device.type} (seed {seed}, rounded to uint8)",
+    }
+    task = bar.add_task("corruptions", total=len(corruptions) * len(severities))
+    top = max(severities)
+    pooled_logits: list[Tensor] = []
+    pooled_labels: list[Tensor] = []
+    model.reseed(seed + _SEED_SHIFT, device)
+    for c in corruptions:
+        for sev in severities:
+            bar.update(task, description=f"{c} s{sev}")
+            if folder is not None:
+                arr, lab = load_cifar_c(folder, c, sev)
+                if len(arr) != len(images):
+                    if sev == severities[0] and c == corruptions[0]:
+                        notes.append(
+                            f"{folder} holds {len(arr)} images per severity, the evaluation set "
+                            f"{len(images)}; its own images and labels were used"
+                        )
+                    idx = _subset(len(arr), cfg.eval.max_images, seed)
+                    arr, lab = arr[idx], lab[idx]
+                x_c, y_c = _nchw(arr), torch.from_numpy(lab)
+            else:
+                x_c = _generate(images, c, sev, seed, s.batch_size, device)
+                y_c = y
+            logits = _predict(model, x_c, cfg.eval.batch_size, device)
+            metrics[f"shift/{c}/{sev}/acc"] = (logits.argmax(1) == y_c).float().mean().item()
+            if sev == top:
+                pooled_logits.append(logits)
+                pooled_labels.append(y_c)
+            bar.advance(task)
+    cell = {(c, sev): metrics[f"shift/{c}/{sev}/acc"] for c in corruptions for sev in severities}
+    metrics["shift/mean_acc"] = float(np.mean(list(cell.values())))
+    for sev in severities:
+        metrics[f"shift/severity/{sev}/acc"] = float(np.mean([cell[c, sev] for c in corruptions]))
+    if 5 in severities:
+        metrics["shift/severity5_acc"] = metrics["shift/severity/5/acc"]
+    groups: dict[str, list[float]] = {}
+    for (c, _), v in cell.items():
+        groups.setdefault(group_of(c), []).append(v)
+    for g, values in groups.items():
+        metrics[f"shift/group/{g}/acc"] = float(np.mean(values))
+    meta["calib_shift_set"] = f"severity {top} of the {len(corruptions)} corruptions"
+    if set(corruptions) != set(CORRUPTIONS) or severities != list(SEVERITIES):
+        notes.append(
+            f"Corruption grid: {len(corruptions)} corruptions x {len(severities)} severities, "
+            "not the full 15 x 5 CIFAR-10-C benchmark; means are over this grid."
+        )
+    return torch.cat(pooled_logits), torch.cat(pooled_labels)
+
+
+def _adv_section(
+    cfg: DictConfig,
+    model: Pipeline,
+    x_u8: Tensor,
+    y: Tensor,
+    threats: list[dict[str, Any]],
+    device: torch.device,
+    metrics: dict[str, float],
+    report: dict[str, Any],
+    bar: Progress,
+) -> None:
+    a = cfg.adv
+    seed = int(cfg.run.seed)
+    notes: list[str] = report["notes"]
+    stochastic = model.stochastic
+    eot = int(a.eot) if stochastic else 1
+    draws = int(a.rescore_draws) if stochastic else 1
+    idx = torch.from_numpy(_subset(len(y), a.max_images, seed + _SEED_ADV))
+    x = _to_float(x_u8[idx], device)
+    y_a = y[idx].to(device)
+    purified = model.purifier is not None
+    gradients = "exact (autograd through the whole pipeline)"
+    if purified and model.purifier is not None and model.purifier.gradient_checkpointing:
+        gradients = "exact, through the sampler with gradient checkpointing on the UNet"
+    report["meta"]["threats"] = threats
+    report["meta"]["attack"] = {
+        "steps": int(a.steps),
+        "eot": eot,
+        "rescore_draws": draws,
+        "loss": a.loss,
+        "random_start": bool(a.random_start),
+        "step_size_rule": f"{a.step_size:g}" if a.step_size > 0 else "2.5 eps / steps",
+        "gradients": gradients,
+        "num_images": len(y_a),
+    }
+    if stochastic and (eot < _MIN_EOT or a.steps < _MIN_STEPS):
+        notes.append(
+            f"Attack budget below REFERENCE §4.3 for a stochastic purifier (EOT {eot} < "
+            f"{_MIN_EOT} or steps {a.steps} < {_MIN_STEPS}): robust accuracy is an upper bound."
+        )
+    run_aa = bool(a.autoattack)
+    if run_aa and stochastic:
+        notes.append(
+            "AutoAttack skipped: the pipeline is stochastic (fresh purifier noise per call), and "
+            "AutoAttack assumes a deterministic model; PGD-EOT with re-scoring is the protocol "
+            "here (REFERENCE §4). Set purifier.fixed_noise=true to evaluate a frozen-noise "
+            "pipeline with AutoAttack."
+        )
+        run_aa = False
+    if run_aa:
+        try:
+            import pyautoattack  # noqa: F401
+        except ImportError:
+            notes.append("AutoAttack skipped: the `pyautoattack` package is not installed.")
+            run_aa = False
+    norms = list(dict.fromkeys(t["norm"] for t in threats))
+    total = len(threats) * (2 if run_aa else 1) + (len(norms) if a.sanity_checks else 0)
+    task = bar.add_task("attacks", total=total)
+    step_size = float(a.step_size) if a.step_size > 0 else None
+    for t in threats:
+        bar.update(task, description=f"PGD {t['name']}")
+        model.reseed(seed + _SEED_ADV, device)
+        model.calls = 0
+        res = robust_accuracy(
+            model,
+            (x, y_a),
+            norm=t["norm"],
+            eps=t["eps"],
+            steps=int(a.steps),
+            eot=eot,
+            rescore_draws=draws,
+            step_size=step_size,
+            random_start=bool(a.random_start),
+            generator=torch.Generator().manual_seed(seed + _SEED_ADV),
+            loss=a.loss,
+            batch_size=int(cfg.eval.batch_size),
+            nfe_per_call=model.nfe,
+        )
+        p = f"adv/{t['name']}/"
+        metrics.update(
+            {
+                p + "acc": res["acc"],
+                p + "acc_worst": res["acc_worst"],
+                p + "clean_acc": res["clean_acc"],
+                p + "n": res["n"],
+                p + "steps": float(a.steps),
+                p + "eot": float(eot),
+                p + "rescore_draws": float(draws),
+                p + "attack_calls_per_image": res["attack_calls_per_image"],
+                p + "pipeline_calls_per_image": model.calls / res["n"],
+                p + "nfe_per_image": res["attack_nfe_per_image"],
+                p + "wall_s": res["wall_s"],
+            }
+        )
+        bar.advance(task)
+        if run_aa:
+            bar.update(task, description=f"AutoAttack {t['name']}")
+            start = time.perf_counter()
+            version = a.autoattack_version
+            x_aa = autoattack(
+                model,
+                x,
+                y_a,
+                norm=t["norm"],
+                eps=t["eps"],
+                version=version,
+                batch_size=int(cfg.eval.batch_size),
+                attacks=list(a.autoattack_attacks) if version == "custom" else None,
+                seed=seed,
+            )
+            with torch.no_grad():
+                pred = _predict(model, x_aa, int(cfg.eval.batch_size), device).argmax(1)
+            metrics[p + "autoattack_acc"] = (pred == y_a.cpu()).float().mean().item()
+            metrics[p + "autoattack_wall_s"] = time.perf_counter() - start
+            bar.advance(task)
+    if not a.sanity_checks:
+        return
+    sanity: dict[str, dict[str, dict[str, Any]]] = {}
+    n_s = min(int(a.sanity_images), len(y_a))
+    tol = float(a.sanity_tol)
+    if tol == 0:
+        # One image of slack for a deterministic pipeline; about two standard errors of an
+        # accuracy estimate (at acc = 0.5) for a stochastic one (attacks.sanity_checks).
+        tol = max(0.02, 1.0 / n_s) if not stochastic else max(0.02, math.sqrt(1 / (n_s * draws)))
+    for norm in norms:
+        bar.update(task, description=f"sanity checks {norm}")
+        grid = [e / 255 for e in a.sanity_linf_eps] if norm == "linf" else list(a.sanity_l2_eps)
+        model.reseed(seed + _SEED_ADV, device)
+        checks = sanity_checks(
+            model,
+            x[:n_s],
+            y_a[:n_s],
+            norm=norm,
+            eps_grid=grid,
+            steps=int(a.steps),
+            eot=eot,
+            rescore_draws=draws,
+            tol=tol,
+            black_box_queries=int(a.sanity_queries) or None,
+            loss=a.loss,
+            generator=torch.Generator().manual_seed(seed + _SEED_ADV),
+        )
+        sanity[norm] = checks
+        for name, result in checks.items():
+            metrics[f"adv/sanity/{norm}/{name}"] = float(bool(result["passed"]))
+        metrics[f"adv/sanity/{norm}/passed"] = float(all(r["passed"] for r in checks.values()))
+        failed = [k for k, r in checks.items() if not r["passed"]]
+        if failed:
+            notes.append(
+                f"Sanity checks failed for {norm}: {', '.join(failed)} (tolerance {tol:.3f}); "
+                "the robust accuracy above may be overestimated."
+            )
+        bar.advance(task)
+    report["sanity"] = sanity
+
+
+def _ood_section(
+    cfg: DictConfig,
+    model: Pipeline,
+    clean_logits: Tensor,
+    y: Tensor,
+    shift_logits: Tensor | None,
+    image_shape: tuple[int, ...],
+    device: torch.device,
+    report: dict[str, Any],
+) -> None:
+    o = cfg.ood
+    seed = int(cfg.run.seed)
+    metrics = report["metrics"]
+    scores = {"msp": msp_score, "energy": energy_score}
+    _, h, w, c = image_shape
+    n_noise = int(o.num_noise) or len(y)
+    sets: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (in-distribution, OOD) logits
+    gen = torch.Generator().manual_seed(seed + _SEED_OOD)
+    model.reseed(seed + _SEED_OOD, device)
+    for kind in o.noise_kinds:
+        noise = noise_images(n_noise, (c, h, w), kind, generator=gen)
+        sets[f"noise_{kind}"] = (clean_logits, _predict(model, noise, cfg.eval.batch_size, device))
+    if o.held_out_classes:
+        in_mask, out_mask = held_out_class_split(y, list(o.held_out_classes))
+        if in_mask.any() and out_mask.any():
+            sets["held_out"] = (clean_logits[in_mask], clean_logits[out_mask])
+        else:
+            report["notes"].append("OOD held-out set skipped: a side of the split is empty.")
+    if o.shift and shift_logits is not None:
+        top = max(int(s) for s in cfg.shift.severities)
+        sets[f"shift_s{top}"] = (clean_logits, shift_logits)
+    hist: dict[str, dict[str, Any]] = {}
+    for name, (l_in, l_out) in sets.items():
+        hist[name] = {}
+        for score in OOD_SCORES:
+            s_in, s_out = scores[score](l_in), scores[score](l_out)
+            for k, v in ood_metrics(s_in, s_out).items():
+                metrics[f"ood/{name}/{score}/{k}"] = v
+            hist[name][score] = _ood_hist(s_in, s_out, score)
+    report["meta"]["ood_sets"] = list(sets)
+    report["ood_hist"] = hist
+
+
+def _perf_section(
+    cfg: DictConfig, model: Pipeline, x_u8: Tensor, device: torch.device, metrics: dict
+) -> None:
+    f = cfg.perf
+    reps = math.ceil(f.batch_size / len(x_u8))
+    batch = _to_float(x_u8.repeat(reps, 1, 1, 1)[: f.batch_size], device)
+    one = batch[:1]
+    clf = model.classifier
+    metrics["perf/latency_ms"] = measure_latency(clf, one, f.warmup, f.iters)["median_ms"]
+    metrics["perf/throughput_ips"] = measure_latency(clf, batch, f.warmup, f.iters)["images_per_s"]
+    metrics["perf/batch_size"] = float(batch.shape[0])
+    if model.purifier is not None:
+        model.reseed(int(cfg.run.seed) + _SEED_PERF, device)
+        lat = measure_latency(model, one, f.warmup, f.iters)
+        thr = measure_latency(model, batch, f.warmup, f.iters)
+        metrics["perf/purified_latency_ms"] = lat["median_ms"]
+        metrics["perf/purified_throughput_ips"] = thr["images_per_s"]
+        metrics["perf/purifier_nfe"] = float(model.purifier.nfe)
+
+
+def _log_wandb(
+    cfg: DictConfig, run_dir: Path, report: dict[str, Any], plots: dict[str, Path]
+) -> None:
+    import wandb
+
+    w = cfg.wandb
+    run = wandb.init(
+        project=w.project,
+        entity=w.entity or None,
+        group=w.group or None,
+        name=w.name or run_dir.name,
+        tags=list(w.tags) or None,
+        job_type=w.job_type or "evaluate",
+        mode=w.mode,
+        id=wandb_run_id(run_dir),
+        resume="allow",
+        dir=str(run_dir),
+        config=to_dict(cfg),
+        settings=wandb.Settings(init_timeout=w.init_timeout_s),
+    )
+    try:
+        log_to_wandb(run, report, plots)
+    finally:
+        run.finish()

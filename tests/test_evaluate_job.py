@@ -1,0 +1,353 @@
+"""The evaluation job end to end on a tiny digits classifier (8 px, convnet width 4)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+from ssl_robust.config import ConfigError, EvaluateConfig, load_config
+from ssl_robust.data.datasets import build_splits
+from ssl_robust.evaluate.cifar_c import write_cifar_c
+from ssl_robust.evaluate.report import describe_metric, expected_metric_keys
+from ssl_robust.finetune.export import save_classifier
+from ssl_robust.finetune.model import Classifier
+from ssl_robust.models.backbones import build_backbone
+from ssl_robust.models.export import EncoderMeta
+from ssl_robust.pipelines.evaluate import evaluate
+from ssl_robust.purify.unet import build_unet, make_scheduler, save_denoiser
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = {"name": "digits", "root": "data", "image_size": 8, "val_fraction": 0.2, "seed": 0}
+GRID = ["impulse_noise", "contrast"]  # the tiny preset's grid, severities 1 and 5
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A digits classifier trained for a few seconds (~95% val accuracy), exported."""
+    torch.manual_seed(0)
+    splits = build_splits(**DATA)
+    x = torch.from_numpy(splits.train.images).permute(0, 3, 1, 2).float() / 255
+    y = torch.from_numpy(splits.train.labels)
+    enc = build_backbone("convnet", 4)
+    clf = Classifier(enc, 10, splits.info.mean, splits.info.std)
+    opt = torch.optim.Adam(clf.parameters(), lr=1e-2)
+    for _ in range(120):
+        idx = torch.randint(0, len(y), (128,))
+        loss = torch.nn.functional.cross_entropy(clf(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    folder = tmp_path_factory.mktemp("finetune-digits")
+    meta = EncoderMeta("convnet", 4, enc.feat_dim, 8, splits.info.mean, splits.info.std, 10)
+    data = {**DATA, "mean": splits.info.mean, "std": splits.info.std, "download": False}
+    save_classifier(clf.eval(), meta, folder, classes=splits.train.classes, data=data)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def denoiser_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("denoiser")
+    save_denoiser(build_unet("tiny", sample_size=8), make_scheduler(), folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_cfg(classifier_run: Path, tmp_path: Path) -> Callable[..., DictConfig]:
+    def make(*overrides: str, run_dir: Path | None = None) -> DictConfig:
+        run = run_dir or tmp_path / "eval"
+        args = ["tiny", f"classifier.run={classifier_run}", f"run.dir={run}", *overrides]
+        return load_config(EvaluateConfig, args, job="evaluate")
+
+    return make
+
+
+def _report(cfg: DictConfig) -> dict[str, Any]:
+    return json.loads((Path(cfg.run.dir) / "report.json").read_text())
+
+
+@pytest.fixture
+def unet_calls() -> Iterator[list[int]]:
+    """Images seen by any diffusers UNet, counted by a global forward *pre*-hook: it also sees
+    the recomputation of checkpointed calls (which stops early, before forward hooks run)."""
+    from diffusers.models.unets.unet_2d import UNet2DModel
+
+    seen = [0]
+
+    def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if isinstance(module, UNet2DModel):
+            seen[0] += args[0].shape[0]
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def test_job_end_to_end_writes_the_documented_report(tiny_cfg: Callable[..., DictConfig]) -> None:
+    cfg = tiny_cfg("eval.progress=true")
+    metrics = evaluate(cfg)
+    run = Path(cfg.run.dir)
+    report = _report(cfg)
+    m = report["metrics"]
+
+    # Exactly the documented keys for this shape of run, each one documented.
+    expected = expected_metric_keys(
+        clean=True,
+        corruptions=GRID,
+        severities=[1, 5],
+        threats=["linf_8", "linf_128", "l2_0.5"],
+        sanity_norms=["linf", "l2"],
+        calib_sets=["clean", "shift"],
+        ood_sets=["noise_gaussian", "noise_blobs", "shift_s5"],
+        perf=True,
+    )
+    assert set(m) == expected
+    assert all(describe_metric(k) is not None for k in m)
+    assert json.loads((run / "metrics.json").read_text()) == pytest.approx(metrics) == m
+    assert (run / "config.yaml").is_file()
+
+    # Sane values.
+    for key, value in m.items():
+        if key.endswith(("acc", "acc_worst", "auroc", "fpr95")):
+            assert 0.0 <= value <= 1.0, key
+    assert m["test/acc"] > 0.85 and m["test/n"] == 359
+    assert m["calib/clean/acc"] == m["test/acc"]
+    # Contrast at severity 5 (blend factor 0.15) wipes out most of a digit.
+    assert m["shift/contrast/5/acc"] < m["test/acc"] - 0.3
+    assert m["shift/contrast/5/acc"] < m["shift/contrast/1/acc"]
+    cells = [m[f"shift/{c}/{s}/acc"] for c in GRID for s in (1, 5)]
+    assert m["shift/mean_acc"] == pytest.approx(np.mean(cells))
+    assert m["shift/severity5_acc"] == m["shift/severity/5/acc"]
+    assert m["shift/severity/1/acc"] == pytest.approx(
+        (m["shift/impulse_noise/1/acc"] + m["shift/contrast/1/acc"]) / 2
+    )
+    assert m["shift/group/digital/acc"] == pytest.approx(
+        (m["shift/contrast/1/acc"] + m["shift/contrast/5/acc"]) / 2
+    )
+    assert m["adv/linf_128/acc"] <= 0.05  # half the [0, 1] box
+    assert m["adv/linf_128/acc"] <= m["adv/linf_8/acc"] <= m["adv/linf_8/clean_acc"]
+    assert m["adv/l2_0.5/acc"] <= m["adv/l2_0.5/clean_acc"]
+    # A deterministic pipeline: no EOT, one scoring draw, worst case = mean.
+    assert m["adv/linf_8/eot"] == 1 and m["adv/linf_8/rescore_draws"] == 1
+    assert m["adv/linf_8/acc_worst"] == m["adv/linf_8/acc"]
+    assert m["adv/linf_8/attack_calls_per_image"] == 5 + 1  # PGD-5 + scoring the last iterate
+    assert m["adv/linf_8/pipeline_calls_per_image"] == 6 + 2  # + clean and adversarial scoring
+    assert m["adv/linf_8/nfe_per_image"] == 6
+    assert m["ood/noise_blobs/msp/auroc"] > 0.6
+    assert m["perf/latency_ms"] > 0 and m["perf/throughput_ips"] > 0
+
+    # The sanity checks ran and are reported (a trained CNN passes them).
+    for norm in ("linf", "l2"):
+        checks = report["sanity"][norm]
+        assert set(checks) == {
+            "eps_monotone",
+            "large_eps",
+            "more_steps",
+            "more_eot",
+            "black_box",
+            "nonzero_gradients",
+        }
+        assert checks["large_eps"]["passed"] and checks["large_eps"]["values"]["acc"] <= 0.05
+        assert m[f"adv/sanity/{norm}/passed"] == float(all(c["passed"] for c in checks.values()))
+
+    md = (run / "report.md").read_text()
+    for needle in (
+        "## Clean accuracy",
+        "| corruption | group | s1 | s5 | mean |",
+        f"| contrast | digital | {100 * m['shift/contrast/1/acc']:.2f} |",
+        "**Per group (%)**",
+        "**Per severity (%)**",
+        "| threat | eps | clean | PGD mean | PGD worst | AutoAttack | images | NFE / image |",
+        "| linf_8 | 8/255 |",
+        "Sanity checks (REFERENCE §4.5)",
+        "| linf | large_eps | yes |",
+        "| clean | ",
+        "| noise_blobs | msp |",
+        "latency batch 1 (ms)",
+        "Standard WRN-28-10",
+        "![robust_eps](plots/robust_eps.png)",
+    ):
+        assert needle in md, needle
+    for name in ("shift_severity", "reliability", "robust_eps", "ood_hist"):
+        path = run / "plots" / f"{name}.png"
+        assert path.stat().st_size > 10_000, name
+        with Image.open(path) as img:
+            assert img.format == "PNG" and img.size[0] >= 300 and img.size[1] >= 300
+            assert len(img.convert("L").getcolors(maxcolors=100_000) or []) > 10
+
+
+def test_purified_pipeline_runs_eot_and_rescoring(
+    tiny_cfg: Callable[..., DictConfig], denoiser_run: Path, unet_calls: list[int]
+) -> None:
+    steps, eot, draws, n, ddim = 2, 3, 4, 8, 2
+    cfg = tiny_cfg(
+        f"purifier.run={denoiser_run}",
+        "purifier.sampler=ddim",
+        "purifier.t_star=20",
+        f"purifier.ddim_steps={ddim}",
+        "purifier.gradient_checkpointing=true",
+        "adv.linf_eps=[8]",
+        "adv.l2_eps=[]",
+        f"adv.steps={steps}",
+        f"adv.eot={eot}",
+        f"adv.rescore_draws={draws}",
+        f"adv.max_images={n}",
+        "adv.autoattack=true",
+        "adv.sanity_checks=false",
+        *[f"{s}.enabled=false" for s in ("clean", "shift", "calib", "ood", "perf")],
+    )
+    m = evaluate(cfg)
+    report = _report(cfg)
+    assert set(m) == expected_metric_keys(clean=False, purified=True, threats=["linf_8"])
+    assert m["adv/linf_8/eot"] == eot and m["adv/linf_8/rescore_draws"] == draws
+    # EOT: (steps + 1) x eot pipeline calls per image; scoring: draws before and after.
+    assert m["adv/linf_8/attack_calls_per_image"] == (steps + 1) * eot
+    assert m["adv/linf_8/pipeline_calls_per_image"] == (steps + 1) * eot + 2 * draws
+    assert m["adv/linf_8/nfe_per_image"] == (steps + 1) * eot * (ddim + 1)
+    # Counted at the UNet: each call runs `ddim` UNet steps; checkpointing recomputes the
+    # forward of the steps * eot calls with a backward pass.
+    assert unet_calls[0] == n * ddim * ((2 * steps + 1) * eot + 2 * draws)
+    assert m["adv/linf_8/acc_worst"] <= m["adv/linf_8/acc"] <= 1.0
+    assert report["meta"]["stochastic"] is True
+    notes = " ".join(report["notes"])
+    assert "AutoAttack skipped: the pipeline is stochastic" in notes
+    assert "below REFERENCE §4.3" in notes
+    md = (Path(cfg.run.dir) / "report.md").read_text()
+    assert "EOT 3 gradient draws per step" in md and "re-scored over 4" in md
+    assert "gradient checkpointing" in md
+
+
+def test_cifar_c_folder_gives_the_same_numbers_as_generation(
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    val = build_splits(**DATA).val
+    folder = write_cifar_c(tmp_path / "c10c", val.images, val.labels, GRID, seed=0)
+    only_shift = [f"{s}.enabled=false" for s in ("adv", "calib", "ood", "perf")]
+    generated = evaluate(tiny_cfg(*only_shift, run_dir=tmp_path / "a"))
+    from_folder = evaluate(
+        tiny_cfg(*only_shift, f"shift.cifar_c_dir={folder}", run_dir=tmp_path / "b")
+    )
+    shift = {k: v for k, v in generated.items() if k.startswith("shift/")}
+    assert len(shift) == 4 + 1 + 2 + 2 + 1
+    assert shift == {k: v for k, v in from_folder.items() if k.startswith("shift/")}
+    assert "the folder" in (tmp_path / "b" / "report.md").read_text()
+    # The job writes the same arrays itself when asked to.
+    written = tmp_path / "written"
+    cfg = tiny_cfg(*only_shift, f"shift.cifar_c_dir={written}", "shift.write_cifar_c=true",
+                   run_dir=tmp_path / "c")  # fmt: skip
+    assert evaluate(cfg)["shift/mean_acc"] == generated["shift/mean_acc"]
+    for name in GRID:
+        assert np.array_equal(np.load(written / f"{name}.npy"), np.load(folder / f"{name}.npy"))
+
+
+def test_autoattack_runs_on_a_deterministic_pipeline(tiny_cfg: Callable[..., DictConfig]) -> None:
+    pytest.importorskip("pyautoattack")
+    cfg = tiny_cfg(
+        "adv.linf_eps=[8]",
+        "adv.l2_eps=[]",
+        "adv.autoattack=true",
+        "adv.autoattack_version=custom",
+        "adv.autoattack_attacks=[apgd-ce]",
+        "adv.sanity_checks=false",
+        *[f"{s}.enabled=false" for s in ("shift", "calib", "ood", "perf")],
+    )
+    m = evaluate(cfg)
+    assert set(m) == expected_metric_keys(threats=["linf_8"], autoattack=True)
+    # APGD-100 is at least as strong as PGD-5, up to one image of 32.
+    assert m["adv/linf_8/autoattack_acc"] <= m["adv/linf_8/acc"] + 1 / 32
+    assert "| linf_8 | 8/255 |" in (Path(cfg.run.dir) / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("override", "error", "match"),
+    [
+        ("classifier.run=''", ConfigError, "classifier.run is required"),
+        ("shift.corruptions=[fog,fogg]", ConfigError, r"unknown corruption 'fogg'.*choose from"),
+        ("shift.severities=[6]", ConfigError, r"invalid severity 6.*choose from \[1, 2, 3, 4, 5\]"),
+        ("adv.linf_eps=[-8]", ConfigError, r"invalid eps -8.0 in adv.linf_eps.*1/255"),
+        ("adv.linf_eps=[0.0]", ConfigError, r"invalid eps 0.0 in adv.linf_eps"),
+        ("adv.l2_eps=[0]", ConfigError, r"invalid eps 0.0 in adv.l2_eps"),
+        ("ood.noise_kinds=[pink]", ConfigError, r"unknown noise kind 'pink'.*gaussian"),
+        ("ood.held_out_classes=[12]", ConfigError, r"classes 0..9"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(
+    tiny_cfg: Callable[..., DictConfig], override: str, error: type, match: str
+) -> None:
+    cfg = tiny_cfg(override)
+    with pytest.raises(error, match=match):
+        evaluate(cfg)
+    assert not Path(cfg.run.dir).exists()  # nothing written before the inputs are checked
+
+
+def test_missing_runs_and_config_typos_fail_early(
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    cfg = tiny_cfg(f"classifier.run={tmp_path / 'nope'}")
+    with pytest.raises(FileNotFoundError, match="no exported classifier"):
+        evaluate(cfg)
+    cfg = tiny_cfg(f"purifier.run={tmp_path / 'nope'}")
+    with pytest.raises(FileNotFoundError, match=r"denoiser folder .* does not exist"):
+        evaluate(cfg)
+    assert not Path(cfg.run.dir).exists()
+    with pytest.raises(ConfigError, match=r"'adv.lnf_eps'.*did you mean 'adv.linf_eps'"):
+        tiny_cfg("adv.lnf_eps=[8]")
+    with pytest.raises(ConfigError, match=r"'purifier.sampler'.*\['ddim', 'ddpm', 'oneshot'\]"):
+        tiny_cfg("purifier.sampler=euler")
+    with pytest.raises(ConfigError, match=r"adv.linf_eps"):
+        tiny_cfg("adv.linf_eps=[eight]")
+
+
+def test_default_run_dir_is_named_after_the_classifier(
+    classifier_run: Path, denoiser_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    off = [f"{s}.enabled=false" for s in ("shift", "adv", "calib", "ood", "perf")]
+    args = ["tiny", f"classifier.run={classifier_run}", f"purifier.run={denoiser_run}", *off]
+    cfg = load_config(EvaluateConfig, [*args, "purifier.t_star=2", "eval.max_images=16"],
+                      job="evaluate")  # fmt: skip
+    m = evaluate(cfg)
+    run = tmp_path / "runs" / f"evaluate-{classifier_run.name}-purified"
+    assert json.loads((run / "metrics.json").read_text()) == m
+    assert set(m) == expected_metric_keys(clean=True, purified=True)
+    assert m["test/n"] == 16
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_gets_the_report(tiny_cfg: Callable[..., DictConfig]) -> None:
+    pytest.importorskip("wandb")
+    cfg = tiny_cfg("wandb.mode=offline", "adv.sanity_checks=false")
+    evaluate(cfg)
+    run = Path(cfg.run.dir)
+    run_id = (run / "wandb_id.txt").read_text().strip()
+    assert list((run / "wandb").glob(f"offline-run-*-{run_id}"))
+
+
+@pytest.mark.slow
+def test_script_runs_and_reports_config_errors(classifier_run: Path, tmp_path: Path) -> None:
+    def script(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "evaluate.py"), *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    bad = script(f"classifier.run={classifier_run}", "shift.corruptions=[fogg]")
+    assert bad.returncode != 0 and "unknown corruption 'fogg'" in bad.stderr
+    ok = script("tiny", f"classifier.run={classifier_run}", "adv.sanity_checks=false")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert (tmp_path / "runs" / f"evaluate-{classifier_run.name}" / "report.md").is_file()
