@@ -245,8 +245,12 @@ def test_cifar_c_folder_gives_the_same_numbers_as_generation(
     assert "the folder" in (tmp_path / "b" / "report.md").read_text()
     # The job writes the same arrays itself when asked to.
     written = tmp_path / "written"
-    cfg = tiny_cfg(*only_shift, f"shift.cifar_c_dir={written}", "shift.write_cifar_c=true",
-                   run_dir=tmp_path / "c")  # fmt: skip
+    cfg = tiny_cfg(
+        *only_shift,
+        f"shift.cifar_c_dir={written}",
+        "shift.write_cifar_c=true",
+        run_dir=tmp_path / "c",
+    )
     assert evaluate(cfg)["shift/mean_acc"] == generated["shift/mean_acc"]
     for name in GRID:
         assert np.array_equal(np.load(written / f"{name}.npy"), np.load(folder / f"{name}.npy"))
@@ -316,8 +320,9 @@ def test_default_run_dir_is_named_after_the_classifier(
     monkeypatch.chdir(tmp_path)
     off = [f"{s}.enabled=false" for s in ("shift", "adv", "calib", "ood", "perf")]
     args = ["tiny", f"classifier.run={classifier_run}", f"purifier.run={denoiser_run}", *off]
-    cfg = load_config(EvaluateConfig, [*args, "purifier.t_star=2", "eval.max_images=16"],
-                      job="evaluate")  # fmt: skip
+    cfg = load_config(
+        EvaluateConfig, [*args, "purifier.t_star=2", "eval.max_images=16"], job="evaluate"
+    )
     m = evaluate(cfg)
     run = tmp_path / "runs" / f"evaluate-{classifier_run.name}-purified"
     assert json.loads((run / "metrics.json").read_text()) == m

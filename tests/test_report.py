@@ -1,0 +1,303 @@
+"""Report writing (JSON, Markdown, plots, wandb payload) from hand-made reports; latency."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from ssl_robust.evaluate.latency import measure_latency
+from ssl_robust.evaluate.report import (
+    METRIC_DOCS,
+    SANITY_CHECKS,
+    describe_metric,
+    expected_metric_keys,
+    log_to_wandb,
+    make_plots,
+    render_markdown,
+    report_tables,
+    threat_name,
+    write_report,
+)
+
+GRID = ["gaussian_noise", "fog"]
+SEVERITIES = [1, 5]
+
+
+def _bins() -> dict[str, list[Any]]:
+    edges = [i / 5 for i in range(6)]
+    return {
+        "lower": edges[:-1],
+        "upper": edges[1:],
+        "confidence": [math.nan, 0.3, 0.5, 0.7, 0.95],
+        "accuracy": [math.nan, 0.2, 0.6, 0.65, 0.9],
+        "count": [0.0, 3.0, 10.0, 20.0, 67.0],
+    }
+
+
+def hand_made_report() -> dict[str, Any]:
+    m: dict[str, float] = {"test/acc": 0.9, "test/n": 100.0, "perf/eval_wall_s": 12.5}
+    cells = {
+        ("gaussian_noise", 1): 0.8,
+        ("gaussian_noise", 5): 0.4,
+        ("fog", 1): 0.85,
+        ("fog", 5): 0.55,
+    }
+    for (c, s), v in cells.items():
+        m[f"shift/{c}/{s}/acc"] = v
+    m["shift/mean_acc"] = 0.65
+    m["shift/severity/1/acc"], m["shift/severity/5/acc"] = 0.825, 0.475
+    m["shift/severity5_acc"] = 0.475
+    m["shift/group/noise/acc"], m["shift/group/weather/acc"] = 0.6, 0.7
+    for name, acc in (("linf_8", 0.12), ("l2_0.5", 0.31)):
+        p = f"adv/{name}/"
+        m.update(
+            {
+                p + "acc": acc,
+                p + "acc_worst": acc - 0.05,
+                p + "clean_acc": 0.9,
+                p + "n": 64,
+                p + "steps": 100,
+                p + "eot": 20,
+                p + "rescore_draws": 10,
+                p + "attack_calls_per_image": 2020,
+                p + "pipeline_calls_per_image": 2040,
+                p + "nfe_per_image": 12120,
+                p + "wall_s": 321.0,
+            }
+        )
+    for check in SANITY_CHECKS:
+        m[f"adv/sanity/linf/{check}"] = 0.0 if check == "black_box" else 1.0
+    m["adv/sanity/linf/passed"] = 0.0
+    for s, (acc, ece) in {"clean": (0.9, 0.03), "shift": (0.475, 0.25)}.items():
+        m.update(
+            {
+                f"calib/{s}/acc": acc,
+                f"calib/{s}/ece": ece,
+                f"calib/{s}/nll": 0.4,
+                f"calib/{s}/brier": 0.15,
+            }
+        )
+    for s in ("noise_gaussian", "shift_s5"):
+        for score in ("msp", "energy"):
+            m[f"ood/{s}/{score}/auroc"], m[f"ood/{s}/{score}/fpr95"] = 0.93, 0.3
+    m.update(
+        {
+            "perf/latency_ms": 1.5,
+            "perf/throughput_ips": 5000.0,
+            "perf/batch_size": 256,
+            "perf/purified_latency_ms": 40.0,
+            "perf/purified_throughput_ips": 300.0,
+            "perf/purifier_nfe": 5,
+        }
+    )
+    sanity_values = {"eps": [0.0, 2 / 255, 8 / 255], "acc": [0.9, 0.5, 0.12]}
+    hist = {"edges": [0.0, 0.5, 1.0], "in": [0.1, 0.9], "out": [0.7, 0.3]}
+    return {
+        "metrics": m,
+        "meta": {
+            "title": "finetune-x + purifier",
+            "classifier": "runs/finetune-x",
+            "purifier": "runs/denoiser-y (ddim, t*=100, 5 NFE, fresh noise)",
+            "num_images": 100,
+            "grid": {"corruptions": GRID, "severities": SEVERITIES, "source": "generated"},
+            "threats": [
+                {"name": "linf_8", "norm": "linf", "eps": 8 / 255, "eps_label": "8/255"},
+                {"name": "l2_0.5", "norm": "l2", "eps": 0.5, "eps_label": "0.5"},
+            ],
+            "attack": {
+                "steps": 100,
+                "eot": 20,
+                "rescore_draws": 10,
+                "loss": "ce",
+                "random_start": True,
+                "gradients": "exact",
+            },
+            "ood_sets": ["noise_gaussian", "shift_s5"],
+        },
+        "sanity": {
+            "linf": {
+                c: {"passed": c != "black_box", "values": sanity_values} for c in SANITY_CHECKS
+            }
+        },
+        "reliability": {"clean": _bins(), "shift": _bins()},
+        "ood_hist": {s: {"msp": hist, "energy": hist} for s in ("noise_gaussian", "shift_s5")},
+        "notes": ["AutoAttack skipped: the pipeline is stochastic."],
+    }
+
+
+def test_hand_made_report_has_exactly_the_documented_keys() -> None:
+    keys = expected_metric_keys(
+        clean=True,
+        purified=False,
+        corruptions=GRID,
+        severities=SEVERITIES,
+        threats=["linf_8", "l2_0.5"],
+        sanity_norms=["linf"],
+        calib_sets=["clean", "shift"],
+        ood_sets=["noise_gaussian", "shift_s5"],
+        perf=True,
+    )
+    extra = {"perf/purified_latency_ms", "perf/purified_throughput_ips", "perf/purifier_nfe"}
+    assert set(hand_made_report()["metrics"]) == keys | extra
+
+
+def test_every_template_documents_some_key_and_the_most_specific_wins() -> None:
+    keys = expected_metric_keys(
+        clean=True,
+        purified=True,
+        corruptions=["fog", "speckle_noise"],
+        severities=[3, 5],
+        threats=["linf_8"],
+        autoattack=True,
+        sanity_norms=["l2"],
+        calib_sets=["clean"],
+        ood_sets=["held_out"],
+        perf=True,
+    )
+    used = {describe_metric(k) for k in keys}
+    assert None not in used
+    assert used == set(METRIC_DOCS.values())  # every documented name occurs
+    assert describe_metric("shift/group/noise/acc") == METRIC_DOCS["shift/group/{group}/acc"]
+    assert describe_metric("shift/severity/3/acc") == METRIC_DOCS["shift/severity/{severity}/acc"]
+    assert describe_metric("shift/fog/3/acc") == METRIC_DOCS["shift/{corruption}/{severity}/acc"]
+    assert describe_metric("adv/sanity/l2/passed") == METRIC_DOCS["adv/sanity/{norm}/passed"]
+    assert describe_metric("adv/linf_8/acc/extra") is None
+    assert describe_metric("val/acc") is None
+    assert "shift/group/extra/acc" in keys  # speckle_noise is not one of the 15
+    assert "shift/severity5_acc" in keys
+    assert "shift/severity5_acc" not in expected_metric_keys(corruptions=["fog"], severities=[1])
+
+
+def test_threat_names_follow_the_convention() -> None:
+    assert threat_name("linf", 8.0) == "linf_8"
+    assert threat_name("linf", 2.5) == "linf_2.5"
+    assert threat_name("l2", 0.5) == "l2_0.5"
+    assert threat_name("l2", 1.0) == "l2_1"
+    with pytest.raises(ValueError, match=r"unknown norm 'l0'"):
+        threat_name("l0", 1.0)
+
+
+def test_write_report_from_a_hand_made_dict(tmp_path: Path) -> None:
+    report = hand_made_report()
+    paths = write_report(report, tmp_path)
+    assert set(paths) == {
+        "json",
+        "markdown",
+        "shift_severity",
+        "reliability",
+        "robust_eps",
+        "ood_hist",
+    }
+
+    back = json.loads((tmp_path / "report.json").read_text())
+    assert back["metrics"] == report["metrics"]
+    assert back["reliability"]["clean"]["accuracy"][0] is None  # NaN -> null (valid JSON)
+    assert back["notes"] == report["notes"]
+
+    md = (tmp_path / "report.md").read_text()
+    for needle in (
+        "# Evaluation report: finetune-x + purifier",
+        "- AutoAttack skipped: the pipeline is stochastic.",
+        "| pipeline | 90.00 | 100 |",
+        "| mean over the grid | 65.00 |",
+        "| severity 5 | 47.50 |",
+        "| noise | 60.00 |",
+        "| gaussian_noise | noise | 80.00 | 40.00 | 60.00 |",
+        "| fog | weather | 85.00 | 55.00 | 70.00 |",
+        "| mean |  | 82.50 | 47.50 | 65.00 |",
+        "| linf_8 | 8/255 | 90.00 | 12.00 | 7.00 | – | 64 | 12120 | 321.00 |",
+        "| linf | black_box | **no** |",
+        "| linf | large_eps | yes |",
+        "EOT 20 gradient draws per step",
+        "| shift | 47.50 | 0.2500 | 0.4000 | 0.1500 |",
+        "| noise_gaussian | energy | 93.00 | 30.00 |",
+        "| purifier (5 NFE) + classifier | 40.00 | 300.0 |",
+        "throughput batch 256 (img/s)",
+        "Sehwag2021 ResNet-18",
+        "![reliability](plots/reliability.png)",
+    ):
+        assert needle in md, needle
+    for name in ("shift_severity", "reliability", "robust_eps", "ood_hist"):
+        path = tmp_path / "plots" / f"{name}.png"
+        assert path == paths[name] and path.stat().st_size > 10_000
+        with Image.open(path) as img:
+            assert img.format == "PNG" and min(img.size) >= 300
+            assert len(img.convert("L").getcolors(maxcolors=100_000) or []) > 10
+
+
+def test_minimal_report_renders_only_what_ran(tmp_path: Path) -> None:
+    report = {"metrics": {"test/acc": 0.5, "test/n": 10.0}, "meta": {}}
+    assert make_plots(report, tmp_path) == {}
+    assert list(report_tables(report)) == ["clean"]
+    md = render_markdown(report)
+    assert "| pipeline | 50.00 | 10 |" in md
+    for absent in ("Common corruptions", "Adversarial", "Calibration", "Out-of-distribution"):
+        assert absent not in md
+    assert "Anchors for context" in md
+
+
+def test_log_to_wandb_sends_tables_images_and_summary(tmp_path: Path) -> None:
+    wandb = pytest.importorskip("wandb")
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.logged: dict[str, Any] = {}
+            self.summary: dict[str, Any] = {}
+
+        def log(self, payload: dict[str, Any]) -> None:
+            self.logged.update(payload)
+
+    report = hand_made_report()
+    plots = make_plots(report, tmp_path)
+    run = Recorder()
+    log_to_wandb(run, report, plots)
+    assert run.summary == report["metrics"]
+    tables = {k: v for k, v in run.logged.items() if k.startswith("tables/")}
+    assert set(tables) == {f"tables/{k}" for k in report_tables(report)}
+    assert all(isinstance(t, wandb.Table) for t in tables.values())
+    grid = tables["tables/shift_grid"]
+    assert grid.columns == ["corruption", "group", "s1", "s5", "mean"]
+    assert grid.data[0][:4] == ["gaussian_noise", "noise", 0.8, 0.4]
+    images = {k: v for k, v in run.logged.items() if k.startswith("plots/")}
+    assert set(images) == {f"plots/{k}" for k in plots}
+    assert all(isinstance(i, wandb.Image) for i in images.values())
+    assert run.logged["adv/linf_8/acc"] == 0.12
+
+
+def test_latency_of_a_known_function() -> None:
+    calls: list[int] = []
+
+    def slow(x: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        time.sleep(0.01)
+        return x
+
+    res = measure_latency(slow, torch.zeros(4, 3, 8, 8), warmup=2, iters=5)
+    assert calls == [4] * 7  # warm-up calls are made but not timed
+    assert 10.0 <= res["min_ms"] <= res["median_ms"] <= res["p90_ms"]
+    assert res["median_ms"] < 200  # generous: the CI machine is shared
+    assert res["images_per_s"] == pytest.approx(4 / (res["median_ms"] / 1e3))
+    assert res["batch_size"] == 4
+    with pytest.raises(ValueError, match="iters must be >= 1"):
+        measure_latency(slow, torch.zeros(1, 3, 8, 8), iters=0)
+    with pytest.raises(ValueError, match="non-empty batch"):
+        measure_latency(slow, torch.zeros(0, 3, 8, 8))
+
+
+def test_latency_runs_without_gradients() -> None:
+    layer = torch.nn.Linear(3, 2)
+    seen: list[bool] = []
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.is_grad_enabled())
+        return layer(x)
+
+    measure_latency(fn, torch.zeros(2, 3), warmup=0, iters=2)
+    assert seen == [False, False]
