@@ -59,17 +59,14 @@ class PurifierSection:
 
 
 @dataclass
-class EvalDataSection:
-    # "auto": the data the classifier was fine-tuned on (classifier.json "data"); the
-    # evaluation split is that data's validation split.
-    name: str = "auto"
-    # "" keeps the classifier's data root (set it when the data moved).
-    root: str = ""
-    download: bool = False
-
-
-@dataclass
 class EvalSection:
+    # "auto": the data the classifier was fine-tuned on (classifier.json "data"), or a dataset
+    # name; the evaluation split is that data's validation split. (Not a `data` section: the
+    # shared DataConfig's training keys have no meaning here.)
+    data: str = "auto"
+    # "" keeps the classifier's data root (set it when the data moved).
+    data_root: str = ""
+    download: bool = False
     # "auto" takes cuda when available.
     device: str = "auto"
     batch_size: int = 256
@@ -167,7 +164,6 @@ class EvaluateConfig:
     run: RunConfig = field(default_factory=RunConfig)
     classifier: ClassifierSection = field(default_factory=ClassifierSection)
     purifier: PurifierSection = field(default_factory=PurifierSection)
-    data: EvalDataSection = field(default_factory=EvalDataSection)
     eval: EvalSection = field(default_factory=EvalSection)
     clean: CleanSection = field(default_factory=CleanSection)
     shift: ShiftSection = field(default_factory=ShiftSection)
@@ -179,7 +175,7 @@ class EvaluateConfig:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("auto", "cifar10", "cifar100", "digits", "imagefolder", "stl10"),
+    "eval.data": ("auto", "cifar10", "cifar100", "digits", "imagefolder", "stl10"),
     "eval.device": ("auto", "cpu", "cuda"),
     "purifier.sampler": ("ddim", "ddpm", "oneshot"),
     "purifier.dtype": ("bfloat16", "float32"),

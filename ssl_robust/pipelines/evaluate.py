@@ -219,15 +219,16 @@ def _subset(n: int, cap: int, seed: int) -> np.ndarray:
 def _eval_data(cfg: DictConfig, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict]:
     """The evaluation split as uint8 (N, H, W, 3) images and labels, and its description."""
     data = dict(meta.get("data") or {})
-    if cfg.data.name != "auto":
-        data["name"] = cfg.data.name
-    if cfg.data.root:
-        data["root"] = cfg.data.root
-    if cfg.data.download:
+    if cfg.eval.data != "auto":
+        data["name"] = cfg.eval.data
+    if cfg.eval.data_root:
+        data["root"] = cfg.eval.data_root
+    if cfg.eval.download:
         data["download"] = True
     if "name" not in data:
         raise ConfigError(
-            f"the classifier in {cfg.classifier.run} records no data; set data.name (and data.root)"
+            f"the classifier in {cfg.classifier.run} records no data; set eval.data "
+            "(and eval.data_root)"
         )
     name = str(data["name"])
     root = str(data.get("root", "data"))
@@ -382,7 +383,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if labels.size and labels.max() >= num_classes:
         raise ConfigError(
             f"the evaluation data has labels up to {labels.max()} but the classifier has "
-            f"{num_classes} classes; check data.name"
+            f"{num_classes} classes; check eval.data"
         )
     threats = _threats(cfg) if cfg.adv.enabled else []
     corruptions = list(cfg.shift.corruptions) if cfg.shift.enabled else []
