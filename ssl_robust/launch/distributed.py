@@ -9,9 +9,14 @@ message instead of hanging in process-group setup, which waits for ranks that ne
 from __future__ import annotations
 
 import os
+import re
+import signal
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import pytorch_lightning as pl
@@ -173,13 +178,103 @@ def use_sync_batchnorm(requested: bool, accelerator: str) -> bool:
     return requested
 
 
-def cluster_plugins(auto_requeue: bool, env: Mapping[str, str] | None = None) -> list[Any]:
-    """``SLURMEnvironment`` when running under SLURM: rank/world from SLURM's variables and,
-    with ``auto_requeue``, on SIGUSR1 (``#SBATCH --signal=SIGUSR1@90``) an ``hpc_ckpt_N.ckpt``
-    in the run directory and ``scontrol requeue``."""
+def cluster_plugins(env: Mapping[str, str] | None = None) -> list[Any]:
+    """``SLURMEnvironment`` (ranks and world from SLURM's variables) when running under SLURM.
+
+    Lightning's own auto-requeue is off: its SIGUSR1 handler writes the checkpoint inside the
+    signal handler, i.e. at whatever instruction each rank happens to be (possibly halfway
+    through an optimiser step, and on different steps on different ranks, where the
+    checkpoint's barrier can meet another rank's all-reduce). :class:`SlurmRequeue` defers
+    the checkpoint to the next step boundary instead.
+    """
     if detect_launch(env).launcher != "slurm":
         return []
-    return [SLURMEnvironment(auto_requeue=auto_requeue)]
+    return [SLURMEnvironment(auto_requeue=False)]
+
+
+def next_hpc_checkpoint(root: Path) -> Path:
+    """``root/hpc_ckpt_<N+1>.ckpt`` after the highest existing N (Lightning's naming)."""
+    numbers = [
+        int(m.group(1))
+        for p in root.glob("hpc_ckpt_*.ckpt")
+        if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", p.name))
+    ]
+    return root / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
+
+
+class SlurmRequeue(pl.Callback):
+    """Checkpoint and requeue the SLURM job when it is sent ``SIGUSR1``.
+
+    With ``#SBATCH --signal=SIGUSR1@90 --requeue`` SLURM sends the signal 90 s before the time
+    limit (``scancel --signal=USR1 JOBID`` does it by hand). The handler only records the
+    request; at the end of the next training step every rank agrees on it (one boolean
+    all-reduce), ``hpc_ckpt_N.ckpt`` is written into ``default_root_dir`` (the run directory)
+    by the usual collective ``save_checkpoint``, rank zero calls ``scontrol requeue`` and the
+    run stops. The requeued job reruns the same command, and the pipeline resumes from the
+    newest of ``last.ckpt`` and ``hpc_ckpt_*.ckpt`` in the run directory.
+
+    The handler is installed when ``fit`` starts; a signal that arrives earlier (imports, data
+    loading) gets SIGUSR1's default action, which ends the job, so the signal lead must exceed
+    the job's start-up time.
+    """
+
+    def __init__(self, signum: int = signal.SIGUSR1) -> None:
+        self.signum = signum
+        self.requested = False
+        self._previous: Any = None
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._previous = signal.signal(self.signum, self._handler)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        # One tiny collective per step keeps the ranks in agreement about when to stop.
+        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            return
+        path = trainer.strategy.broadcast(next_hpc_checkpoint(Path(trainer.default_root_dir)))
+        trainer.save_checkpoint(path)
+        ok = self._requeue() if trainer.is_global_zero else False
+        if trainer.strategy.broadcast(ok):
+            rank_zero_print(f"checkpointed {path} and requeued the job; stopping")
+            # The job is requeued and will be killed; leave now rather than train on.
+            raise SystemExit(0)
+        rank_zero_print(f"checkpointed {path}, but the requeue failed; training on")
+        self.requested = False
+
+    @staticmethod
+    def _requeue() -> bool:
+        array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+        if array_job is not None:
+            job_id = f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        else:
+            job_id = os.environ.get("SLURM_JOB_ID", "")
+        if not re.fullmatch(r"[0-9_]+", job_id):
+            return False
+        try:
+            done = subprocess.run(
+                ["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60
+            )
+        except (OSError, subprocess.TimeoutExpired) as err:
+            print(f"scontrol requeue {job_id} failed: {err}", flush=True)
+            return False
+        if done.returncode != 0:
+            print(f"scontrol requeue {job_id} failed: {done.stderr.strip()}", flush=True)
+        return done.returncode == 0
 
 
 @rank_zero_only

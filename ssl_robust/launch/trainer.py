@@ -20,6 +20,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from ssl_robust.config import TrainerConfig, WandbConfig
 from ssl_robust.launch.distributed import (
     ScaleSummary,
+    SlurmRequeue,
     build_strategy,
     check_world_size,
     cluster_plugins,
@@ -121,8 +122,15 @@ def checkpoint_callbacks(run_dir: Path, monitor: str | None, mode: str = "max") 
     """
     ckpt_dir = run_dir / "checkpoints"
     callbacks: list[Callback] = [
+        # Not save_last=True with save_top_k=0: Lightning >= 2.5 then writes last.ckpt only on
+        # epochs where a top-k checkpoint was saved, i.e. never. Without a monitor, top-1 is
+        # simply the latest epoch, written under the fixed name "last".
         ModelCheckpoint(
-            dirpath=ckpt_dir, save_last=True, save_top_k=0, save_on_train_epoch_end=True
+            dirpath=ckpt_dir,
+            filename="last",
+            save_top_k=1,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
         )
     ]
     if monitor:
@@ -151,12 +159,16 @@ def build_trainer(
 
     The same section runs on one CPU, one GPU, many GPUs or many nodes: DDP (NCCL on GPUs, gloo
     on CPU, ``pg_timeout_s``) as soon as ``devices x num_nodes > 1``; under SLURM a
-    ``SLURMEnvironment`` that checkpoints and requeues on SIGUSR1. A world that the launcher
-    did not start at the configured size fails here, before process-group setup would hang.
+    ``SLURMEnvironment`` and, with ``auto_requeue``, a checkpoint + requeue on SIGUSR1
+    (:class:`SlurmRequeue`). A world that the launcher did not start at the configured size
+    fails here, before process-group setup would hang.
     """
     check_world_size(tcfg.devices, tcfg.num_nodes)
     accelerator = resolve_accelerator(tcfg.accelerator)
+    plugins = cluster_plugins()
     all_callbacks = [*callbacks, ScaleSummary()]
+    if plugins and tcfg.auto_requeue:
+        all_callbacks.append(SlurmRequeue())
     if tcfg.progress_bar:
         all_callbacks.append(RichProgressBar(leave=True))
     if loggers:
@@ -170,7 +182,7 @@ def build_trainer(
         strategy=build_strategy(
             tcfg.strategy, accelerator, tcfg.devices, tcfg.num_nodes, tcfg.pg_timeout_s
         ),
-        plugins=cluster_plugins(tcfg.auto_requeue) or None,
+        plugins=plugins or None,
         sync_batchnorm=use_sync_batchnorm(tcfg.sync_batchnorm, accelerator),
         precision=tcfg.precision,  # type: ignore[arg-type]
         accumulate_grad_batches=tcfg.accumulate_grad_batches,
