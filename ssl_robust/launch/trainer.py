@@ -83,6 +83,10 @@ def build_loggers(
     if wandb_cfg.mode != "disabled" and is_global_zero():
         import wandb
 
+        if wandb.run is not None:
+            # An earlier run of this process (tests, notebooks): Lightning's WandbLogger would
+            # silently log into it instead of starting this run.
+            wandb.finish()
         loggers.append(
             WandbLogger(
                 project=wandb_cfg.project,

@@ -1,0 +1,33 @@
+#!/usr/bin/env python
+"""Compare runs side by side: a table (Markdown + HTML) and plots over their metrics.
+
+python scripts/compare.py runs/                              # every run directory below runs/
+python scripts/compare.py runs/ft-* --out reports/ft --metrics test/acc shift/mean_acc
+python scripts/compare.py --wandb-project ssl_robust --wandb-group c10-sweep --out reports/c10
+"""
+
+import argparse
+import sys
+
+from ssl_robust.compare import compare, wandb_runs
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="*", help="run directories or folders holding them")
+    parser.add_argument("--out", default="reports/compare", help="output folder")
+    parser.add_argument("--metrics", nargs="+", help="metric columns (default: the standard ones)")
+    parser.add_argument("--title", default="Run comparison")
+    parser.add_argument("--wandb-project", help="also gather this wandb project's runs (online)")
+    parser.add_argument("--wandb-entity", default="")
+    parser.add_argument("--wandb-group", help="only runs of this wandb group")
+    args = parser.parse_args()
+    sources: list = list(args.runs)
+    if args.wandb_project:
+        filters = {"group": args.wandb_group} if args.wandb_group else None
+        sources += wandb_runs(args.wandb_project, args.wandb_entity, filters)
+    try:
+        written = compare(sources, args.out, args.metrics, args.title)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"error: {err}")
+    for kind, path in written.items():
+        print(f"{kind}: {path}")

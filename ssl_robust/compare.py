@@ -1,0 +1,336 @@
+"""Compare runs side by side: gather run directories (or wandb runs), find the config keys that
+differ, and write a table (Markdown + HTML) and comparison plots (PNG).
+
+    from ssl_robust.compare import compare
+    compare(["runs/"], "reports/compare")   # every run directory below runs/
+
+A run directory is any folder with ``metrics.json`` (training phases) or ``report.json``
+(evaluation) next to its ``config.yaml``. Run directories name their inputs by path
+(``encoder.run``, ``classifier.run``, ``denoiser.run``, ...); keys of those upstream configs
+that a run does not set itself are filled in from them, so an evaluation run still knows its
+method and label fraction.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+# Config keys that name a run and never explain a difference between results.
+IGNORED_KEYS = ("run.dir", "run.resume", "wandb.", "trainer.progress_bar", "data.root")
+# The metrics shown by default when present: the hierarchical names every phase writes.
+DEFAULT_METRICS = (
+    "val/knn_acc",
+    "test/acc",
+    "shift/mean_acc",
+    "adv/linf_8/acc",
+    "adv/l2_0.5/acc",
+    "calib/clean/ece",
+    "purify/nfe",
+)
+
+
+@dataclass
+class Run:
+    """One run: where it came from, its flattened config and its numeric metrics.
+
+    Attributes:
+        name: Run directory name (or wandb run name).
+        source: The run directory or ``wandb:<entity>/<project>/<id>``.
+        config: Dotted keys (``subset.fraction``) to values, upstream keys filled in.
+        metrics: Hierarchical metric names (``shift/mean_acc``) to floats.
+    """
+
+    name: str
+    source: str
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def flatten(tree: Any, sep: str, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> ``{"a<sep>b": leaf}``; lists stay leaves."""
+    if not isinstance(tree, dict):
+        return {prefix: tree} if prefix else {}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        out.update(flatten(value, sep, name) if isinstance(value, dict) else {name: value})
+    return out
+
+
+def _numeric(values: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in values.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.yaml"
+    if not path.is_file():
+        return {}
+    return flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=True), ".")
+
+
+def load_run(folder: str | Path, follow_upstream: bool = True) -> Run:
+    """A run directory: ``config.yaml`` and ``metrics.json`` and/or ``report.json``.
+
+    Raises:
+        FileNotFoundError: If the folder holds neither ``metrics.json`` nor ``report.json``.
+    """
+    folder = Path(folder)
+    files = [folder / "metrics.json", folder / "report.json"]
+    if not any(p.is_file() for p in files):
+        raise FileNotFoundError(f"{folder} holds neither metrics.json nor report.json")
+    metrics: dict[str, float] = {}
+    for path in files:
+        if path.is_file():
+            # report.json may nest sections; metric names are '/'-joined like everywhere else.
+            metrics.update(_numeric(flatten(json.loads(path.read_text()), "/")))
+    config = _read_config(folder)
+    if follow_upstream:
+        config = _with_upstream(config, folder, seen={folder.resolve()})
+    return Run(name=folder.name, source=str(folder), config=config, metrics=metrics)
+
+
+def _with_upstream(config: dict[str, Any], folder: Path, seen: set[Path]) -> dict[str, Any]:
+    """Fill keys this run does not set from the configs of the runs it names by path."""
+    merged = dict(config)
+    for key, value in config.items():
+        if not (key.endswith(".run") and isinstance(value, str) and value):
+            continue
+        upstream = Path(value)
+        if not upstream.is_absolute() and not upstream.is_dir():
+            upstream = folder / value
+        if not upstream.is_dir() or upstream.resolve() in seen:
+            continue
+        seen.add(upstream.resolve())
+        inherited = _with_upstream(_read_config(upstream), upstream, seen)
+        for k, v in inherited.items():
+            if not k.startswith("run.") and k not in merged:
+                merged[k] = v
+    return merged
+
+
+def find_runs(roots: Iterable[str | Path]) -> list[Run]:
+    """Every run directory at or below each root (sorted by path)."""
+    found: dict[Path, Run] = {}
+    for root in map(Path, roots):
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist")
+        candidates = {
+            p.parent for name in ("metrics.json", "report.json") for p in root.rglob(name)
+        }
+        for folder in sorted(candidates):
+            # Files below a run's own output (wandb/, logs/) are not runs of their own.
+            if any(parent in candidates for parent in folder.parents):
+                continue
+            found.setdefault(folder.resolve(), load_run(folder))
+    return [found[k] for k in sorted(found)]
+
+
+def wandb_runs(project: str, entity: str = "", filters: dict[str, Any] | None = None) -> list[Run]:
+    """Runs of a wandb project through the public API (needs network and a login).
+
+    ``filters`` is passed to ``wandb.Api().runs`` (e.g. ``{"group": "c10-sweep"}``).
+    """
+    import wandb
+
+    path = f"{entity}/{project}" if entity else project
+    runs = []
+    for r in wandb.Api().runs(path, filters=filters or {}):
+        config = flatten({k: v for k, v in r.config.items() if not k.startswith("_")}, ".")
+        metrics = _numeric({k: v for k, v in r.summary.items() if "/" in k})
+        runs.append(Run(name=r.name, source=f"wandb:{path}/{r.id}", config=config, metrics=metrics))
+    return runs
+
+
+def differing_keys(runs: Sequence[Run], ignore: Sequence[str] = IGNORED_KEYS) -> list[str]:
+    """Config keys whose value is not the same in every run (missing counts as a value)."""
+    keys = sorted({k for r in runs for k in r.config})
+    out = []
+    for key in keys:
+        if any(key == i or (i.endswith(".") and key.startswith(i)) for i in ignore):
+            continue
+        values = {json.dumps(r.config.get(key), sort_keys=True, default=str) for r in runs}
+        if len(values) > 1:
+            out.append(key)
+    return out
+
+
+def select_metrics(runs: Sequence[Run], metrics: Sequence[str] | None = None) -> list[str]:
+    """The metric columns: those asked for, else the default ones present in any run."""
+    present = {k for r in runs for k in r.metrics}
+    if metrics:
+        missing = [m for m in metrics if m not in present]
+        if missing:
+            raise ValueError(f"no run has metric(s) {missing}; available: {sorted(present)}")
+        return list(metrics)
+    chosen = [m for m in DEFAULT_METRICS if m in present]
+    return chosen or sorted(present)
+
+
+def table(
+    runs: Sequence[Run], keys: Sequence[str], metrics: Sequence[str]
+) -> tuple[list[str], list[list[str]]]:
+    """Header and rows (strings), runs sorted by the differing keys."""
+
+    def fmt(value: Any) -> str:
+        if value is None:
+            return "—"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    ordered = sorted(runs, key=lambda r: [fmt(r.config.get(k)) for k in keys] + [r.name])
+    header = ["run", *keys, *metrics]
+    rows = [
+        [r.name, *(fmt(r.config.get(k)) for k in keys), *(fmt(r.metrics.get(m)) for m in metrics)]
+        for r in ordered
+    ]
+    return header, rows
+
+
+def to_markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = [
+        "| " + " | ".join(map(cell, header)) + " |",
+        "|" + "|".join(" --- " for _ in header) + "|",
+    ]
+    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_html(header: Sequence[str], rows: Sequence[Sequence[str]], title: str) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>\n" for row in rows
+    )
+    style = (
+        "table{border-collapse:collapse;font-family:sans-serif}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+    )
+    return (
+        f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>\n"
+        f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table></body></html>\n"
+    )
+
+
+def _value(run: Run, key: str) -> Any:
+    return run.metrics[key] if key in run.metrics else run.config.get(key)
+
+
+def plot_lines(
+    runs: Sequence[Run],
+    x: str,
+    metrics: Sequence[str],
+    series: Sequence[str],
+    path: Path,
+    title: str,
+) -> Path | None:
+    """One line per (series value, metric) of ``metric`` against ``x`` (a config key or a
+    metric), averaged over runs that share both (e.g. seeds). ``None`` if nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points: dict[tuple[str, str], dict[float, list[float]]] = {}
+    for run in runs:
+        xv = _value(run, x)
+        if not isinstance(xv, int | float) or isinstance(xv, bool):
+            continue
+        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={run.config.get(k)}" for k in series)
+        for metric in metrics:
+            if metric in run.metrics:
+                points.setdefault((label, metric), {}).setdefault(float(xv), []).append(
+                    run.metrics[metric]
+                )
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (label, metric), by_x in sorted(points.items()):
+        xs = sorted(by_x)
+        ys = [sum(by_x[v]) / len(by_x[v]) for v in xs]
+        ax.plot(xs, ys, marker="o", label=f"{label} {metric}".strip())
+    ax.set_xlabel(x)
+    ax.set_ylabel("accuracy")
+    if x in ("subset.fraction",):
+        ax.set_xscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def compare(
+    sources: Sequence[str | Path] | Sequence[Run],
+    out_dir: str | Path,
+    metrics: Sequence[str] | None = None,
+    title: str = "Run comparison",
+) -> dict[str, Path]:
+    """Write ``comparison.md``, ``comparison.html`` and the plots that apply into ``out_dir``.
+
+    Args:
+        sources: Run directories (or folders holding them), or already loaded :class:`Run`\\ s.
+        metrics: Metric columns; by default the standard ones present in any run.
+
+    Returns:
+        What was written, by kind: ``markdown``, ``html``, and ``plot_accuracy_vs_fraction`` /
+        ``plot_robust_vs_nfe`` when the runs have what those plots need.
+
+    Raises:
+        ValueError: If there are no runs.
+    """
+    runs = [s for s in sources if isinstance(s, Run)]
+    paths = [s for s in sources if not isinstance(s, Run)]
+    runs += find_runs(paths)
+    if not runs:
+        raise ValueError(f"no runs (metrics.json / report.json) found in {list(map(str, paths))}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = differing_keys(runs)
+    columns = select_metrics(runs, metrics)
+    header, rows = table(runs, keys, columns)
+    written = {"markdown": out / "comparison.md", "html": out / "comparison.html"}
+    written["markdown"].write_text(f"# {title}\n\n" + to_markdown(header, rows))
+    written["html"].write_text(to_html(header, rows, title))
+
+    # Clean vs corruption accuracy per method (and whatever else differs) against label fraction.
+    fraction = "subset.fraction"
+    acc = [m for m in ("test/acc", "shift/mean_acc") if any(m in r.metrics for r in runs)]
+    if fraction in keys and acc:
+        series = [k for k in keys if k not in (fraction, "run.seed")]
+        plot = plot_lines(
+            runs, fraction, acc, series, out / "accuracy_vs_fraction.png",
+            "clean (test/acc) and corrupted (shift/mean_acc) accuracy",
+        )  # fmt: skip
+        if plot:
+            written["plot_accuracy_vs_fraction"] = plot
+    # Robust accuracy against the purifier's network evaluations.
+    adv = sorted(
+        {m for r in runs for m in r.metrics if m.startswith("adv/") and m.endswith("/acc")}
+    )
+    if adv and len({r.metrics.get("purify/nfe") for r in runs} - {None}) > 1:
+        series = [k for k in keys if not k.startswith(("purify.", "run.seed"))]
+        plot = plot_lines(
+            runs, "purify/nfe", adv, series, out / "robust_vs_nfe.png", "robust accuracy vs NFE"
+        )
+        if plot:
+            written["plot_robust_vs_nfe"] = plot
+    return written

@@ -1,0 +1,161 @@
+"""The comparison tool over offline runs: two tiny pretraining runs with wandb offline, plus
+hand-written fine-tuning / evaluation run directories that name their upstream runs by path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from ssl_robust.compare import Run, compare, differing_keys, find_runs, load_run, select_metrics
+from ssl_robust.pipelines import pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_run(folder: Path, config: dict, metrics: dict, name: str = "metrics.json") -> Path:
+    folder.mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(config), folder / "config.yaml")
+    (folder / name).write_text(json.dumps(metrics))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pretrain_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """SimCLR and BYOL, two epochs each on 8-px digits, logged to wandb offline."""
+    root = tmp_path_factory.mktemp("runs")
+    runs = {}
+    with pytest.MonkeyPatch.context() as mp:
+        # conftest disables wandb through the environment, which beats wandb.mode.
+        mp.delenv("WANDB_MODE", raising=False)
+        for method in ("simclr", "byol"):
+            runs[method] = _pretrain(root / f"pre-{method}", method)
+    return runs
+
+
+def _pretrain(run: Path, method: str) -> Path:
+    from ssl_robust.config import PretrainConfig, load_config
+
+    from .conftest import TINY_PRETRAIN
+
+    overrides = [f"method={method}", f"run.dir={run}", "wandb.mode=offline", "wandb.group=cmp"]
+    pretrain(load_config(PretrainConfig, [*TINY_PRETRAIN, *overrides], job="pretrain"))
+    return run
+
+
+def test_offline_pretraining_runs_compare(pretrain_runs: dict[str, Path], tmp_path: Path) -> None:
+    for run in pretrain_runs.values():
+        # The wandb run is offline, in the run directory, under the id kept there.
+        run_id = (run / "wandb_id.txt").read_text().strip()
+        assert list((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    written = compare(list(pretrain_runs.values()), tmp_path / "out")
+    md = written["markdown"].read_text()
+    # Only the key that differs is a column (the run dirs are ignored), with the metric.
+    header = md.splitlines()[2]
+    assert header == "| run | method.name | val/knn_acc |"
+    for method, run in pretrain_runs.items():
+        knn = json.loads((run / "metrics.json").read_text())["val/knn_acc"]
+        assert f"| {run.name} | {method} | {knn:.4g} |" in md
+    assert "<td>byol</td>" in written["html"].read_text()
+    assert "plot_accuracy_vs_fraction" not in written  # nothing to plot for pretraining
+
+
+def _evaluation_tree(root: Path, pretrain_runs: dict[str, Path]) -> None:
+    """Fine-tuning runs (2 methods x 2 fractions x 2 seeds) and one evaluation per run."""
+    clean = {"simclr": 0.80, "byol": 0.70}
+    for method, enc in pretrain_runs.items():
+        for fraction in (0.1, 1.0):
+            for seed in (0, 1):
+                name = f"{method}-{fraction}-{seed}"
+                ft = _write_run(
+                    root / "ft" / name,
+                    {"run": {"seed": seed, "dir": str(root / "ft" / name)},
+                     "encoder": {"run": str(enc)}, "subset": {"fraction": fraction}},
+                    {"test/acc": clean[method] * (0.9 + 0.1 * fraction) + 0.01 * seed},
+                )  # fmt: skip
+                for nfe in (5, 20):
+                    _write_run(
+                        root / "eval" / f"{name}-nfe{nfe}",
+                        {"classifier": {"run": str(ft)}, "purify": {"ddim_steps": nfe}},
+                        {
+                            "test/acc": clean[method] * (0.9 + 0.1 * fraction),
+                            "shift": {"mean_acc": 0.5 * clean[method] * fraction},
+                            "adv": {"linf_8": {"acc": 0.01 * nfe}},
+                            "purify": {"nfe": float(nfe)},
+                            "label": "not a number",
+                        },
+                        name="report.json",
+                    )
+
+
+def test_evaluation_runs_follow_upstream_and_plot(
+    pretrain_runs: dict[str, Path], tmp_path: Path
+) -> None:
+    _evaluation_tree(tmp_path / "runs", pretrain_runs)
+    evals = find_runs([tmp_path / "runs" / "eval"])
+    assert len(evals) == 2 * 2 * 2 * 2
+    run = load_run(tmp_path / "runs" / "eval" / "byol-0.1-1-nfe20")
+    # report.json sections flattened to the hierarchical names; non-numbers dropped.
+    assert run.metrics["shift/mean_acc"] == pytest.approx(0.5 * 0.7 * 0.1)
+    assert run.metrics["adv/linf_8/acc"] == pytest.approx(0.2) and "label" not in run.metrics
+    # Method from the pretraining run, fraction from the fine-tuning run; own keys win.
+    assert run.config["method.name"] == "byol" and run.config["subset.fraction"] == 0.1
+    assert run.config["purify.ddim_steps"] == 20
+    keys = differing_keys(evals)
+    assert {"method.name", "subset.fraction", "purify.ddim_steps"} <= set(keys)
+    assert not any(k.startswith("run.") for k in keys)  # seeds differ only upstream: not inherited
+    assert "classifier.run" in keys and "encoder.run" in keys
+
+    written = compare([tmp_path / "runs" / "eval"], tmp_path / "out")
+    for kind in ("plot_accuracy_vs_fraction", "plot_robust_vs_nfe"):
+        with Image.open(written[kind]) as image:
+            assert image.format == "PNG" and image.size[0] > 300
+    md = written["markdown"].read_text().splitlines()
+    assert len([line for line in md if line.startswith("| ")]) == 2 + 16  # header, rule, runs
+    assert "shift/mean_acc" in md[2] and "adv/linf_8/acc" in md[2]
+
+
+def test_metric_selection_and_errors(tmp_path: Path) -> None:
+    runs = [Run("a", "x", {"k": 1}, {"test/acc": 0.5, "other/x": 1.0}), Run("b", "y", {"k": 2}, {})]
+    assert select_metrics(runs) == ["test/acc"]
+    assert select_metrics([Run("c", "z", {}, {"other/x": 1.0})]) == ["other/x"]
+    with pytest.raises(ValueError, match="no run has metric"):
+        select_metrics(runs, ["val/knn_acc"])
+    with pytest.raises(ValueError, match="no runs"):
+        compare([tmp_path], tmp_path / "out")
+    with pytest.raises(FileNotFoundError):
+        load_run(tmp_path)
+    written = compare(runs, tmp_path / "out", metrics=["test/acc"])
+    assert "| b | 2 | — |" in written["markdown"].read_text()  # a missing metric shows as —
+
+
+def test_script(pretrain_runs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/compare.py",
+            *map(str, pretrain_runs.values()),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "comparison.md").is_file() and (out / "comparison.html").is_file()
+    bad = subprocess.run(
+        [sys.executable, "scripts/compare.py", str(tmp_path / "missing")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode != 0 and "does not exist" in bad.stderr
