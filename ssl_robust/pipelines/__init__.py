@@ -4,7 +4,8 @@ With ``ssl_robust.config`` the only layer that reads the config. Scripts, SLURM 
 call these functions; each returns its final metrics under the project's hierarchical names.
 """
 
+from ssl_robust.pipelines.evaluate import evaluate
 from ssl_robust.pipelines.finetune import finetune
 from ssl_robust.pipelines.pretrain import build_method, pretrain
 
-__all__ = ["build_method", "finetune", "pretrain"]
+__all__ = ["build_method", "evaluate", "finetune", "pretrain"]
