@@ -105,12 +105,17 @@ def train_denoiser(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[
     )
 
     config = to_dict(cfg)
+    checkpoints = checkpoint_callbacks(run_dir, monitor="val/loss", mode="min")
+    # With validation every epoch both checkpoint callbacks save at the end of the training
+    # epoch, in list order: the best-by-val/loss one goes first so that last.ckpt holds the
+    # updated best score (a resumed run would otherwise compare against a stale one).
+    checkpoints.sort(key=lambda c: getattr(c, "monitor", None) is None)
     trainer = build_trainer(
         cfg.trainer,
         run_dir,
         loggers=build_loggers(run_dir, cfg.wandb, config, "denoiser", run_dir.name),
         callbacks=[
-            *checkpoint_callbacks(run_dir, monitor="val/loss", mode="min"),
+            *checkpoints,
             ConfigInCheckpoint(config),
             grids,
             *callbacks,
@@ -133,7 +138,7 @@ def train_denoiser(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     elapsed = time.perf_counter() - start
-    steps_done = trainer.global_step - grids.start_step
+    steps_done = 0 if grids.start_step is None else trainer.global_step - grids.start_step
 
     metrics = read_json(run_dir / "metrics.json")  # a finished run rerun keeps its numbers
     metrics.update(final_metrics(trainer))

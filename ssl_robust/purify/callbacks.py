@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 from torch import Tensor
@@ -42,6 +44,8 @@ class SampleGrids(Callback):
         purify_sampler: One of ``SAMPLERS``.
         purify_steps: DDIM steps for purification, 1 <= purify_steps <= t_star.
         seed: Seed of the grids' noise.
+        min_display_px: Small images are enlarged (nearest neighbour, an integer factor) to at
+            least this many pixels per side in the PNGs, so 16-px digits stay readable.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class SampleGrids(Callback):
         purify_sampler: str = "ddpm",
         purify_steps: int = 5,
         seed: int = 0,
+        min_display_px: int = 64,
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
@@ -89,8 +94,10 @@ class SampleGrids(Callback):
         self.purify_sampler = purify_sampler
         self.purify_steps = purify_steps
         self.seed = seed
-        # The global step this fit started from (after resuming) and of the newest grids.
-        self.start_step = 0
+        self.zoom = max(1, math.ceil(min_display_px / max(clean.shape[-2:])))
+        # The global step this fit's training started from (after resuming); None while (or
+        # when, for a finished run rerun) no training loop has started.
+        self.start_step: int | None = None
         self._written_step = -1
 
     @property
@@ -111,7 +118,8 @@ class SampleGrids(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Stopped between scheduled grids (max_steps, early stopping): show the final weights.
-        if trainer.global_step > self.start_step and self._written_step != trainer.global_step:
+        started = self.start_step is not None and trainer.global_step > self.start_step
+        if started and self._written_step != trainer.global_step:
             self.write(trainer, pl_module, trainer.current_epoch)
 
     @torch.no_grad()
@@ -135,6 +143,9 @@ class SampleGrids(Callback):
         )
         generator = torch.Generator().manual_seed(self.seed + 1)
         grid = purification_grid(purifier, self.clean.to(pl_module.device), generator)
+        if self.zoom > 1:
+            samples = F.interpolate(samples, scale_factor=self.zoom, mode="nearest")
+            grid = F.interpolate(grid, scale_factor=self.zoom, mode="nearest")
         nrow = max(1, round(self.num_samples**0.5))
         paths = {
             "samples": save_image_grid(
