@@ -165,9 +165,7 @@ def test_bad_views_raise(unet: torch.nn.Module) -> None:
 def test_modes_match_the_pretraining_config() -> None:
     from ssl_robust.config import job_choices
 
-    choices = job_choices("pretrain")
-    if "denoise.mode" in choices:
-        assert set(choices["denoise.mode"]) == set(MODES)
+    assert set(job_choices("pretrain")["denoise.mode"]) == set(MODES)
 
 
 def test_load_from_a_denoiser_folder(unet: torch.nn.Module, tmp_path: Path) -> None:

@@ -235,6 +235,36 @@ def test_training_lowers_the_validation_loss(
     assert after < 0.5 * before
 
 
+def test_image_datamodule_serves_seeded_flipped_images_in_unit_range() -> None:
+    splits = build_splits("digits", "data", image_size=8, seed=0)
+    raw_train = torch.from_numpy(splits.train.images).permute(0, 3, 1, 2).float() / 255
+    raw_val = torch.from_numpy(splits.val.images).permute(0, 3, 1, 2).float() / 255
+    data = ImageDataModule(splits.train, splits.val, batch_size=32, seed=3, hf_prob=0.5)
+
+    def first_batch(epoch: int) -> tuple[torch.Tensor, list[int]]:
+        loader = data.train_dataloader()
+        loader.sampler.set_epoch(epoch)  # type: ignore[union-attr]
+        indices = [i for _, i in list(loader.sampler)[:32]]  # type: ignore[arg-type]
+        return next(iter(loader))[0], indices
+
+    x, indices = first_batch(1)
+    assert x.shape == (32, 3, 8, 8) and x.dtype == torch.float32
+    assert x.min() >= 0 and x.max() <= 1
+    flipped = [not torch.equal(x[k], raw_train[i]) for k, i in enumerate(indices)]
+    for k, i in enumerate(indices):  # each image is itself or its mirror image
+        assert torch.equal(x[k], raw_train[i].flip(-1) if flipped[k] else raw_train[i])
+    assert 4 < sum(flipped) < 28  # about half of them flipped
+    again, _ = first_batch(1)
+    torch.testing.assert_close(again, x, rtol=0, atol=0)  # a pure function of (seed, epoch)
+    assert first_batch(2)[1] != indices
+    # Validation: every image, in order, never flipped.
+    val = torch.cat([b[0] for b in data.val_dataloader()])
+    torch.testing.assert_close(val, raw_val, rtol=0, atol=0)
+    torch.testing.assert_close(data.val_images(3), raw_val[:3], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        ImageDataModule(splits.train, splits.val, batch_size=len(splits.train) + 1)
+
+
 def test_choices_match_the_registries() -> None:
     choices = job_choices("denoiser")
     assert set(choices["denoiser.unet"]) == set(UNET_PRESETS)
@@ -284,6 +314,7 @@ def test_bad_names_raise_config_errors_naming_the_choices() -> None:
         ("samples.steps=0", r"samples.steps must be in \[1, 1000\]"),
         ("samples.t_star=1001", r"samples.t_star must be in \[0, 1000\]"),
         ("samples.every_n_epochs=0", r"every_n_epochs must be >= 1"),
+        ("samples.n=0", r"n must be >= 1"),
         ("views.hf_prob=1.5", r"hf_prob must be in \[0, 1\]"),
         ("denoiser.beta_end=2.0", r"beta_start <= beta_end < 1"),
         ("denoiser.ema_decay=1.5", r"ema_decay must be in \[0, 1\]"),

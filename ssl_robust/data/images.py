@@ -102,6 +102,8 @@ class ImageDataModule(pl.LightningDataModule):
 
     def val_images(self, n: int) -> torch.Tensor:
         """The first ``n`` validation images, (n, C, H, W) in [0, 1] (fixed images for grids)."""
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
         n = min(n, len(self.val_source))
         return torch.stack([self.eval_transform(self.val_source.load(i)) for i in range(n)])
 
