@@ -189,3 +189,40 @@ def test_extending_a_finished_run_follows_the_new_schedule(
     peak = 0.06 * 64 / 128
     expected = [peak * (0.001 + 0.999 * (math.cos(math.pi * k / 5) + 1) / 2) for k in (3, 4, 5)]
     assert lrs == pytest.approx(expected, rel=1e-4)
+
+
+class CheckpointMidEpoch(pl.Callback):
+    """Writes a checkpoint after the k-th training step and stops: SLURM preemption's path."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, module: Any, out: Any, b: Any, i: int
+    ) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(Path(trainer.default_root_dir) / "hpc_ckpt_1.ckpt")
+            raise SystemExit(0)
+
+
+@pytest.mark.parametrize("augment", ["cpu", "gpu"])
+def test_resume_from_a_mid_epoch_checkpoint_matches_uninterrupted_run(
+    augment: str, tiny_pretrain_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    common = ("trainer.max_epochs=2", f"data.augment={augment}", "data.num_workers=0")
+    full = pretrain(tiny_pretrain_cfg(*common, run_dir=tmp_path / "full"))
+    part = tiny_pretrain_cfg(*common, run_dir=tmp_path / "part")
+    with pytest.raises(SystemExit):
+        pretrain(part, callbacks=[CheckpointMidEpoch(step=4)])  # epoch 1, batch 1 of 3
+    seen: list[int] = []
+
+    class Steps(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, m: Any, b: Any, i: int) -> None:
+            seen.append(trainer.global_step)
+
+    resumed = pretrain(part, callbacks=[Steps()])
+    assert seen == [4, 5]  # only the two batches not yet trained on
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert resumed["train/loss"] == pytest.approx(full["train/loss"], rel=1e-5)

@@ -16,7 +16,7 @@ The methods do not know which path ran.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,8 @@ class EpochSeededSampler(Sampler[tuple[int, int]]):
         self.n = n
         self.seed = seed
         self.epoch = 0
+        # Batches of the current epoch already trained (set when resuming mid-epoch).
+        self.skip_batches: Callable[[], int] = lambda: 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -54,6 +56,42 @@ class EpochSeededSampler(Sampler[tuple[int, int]]):
 
     def __len__(self) -> int:
         return self.n
+
+
+class _SkipFirst:
+    """An index sampler whose iteration starts after ``skip()`` batches, asked when iteration
+    starts (Lightning creates the iterator before it has settled the restored counters). Its
+    length is the full epoch's, which is what Lightning's restored progress counters use."""
+
+    def __init__(self, inner: Iterable[list[Any]], skip: Callable[[], int]) -> None:
+        self.inner = inner
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        batches = iter(self.inner)
+        for _ in range(self.skip()):
+            next(batches, None)
+        yield from batches
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that starts a resumed epoch at the first batch not yet trained on.
+
+    Its batches are index lists, so the skipped ones load and augment nothing. The count comes
+    from the :class:`EpochSeededSampler` (also inside Lightning's DDP sampler wrapper, which keeps
+    the original as ``.dataset._sampler``); Lightning re-creates this class unchanged for DDP.
+    """
+
+    @property
+    def _index_sampler(self) -> Any:
+        index_sampler = super()._index_sampler
+        base = getattr(getattr(self.sampler, "dataset", None), "_sampler", self.sampler)
+        if not isinstance(base, EpochSeededSampler) or not self._auto_collation:
+            return index_sampler
+        return _SkipFirst(index_sampler, base.skip_batches)
 
 
 def batch_seed(seed: int, keys: Sequence[tuple[int, int]]) -> int:
@@ -135,11 +173,23 @@ class SSLDataModule(pl.LightningDataModule):
             **kw,
         )
 
+    def _batches_done_this_epoch(self) -> int:
+        """Training batches of the current epoch already done: > 0 only in a run resumed from
+        a mid-epoch checkpoint (e.g. written on SLURM preemption). Derived from the restored
+        step and epoch counters, which every checkpoint holds."""
+        trainer = self.trainer
+        if trainer is None or not isinstance(trainer.num_training_batches, int):
+            return 0
+        n = trainer.num_training_batches
+        done = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * n
+        return done if 0 < done < n else 0
+
     def train_dataloader(self) -> DataLoader:
         sampler = EpochSeededSampler(len(self.train_source), self.seed)
+        sampler.skip_batches = self._batches_done_this_epoch
         if self.augment == "gpu":
             # Only indices travel; the images already live on the device.
-            return DataLoader(
+            return ResumableDataLoader(
                 _Keys(self.train_source.labels),
                 batch_size=self.batch_size,
                 sampler=sampler,
@@ -147,8 +197,14 @@ class SSLDataModule(pl.LightningDataModule):
                 collate_fn=self._collate_keys,
             )
         ds = TransformDataset(self.train_source, self.train_transform, seed=self.seed)  # type: ignore[arg-type]
-        return self._loader(
-            ds, self.batch_size, sampler=sampler, drop_last=True, collate_fn=self._collate_views
+        return ResumableDataLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            collate_fn=self._collate_views,
         )
 
     def _collate_keys(self, items: list[tuple[int, int, int]]) -> dict[str, Any]:
