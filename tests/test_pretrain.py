@@ -48,7 +48,7 @@ def test_pretrain_writes_the_run_directory(
         "encoder.json",
         "checkpoints/last.ckpt",
         "checkpoints/best.ckpt",
-        "logs/metrics.csv",
+        "logs/version_0/metrics.csv",
     ):
         assert (run / name).is_file(), name
     saved = json.loads((run / "metrics.json").read_text())

@@ -108,7 +108,7 @@ def test_train_denoiser_writes_the_run_directory(
         "metrics.json",
         "checkpoints/last.ckpt",
         "checkpoints/best.ckpt",
-        "logs/metrics.csv",
+        "logs/version_0/metrics.csv",
         "model_index.json",
         "unet/config.json",
         "unet/diffusion_pytorch_model.safetensors",

@@ -72,14 +72,15 @@ def wandb_run_id(run_dir: Path) -> str:
 def build_loggers(
     run_dir: Path, wandb_cfg: WandbConfig, config: dict[str, Any], job_type: str, default_name: str
 ) -> list[Logger]:
-    """A CSV logger (``logs/metrics.csv``) and, unless disabled, a wandb logger.
+    """A CSV logger (``logs/version_<k>/metrics.csv``, one per start of the run, since
+    Lightning's CSV writer truncates an existing file) and, unless disabled, a wandb logger.
 
     wandb follows the naming convention in ``slurm/README.md``: project per study, ``group``
     per experiment, ``job_type`` per phase (defaults to ``job_type``), run name = run directory
     name. The run id lives in the run directory, so a resumed or requeued run continues the same
     wandb run; only global rank zero creates it (and only rank zero ever logs to wandb).
     """
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="logs")]
     if wandb_cfg.mode != "disabled" and is_global_zero():
         import wandb
 
@@ -125,19 +126,10 @@ def checkpoint_callbacks(run_dir: Path, monitor: str | None, mode: str = "max") 
     mid-write never leaves a torn ``last.ckpt``.
     """
     ckpt_dir = run_dir / "checkpoints"
-    callbacks: list[Callback] = [
-        # Not save_last=True with save_top_k=0: Lightning >= 2.5 then writes last.ckpt only on
-        # epochs where a top-k checkpoint was saved, i.e. never. Without a monitor, top-1 is
-        # simply the latest epoch, written under the fixed name "last".
-        ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="last",
-            save_top_k=1,
-            save_on_train_epoch_end=True,
-            enable_version_counter=False,
-        )
-    ]
+    callbacks: list[Callback] = []
     if monitor:
+        # First: both save at the end of a training epoch, in list order, and last.ckpt must
+        # hold the best score including this epoch's.
         callbacks.append(
             ModelCheckpoint(
                 dirpath=ckpt_dir,
@@ -149,6 +141,18 @@ def checkpoint_callbacks(run_dir: Path, monitor: str | None, mode: str = "max") 
                 enable_version_counter=False,
             )
         )
+    callbacks.append(
+        # Not save_last=True with save_top_k=0: Lightning >= 2.5 then writes last.ckpt only on
+        # epochs where a top-k checkpoint was saved, i.e. never. Without a monitor, top-1 is
+        # simply the latest epoch, written under the fixed name "last".
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="last",
+            save_top_k=1,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
+        )
+    )
     return callbacks
 
 

@@ -54,10 +54,10 @@ def train_denoiser(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[
     """Trains a DDPM denoiser for purification; returns the final metrics (as in metrics.json).
 
     Writes into the run directory: ``config.yaml``, ``checkpoints/{last,best}.ckpt`` (best by
-    ``val/loss``), ``logs/metrics.csv``, ``metrics.json``, the EMA UNet and its schedule as a
-    diffusers folder (``unet/``, ``scheduler/``, ``model_index.json``; read it back with
-    ``load_denoiser(run_dir)``) and image grids in ``samples/``. Rerunning with the same run
-    directory resumes from the newest checkpoint.
+    ``val/loss``), ``logs/version_<k>/metrics.csv``, ``metrics.json``, the EMA UNet and its
+    schedule as a diffusers folder (``unet/``, ``scheduler/``, ``model_index.json``; read it
+    back with ``load_denoiser(run_dir)``) and image grids in ``samples/``. Rerunning with the
+    same run directory resumes from the newest checkpoint.
     """
     run_dir = run_dir_for(cfg, "denoiser")
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
@@ -106,10 +106,6 @@ def train_denoiser(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[
 
     config = to_dict(cfg)
     checkpoints = checkpoint_callbacks(run_dir, monitor="val/loss", mode="min")
-    # With validation every epoch both checkpoint callbacks save at the end of the training
-    # epoch, in list order: the best-by-val/loss one goes first so that last.ckpt holds the
-    # updated best score (a resumed run would otherwise compare against a stale one).
-    checkpoints.sort(key=lambda c: getattr(c, "monitor", None) is None)
     trainer = build_trainer(
         cfg.trainer,
         run_dir,

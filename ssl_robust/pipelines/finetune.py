@@ -369,7 +369,7 @@ def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
     """Fine-tune a pretrained encoder on a labeled subset; returns the final metrics.
 
     Writes into the run directory: ``config.yaml``, ``subset.npy`` + ``subset.json``,
-    ``checkpoints/last.ckpt``, ``logs/metrics.csv``, ``metrics.json`` and
+    ``checkpoints/last.ckpt``, ``logs/version_<k>/metrics.csv``, ``metrics.json`` and
     ``classifier.safetensors`` + ``classifier.json``. Rerunning with the same run directory
     reuses the subset and resumes from the newest checkpoint.
 

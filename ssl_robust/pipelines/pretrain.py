@@ -76,7 +76,7 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
     """Self-supervised pretraining: returns the final metrics (also in ``metrics.json``).
 
     Writes into the run directory: ``config.yaml``, ``checkpoints/{last,best}.ckpt``,
-    ``logs/metrics.csv``, ``metrics.json``, ``encoder.safetensors`` + ``encoder.json``.
+    ``logs/version_<k>/metrics.csv``, ``metrics.json``, ``encoder.safetensors`` + ``encoder.json``.
     Rerunning with the same run directory resumes from the newest checkpoint.
     """
     run_dir = run_dir_for(cfg, "pretrain")
