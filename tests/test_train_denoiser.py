@@ -338,3 +338,19 @@ def test_script_reports_config_errors() -> None:
     )
     assert proc.returncode != 0
     assert "error: invalid value 'huge' for 'denoiser.unet'" in proc.stderr
+
+
+def test_resume_from_a_mid_epoch_checkpoint_matches_uninterrupted_run(
+    tiny_denoiser_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    from tests.test_pretrain import CheckpointMidEpoch
+
+    common = ("trainer.max_epochs=2", "views.hf_prob=0.5", "samples.every_n_epochs=2")
+    train_denoiser(tiny_denoiser_cfg(*common, run_dir=tmp_path / "full"))
+    part = tiny_denoiser_cfg(*common, run_dir=tmp_path / "part")
+    with pytest.raises(SystemExit):
+        train_denoiser(part, callbacks=[CheckpointMidEpoch(step=4)])  # epoch 1, batch 1 of 3
+    train_denoiser(part)
+    a, b = last_ckpt(tmp_path / "full")["state_dict"], last_ckpt(tmp_path / "part")["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)

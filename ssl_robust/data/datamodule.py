@@ -94,6 +94,17 @@ class ResumableDataLoader(DataLoader):
         return _SkipFirst(index_sampler, base.skip_batches)
 
 
+def batches_done_this_epoch(trainer: pl.Trainer | None) -> int:
+    """Training batches of the current epoch already done: > 0 only in a run resumed from a
+    mid-epoch checkpoint (e.g. written on SLURM preemption). Derived from the restored step and
+    epoch counters, which every checkpoint holds."""
+    if trainer is None or not isinstance(trainer.num_training_batches, int):
+        return 0
+    n = trainer.num_training_batches
+    done = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * n
+    return done if 0 < done < n else 0
+
+
 def batch_seed(seed: int, keys: Sequence[tuple[int, int]]) -> int:
     """A seed for a whole batch from its ``(epoch, index)`` keys (for device-side randomness)."""
     first_epoch = keys[0][0]
@@ -173,20 +184,9 @@ class SSLDataModule(pl.LightningDataModule):
             **kw,
         )
 
-    def _batches_done_this_epoch(self) -> int:
-        """Training batches of the current epoch already done: > 0 only in a run resumed from
-        a mid-epoch checkpoint (e.g. written on SLURM preemption). Derived from the restored
-        step and epoch counters, which every checkpoint holds."""
-        trainer = self.trainer
-        if trainer is None or not isinstance(trainer.num_training_batches, int):
-            return 0
-        n = trainer.num_training_batches
-        done = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * n
-        return done if 0 < done < n else 0
-
     def train_dataloader(self) -> DataLoader:
         sampler = EpochSeededSampler(len(self.train_source), self.seed)
-        sampler.skip_batches = self._batches_done_this_epoch
+        sampler.skip_batches = lambda: batches_done_this_epoch(self.trainer)
         if self.augment == "gpu":
             # Only indices travel; the images already live on the device.
             return ResumableDataLoader(

@@ -18,7 +18,11 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from ssl_robust.data.datamodule import EpochSeededSampler
+from ssl_robust.data.datamodule import (
+    EpochSeededSampler,
+    ResumableDataLoader,
+    batches_done_this_epoch,
+)
 from ssl_robust.data.datasets import ImageSource, TransformDataset
 
 
@@ -92,8 +96,16 @@ class ImageDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = TransformDataset(self.train_source, self.train_transform, seed=self.seed)
-        return self._loader(
-            ds, self.batch_size, sampler=EpochSeededSampler(len(ds), self.seed), drop_last=True
+        sampler = EpochSeededSampler(len(ds), self.seed)
+        sampler.skip_batches = lambda: batches_done_this_epoch(self.trainer)
+        return ResumableDataLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
         )
 
     def val_dataloader(self) -> DataLoader:
