@@ -47,6 +47,22 @@ def test_fast_dev_run_every_method(name: str, tiny_pretrain_cfg: Callable[..., D
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("optim.name=lars",),
+        ("trainer.precision=bf16-mixed", "trainer.channels_last=true"),
+        ("method=byol", "data.augment=gpu", "trainer.channels_last=true"),
+    ],
+    ids=["lars", "bf16-channels-last", "byol-device-views"],
+)
+def test_fast_dev_run_options(
+    overrides: tuple[str, ...], tiny_pretrain_cfg: Callable[..., DictConfig]
+) -> None:
+    metrics = pretrain(tiny_pretrain_cfg(*overrides, "trainer.fast_dev_run=true"))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_loss_decreases_on_a_fixed_batch(name: str) -> None:
     model = _method(name)
