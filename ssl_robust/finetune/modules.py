@@ -68,6 +68,19 @@ def _check_optim(lr: float, momentum: float, weight_decay: float, warmup_epochs:
         )
 
 
+def classification_step(module: pl.LightningModule, batch: Any, stage: str) -> Tensor:
+    """Cross-entropy and accuracy of ``module(inputs)`` on ``(inputs, labels)``, logged as
+    ``<stage>/loss`` and ``<stage>/acc`` (epoch means)."""
+    inputs, labels = batch[0], batch[1]
+    logits = module(inputs)  # (B, K)
+    loss = F.cross_entropy(logits, labels)
+    acc = (logits.argmax(1) == labels).float().mean()
+    n = labels.shape[0]
+    module.log(f"{stage}/loss", loss, batch_size=n, on_epoch=True, on_step=False)
+    module.log(f"{stage}/acc", acc, batch_size=n, on_epoch=True, on_step=False)
+    return loss
+
+
 class LinearProbe(pl.LightningModule):
     """A linear classifier on frozen features; batches are ``(features (B, D), labels (B,))``.
 
@@ -127,14 +140,7 @@ class LinearProbe(pl.LightningModule):
         return out
 
     def _step(self, batch: Any, stage: str) -> Tensor:
-        features, labels = batch[0], batch[1]
-        logits = self(features)
-        loss = F.cross_entropy(logits, labels)
-        acc = (logits.argmax(1) == labels).float().mean()
-        n = labels.shape[0]
-        self.log(f"{stage}/loss", loss, batch_size=n, on_epoch=True, on_step=False)
-        self.log(f"{stage}/acc", acc, batch_size=n, on_epoch=True, on_step=False)
-        return loss
+        return classification_step(self, batch, stage)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._step(batch, "train")
@@ -196,14 +202,7 @@ class FineTuner(pl.LightningModule):
         return self.classifier(x)  # (B, K)
 
     def _step(self, batch: Any, stage: str) -> Tensor:
-        x, labels = batch[0], batch[1]
-        logits = self(x)
-        loss = F.cross_entropy(logits, labels)
-        acc = (logits.argmax(1) == labels).float().mean()
-        n = labels.shape[0]
-        self.log(f"{stage}/loss", loss, batch_size=n, on_epoch=True, on_step=False)
-        self.log(f"{stage}/acc", acc, batch_size=n, on_epoch=True, on_step=False)
-        return loss
+        return classification_step(self, batch, stage)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._step(batch, "train")
