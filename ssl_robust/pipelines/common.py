@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -11,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ssl_robust.data.datasets import Splits, build_splits
+from ssl_robust.launch.trainer import read_json, resume_checkpoint
 
 console = Console()
 
@@ -66,3 +69,37 @@ def print_summary(
     console.print(f"[bold]Run directory:[/bold] {run_dir.resolve()}")
     for key, value in extra.items():
         console.print(f"[bold]{key}:[/bold] {value}")
+
+
+def fit_resumable(
+    trainer: pl.Trainer,
+    module: pl.LightningModule,
+    run_dir: Path,
+    resume: bool,
+    best_metric: str | None = None,
+    **fit_kwargs: Any,
+) -> tuple[dict[str, float], float]:
+    """Fit, resuming from the run directory's newest checkpoint when ``resume``.
+
+    Returns the run's metrics (those of an earlier ``metrics.json`` updated by this fit's, so
+    a finished run rerun keeps its numbers; ``<best_metric>_best`` from the best-checkpoint
+    callback; ``epochs``) and the seconds ``fit`` took.
+    """
+    ckpt = resume_checkpoint(run_dir, resume)
+    if ckpt and trainer.is_global_zero:
+        console.print(f"Resuming from {ckpt}")
+    start = time.perf_counter()
+    trainer.fit(module, ckpt_path=ckpt, **fit_kwargs)
+    elapsed = time.perf_counter() - start
+    metrics = read_json(run_dir / "metrics.json")
+    metrics.update(final_metrics(trainer))
+    if best_metric is not None:
+        best = next(
+            (c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == best_metric),
+            None,
+        )
+        score = getattr(best, "best_model_score", None)
+        if score is not None:
+            metrics[f"{best_metric}_best"] = float(score)
+    metrics["epochs"] = float(trainer.current_epoch)
+    return metrics, elapsed

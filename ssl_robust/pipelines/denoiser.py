@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
@@ -17,14 +16,12 @@ from ssl_robust.launch.trainer import (
     build_loggers,
     build_trainer,
     checkpoint_callbacks,
-    read_json,
-    resume_checkpoint,
     write_json,
 )
 from ssl_robust.pipelines.common import (
     build_data,
     console,
-    final_metrics,
+    fit_resumable,
     print_summary,
     run_dir_for,
 )
@@ -127,23 +124,10 @@ def train_denoiser(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[
             f"t*={s.t_star}, {s.purify_sampler}"
             + (f" ({purify_steps} steps)" if s.purify_sampler == "ddim" else "")
         )
-    ckpt = resume_checkpoint(run_dir, cfg.run.resume)
-    if ckpt and trainer.is_global_zero:
-        console.print(f"Resuming from {ckpt}")
-
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-    elapsed = time.perf_counter() - start
-    steps_done = 0 if grids.start_step is None else trainer.global_step - grids.start_step
-
-    metrics = read_json(run_dir / "metrics.json")  # a finished run rerun keeps its numbers
-    metrics.update(final_metrics(trainer))
-    best = next(
-        (c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val/loss"),
-        None,
+    metrics, elapsed = fit_resumable(
+        trainer, module, run_dir, cfg.run.resume, "val/loss", datamodule=datamodule
     )
-    if best is not None and best.best_model_score is not None:  # type: ignore[attr-defined]
-        metrics["val/loss_best"] = float(best.best_model_score)  # type: ignore[attr-defined]
+    steps_done = 0 if grids.start_step is None else trainer.global_step - grids.start_step
     metrics["perf/unet_params"] = float(num_params)
     if steps_done > 0:  # timings of the fit that trained (a finished run rerun keeps them)
         images = (
@@ -154,7 +138,6 @@ def train_denoiser(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[
         )
         metrics["perf/fit_time_s"] = elapsed
         metrics["perf/train_images_per_s"] = images / elapsed
-    metrics["epochs"] = float(trainer.current_epoch)
     if trainer.is_global_zero and not cfg.trainer.fast_dev_run:
         write_json(run_dir / "metrics.json", metrics)
         save_denoiser(module.ema_unet(), module.noise_scheduler, run_dir)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,8 +23,6 @@ from ssl_robust.launch.trainer import (
     build_loggers,
     build_trainer,
     checkpoint_callbacks,
-    read_json,
-    resume_checkpoint,
     write_json,
 )
 from ssl_robust.methods import METHODS
@@ -34,8 +31,7 @@ from ssl_robust.models.backbones import Encoder, build_backbone
 from ssl_robust.models.export import EncoderMeta, export_encoder
 from ssl_robust.pipelines.common import (
     build_data,
-    console,
-    final_metrics,
+    fit_resumable,
     print_summary,
     run_dir_for,
 )
@@ -146,25 +142,11 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    ckpt = resume_checkpoint(run_dir, cfg.run.resume)
-    if ckpt and trainer.is_global_zero:
-        console.print(f"Resuming from {ckpt}")
-
-    start = time.perf_counter()
-    trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt)
-    elapsed = time.perf_counter() - start
-
-    metrics = read_json(run_dir / "metrics.json")  # a finished run rerun keeps its numbers
-    metrics.update(final_metrics(trainer))
-    metrics.update(getattr(method, "derived", {}))
-    best = next(
-        (c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None) == "val/knn_acc"),
-        None,
+    metrics, elapsed = fit_resumable(
+        trainer, method, run_dir, cfg.run.resume, "val/knn_acc", datamodule=datamodule
     )
-    if best is not None and best.best_model_score is not None:  # type: ignore[attr-defined]
-        metrics["val/knn_acc_best"] = float(best.best_model_score)  # type: ignore[attr-defined]
+    metrics.update(getattr(method, "derived", {}))
     metrics["perf/fit_time_s"] = elapsed
-    metrics["epochs"] = float(trainer.current_epoch)
     if trainer.is_global_zero and not cfg.trainer.fast_dev_run:
         write_json(run_dir / "metrics.json", metrics)
         meta = EncoderMeta(
