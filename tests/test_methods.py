@@ -196,3 +196,16 @@ def test_lr_scaling_rule() -> None:
 
 def test_simclr_and_byol_are_registered() -> None:
     assert {"byol": BYOL, "simclr": SimCLR} == METHODS
+
+
+@pytest.mark.slow
+def test_compiled_backbone_trains_and_exports_plain_weights(
+    tiny_pretrain_cfg: Callable[..., DictConfig],
+) -> None:
+    cfg = tiny_pretrain_cfg("model.compile=true", "trainer.max_epochs=1")
+    metrics = pretrain(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    from ssl_robust.models.export import load_encoder
+
+    enc, _ = load_encoder(cfg.run.dir)  # keys without torch.compile's "_orig_mod." prefix
+    assert all("_orig_mod" not in k for k in enc.state_dict())

@@ -67,6 +67,8 @@ class ModelConfig:
     backbone: str = "convnet"
     # Base width of the small "convnet" backbone (ignored by the others).
     width: int = 32
+    # torch.compile the backbone's forward (the weights and their names are unchanged).
+    compile: bool = False
 
 
 @dataclass

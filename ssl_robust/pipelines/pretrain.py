@@ -126,6 +126,8 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
     method = build_method(cfg, backbone, info.num_classes)
     if cfg.trainer.channels_last:
         method = method.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if cfg.model.compile:
+        backbone.compile()  # in place: state_dict keys and the exported encoder stay the same
 
     config = to_dict(cfg)
     trainer = build_trainer(
