@@ -182,7 +182,11 @@ def load_denoiser(folder: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
         raise FileNotFoundError(
             f"no UNet weights (diffusion_pytorch_model.safetensors or .bin) in {str(unet_dir)!r}"
         )
-    unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True)
+    unet = UNet2DModel.from_pretrained(
+        unet_dir,
+        local_files_only=True,
+        low_cpu_mem_usage=False,  # no `accelerate` needed
+    )
 
     if (folder / "scheduler" / "scheduler_config.json").is_file():
         scheduler = DDPMScheduler.from_pretrained(folder / "scheduler", local_files_only=True)
