@@ -126,3 +126,10 @@ def test_unknown_job() -> None:
         match=r"unknown job 'train'; choose from \['denoiser', 'evaluate', 'finetune', 'pre",
     ):
         job_choices("train")
+
+
+def test_evaluation_default_grid_is_the_corruption_registry() -> None:
+    from ssl_robust.config.evaluate import BENCHMARK_CORRUPTIONS
+    from ssl_robust.evaluate.corruptions import CORRUPTIONS
+
+    assert list(CORRUPTIONS) == BENCHMARK_CORRUPTIONS
