@@ -228,3 +228,35 @@ def test_datamodule_rejects_batch_larger_than_dataset() -> None:
     s = build_splits("digits", root="", image_size=8)
     with pytest.raises(ValueError, match="fewer than one batch"):
         SSLDataModule(s.train, s.val, lambda x: [x, x], lambda x: x, batch_size=10_000)
+
+
+class _FakeSTL10:
+    """torchvision's STL10 interface: .data (N, 3, 96, 96) uint8, .labels, .classes."""
+
+    def __init__(self, split: str) -> None:
+        n = {"train": 60, "test": 30, "unlabeled": 90}[split]
+        rng = np.random.default_rng(len(split))
+        self.data = rng.integers(0, 255, (n, 3, 96, 96), dtype=np.uint8)
+        self.labels = np.full(n, -1) if split == "unlabeled" else np.arange(n) % 10
+        self.classes = [f"c{i}" for i in range(10)]
+
+
+@pytest.fixture
+def fake_stl10(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ssl_robust.data.datasets as ds
+
+    monkeypatch.setattr(ds, "_torchvision", lambda name, root, download, split: _FakeSTL10(split))
+
+
+def test_stl10_unlabeled_pool_joins_the_self_supervised_phases(fake_stl10: None) -> None:
+    s = build_splits("stl10", root="unused", image_size=8, with_unlabeled=True)
+    assert (len(s.train), len(s.val)) == (60, 30) and s.unlabeled is not None
+    assert len(s.unlabeled) == 90 and (s.unlabeled.labels == -1).all()
+    pooled = s.unsupervised_train()
+    assert len(pooled) == 150 and pooled.images.shape[1:] == (8, 8, 3)  # type: ignore[attr-defined]
+    # Supervised phases never see the pool.
+    assert build_splits("stl10", root="unused", image_size=8).unlabeled is None
+    with pytest.raises(ValueError, match="kNN bank needs labeled images"):
+        SSLDataModule(pooled, s.val, [], lambda x: x, batch_size=8, augment="gpu")
+    dm = SSLDataModule(pooled, s.val, [], lambda x: x, batch_size=8, augment="gpu", bank=s.train)
+    assert len(dm.val_dataloader()[0].dataset) == 60  # type: ignore[arg-type]

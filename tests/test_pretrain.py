@@ -226,3 +226,30 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_uninterrupted_run(
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     assert resumed["train/loss"] == pytest.approx(full["train/loss"], rel=1e-5)
+
+
+def test_pretraining_on_stl10_uses_the_unlabeled_pool(
+    tiny_pretrain_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ssl_robust.data.datasets as ds
+    from tests.test_data import _FakeSTL10
+
+    monkeypatch.setattr(ds, "_torchvision", lambda name, root, download, split: _FakeSTL10(split))
+    steps: list[int] = []
+
+    class Count(pl.Callback):
+        def on_train_epoch_end(self, trainer: pl.Trainer, module: Any) -> None:
+            steps.append(trainer.num_training_batches)
+
+    metrics = pretrain(
+        tiny_pretrain_cfg(
+            "data=stl10",
+            "data.batch_size=16",
+            "trainer.limit_train_batches=1.0",
+            "trainer.max_epochs=1",
+            "monitor.knn_k=5",
+        ),
+        callbacks=[Count()],
+    )
+    assert steps == [150 // 16]  # 60 labeled + 90 unlabeled images
+    assert 0.0 <= metrics["val/knn_acc"] <= 1.0  # the bank holds only the labeled 60

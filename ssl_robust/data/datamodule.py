@@ -141,11 +141,14 @@ class SSLDataModule(pl.LightningDataModule):
         channels_last: bool = False,
         augment: str = "cpu",
         view_hook: nn.Module | None = None,
+        bank: ImageSource | None = None,
     ) -> None:
         """Args:
         train_transform: for ``augment="cpu"`` a PIL transform returning the list of views;
             for ``"gpu"`` one batched module per view (uint8 (B, C, H, W) -> float views).
         view_hook: ``hook(views, generator) -> views`` applied on the device to train batches.
+        bank: the labeled images of the kNN feature bank (default: ``train``, which may also
+            hold unlabeled images, label -1, that the online probe ignores).
         """
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -172,6 +175,9 @@ class SSLDataModule(pl.LightningDataModule):
         self.channels_last = channels_last
         self.augment = augment
         self.view_hook = view_hook
+        self.bank_source = bank if bank is not None else train
+        if (self.bank_source.labels < 0).any():
+            raise ValueError("the kNN bank needs labeled images; pass the labeled split as bank")
         self._device_images: torch.Tensor | None = None
 
     def _loader(self, dataset: Any, batch_size: int, **kw: Any) -> DataLoader:
@@ -226,7 +232,7 @@ class SSLDataModule(pl.LightningDataModule):
         }
 
     def val_dataloader(self) -> list[DataLoader]:
-        bank = TransformDataset(self.train_source, self.eval_transform)
+        bank = TransformDataset(self.bank_source, self.eval_transform)
         val = TransformDataset(self.val_source, self.eval_transform)
         return [
             self._loader(bank, self.eval_batch_size, shuffle=False),

@@ -74,6 +74,13 @@ class ArraySource(ImageSource):
     def subset(self, indices: np.ndarray) -> ArraySource:
         return ArraySource(self.images[indices], self.labels[indices], self.classes)
 
+    def concat(self, other: ArraySource) -> ArraySource:
+        return ArraySource(
+            np.concatenate([self.images, other.images]),
+            np.concatenate([self.labels, other.labels]),
+            self.classes,
+        )
+
 
 class FileSource(ImageSource):
     """Images read lazily from files (large ImageFolder trees)."""
@@ -146,6 +153,16 @@ class Splits:
     train: ImageSource
     val: ImageSource
     info: DatasetInfo
+    # Extra images without labels (label -1) for the self-supervised phases: STL-10's 100k.
+    unlabeled: ImageSource | None = None
+
+    def unsupervised_train(self) -> ImageSource:
+        """What pretraining and denoiser training learn from: train plus any unlabeled pool."""
+        if self.unlabeled is None:
+            return self.train
+        if not isinstance(self.train, ArraySource) or not isinstance(self.unlabeled, ArraySource):
+            raise TypeError("only in-memory sources can be pooled")
+        return self.train.concat(self.unlabeled)
 
 
 def _read_image(path: Path, size: int) -> Image.Image:
@@ -375,8 +392,12 @@ def build_splits(
     cache_dir: str | Path | None = None,
     mean: list[float] | None = None,
     std: list[float] | None = None,
+    with_unlabeled: bool = False,
 ) -> Splits:
     """Train and validation sources plus what a model needs to know about them.
+
+    ``with_unlabeled`` also loads a dataset's unlabeled pool (STL-10's 100k images, label -1)
+    into ``Splits.unlabeled``, for the self-supervised phases.
 
     ImageFolder: ``root/train`` and ``root/test`` (or ``root/val``) when present, otherwise the
     whole tree split by ``val_fraction`` (class-balanced, seeded).
@@ -386,6 +407,7 @@ def build_splits(
     stats: dict[str, list[float]]
     train: ImageSource
     val: ImageSource
+    unlabeled: ArraySource | None = None
     if name == "digits":
         size = image_size or NATIVE_SIZE["digits"]
         full = load_digits_source(size)
@@ -394,9 +416,15 @@ def build_splits(
         stats = _array_stats(train.images)
     elif name in ("cifar10", "cifar100", "stl10"):
         train, val = load_torchvision_splits(name, root, download)
+        if name == "stl10" and with_unlabeled:
+            pool = _torchvision(name, root, download, "unlabeled")
+            images = np.ascontiguousarray(pool.data.transpose(0, 2, 3, 1))  # (N, 96, 96, 3)
+            unlabeled = ArraySource(images, np.full(len(images), -1), list(train.classes))
         size = NATIVE_SIZE[name]
         if image_size and image_size != size:
             train, val = _resize_array(train, image_size), _resize_array(val, image_size)
+            if unlabeled is not None:
+                unlabeled = _resize_array(unlabeled, image_size)
             size = image_size
         stats = {
             "cifar10": CIFAR10_NORMALIZE,
@@ -426,7 +454,7 @@ def build_splits(
         mean=list(mean) if mean else stats["mean"],
         std=list(std) if std else stats["std"],
     )
-    return Splits(train=train, val=val, info=info)
+    return Splits(train=train, val=val, info=info, unlabeled=unlabeled)
 
 
 def _resize_array(source: ArraySource, size: int) -> ArraySource:

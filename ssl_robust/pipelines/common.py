@@ -26,7 +26,8 @@ def run_dir_for(cfg: DictConfig, job: str) -> Path:
     return Path("runs") / "-".join(parts)
 
 
-def build_data(cfg: DictConfig, run_dir: Path) -> Splits:
+def build_data(cfg: DictConfig, run_dir: Path, with_unlabeled: bool = False) -> Splits:
+    """The job's data; ``with_unlabeled`` for the self-supervised phases (STL-10's pool)."""
     d = cfg.data
     return build_splits(
         name=d.name,
@@ -40,6 +41,7 @@ def build_data(cfg: DictConfig, run_dir: Path) -> Splits:
         cache_dir=Path(d.root) / ".cache" if d.name == "imagefolder" else None,
         mean=list(d.mean),
         std=list(d.std),
+        with_unlabeled=with_unlabeled,
     )
 
 

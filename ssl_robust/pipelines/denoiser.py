@@ -60,10 +60,10 @@ def train_denoiser(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
 
     # Build everything that can fail on bad input before any file is written.
-    splits = build_data(cfg, run_dir)
+    splits = build_data(cfg, run_dir, with_unlabeled=True)
     info = splits.info
     datamodule = ImageDataModule(
-        train=splits.train,
+        train=splits.unsupervised_train(),
         val=splits.val,
         batch_size=cfg.data.batch_size,
         eval_batch_size=cfg.data.eval_batch_size,

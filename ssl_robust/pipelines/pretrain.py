@@ -80,7 +80,7 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
 
     # Build everything that can fail on bad input before any file is written.
     backbone = build_backbone(cfg.model.backbone, cfg.model.width)
-    splits = build_data(cfg, run_dir)
+    splits = build_data(cfg, run_dir, with_unlabeled=True)
     info = splits.info
     views = ViewParams(
         input_size=info.image_size,
@@ -107,8 +107,9 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
             std=info.std,
         )
     datamodule = SSLDataModule(
-        train=splits.train,
+        train=splits.unsupervised_train(),
         val=splits.val,
+        bank=splits.train,
         train_transform=(
             gpu_view_transforms(cfg.method.name, views)
             if augment == "gpu"
