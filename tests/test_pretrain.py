@@ -15,19 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssl_robust.models.export import load_encoder
 from ssl_robust.pipelines import pretrain
+from tests.callbacks import CheckpointMidEpoch, StopAfterEpoch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class StopAfterEpoch(pl.Callback):
-    """Simulates a crash/preemption right after epoch ``k`` was checkpointed."""
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if trainer.current_epoch + 1 >= self.k:
-            trainer.should_stop = True
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -189,20 +179,6 @@ def test_extending_a_finished_run_follows_the_new_schedule(
     peak = 0.06 * 64 / 128
     expected = [peak * (0.001 + 0.999 * (math.cos(math.pi * k / 5) + 1) / 2) for k in (3, 4, 5)]
     assert lrs == pytest.approx(expected, rel=1e-4)
-
-
-class CheckpointMidEpoch(pl.Callback):
-    """Writes a checkpoint after the k-th training step and stops: SLURM preemption's path."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, module: Any, out: Any, b: Any, i: int
-    ) -> None:
-        if trainer.global_step == self.step:
-            trainer.save_checkpoint(Path(trainer.default_root_dir) / "hpc_ckpt_1.ckpt")
-            raise SystemExit(0)
 
 
 @pytest.mark.parametrize("augment", ["cpu", "gpu"])

@@ -19,6 +19,7 @@ from ssl_robust.data.datasets import build_splits
 from ssl_robust.data.images import ImageDataModule
 from ssl_robust.pipelines.denoiser import build_denoiser, train_denoiser
 from ssl_robust.purify import SAMPLERS, UNET_PRESETS, load_denoiser
+from tests.callbacks import CheckpointMidEpoch, StopAfterEpoch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,17 +54,6 @@ def tiny_denoiser_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
         return load_config(DenoiserJobConfig, args, job="denoiser")
 
     return make
-
-
-class StopAfterEpoch(pl.Callback):
-    """Simulates a preemption right after epoch ``k`` was checkpointed."""
-
-    def __init__(self, k: int) -> None:
-        self.k = k
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        if trainer.current_epoch + 1 >= self.k:
-            trainer.should_stop = True
 
 
 class CrashAtEpoch(pl.Callback):
@@ -343,8 +333,6 @@ def test_script_reports_config_errors() -> None:
 def test_resume_from_a_mid_epoch_checkpoint_matches_uninterrupted_run(
     tiny_denoiser_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
-    from tests.test_pretrain import CheckpointMidEpoch
-
     common = ("trainer.max_epochs=2", "views.hf_prob=0.5", "samples.every_n_epochs=2")
     train_denoiser(tiny_denoiser_cfg(*common, run_dir=tmp_path / "full"))
     part = tiny_denoiser_cfg(*common, run_dir=tmp_path / "part")

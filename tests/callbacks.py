@@ -1,0 +1,33 @@
+"""Lightning callbacks the tests use to interrupt runs the ways real runs get interrupted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+
+
+class StopAfterEpoch(pl.Callback):
+    """Simulates a crash or preemption right after epoch ``k`` was checkpointed."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        if trainer.current_epoch + 1 >= self.k:
+            trainer.should_stop = True
+
+
+class CheckpointMidEpoch(pl.Callback):
+    """Writes a checkpoint after the k-th training step and stops: SLURM preemption's path."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, module: Any, out: Any, b: Any, i: int
+    ) -> None:
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(Path(trainer.default_root_dir) / "hpc_ckpt_1.ckpt")
+            raise SystemExit(0)
