@@ -105,6 +105,18 @@ def batches_done_this_epoch(trainer: pl.Trainer | None) -> int:
     return done if 0 < done < n else 0
 
 
+def seeded_train_loader(
+    module: pl.LightningDataModule, dataset: Any, batch_size: int, seed: int, **kw: Any
+) -> ResumableDataLoader:
+    """The training loader of every datamodule here: order seeded by ``(seed, epoch)``, full
+    batches, and a resumed epoch starting at the first batch ``module.trainer`` has not done."""
+    sampler = EpochSeededSampler(len(dataset), seed)
+    sampler.skip_batches = lambda: batches_done_this_epoch(module.trainer)
+    return ResumableDataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, drop_last=True, **kw
+    )
+
+
 def batch_seed(seed: int, keys: Sequence[tuple[int, int]]) -> int:
     """A seed for a whole batch from its ``(epoch, index)`` keys (for device-side randomness)."""
     first_epoch = keys[0][0]
@@ -191,23 +203,18 @@ class SSLDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        sampler = EpochSeededSampler(len(self.train_source), self.seed)
-        sampler.skip_batches = lambda: batches_done_this_epoch(self.trainer)
         if self.augment == "gpu":
             # Only indices travel; the images already live on the device.
-            return ResumableDataLoader(
-                _Keys(self.train_source.labels),
-                batch_size=self.batch_size,
-                sampler=sampler,
-                drop_last=True,
-                collate_fn=self._collate_keys,
+            keys = _Keys(self.train_source.labels)
+            return seeded_train_loader(
+                self, keys, self.batch_size, self.seed, collate_fn=self._collate_keys
             )
         ds = TransformDataset(self.train_source, self.train_transform, seed=self.seed)  # type: ignore[arg-type]
-        return ResumableDataLoader(
+        return seeded_train_loader(
+            self,
             ds,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=True,
+            self.batch_size,
+            self.seed,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             collate_fn=self._collate_views,

@@ -18,11 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from ssl_robust.data.datamodule import (
-    EpochSeededSampler,
-    ResumableDataLoader,
-    batches_done_this_epoch,
-)
+from ssl_robust.data.datamodule import seeded_train_loader
 from ssl_robust.data.datasets import ImageSource, TransformDataset
 
 
@@ -96,13 +92,11 @@ class ImageDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = TransformDataset(self.train_source, self.train_transform, seed=self.seed)
-        sampler = EpochSeededSampler(len(ds), self.seed)
-        sampler.skip_batches = lambda: batches_done_this_epoch(self.trainer)
-        return ResumableDataLoader(
+        return seeded_train_loader(
+            self,
             ds,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=True,
+            self.batch_size,
+            self.seed,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
