@@ -48,13 +48,13 @@ class _PILViews(Dataset):
         return self.transform(self.images[index])
 
 
-def _lightly_transform(method: str, image_size: int) -> Callable[[Image.Image], Any]:
+def _lightly_transform(method: str, view_size: int) -> Callable[[Image.Image], Any]:
     # The CIFAR settings of lightly's benchmarks; the batched factories default to the same.
     if method == "simclr":
-        return SimCLRTransform(input_size=image_size, gaussian_blur=0.0)
+        return SimCLRTransform(input_size=view_size, gaussian_blur=0.0)
     return BYOLTransform(
-        BYOLView1Transform(input_size=image_size, gaussian_blur=0.0),
-        BYOLView2Transform(input_size=image_size, gaussian_blur=0.0),
+        BYOLView1Transform(input_size=view_size, gaussian_blur=0.0),
+        BYOLView2Transform(input_size=view_size, gaussian_blur=0.0),
     )
 
 
@@ -68,13 +68,16 @@ def bench_views(
     method: str = "simclr",
     seed: int = 0,
     threads: int = 1,
+    view_size: int | None = None,
 ) -> dict[str, Any]:
     """Images/s of lightly's DataLoader pipeline and of the batched views on ``device``.
 
     Args:
         device: Where the batched views run ("cpu", "cuda", ...).
         batch: Batch size of both pipelines.
-        image_size: Side of the square input images and of the views.
+        image_size: Side of the square input images.
+        view_size: Side of the views; defaults to ``image_size``. Smaller than ``image_size``
+            (e.g. 96 -> 64, STL-10) exercises the antialiased downscaling path.
         n_images: Images per timed epoch.
         repeats: Timed epochs per pipeline (median reported), after one warm-up epoch.
         workers: DataLoader workers of the lightly pipeline.
@@ -87,6 +90,7 @@ def bench_views(
     """
     if method not in ("simclr", "byol"):
         raise ValueError(f"unknown method {method!r}; choose from ['byol', 'simclr']")
+    view_size = image_size if view_size is None else view_size
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n_images, 3, image_size, image_size), generator=gen)
@@ -94,7 +98,7 @@ def bench_views(
 
     # (a) lightly: PIL transforms in DataLoader workers, default collate.
     loader = DataLoader(
-        _PILViews(images, _lightly_transform(method, image_size)),
+        _PILViews(images, _lightly_transform(method, view_size)),
         batch_size=batch,
         num_workers=workers,
         persistent_workers=workers > 0,
@@ -110,7 +114,7 @@ def bench_views(
     saved_threads = torch.get_num_threads()
     if dev.type == "cpu":
         torch.set_num_threads(threads)
-    views = simclr_views(image_size) if method == "simclr" else byol_views(image_size)
+    views = simclr_views(view_size) if method == "simclr" else byol_views(view_size)
     views = [v.to(dev) for v in views]
     data = images.to(dev)
     view_gen = torch.Generator(device=dev).manual_seed(seed)
@@ -132,6 +136,7 @@ def bench_views(
         "device": str(dev),
         "batch": batch,
         "image_size": image_size,
+        "view_size": view_size,
         "n_images": n_images,
         "repeats": repeats,
         "workers": workers,
@@ -148,6 +153,7 @@ def main() -> None:
     parser.add_argument("--method", default="simclr", choices=["simclr", "byol"])
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--view-size", type=int, default=None, help="default: --image-size")
     parser.add_argument("--n-images", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
@@ -166,10 +172,12 @@ def main() -> None:
         workers=args.workers,
         method=args.method,
         threads=args.threads,
+        view_size=args.view_size,
     )
     threads = result["batched_cpu_threads"]
     print(
-        f"{result['method']} views, {result['n_images']} images of {result['image_size']} px, "
+        f"{result['method']} views, {result['n_images']} images of {result['image_size']} px "
+        f"-> {result['view_size']} px, "
         f"batch {result['batch']}\n"
         f"  lightly PIL, {result['workers']} workers: "
         f"{result['lightly_images_per_s']:9.0f} images/s\n"

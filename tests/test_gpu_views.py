@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -130,6 +131,67 @@ def test_resized_crop_matches_torchvision_and_pil(hflip: int, vflip: int, rot: i
         torch.testing.assert_close(out[k], ref, atol=1e-5, rtol=0)
         # PIL rounds to uint8 with fixed-point weights: within one grey level.
         assert (out[k] - _from_pil(ref_pil)).abs().max() <= 1.01 / 255
+
+
+@pytest.mark.parametrize("hflip,vflip,rot", [(0, 0, 0), (1, 0, 0), (0, 1, 0), (1, 1, 1), (1, 0, 1)])
+def test_downscaled_crop_matches_pil_antialiasing(hflip: int, vflip: int, rot: int) -> None:
+    # Crops larger than the output (STL-10's 96 -> 64) need Pillow's widened filter; noise
+    # images make any aliasing show up as large pixel errors.
+    gen = torch.Generator().manual_seed(4)
+    image = torch.randint(0, 256, (3, 45, 48), generator=gen, dtype=torch.uint8)  # non-square
+    x = image.float()[None] / 255
+    params = torch.tensor([[0, 0, 45, 48], [3, 5, 40, 35], [7, 2, 15, 20], [10, 1, 33, 32]])
+    n = params.shape[0]
+    flag = lambda v: torch.full((n,), bool(v))  # noqa: E731
+    out = gv.resized_crop(x.expand(n, -1, -1, -1), params, 32, flag(hflip), flag(vflip), flag(rot))
+    pil = _to_pil(image)
+    for k, (top, left, h, w) in enumerate(params.tolist()):
+        ref = TF.resized_crop(x[0], top, left, h, w, [32, 32], antialias=True)
+        ref_pil = TF.resized_crop(pil, top, left, h, w, [32, 32])
+        if hflip:
+            ref, ref_pil = TF.horizontal_flip(ref), TF.horizontal_flip(ref_pil)
+        if vflip:
+            ref, ref_pil = TF.vertical_flip(ref), TF.vertical_flip(ref_pil)
+        if rot:
+            ref, ref_pil = TF.rotate(ref, 90), TF.rotate(ref_pil, 90)
+        torch.testing.assert_close(out[k], ref, atol=1e-5, rtol=0)
+        # PIL rounds the horizontal pass and the result to uint8: within one grey level.
+        assert (out[k] - _from_pil(ref_pil)).abs().max() <= 1.01 / 255
+
+
+def test_antialiasing_known_answer_on_stripes() -> None:
+    # 1-px vertical stripes downscaled 3x: plain bilinear sampling lands on single columns and
+    # keeps full-contrast stripes (aliasing); the antialiased resize averages them to grey.
+    stripes = (torch.arange(48) % 2).float().expand(1, 3, 48, 48)
+    whole = torch.tensor([[0, 0, 48, 48]])
+    smooth = gv.resized_crop(stripes, whole, 16)
+    aliased = gv.resized_crop(stripes, whole, 16, antialias=False)
+    # Interior columns: triangle weights of support 3 over 5 alternating taps, 4/9 or 5/9.
+    interior = smooth[..., 1:-1]
+    assert ((interior - 0.5).abs() <= 1 / 18 + 1e-6).all()
+    assert set(aliased.unique().tolist()) <= {0.0, 1.0}
+    assert aliased.std() > 0.45
+
+
+def test_resampling_paths_agree_when_upscaling() -> None:
+    x = _smooth_images(64, 24, seed=5).float() / 255
+    gen = torch.Generator().manual_seed(6)
+    params = gv.sample_crop_params(64, 24, 24, generator=gen)
+    hflip, vflip, rot = (torch.rand(64, generator=gen) < 0.5 for _ in range(3))
+    grid = gv.resized_crop(x, params, 32, hflip, vflip, rot, antialias=False)
+    matrix = gv.resized_crop(x, params, 32, hflip, vflip, rot, antialias=True)
+    torch.testing.assert_close(matrix, grid, atol=1e-5, rtol=0)
+
+
+def test_resample_weights_rows_are_normalised_and_inside_the_crop() -> None:
+    start = torch.tensor([0.0, 5.0, 30.0])
+    length = torch.tensor([48.0, 20.0, 10.0])
+    w = gv.resample_weights(start, length, 48, 16)
+    torch.testing.assert_close(w.sum(-1), torch.ones(3, 16))
+    cols = torch.arange(48)
+    for k in range(3):
+        outside = (cols < start[k]) | (cols >= start[k] + length[k])
+        assert (w[k][:, outside] == 0).all()
 
 
 def test_full_image_crop_is_a_resize() -> None:
@@ -291,6 +353,37 @@ def test_view_statistics_match_lightly(ours: Any, theirs: Any) -> None:
     ours_stats, their_stats = _view_stats(out), _view_stats(ref)
     for name in ours_stats:
         assert _ks_ok(ours_stats[name], their_stats[name]), name
+
+
+def test_downscaled_view_statistics_match_lightly(monkeypatch: pytest.MonkeyPatch) -> None:
+    # STL-10-like setting: views smaller than the images, on fine texture, where the pixel
+    # statistics depend on antialiasing. Aliased resampling must fail the same comparison.
+    gen = torch.Generator().manual_seed(9)
+    base = _smooth_images(8, 48, seed=9).float()
+    texture = 60 * (torch.rand(8, 1, 48, 48, generator=gen) - 0.5)
+    images = (base + texture).clamp(0, 255).round().to(torch.uint8)
+    n = 1000
+    inp = images.repeat(n // 8, 1, 1, 1)
+    torch.manual_seed(10)
+    reference = SimCLRTransform(input_size=24, normalize=None, gaussian_blur=0.0).transforms[0]
+    pils = [_to_pil(img) for img in images]
+    ref = torch.stack([reference(pils[k % 8]) for k in range(n)])
+
+    def roughness(x: torch.Tensor) -> torch.Tensor:
+        """Mean neighbour difference over spread of the luma: high-frequency content, blind
+        to brightness and contrast jitter."""
+        luma = rgb(x)
+        diff = (luma[..., 1:] - luma[..., :-1]).abs().mean(dim=(1, 2, 3))
+        return diff / luma.std(dim=(1, 2, 3)).clamp(min=1e-3)
+
+    def ours() -> torch.Tensor:
+        return gv.simclr_views(24, normalize=None)[0](inp, torch.Generator().manual_seed(11))
+
+    rgb = gv.rgb_to_grayscale
+    for stat in (roughness, lambda x: _view_stats(x)["std"]):
+        assert _ks_ok(stat(ours()), stat(ref))
+    monkeypatch.setattr(gv, "resized_crop", functools.partial(gv.resized_crop, antialias=False))
+    assert not _ks_ok(roughness(ours()), roughness(ref))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,18 +8,18 @@ RandomApply(ColorJitter) -> RandomGrayscale -> GaussianBlur -> RandomSolarizatio
 (typically uint8 on the GPU), as a handful of batched ops whose random parameters differ per
 sample and are drawn with the same distributions as torchvision/lightly:
 
-1. crop + flips + 90° rotation are folded into one sampling grid per image and a single
-   ``grid_sample``;
+1. crop + flips + 90° rotation are folded into one resampling step per image: a single
+   ``grid_sample`` when crops can only be upscaled (the output is at least as large as the
+   input, as at CIFAR size), else two batched matrix products with Pillow's antialiasing
+   bilinear weights (crops larger than the output, e.g. 96 px STL-10 images -> 64);
 2. colour jitter applies brightness/contrast/saturation/hue in a per-sample random order
    (4 positions, each picking its op per sample by mask);
 3. grayscale, 4. blur (Pillow's box approximation of a Gaussian as a grouped depthwise conv),
 5. solarization and 6. normalisation are per-sample masks or elementwise ops.
 
 Known differences from the PIL reference (all documented where they arise):
-- everything is computed in float; PIL rounds to uint8 after every step.
-- the resize is plain bilinear sampling. That equals PIL/torchvision bilinear exactly when the
-  crop is upscaled (always the case at CIFAR size, crop <= 32 -> 32), but does not antialias
-  when a crop larger than ``input_size`` is downscaled (e.g. 96 px STL-10 images -> 64).
+- everything is computed in float; PIL rounds to uint8 after every step (and between the
+  horizontal and vertical resampling passes).
 - random rotation supports only lightly's default 90° rotation (``rr_degrees=None``).
 """
 
@@ -219,6 +219,76 @@ def resized_crop_grid(
     return grid
 
 
+def resample_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) -> Tensor:
+    """Pillow's bilinear resampling of the span ``[start, start + length)`` to ``out_size``.
+
+    Row j holds the weights of output pixel j over the ``in_size`` input pixels, as Pillow's
+    ``precompute_coeffs`` computes them for ``Image.resize(..., BILINEAR)`` after a crop:
+    centre ``c = (j + 0.5) * length / out_size`` (crop coordinates), a triangle filter of
+    support ``max(length / out_size, 1)`` (widened when downscaling: the antialiasing), taps
+    limited to the span, then normalised to sum 1. When upscaling this is plain bilinear
+    interpolation with clamped edges, i.e. ``grid_sample`` with border padding.
+
+    Args:
+        start: (B,) first input pixel of each span (crop top or left).
+        length: (B,) span lengths in pixels, >= 1.
+        in_size: Number of input pixels along the axis (H or W).
+        out_size: Number of output pixels.
+
+    Returns:
+        (B, out_size, in_size) float32 weights.
+    """
+    start = start.to(torch.float32)[:, None, None]
+    length = length.to(torch.float32)[:, None, None]
+    scale = length / out_size  # (B, 1, 1) input pixels per output pixel
+    inv_support = 1.0 / scale.clamp(min=1.0)
+    dev = start.device
+    centre = (torch.arange(out_size, device=dev, dtype=torch.float32)[None, :, None] + 0.5) * scale
+    pos = torch.arange(in_size, device=dev, dtype=torch.float32)[None, None, :] - start  # (B,1,in)
+    inside = ((pos >= 0) & (pos < length)).to(torch.float32)  # taps inside the crop only
+    # Triangle of the distance between input pixel centres and output pixel centres, in crop
+    # coordinates; the small (B, 1, in) and (B, out, 1) factors keep full-size passes few.
+    w = (pos + 0.5) * inv_support - centre * inv_support  # (B, out, in)
+    w = (1.0 - w.abs_()).clamp_(min=0.0).mul_(inside)
+    return w.div_(w.sum(dim=-1, keepdim=True))
+
+
+def _resized_crop_antialiased(
+    x: Tensor,
+    params: Tensor,
+    size: int,
+    hflip: Tensor | None,
+    vflip: Tensor | None,
+    rot90: Tensor | None,
+) -> Tensor:
+    """``resized_crop`` as ``R_y @ x @ R_x^T`` with per-image Pillow weights.
+
+    The crop, the antialiased resize and both flips are in the two (B, S, H) and (B, S, W)
+    weight matrices (a flip reverses the rows of one of them); the 90° rotation is a transpose
+    of the result. Cost is O(S * (H + W)) per pixel row instead of ``grid_sample``'s O(1)
+    taps, which is negligible on a GPU and the reason the upscaling-only case (CIFAR) keeps
+    ``grid_sample`` on the CPU.
+    """
+    top, left, h, w = params.unbind(dim=1)
+    ry = resample_weights(top, h, x.shape[-2], size)  # (B, S, H)
+    rx = resample_weights(left, w, x.shape[-1], size)  # (B, S, W)
+    # rot90 (counter-clockwise) of a view: out[i, j] = view[j, S - 1 - i], i.e. the transpose
+    # of the view with its columns reversed; so a rotation toggles the horizontal flip.
+    flip_x = hflip
+    if rot90 is not None:
+        flip_x = rot90 if flip_x is None else flip_x ^ rot90
+    if flip_x is not None:
+        rx = torch.where(flip_x[:, None, None], rx.flip(1), rx)
+    if vflip is not None:
+        ry = torch.where(vflip[:, None, None], ry.flip(1), ry)
+    batch, channels, height, width = x.shape
+    rows = torch.bmm(x.reshape(batch, channels * height, width), rx.transpose(1, 2))
+    out = torch.matmul(ry[:, None], rows.view(batch, channels, height, size))  # (B, C, S, S)
+    if rot90 is not None:
+        out = torch.where(rot90[:, None, None, None], out.transpose(-1, -2), out)
+    return out
+
+
 def resized_crop(
     x: Tensor,
     params: Tensor,
@@ -226,11 +296,14 @@ def resized_crop(
     hflip: Tensor | None = None,
     vflip: Tensor | None = None,
     rot90: Tensor | None = None,
+    antialias: bool | None = None,
 ) -> Tensor:
     """Crops each image to its box, resizes to (size, size), then flips/rotates where asked.
 
-    Bilinear without antialiasing: identical to torchvision/PIL when the crop is upscaled,
-    aliased compared with them when a crop larger than ``size`` is downscaled.
+    Matches torchvision's ``resized_crop`` on PIL images (bilinear, antialiased) and on tensors
+    with ``antialias=True``. When every crop is upscaled the antialiasing changes nothing and
+    a single ``grid_sample`` does the work; otherwise the Pillow weights are applied as two
+    batched matrix products (``resample_weights``).
 
     Args:
         x: (B, C, H, W) float images.
@@ -239,10 +312,18 @@ def resized_crop(
         hflip: Optional (B,) bool, flip left-right.
         vflip: Optional (B,) bool, flip top-bottom.
         rot90: Optional (B,) bool, rotate by 90° counter-clockwise.
+        antialias: True for the antialiased path, False for plain bilinear sampling (aliased
+            where a crop is larger than ``size``). None picks from the shapes, with no device
+            sync: antialiased iff the image is larger than ``size`` along some axis, so that
+            a crop may be downscaled.
 
     Returns:
         (B, C, S, S) float images.
     """
+    if antialias is None:
+        antialias = x.shape[-2] > size or x.shape[-1] > size
+    if antialias:
+        return _resized_crop_antialiased(x, params, size, hflip, vflip, rot90)
     grid = resized_crop_grid(params, size, x.shape[-2], x.shape[-1], hflip, vflip, rot90)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -762,7 +843,7 @@ class BatchViewTransform(nn.Module):
         batch = x.shape[0]
         size = self.input_size
 
-        # 1. crop + flips + rotation: one grid, one grid_sample.
+        # 1. crop + flips + rotation: one grid_sample, or two matmuls when downscaling.
         hflip = params["hflip"] if self.hf_prob > 0 else None
         vflip = params["vflip"] if self.vf_prob > 0 else None
         rot90 = params["rot90"] if self.rr_prob > 0 else None
