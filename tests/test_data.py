@@ -224,6 +224,15 @@ def test_gpu_augment_needs_in_memory_images(tmp_path: Path) -> None:
         SSLDataModule(lazy, lazy, [], lambda x: x, batch_size=8, augment="tpu")
 
 
+def test_device_upload_refuses_datasets_that_crowd_out_the_model() -> None:
+    from ssl_robust.data.datamodule import check_fits_on_device
+
+    gib = 1024**3
+    check_fits_on_device(2 * gib, 4 * gib, "cuda:0")  # half of the free memory: fine
+    with pytest.raises(RuntimeError, match=r"3\.00 GiB.*4\.00 GiB are free.*data\.augment=cpu"):
+        check_fits_on_device(3 * gib, 4 * gib, "cuda:0")
+
+
 def test_datamodule_rejects_batch_larger_than_dataset() -> None:
     s = build_splits("digits", root="", image_size=8)
     with pytest.raises(ValueError, match="fewer than one batch"):

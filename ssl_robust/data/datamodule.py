@@ -30,6 +30,22 @@ from ssl_robust.data.datasets import ArraySource, ImageSource, TransformDataset
 AUGMENT = ("cpu", "gpu")
 
 
+def check_fits_on_device(nbytes: int, free_bytes: int, device: str) -> None:
+    """Refuses to upload a training set that would take over half of ``free_bytes``.
+
+    Raises:
+        RuntimeError: naming the sizes and ``data.augment=cpu``, the path for such datasets.
+    """
+    if nbytes > free_bytes // 2:
+        gib = 1024**3
+        raise RuntimeError(
+            f"data.augment=gpu keeps the training images on {device} as uint8: "
+            f"{nbytes / gib:.2f} GiB, but only {free_bytes / gib:.2f} GiB are free there and "
+            "the model needs at least half of it. Use data.augment=cpu (views made in "
+            "DataLoader workers), or a smaller data.image_size."
+        )
+
+
 class EpochSeededSampler(Sampler[tuple[int, int]]):
     """Yields ``(epoch, index)`` in an order seeded by ``(seed, epoch)``.
 
@@ -247,9 +263,18 @@ class SSLDataModule(pl.LightningDataModule):
         ]
 
     def images_on(self, device: torch.device) -> torch.Tensor:
-        """The training images as one uint8 (N, C, H, W) tensor on ``device`` (uploaded once)."""
+        """The training images as one uint8 (N, C, H, W) tensor on ``device`` (uploaded once).
+
+        Raises:
+            RuntimeError: when the array would take more than half of the device's free
+                memory (the model needs the rest); ``data.augment=cpu`` is the way out.
+        """
         if self._device_images is None or self._device_images.device != device:
-            images = torch.from_numpy(self.train_source.images)  # type: ignore[attr-defined]
+            array = self.train_source.images  # type: ignore[attr-defined]
+            if device.type == "cuda":
+                free, _total = torch.cuda.mem_get_info(device)
+                check_fits_on_device(array.nbytes, free, str(device))
+            images = torch.from_numpy(array)
             self._device_images = images.permute(0, 3, 1, 2).contiguous().to(device)
         return self._device_images
 
