@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import csv
 import json
 import math
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -46,6 +48,17 @@ def test_pretrain_writes_the_run_directory(
     for key in ("train/loss", "val/knn_acc", "val/online_acc", "optim/lr", "optim/global_batch"):
         assert key in saved
     assert saved["optim/global_batch"] == 64 and saved["optim/lr"] == pytest.approx(0.06 * 64 / 128)
+    # Training throughput, logged per epoch; metrics.json has the median after epoch 1.
+    with (run / "logs" / "version_0" / "metrics.csv").open() as f:
+        per_epoch = [
+            float(r["perf/train_images_per_s"])
+            for r in csv.DictReader(f)
+            if r.get("perf/train_images_per_s")
+        ]
+    assert len(per_epoch) == saved["epochs"] and min(per_epoch) > 0
+    assert saved["perf/train_images_per_s"] == pytest.approx(
+        statistics.median(per_epoch[1:] or per_epoch)
+    )
     assert OmegaConf.load(run / "config.yaml") == cfg
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["ssl_robust_config"] == OmegaConf.to_container(cfg, resolve=True)

@@ -28,6 +28,7 @@ from ssl_robust.launch.distributed import (
     resolve_accelerator,
     use_sync_batchnorm,
 )
+from ssl_robust.launch.perf import EpochThroughput
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
@@ -174,7 +175,7 @@ def build_trainer(
     check_world_size(tcfg.devices, tcfg.num_nodes)
     accelerator = resolve_accelerator(tcfg.accelerator)
     plugins = cluster_plugins()
-    all_callbacks = [*callbacks, ScaleSummary()]
+    all_callbacks = [*callbacks, ScaleSummary(), EpochThroughput()]
     if plugins and tcfg.auto_requeue:
         all_callbacks.append(SlurmRequeue())
     if tcfg.progress_bar:

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ssl_robust.data.datasets import Splits, build_splits
+from ssl_robust.launch.perf import EpochThroughput, steady_throughput
 from ssl_robust.launch.trainer import read_json, resume_checkpoint
 
 console = Console()
@@ -85,7 +86,8 @@ def fit_resumable(
 
     Returns the run's metrics (those of an earlier ``metrics.json`` updated by this fit's, so
     a finished run rerun keeps its numbers; ``<best_metric>_best`` from the best-checkpoint
-    callback; ``epochs``) and the seconds ``fit`` took.
+    callback; ``epochs``; ``perf/train_images_per_s``, the median over this fit's epochs after
+    the first) and the seconds ``fit`` took.
     """
     ckpt = resume_checkpoint(run_dir, resume)
     if ckpt and trainer.is_global_zero:
@@ -104,4 +106,8 @@ def fit_resumable(
         if score is not None:
             metrics[f"{best_metric}_best"] = float(score)
     metrics["epochs"] = float(trainer.current_epoch)
+    callbacks = getattr(trainer, "callbacks", [])  # set by the callback connector
+    throughput = next((c for c in callbacks if isinstance(c, EpochThroughput)), None)
+    if throughput is not None and throughput.images_per_s:
+        metrics["perf/train_images_per_s"] = steady_throughput(throughput.images_per_s)
     return metrics, elapsed

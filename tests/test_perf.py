@@ -1,0 +1,82 @@
+"""Per-epoch training throughput: sample counting, validation excluded, logged per epoch."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ssl_robust.launch.perf import EpochThroughput, batch_length, steady_throughput
+
+
+def test_batch_length_finds_the_leading_size() -> None:
+    views = [torch.zeros(7, 3, 4, 4), torch.zeros(7, 3, 4, 4)]
+    assert batch_length((views, torch.zeros(7))) == 7
+    assert batch_length((torch.zeros(5, 2), torch.zeros(5))) == 5
+    assert batch_length({"index": torch.zeros(9), "seed": 3}) == 9
+    assert batch_length(torch.tensor(2.0)) == 1
+    assert batch_length(("text", 3)) == 0
+
+
+def test_steady_throughput_skips_the_warm_up_epoch() -> None:
+    assert steady_throughput([10.0, 100.0, 300.0, 200.0]) == 200.0
+    assert steady_throughput([42.0]) == 42.0
+    assert steady_throughput([]) == 0.0
+
+
+class _SlowValidation(pl.LightningModule):
+    """Linear regression whose validation sleeps, so its time is easy to tell apart."""
+
+    def __init__(self, val_sleep_s: float) -> None:
+        super().__init__()
+        self.net = nn.Linear(4, 1)
+        self.val_sleep_s = val_sleep_s
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x).squeeze(1), y)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
+        time.sleep(self.val_sleep_s)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_epoch_throughput_counts_samples_and_excludes_validation(tmp_path: Path) -> None:
+    n, batch, epochs, val_batches, sleep_s = 96, 16, 3, 2, 0.15
+    data = TensorDataset(torch.randn(n, 4), torch.randn(n))
+    callback = EpochThroughput()
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=CSVLogger(tmp_path, name="logs"),
+        callbacks=[callback],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=val_batches,
+    )
+    trainer.fit(
+        _SlowValidation(sleep_s),
+        DataLoader(data, batch_size=batch),
+        DataLoader(data, batch_size=batch),
+    )
+    assert len(callback.images_per_s) == epochs
+    rows = list(csv.DictReader((Path(trainer.logger.log_dir) / "metrics.csv").open()))
+    logged = [r for r in rows if r.get("perf/train_images_per_s")]
+    assert len(logged) == epochs
+    for row, ips in zip(logged, callback.images_per_s, strict=True):
+        assert float(row["perf/train_images_per_s"]) == pytest.approx(ips, rel=1e-6)
+        epoch_s = float(row["perf/epoch_s"])
+        train_s = n / ips  # every sample of the epoch was counted
+        # The epoch includes the sleeping validation; the throughput does not.
+        assert epoch_s - train_s >= val_batches * sleep_s * 0.95
+        assert train_s < val_batches * sleep_s
