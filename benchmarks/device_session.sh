@@ -8,13 +8,22 @@
 #   .whl/   wheels of the packages the machine lacks (lightly, omegaconf, antlr4, diffusers,
 #           imagecorruptions-imaug), installed with --no-deps into /tmp/site;
 #   .data/cifar10-jpeg.tar.gz   the CIFAR-10 ImageFolder archive.
-# Environment: TRAIN_S (seconds allowed for the training run, default 480), SMOKE=1 (a tiny
-# CPU rehearsal of the same steps: bench --smoke and 1 epoch on the digits).
+# Environment:
+#   CALL_S   seconds the whole call may take (default 590, under the tool's 600 s per call);
+#   BENCH_S  limit of the benchmarks (default 150); SKIP_BENCH=1 skips them;
+#   TRAIN_S  limit of the training run (default: what is left of CALL_S, less 25 s to copy);
+#   SMOKE=1  a tiny CPU rehearsal of the same steps: bench --smoke and 1 epoch on the digits.
+# $OUT receives at most 6 files (the tool returns 8): session.log, nvidia-smi.txt, bench.json
+# (written after each benchmark part), metrics.csv (copied every 15 s while training),
+# metrics.json and summary.md (the figures against the targets, benchmarks/session_summary.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+T0=$(date +%s)
 METHOD="${1:-simclr}"
 OUT="${OUT:-/tmp/device_out}"
-TRAIN_S="${TRAIN_S:-480}"
+CALL_S="${CALL_S:-590}"
+BENCH_S="${BENCH_S:-150}"
+RUN="$(mktemp -d /tmp/device_run.XXXXXX)"  # fresh: an old run there would be resumed
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/session.log") 2>&1
@@ -29,23 +38,37 @@ export PYTHONPATH="$(pwd):${PYTHONPATH:-}"
 python3 -c "import torch, lightly, diffusers, omegaconf, ssl_robust; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" || exit 1
 command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt"
 
+copy_logs() {
+    cp "$RUN/logs/version_0/metrics.csv" "$OUT/metrics.csv" 2>/dev/null
+    cp "$RUN/metrics.json" "$OUT/metrics.json" 2>/dev/null
+}
+
 if [ "${SMOKE:-0}" = 1 ]; then
     python3 scripts/bench.py --smoke --json "$OUT/bench.json"
-    python3 scripts/pretrain.py trainer.max_epochs=1 data.augment=gpu run.dir=/tmp/device_run \
+    python3 scripts/pretrain.py trainer.max_epochs=1 data.augment=gpu run.dir="$RUN" \
         trainer.progress_bar=false
 else
     DATA=/tmp/data
     mkdir -p "$DATA" && tar xzf .data/cifar10-jpeg.tar.gz -C "$DATA" || exit 1
-    echo "== $(date -Is) benchmarks"
-    python3 scripts/bench.py --json "$OUT/bench.json"
+    if [ "${SKIP_BENCH:-0}" != 1 ]; then
+        echo "== $(date -Is) benchmarks (limit ${BENCH_S}s)"
+        timeout "$BENCH_S" python3 scripts/bench.py --json "$OUT/bench.json"
+        echo "benchmarks exit $?"
+    fi
+    TRAIN_S="${TRAIN_S:-$(( CALL_S - ($(date +%s) - T0) - 25 ))}"
     echo "== $(date -Is) ${METHOD} CIFAR-10, 200 epochs (limit ${TRAIN_S}s)"
+    ( while sleep 15; do copy_logs; done ) &
+    COPIER=$!
     start=$(date +%s)
     timeout "$TRAIN_S" python3 scripts/pretrain.py "${METHOD}_cifar10_folder" \
         data.root="$DATA/cifar10-jpeg" data.augment=gpu model.compile=true \
         monitor.every_n_epochs=20 wandb.mode=disabled trainer.progress_bar=false \
-        run.dir=/tmp/device_run
+        run.dir="$RUN"
     echo "training exit $? after $(( $(date +%s) - start )) s"
+    kill "$COPIER" 2>/dev/null
 fi
-cp /tmp/device_run/metrics.json "$OUT/metrics.json" 2>/dev/null
-cp /tmp/device_run/logs/version_0/metrics.csv "$OUT/metrics.csv" 2>/dev/null
-echo "== $(date -Is) done; results in $OUT"
+copy_logs
+python3 benchmarks/session_summary.py --bench "$OUT/bench.json" --csv "$OUT/metrics.csv" \
+    --metrics "$OUT/metrics.json" --method "$METHOD" > "$OUT/summary.md"
+cat "$OUT/summary.md"
+echo "== $(date -Is) done in $(( $(date +%s) - T0 )) s; results in $OUT"

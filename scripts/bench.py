@@ -28,14 +28,20 @@ if __name__ == "__main__":
     p.add_argument("--json", type=Path, help="write every result here")
     a = p.parse_args()
     flag = ["--smoke"] if a.smoke else []
+    mains = {
+        "pretrain": pretrain_bench.main,
+        "purify": purify_bench.main,
+        "corruptions": corruption_bench.main,
+    }
     results = {}
-    if "pretrain" in a.only:
-        results["pretrain"] = pretrain_bench.main(flag)
-    if "purify" in a.only:
-        results["purify"] = purify_bench.main(flag)
-    if "corruptions" in a.only:
-        results["corruptions"] = corruption_bench.main(flag)
+    for part in PARTS:
+        if part not in a.only:
+            continue
+        results[part] = mains[part](flag)
+        if a.json:  # after every part, so a run stopped half-way keeps what it measured
+            a.json.parent.mkdir(parents=True, exist_ok=True)
+            tmp = a.json.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=2, default=str))
+            tmp.replace(a.json)
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(results, indent=2, default=str))
         print(f"wrote {a.json}")

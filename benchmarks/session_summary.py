@@ -1,0 +1,183 @@
+"""Reads what a device session left (bench.json, the training run's metrics) and prints the
+figures against the Speed targets as Markdown rows for BENCHMARKS.md, with a verdict each.
+
+    python benchmarks/session_summary.py --bench out/bench.json --csv out/metrics.csv \\
+        --metrics out/metrics.json --method simclr
+
+Every input is optional; a missing one gives "not measured" rows instead of numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Targets of the Speed issue on one H200 (BENCHMARKS.md, "GPU").
+TARGET_B_OVER_A = 2.4
+TARGET_B_OVER_C = 0.9
+TARGET_PURIFIER = 0.9
+TARGET_TRAIN_S = 600.0
+KNN_REFERENCE = {"simclr": 0.848, "byol": 0.868}  # lightly's CIFAR-10 benchmark, 200 epochs
+KNN_TOLERANCE = 0.01
+
+
+def _verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("met" if ok else "**missed**")
+
+
+def _row(*cells: Any) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def pretrain_rows(result: dict[str, Any] | None) -> list[str]:
+    """Rows for (a) lightly, (b) ours and (c) the floor, and the two ratios."""
+    if not result:
+        return [_row("pretraining b/a, b/c", "-", "-", _verdict(None))]
+    floor = result.get("floor_compiled_ips") or result.get("floor_eager_ips")
+    b_a = result["ours_ips"] / result["lightly_ips"]
+    b_c = result["ours_ips"] / floor if floor else None
+    setting = (
+        f"{result.get('method')} {result.get('backbone')} batch {result.get('batch')} "
+        f"{result.get('precision')} on {result.get('gpu') or result.get('device')}"
+    )
+    return [
+        _row(
+            f"pretraining images/s, {setting}",
+            f"a {result['lightly_ips']:.0f} / b {result['ours_ips']:.0f} / "
+            f"c eager {result.get('floor_eager_ips', 0):.0f}, "
+            f"compiled {result.get('floor_compiled_ips') or float('nan'):.0f}",
+            "-",
+            "-",
+        ),
+        _row(
+            "b/a (ours / lightly pipeline)",
+            f"{b_a:.2f}",
+            f">= {TARGET_B_OVER_A}",
+            _verdict(b_a >= TARGET_B_OVER_A),
+        ),
+        _row(
+            "b/c (ours / compute floor)",
+            "-" if b_c is None else f"{b_c:.2f}",
+            f">= {TARGET_B_OVER_C}",
+            _verdict(None if b_c is None else b_c >= TARGET_B_OVER_C),
+        ),
+    ]
+
+
+def purify_rows(rows: Sequence[dict[str, Any]] | None) -> list[str]:
+    """The best purifier image-NFE/s against raw UNet calls of the same precision."""
+    if not rows:
+        return [_row("purifier / raw UNet image-NFE/s", "-", "-", _verdict(None))]
+    out = []
+    for dtype in sorted({r["dtype"] for r in rows}):
+        mine = [r for r in rows if r["dtype"] == dtype and r["kind"] == "purifier"]
+        raw = [r for r in rows if r["dtype"] == dtype and r["kind"] == "raw"]
+        # One-shot makes a single NFE per image; the multi-step samplers are the fair match
+        # for raw back-to-back UNet calls.
+        steps = [r for r in mine if r["sampler"] != "oneshot"] or mine
+        if not steps or not raw:
+            continue
+        worst = min(steps, key=lambda r: r["ratio"])
+        out.append(
+            _row(
+                f"purifier / raw UNet ({dtype}), worst multi-step sampler ({worst['sampler']})",
+                f"{worst['image_nfe_per_s']:.0f} vs {raw[0]['image_nfe_per_s']:.0f} image-NFE/s "
+                f"= {worst['ratio']:.2f}",
+                f">= {TARGET_PURIFIER}",
+                _verdict(worst["ratio"] >= TARGET_PURIFIER),
+            )
+        )
+    return out
+
+
+def training_rows(method: str, csv_path: Path | None, metrics: dict[str, Any] | None) -> list[str]:
+    """Epochs reached, wall time, kNN accuracy (last and best) and in-loop images/s."""
+    knn: list[tuple[int, float]] = []
+    ips: list[float] = []
+    if csv_path is not None and csv_path.is_file():
+        with csv_path.open() as f:
+            for r in csv.DictReader(f):
+                if r.get("val/knn_acc"):
+                    knn.append((int(float(r.get("epoch") or -1)), float(r["val/knn_acc"])))
+                if r.get("perf/train_images_per_s"):
+                    ips.append(float(r["perf/train_images_per_s"]))
+    metrics = metrics or {}
+    if not knn and "val/knn_acc" in metrics:
+        knn = [(int(metrics.get("epochs", -1)), float(metrics["val/knn_acc"]))]
+    ref = KNN_REFERENCE.get(method)
+    rows = []
+    fit_s = metrics.get("perf/fit_time_s")
+    epochs = metrics.get("epochs")
+    rows.append(
+        _row(
+            f"{method} CIFAR-10 200 epochs, wall time of fit",
+            "-" if fit_s is None else f"{fit_s:.0f} s ({epochs:.0f} epochs)",
+            f"< {TARGET_TRAIN_S:.0f} s incl. start-up",
+            _verdict(None if fit_s is None else fit_s < TARGET_TRAIN_S and epochs == 200),
+        )
+    )
+    if ips:
+        steady = statistics.median(ips[1:] or ips)
+        rows.append(
+            _row("in-loop training images/s (median after epoch 1)", f"{steady:.0f}", "-", "-")
+        )
+    if knn:
+        last_epoch, last = knn[-1]
+        best = max(v for _, v in knn)
+        ok = None if ref is None else last >= ref - KNN_TOLERANCE and last_epoch >= 199
+        rows.append(
+            _row(
+                f"{method} kNN accuracy (last at epoch {last_epoch + 1}, best)",
+                f"{100 * last:.1f} / {100 * best:.1f}",
+                "-" if ref is None else f"within 1 point of {100 * ref:.1f}",
+                _verdict(ok),
+            )
+        )
+    else:
+        rows.append(_row(f"{method} kNN accuracy", "-", "-", _verdict(None)))
+    return rows
+
+
+def summarize(
+    bench: dict[str, Any] | None,
+    method: str,
+    csv_path: Path | None,
+    metrics: dict[str, Any] | None,
+) -> str:
+    """The Markdown table (header included)."""
+    bench = bench or {}
+    lines = [
+        _row("measure", "figure", "target", "verdict"),
+        _row("---", "---", "---", "---"),
+        *pretrain_rows(bench.get("pretrain")),
+        *purify_rows(bench.get("purify")),
+        *training_rows(method, csv_path, metrics),
+    ]
+    return "\n".join(lines)
+
+
+def _load(path: Path | None) -> Any:
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text())
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bench", type=Path, help="scripts/bench.py --json output")
+    p.add_argument("--csv", type=Path, help="the training run's logs/version_0/metrics.csv")
+    p.add_argument("--metrics", type=Path, help="the training run's metrics.json")
+    p.add_argument("--method", default="simclr", choices=sorted(KNN_REFERENCE))
+    a = p.parse_args(argv)
+    table = summarize(_load(a.bench), a.method, a.csv, _load(a.metrics))
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    main()
