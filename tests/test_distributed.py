@@ -1,5 +1,6 @@
 """Distributed training without SLURM: strategy from the config, world-size checks, sampler
-sharding, and a two-"node" torchrun run on loopback with the kNN bank gathered across ranks.
+sharding, and a two-"node" torchrun run on loopback (device views, each rank augmenting its own
+shard) with the kNN bank gathered across ranks.
 
 DDP jobs run as subprocesses: Lightning's ``ddp`` launcher re-executes ``sys.argv``, which
 inside pytest would be pytest itself.
@@ -202,6 +203,20 @@ class BankSize(pl.Callback):
         out.write_text(json.dumps({"bank": bank.shape[0], "labels": sorted(set(labels.tolist())),
                                    "world": trainer.world_size, "node": trainer.node_rank}))
 
+# Record the dataset indices each rank turns into views (device-view path: the batch holds
+# indices until on_after_batch_transfer makes the views).
+from ssl_robust.data.datamodule import SSLDataModule
+_transfer = SSLDataModule.on_after_batch_transfer
+def _recording(self, batch, dataloader_idx):
+    if isinstance(batch, dict):
+        import torch.distributed as dist
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        out = Path(sys.argv[1]) / f"indices_rank{rank}.txt"
+        with out.open("a") as f:
+            f.write(" ".join(str(int(i)) for i in batch["index"]) + "\\n")
+    return _transfer(self, batch, dataloader_idx)
+SSLDataModule.on_after_batch_transfer = _recording
+
 cfg = load_config(PretrainConfig, sys.argv[2:], job="pretrain")
 pretrain(cfg, callbacks=[BankSize()])
 """
@@ -228,6 +243,7 @@ def test_torchrun_two_nodes_on_loopback(tmp_path: Path) -> None:
             "--master_addr=127.0.0.1", f"--master_port={port}",
             str(driver), str(tmp_path), *TINY,
             "data.batch_size=32", "trainer.devices=1", "trainer.num_nodes=2", f"run.dir={run}",
+            "data.augment=gpu",
         ]  # fmt: skip
         procs.append(
             subprocess.Popen(
@@ -254,3 +270,9 @@ def test_torchrun_two_nodes_on_loopback(tmp_path: Path) -> None:
     assert [b["world"] for b in banks] == [2, 2] and [b["node"] for b in banks] == [0, 1]
     assert all(b["bank"] in (n_train, n_train + 1) for b in banks), (banks, n_train)
     assert all(b["labels"] == list(range(10)) for b in banks)
+    # Device views under DDP: each rank augments its own shard, 2 batches of 32 indices each.
+    shards = [
+        [int(i) for i in (tmp_path / f"indices_rank{r}.txt").read_text().split()] for r in (0, 1)
+    ]
+    assert [len(shard) for shard in shards] == [64, 64]
+    assert not set(shards[0]) & set(shards[1])
