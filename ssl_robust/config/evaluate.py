@@ -161,6 +161,8 @@ class PerfSection:
 
 @dataclass
 class EvaluateConfig:
+    # run.resume: a rerun in the same run.dir reuses the finished units stored in its partial/
+    # (clean pass, corruption cells, attacks, sanity checks); false recomputes everything.
     run: RunConfig = field(default_factory=RunConfig)
     classifier: ClassifierSection = field(default_factory=ClassifierSection)
     purifier: PurifierSection = field(default_factory=PurifierSection)

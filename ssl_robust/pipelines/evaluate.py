@@ -9,7 +9,11 @@ section evaluates the deployed pipeline ``x in [0, 1] -> purifier -> classifier`
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,12 +25,19 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from ssl_robust.config import ConfigError, save_config, to_dict
 from ssl_robust.data.datasets import ArraySource, build_splits
 from ssl_robust.evaluate.attacks import autoattack, robust_accuracy, sanity_checks
-from ssl_robust.evaluate.cifar_c import _corruption_seed, load_cifar_c, write_cifar_c
+from ssl_robust.evaluate.cifar_c import (
+    _corruption_seed,
+    load_cifar_c,
+    params_hash,
+    write_cifar_c,
+)
 from ssl_robust.evaluate.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, corrupt
 from ssl_robust.evaluate.latency import measure_latency
 from ssl_robust.evaluate.metrics import calibration_report, reliability_bins
@@ -253,10 +264,12 @@ def _eval_data(cfg: DictConfig, meta: dict[str, Any]) -> tuple[np.ndarray, np.nd
     return np.ascontiguousarray(images[idx]), labels[idx], data
 
 
-def _build_purifier(cfg: DictConfig, image_size: int) -> Purifier | None:
+def _build_purifier(cfg: DictConfig, image_size: int) -> tuple[Purifier | None, dict[str, Any]]:
+    """The purifier (None without ``purifier.run``) and the denoiser's UNet and noise-schedule
+    configs (for the resume fingerprint; private ``_`` keys such as the load path dropped)."""
     p = cfg.purifier
     if not p.run:
-        return None
+        return None, {}
     unet, scheduler = load_denoiser(p.run)
     size = unet.config["sample_size"]
     size = size if isinstance(size, int) else size[0]
@@ -265,7 +278,11 @@ def _build_purifier(cfg: DictConfig, image_size: int) -> Purifier | None:
             f"the denoiser in {p.run} was built for {unet.config['in_channels']}-channel "
             f"{size}x{size} images, the evaluation images are 3-channel {image_size}x{image_size}"
         )
-    return Purifier(
+    desc = {
+        name: {k: v for k, v in dict(c).items() if not k.startswith("_")}
+        for name, c in (("unet", unet.config), ("scheduler", scheduler.config))
+    }
+    purifier = Purifier(
         unet.requires_grad_(False),
         scheduler,
         t_star=None if p.sigma > 0 else p.t_star,
@@ -277,6 +294,301 @@ def _build_purifier(cfg: DictConfig, image_size: int) -> Purifier | None:
         dtype=torch.bfloat16 if p.dtype == "bfloat16" else None,
         seed=cfg.run.seed,
     )
+    return purifier, desc
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: the finished units of work, one file each
+# ---------------------------------------------------------------------------------------------
+
+# Bump when what a stored unit holds changes meaning: every unit stored before is then stale.
+_PARTIAL_FORMAT = 1
+_UNIT_SUFFIX = ".safetensors"
+
+
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _weights_sha256(module: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer: names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _file_stamp(path: Path) -> list[int] | None:
+    """Size and modification time of a file that is read, not hashed (None: missing)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _fingerprint(
+    cfg: DictConfig,
+    model: Pipeline,
+    clf_meta: dict[str, Any],
+    denoiser_desc: dict[str, Any],
+    images: np.ndarray,
+    labels: np.ndarray,
+    device: torch.device,
+) -> dict[str, Any]:
+    """What every unit of work depends on.
+
+    The weights of the whole pipeline (classifier and UNet, hashed from memory, so the files
+    may move), the classifier's export description, the purifier settings and the denoiser's
+    UNet and noise-schedule configs, the evaluation images and labels themselves (hashed, so
+    data, data root, subset size and seed are all covered), the seed, the device type (the
+    random streams and kernels differ between CPU and GPU) and the batch size (it groups the
+    purifier's noise draws and the attack batches).
+    """
+    data = hashlib.sha256(f"{images.shape} {images.dtype} {labels.shape} {labels.dtype}".encode())
+    data.update(np.ascontiguousarray(images).data)
+    data.update(np.ascontiguousarray(labels).data)
+    purifier = None
+    if cfg.purifier.run:
+        settings = {k: v for k, v in to_dict(cfg.purifier).items() if k != "run"}
+        purifier = {**settings, **denoiser_desc}
+    return {
+        "format": _PARTIAL_FORMAT,
+        "weights": _weights_sha256(model),
+        "classifier": clf_meta,
+        "purifier": purifier,
+        "images": data.hexdigest(),
+        "seed": int(cfg.run.seed),
+        "device": device.type,
+        "batch_size": int(cfg.eval.batch_size),
+    }
+
+
+def _attack_budget(cfg: DictConfig, stochastic: bool) -> tuple[int, int]:
+    """EOT passes per gradient and scoring draws: 1 and 1 for a deterministic pipeline."""
+    if not stochastic:
+        return 1, 1
+    return int(cfg.adv.eot), int(cfg.adv.rescore_draws)
+
+
+def _autoattack_skip(cfg: DictConfig, stochastic: bool) -> str | None:
+    """Why the AutoAttack the config asks for cannot run (a note for the report), or None."""
+    if not cfg.adv.autoattack:
+        return None
+    if stochastic:
+        return (
+            "AutoAttack skipped: the pipeline is stochastic (fresh purifier noise per call), and "
+            "AutoAttack assumes a deterministic model; PGD-EOT with re-scoring is the protocol "
+            "here (REFERENCE §4). Set purifier.fixed_noise=true to evaluate a frozen-noise "
+            "pipeline with AutoAttack."
+        )
+    try:
+        import pyautoattack  # noqa: F401
+    except ImportError:
+        return "AutoAttack skipped: the `pyautoattack` package is not installed."
+    return None
+
+
+def _unit_specs(
+    cfg: DictConfig,
+    *,
+    clean: bool,
+    bare: bool,
+    corruptions: list[str],
+    severities: list[int],
+    threats: list[dict[str, Any]],
+    stochastic: bool,
+) -> dict[str, dict[str, Any]]:
+    """Every unit of expensive work the config asks for: its name (also the relative path of
+    its file, after the metric names) and the settings it depends on beyond the fingerprint.
+
+    Units: ``clean`` (the clean logits, and the unpurified ones when ``bare``),
+    ``shift/<corruption>/<severity>`` (one cell of the grid; the top severity also keeps its
+    logits for calibration and OOD), ``adv/<threat>/pgd``, ``adv/<threat>/autoattack`` and
+    ``adv/sanity/<norm>``.
+    """
+    specs: dict[str, dict[str, Any]] = {}
+    if clean:
+        specs["clean"] = {"bare": bare}
+    s = cfg.shift
+    folder = Path(s.cifar_c_dir) if s.cifar_c_dir else None
+    for c in corruptions:
+        source: dict[str, Any]
+        if folder is None:
+            source = {"generated": {"batch_size": int(s.batch_size), "params": params_hash()}}
+        else:
+            files = [_file_stamp(folder / f"{c}.npy"), _file_stamp(folder / "labels.npy")]
+            source = {
+                "folder": str(folder.resolve()),
+                "files": files,
+                "max_images": int(cfg.eval.max_images),
+            }
+        for sev in severities:
+            specs[f"shift/{c}/{sev}"] = {
+                "corruption": c,
+                "severity": sev,
+                "logits": sev == max(severities),
+                "source": source,
+            }
+    a = cfg.adv
+    eot, draws = _attack_budget(cfg, stochastic)
+    attack = {
+        "steps": int(a.steps),
+        "step_size": float(a.step_size),
+        "random_start": bool(a.random_start),
+        "loss": str(a.loss),
+        "eot": eot,
+        "rescore_draws": draws,
+        "max_images": int(a.max_images),
+    }
+    run_aa = bool(a.autoattack) and _autoattack_skip(cfg, stochastic) is None
+    for t in threats:
+        specs[f"adv/{t['name']}/pgd"] = {"threat": t, "attack": attack}
+        if run_aa:
+            specs[f"adv/{t['name']}/autoattack"] = {
+                "threat": t,
+                "version": str(a.autoattack_version),
+                "attacks": list(a.autoattack_attacks),
+                "max_images": int(a.max_images),
+            }
+    if a.sanity_checks:
+        for norm in dict.fromkeys(t["norm"] for t in threats):
+            specs[f"adv/sanity/{norm}"] = {
+                "norm": norm,
+                "eps_grid": list(a.sanity_linf_eps if norm == "linf" else a.sanity_l2_eps),
+                "attack": attack,
+                "images": int(a.sanity_images),
+                "queries": int(a.sanity_queries),
+                "tol": float(a.sanity_tol),
+            }
+    return specs
+
+
+def _unit_kind(unit: str) -> str:
+    if unit == "clean":
+        return "clean pass"
+    if unit.startswith("shift/"):
+        return "corruption cells"
+    if unit.startswith("adv/sanity/"):
+        return "sanity-check norms"
+    return "AutoAttack threats" if unit.endswith("/autoattack") else "PGD threats"
+
+
+def _read_unit(path: Path) -> tuple[str, dict[str, Any], dict[str, Tensor]] | None:
+    """A stored unit's key, numbers and tensors; None when the file is unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  # not a dict
+        data = json.loads(meta["data"])
+        key = meta["key"]
+    except (OSError, SafetensorError, KeyError, ValueError):
+        return None
+    return (key, data, tensors) if isinstance(data, dict) else None
+
+
+class _Partial:
+    """The finished units of work of one evaluation, one file each, so that a rerun skips them.
+
+    A unit (see :func:`_unit_specs`) is written to ``<folder>/<unit>.safetensors`` as soon as
+    it is done: its tensors, its numbers as JSON (floats round-trip exactly) and its key, the
+    SHA-256 of the run fingerprint (:func:`_fingerprint`) and the unit's own settings. Files
+    are written to a temp file that is then renamed over the old one (``os.replace``), so a
+    kill mid-write leaves either the old file or the new one. Only units whose key matches are
+    read back; stale ones (another config, data or weights) and unreadable ones are recomputed
+    and their files replaced.
+
+    Args:
+        folder: Where the units live (``<run dir>/partial``).
+        fingerprint: What every unit depends on.
+        specs: The units this run needs, by name, with their own settings.
+        resume: False discards the folder first: everything is recomputed (and stored again).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        fingerprint: dict[str, Any],
+        specs: dict[str, dict[str, Any]],
+        resume: bool,
+    ) -> None:
+        self.folder = folder
+        self.keys = {
+            unit: _sha256_json({"run": fingerprint, "unit": unit, "spec": spec})
+            for unit, spec in specs.items()
+        }
+        self.done: dict[str, tuple[dict[str, Any], dict[str, Tensor]]] = {}
+        self.stale: list[str] = []
+        self.unreadable: list[str] = []
+        self.discarded = not resume and folder.exists()
+        if self.discarded:
+            shutil.rmtree(folder)
+        if folder.exists():  # temp files of writes that a kill interrupted
+            for tmp in folder.rglob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
+        for unit, key in self.keys.items():
+            path = self._path(unit)
+            if not path.is_file():
+                continue
+            stored = _read_unit(path)
+            if stored is None:
+                self.unreadable.append(unit)
+            elif stored[0] != key:
+                self.stale.append(unit)
+            else:
+                self.done[unit] = stored[1], stored[2]
+
+    def _path(self, unit: str) -> Path:
+        return self.folder / f"{unit}{_UNIT_SUFFIX}"
+
+    def get(self, unit: str) -> tuple[dict[str, Any], dict[str, Tensor]] | None:
+        """A finished unit's numbers and tensors, or None when it must be computed."""
+        return self.done.get(unit)
+
+    def put(
+        self, unit: str, data: dict[str, Any], tensors: dict[str, Tensor] | None = None
+    ) -> None:
+        """Stores a finished unit atomically."""
+        path = self._path(unit)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blob = safetensors_bytes(
+            {k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()},
+            metadata={"key": self.keys[unit], "data": json.dumps(data)},
+        )
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def messages(self) -> list[str]:
+        """What a rerun takes over, ignores or discards, one line each (nothing on a fresh run)."""
+        where = self.folder
+        lines = []
+        if self.discarded:
+            lines.append(f"run.resume=false: discarded the finished units in {where}")
+        if self.done:
+            kinds = list(dict.fromkeys(_unit_kind(u) for u in self.keys))
+            counts = [
+                f"{sum(_unit_kind(u) == k for u in self.done)}/"
+                f"{sum(_unit_kind(u) == k for u in self.keys)} {k}"
+                for k in kinds
+            ]
+            lines.append(f"resuming evaluation: {', '.join(counts)} already done in {where}")
+        for units, why in (
+            (self.stale, "computed with a different config, data or weights"),
+            (self.unreadable, "unreadable"),
+        ):
+            if units:
+                shown = ", ".join(units[:6]) + (", ..." if len(units) > 6 else "")
+                lines.append(
+                    f"ignoring {len(units)} stored unit(s) in {where}, {why}; recomputing and "
+                    f"replacing them: {shown}"
+                )
+        return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,6 +675,19 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     histograms and notes), ``report.md``, ``plots/*.png`` and ``metrics.json`` (the report's
     numbers, like every other job). Logs the same to wandb unless ``wandb.mode=disabled``.
 
+    Resuming: each finished unit of expensive work (the clean logits, each corruption x
+    severity cell, each threat's PGD and AutoAttack result, the sanity checks of each norm) is
+    stored at once, atomically, in ``partial/`` of the run directory, keyed by a fingerprint
+    of everything it depends on (pipeline weights, purifier settings, evaluation images, seed,
+    device type, batch size, and the unit's own shift or attack settings). Rerunning the same
+    config in the same directory (after a crash or a preemption) reads those units back and
+    computes only the rest, with the same numbers as an uninterrupted run: every unit draws
+    from its own seeded random streams. Units stored under another fingerprint are recomputed
+    and replaced, and say so. ``partial/`` is kept after the report is written, so a rerun
+    that adds a threat or a corruption computes only the new units; ``run.resume=false``
+    deletes it first and recomputes everything. Calibration, OOD and latency are recomputed
+    on every run (they reuse the stored logits).
+
     Returns:
         The metrics (names documented in :data:`ssl_robust.evaluate.report.METRIC_DOCS`).
     """
@@ -372,7 +697,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     device = _device(cfg.eval.device)
     classifier, clf_meta = load_classifier(cfg.classifier.run)
     images, labels, data = _eval_data(cfg, clf_meta)
-    purifier = _build_purifier(cfg, int(data["image_size"]))
+    purifier, denoiser_desc = _build_purifier(cfg, int(data["image_size"]))
     num_classes = classifier.num_classes
     held_out = list(cfg.ood.held_out_classes) if cfg.ood.enabled else []
     for c in held_out:
@@ -393,7 +718,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
 
-    model = Pipeline(classifier.eval().requires_grad_(False), purifier).to(device).eval()
+    model = Pipeline(classifier.eval().requires_grad_(False), purifier).eval()
     seed = int(cfg.run.seed)
     bs = int(cfg.eval.batch_size)
     x_u8 = _nchw(images)  # (N, 3, H, W) uint8 on the CPU
@@ -404,6 +729,34 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics: dict[str, float] = {}
     notes: list[str] = []
     stochastic = model.stochastic
+
+    # -- finished units of an earlier, interrupted run -----------------------------------------
+    if corruptions and cfg.shift.cifar_c_dir and cfg.shift.write_cifar_c:
+        # Before the units are keyed: the cells read from the folder are keyed by its files.
+        write_cifar_c(
+            Path(cfg.shift.cifar_c_dir),
+            images,
+            labels,
+            corruptions,
+            seed=seed,
+            batch_size=int(cfg.shift.batch_size),
+            device=device,
+        )
+    fingerprint = _fingerprint(cfg, model, clf_meta, denoiser_desc, images, labels, device)
+    need_clean = bool(cfg.clean.enabled or cfg.calib.enabled or cfg.ood.enabled)
+    specs = _unit_specs(
+        cfg,
+        clean=need_clean,
+        bare=bool(cfg.clean.enabled) and purifier is not None,
+        corruptions=corruptions,
+        severities=severities,
+        threats=threats,
+        stochastic=stochastic,
+    )
+    cache = _Partial(run_dir / "partial", fingerprint, specs, resume=bool(cfg.run.resume))
+    for line in cache.messages():
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+    model = model.to(device)
     purifier_desc = None
     if purifier is not None:
         purifier_desc = (
@@ -429,15 +782,23 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     # -- clean -----------------------------------------------------------------------------
     clean_logits: Tensor | None = None
-    if cfg.clean.enabled or cfg.calib.enabled or cfg.ood.enabled:
-        model.reseed(seed + _SEED_CLEAN, device)
-        clean_logits = _predict(model, x_u8, bs, device)
+    bare: Tensor | None = None
+    if need_clean:
+        stored = cache.get("clean")
+        if stored is not None:
+            clean_logits, bare = stored[1]["logits"], stored[1].get("bare")
+        else:
+            model.reseed(seed + _SEED_CLEAN, device)
+            clean_logits = _predict(model, x_u8, bs, device)
+            if specs["clean"]["bare"]:
+                bare = _predict(model.classifier, x_u8, bs, device)
+            kept = {"logits": clean_logits} | ({"bare": bare} if bare is not None else {})
+            cache.put("clean", {}, kept)
     if cfg.clean.enabled:
         assert clean_logits is not None
         metrics["test/acc"] = (clean_logits.argmax(1) == y).float().mean().item()
         metrics["test/n"] = float(n)
-        if purifier is not None:
-            bare = _predict(model.classifier, x_u8, bs, device)
+        if bare is not None:
             metrics["test/acc_unpurified"] = (bare.argmax(1) == y).float().mean().item()
     if stochastic:
         notes.append(
@@ -451,11 +812,29 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         # -- corruptions -------------------------------------------------------------------
         if corruptions:
             shift_logits, shift_labels = _shift_section(
-                cfg, model, images, y, corruptions, severities, device, metrics, meta, notes, bar
+                cfg,
+                model,
+                images,
+                y,
+                corruptions,
+                severities,
+                device,
+                metrics,
+                meta,
+                notes,
+                bar,
+                cache,
             )
         # -- adversarial -------------------------------------------------------------------
         if threats:
-            _adv_section(cfg, model, x_u8, y, threats, device, metrics, report, bar)
+            _adv_section(cfg, model, x_u8, y, threats, device, metrics, report, bar, cache)
+    if cache.done:
+        notes.append(
+            f"Resumed: {len(cache.done)} of {len(cache.keys)} units of work (clean pass, "
+            f"corruption cells, attacks, sanity checks) were read from {cache.folder}, stored "
+            "by an earlier run with the same config, data and weights; their wall times are "
+            "that run's."
+        )
 
     # -- calibration ---------------------------------------------------------------------------
     reliability: dict[str, Any] = {}
@@ -523,21 +902,17 @@ def _shift_section(
     meta: dict[str, Any],
     notes: list[str],
     bar: Progress,
+    cache: _Partial,
 ) -> tuple[Tensor, Tensor]:
-    """Accuracy over the corruption grid; returns the pooled highest-severity logits/labels."""
+    """Accuracy over the corruption grid; returns the pooled highest-severity logits/labels.
+
+    Each cell is one unit of ``cache``, and draws the purifier's noise from its own stream,
+    seeded by (run.seed, corruption, severity), so that a cell computed after a resume sees
+    what it would have seen in an uninterrupted run.
+    """
     s = cfg.shift
     seed = int(cfg.run.seed)
     folder = Path(s.cifar_c_dir) if s.cifar_c_dir else None
-    if folder is not None and s.write_cifar_c:
-        write_cifar_c(
-            folder,
-            images,
-            y.numpy(),
-            corruptions,
-            seed=seed,
-            batch_size=s.batch_size,
-            device=device,
-        )
     meta["grid"] = {
         "corruptions": corruptions,
         "severities": severities,
@@ -549,30 +924,52 @@ def _shift_section(
     top = max(severities)
     pooled_logits: list[Tensor] = []
     pooled_labels: list[Tensor] = []
-    model.reseed(seed + _SEED_SHIFT, device)
+    folder_sizes: list[int] = []  # images per severity in the folder, per cell
+    numbers: dict[str, Any]  # a cell's stored numbers
+    kept: dict[str, Tensor]  # and tensors
+    logits: Tensor | None
+    y_c: Tensor | None
     for c in corruptions:
         for sev in severities:
-            bar.update(task, description=f"{c} s{sev}")
-            if folder is not None:
-                arr, lab = load_cifar_c(folder, c, sev)
-                if len(arr) != len(images):
-                    if sev == severities[0] and c == corruptions[0]:
-                        notes.append(
-                            f"{folder} holds {len(arr)} images per severity, the evaluation set "
-                            f"{len(images)}; its own images and labels were used"
-                        )
-                    idx = _subset(len(arr), cfg.eval.max_images, seed)
-                    arr, lab = arr[idx], lab[idx]
-                x_c, y_c = _nchw(arr), torch.from_numpy(lab)
+            unit = f"shift/{c}/{sev}"
+            stored = cache.get(unit)
+            if stored is not None:
+                bar.update(task, description=f"{c} s{sev} (stored)")
+                numbers, kept = stored
+                acc = float(numbers["acc"])
+                logits, y_c = kept.get("logits"), kept.get("labels")
             else:
-                x_c = _generate(images, c, sev, seed, s.batch_size, device)
-                y_c = y
-            logits = _predict(model, x_c, cfg.eval.batch_size, device)
-            metrics[f"shift/{c}/{sev}/acc"] = (logits.argmax(1) == y_c).float().mean().item()
+                bar.update(task, description=f"{c} s{sev}")
+                numbers = {}
+                if folder is not None:
+                    arr, lab = load_cifar_c(folder, c, sev)
+                    numbers["folder_images"] = len(arr)
+                    if len(arr) != len(images):
+                        idx = _subset(len(arr), cfg.eval.max_images, seed)
+                        arr, lab = arr[idx], lab[idx]
+                    x_c, y_c = _nchw(arr), torch.from_numpy(lab)
+                else:
+                    x_c = _generate(images, c, sev, seed, s.batch_size, device)
+                    y_c = y
+                model.reseed(_corruption_seed(seed + _SEED_SHIFT, c, sev), device)
+                logits = _predict(model, x_c, cfg.eval.batch_size, device)
+                acc = (logits.argmax(1) == y_c).float().mean().item()
+                numbers["acc"] = acc
+                kept = {"logits": logits, "labels": y_c} if sev == top else {}
+                cache.put(unit, numbers, kept)
+            metrics[f"shift/{c}/{sev}/acc"] = acc
+            if "folder_images" in numbers:
+                folder_sizes.append(int(numbers["folder_images"]))
             if sev == top:
+                assert logits is not None and y_c is not None
                 pooled_logits.append(logits)
                 pooled_labels.append(y_c)
             bar.advance(task)
+    if folder_sizes and folder_sizes[0] != len(images):
+        notes.append(
+            f"{folder} holds {folder_sizes[0]} images per severity, the evaluation set "
+            f"{len(images)}; its own images and labels were used"
+        )
     cell = {(c, sev): metrics[f"shift/{c}/{sev}/acc"] for c in corruptions for sev in severities}
     metrics["shift/mean_acc"] = float(np.mean(list(cell.values())))
     for sev in severities:
@@ -603,13 +1000,17 @@ def _adv_section(
     metrics: dict[str, float],
     report: dict[str, Any],
     bar: Progress,
+    cache: _Partial,
 ) -> None:
+    """PGD(-EOT), AutoAttack and the sanity checks; one unit of ``cache`` per threat's PGD,
+    per threat's AutoAttack and per norm's sanity checks, each reseeding every random stream
+    it uses, so a unit computed after a resume sees what it would have in an uninterrupted run.
+    """
     a = cfg.adv
     seed = int(cfg.run.seed)
     notes: list[str] = report["notes"]
     stochastic = model.stochastic
-    eot = int(a.eot) if stochastic else 1
-    draws = int(a.rescore_draws) if stochastic else 1
+    eot, draws = _attack_budget(cfg, stochastic)
     idx = torch.from_numpy(_subset(len(y), a.max_images, seed + _SEED_ADV))
     x = _to_float(x_u8[idx], device)
     y_a = y[idx].to(device)
@@ -633,47 +1034,40 @@ def _adv_section(
             f"Attack budget below REFERENCE §4.3 for a stochastic purifier (EOT {eot} < "
             f"{_MIN_EOT} or steps {a.steps} < {_MIN_STEPS}): robust accuracy is an upper bound."
         )
-    run_aa = bool(a.autoattack)
-    if run_aa and stochastic:
-        notes.append(
-            "AutoAttack skipped: the pipeline is stochastic (fresh purifier noise per call), and "
-            "AutoAttack assumes a deterministic model; PGD-EOT with re-scoring is the protocol "
-            "here (REFERENCE §4). Set purifier.fixed_noise=true to evaluate a frozen-noise "
-            "pipeline with AutoAttack."
-        )
-        run_aa = False
-    if run_aa:
-        try:
-            import pyautoattack  # noqa: F401
-        except ImportError:
-            notes.append("AutoAttack skipped: the `pyautoattack` package is not installed.")
-            run_aa = False
+    aa_skip = _autoattack_skip(cfg, stochastic)
+    if aa_skip is not None:
+        notes.append(aa_skip)
+    run_aa = bool(a.autoattack) and aa_skip is None
     norms = list(dict.fromkeys(t["norm"] for t in threats))
     total = len(threats) * (2 if run_aa else 1) + (len(norms) if a.sanity_checks else 0)
     task = bar.add_task("attacks", total=total)
     step_size = float(a.step_size) if a.step_size > 0 else None
     for t in threats:
-        bar.update(task, description=f"PGD {t['name']}")
-        model.reseed(seed + _SEED_ADV, device)
-        model.calls = 0
-        res = robust_accuracy(
-            model,
-            (x, y_a),
-            norm=t["norm"],
-            eps=t["eps"],
-            steps=int(a.steps),
-            eot=eot,
-            rescore_draws=draws,
-            step_size=step_size,
-            random_start=bool(a.random_start),
-            generator=torch.Generator().manual_seed(seed + _SEED_ADV),
-            loss=a.loss,
-            batch_size=int(cfg.eval.batch_size),
-            nfe_per_call=model.nfe,
-        )
         p = f"adv/{t['name']}/"
-        metrics.update(
-            {
+        stored = cache.get(p + "pgd")
+        if stored is not None:
+            bar.update(task, description=f"PGD {t['name']} (stored)")
+            metrics.update(stored[0])
+        else:
+            bar.update(task, description=f"PGD {t['name']}")
+            model.reseed(seed + _SEED_ADV, device)
+            model.calls = 0
+            res = robust_accuracy(
+                model,
+                (x, y_a),
+                norm=t["norm"],
+                eps=t["eps"],
+                steps=int(a.steps),
+                eot=eot,
+                rescore_draws=draws,
+                step_size=step_size,
+                random_start=bool(a.random_start),
+                generator=torch.Generator().manual_seed(seed + _SEED_ADV),
+                loss=a.loss,
+                batch_size=int(cfg.eval.batch_size),
+                nfe_per_call=model.nfe,
+            )
+            found = {
                 p + "acc": res["acc"],
                 p + "acc_worst": res["acc_worst"],
                 p + "clean_acc": res["clean_acc"],
@@ -686,12 +1080,22 @@ def _adv_section(
                 p + "nfe_per_image": res["attack_nfe_per_image"],
                 p + "wall_s": res["wall_s"],
             }
-        )
+            metrics.update(found)
+            cache.put(p + "pgd", found)
         bar.advance(task)
-        if run_aa:
+        if not run_aa:
+            continue
+        stored = cache.get(p + "autoattack")
+        if stored is not None:
+            bar.update(task, description=f"AutoAttack {t['name']} (stored)")
+            metrics.update(stored[0])
+        else:
             bar.update(task, description=f"AutoAttack {t['name']}")
             start = time.perf_counter()
             version = a.autoattack_version
+            # A deterministic pipeline ignores the generator; reseeded all the same, so the
+            # unit never depends on what ran before it.
+            model.reseed(seed + _SEED_ADV, device)
             x_aa = autoattack(
                 model,
                 x,
@@ -705,9 +1109,13 @@ def _adv_section(
             )
             with torch.no_grad():
                 pred = _predict(model, x_aa, int(cfg.eval.batch_size), device).argmax(1)
-            metrics[p + "autoattack_acc"] = (pred == y_a.cpu()).float().mean().item()
-            metrics[p + "autoattack_wall_s"] = time.perf_counter() - start
-            bar.advance(task)
+            found = {
+                p + "autoattack_acc": (pred == y_a.cpu()).float().mean().item(),
+                p + "autoattack_wall_s": time.perf_counter() - start,
+            }
+            metrics.update(found)
+            cache.put(p + "autoattack", found)
+        bar.advance(task)
     if not a.sanity_checks:
         return
     sanity: dict[str, dict[str, dict[str, Any]]] = {}
@@ -718,23 +1126,29 @@ def _adv_section(
         # accuracy estimate (at acc = 0.5) for a stochastic one (attacks.sanity_checks).
         tol = max(0.02, 1.0 / n_s) if not stochastic else max(0.02, math.sqrt(1 / (n_s * draws)))
     for norm in norms:
-        bar.update(task, description=f"sanity checks {norm}")
-        grid = [e / 255 for e in a.sanity_linf_eps] if norm == "linf" else list(a.sanity_l2_eps)
-        model.reseed(seed + _SEED_ADV, device)
-        checks = sanity_checks(
-            model,
-            x[:n_s],
-            y_a[:n_s],
-            norm=norm,
-            eps_grid=grid,
-            steps=int(a.steps),
-            eot=eot,
-            rescore_draws=draws,
-            tol=tol,
-            black_box_queries=int(a.sanity_queries) or None,
-            loss=a.loss,
-            generator=torch.Generator().manual_seed(seed + _SEED_ADV),
-        )
+        stored = cache.get(f"adv/sanity/{norm}")
+        if stored is not None:
+            bar.update(task, description=f"sanity checks {norm} (stored)")
+            checks = stored[0]["checks"]
+        else:
+            bar.update(task, description=f"sanity checks {norm}")
+            grid = [e / 255 for e in a.sanity_linf_eps] if norm == "linf" else a.sanity_l2_eps
+            model.reseed(seed + _SEED_ADV, device)
+            checks = sanity_checks(
+                model,
+                x[:n_s],
+                y_a[:n_s],
+                norm=norm,
+                eps_grid=list(grid),
+                steps=int(a.steps),
+                eot=eot,
+                rescore_draws=draws,
+                tol=tol,
+                black_box_queries=int(a.sanity_queries) or None,
+                loss=a.loss,
+                generator=torch.Generator().manual_seed(seed + _SEED_ADV),
+            )
+            cache.put(f"adv/sanity/{norm}", {"checks": checks})
         sanity[norm] = checks
         for name, result in checks.items():
             metrics[f"adv/sanity/{norm}/{name}"] = float(bool(result["passed"]))

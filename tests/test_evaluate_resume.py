@@ -1,0 +1,368 @@
+"""Resuming the evaluation job: finished units are stored in ``partial/`` and never recomputed,
+a resumed run ends with the numbers of an uninterrupted one, and stale or broken units are not
+reused."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from ssl_robust.config import EvaluateConfig, load_config
+from ssl_robust.data.datasets import ArraySource, build_splits
+from ssl_robust.finetune.export import load_classifier, save_classifier
+from ssl_robust.finetune.model import Classifier
+from ssl_robust.models.backbones import build_backbone
+from ssl_robust.models.export import EncoderMeta
+from ssl_robust.purify.unet import build_unet, make_scheduler, save_denoiser
+
+DATA: dict[str, Any] = {
+    "name": "digits",
+    "root": "data",
+    "image_size": 8,
+    "val_fraction": 0.2,
+    "seed": 0,
+}
+# The tiny preset's 2 x 2 grid on 128 images, two threats (one per norm) and their sanity checks;
+# no latency section (timings only).
+SMALL = [
+    "eval.max_images=128",
+    "adv.linf_eps=[8]",
+    "adv.l2_eps=[0.5]",
+    "adv.steps=3",
+    "adv.max_images=16",
+    "adv.sanity_images=8",
+    "perf.enabled=false",
+]
+# A stochastic purifier in front, so every unit draws noise: a unit computed after a resume
+# matches only if it reseeds its own random streams.
+PURIFIED = [
+    "purifier.sampler=ddim",
+    "purifier.t_star=20",
+    "purifier.ddim_steps=2",
+    "eval.max_images=48",
+    "adv.steps=1",
+    "adv.eot=1",
+    "adv.rescore_draws=2",
+    "adv.max_images=8",
+    "adv.sanity_images=4",
+    "adv.sanity_queries=4",
+    "adv.sanity_linf_eps=[8]",
+    "adv.sanity_l2_eps=[0.5]",
+]
+# The module (``ssl_robust.pipelines.evaluate`` the attribute is the job function).
+job = importlib.import_module("ssl_robust.pipelines.evaluate")
+UNITS = [
+    "clean",
+    "shift/impulse_noise/1",
+    "shift/impulse_noise/5",
+    "shift/contrast/1",
+    "shift/contrast/5",
+    "adv/linf_8/pgd",
+    "adv/l2_0.5/pgd",
+    "adv/sanity/linf",
+    "adv/sanity/l2",
+]
+
+
+class Preempted(Exception):
+    """Stands for SLURM preemption or a crash in the middle of a section."""
+
+
+class Calls:
+    """Counts the calls of a function of the evaluation pipeline; raises on call ``fail_at``
+    (1-based) before doing any of its work."""
+
+    def __init__(self, fn: Callable[..., Any], fail_at: int | None) -> None:
+        self.fn = fn
+        self.fail_at = fail_at
+        self.done = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fail_at is not None and self.done + 1 == self.fail_at:
+            raise Preempted
+        self.done += 1
+        return self.fn(*args, **kwargs)
+
+
+def _count(monkeypatch: pytest.MonkeyPatch, fail: dict[str, int] | None = None) -> dict[str, Calls]:
+    """Counts the expensive work per unit: a generated corruption cell, a threat's PGD, a
+    norm's sanity checks. ``fail`` maps one of those names to the call that raises."""
+    fail = fail or {}
+    calls = {}
+    for name in ("_generate", "robust_accuracy", "sanity_checks"):
+        calls[name] = Calls(getattr(job, name), fail.get(name))
+        monkeypatch.setattr(job, name, calls[name])
+    return calls
+
+
+def _done(calls: dict[str, Calls]) -> tuple[int, int, int]:
+    return calls["_generate"].done, calls["robust_accuracy"].done, calls["sanity_checks"].done
+
+
+def evaluate_counted(
+    cfg: DictConfig, monkeypatch: pytest.MonkeyPatch, fail: dict[str, int] | None = None
+) -> tuple[dict[str, float], tuple[int, int, int]]:
+    """Runs the job, counting the units it computes (or raising Preempted where asked)."""
+    with monkeypatch.context() as m:
+        calls = _count(m, fail)
+        metrics = job.evaluate(cfg)
+    return metrics, _done(calls)
+
+
+def _stamps(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """The stored units and the identity of their files (a rewrite makes a new file)."""
+    folder = run_dir / "partial"
+    stamps = {}
+    for path in folder.rglob("*.safetensors"):
+        st = path.stat()
+        stamps[str(path.relative_to(folder)).removesuffix(".safetensors")] = (
+            st.st_ino,
+            st.st_mtime_ns,
+        )
+    return stamps
+
+
+def _numbers(metrics: dict[str, float]) -> dict[str, float]:
+    """Everything but the wall-clock times."""
+    return {k: v for k, v in metrics.items() if not k.endswith("wall_s")}
+
+
+def _report(run_dir: Path) -> dict[str, Any]:
+    return json.loads((run_dir / "report.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A digits classifier (8 px, convnet width 4) trained for a second, exported."""
+    torch.manual_seed(0)
+    splits = build_splits(**DATA)
+    train = splits.train
+    assert isinstance(train, ArraySource)  # the digits live in memory
+    x = torch.from_numpy(train.images).permute(0, 3, 1, 2).float() / 255
+    y = torch.from_numpy(train.labels)
+    enc = build_backbone("convnet", 4)
+    clf = Classifier(enc, 10, splits.info.mean, splits.info.std)
+    opt = torch.optim.Adam(clf.parameters(), lr=1e-2)
+    for _ in range(60):
+        idx = torch.randint(0, len(y), (128,))
+        loss = torch.nn.functional.cross_entropy(clf(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    folder = tmp_path_factory.mktemp("finetune-digits")
+    meta = EncoderMeta("convnet", 4, enc.feat_dim, 8, splits.info.mean, splits.info.std, 10)
+    data = {**DATA, "mean": splits.info.mean, "std": splits.info.std, "download": False}
+    save_classifier(clf.eval(), meta, folder, classes=train.classes, data=data)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def denoiser_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("denoiser")
+    save_denoiser(build_unet("tiny", sample_size=8), make_scheduler(), folder)
+    return folder
+
+
+@pytest.fixture
+def cfg_for(classifier_run: Path, tmp_path: Path) -> Callable[..., DictConfig]:
+    """``cfg_for("a", *overrides)``: the tiny preset on the classifier, in tmp_path / "a"."""
+
+    def make(run: str, *overrides: str) -> DictConfig:
+        args = ["tiny", f"classifier.run={classifier_run}", f"run.dir={tmp_path / run}"]
+        return load_config(EvaluateConfig, [*args, *SMALL, *overrides], job="evaluate")
+
+    return make
+
+
+def test_interrupted_runs_resume_to_the_uninterrupted_numbers(
+    cfg_for: Callable[..., DictConfig],
+    denoiser_run: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    overrides = [f"purifier.run={denoiser_run}", *PURIFIED]
+    reference = evaluate_counted(cfg_for("reference", *overrides), monkeypatch)
+    assert reference[1] == (4, 2, 2)
+    cfg = cfg_for("resumed", *overrides)
+    run = Path(cfg.run.dir)
+    capsys.readouterr()
+
+    # 1. Preempted in the corruption grid, after two of its four cells.
+    with pytest.raises(Preempted):
+        evaluate_counted(cfg, monkeypatch, fail={"_generate": 3})
+    first = _stamps(run)
+    assert sorted(first) == ["clean", "shift/impulse_noise/1", "shift/impulse_noise/5"]
+    assert "resuming" not in capsys.readouterr().out
+    assert not (run / "report.json").exists()
+
+    # 2. Resumed, then preempted again between the two threats.
+    with pytest.raises(Preempted):
+        evaluate_counted(cfg, monkeypatch, fail={"robust_accuracy": 2})
+    assert (
+        "resuming evaluation: 1/1 clean pass, 2/4 corruption cells, 0/2 PGD threats, "
+        f"0/2 sanity-check norms already done in {run / 'partial'}"
+    ) in capsys.readouterr().out
+    second = _stamps(run)
+    assert sorted(second) == sorted([*UNITS[:5], "adv/linf_8/pgd"])
+    assert {k: second[k] for k in first} == first  # nothing done twice
+
+    # 3. Resumed to the end: only the remaining units are computed.
+    metrics, calls = evaluate_counted(cfg, monkeypatch)
+    assert calls == (0, 1, 2)
+    assert "1/1 clean pass, 4/4 corruption cells, 1/2 PGD threats" in capsys.readouterr().out
+    final = _stamps(run)
+    assert sorted(final) == sorted(UNITS)
+    assert {k: final[k] for k in second} == second
+
+    # The numbers of the uninterrupted run, to the bit (every unit reseeds its own streams).
+    assert _numbers(metrics) == _numbers(reference[0])
+    assert json.loads((run / "metrics.json").read_text()) == pytest.approx(metrics)
+    report, ref_report = _report(run), _report(Path(cfg_for("reference").run.dir))
+    assert report["sanity"] == ref_report["sanity"]
+    assert report["reliability"] == ref_report["reliability"]
+    assert report["ood_hist"] == ref_report["ood_hist"]
+    assert "Resumed: 6 of 9 units of work" in " ".join(report["notes"])
+
+    # partial/ is kept: one more rerun computes nothing and gives the same numbers.
+    again, calls = evaluate_counted(cfg, monkeypatch)
+    assert calls == (0, 0, 0) and _stamps(run) == final
+    assert _numbers(again) == _numbers(reference[0])
+
+
+@pytest.fixture
+def other_weights(classifier_run: Path, tmp_path: Path) -> Path:
+    """The same classifier with one weight changed, exported elsewhere."""
+    clf, meta = load_classifier(classifier_run)
+    with torch.no_grad():
+        next(clf.parameters()).view(-1)[0] += 0.01
+    folder = tmp_path / "other"
+    save_classifier(
+        clf, EncoderMeta(**meta["encoder"]), folder, classes=meta["classes"], data=meta["data"]
+    )
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("change", "recomputed"),
+    [
+        # Attack settings: the clean pass and the corruption cells are still valid.
+        ("adv.steps=4", ["adv/linf_8/pgd", "adv/l2_0.5/pgd", "adv/sanity/linf", "adv/sanity/l2"]),
+        ("adv.linf_eps=[4]", ["adv/linf_4/pgd"]),  # a new threat; the sanity grid is its own
+        ("shift.batch_size=100", UNITS[1:5]),  # the generated images depend on it
+        ("run.seed=1", UNITS),
+        ("classifier.run=OTHER", UNITS),
+        ("run.resume=false", UNITS),
+    ],
+)
+def test_a_changed_config_does_not_reuse_stale_units(
+    cfg_for: Callable[..., DictConfig],
+    other_weights: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    change: str,
+    recomputed: list[str],
+) -> None:
+    evaluate_counted(cfg_for("run"), monkeypatch)
+    run = Path(cfg_for("run").run.dir)
+    before = _stamps(run)
+    assert sorted(before) == sorted(UNITS)
+    capsys.readouterr()
+
+    change = change.replace("OTHER", str(other_weights))
+    metrics, calls = evaluate_counted(cfg_for("run", change), monkeypatch)
+    assert calls == (
+        sum(u.startswith("shift/") for u in recomputed),
+        sum(u.endswith("/pgd") for u in recomputed),
+        sum(u.startswith("adv/sanity/") for u in recomputed),
+    )
+    after = _stamps(run)
+    rewritten = sorted(u for u in after if before.get(u) != after[u])
+    assert rewritten == sorted(recomputed)
+    assert all(after[u] == before[u] for u in after if u not in recomputed)
+    out = capsys.readouterr().out
+    if change == "run.resume=false":
+        assert f"run.resume=false: discarded the finished units in {run / 'partial'}" in out
+    else:
+        stale = sorted(set(recomputed) & set(before))
+        if stale:
+            assert (
+                f"ignoring {len(stale)} stored unit(s) in {run / 'partial'}, computed with a "
+                "different config, data or weights; recomputing and replacing them"
+            ) in out
+        if len(recomputed) < len(UNITS):
+            assert "resuming evaluation:" in out
+
+    # The numbers of a fresh run with the changed config.
+    fresh, _ = evaluate_counted(cfg_for("fresh", change), monkeypatch)
+    assert _numbers(metrics) == _numbers(fresh)
+
+
+def test_unreadable_units_and_temp_files_are_ignored(
+    cfg_for: Callable[..., DictConfig],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cfg = cfg_for("run")
+    reference, _ = evaluate_counted(cfg, monkeypatch)
+    partial = Path(cfg.run.dir) / "partial"
+    # A torn file (only possible by hand: units are written to a temp file and renamed), a
+    # file of garbage, an empty one, and the temp file of a write that a kill interrupted.
+    torn = partial / "shift/contrast/5.safetensors"
+    torn.write_bytes(torn.read_bytes()[:-50])
+    (partial / "adv/linf_8/pgd.safetensors").write_bytes(b"not a safetensors file")
+    (partial / "adv/sanity/l2.safetensors").write_bytes(b"")
+    tmp = partial / "shift/contrast/.1.safetensors.tmp"
+    tmp.write_bytes(b"half a file")
+    capsys.readouterr()
+
+    metrics, calls = evaluate_counted(cfg, monkeypatch)
+    assert calls == (1, 1, 1)
+    out = capsys.readouterr().out
+    assert (
+        f"ignoring 3 stored unit(s) in {partial}, unreadable; recomputing and replacing them: "
+        "shift/contrast/5, adv/linf_8/pgd, adv/sanity/l2"
+    ) in out
+    assert "3/4 corruption cells, 1/2 PGD threats, 1/2 sanity-check norms" in out
+    assert not tmp.exists()
+    assert _numbers(metrics) == _numbers(reference)
+    # Replaced by readable units: the next rerun computes nothing.
+    _, calls = evaluate_counted(cfg, monkeypatch)
+    assert calls == (0, 0, 0)
+
+
+def test_autoattack_results_are_stored_per_threat(
+    cfg_for: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("pyautoattack")
+    overrides = [
+        "adv.l2_eps=[]",
+        "adv.autoattack=true",
+        "adv.autoattack_version=custom",
+        "adv.autoattack_attacks=[apgd-ce]",
+        "adv.sanity_checks=false",
+        *[f"{s}.enabled=false" for s in ("clean", "shift", "calib", "ood")],
+    ]
+    reference, _ = evaluate_counted(cfg_for("reference", *overrides), monkeypatch)
+    cfg = cfg_for("run", *overrides)
+    # Preempted in AutoAttack, after the threat's PGD was stored.
+    with monkeypatch.context() as m:
+        m.setattr(job, "autoattack", Calls(job.autoattack, fail_at=1))
+        with pytest.raises(Preempted):
+            evaluate_counted(cfg, monkeypatch)
+    assert sorted(_stamps(Path(cfg.run.dir))) == ["adv/linf_8/pgd"]
+    with monkeypatch.context() as m:
+        aa = Calls(job.autoattack, fail_at=None)
+        m.setattr(job, "autoattack", aa)
+        metrics, calls = evaluate_counted(cfg, monkeypatch)
+    assert calls == (0, 0, 0) and aa.done == 1
+    assert sorted(_stamps(Path(cfg.run.dir))) == ["adv/linf_8/autoattack", "adv/linf_8/pgd"]
+    assert _numbers(metrics) == _numbers(reference)
+    assert "adv/linf_8/autoattack_acc" in metrics
