@@ -12,6 +12,7 @@
 #   CALL_S   seconds the whole call may take (default 590, under the tool's 600 s per call);
 #   BENCH_S  limit of the benchmarks (default 150); SKIP_BENCH=1 skips them;
 #   TRAIN_S  limit of the training run (default: what is left of CALL_S, less 25 s to copy);
+#            SKIP_TRAIN=1 skips it (a benchmarks-only call);
 #   SMOKE=1  a tiny CPU rehearsal of the same steps: bench --smoke and 1 epoch on the digits.
 # $OUT receives at most 6 files (the tool returns 8): session.log, nvidia-smi.txt, bench.json
 # (written after each benchmark part), metrics.csv (copied every 15 s while training),
@@ -46,7 +47,7 @@ copy_logs() {
 if [ "${SMOKE:-0}" = 1 ]; then
     python3 scripts/bench.py --smoke --json "$OUT/bench.json"
     python3 scripts/pretrain.py trainer.max_epochs=1 data.augment=gpu run.dir="$RUN" \
-        trainer.progress_bar=false
+        trainer.progress_bar=false trainer.limit_train_batches=4
 else
     DATA=/tmp/data
     mkdir -p "$DATA" && tar xzf .data/cifar10-jpeg.tar.gz -C "$DATA" || exit 1
@@ -55,17 +56,19 @@ else
         timeout "$BENCH_S" python3 scripts/bench.py --json "$OUT/bench.json"
         echo "benchmarks exit $?"
     fi
-    TRAIN_S="${TRAIN_S:-$(( CALL_S - ($(date +%s) - T0) - 25 ))}"
-    echo "== $(date -Is) ${METHOD} CIFAR-10, 200 epochs (limit ${TRAIN_S}s)"
-    ( while sleep 15; do copy_logs; done ) &
-    COPIER=$!
-    start=$(date +%s)
-    timeout "$TRAIN_S" python3 scripts/pretrain.py "${METHOD}_cifar10_folder" \
-        data.root="$DATA/cifar10-jpeg" data.augment=gpu model.compile=true \
-        monitor.every_n_epochs=20 wandb.mode=disabled trainer.progress_bar=false \
-        run.dir="$RUN"
-    echo "training exit $? after $(( $(date +%s) - start )) s"
-    kill "$COPIER" 2>/dev/null
+    if [ "${SKIP_TRAIN:-0}" != 1 ]; then
+        TRAIN_S="${TRAIN_S:-$(( CALL_S - ($(date +%s) - T0) - 25 ))}"
+        echo "== $(date -Is) ${METHOD} CIFAR-10, 200 epochs (limit ${TRAIN_S}s)"
+        ( while sleep 15; do copy_logs; done ) &
+        COPIER=$!
+        start=$(date +%s)
+        timeout "$TRAIN_S" python3 scripts/pretrain.py "${METHOD}_cifar10_folder" \
+            data.root="$DATA/cifar10-jpeg" data.augment=gpu data.compile_views=true \
+            model.compile=true monitor.every_n_epochs=20 wandb.mode=disabled \
+            trainer.progress_bar=false run.dir="$RUN"
+        echo "training exit $? after $(( $(date +%s) - start )) s"
+        kill "$COPIER" 2>/dev/null
+    fi
 fi
 copy_logs
 python3 benchmarks/session_summary.py --bench "$OUT/bench.json" --csv "$OUT/metrics.csv" \

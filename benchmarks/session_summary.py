@@ -48,7 +48,8 @@ def pretrain_rows(result: dict[str, Any] | None) -> list[str]:
     return [
         _row(
             f"pretraining images/s, {setting}",
-            f"a {result['lightly_ips']:.0f} / b {result['ours_ips']:.0f} / "
+            f"a {result['lightly_ips']:.0f} / b {result['ours_ips']:.0f} "
+            f"(eager {result.get('ours_eager_ips') or float('nan'):.0f}) / "
             f"c eager {result.get('floor_eager_ips', 0):.0f}, "
             f"compiled {result.get('floor_compiled_ips') or float('nan'):.0f}",
             "-",

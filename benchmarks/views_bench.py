@@ -69,6 +69,7 @@ def bench_views(
     seed: int = 0,
     threads: int = 1,
     view_size: int | None = None,
+    compile_views: bool = False,
 ) -> dict[str, Any]:
     """Images/s of lightly's DataLoader pipeline and of the batched views on ``device``.
 
@@ -78,6 +79,8 @@ def bench_views(
         image_size: Side of the square input images.
         view_size: Side of the views; defaults to ``image_size``. Smaller than ``image_size``
             (e.g. 96 -> 64, STL-10) exercises the antialiased downscaling path.
+        compile_views: ``torch.compile`` the batched views (``data.compile_views=true``);
+            compilation happens in the untimed warm-up epoch.
         n_images: Images per timed epoch.
         repeats: Timed epochs per pipeline (median reported), after one warm-up epoch.
         workers: DataLoader workers of the lightly pipeline.
@@ -116,6 +119,8 @@ def bench_views(
         torch.set_num_threads(threads)
     views = simclr_views(view_size) if method == "simclr" else byol_views(view_size)
     views = [v.to(dev) for v in views]
+    if compile_views:
+        views = [v.compile_apply() for v in views]
     data = images.to(dev)
     view_gen = torch.Generator(device=dev).manual_seed(seed)
 
@@ -137,6 +142,7 @@ def bench_views(
         "batch": batch,
         "image_size": image_size,
         "view_size": view_size,
+        "compiled_views": compile_views,
         "n_images": n_images,
         "repeats": repeats,
         "workers": workers,
@@ -158,6 +164,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of the batched path")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the batched views")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run, a few seconds")
     parser.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = parser.parse_args()
@@ -173,6 +180,7 @@ def main() -> None:
         method=args.method,
         threads=args.threads,
         view_size=args.view_size,
+        compile_views=args.compile,
     )
     threads = result["batched_cpu_threads"]
     print(
@@ -182,6 +190,7 @@ def main() -> None:
         f"  lightly PIL, {result['workers']} workers: "
         f"{result['lightly_images_per_s']:9.0f} images/s\n"
         f"  batched on {result['device']:<12}: {result['batched_images_per_s']:9.0f} images/s"
+        f"{' (compiled)' if result['compiled_views'] else ''}"
         f"{f' ({threads} CPU threads)' if threads else ''}\n"
         f"  ratio batched / lightly: {result['ratio']:.2f}"
     )

@@ -4,7 +4,7 @@ purification per sampler vs raw UNet calls, corruption generation vs the CPU ref
 
     python scripts/bench.py --json runs/bench/all.json             # full run (GPU if present)
     python scripts/bench.py --smoke                                # tiny CPU run for CI
-    python scripts/bench.py --only pretrain --cifar /data/cifar10-jpeg/train
+    python scripts/bench.py --only pretrain purify                  # some parts only
 """
 
 import argparse

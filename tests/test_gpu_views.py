@@ -672,3 +672,18 @@ def test_factories_carry_lightly_defaults() -> None:
         input_size=64, normalize=None, gaussian_blur=0.0, cj_strength=0.5
     )
     _approx_equal(_our_settings(custom[1]), _lightly_settings(reference))
+
+
+@pytest.mark.slow
+def test_compiled_views_match_eager_views_without_graph_breaks() -> None:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    x = _smooth_images(32, 24, seed=12)
+    # BYOL's second view runs every op: crop, flip, jitter with hue, gray, blur, solarize.
+    for view in gv.byol_views(16, gaussian_blur=0.5):
+        eager = view(x, torch.Generator().manual_seed(13))
+        compiled = view.compile_apply()(x, torch.Generator().manual_seed(13))
+        torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+    assert not counters["graph_break"], dict(counters["graph_break"])

@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ssl_robust.config import ConfigError
 from ssl_robust.models.export import load_encoder
 from ssl_robust.pipelines import pretrain
 from tests.callbacks import CheckpointMidEpoch, StopAfterEpoch
@@ -242,3 +243,35 @@ def test_pretraining_on_stl10_uses_the_unlabeled_pool(
     )
     assert steps == [150 // 16]  # 60 labeled + 90 unlabeled images
     assert 0.0 <= metrics["val/knn_acc"] <= 1.0  # the bank holds only the labeled 60
+
+
+def test_compiled_views_need_the_device_path(tiny_pretrain_cfg: Callable[..., DictConfig]) -> None:
+    cfg = tiny_pretrain_cfg("data.augment=cpu", "data.compile_views=true")
+    with pytest.raises(ConfigError, match=r"data.compile_views=true .* data.augment='cpu'"):
+        pretrain(cfg)
+    assert not Path(cfg.run.dir).exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+def test_compiled_views_train_like_eager_views(
+    tiny_pretrain_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    # Same seed, same views up to float rounding: the two runs end with nearly equal weights.
+    common = ("data.augment=gpu", "trainer.max_epochs=1", "method=byol")
+    compiled_views: list[bool] = []
+
+    class Views(pl.Callback):
+        def on_train_start(self, trainer: pl.Trainer, module: Any) -> None:
+            views = trainer.datamodule.train_transform  # type: ignore[attr-defined]
+            compiled_views.extend(v._compiled_apply is not None for v in views)
+
+    eager = pretrain(tiny_pretrain_cfg(*common, run_dir=tmp_path / "eager"), callbacks=[Views()])
+    compiled = pretrain(
+        tiny_pretrain_cfg(*common, "data.compile_views=true", run_dir=tmp_path / "compiled"),
+        callbacks=[Views()],
+    )
+    assert compiled_views == [False, False, True, True]
+    assert compiled["train/loss"] == pytest.approx(eager["train/loss"], rel=1e-3)
+    a, b = _weights(tmp_path / "eager"), _weights(tmp_path / "compiled")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-3, rtol=1e-3)

@@ -526,8 +526,12 @@ def _box_kernels(sigma: Tensor, half: int) -> Tensor:
 
 def _max_box_half_width(max_sigma: float) -> int:
     """Integer half width of the box kernel for the largest sigma (Pillow's integer radius + 1)."""
-    radius = float(_box_radius(torch.tensor([max_sigma], dtype=torch.float64))[0])
-    return math.floor(radius) + 1
+    # _box_radius in plain floats: no tensor, so no graph break when compiled.
+    sigma2 = max_sigma * max_sigma / _BOX_PASSES
+    whole = math.floor((math.sqrt(12.0 * sigma2 + 1.0) - 1.0) / 2.0)
+    frac = (2 * whole + 1) * (whole * (whole + 1) - 3 * sigma2)
+    frac = frac / (6 * (sigma2 - (whole + 1) ** 2))
+    return math.floor(whole + frac) + 1
 
 
 def gaussian_blur(x: Tensor, sigma: Tensor, max_sigma: float | None = None) -> Tensor:
@@ -739,6 +743,27 @@ class BatchViewTransform(nn.Module):
         self.rr_prob = rr_prob
         self.solarize_threshold = solarize_threshold
         self.normalize = _Normalize(normalize)
+        # See color_jitter; None picks per device. compile_apply sets False (static shapes).
+        self.hue_by_index: bool | None = None
+        self._compiled_apply: Any = None
+
+    def compile_apply(self, **compile_kwargs: Any) -> BatchViewTransform:
+        """``torch.compile`` the view's per-batch work, fusing its ~400 small ops.
+
+        On a GPU the batched ops are individually tiny (a CIFAR batch is 1.5M values), so
+        their number, not their arithmetic, sets the cost; the compiler fuses the colour
+        chain into a few kernels. Parameter sampling stays eager (it takes a generator).
+        Shapes are static (``dynamic=False``): a new batch size compiles once more.
+
+        Args:
+            **compile_kwargs: Passed to ``torch.compile`` (e.g. ``mode``).
+
+        Returns:
+            ``self``, whose ``forward`` now runs the compiled ``apply_params``.
+        """
+        self.hue_by_index = False  # index_select by a mask has a data-dependent shape
+        self._compiled_apply = torch.compile(self.apply_params, dynamic=False, **compile_kwargs)
+        return self
 
     def extra_repr(self) -> str:
         return (
@@ -764,6 +789,8 @@ class BatchViewTransform(nn.Module):
         _check_input(x)
         batch, _, height, width = x.shape
         params = self.sample_params(batch, height, width, generator, x.device)
+        if self._compiled_apply is not None:
+            return self._compiled_apply(x, params)  # type: ignore[no-any-return]
         return self.apply_params(x, params)
 
     def sample_params(
@@ -854,7 +881,11 @@ class BatchViewTransform(nn.Module):
         # 2. colour jitter with probability cj_prob.
         if self.cj_prob > 0:
             jittered = color_jitter(
-                out, params["jitter_factors"], params["jitter_order"], with_hue=self.hue[1] > 0
+                out,
+                params["jitter_factors"],
+                params["jitter_order"],
+                with_hue=self.hue[1] > 0,
+                hue_by_index=self.hue_by_index,
             )
             out = torch.where(params["jitter"].view(-1, 1, 1, 1), jittered, out)
 

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback
 
-from ssl_robust.config import save_config, to_dict
+from ssl_robust.config import ConfigError, save_config, to_dict
 from ssl_robust.data.datamodule import SSLDataModule
 from ssl_robust.data.transforms import (
     ViewParams,
@@ -79,6 +79,11 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
 
     # Build everything that can fail on bad input before any file is written.
+    if cfg.data.compile_views and cfg.data.augment != "gpu":
+        raise ConfigError(
+            "data.compile_views=true compiles the batched device views, which only "
+            f"data.augment=gpu uses; got data.augment={cfg.data.augment!r}"
+        )
     backbone = build_backbone(cfg.model.backbone, cfg.model.width)
     splits = build_data(cfg, run_dir, with_unlabeled=True)
     info = splits.info
@@ -106,15 +111,18 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
             mean=info.mean,
             std=info.std,
         )
+    train_transform: Any
+    if augment == "gpu":
+        train_transform = gpu_view_transforms(cfg.method.name, views)
+        if cfg.data.compile_views:
+            train_transform = [t.compile_apply() for t in train_transform]
+    else:
+        train_transform = view_transform(cfg.method.name, views)
     datamodule = SSLDataModule(
         train=splits.unsupervised_train(),
         val=splits.val,
         bank=splits.train,
-        train_transform=(
-            gpu_view_transforms(cfg.method.name, views)
-            if augment == "gpu"
-            else view_transform(cfg.method.name, views)
-        ),
+        train_transform=train_transform,
         eval_transform=eval_transform(info.image_size, tuple(info.mean), tuple(info.std)),
         batch_size=cfg.data.batch_size,
         eval_batch_size=cfg.data.eval_batch_size,
