@@ -14,7 +14,8 @@ class RunConfig:
     # Run directory: the unit of resume. "" derives runs/<job>-<method>-<data>.
     dir: str = ""
     seed: int = 0
-    # Rerunning with the same directory continues from checkpoints/last.ckpt.
+    # Rerunning with the same directory continues where it stopped: training jobs from
+    # checkpoints/last.ckpt, evaluation from the finished units in partial/. false: start over.
     resume: bool = True
 
 
