@@ -214,7 +214,8 @@ class SSLDataModule(pl.LightningDataModule):
             batch_size=batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=False,
+            # Workers survive between epochs (and kNN rounds) instead of restarting each time.
+            persistent_workers=self.num_workers > 0,
             **kw,
         )
 
@@ -233,6 +234,9 @@ class SSLDataModule(pl.LightningDataModule):
             self.seed,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
+            # Spawning the workers again every epoch costs seconds; the sampler (main process)
+            # and the per-sample seeds keep persistent workers exact across epochs and resumes.
+            persistent_workers=self.num_workers > 0,
             collate_fn=self._collate_views,
         )
 
