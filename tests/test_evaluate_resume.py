@@ -366,3 +366,26 @@ def test_autoattack_results_are_stored_per_threat(
     assert sorted(_stamps(Path(cfg.run.dir))) == ["adv/linf_8/autoattack", "adv/linf_8/pgd"]
     assert _numbers(metrics) == _numbers(reference)
     assert "adv/linf_8/autoattack_acc" in metrics
+
+
+def test_unit_store_round_trip_staleness_and_messages(tmp_path: Path) -> None:
+    from ssl_robust.evaluate.store import UnitStore
+
+    folder = tmp_path / "partial"
+    specs = {"shift/fog/1": {"severity": 1}, "shift/fog/2": {"severity": 2}}
+    store = UnitStore(folder, {"seed": 0}, specs, resume=True)
+    assert store.get("shift/fog/1") is None and store.messages() == []
+    logits = torch.randn(3, 10, dtype=torch.float64)
+    store.put("shift/fog/1", {"acc": 0.1 + 0.2}, {"logits": logits})
+    assert (folder / "shift" / "fog" / "1.safetensors").is_file()
+
+    again = UnitStore(folder, {"seed": 0}, specs, resume=True, describe=lambda u: "cells")
+    data, tensors = again.get("shift/fog/1")  # type: ignore[misc]
+    assert data == {"acc": 0.1 + 0.2} and torch.equal(tensors["logits"], logits)  # exact
+    assert again.get("shift/fog/2") is None
+    assert again.messages() == [f"resuming evaluation: 1/2 cells already done in {folder}"]
+
+    other_seed = UnitStore(folder, {"seed": 1}, specs, resume=True)
+    assert other_seed.get("shift/fog/1") is None and other_seed.stale == ["shift/fog/1"]
+    fresh = UnitStore(folder, {"seed": 0}, specs, resume=False)
+    assert fresh.discarded and not folder.exists() and fresh.get("shift/fog/1") is None

@@ -10,10 +10,7 @@ section evaluates the deployed pipeline ``x in [0, 1] -> purifier -> classifier`
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,8 +22,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from ssl_robust.config import ConfigError, save_config, to_dict
@@ -50,6 +45,7 @@ from ssl_robust.evaluate.ood import (
     ood_metrics,
 )
 from ssl_robust.evaluate.report import OOD_SCORES, group_of, log_to_wandb, threat_name, write_report
+from ssl_robust.evaluate.store import UnitStore, file_stamp, weights_sha256
 from ssl_robust.finetune.export import load_classifier
 from ssl_robust.finetune.model import Classifier
 from ssl_robust.launch.trainer import wandb_run_id, write_json
@@ -303,30 +299,6 @@ def _build_purifier(cfg: DictConfig, image_size: int) -> tuple[Purifier | None, 
 
 # Bump when what a stored unit holds changes meaning: every unit stored before is then stale.
 _PARTIAL_FORMAT = 1
-_UNIT_SUFFIX = ".safetensors"
-
-
-def _sha256_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _weights_sha256(module: nn.Module) -> str:
-    """SHA-256 over every parameter and buffer: names, dtypes, shapes and bytes."""
-    h = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-def _file_stamp(path: Path) -> list[int] | None:
-    """Size and modification time of a file that is read, not hashed (None: missing)."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
 
 
 def _fingerprint(
@@ -356,7 +328,7 @@ def _fingerprint(
         purifier = {**settings, **denoiser_desc}
     return {
         "format": _PARTIAL_FORMAT,
-        "weights": _weights_sha256(model),
+        "weights": weights_sha256(model),
         "classifier": clf_meta,
         "purifier": purifier,
         "images": data.hexdigest(),
@@ -419,7 +391,7 @@ def _unit_specs(
         if folder is None:
             source = {"generated": {"batch_size": int(s.batch_size), "params": params_hash()}}
         else:
-            files = [_file_stamp(folder / f"{c}.npy"), _file_stamp(folder / "labels.npy")]
+            files = [file_stamp(folder / f"{c}.npy"), file_stamp(folder / "labels.npy")]
             source = {
                 "folder": str(folder.resolve()),
                 "files": files,
@@ -474,121 +446,6 @@ def _unit_kind(unit: str) -> str:
     if unit.startswith("adv/sanity/"):
         return "sanity-check norms"
     return "AutoAttack threats" if unit.endswith("/autoattack") else "PGD threats"
-
-
-def _read_unit(path: Path) -> tuple[str, dict[str, Any], dict[str, Tensor]] | None:
-    """A stored unit's key, numbers and tensors; None when the file is unreadable."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  # not a dict
-        data = json.loads(meta["data"])
-        key = meta["key"]
-    except (OSError, SafetensorError, KeyError, ValueError):
-        return None
-    return (key, data, tensors) if isinstance(data, dict) else None
-
-
-class _Partial:
-    """The finished units of work of one evaluation, one file each, so that a rerun skips them.
-
-    A unit (see :func:`_unit_specs`) is written to ``<folder>/<unit>.safetensors`` as soon as
-    it is done: its tensors, its numbers as JSON (floats round-trip exactly) and its key, the
-    SHA-256 of the run fingerprint (:func:`_fingerprint`) and the unit's own settings. Files
-    are written to a temp file that is then renamed over the old one (``os.replace``), so a
-    kill mid-write leaves either the old file or the new one. Only units whose key matches are
-    read back; stale ones (another config, data or weights) and unreadable ones are recomputed
-    and their files replaced.
-
-    Args:
-        folder: Where the units live (``<run dir>/partial``).
-        fingerprint: What every unit depends on.
-        specs: The units this run needs, by name, with their own settings.
-        resume: False discards the folder first: everything is recomputed (and stored again).
-    """
-
-    def __init__(
-        self,
-        folder: Path,
-        fingerprint: dict[str, Any],
-        specs: dict[str, dict[str, Any]],
-        resume: bool,
-    ) -> None:
-        self.folder = folder
-        self.keys = {
-            unit: _sha256_json({"run": fingerprint, "unit": unit, "spec": spec})
-            for unit, spec in specs.items()
-        }
-        self.done: dict[str, tuple[dict[str, Any], dict[str, Tensor]]] = {}
-        self.stale: list[str] = []
-        self.unreadable: list[str] = []
-        self.discarded = not resume and folder.exists()
-        if self.discarded:
-            shutil.rmtree(folder)
-        if folder.exists():  # temp files of writes that a kill interrupted
-            for tmp in folder.rglob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
-        for unit, key in self.keys.items():
-            path = self._path(unit)
-            if not path.is_file():
-                continue
-            stored = _read_unit(path)
-            if stored is None:
-                self.unreadable.append(unit)
-            elif stored[0] != key:
-                self.stale.append(unit)
-            else:
-                self.done[unit] = stored[1], stored[2]
-
-    def _path(self, unit: str) -> Path:
-        return self.folder / f"{unit}{_UNIT_SUFFIX}"
-
-    def get(self, unit: str) -> tuple[dict[str, Any], dict[str, Tensor]] | None:
-        """A finished unit's numbers and tensors, or None when it must be computed."""
-        return self.done.get(unit)
-
-    def put(
-        self, unit: str, data: dict[str, Any], tensors: dict[str, Tensor] | None = None
-    ) -> None:
-        """Stores a finished unit atomically."""
-        path = self._path(unit)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        blob = safetensors_bytes(
-            {k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()},
-            metadata={"key": self.keys[unit], "data": json.dumps(data)},
-        )
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-
-    def messages(self) -> list[str]:
-        """What a rerun takes over, ignores or discards, one line each (nothing on a fresh run)."""
-        where = self.folder
-        lines = []
-        if self.discarded:
-            lines.append(f"run.resume=false: discarded the finished units in {where}")
-        if self.done:
-            kinds = list(dict.fromkeys(_unit_kind(u) for u in self.keys))
-            counts = [
-                f"{sum(_unit_kind(u) == k for u in self.done)}/"
-                f"{sum(_unit_kind(u) == k for u in self.keys)} {k}"
-                for k in kinds
-            ]
-            lines.append(f"resuming evaluation: {', '.join(counts)} already done in {where}")
-        for units, why in (
-            (self.stale, "computed with a different config, data or weights"),
-            (self.unreadable, "unreadable"),
-        ):
-            if units:
-                shown = ", ".join(units[:6]) + (", ..." if len(units) > 6 else "")
-                lines.append(
-                    f"ignoring {len(units)} stored unit(s) in {where}, {why}; recomputing and "
-                    f"replacing them: {shown}"
-                )
-        return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -753,7 +610,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         threats=threats,
         stochastic=stochastic,
     )
-    cache = _Partial(run_dir / "partial", fingerprint, specs, resume=bool(cfg.run.resume))
+    cache = UnitStore(
+        run_dir / "partial", fingerprint, specs, resume=bool(cfg.run.resume), describe=_unit_kind
+    )
     for line in cache.messages():
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     model = model.to(device)
@@ -902,7 +761,7 @@ def _shift_section(
     meta: dict[str, Any],
     notes: list[str],
     bar: Progress,
-    cache: _Partial,
+    cache: UnitStore,
 ) -> tuple[Tensor, Tensor]:
     """Accuracy over the corruption grid; returns the pooled highest-severity logits/labels.
 
@@ -1000,7 +859,7 @@ def _adv_section(
     metrics: dict[str, float],
     report: dict[str, Any],
     bar: Progress,
-    cache: _Partial,
+    cache: UnitStore,
 ) -> None:
     """PGD(-EOT), AutoAttack and the sanity checks; one unit of ``cache`` per threat's PGD,
     per threat's AutoAttack and per norm's sanity checks, each reseeding every random stream
