@@ -751,19 +751,25 @@ class BatchViewTransform(nn.Module):
         """``torch.compile`` the view's per-batch work, fusing its ~400 small ops.
 
         On a GPU the batched ops are individually tiny (a CIFAR batch is 1.5M values), so
-        their number, not their arithmetic, sets the cost; the compiler fuses the colour
-        chain into a few kernels. Parameter sampling stays eager (it takes a generator).
+        their number, not their arithmetic, sets the cost; the compiler fuses the parameter
+        maths and the colour chain into a few kernels. Only the uniform draw stays eager (it
+        takes a generator).
         Shapes are static (``dynamic=False``): a new batch size compiles once more.
 
         Args:
             **compile_kwargs: Passed to ``torch.compile`` (e.g. ``mode``).
 
         Returns:
-            ``self``, whose ``forward`` now runs the compiled ``apply_params``.
+            ``self``, whose ``forward`` now runs ``params_from_uniforms`` and
+            ``apply_params`` compiled as one function.
         """
         self.hue_by_index = False  # index_select by a mask has a data-dependent shape
-        self._compiled_apply = torch.compile(self.apply_params, dynamic=False, **compile_kwargs)
+        self._compiled_apply = torch.compile(self._from_uniforms, dynamic=False, **compile_kwargs)
         return self
+
+    def _from_uniforms(self, x: Tensor, u: Tensor) -> Tensor:
+        """The view given the uniform draw: parameters, then their application."""
+        return self.apply_params(x, self.params_from_uniforms(u, x.shape[-2], x.shape[-1]))
 
     def extra_repr(self) -> str:
         return (
@@ -787,11 +793,10 @@ class BatchViewTransform(nn.Module):
             (B, 3, S, S) float32 views, normalised if ``normalize`` was given.
         """
         _check_input(x)
-        batch, _, height, width = x.shape
-        params = self.sample_params(batch, height, width, generator, x.device)
+        u = _uniforms((x.shape[0], _N_UNIFORMS), generator, x.device)  # the only RNG call
         if self._compiled_apply is not None:
-            return self._compiled_apply(x, params)  # type: ignore[no-any-return]
-        return self.apply_params(x, params)
+            return self._compiled_apply(x, u)  # type: ignore[no-any-return]
+        return self._from_uniforms(x, u)
 
     def sample_params(
         self,
@@ -821,7 +826,16 @@ class BatchViewTransform(nn.Module):
             ``randperm``); ``sigma`` (B,) float32 blur std, 0 where not blurred.
         """
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        u = _uniforms((batch, _N_UNIFORMS), generator, dev)
+        return self.params_from_uniforms(
+            _uniforms((batch, _N_UNIFORMS), generator, dev), height, width
+        )
+
+    def params_from_uniforms(self, u: Tensor, height: int, width: int) -> dict[str, Tensor]:
+        """The parameters of ``sample_params`` from its (B, 38) float64 uniform draw ``u``.
+
+        A pure function of ``u`` (no RNG), so that it can be compiled with ``apply_params``.
+        """
+        dev = u.device
         lo = torch.tensor(
             [self.brightness[0], self.contrast[0], self.saturation[0], self.hue[0]],
             dtype=torch.float64,
