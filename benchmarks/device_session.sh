@@ -10,7 +10,9 @@
 #   .data/cifar10-jpeg.tar.gz   the CIFAR-10 ImageFolder archive.
 # Environment:
 #   CALL_S   seconds the whole call may take (default 590, under the tool's 600 s per call);
-#   BENCH_S  limit of the benchmarks (default 150); SKIP_BENCH=1 skips them;
+#   BENCH_S  limit of the benchmarks (default 150); SKIP_BENCH=1 skips them and the GPU tests
+#            that precede them (pytest -m gpu: no host syncs on the view path, GPU = CPU views;
+#            at most TESTS_S, default 150);
 #   TRAIN_S  limit of the training run (default: what is left of CALL_S, less 25 s to copy);
 #            SKIP_TRAIN=1 skips it (a benchmarks-only call);
 #   SMOKE=1  a tiny CPU rehearsal of the same steps: bench --smoke and 1 epoch on the digits.
@@ -39,12 +41,19 @@ export PYTHONPATH="$(pwd):${PYTHONPATH:-}"
 python3 -c "import torch, lightly, diffusers, omegaconf, ssl_robust; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" || exit 1
 command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt"
 
+gpu_tests() {
+    echo "== $(date -Is) GPU tests (pytest -m gpu, limit ${TESTS_S:-150}s)"
+    timeout "${TESTS_S:-150}" python3 -m pytest -q -m gpu -p no:cacheprovider tests
+    echo "GPU tests exit $?"
+}
+
 copy_logs() {
     cp "$RUN/logs/version_0/metrics.csv" "$OUT/metrics.csv" 2>/dev/null
     cp "$RUN/metrics.json" "$OUT/metrics.json" 2>/dev/null
 }
 
 if [ "${SMOKE:-0}" = 1 ]; then
+    gpu_tests
     python3 scripts/bench.py --smoke --json "$OUT/bench.json"
     python3 scripts/pretrain.py trainer.max_epochs=1 data.augment=gpu run.dir="$RUN" \
         trainer.progress_bar=false trainer.limit_train_batches=4
@@ -52,6 +61,7 @@ else
     DATA=/tmp/data
     mkdir -p "$DATA" && tar xzf .data/cifar10-jpeg.tar.gz -C "$DATA" || exit 1
     if [ "${SKIP_BENCH:-0}" != 1 ]; then
+        gpu_tests
         echo "== $(date -Is) benchmarks (limit ${BENCH_S}s)"
         timeout "$BENCH_S" python3 scripts/bench.py --json "$OUT/bench.json"
         echo "benchmarks exit $?"

@@ -45,6 +45,7 @@ def test_device_session_rehearsal_runs_every_benchmark_and_summarises(tmp_path: 
     assert all(r["images_per_s"] > 0 for r in data["purify"])
     log = (out / "session.log").read_text()
     assert "b/a =" in log and "b/c =" in log
+    assert "GPU tests exit 0" in log  # the CUDA-only tests ran (all skipped on a CPU)
     summary = (out / "summary.md").read_text()
     assert f"| b/a (ours / lightly pipeline) | {pre['ratio_ours_vs_lightly']:.2f} |" in summary
     assert "simclr kNN accuracy (last at epoch 1, best)" in summary

@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from ssl_robust.methods import BYOL, METHODS, SimCLR
@@ -209,3 +210,19 @@ def test_compiled_backbone_trains_and_exports_plain_weights(
 
     enc, _ = load_encoder(cfg.run.dir)  # keys without torch.compile's "_orig_mod." prefix
     assert all("_orig_mod" not in k for k in enc.state_dict())
+
+
+def test_probe_step_ignores_unlabeled_images_like_dropping_them() -> None:
+    torch.manual_seed(0)
+    monitor = OnlineMonitor(feat_dim=6, num_classes=3, knn_k=5, knn_t=0.1, probe=True)
+    features = torch.randn(8, 6)
+    labels = torch.tensor([0, -1, 2, 1, -1, 2, 0, -1])
+    loss, acc = monitor.probe_step(features, labels)
+    keep = labels >= 0
+    assert monitor.probe is not None
+    logits = monitor.probe(features[keep])
+    torch.testing.assert_close(loss, F.cross_entropy(logits, labels[keep]))
+    torch.testing.assert_close(acc, (logits.argmax(1) == labels[keep]).float().mean())
+    # Only unlabeled images: no loss and no accuracy, rather than NaN.
+    loss, acc = monitor.probe_step(features, torch.full((8,), -1))
+    assert loss.item() == 0.0 and acc.item() == 0.0

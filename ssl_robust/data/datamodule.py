@@ -207,6 +207,7 @@ class SSLDataModule(pl.LightningDataModule):
         if (self.bank_source.labels < 0).any():
             raise ValueError("the kNN bank needs labeled images; pass the labeled split as bank")
         self._device_images: torch.Tensor | None = None
+        self._views_device: torch.device | None = None
 
     def _loader(self, dataset: Any, batch_size: int, **kw: Any) -> DataLoader:
         return DataLoader(
@@ -288,6 +289,10 @@ class SSLDataModule(pl.LightningDataModule):
             device = labels.device
             generator = torch.Generator(device=device).manual_seed(batch["seed"])
             if self.augment == "gpu":
+                if self._views_device != device:  # buffers (normalisation) next to the images
+                    for t in self.train_transform:  # type: ignore[union-attr]
+                        t.to(device)
+                    self._views_device = device
                 images = self.images_on(device)[batch["index"]]  # (B, C, H, W) uint8
                 views = [t(images, generator=generator) for t in self.train_transform]  # type: ignore[union-attr]
             else:

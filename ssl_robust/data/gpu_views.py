@@ -412,10 +412,6 @@ def _hue_sextant(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return h6, maxc, chroma
 
 
-# Channel offsets of the closed-form HSV -> RGB map below (R, G, B).
-_HSV_OFFSETS = (5.0, 3.0, 1.0)
-
-
 def adjust_hue(x: Tensor, factor: Tensor) -> Tensor:
     """Rotates the hue of each image by ``factor`` turns in HSV space.
 
@@ -433,7 +429,8 @@ def adjust_hue(x: Tensor, factor: Tensor) -> Tensor:
     """
     h6, value, chroma = _hue_sextant(x)  # (B, H, W) each
     shifted = h6 + 6.0 * factor.to(x.dtype).view(-1, 1, 1)
-    n = torch.tensor(_HSV_OFFSETS, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    # (5, 3, 1) made on the device: torch.tensor(list, device=cuda) would be a blocking copy.
+    n = torch.arange(5, 0, -2, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     k = torch.remainder(n + shifted.unsqueeze(1), 6.0)  # (B, 3, H, W)
     part = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return value.unsqueeze(1) - chroma.unsqueeze(1) * part
@@ -835,16 +832,12 @@ class BatchViewTransform(nn.Module):
 
         A pure function of ``u`` (no RNG), so that it can be compiled with ``apply_params``.
         """
-        dev = u.device
-        lo = torch.tensor(
-            [self.brightness[0], self.contrast[0], self.saturation[0], self.hue[0]],
-            dtype=torch.float64,
-            device=dev,
-        )
-        hi = torch.tensor(
-            [self.brightness[1], self.contrast[1], self.saturation[1], self.hue[1]],
-            dtype=torch.float64,
-            device=dev,
+        # Affine maps of uniform columns with Python-float bounds: no host-to-device copy (a
+        # torch.tensor(list, device=cuda) here would block the host on every batch).
+        ranges = (self.brightness, self.contrast, self.saturation, self.hue)
+        factors = torch.stack(
+            [lo + (hi - lo) * u[:, _COL_CJ_FACTORS + k] for k, (lo, hi) in enumerate(ranges)],
+            dim=1,
         )
         sigma_lo, sigma_hi = self.sigmas
         blur = u[:, _COL_BLUR] < self.gaussian_blur
@@ -858,9 +851,7 @@ class BatchViewTransform(nn.Module):
             "rot90": u[:, _COL_ROT] < self.rr_prob,
             "jitter": u[:, _COL_CJ] < self.cj_prob,
             # torchvision ColorJitter: each factor ~ U(range), independently.
-            "jitter_factors": (lo + (hi - lo) * u[:, _COL_CJ_FACTORS : _COL_CJ_FACTORS + 4]).to(
-                torch.float32
-            ),
+            "jitter_factors": factors.to(torch.float32),
             # The argsort of iid uniforms is a uniform random permutation, like randperm(4).
             "jitter_order": u[:, _COL_CJ_ORDER : _COL_CJ_ORDER + 4].argsort(dim=1),
             "gray": u[:, _COL_GRAY] < self.random_gray_scale,

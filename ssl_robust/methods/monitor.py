@@ -71,13 +71,14 @@ class OnlineMonitor(nn.Module):
         if self.probe is None:
             zero = features.new_zeros(())
             return zero, zero
-        keep = labels >= 0
-        logits = self.probe(features.detach()[keep])  # detach: no gradient into the encoder
-        if logits.shape[0] == 0:
-            zero = features.new_zeros(())
-            return zero, zero
-        loss = F.cross_entropy(logits, labels[keep])
-        acc = (logits.argmax(1) == labels[keep]).float().mean()
+        # Masked means rather than boolean indexing, whose data-dependent shape would make the
+        # host wait for the device on every training step.
+        keep = (labels >= 0).float()
+        n = keep.sum().clamp(min=1.0)
+        logits = self.probe(features.detach())  # detach: no gradient into the encoder
+        per_sample = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+        loss = (per_sample * keep).sum() / n
+        acc = ((logits.argmax(1) == labels).float() * keep).sum() / n
         return loss, acc
 
     def reset_bank(self) -> None:
