@@ -19,47 +19,21 @@ from ssl_robust.config import ConfigError, EvaluateConfig, load_config
 from ssl_robust.data.datasets import build_splits
 from ssl_robust.evaluate.cifar_c import write_cifar_c
 from ssl_robust.evaluate.report import describe_metric, expected_metric_keys
-from ssl_robust.finetune.export import save_classifier
-from ssl_robust.finetune.model import Classifier
-from ssl_robust.models.backbones import build_backbone
-from ssl_robust.models.export import EncoderMeta
 from ssl_robust.pipelines.evaluate import evaluate
-from ssl_robust.purify.unet import build_unet, make_scheduler, save_denoiser
+from tests.eval_runs import DATA, tiny_denoiser, train_digits_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = {"name": "digits", "root": "data", "image_size": 8, "val_fraction": 0.2, "seed": 0}
 GRID = ["impulse_noise", "contrast"]  # the tiny preset's grid, severities 1 and 5
 
 
 @pytest.fixture(scope="module")
 def classifier_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A digits classifier trained for a few seconds (~95% val accuracy), exported."""
-    torch.manual_seed(0)
-    splits = build_splits(**DATA)
-    x = torch.from_numpy(splits.train.images).permute(0, 3, 1, 2).float() / 255
-    y = torch.from_numpy(splits.train.labels)
-    enc = build_backbone("convnet", 4)
-    clf = Classifier(enc, 10, splits.info.mean, splits.info.std)
-    opt = torch.optim.Adam(clf.parameters(), lr=1e-2)
-    for _ in range(120):
-        idx = torch.randint(0, len(y), (128,))
-        loss = torch.nn.functional.cross_entropy(clf(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    folder = tmp_path_factory.mktemp("finetune-digits")
-    meta = EncoderMeta("convnet", 4, enc.feat_dim, 8, splits.info.mean, splits.info.std, 10)
-    data = {**DATA, "mean": splits.info.mean, "std": splits.info.std, "download": False}
-    save_classifier(clf.eval(), meta, folder, classes=splits.train.classes, data=data)
-    return folder
+    return train_digits_classifier(tmp_path_factory.mktemp("finetune-digits"), steps=120)
 
 
 @pytest.fixture(scope="module")
 def denoiser_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("denoiser")
-    save_denoiser(build_unet("tiny", sample_size=8), make_scheduler(), folder)
-    return folder
+    return tiny_denoiser(tmp_path_factory.mktemp("denoiser"))
 
 
 @pytest.fixture
