@@ -276,3 +276,28 @@ def test_torchrun_two_nodes_on_loopback(tmp_path: Path) -> None:
     ]
     assert [len(shard) for shard in shards] == [64, 64]
     assert not set(shards[0]) & set(shards[1])
+
+
+@pytest.mark.parametrize(("world", "expected"), [(1, 25), (2, 2)])
+def test_requeue_check_collective_runs_every_n_batches_across_ranks(
+    world: int, expected: int
+) -> None:
+    from types import SimpleNamespace
+
+    from ssl_robust.launch.distributed import SlurmRequeue
+
+    calls: list[bool] = []
+
+    def reduce_boolean_decision(decision: bool, all: bool = True) -> bool:
+        calls.append(decision)
+        return False
+
+    trainer = SimpleNamespace(
+        world_size=world, strategy=SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision)
+    )
+    callback = SlurmRequeue(every_n_batches=10)
+    for i in range(25):
+        callback.on_train_batch_end(trainer, None, None, None, i)  # type: ignore[arg-type]
+    assert len(calls) == expected  # one rank: every batch; several: batches 10 and 20
+    with pytest.raises(ValueError, match="every_n_batches must be >= 1"):
+        SlurmRequeue(every_n_batches=0)

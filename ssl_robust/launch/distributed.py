@@ -207,21 +207,27 @@ class SlurmRequeue(pl.Callback):
 
     With ``#SBATCH --signal=SIGUSR1@90 --requeue`` SLURM sends the signal 90 s before the time
     limit (``scancel --signal=USR1 JOBID`` does it by hand). The handler only records the
-    request; at the end of the next training step every rank agrees on it (one boolean
-    all-reduce), ``hpc_ckpt_N.ckpt`` is written into ``default_root_dir`` (the run directory)
-    by the usual collective ``save_checkpoint``, rank zero calls ``scontrol requeue`` and the
-    run stops. The requeued job reruns the same command, and the pipeline resumes from the
-    newest of ``last.ckpt`` and ``hpc_ckpt_*.ckpt`` in the run directory.
+    request; at the end of a training step every rank agrees on it (one boolean all-reduce,
+    every ``every_n_batches`` batches when there are several ranks: the reduction makes the
+    host wait for the device, so doing it every step would cost throughput; one rank checks
+    every batch, for free), ``hpc_ckpt_N.ckpt`` is written into ``default_root_dir`` (the run
+    directory) by the usual collective ``save_checkpoint``, rank zero calls ``scontrol
+    requeue`` and the run stops. The requeued job reruns the same command, and the pipeline
+    resumes from the newest of ``last.ckpt`` and ``hpc_ckpt_*.ckpt`` in the run directory.
 
     The handler is installed when ``fit`` starts; a signal that arrives earlier (imports, data
     loading) gets SIGUSR1's default action, which ends the job, so the signal lead must exceed
     the job's start-up time.
     """
 
-    def __init__(self, signum: int = signal.SIGUSR1) -> None:
+    def __init__(self, signum: int = signal.SIGUSR1, every_n_batches: int = 10) -> None:
+        if every_n_batches < 1:
+            raise ValueError(f"every_n_batches must be >= 1, got {every_n_batches}")
         self.signum = signum
+        self.every_n_batches = every_n_batches
         self.requested = False
         self._previous: Any = None
+        self._batches = 0  # the same count on every rank: all of them check on the same batch
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         self.requested = True
@@ -243,7 +249,10 @@ class SlurmRequeue(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        # One tiny collective per step keeps the ranks in agreement about when to stop.
+        self._batches += 1
+        if trainer.world_size > 1 and self._batches % self.every_n_batches:
+            return
+        # One tiny collective keeps the ranks in agreement about when to stop.
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         path = trainer.strategy.broadcast(next_hpc_checkpoint(Path(trainer.default_root_dir)))
