@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ssl_robust.evaluate import corruptions as C
 from ssl_robust.evaluate.corruptions import (
@@ -601,3 +602,19 @@ def test_cuda_matches_cpu_for_a_cpu_generator(images: torch.Tensor, name: str) -
         # float reduction order differs; glass/snow quantise to uint8 levels internally
         atol = 1.5 / 255 if name in ("glass_blur", "snow", "jpeg_compression") else 1e-4
         assert (cuda - cpu).abs().max() <= atol, (cuda - cpu).abs().max()
+
+
+@pytest.mark.parametrize("name", ["defocus_blur", "gaussian_blur"])
+def test_small_images_are_blurred_as_seen_at_32_px(name: str) -> None:
+    # At 16 px the scaled kernels would fall under a pixel (defocus used to be a no-op):
+    # the blur is the 32-px blur of the pixel-replicated image, area-averaged back.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 16, 16, generator=gen)
+    changes = []
+    for sev in C.SEVERITIES:
+        out = corrupt(x, name, sev)
+        big = F.interpolate(x, size=(32, 32), mode="nearest")
+        ref = F.interpolate(corrupt(big, name, sev), size=(16, 16), mode="area")
+        torch.testing.assert_close(out, ref.clamp(0, 1))
+        changes.append(float((out - x).abs().mean()))
+    assert changes[0] > 1e-3 and all(a < b for a, b in itertools.pairwise(changes))

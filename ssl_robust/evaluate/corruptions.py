@@ -17,7 +17,11 @@ sigmas, pixel-shuffle distance, displacement amplitudes) are multiplied by
 pixelate factors and JPEG qualities are unchanged. ``severity_params`` applies this rule
 to the table; the two sizes not in the table follow the image in place: the fog plasma
 map is the next power of two >= max(H, W) (32 at 32 px, cropped to the image), and the
-frost texture's feature sizes scale with ``spatial_scale``.
+frost texture's feature sizes scale with ``spatial_scale``. Below 32 px, the two blurs built
+on small sampled Gaussians (defocus, Gaussian blur) would shrink to less than a pixel and
+vanish (defocus at 16 px changes nothing); they are rendered at 32 px instead (pixel
+replication, the 32-px corruption, area downsampling), which keeps their extent relative to
+the image.
 
 Deliberate differences from ``make_cifar_c.py`` are stated in each function; the
 largest is frost, whose photographic frost textures are replaced by procedural ones.
@@ -514,12 +518,26 @@ def speckle_noise(x: Tensor, severity: int, generator: torch.Generator | None = 
     return _finish(x + x * c * _randn(tuple(x.shape), generator, x.device))
 
 
+def _rendered_at_reference_size(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``fn`` applied to images smaller than 32 px as seen at 32 px: pixel-replicating
+    upsampling to a 32-px short side, ``fn``, area downsampling back to the input size. With
+    an integer factor (16 -> 32) the round trip alone is the identity, so what changes the
+    image is ``fn`` only."""
+    height, width = x.shape[-2:]
+    factor = 32 / min(height, width)
+    size = (round(height * factor), round(width * factor))
+    big = F.interpolate(x, size=size, mode="nearest-exact")
+    return F.interpolate(fn(big), size=(height, width), mode="area")
+
+
 def defocus_blur(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
     """Correlation with an anti-aliased disk (cv2.filter2D, reflect-101 border).
 
     At 32 px the disks of severities 1-3 (radius < 1) are a single pixel, so those
     severities are 3 x 3 Gaussians of sigma .4/.5/.6; 4 is a 5-pixel cross, 5 a 3 x 3 box.
     """
+    if spatial_scale(x.shape[-2], x.shape[-1]) < 1.0:
+        return _finish(_rendered_at_reference_size(lambda big: defocus_blur(big, severity), x))
     x, (radius, alias) = _prepare(x, "defocus_blur", severity)
     return _finish(_filter2d(x, _disk_kernel(float(radius), float(alias)), "reflect101"))
 
@@ -872,7 +890,10 @@ def jpeg_compression(x: Tensor, severity: int, generator: torch.Generator | None
 
 
 def gaussian_blur(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
-    """skimage Gaussian blur (edge replicated, truncated at 4 sigma)."""
+    """skimage Gaussian blur (edge replicated, truncated at 4 sigma); rendered at 32 px below
+    that size, like ``defocus_blur``."""
+    if spatial_scale(x.shape[-2], x.shape[-1]) < 1.0:
+        return _finish(_rendered_at_reference_size(lambda big: gaussian_blur(big, severity), x))
     x, (sigma,) = _prepare(x, "gaussian_blur", severity)
     return _finish(_gaussian_blur(x, float(sigma)))
 
