@@ -412,6 +412,26 @@ def test_autoattack_on_deterministic_model(trained, norm, eps):
     assert acc_of(model, x_aa, y) <= acc_of(model, x_pgd, y) + 0.02
 
 
+def test_autoattack_keeps_the_installed_tracer(trained):
+    # pyautoattack's dynamic-defence check ends with sys.settrace(None), which would switch
+    # off coverage or a debugger for the rest of the process.
+    pytest.importorskip("pyautoattack")
+    model, x, y = trained
+
+    def tracer(frame, event, arg):  # a do-nothing global tracer
+        return None
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        attacks_mod.autoattack(
+            model, x[:16], y[:16], "linf", 0.1, version="custom", attacks=["apgd-ce"]
+        )
+        assert sys.gettrace() is tracer
+    finally:
+        sys.settrace(previous)
+
+
 def test_autoattack_refuses_stochastic_pipeline(trained):
     pytest.importorskip("pyautoattack")
     model, x, y = trained

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -616,7 +617,13 @@ def autoattack(
     if norm == "l2" and min(x.shape[-2:]) < 5:
         unusable.add("square")
     adversary.attacks_to_run = [a for a in adversary.attacks_to_run if a not in unusable]
-    x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+    # pyautoattack's dynamic-defence check calls sys.settrace(None), which would switch off
+    # whatever tracer was installed (coverage, a debugger): put it back afterwards.
+    tracer = sys.gettrace()
+    try:
+        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=batch_size)
+    finally:
+        sys.settrace(tracer)
     return x_adv.detach()
 
 
