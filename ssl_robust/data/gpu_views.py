@@ -265,9 +265,9 @@ def _resized_crop_antialiased(
 
     The crop, the antialiased resize and both flips are in the two (B, S, H) and (B, S, W)
     weight matrices (a flip reverses the rows of one of them); the 90° rotation is a transpose
-    of the result. Cost is O(S * (H + W)) per pixel row instead of ``grid_sample``'s O(1)
-    taps, which is negligible on a GPU and the reason the upscaling-only case (CIFAR) keeps
-    ``grid_sample`` on the CPU.
+    of the result. Dense weights cost O(H + W) multiply-adds per output pixel instead of
+    ``grid_sample``'s 4 taps: negligible on a GPU, several times ``grid_sample`` on a CPU,
+    which is why crops that can only be upscaled (CIFAR) keep ``grid_sample``.
     """
     top, left, h, w = params.unbind(dim=1)
     ry = resample_weights(top, h, x.shape[-2], size)  # (B, S, H)
