@@ -146,6 +146,7 @@ def bench_pretrain(
 ) -> dict[str, Any]:
     """Images/s of (a) the lightly pipeline, (b) ours, (c) the floor, eager and compiled."""
     dev = torch.device(device)
+    torch.backends.cudnn.benchmark = True  # as training runs (trainer.cudnn_benchmark)
     imgs = images if images is not None else synthetic_images(n_images, image_size)
     source = ArraySource(imgs, np.zeros(len(imgs), dtype=np.int64), [str(i) for i in range(10)])
     params = ViewParams(

@@ -80,3 +80,24 @@ def test_epoch_throughput_counts_samples_and_excludes_validation(tmp_path: Path)
         # The epoch includes the sleeping validation; the throughput does not.
         assert epoch_s - train_s >= val_batches * sleep_s * 0.95
         assert train_s < val_batches * sleep_s
+
+
+@pytest.mark.parametrize(
+    ("cudnn_benchmark", "deterministic", "expected"),
+    [(True, False, True), (False, False, False), (True, True, False)],
+)
+def test_trainer_sets_cudnn_autotuning_unless_deterministic(
+    cudnn_benchmark: bool, deterministic: bool, expected: bool, tmp_path: Path
+) -> None:
+    from ssl_robust.config.common import TrainerConfig
+    from ssl_robust.launch.trainer import build_trainer
+
+    saved = torch.backends.cudnn.benchmark
+    try:
+        tcfg = TrainerConfig(
+            accelerator="cpu", cudnn_benchmark=cudnn_benchmark, deterministic=deterministic
+        )
+        build_trainer(tcfg, tmp_path, loggers=[], callbacks=[])  # type: ignore[arg-type]
+        assert torch.backends.cudnn.benchmark is expected
+    finally:
+        torch.backends.cudnn.benchmark = saved

@@ -123,6 +123,9 @@ class TrainerConfig:
     limit_train_batches: float = 1.0
     limit_val_batches: float = 1.0
     deterministic: bool = False
+    # cuDNN picks the fastest convolution algorithms for each input shape (fixed-size batches
+    # gain); off under deterministic=true, whose algorithms it would override.
+    cudnn_benchmark: bool = True
     progress_bar: bool = True
     fast_dev_run: bool = False
 

@@ -200,6 +200,7 @@ def build_trainer(
         limit_train_batches=tcfg.limit_train_batches,
         limit_val_batches=tcfg.limit_val_batches,
         deterministic=tcfg.deterministic,
+        benchmark=tcfg.cudnn_benchmark and not tcfg.deterministic,
         fast_dev_run=tcfg.fast_dev_run,
         check_val_every_n_epoch=check_val_every_n_epoch,
         enable_progress_bar=tcfg.progress_bar,
