@@ -108,6 +108,27 @@ def test_unreadable_image_raises_or_skips_with_count(
     assert "Skipped 1 unreadable image file" in capsys.readouterr().out
 
 
+def test_process_pool_reads_like_one_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ssl_robust.data import datasets
+
+    root = _tree(tmp_path / "t", {"a": 30, "b": 30})
+    (root / "a" / "00_broken.png").write_bytes(b"not an image")  # first file of class a
+    (root / "b" / "zz_broken.png").write_bytes(b"not an image either")
+    serial = load_image_folder(root, 0, True, skip_bad=True)
+    monkeypatch.setattr(datasets, "_PARALLEL_MIN_FILES", 8)  # 62 files: the pool reads them
+    monkeypatch.setattr(datasets.os, "cpu_count", lambda: 2)
+    pooled = load_image_folder(root, 0, True, skip_bad=True)
+    assert isinstance(pooled, ArraySource) and isinstance(serial, ArraySource)
+    assert np.array_equal(pooled.images, serial.images)
+    assert np.array_equal(pooled.labels, serial.labels) and len(pooled) == 60
+    assert capsys.readouterr().out.count("Skipped 2 unreadable image file(s)") == 2
+    # The first unreadable file in file order is the one reported.
+    with pytest.raises(DataError, match=r"cannot read image file '.*00_broken.png'"):
+        load_image_folder(root, 0, True, skip_bad=False)
+
+
 def test_grayscale_images_become_rgb_and_cache_is_reused(tmp_path: Path) -> None:
     root = _tree(tmp_path / "t", {"a": 2, "b": 2}, size=10, mode="L")
     cache = tmp_path / "cache"
