@@ -12,7 +12,7 @@ import torch
 import ssl_robust
 from ssl_robust.evaluate import cifar_c
 from ssl_robust.evaluate.cifar_c import available_corruptions, load_cifar_c, write_cifar_c
-from ssl_robust.evaluate.corruptions import corrupt
+from ssl_robust.evaluate.corruptions import corrupt, load_frost_textures
 
 N = 6
 NAMES = ["gaussian_noise", "contrast", "fog"]
@@ -105,9 +105,9 @@ def test_resume_skips_finished_corruptions(
     calls: list[str] = []
     real = cifar_c.corrupt
 
-    def counting(x: torch.Tensor, name: str, severity: int, generator=None):  # type: ignore[no-untyped-def]
+    def counting(x: torch.Tensor, name: str, severity: int, generator=None, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(name)
-        return real(x, name, severity, generator=generator)
+        return real(x, name, severity, generator=generator, **kwargs)
 
     monkeypatch.setattr(cifar_c, "corrupt", counting)
     write_cifar_c(tmp_path, images, labels, corruptions=["contrast", "fog"], seed=0)
@@ -128,10 +128,10 @@ def test_interrupted_generation_resumes(
     images, labels = data
     real = cifar_c.corrupt
 
-    def failing(x: torch.Tensor, name: str, severity: int, generator=None):  # type: ignore[no-untyped-def]
+    def failing(x: torch.Tensor, name: str, severity: int, generator=None, **kwargs):  # type: ignore[no-untyped-def]
         if name == "fog" and severity == 3:
             raise KeyboardInterrupt
-        return real(x, name, severity, generator=generator)
+        return real(x, name, severity, generator=generator, **kwargs)
 
     monkeypatch.setattr(cifar_c, "corrupt", failing)
     with pytest.raises(KeyboardInterrupt):
@@ -197,3 +197,60 @@ def test_missing_things_are_named(tmp_path: Path, written: Path) -> None:
 def test_progress_bar_runs(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
     write_cifar_c(tmp_path, *data, corruptions=["brightness"], progress=True)
     assert load_cifar_c(tmp_path, "brightness", 5)[0].shape == (N, 32, 32, 3)
+
+
+def _frost_photos(folder: Path, seed: int = 0) -> Path:
+    """Five random 200 x 200 "photographs" frost1..frost5.png (40 x 40 after the 0.2 resize)."""
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(1, 6):
+        photo = rng.integers(0, 256, (200, 200, 3)).astype(np.uint8)
+        Image.fromarray(photo).save(folder / f"frost{i}.png")
+    return folder
+
+
+def test_frost_textures_are_part_of_the_cache_identity(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray]
+) -> None:
+    images, labels = data
+    photos = _frost_photos(tmp_path / "photos")
+    procedural = write_cifar_c(tmp_path / "proc", images, labels, corruptions=["frost"])
+    manifest = json.loads((procedural / "manifest.json").read_text())
+    assert manifest["frost_textures"] == "procedural" and "frost_folder" not in manifest
+    with pytest.raises(ValueError, match="frost_textures"):
+        write_cifar_c(procedural, images, labels, corruptions=["frost"], frost_textures=str(photos))
+
+    folder = write_cifar_c(
+        tmp_path / "photo", images, labels, corruptions=["frost"], frost_textures=str(photos)
+    )
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["frost_textures"].startswith("photographs sha256:")
+    assert manifest["frost_folder"] == str(photos)
+    arr = np.load(folder / "frost.npy")
+    assert not np.array_equal(arr, np.load(procedural / "frost.npy"))
+    textures = load_frost_textures(str(photos))
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    for severity in range(1, 6):
+        g = torch.Generator().manual_seed(cifar_c._corruption_seed(0, "frost", severity))
+        y = corrupt(x, "frost", severity, g, frost_textures=textures)
+        expected = torch.round(y * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        np.testing.assert_array_equal(arr[(severity - 1) * N : severity * N], expected)
+
+    # The same photographs in another folder are the same source: the cache is reused.
+    copy = _frost_photos(tmp_path / "copy")
+    write_cifar_c(folder, images, labels, corruptions=["frost"], frost_textures=str(copy))
+    other = _frost_photos(tmp_path / "other", seed=1)
+    with pytest.raises(ValueError, match="frost_textures"):
+        write_cifar_c(folder, images, labels, corruptions=["frost"], frost_textures=str(other))
+    # A manifest written before the frost source was recorded is a procedural cache.
+    path = procedural / "manifest.json"
+    old = json.loads(path.read_text())
+    del old["frost_textures"]
+    path.write_text(json.dumps(old))
+    write_cifar_c(procedural, images, labels, corruptions=["frost"])
+    # A bad source fails before anything is written.
+    with pytest.raises(ValueError, match="unknown frost texture source"):
+        write_cifar_c(tmp_path / "new", images, labels, frost_textures=str(tmp_path / "nope"))
+    assert not (tmp_path / "new").exists()

@@ -133,3 +133,11 @@ def test_evaluation_default_grid_is_the_corruption_registry() -> None:
     from ssl_robust.evaluate.corruptions import CORRUPTIONS
 
     assert list(CORRUPTIONS) == BENCHMARK_CORRUPTIONS
+
+
+def test_evaluation_frost_source_defaults_to_procedural() -> None:
+    from ssl_robust.config import EvaluateConfig
+
+    assert load_config(EvaluateConfig, [], job="evaluate").shift.frost == "procedural"
+    cfg = load_config(EvaluateConfig, ["shift.frost=package"], job="evaluate")
+    assert cfg.shift.frost == "package"

@@ -7,6 +7,7 @@ import colorsys
 import itertools
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -618,3 +619,230 @@ def test_small_images_are_blurred_as_seen_at_32_px(name: str) -> None:
         torch.testing.assert_close(out, ref.clamp(0, 1))
         changes.append(float((out - x).abs().mean()))
     assert changes[0] > 1e-3 and all(a < b for a, b in itertools.pairwise(changes))
+
+
+# ----------------------------------------------------------------------------- frost photographs
+
+FROST_COEFS = [(1, 0.2), (1, 0.3), (0.9, 0.4), (0.85, 0.4), (0.75, 0.45)]  # make_cifar_c.py
+
+
+def _write_frost_photos(
+    folder: Path, sizes: list[tuple[int, int]], jpeg: bool = False, seed: int = 0
+) -> list[np.ndarray]:
+    """Random smooth "photographs" frost1..frost5 in ``folder`` (frost4 and frost5 as JPEG
+    when ``jpeg``, as in the package); returns them as read back, RGB (H, W, 3) uint8."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    photos = []
+    for i, (h, w) in enumerate(sizes, start=1):
+        coarse = rng.integers(0, 256, (h // 8 + 2, w // 8 + 2, 3)).astype(np.uint8)
+        big = Image.fromarray(coarse).resize((w, h), Image.BILINEAR)
+        noisy = np.asarray(big).astype(int) + rng.integers(-20, 21, (h, w, 3))
+        path = folder / (f"frost{i}.jpg" if jpeg and i >= 4 else f"frost{i}.png")
+        Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).save(path)
+        with Image.open(path) as image:
+            photos.append(np.asarray(image.convert("RGB")))
+    return photos
+
+
+def _cv2_resize_reference(img: np.ndarray, f: float) -> np.ndarray:
+    """cv2.resize(img, (0, 0), fx=f, fy=f) with INTER_LINEAR, written out: output size
+    round(n * f), source position (d + 0.5) / f - 0.5, two taps, edge pixel alone outside,
+    rounded half up to uint8."""
+    h, w = img.shape[:2]
+    out = np.empty((round(h * f), round(w * f), 3))
+    for dy in range(out.shape[0]):
+        for dx in range(out.shape[1]):
+            taps = []
+            for d, n in ((dy, h), (dx, w)):
+                pos = (d + 0.5) / f - 0.5
+                i0 = math.floor(pos)
+                t = pos - i0
+                if i0 < 0 or i0 >= n - 1:
+                    i0, t = min(max(i0, 0), n - 1), 0.0
+                taps.append((i0, min(i0 + 1, n - 1), t))
+            (y0, y1, ty), (x0, x1, tx) = taps
+            top = (1 - tx) * img[y0, x0].astype(float) + tx * img[y0, x1]
+            bottom = (1 - tx) * img[y1, x0].astype(float) + tx * img[y1, x1]
+            out[dy, dx] = (1 - ty) * top + ty * bottom
+    return np.floor(out + 0.5).astype(np.uint8)
+
+
+def _make_cifar_c_frost(
+    x: np.ndarray, severity: int, photo_bgr: np.ndarray, x_start: int, y_start: int, f: float
+) -> np.ndarray:
+    """make_cifar_c.py's frost on one uint8-range image (H, W, 3), the draws given."""
+    c = FROST_COEFS[severity - 1]
+    frost = _cv2_resize_reference(photo_bgr, f)
+    h, w = x.shape[:2]
+    frost = frost[x_start : x_start + h, y_start : y_start + w][..., [2, 1, 0]]
+    return np.clip(c[0] * np.array(x) + c[1] * frost, 0, 255)
+
+
+# 0.2 x these sizes: (44, 60), (41, 52), (48, 42), (52, 46), (42, 56); 0.25 x: all > 48 x 40.
+PHOTO_SIZES = [(220, 300), (205, 260), (240, 210), (260, 230), (210, 280)]
+
+
+@pytest.mark.parametrize(("h", "w"), [(32, 32), (48, 40)])
+def test_photo_frost_matches_make_cifar_c(tmp_path: Path, h: int, w: int) -> None:
+    photos = _write_frost_photos(tmp_path, PHOTO_SIZES, jpeg=True)
+    textures = C.load_frost_textures(str(tmp_path))
+    for texture, photo in zip(textures, photos):
+        np.testing.assert_array_equal(texture.permute(1, 2, 0).numpy(), photo)
+    f = 0.2 * C.spatial_scale(h, w)
+    b = 6
+    x = synthetic_images(b, h, w)
+    for severity in (1, 3, 5):
+        out = corrupt(x, "frost", severity, gen(11), frost_textures=textures).double().numpy()
+        # The draws: a photograph per image, then row and column offsets per image.
+        g = gen(11)
+        which = torch.randint(0, 5, (b,), generator=g).tolist()
+        u = torch.rand((b, 2), generator=g).double().numpy()
+        for i in range(b):
+            photo_bgr = photos[which[i]][..., ::-1]  # as cv2.imread returns it
+            size = (round(photo_bgr.shape[0] * f), round(photo_bgr.shape[1] * f))
+            x_start, y_start = int(u[i, 0] * (size[0] - h)), int(u[i, 1] * (size[1] - w))
+            img = x[i].permute(1, 2, 0).double().numpy() * 255
+            ref = _make_cifar_c_frost(img, severity, photo_bgr, x_start, y_start, f)
+            np.testing.assert_allclose(out[i].transpose(1, 2, 0), ref / 255, atol=1e-5)
+
+
+def test_photo_frost_draws_every_photo_and_every_offset(tmp_path: Path) -> None:
+    # Photograph k holds (row // 5, column // 5, 40 k + 1): after the 0.2 resize (which reads
+    # source pixel 5 d + 2) a crop tells its photograph and offsets.
+    from PIL import Image
+
+    sizes = [(200, 300), (180, 240), (170, 175), (250, 200), (190, 260)]
+    for k, (h, w) in enumerate(sizes):
+        rr, cc = np.mgrid[0:h, 0:w]
+        photo = np.stack((rr // 5, cc // 5, np.full_like(rr, 40 * k + 1)), -1).astype(np.uint8)
+        Image.fromarray(photo).save(tmp_path / f"frost{k + 1}.png")
+    textures = C.load_frost_textures(str(tmp_path))
+    b = 2000
+    out = corrupt(torch.zeros(b, 3, 32, 32), "frost", 1, gen(3), frost_textures=textures)
+    tex = torch.round(out * 255 / 0.2).long()  # (B, 3, 32, 32), a = 1 and x = 0
+    k = (tex[:, 2, 0, 0] - 1) // 40
+    assert sorted(k.unique().tolist()) == [0, 1, 2, 3, 4]
+    counts = torch.bincount(k, minlength=5)
+    assert counts.min() > 0.15 * b and counts.max() < 0.25 * b  # uniform: 400 each
+    rows, cols = tex[:, 0, 0, 0], tex[:, 1, 0, 0]
+    ar = torch.arange(32)
+    assert torch.equal(tex[:, 0], (rows[:, None] + ar)[:, :, None].expand(b, 32, 32))
+    assert torch.equal(tex[:, 1], (cols[:, None] + ar)[:, None, :].expand(b, 32, 32))
+    assert torch.equal(tex[:, 2], (40 * k + 1)[:, None, None].expand(b, 32, 32))
+    for j, (h, w) in enumerate(sizes):
+        # randint(0, size - 32): every offset in [0, size - 33] occurs, and none beyond.
+        span_rows, span_cols = round(0.2 * h) - 32, round(0.2 * w) - 32
+        assert sorted(rows[k == j].unique().tolist()) == list(range(span_rows))
+        assert sorted(cols[k == j].unique().tolist()) == list(range(span_cols))
+
+
+def test_photo_frost_is_seeded_and_other_corruptions_ignore_textures(tmp_path: Path) -> None:
+    textures = C.load_frost_textures(str(_photo_folder(tmp_path)))
+    x = synthetic_images()
+    out = corrupt(x, "frost", 4, gen(0), frost_textures=textures)
+    torch.testing.assert_close(corrupt(x, "frost", 4, gen(0), frost_textures=textures), out)
+    assert not torch.equal(corrupt(x, "frost", 4, gen(1), frost_textures=textures), out)
+    assert not torch.equal(corrupt(x, "frost", 4, gen(0)), out)  # procedural differs
+    torch.testing.assert_close(corrupt(x, "frost", 4, gen(0)), C.frost(x, 4, gen(0)))
+    fog = corrupt(x, "fog", 2, gen(0), frost_textures=textures)
+    torch.testing.assert_close(fog, corrupt(x, "fog", 2, gen(0)), rtol=0, atol=0)
+
+
+def _photo_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _write_frost_photos(folder, PHOTO_SIZES)
+    return folder
+
+
+def test_frost_texture_sources_fail_clearly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    _write_frost_photos(partial, PHOTO_SIZES[:2])
+    with pytest.raises(FileNotFoundError, match=r"lacks frost3 .*, frost4 .*, frost5 "):
+        C.load_frost_textures(str(partial))
+    with pytest.raises(ValueError, match=r"unknown frost texture source.*'procedural', 'package'"):
+        C.load_frost_textures(str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="procedural"):
+        C.load_frost_textures("procedural")
+    real = C.importlib.util.find_spec
+    monkeypatch.setattr(
+        C.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "imagecorruptions" else real(name, *a),
+    )
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[bench\]"'):
+        C.frost_texture_folder("package")
+    x = synthetic_images(2)
+    small = (torch.zeros(3, 100, 100, dtype=torch.uint8),)  # 20 x 20 after the resize
+    with pytest.raises(ValueError, match="too small"):
+        corrupt(x, "frost", 1, frost_textures=small)
+    with pytest.raises(ValueError, match="uint8"):
+        corrupt(x, "frost", 1, frost_textures=(torch.zeros(3, 300, 300),))
+
+
+def test_frost_from_the_package_is_make_cifar_c_frost() -> None:
+    pytest.importorskip("imagecorruptions")
+    textures = C.load_frost_textures("package")
+    assert C.frost_texture_folder("package").name == "frost"
+    assert [tuple(t.shape) for t in textures] == [
+        (3, 600, 900),
+        (3, 315, 560),
+        (3, 315, 560),
+        (3, 350, 527),
+        (3, 495, 660),
+    ]
+    x = grey(0.3, b=16)
+    for severity, (a, coef) in enumerate(PARAMS["frost"], start=1):
+        out = corrupt(x, "frost", severity, gen(severity), frost_textures=textures)
+        texture = (out - a * x) / coef
+        assert texture.min() >= -1e-5 and texture.max() <= 1 + 1e-5
+        mean_rgb = texture.mean((0, 2, 3))
+        assert mean_rgb[2] >= mean_rgb[1] >= mean_rgb[0]  # the photographs are bluish
+    # With OpenCV (the bench extra pulls it in), the original code path itself.
+    cv2 = pytest.importorskip("cv2")
+    folder = C.frost_texture_folder("package")
+    x = synthetic_images(8)
+    out = corrupt(x, "frost", 5, gen(5), frost_textures=textures).double().numpy()
+    g = gen(5)
+    which = torch.randint(0, 5, (8,), generator=g).tolist()
+    u = torch.rand((8, 2), generator=g).double().numpy()
+    names = ["frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg"]
+    for i in range(8):
+        frost = cv2.imread(str(folder / names[which[i]]))
+        frost = cv2.resize(frost, (0, 0), fx=0.2, fy=0.2)
+        x_start = int(u[i, 0] * (frost.shape[0] - 32))
+        y_start = int(u[i, 1] * (frost.shape[1] - 32))
+        frost = frost[x_start : x_start + 32, y_start : y_start + 32][..., [2, 1, 0]]
+        img = x[i].permute(1, 2, 0).double().numpy() * 255
+        ref = np.clip(0.75 * img + 0.45 * frost, 0, 255)
+        np.testing.assert_allclose(out[i].transpose(1, 2, 0), ref / 255, atol=1e-5)
+
+
+def test_photo_resize_equals_cv2(tmp_path: Path) -> None:
+    cv2 = pytest.importorskip("cv2")
+    photo = _write_frost_photos(tmp_path, PHOTO_SIZES)[0]
+    texture = torch.from_numpy(photo.copy()).permute(2, 0, 1)
+    for f in (0.05, 0.1, 0.2, 0.25, 0.3, 0.45, 0.6, 1.0):  # reductions: images <= 160 px
+        ref = cv2.resize(photo, (0, 0), fx=f, fy=f, interpolation=cv2.INTER_LINEAR)
+        ours = C._cv2_linear_resize(texture, f).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(ours, ref, err_msg=f"fx={f}")
+    # The written-out reference of the known-answer test agrees with cv2 where it is used.
+    for f in (0.2, 0.25):
+        ref = cv2.resize(photo, (0, 0), fx=f, fy=f, interpolation=cv2.INTER_LINEAR)
+        np.testing.assert_array_equal(_cv2_resize_reference(photo, f), ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_photo_frost_cuda_matches_cpu(tmp_path: Path) -> None:
+    textures = C.load_frost_textures(str(_photo_folder(tmp_path)))
+    x = synthetic_images(64)
+    for severity in (1, 5):
+        cpu = corrupt(x, "frost", severity, gen(0), frost_textures=textures)
+        cuda = corrupt(x.cuda(), "frost", severity, gen(0), frost_textures=textures).cpu()
+        assert (cuda - cpu).abs().max() <= 1e-5

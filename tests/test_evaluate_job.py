@@ -330,3 +330,52 @@ def test_script_runs_and_reports_config_errors(classifier_run: Path, tmp_path: P
     ok = script("tiny", f"classifier.run={classifier_run}", "adv.sanity_checks=false")
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert (tmp_path / "runs" / f"evaluate-{classifier_run.name}" / "report.md").is_file()
+
+
+def _frost_photos(folder: Path) -> Path:
+    """Five random 200 x 240 "photographs" frost1..frost5.png (10 x 12 at the digits' 8 px)."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(1, 6):
+        photo = rng.integers(0, 256, (200, 240, 3)).astype(np.uint8)
+        Image.fromarray(photo).save(folder / f"frost{i}.png")
+    return folder
+
+
+def test_frost_source_is_checked_reported_and_keys_the_cells(
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    nowhere = tiny_cfg(f"shift.frost={tmp_path / 'nowhere'}")
+    with pytest.raises(ConfigError, match=r"shift.frost=.*\['procedural', 'package'\]"):
+        evaluate(nowhere)
+    assert not Path(nowhere.run.dir).exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"lacks frost1 .*frost5"):
+        evaluate(tiny_cfg(f"shift.frost={tmp_path / 'empty'}"))
+
+    photos = _frost_photos(tmp_path / "photos")
+    only_frost = [
+        *[f"{s}.enabled=false" for s in ("adv", "calib", "ood", "perf")],
+        "shift.corruptions=[frost]",
+    ]
+    run = tmp_path / "frost"
+    evaluate(tiny_cfg(*only_frost, f"shift.frost={photos}", run_dir=run))
+    notes = json.loads((run / "report.json").read_text())["notes"]
+    assert f"frost: the CIFAR-10-C frost photographs from {photos}" in notes
+    assert f"frost photographs from {photos}" in (run / "report.md").read_text()
+    # Another frost source in the same run directory: the clean pass is reused, the frost cells
+    # (keyed by the textures) are recomputed.
+    evaluate(tiny_cfg(*only_frost, run_dir=run))
+    notes = json.loads((run / "report.json").read_text())["notes"]
+    assert "frost: procedural textures (not the CIFAR-10-C photographs)" in notes
+    assert any(n.startswith("Resumed: 1 of 3 units") for n in notes)
+    # Cells read from a folder: the note says what the folder's manifest records.
+    val = build_splits(**DATA).val
+    folder = write_cifar_c(
+        tmp_path / "c10c", val.images, val.labels, ["frost"], frost_textures=str(photos)
+    )
+    evaluate(tiny_cfg(*only_frost, f"shift.cifar_c_dir={folder}", run_dir=tmp_path / "read"))
+    notes = json.loads((tmp_path / "read" / "report.json").read_text())["notes"]
+    assert f"frost: read from {folder}, written with the CIFAR-10-C frost photographs from " in (
+        " ".join(notes)
+    )

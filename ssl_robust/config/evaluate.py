@@ -94,6 +94,10 @@ class ShiftSection:
     # Images per corruption call; the generated images depend on it (random draws are made
     # per batch), so keep it equal to the one a cache was written with.
     batch_size: int = 1000
+    # Frost textures of generated corruptions: "procedural" (no files needed), "package" (the
+    # CIFAR-10-C frost photographs shipped by imagecorruptions-imaug, pip install -e
+    # ".[bench]") or a folder holding frost1..frost5 (png or jpg).
+    frost: str = "procedural"
 
 
 @dataclass

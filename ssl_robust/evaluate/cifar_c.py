@@ -5,7 +5,9 @@ The released CIFAR-10-C folder (Hendrycks & Dietterich 2019) holds one
 same N test images, severity 1 first, and ``labels.npy`` of shape (5 * N,).
 ``write_cifar_c`` writes that layout from our batched corruptions plus a
 ``manifest.json`` that makes an interrupted generation resumable; ``load_cifar_c``
-reads either our folders or the released one.
+reads either our folders or the released one. Frost uses procedural textures unless
+``frost_textures`` names the photographs (``"package"`` or a folder, see
+``corruptions.load_frost_textures``); the manifest records which.
 """
 
 from __future__ import annotations
@@ -28,9 +30,19 @@ from ssl_robust.evaluate.corruptions import (
     PARAMS,
     SEVERITIES,
     corrupt,
+    frost_texture_folder,
+    frost_textures_sha256,
+    load_frost_textures,
 )
 
-__all__ = ["available_corruptions", "load_cifar_c", "params_hash", "write_cifar_c"]
+__all__ = [
+    "available_corruptions",
+    "frost_identity",
+    "load_cifar_c",
+    "params_hash",
+    "textures_for_frost",
+    "write_cifar_c",
+]
 
 MANIFEST = "manifest.json"
 LABELS = "labels.npy"
@@ -45,13 +57,40 @@ _IDENTITY_KEYS = (
     "images_sha256",
     "labels_sha256",
     "device_type",
+    "frost_textures",
 )
+# What a manifest written before a key existed meant by it.
+_IDENTITY_DEFAULTS: dict[str, Any] = {"frost_textures": "procedural"}
 
 
 def params_hash() -> str:
     """SHA-256 of the corruption parameter table, to tie a cache to the parameters."""
     text = json.dumps(PARAMS, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def textures_for_frost(source: str) -> tuple[torch.Tensor, ...] | None:
+    """The frost textures of a source: None for ``"procedural"``, else the photographs.
+
+    Args:
+        source: ``"procedural"``, ``"package"`` or a folder (``load_frost_textures``).
+
+    Raises:
+        ImportError: ``"package"`` without the ``imagecorruptions`` package.
+        ValueError: An unknown source.
+        FileNotFoundError: A folder without frost1..frost5.
+    """
+    return None if source == "procedural" else load_frost_textures(source)
+
+
+def frost_identity(source: str) -> str:
+    """What caches record of a frost texture source, so a cache made with other textures is
+    not reused: ``"procedural"``, or ``"photographs sha256:<hash>"`` of the five photographs
+    (the same photographs in another folder are the same source)."""
+    textures = textures_for_frost(source)
+    if textures is None:
+        return "procedural"
+    return f"photographs sha256:{frost_textures_sha256(textures)}"
 
 
 def _sha256(array: np.ndarray) -> str:
@@ -132,12 +171,14 @@ def write_cifar_c(
     batch_size: int = 1000,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    frost_textures: str = "procedural",
 ) -> Path:
     """Corrupt a test set at severities 1..5 and save it in the CIFAR-10-C layout.
 
     Writes ``<corruption>.npy`` (uint8, (5 * N, H, W, 3), severity 1 first),
     ``labels.npy`` (int64, (5 * N,)) and ``manifest.json`` (corruptions done, severities,
-    seed, N, image size, library version, parameter-table hash, hashes of the inputs).
+    seed, N, image size, library version, parameter-table hash, hashes of the inputs, the
+    frost textures).
     Each file is written to a temporary name and renamed, and the manifest is updated
     after every corruption, so rerunning after an interruption skips the corruptions
     already done. Each (corruption, severity) draws from its own seeded generator on
@@ -156,13 +197,19 @@ def write_cifar_c(
         batch_size: Images per batched corruption call.
         device: Where the corruptions run.
         progress: Show a rich progress bar.
+        frost_textures: ``"procedural"`` (generated textures), ``"package"`` (the
+            CIFAR-10-C photographs shipped by the ``imagecorruptions`` package) or a folder
+            holding frost1..frost5. Part of the folder's identity.
 
     Returns:
         The folder.
 
     Raises:
-        ValueError: Bad inputs, unknown corruption names, or a folder that already holds
-            a cache made from other inputs or settings (named in the message).
+        ValueError: Bad inputs, unknown corruption names or frost texture source, or a
+            folder that already holds a cache made from other inputs or settings (named in
+            the message).
+        ImportError: ``frost_textures="package"`` without the ``imagecorruptions`` package.
+        FileNotFoundError: A frost texture folder without frost1..frost5.
     """
     images = np.asarray(images_uint8_nhwc)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
@@ -182,6 +229,7 @@ def write_cifar_c(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
+    textures = textures_for_frost(frost_textures)  # before anything is written
     n, h, w, _ = images.shape
     out_dir = Path(folder)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -196,12 +244,17 @@ def write_cifar_c(
         "images_sha256": _sha256(images),
         "labels_sha256": _sha256(labels_arr.astype(np.int64)),
         "device_type": device.type,
+        "frost_textures": frost_identity(frost_textures),
     }
+    # Where the photographs were read from: informative, not part of the identity.
+    extra = {} if textures is None else {"frost_folder": str(frost_texture_folder(frost_textures))}
     done: list[str] = []
     manifest_path = out_dir / MANIFEST
     if manifest_path.exists():
         old = json.loads(manifest_path.read_text())
-        differing = [k for k in _IDENTITY_KEYS if old.get(k) != identity[k]]
+        differing = [
+            k for k in _IDENTITY_KEYS if old.get(k, _IDENTITY_DEFAULTS.get(k)) != identity[k]
+        ]
         if differing:
             raise ValueError(
                 f"{out_dir} holds a corruption cache made with different {differing}; "
@@ -230,17 +283,17 @@ def write_cifar_c(
                     stop = min(start + batch_size, n)
                     x = torch.from_numpy(images[start:stop]).to(device)
                     x = x.permute(0, 3, 1, 2).float() / 255.0  # (B, 3, H, W)
-                    y = corrupt(x, name, severity, generator=gen)
+                    y = corrupt(x, name, severity, generator=gen, frost_textures=textures)
                     y8 = torch.round(y * 255.0).to(torch.uint8).permute(0, 2, 3, 1)
                     out[block + start : block + stop] = y8.cpu().numpy()
                     bar.update(f"{name} s{severity}", 1)
             _atomic_save(out_dir / f"{name}.npy", out)
             done.append(name)
-            _atomic_write_json(manifest_path, {"corruptions": done, **identity})
+            _atomic_write_json(manifest_path, {"corruptions": done, **identity, **extra})
     finally:
         bar.close()
     if not manifest_path.exists():  # nothing to do, but record the folder's identity
-        _atomic_write_json(manifest_path, {"corruptions": done, **identity})
+        _atomic_write_json(manifest_path, {"corruptions": done, **identity, **extra})
     return out_dir
 
 

@@ -17,23 +17,30 @@ sigmas, pixel-shuffle distance, displacement amplitudes) are multiplied by
 pixelate factors and JPEG qualities are unchanged. ``severity_params`` applies this rule
 to the table; the two sizes not in the table follow the image in place: the fog plasma
 map is the next power of two >= max(H, W) (32 at 32 px, cropped to the image), and the
-frost texture's feature sizes scale with ``spatial_scale``. Below 32 px, the two blurs built
-on small sampled Gaussians (defocus, Gaussian blur) would shrink to less than a pixel and
-vanish (defocus at 16 px changes nothing); they are rendered at 32 px instead (pixel
-replication, the 32-px corruption, area downsampling), which keeps their extent relative to
-the image.
+frost texture's feature sizes scale with ``spatial_scale`` (the frost photographs are
+resized by ``0.2 * spatial_scale``). Below 32 px, the two blurs built on small sampled
+Gaussians (defocus, Gaussian blur) would shrink to less than a pixel and vanish (defocus at
+16 px changes nothing); they are rendered at 32 px instead (pixel replication, the 32-px
+corruption, area downsampling), which keeps their extent relative to the image.
 
 Deliberate differences from ``make_cifar_c.py`` are stated in each function; the
-largest is frost, whose photographic frost textures are replaced by procedural ones.
+largest is frost, which by default replaces the photographs of frost on glass by procedural
+textures. ``load_frost_textures`` reads the original photographs (from the optional
+``imagecorruptions`` package, ``pip install -e ".[bench]"``, or from a folder), and
+``frost(..., textures=...)`` / ``corrupt(..., frost_textures=...)`` then crop them as
+``make_cifar_c.py`` does.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.util
 import math
 import numbers
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,9 +52,13 @@ __all__ = [
     "CORRUPTION_GROUPS",
     "DETERMINISTIC",
     "EXTRA_CORRUPTIONS",
+    "FROST_SOURCES",
     "PARAMS",
     "SEVERITIES",
     "corrupt",
+    "frost_texture_folder",
+    "frost_textures_sha256",
+    "load_frost_textures",
     "severity_params",
     "spatial_scale",
 ]
@@ -669,12 +680,13 @@ def _frost_texture(
 ) -> Tensor:
     """Procedural frost, (B, 3, H, W) in [0, 1].
 
-    make_cifar_c.py crops six photographs of frost on glass, which we do not ship.
-    Instead: a per-image base level ~ U(0.3, 0.8) (the photos' 32-px crops average
-    0.3-0.85), cloudy multi-octave noise, and crystal needles grown from sparse seeds by
-    motion-blur streaks along three random directions per image, saturated; tinted toward
-    blue as the photos are (red ~ 0.55-0.95, green ~ 0.85-1.0 of blue). Within a 32-px crop
-    it has a standard deviation of roughly 0.1 like the photos' crops.
+    Stands in for make_cifar_c.py's photographs of frost on glass (``load_frost_textures``
+    and ``frost(..., textures=...)`` use the photographs themselves): a per-image base level
+    ~ U(0.3, 0.8) (the photos' 32-px crops average 0.3-0.85), cloudy multi-octave noise, and
+    crystal needles grown from sparse seeds by motion-blur streaks along three random
+    directions per image, saturated; tinted toward blue as the photos are (red ~ 0.55-0.95,
+    green ~ 0.85-1.0 of blue). Within a 32-px crop it has a standard deviation of roughly 0.1
+    like the photos' crops.
     """
     level = _uniform((b, 1, 1, 1), 0.3, 0.8, g, device)
     cloud = torch.zeros(b, 1, h, w, device=device)
@@ -701,16 +713,241 @@ def _frost_texture(
     return (tex * tint).clamp(0, 1)
 
 
-def frost(x: Tensor, severity: int, generator: torch.Generator | None = None) -> Tensor:
-    """``a * x + b * frost_texture`` with procedurally generated frost textures.
+# make_cifar_c.py lists six photographs but draws np.random.randint(5): frost6 is never used.
+_FROST_PHOTOS = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg")
+# Accepted frost texture sources besides a folder path (the evaluation job's ``shift.frost``).
+FROST_SOURCES = ("procedural", "package")
+_BENCH_HINT = 'pip install -e ".[bench]"'
 
-    The frost photographs of make_cifar_c.py are not available, so the textures are
-    generated deterministically from the generator (see ``_frost_texture``); the mixing
-    coefficients are the CIFAR-10-C ones.
+
+def frost_texture_folder(source: str) -> Path:
+    """The folder that holds the frost photographs of a texture source.
+
+    Args:
+        source: ``"package"`` for the ``frost/`` folder of the installed ``imagecorruptions``
+            package (shipped by ``imagecorruptions-imaug``, the ``bench`` extra), or the path
+            of a folder holding frost1..frost5 (png or jpg).
+
+    Raises:
+        ImportError: ``"package"`` without the ``imagecorruptions`` package installed.
+        ValueError: ``"procedural"`` or an empty string (nothing to load), or a path that is
+            not a folder; the message names the valid choices.
+    """
+    if source == "package":
+        # find_spec locates the package without importing it (its import pulls numba/opencv).
+        spec = importlib.util.find_spec("imagecorruptions")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(
+                "frost textures from 'package' need the imagecorruptions package, which ships "
+                f"the CIFAR-10-C frost photographs: {_BENCH_HINT}, or give the path of a folder "
+                "holding frost1..frost5"
+            )
+        return Path(next(iter(spec.submodule_search_locations))) / "frost"
+    if source in ("", "procedural"):
+        raise ValueError(
+            f"frost texture source {source!r} has no photographs to load; procedural frost "
+            "is frost(..., textures=None)"
+        )
+    folder = Path(source)
+    if not folder.is_dir():
+        raise ValueError(
+            f"unknown frost texture source {source!r}: not a folder; choose from "
+            f"{list(FROST_SOURCES)} or the path of a folder holding frost1..frost5"
+        )
+    return folder
+
+
+@functools.lru_cache(maxsize=8)
+def load_frost_textures(source: str) -> tuple[Tensor, ...]:
+    """The five frost photographs that make_cifar_c.py draws from, as uint8 RGB tensors.
+
+    Read with Pillow, alpha dropped (as cv2.imread does by default; the photographs that
+    have an alpha channel are opaque). Cached per source: treat the tensors as read-only.
+
+    Args:
+        source: ``"package"`` or a folder, as for ``frost_texture_folder``. In a folder,
+            ``frost<i>`` may be a .png, .jpg or .jpeg file, i = 1..5.
+
+    Returns:
+        Five uint8 tensors (3, H_i, W_i), frost1 first.
+
+    Raises:
+        ImportError: ``"package"`` without the package installed.
+        ValueError: An unknown source (see ``frost_texture_folder``).
+        FileNotFoundError: The folder lacks some of frost1..frost5 (named in the message).
+    """
+    from PIL import Image
+
+    folder = frost_texture_folder(source)
+    paths: list[Path] = []
+    missing: list[str] = []
+    for name in _FROST_PHOTOS:
+        stem = name.split(".")[0]
+        candidates = dict.fromkeys([name, f"{stem}.png", f"{stem}.jpg", f"{stem}.jpeg"])
+        found = [folder / c for c in candidates if (folder / c).is_file()]
+        if found:
+            paths.append(found[0])
+        else:
+            missing.append(f"{stem} (.png/.jpg/.jpeg)")
+    if missing:
+        hint = f" (reinstall it: {_BENCH_HINT})" if source == "package" else ""
+        raise FileNotFoundError(
+            f"the frost texture folder {folder} lacks {', '.join(missing)}{hint}; it must hold "
+            "frost1..frost5, the CIFAR-10-C frost photographs"
+        )
+    textures = []
+    for path in paths:
+        with Image.open(path) as image:
+            rgb = image.convert("RGB")
+        array = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+        textures.append(array.view(rgb.height, rgb.width, 3).permute(2, 0, 1).contiguous())
+    return tuple(textures)
+
+
+def frost_textures_sha256(textures: Sequence[Tensor]) -> str:
+    """SHA-256 of frost textures (shapes and pixels), to tie a cache to the photographs."""
+    digest = hashlib.sha256()
+    for texture in textures:
+        t = texture.detach().to("cpu", torch.uint8).contiguous()
+        digest.update(repr(tuple(t.shape)).encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _cv2_linear_taps(in_size: int, factor: float) -> tuple[int, Tensor, Tensor, Tensor]:
+    """One axis of ``cv2.resize(..., fx=factor, interpolation=cv2.INTER_LINEAR)``.
+
+    cv2 takes the output size ``round(in_size * factor)`` and maps output pixel d to the
+    source position ``(d + 0.5) / factor - 0.5`` (half-pixel centres, the given factor, not
+    the ratio of the sizes), computed in float32; two taps, no antialiasing; positions
+    before the first or from the last pixel on read that edge pixel alone.
+
+    Returns:
+        The output size, the first and second tap indices and the second tap's weight.
+    """
+    out_size = max(1, round(in_size * factor))
+    pos = ((torch.arange(out_size, dtype=torch.float64) + 0.5) / factor - 0.5).float()
+    i0 = torch.floor(pos)
+    frac = pos - i0
+    i0 = i0.long()
+    edge = (i0 < 0) | (i0 >= in_size - 1)
+    frac = torch.where(edge, torch.zeros_like(frac), frac)
+    i0 = i0.clamp(0, in_size - 1)
+    i1 = (i0 + 1).clamp(max=in_size - 1)
+    return out_size, i0, i1, frac
+
+
+def _cv2_linear_resize(texture: Tensor, factor: float) -> Tensor:
+    """``cv2.resize(photo, (0, 0), fx=factor, fy=factor)`` of a uint8 (3, H, W) texture.
+
+    In OpenCV's 8-bit INTER_LINEAR arithmetic, so that the result is cv2's to the level:
+    11-bit tap weights; the horizontal pass exact in integers; the vertical pass as cv2's
+    vector kernel computes it (operands shifted right by 4, the high 16 bits of each
+    product, a rounding shift by 2). Equal to cv2.resize (OpenCV 5.0) for the photographs at
+    every reduction factor we tried; at 32 px (factor 0.2) every position is a pixel centre
+    and any bilinear resize agrees. Enlargements (images over 160 px) differ from cv2 by one
+    level in some pixels of the edge rows. Integer arithmetic also makes the textures
+    identical on every device.
+
+    Returns:
+        Float (3, h, w) holding the uint8 values.
+    """
+    _, h, w = texture.shape
+    dev = texture.device
+    one = 1 << 11  # INTER_RESIZE_COEF_SCALE
+
+    def taps(size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        _, i0, i1, frac = _cv2_linear_taps(size, factor)
+        # saturate_cast<short>(float weight * 2048): round half to even, as torch.round
+        w0, w1 = torch.round((1 - frac) * one).long(), torch.round(frac * one).long()
+        return i0.to(dev), i1.to(dev), w0.to(dev), w1.to(dev)
+
+    r0, r1, b0, b1 = taps(h)
+    c0, c1, a0, a1 = taps(w)
+    t = texture.long()
+    rows = t[:, :, c0] * a0 + t[:, :, c1] * a1  # (3, H, w'): horizontal pass, scale 2048
+    top, bottom = rows[:, r0] >> 4, rows[:, r1] >> 4  # (3, h', w') each
+    v = ((top * b0[:, None]) >> 16) + ((bottom * b1[:, None]) >> 16)
+    return ((v + 2) >> 2).clamp(0, 255).float()
+
+
+def _photo_frost(
+    b: int,
+    h: int,
+    w: int,
+    textures: Sequence[Tensor],
+    g: torch.Generator | None,
+    device: torch.device,
+) -> Tensor:
+    """Random (h, w) crops of the resized frost photographs, (B, 3, H, W) in [0, 1].
+
+    Per image, as make_cifar_c.py: a photograph index uniform over the textures, then the
+    top row and left column uniform over ``[0, size - h)`` and ``[0, size - w)`` of the
+    resized photograph (np.random.randint's exclusive upper bound).
+    """
+    if len(textures) == 0:
+        raise ValueError("frost needs at least one texture; load them with load_frost_textures")
+    factor = 0.2 * spatial_scale(h, w)  # make_cifar_c.py resizes by 0.2 at 32 px
+    resized = []
+    for i, texture in enumerate(textures):
+        if texture.dtype != torch.uint8 or texture.dim() != 3 or texture.shape[0] != 3:
+            raise ValueError(
+                f"frost texture {i} must be uint8 RGB of shape (3, H, W), got "
+                f"{texture.dtype} {tuple(texture.shape)}"
+            )
+        r = _cv2_linear_resize(texture, factor).to(device)  # small: resize where it lies
+        if r.shape[1] <= h or r.shape[2] <= w:
+            raise ValueError(
+                f"frost texture {i} is {tuple(r.shape[1:])} px after resizing by {factor:g}, "
+                f"too small for a random {h} x {w} crop"
+            )
+        resized.append(r)
+    which = _randint(0, len(resized), (b,), g, device)  # (B,)
+    u = _rand((b, 2), g, device).double()  # (B, 2): row, then column offset
+    room = torch.tensor(
+        [[r.shape[1] - h, r.shape[2] - w] for r in resized], device=device
+    )  # (K, 2): number of valid offsets per photograph
+    span = room[which]  # (B, 2)
+    offsets = torch.minimum(torch.floor(u * span).long(), span - 1)  # (B, 2)
+    rows = offsets[:, 0:1] + torch.arange(h, device=device)  # (B, H)
+    cols = offsets[:, 1:2] + torch.arange(w, device=device)  # (B, W)
+    out = torch.empty(b, 3, h, w, device=device)
+    for k, r in enumerate(resized):
+        sel = (which == k).nonzero().squeeze(1)  # images cropping photograph k
+        if sel.numel():
+            crops = r[:, rows[sel][:, :, None], cols[sel][:, None, :]]  # (3, n, H, W)
+            out[sel] = crops.permute(1, 0, 2, 3)
+    return out / 255.0
+
+
+def frost(
+    x: Tensor,
+    severity: int,
+    generator: torch.Generator | None = None,
+    textures: Sequence[Tensor] | None = None,
+) -> Tensor:
+    """``a * x + b * frost_texture`` with the CIFAR-10-C mixing coefficients.
+
+    Without ``textures`` the textures are procedural, generated deterministically from the
+    generator (see ``_frost_texture``). With the photographs (``load_frost_textures``) it is
+    make_cifar_c.py's frost: per image a photograph drawn uniformly from the five, resized by
+    0.2 (times ``spatial_scale``) with cv2's INTER_LINEAR and rounded to uint8, a random
+    crop of the image's size. make_cifar_c.py reads the photographs as BGR and flips them to
+    RGB; ours are RGB from the start.
+
+    Args:
+        x: Float images (B, 3, H, W) in [0, 1].
+        severity: 1..5.
+        generator: Source of randomness (texture draws, crop offsets).
+        textures: uint8 RGB photographs (3, H_i, W_i), or None for procedural frost.
     """
     x, (a, coef) = _prepare(x, "frost", severity)
     b, _, h, w = x.shape
-    tex = _frost_texture(b, h, w, spatial_scale(h, w), generator, x.device)
+    if textures is None:
+        tex = _frost_texture(b, h, w, spatial_scale(h, w), generator, x.device)
+    else:
+        tex = _photo_frost(b, h, w, textures, generator, x.device)
     return _finish(a * x + coef * tex)
 
 
@@ -949,7 +1186,11 @@ DETERMINISTIC: frozenset[str] = frozenset(
 
 
 def corrupt(
-    x: Tensor, name: str, severity: int, generator: torch.Generator | None = None
+    x: Tensor,
+    name: str,
+    severity: int,
+    generator: torch.Generator | None = None,
+    frost_textures: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """Apply one corruption at one severity to a batch of images.
 
@@ -959,6 +1200,9 @@ def corrupt(
         severity: 1..5.
         generator: Source of randomness; the same seeded generator state gives the same
             output. Draws happen on the generator's device.
+        frost_textures: The frost photographs (``load_frost_textures``) for ``"frost"``;
+            None gives procedural frost. Ignored by the other corruptions, so a loop over
+            names can pass it to every call.
 
     Returns:
         Corrupted float32 images of the same shape in [0, 1], on ``x``'s device.
@@ -970,4 +1214,6 @@ def corrupt(
             f"or the extras {list(EXTRA_CORRUPTIONS)}"
         )
     _check_severity(severity)
+    if name == "frost":
+        return frost(x, severity, generator, textures=frost_textures)
     return fn(x, severity, generator)

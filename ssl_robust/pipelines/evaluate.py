@@ -10,6 +10,7 @@ section evaluates the deployed pipeline ``x in [0, 1] -> purifier -> classifier`
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -28,12 +29,22 @@ from ssl_robust.config import ConfigError, save_config, to_dict
 from ssl_robust.data.datasets import ArraySource, build_splits
 from ssl_robust.evaluate.attacks import autoattack, robust_accuracy, sanity_checks
 from ssl_robust.evaluate.cifar_c import (
+    MANIFEST,
     _corruption_seed,
+    frost_identity,
     load_cifar_c,
     params_hash,
+    textures_for_frost,
     write_cifar_c,
 )
-from ssl_robust.evaluate.corruptions import CORRUPTIONS, EXTRA_CORRUPTIONS, SEVERITIES, corrupt
+from ssl_robust.evaluate.corruptions import (
+    CORRUPTIONS,
+    EXTRA_CORRUPTIONS,
+    FROST_SOURCES,
+    SEVERITIES,
+    corrupt,
+    frost_texture_folder,
+)
 from ssl_robust.evaluate.latency import measure_latency
 from ssl_robust.evaluate.metrics import calibration_report, reliability_bins
 from ssl_robust.evaluate.ood import (
@@ -155,6 +166,13 @@ def check_config(cfg: DictConfig) -> None:
             not s.write_cifar_c or bool(s.cifar_c_dir),
             "shift.write_cifar_c needs shift.cifar_c_dir (the folder to write)",
         )
+        try:
+            textures_for_frost(str(s.frost))  # loads (and caches) the photographs
+        except (ImportError, OSError, ValueError) as err:
+            raise ConfigError(
+                f"shift.frost={s.frost!r}: {err} (shift.frost is one of {list(FROST_SOURCES)} "
+                "or a folder holding frost1..frost5)"
+            ) from err
     a = cfg.adv
     if a.enabled:
         for e in a.linf_eps:
@@ -389,7 +407,10 @@ def _unit_specs(
     for c in corruptions:
         source: dict[str, Any]
         if folder is None:
-            source = {"generated": {"batch_size": int(s.batch_size), "params": params_hash()}}
+            generated: dict[str, Any] = {"batch_size": int(s.batch_size), "params": params_hash()}
+            if c == "frost":
+                generated["frost"] = frost_identity(str(s.frost))
+            source = {"generated": generated}
         else:
             files = [file_stamp(folder / f"{c}.npy"), file_stamp(folder / "labels.npy")]
             source = {
@@ -473,16 +494,23 @@ def _nchw(images_nhwc: np.ndarray) -> Tensor:
 
 
 def _generate(
-    images_nhwc: np.ndarray, name: str, severity: int, seed: int, batch: int, device: torch.device
+    images_nhwc: np.ndarray,
+    name: str,
+    severity: int,
+    seed: int,
+    batch: int,
+    device: torch.device,
+    frost_textures: tuple[Tensor, ...] | None = None,
 ) -> Tensor:
     """One cell of the grid, bit-identical to what ``write_cifar_c`` stores for the same seed,
-    batch size and device type: the same per-(corruption, severity) generator, the same batches,
-    the same rounding to uint8 (the released CIFAR-10-C is uint8 too). uint8 (N, 3, H, W)."""
+    batch size, device type and frost textures: the same per-(corruption, severity) generator,
+    the same batches, the same rounding to uint8 (the released CIFAR-10-C is uint8 too).
+    uint8 (N, 3, H, W)."""
     gen = torch.Generator(device=device).manual_seed(_corruption_seed(seed, name, severity))
     out = []
     for start in range(0, len(images_nhwc), batch):
         x = _to_float(_nchw(images_nhwc[start : start + batch]), device)
-        y = corrupt(x, name, severity, generator=gen)
+        y = corrupt(x, name, severity, generator=gen, frost_textures=frost_textures)
         out.append(torch.round(y * 255.0).to(torch.uint8).cpu())
     return torch.cat(out)
 
@@ -598,6 +626,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             seed=seed,
             batch_size=int(cfg.shift.batch_size),
             device=device,
+            frost_textures=str(cfg.shift.frost),
         )
     fingerprint = _fingerprint(cfg, model, clf_meta, denoiser_desc, images, labels, device)
     need_clean = bool(cfg.clean.enabled or cfg.calib.enabled or cfg.ood.enabled)
@@ -772,6 +801,7 @@ def _shift_section(
     s = cfg.shift
     seed = int(cfg.run.seed)
     folder = Path(s.cifar_c_dir) if s.cifar_c_dir else None
+    textures = textures_for_frost(str(s.frost)) if folder is None else None
     meta["grid"] = {
         "corruptions": corruptions,
         "severities": severities,
@@ -779,6 +809,9 @@ def _shift_section(
         if folder
         else f"generated on the fly on {device.type} (seed {seed}, rounded to uint8)",
     }
+    if "frost" in corruptions:
+        meta["grid"]["frost"] = _frost_note(str(s.frost), folder, bool(s.write_cifar_c))
+        notes.append(meta["grid"]["frost"])
     task = bar.add_task("corruptions", total=len(corruptions) * len(severities))
     top = max(severities)
     pooled_logits: list[Tensor] = []
@@ -808,7 +841,7 @@ def _shift_section(
                         arr, lab = arr[idx], lab[idx]
                     x_c, y_c = _nchw(arr), torch.from_numpy(lab)
                 else:
-                    x_c = _generate(images, c, sev, seed, s.batch_size, device)
+                    x_c = _generate(images, c, sev, seed, s.batch_size, device, textures)
                     y_c = y
                 model.reseed(_corruption_seed(seed + _SEED_SHIFT, c, sev), device)
                 logits = _predict(model, x_c, cfg.eval.batch_size, device)
@@ -847,6 +880,35 @@ def _shift_section(
             "not the full 15 x 5 CIFAR-10-C benchmark; means are over this grid."
         )
     return torch.cat(pooled_logits), torch.cat(pooled_labels)
+
+
+def _frost_textures_words(photo_folder: str | None) -> str:
+    if photo_folder is None:
+        return "procedural textures (not the CIFAR-10-C photographs)"
+    return f"the CIFAR-10-C frost photographs from {photo_folder}"
+
+
+def _frost_note(source: str, folder: Path | None, written: bool) -> str:
+    """Which frost textures the grid's frost cells were made with, for the report.
+
+    Generated cells (on the fly, or written to ``folder`` first) use ``source``; cells read
+    from a folder use what its manifest records (none for the released CIFAR-10-C).
+    """
+    if folder is None or written:
+        photos = None if source == "procedural" else str(frost_texture_folder(source))
+        cached = f", cached in {folder}" if folder is not None else ""
+        return f"frost: {_frost_textures_words(photos)}{cached}"
+    try:
+        record = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return (
+            f"frost: read from {folder}, which records no frost textures (the released "
+            "CIFAR-10-C uses the photographs); shift.frost applies to generated corruptions only"
+        )
+    photos = None
+    if record.get("frost_textures", "procedural") != "procedural":
+        photos = str(record.get("frost_folder", "a folder it does not name"))
+    return f"frost: read from {folder}, written with {_frost_textures_words(photos)}"
 
 
 def _adv_section(
