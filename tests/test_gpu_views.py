@@ -687,3 +687,24 @@ def test_compiled_views_match_eager_views_without_graph_breaks() -> None:
         compiled = view.compile_apply()(x, torch.Generator().manual_seed(13))
         torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_a_failing_compiler_falls_back_to_eager_views(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A compiler failure on the first call (a platform's compiler bug) must not stop training:
+    # the view warns once and runs eagerly, giving the eager result for the same draw.
+    def broken_compile(fn: Any, **kwargs: Any) -> Any:
+        def call(*args: Any) -> Any:
+            raise RuntimeError("backend compiler failed\ndetails")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    x = _smooth_images(16, 24, seed=14)
+    view = gv.simclr_views(16)[0]
+    eager = view(x, torch.Generator().manual_seed(15))
+    view.compile_apply()
+    with pytest.warns(RuntimeWarning, match="compile of the views failed .*backend compiler"):
+        fallback = view(x, torch.Generator().manual_seed(15))
+    torch.testing.assert_close(fallback, eager)
+    again = view(x, torch.Generator().manual_seed(15))  # eager now, no second warning
+    torch.testing.assert_close(again, eager)

@@ -26,6 +26,7 @@ Known differences from the PIL reference (all documented where they arise):
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -743,6 +744,7 @@ class BatchViewTransform(nn.Module):
         # See color_jitter; None picks per device. compile_apply sets False (static shapes).
         self.hue_by_index: bool | None = None
         self._compiled_apply: Any = None
+        self._compile_proven = False  # the compiled function has run once without error
 
     def compile_apply(self, **compile_kwargs: Any) -> BatchViewTransform:
         """``torch.compile`` the view's per-batch work, fusing its ~400 small ops.
@@ -751,7 +753,9 @@ class BatchViewTransform(nn.Module):
         their number, not their arithmetic, sets the cost; the compiler fuses the parameter
         maths and the colour chain into a few kernels. Only the uniform draw stays eager (it
         takes a generator).
-        Shapes are static (``dynamic=False``): a new batch size compiles once more.
+        Shapes are static (``dynamic=False``): a new batch size compiles once more. Should
+        the first compiled call fail (a compiler bug on some platform), the view warns and
+        runs eagerly from then on, with the same result for the same draw.
 
         Args:
             **compile_kwargs: Passed to ``torch.compile`` (e.g. ``mode``).
@@ -762,6 +766,7 @@ class BatchViewTransform(nn.Module):
         """
         self.hue_by_index = False  # index_select by a mask has a data-dependent shape
         self._compiled_apply = torch.compile(self._from_uniforms, dynamic=False, **compile_kwargs)
+        self._compile_proven = False
         return self
 
     def _from_uniforms(self, x: Tensor, u: Tensor) -> Tensor:
@@ -792,7 +797,22 @@ class BatchViewTransform(nn.Module):
         _check_input(x)
         u = _uniforms((x.shape[0], _N_UNIFORMS), generator, x.device)  # the only RNG call
         if self._compiled_apply is not None:
-            return self._compiled_apply(x, u)  # type: ignore[no-any-return]
+            if self._compile_proven:
+                return self._compiled_apply(x, u)  # type: ignore[no-any-return]
+            try:  # the first call compiles
+                out = self._compiled_apply(x, u)
+            except Exception as err:  # any compiler failure: eager from now on
+                warnings.warn(
+                    f"torch.compile of the views failed ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0] if str(err) else ''}); running them eagerly",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                self._compiled_apply = None
+                self.hue_by_index = None
+            else:
+                self._compile_proven = True
+                return out  # type: ignore[no-any-return]
         return self._from_uniforms(x, u)
 
     def sample_params(
