@@ -340,7 +340,8 @@ def _check_files(
     jobs = [(path, size, decode) for path in files]
     workers = min(16, os.cpu_count() or 1)
     with contextlib.ExitStack() as stack:
-        if workers > 1 and len(files) >= _PARALLEL_MIN_FILES:
+        forkable = "fork" in multiprocessing.get_all_start_methods()  # not on Windows
+        if forkable and workers > 1 and len(files) >= _PARALLEL_MIN_FILES:
             pool = stack.enter_context(
                 ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
             )
