@@ -554,7 +554,9 @@ def gaussian_blur(x: Tensor, sigma: Tensor, max_sigma: float | None = None) -> T
         max_sigma = float(sigma.max())
     half = _max_box_half_width(max_sigma)
     kernel = _box_kernels(sigma.to(torch.float64), half).to(x.dtype)  # (B, K)
-    kernel = kernel.repeat_interleave(channels, dim=0)  # (B * C, K): one filter per channel
+    # (B * C, K): one filter per channel; expand + reshape rather than repeat_interleave,
+    # which may size its output on the host (a device sync).
+    kernel = kernel[:, None, :].expand(-1, channels, -1).reshape(batch * channels, -1)
     size = 2 * half + 1
     out = x.reshape(1, batch * channels, height, width)  # grouped conv: a group per channel
     for _ in range(_BOX_PASSES):

@@ -80,7 +80,9 @@ class BYOL(pl.LightningModule):
         bs = len(labels)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=bs)
         self.log("train/online_acc", probe_acc, sync_dist=True, batch_size=bs)
-        self.log("train/tau", tau, batch_size=bs)
+        # A device tensor made in place: self.log would turn the float into one by a blocking
+        # host-to-device copy every step.
+        self.log("train/tau", torch.full((), tau, device=self.device), batch_size=bs)
         return loss + probe_loss
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
