@@ -379,3 +379,35 @@ def test_frost_source_is_checked_reported_and_keys_the_cells(
     assert f"frost: read from {folder}, written with the CIFAR-10-C frost photographs from " in (
         " ".join(notes)
     )
+
+
+def test_clean_accuracy_over_several_purifications(
+    tiny_cfg: Callable[..., DictConfig], denoiser_run: Path, unet_calls: list[int], tmp_path: Path
+) -> None:
+    ddim, draws = 2, 3
+    only_clean = [*[f"{s}.enabled=false" for s in ("shift", "adv", "calib", "ood", "perf")]]
+    purifier = [f"purifier.run={denoiser_run}", "purifier.sampler=ddim", "purifier.t_star=20"]
+    purifier.append(f"purifier.ddim_steps={ddim}")
+    several = tiny_cfg(*purifier, *only_clean, f"clean.draws={draws}", "calib.enabled=true")
+    m = evaluate(several)
+    n = int(m["test/n"])
+    # draws purifications of every image, ddim UNet calls each; the classifier alone needs none.
+    assert unet_calls[0] == draws * n * ddim
+    expected = expected_metric_keys(purified=True, clean_draws=draws, calib_sets=["clean"])
+    assert set(m) == expected and all(describe_metric(k) is not None for k in m)
+    assert m["test/draws"] == draws and m["test/acc_std"] > 0  # the draws differ
+    assert m["test/acc_worst"] <= m["test/acc"] <= 1.0
+    # The first draw is the one-purification run's draw (same stream): calibration uses it.
+    one = tiny_cfg(*purifier, *only_clean, run_dir=tmp_path / "one")
+    m1 = evaluate(one)
+    assert "test/acc_std" not in m1
+    assert m["calib/clean/acc"] == pytest.approx(m1["test/acc"])
+    notes = " ".join(_report(several)["notes"])
+    assert f"clean accuracy is the mean over {draws} purifications" in notes
+    md = (Path(several.run.dir) / "report.md").read_text()
+    assert f"mean of {draws} purifications" in md
+    # A deterministic pipeline ignores clean.draws.
+    plain = evaluate(tiny_cfg(*only_clean, "clean.draws=4", run_dir=tmp_path / "plain"))
+    assert "test/draws" not in plain
+    with pytest.raises(ConfigError, match=r"clean\.draws must be >= 1"):
+        evaluate(tiny_cfg("clean.draws=0", run_dir=tmp_path / "bad"))

@@ -78,6 +78,10 @@ class EvalSection:
 @dataclass
 class CleanSection:
     enabled: bool = True
+    # Purifications per image behind a stochastic purifier: test/acc is their mean, with
+    # test/acc_std and test/acc_worst beside it (1: one purification; ignored when
+    # deterministic). Calibration and OOD use the first draw.
+    draws: int = 1
 
 
 @dataclass

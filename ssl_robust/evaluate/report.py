@@ -47,7 +47,11 @@ __all__ = [
 # The documented metric names. ``{...}`` fields are filled by expected_metric_keys; every key
 # a report holds matches exactly one template (tests check both directions).
 METRIC_DOCS: dict[str, str] = {
-    "test/acc": "Clean top-1 accuracy of the evaluated pipeline (one purification per image).",
+    "test/acc": "Clean top-1 accuracy of the evaluated pipeline (behind a stochastic purifier: "
+    "the mean over clean.draws purifications per image).",
+    "test/acc_std": "Standard deviation of the clean accuracy over the purification draws.",
+    "test/acc_worst": "Lowest clean accuracy over the purification draws.",
+    "test/draws": "Purifications per image behind the clean accuracy (clean.draws).",
     "test/acc_unpurified": "Clean accuracy of the classifier alone (runs with a purifier).",
     "test/n": "Number of evaluation images.",
     "shift/{corruption}/{severity}/acc": "Accuracy on one corruption at one severity.",
@@ -155,6 +159,7 @@ def expected_metric_keys(
     *,
     clean: bool = True,
     purified: bool = False,
+    clean_draws: int = 1,
     corruptions: Sequence[str] = (),
     severities: Sequence[int] = (),
     threats: Sequence[str] = (),
@@ -169,6 +174,8 @@ def expected_metric_keys(
     Args:
         clean: The clean section ran.
         purified: A purifier sat in front of the classifier.
+        clean_draws: Purifications per image of the clean accuracy (> 1: a stochastic
+            purifier scored over several draws).
         corruptions: The corruption grid (empty: the shift section did not run).
         severities: Its severities.
         threats: Threat names (:func:`threat_name`) attacked.
@@ -183,6 +190,8 @@ def expected_metric_keys(
         keys |= {"test/acc", "test/n"}
         if purified:
             keys.add("test/acc_unpurified")
+        if clean_draws > 1:
+            keys |= {"test/acc_std", "test/acc_worst", "test/draws"}
     if corruptions and severities:
         keys.add("shift/mean_acc")
         keys |= {f"shift/{c}/{s}/acc" for c in corruptions for s in severities}
@@ -293,7 +302,13 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
     tables: dict[str, Table] = {}
 
     if "test/acc" in m:
-        rows: list[list[Any]] = [["pipeline", m["test/acc"], m.get("test/n")]]
+        name = "pipeline"
+        if "test/draws" in m:
+            name = (
+                f"pipeline, mean of {m['test/draws']:.0f} purifications "
+                f"(std {100 * m['test/acc_std']:.2f}, worst {100 * m['test/acc_worst']:.2f})"
+            )
+        rows: list[list[Any]] = [[name, m["test/acc"], m.get("test/n")]]
         if "test/acc_unpurified" in m:
             rows.append(["classifier alone (no purifier)", m["test/acc_unpurified"], m["test/n"]])
         tables["clean"] = Table(

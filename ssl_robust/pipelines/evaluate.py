@@ -141,6 +141,7 @@ def check_config(cfg: DictConfig) -> None:
         "and classifier.safetensors",
     )
     need(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
+    need(cfg.clean.draws >= 1, f"clean.draws must be >= 1, got {cfg.clean.draws}")
     need(cfg.eval.max_images >= 0, f"eval.max_images must be >= 0, got {cfg.eval.max_images}")
     p = cfg.purifier
     need(p.t_star >= 0, f"purifier.t_star must be >= 0, got {p.t_star}")
@@ -386,6 +387,7 @@ def _unit_specs(
     *,
     clean: bool,
     bare: bool,
+    clean_draws: int,
     corruptions: list[str],
     severities: list[int],
     threats: list[dict[str, Any]],
@@ -394,14 +396,15 @@ def _unit_specs(
     """Every unit of expensive work the config asks for: its name (also the relative path of
     its file, after the metric names) and the settings it depends on beyond the fingerprint.
 
-    Units: ``clean`` (the clean logits, and the unpurified ones when ``bare``),
+    Units: ``clean`` (the clean logits of ``clean_draws`` purifications, and the unpurified
+    ones when ``bare``),
     ``shift/<corruption>/<severity>`` (one cell of the grid; the top severity also keeps its
     logits for calibration and OOD), ``adv/<threat>/pgd``, ``adv/<threat>/autoattack`` and
     ``adv/sanity/<norm>``.
     """
     specs: dict[str, dict[str, Any]] = {}
     if clean:
-        specs["clean"] = {"bare": bare}
+        specs["clean"] = {"bare": bare, "draws": clean_draws}
     s = cfg.shift
     folder = Path(s.cifar_c_dir) if s.cifar_c_dir else None
     for c in corruptions:
@@ -630,10 +633,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         )
     fingerprint = _fingerprint(cfg, model, clf_meta, denoiser_desc, images, labels, device)
     need_clean = bool(cfg.clean.enabled or cfg.calib.enabled or cfg.ood.enabled)
+    clean_draws = int(cfg.clean.draws) if stochastic and cfg.clean.enabled else 1
     specs = _unit_specs(
         cfg,
         clean=need_clean,
         bare=bool(cfg.clean.enabled) and purifier is not None,
+        clean_draws=clean_draws,
         corruptions=corruptions,
         severities=severities,
         threats=threats,
@@ -670,28 +675,44 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     # -- clean -----------------------------------------------------------------------------
     clean_logits: Tensor | None = None
+    draw_logits: Tensor | None = None  # (draws, N, classes)
     bare: Tensor | None = None
     if need_clean:
         stored = cache.get("clean")
         if stored is not None:
-            clean_logits, bare = stored[1]["logits"], stored[1].get("bare")
+            draw_logits, bare = stored[1]["logits"], stored[1].get("bare")
         else:
+            # One stream for all draws: the unit is stored whole, so a resume replays it.
             model.reseed(seed + _SEED_CLEAN, device)
-            clean_logits = _predict(model, x_u8, bs, device)
+            draw_logits = torch.stack(
+                [_predict(model, x_u8, bs, device) for _ in range(clean_draws)]
+            )
             if specs["clean"]["bare"]:
                 bare = _predict(model.classifier, x_u8, bs, device)
-            kept = {"logits": clean_logits} | ({"bare": bare} if bare is not None else {})
+            kept = {"logits": draw_logits} | ({"bare": bare} if bare is not None else {})
             cache.put("clean", {}, kept)
+        clean_logits = draw_logits[0]  # calibration and OOD: the first purification
     if cfg.clean.enabled:
-        assert clean_logits is not None
-        metrics["test/acc"] = (clean_logits.argmax(1) == y).float().mean().item()
+        assert draw_logits is not None
+        accs = (draw_logits.argmax(2) == y).float().mean(1)  # (draws,)
+        metrics["test/acc"] = accs.mean().item()
         metrics["test/n"] = float(n)
+        if clean_draws > 1:
+            metrics["test/acc_std"] = accs.std().item()
+            metrics["test/acc_worst"] = accs.min().item()
+            metrics["test/draws"] = float(clean_draws)
         if bare is not None:
             metrics["test/acc_unpurified"] = (bare.argmax(1) == y).float().mean().item()
     if stochastic:
+        clean_words = (
+            f"clean accuracy is the mean over {clean_draws} purifications per image "
+            "(test/acc_std, test/acc_worst); corruption, calibration and OOD numbers use one"
+            if clean_draws > 1
+            else "clean, corruption, calibration and OOD numbers use one purification per image"
+        )
         notes.append(
-            "The purifier is stochastic: clean, corruption, calibration and OOD numbers use one "
-            "purification per image; robust accuracy is re-scored over several (mean and worst)."
+            f"The purifier is stochastic: {clean_words}; robust accuracy is re-scored over "
+            "several (mean and worst)."
         )
 
     shift_logits: Tensor | None = None
