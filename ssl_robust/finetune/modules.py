@@ -68,20 +68,32 @@ def _check_optim(lr: float, momentum: float, weight_decay: float, warmup_epochs:
         )
 
 
-def classification_step(module: pl.LightningModule, batch: Any, stage: str) -> Tensor:
-    """Cross-entropy and accuracy of ``module(inputs)`` on ``(inputs, labels)``, logged as
-    ``<stage>/loss`` and ``<stage>/acc`` (epoch means)."""
-    inputs, labels = batch[0], batch[1]
-    logits = module(inputs)  # (B, K)
-    loss = F.cross_entropy(logits, labels)
-    acc = (logits.argmax(1) == labels).float().mean()
-    n = labels.shape[0]
-    module.log(f"{stage}/loss", loss, batch_size=n, on_epoch=True, on_step=False)
-    module.log(f"{stage}/acc", acc, batch_size=n, on_epoch=True, on_step=False)
-    return loss
+class _Classification(pl.LightningModule):
+    """Training, validation and test steps of a classifier on ``(inputs, labels)`` batches:
+    cross-entropy and accuracy of ``self(inputs)``, logged as ``<stage>/loss`` and
+    ``<stage>/acc`` (epoch means). Subclasses define ``forward`` and the optimiser."""
+
+    def _step(self, batch: Any, stage: str) -> Tensor:
+        inputs, labels = batch[0], batch[1]
+        logits = self(inputs)  # (B, K)
+        loss = F.cross_entropy(logits, labels)
+        acc = (logits.argmax(1) == labels).float().mean()
+        n = labels.shape[0]
+        self.log(f"{stage}/loss", loss, batch_size=n, on_epoch=True, on_step=False)
+        self.log(f"{stage}/acc", acc, batch_size=n, on_epoch=True, on_step=False)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._step(batch, "test")
 
 
-class LinearProbe(pl.LightningModule):
+class LinearProbe(_Classification):
     """A linear classifier on frozen features; batches are ``(features (B, D), labels (B,))``.
 
     Args:
@@ -139,18 +151,6 @@ class LinearProbe(pl.LightningModule):
             out.bias.copy_(b)
         return out
 
-    def _step(self, batch: Any, stage: str) -> Tensor:
-        return classification_step(self, batch, stage)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "test")
-
     def configure_optimizers(self) -> Any:
         groups = [
             {"name": "head", "params": [self.head.weight], "lr": self.lr},
@@ -163,7 +163,7 @@ class LinearProbe(pl.LightningModule):
         return config
 
 
-class FineTuner(pl.LightningModule):
+class FineTuner(_Classification):
     """Full fine-tuning of a :class:`Classifier`; batches are ``(images in [0, 1], labels)``.
 
     The pretrained encoder gets a smaller learning rate than the fresh head, so the head can
@@ -200,18 +200,6 @@ class FineTuner(pl.LightningModule):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(x)  # (B, K)
-
-    def _step(self, batch: Any, stage: str) -> Tensor:
-        return classification_step(self, batch, stage)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "test")
 
     def configure_optimizers(self) -> Any:
         groups: list[dict[str, Any]] = []
