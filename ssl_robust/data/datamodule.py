@@ -121,6 +121,18 @@ def batches_done_this_epoch(trainer: pl.Trainer | None) -> int:
     return done if 0 < done < n else 0
 
 
+def worker_options(num_workers: int) -> dict[str, Any]:
+    """DataLoader settings of every loader here: ``num_workers`` processes that survive between
+    epochs (and kNN rounds) instead of restarting each time, and pinned batches when a GPU will
+    read them. The sampler runs in the main process and samples are seeded by
+    ``(seed, epoch, index)``, so persistent workers keep resumed epochs exact."""
+    return {
+        "num_workers": num_workers,
+        "pin_memory": torch.cuda.is_available(),
+        "persistent_workers": num_workers > 0,
+    }
+
+
 def seeded_train_loader(
     module: pl.LightningDataModule, dataset: Any, batch_size: int, seed: int, **kw: Any
 ) -> ResumableDataLoader:
@@ -210,15 +222,7 @@ class SSLDataModule(pl.LightningDataModule):
         self._views_device: torch.device | None = None
 
     def _loader(self, dataset: Any, batch_size: int, **kw: Any) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            # Workers survive between epochs (and kNN rounds) instead of restarting each time.
-            persistent_workers=self.num_workers > 0,
-            **kw,
-        )
+        return DataLoader(dataset, batch_size=batch_size, **worker_options(self.num_workers), **kw)
 
     def train_dataloader(self) -> DataLoader:
         if self.augment == "gpu":
@@ -233,12 +237,8 @@ class SSLDataModule(pl.LightningDataModule):
             ds,
             self.batch_size,
             self.seed,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            # Spawning the workers again every epoch costs seconds; the sampler (main process)
-            # and the per-sample seeds keep persistent workers exact across epochs and resumes.
-            persistent_workers=self.num_workers > 0,
             collate_fn=self._collate_views,
+            **worker_options(self.num_workers),
         )
 
     def _collate_keys(self, items: list[tuple[int, int, int]]) -> dict[str, Any]:

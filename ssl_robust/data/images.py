@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from ssl_robust.data.datamodule import seeded_train_loader
+from ssl_robust.data.datamodule import seeded_train_loader, worker_options
 from ssl_robust.data.datasets import ImageSource, TransformDataset
 
 
@@ -81,14 +81,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.channels_last = channels_last
 
     def _loader(self, dataset: Any, batch_size: int, **kw: Any) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            **kw,
-        )
+        return DataLoader(dataset, batch_size=batch_size, **worker_options(self.num_workers), **kw)
 
     def train_dataloader(self) -> DataLoader:
         ds = TransformDataset(self.train_source, self.train_transform, seed=self.seed)
@@ -97,9 +90,7 @@ class ImageDataModule(pl.LightningDataModule):
             ds,
             self.batch_size,
             self.seed,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            **worker_options(self.num_workers),
         )
 
     def val_dataloader(self) -> DataLoader:
