@@ -191,7 +191,7 @@ def bench_pretrain(
     # (b) ours: the device path of the datamodule, exactly as training runs it
     # (data.augment=gpu, plus data.compile_views=true when compiling).
     def our_batches(compile_views: bool) -> Iterator[list[torch.Tensor]]:
-        views = [t.to(dev) for t in gpu_view_transforms(method, params)]
+        views = gpu_view_transforms(method, params)  # the datamodule moves them to dev
         if compile_views:
             views = [t.compile_apply() for t in views]
         dm = SSLDataModule(source, source, views, ev, batch, augment="gpu")
