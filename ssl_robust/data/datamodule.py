@@ -219,7 +219,6 @@ class SSLDataModule(pl.LightningDataModule):
         if (self.bank_source.labels < 0).any():
             raise ValueError("the kNN bank needs labeled images; pass the labeled split as bank")
         self._device_images: torch.Tensor | None = None
-        self._views_device: torch.device | None = None
 
     def _loader(self, dataset: Any, batch_size: int, **kw: Any) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, **worker_options(self.num_workers), **kw)
@@ -268,7 +267,8 @@ class SSLDataModule(pl.LightningDataModule):
         ]
 
     def images_on(self, device: torch.device) -> torch.Tensor:
-        """The training images as one uint8 (N, C, H, W) tensor on ``device`` (uploaded once).
+        """The training images as one uint8 (N, C, H, W) tensor on ``device`` (uploaded once,
+        with the view transforms).
 
         Raises:
             RuntimeError: when the array would take more than half of the device's free
@@ -281,6 +281,10 @@ class SSLDataModule(pl.LightningDataModule):
                 check_fits_on_device(array.nbytes, free, str(device))
             images = torch.from_numpy(array)
             self._device_images = images.permute(0, 3, 1, 2).contiguous().to(device)
+            # The view transforms' buffers (normalisation) go along, once: left on the host,
+            # they would be copied to the device, blocking, on every batch.
+            for t in self.train_transform:  # type: ignore[union-attr]
+                t.to(device)
         return self._device_images
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -289,10 +293,6 @@ class SSLDataModule(pl.LightningDataModule):
             device = labels.device
             generator = torch.Generator(device=device).manual_seed(batch["seed"])
             if self.augment == "gpu":
-                if self._views_device != device:  # buffers (normalisation) next to the images
-                    for t in self.train_transform:  # type: ignore[union-attr]
-                        t.to(device)
-                    self._views_device = device
                 images = self.images_on(device)[batch["index"]]  # (B, C, H, W) uint8
                 views = [t(images, generator=generator) for t in self.train_transform]  # type: ignore[union-attr]
             else:
