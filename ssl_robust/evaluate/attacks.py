@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ssl_robust.benchmarking import sync
+
 Pipeline = Callable[[Tensor], Tensor]
 
 NORMS = ("linf", "l2")
@@ -421,11 +423,6 @@ def _batches(
             yield batch[0], batch[1]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def robust_accuracy(
     model: Pipeline,
     data: tuple[Tensor, Tensor] | Iterable[Sequence[Tensor]],
@@ -489,7 +486,7 @@ def robust_accuracy(
             x, y = x.to(device), y.to(device)
         b = x.shape[0]
         clean = rescore(model, x, y, rescore_draws)
-        _sync(x.device)
+        sync(x.device)
         t0 = time.perf_counter()
         x_adv = pgd(
             counted,
@@ -504,7 +501,7 @@ def robust_accuracy(
             generator=generator,
             loss=loss,
         )
-        _sync(x.device)
+        sync(x.device)
         attack_wall += time.perf_counter() - t0
         adv = rescore(model, x_adv, y, rescore_draws)
         sums["acc"] += adv["acc"] * b

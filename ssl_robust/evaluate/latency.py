@@ -15,10 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-
-def _sync(x: Tensor) -> None:
-    if x.device.type == "cuda":
-        torch.cuda.synchronize(x.device)
+from ssl_robust.benchmarking import sync
 
 
 def measure_latency(
@@ -46,11 +43,11 @@ def measure_latency(
     with torch.no_grad():
         for _ in range(warmup):
             fn(x)
-        _sync(x)
+        sync(x.device)
         for _ in range(iters):
             start = time.perf_counter()
             fn(x)
-            _sync(x)
+            sync(x.device)
             times.append(time.perf_counter() - start)
     ordered = sorted(times)
     median = statistics.median(ordered)

@@ -18,6 +18,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.trainer.states import TrainerFn
 
+from ssl_robust.benchmarking import sync
+
 
 def batch_length(batch: Any) -> int:
     """Number of samples in a batch: the leading size of its first tensor, found depth first.
@@ -35,11 +37,6 @@ def batch_length(batch: Any) -> int:
             if n:
                 return n
     return 0
-
-
-def _sync(trainer: pl.Trainer) -> None:
-    if trainer.strategy.root_device.type == "cuda":
-        torch.cuda.synchronize(trainer.strategy.root_device)
 
 
 def steady_throughput(per_epoch: Sequence[float]) -> float:
@@ -68,7 +65,7 @@ class EpochThroughput(pl.Callback):
         self._samples = 0
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _sync(trainer)
+        sync(trainer.strategy.root_device)
         self._epoch_start = time.perf_counter()
         self._val_s = 0.0
         self._samples = 0
@@ -85,16 +82,16 @@ class EpochThroughput(pl.Callback):
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING:  # validation inside a fit epoch
-            _sync(trainer)
+            sync(trainer.strategy.root_device)
             self._val_start = time.perf_counter()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
-            _sync(trainer)
+            sync(trainer.strategy.root_device)
             self._val_s += time.perf_counter() - self._val_start
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _sync(trainer)
+        sync(trainer.strategy.root_device)
         epoch_s = time.perf_counter() - self._epoch_start
         train_s = max(epoch_s - self._val_s, 1e-9)
         if self._samples == 0:
