@@ -12,10 +12,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from ssl_robust.launch.perf import steady_throughput
 
 # Targets of the Speed issue on one H200 (BENCHMARKS.md, "GPU").
 TARGET_B_OVER_A = 2.4
@@ -123,7 +124,7 @@ def training_rows(method: str, csv_path: Path | None, metrics: dict[str, Any] | 
         )
     )
     if ips:
-        steady = statistics.median(ips[1:] or ips)
+        steady = steady_throughput(ips)  # as metrics.json computes it
         rows.append(
             _row("in-loop training images/s (median after epoch 1)", f"{steady:.0f}", "-", "-")
         )
