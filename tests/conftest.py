@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,3 +44,21 @@ def tiny_pretrain_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
         )
 
     return make
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster() -> None:
+    """Skip (or, under ``CI=true``, fail) a SLURM test module when no cluster answers."""
+    from tests.slurm_utils import require_slurm
+
+    require_slurm()
+
+
+@pytest.fixture
+def jobs() -> Iterator[list[int]]:
+    """SLURM job ids submitted by a test; any still queued or running are cancelled afterwards."""
+    from tests.slurm_utils import cancel_quietly
+
+    submitted: list[int] = []
+    yield submitted
+    cancel_quietly(submitted)

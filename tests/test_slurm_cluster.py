@@ -17,31 +17,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-try:
-    from slurm_utils import (
-        cancel_quietly,
-        job_status,
-        require_slurm,
-        sbatch,
-        scancel,
-        wait_for_job,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.slurm_utils import (
-        cancel_quietly,
-        job_status,
-        require_slurm,
-        sbatch,
-        scancel,
-        wait_for_job,
-    )
+from tests.slurm_utils import job_status, sbatch, scancel, wait_for_job
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
 # The emulated nodes do not resolve by name, so the rendezvous address is the first node's
 # NodeAddr from slurm.conf (127.0.0.1 on the CI cluster); the job name must not be `bash` or
@@ -77,19 +59,6 @@ def _batch_script(
 def _output(directory: Path, job_id: int) -> str:
     log = directory / f"slurm-{job_id}.out"
     return log.read_text(errors="replace") if log.exists() else "<no job output>"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cluster() -> None:
-    require_slurm()
-
-
-@pytest.fixture
-def jobs() -> Iterator[list[int]]:
-    """Job ids submitted by a test; any still queued or running are cancelled afterwards."""
-    submitted: list[int] = []
-    yield submitted
-    cancel_quietly(submitted)
 
 
 @pytest.mark.timeout(120)

@@ -22,35 +22,15 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-try:
-    from slurm_utils import (
-        CLIENT_TIMEOUT_S,
-        cancel_quietly,
-        job_env,
-        job_status,
-        require_slurm,
-        scancel,
-        wait_for_job,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.slurm_utils import (
-        CLIENT_TIMEOUT_S,
-        cancel_quietly,
-        job_env,
-        job_status,
-        require_slurm,
-        scancel,
-        wait_for_job,
-    )
+from tests.slurm_utils import CLIENT_TIMEOUT_S, job_env, job_status, scancel, wait_for_job
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "slurm"
@@ -67,18 +47,6 @@ TINY = [
     "trainer.accelerator=cpu",
     "trainer.progress_bar=false",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cluster() -> None:
-    require_slurm()
-
-
-@pytest.fixture
-def jobs() -> Iterator[list[int]]:
-    submitted: list[int] = []
-    yield submitted
-    cancel_quietly(submitted)
 
 
 def _sbatch(template: str, options: list[str], args: list[str], env: dict[str, str]) -> int:
