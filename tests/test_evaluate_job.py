@@ -14,11 +14,13 @@ import pytest
 import torch
 from omegaconf import DictConfig
 from PIL import Image
+from safetensors import safe_open
 
 from ssl_robust.config import ConfigError, EvaluateConfig, load_config
 from ssl_robust.data.datasets import build_splits
 from ssl_robust.evaluate.cifar_c import write_cifar_c
 from ssl_robust.evaluate.report import describe_metric, expected_metric_keys
+from ssl_robust.evaluate.store import UNIT_SUFFIX
 from ssl_robust.pipelines.evaluate import evaluate
 from tests.eval_runs import DATA, tiny_denoiser, train_digits_classifier
 
@@ -411,3 +413,68 @@ def test_clean_accuracy_over_several_purifications(
     assert "test/draws" not in plain
     with pytest.raises(ConfigError, match=r"clean\.draws must be >= 1"):
         evaluate(tiny_cfg("clean.draws=0", run_dir=tmp_path / "bad"))
+
+
+def test_corruption_accuracy_over_several_purifications(
+    tiny_cfg: Callable[..., DictConfig], denoiser_run: Path, unet_calls: list[int], tmp_path: Path
+) -> None:
+    ddim, draws = 2, 3
+    corruptions, severities = ["impulse_noise", "contrast"], [1, 5]  # the tiny grid
+    only_shift = [*[f"{s}.enabled=false" for s in ("clean", "adv", "ood", "perf")]]
+    purifier = [f"purifier.run={denoiser_run}", "purifier.sampler=ddim", "purifier.t_star=20"]
+    purifier.append(f"purifier.ddim_steps={ddim}")
+    several = tiny_cfg(*purifier, *only_shift, f"shift.draws={draws}")
+    m = evaluate(several)
+    n = int(_report(several)["meta"]["num_images"])
+    # Every cell: draws purifications of every image, ddim UNet calls each; calibration adds
+    # one clean pass.
+    assert unet_calls[0] == (draws * len(corruptions) * len(severities) + 1) * n * ddim
+    expected = expected_metric_keys(
+        clean=False,
+        purified=True,
+        shift_draws=draws,
+        corruptions=corruptions,
+        severities=severities,
+        calib_sets=["clean", "shift"],
+    )
+    assert set(m) == expected and all(describe_metric(k) is not None for k in m)
+    assert m["shift/draws"] == draws and m["shift/mean_acc_std"] > 0  # the draws differ
+    assert m["shift/mean_acc_worst"] <= m["shift/mean_acc"] <= 1.0
+    # Each cell keeps its per-draw accuracies; the spread is that of the per-draw grid means.
+    partial = Path(several.run.dir) / "partial"
+
+    def stored(unit: str) -> dict[str, Any]:
+        with safe_open(partial / f"{unit}{UNIT_SUFFIX}", "pt") as f:
+            return dict(json.loads(f.metadata()["data"]))
+
+    accs = {(c, sev): stored(f"shift/{c}/{sev}")["accs"] for c in corruptions for sev in severities}
+    for (c, sev), cell in accs.items():
+        assert len(cell) == draws and m[f"shift/{c}/{sev}/acc"] == pytest.approx(np.mean(cell))
+    per_draw = np.array(list(accs.values())).mean(0)
+    assert m["shift/mean_acc"] == pytest.approx(per_draw.mean())
+    assert m["shift/mean_acc_std"] == pytest.approx(per_draw.std(ddof=1))
+    assert m["shift/mean_acc_worst"] == pytest.approx(per_draw.min())
+
+    # The first draw is the one-purification run's draw (same stream per cell).
+    one = tiny_cfg(*purifier, *only_shift, run_dir=tmp_path / "one")
+    m1 = evaluate(one)
+    assert "shift/mean_acc_std" not in m1
+    assert m["calib/shift/acc"] == pytest.approx(m1["calib/shift/acc"])
+    assert m1["shift/mean_acc"] != m["shift/mean_acc"]  # more draws, another estimate
+    notes = " ".join(_report(several)["notes"])
+    assert f"corruption accuracy is the mean over {draws} purifications" in notes
+    assert "calibration numbers use one purification per image" in notes
+    md = (Path(several.run.dir) / "report.md").read_text()
+    assert f"mean of {draws} purifications" in md
+
+    # A resumed run reads every cell back, draws included, and reports the same numbers.
+    calls = unet_calls[0]
+    again = evaluate(tiny_cfg(*purifier, *only_shift, f"shift.draws={draws}", "run.resume=true"))
+    assert unet_calls[0] == calls
+    assert again == pytest.approx({**m, "perf/eval_wall_s": again["perf/eval_wall_s"]})
+
+    # A deterministic pipeline ignores shift.draws; zero draws is an error.
+    plain = evaluate(tiny_cfg(*only_shift, "shift.draws=4", run_dir=tmp_path / "plain"))
+    assert "shift/draws" not in plain
+    with pytest.raises(ConfigError, match=r"shift\.draws must be >= 1"):
+        evaluate(tiny_cfg("shift.draws=0", run_dir=tmp_path / "bad"))

@@ -153,6 +153,7 @@ def test_every_template_documents_some_key_and_the_most_specific_wins() -> None:
         clean=True,
         purified=True,
         clean_draws=3,
+        shift_draws=2,
         corruptions=["fog", "speckle_noise"],
         severities=[3, 5],
         threats=["linf_8"],

@@ -102,6 +102,11 @@ class ShiftSection:
     # CIFAR-10-C frost photographs shipped by imagecorruptions-imaug, pip install -e
     # ".[bench]") or a folder holding frost1..frost5 (png or jpg).
     frost: str = "procedural"
+    # Purifications per image in every cell behind a stochastic purifier: each cell's accuracy
+    # is their mean, and shift/mean_acc_std and shift/mean_acc_worst give the spread of the
+    # grid mean over the draws (1: one purification; ignored when deterministic). Calibration
+    # and OOD use the first draw. Costs draws x the grid's purifications.
+    draws: int = 1
 
 
 @dataclass

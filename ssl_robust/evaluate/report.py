@@ -55,7 +55,12 @@ METRIC_DOCS: dict[str, str] = {
     "test/acc_unpurified": "Clean accuracy of the classifier alone (runs with a purifier).",
     "test/n": "Number of evaluation images.",
     "shift/{corruption}/{severity}/acc": "Accuracy on one corruption at one severity.",
-    "shift/mean_acc": "Mean accuracy over the corruption x severity grid (RobustBench).",
+    "shift/mean_acc": "Mean accuracy over the corruption x severity grid (RobustBench; behind "
+    "a stochastic purifier, each cell is the mean over shift.draws purifications per image).",
+    "shift/mean_acc_std": "Standard deviation of the grid's mean accuracy over the purification "
+    "draws.",
+    "shift/mean_acc_worst": "Lowest grid mean accuracy over the purification draws.",
+    "shift/draws": "Purifications per image behind every corruption cell (shift.draws).",
     "shift/group/{group}/acc": "Mean over the group's corruptions in the grid, all severities.",
     "shift/severity/{severity}/acc": "Mean over the grid's corruptions at one severity.",
     "shift/severity5_acc": "Mean over the grid's corruptions at severity 5.",
@@ -160,6 +165,7 @@ def expected_metric_keys(
     clean: bool = True,
     purified: bool = False,
     clean_draws: int = 1,
+    shift_draws: int = 1,
     corruptions: Sequence[str] = (),
     severities: Sequence[int] = (),
     threats: Sequence[str] = (),
@@ -176,6 +182,7 @@ def expected_metric_keys(
         purified: A purifier sat in front of the classifier.
         clean_draws: Purifications per image of the clean accuracy (> 1: a stochastic
             purifier scored over several draws).
+        shift_draws: Purifications per image of every corruption cell (> 1: likewise).
         corruptions: The corruption grid (empty: the shift section did not run).
         severities: Its severities.
         threats: Threat names (:func:`threat_name`) attacked.
@@ -199,6 +206,8 @@ def expected_metric_keys(
         keys |= {f"shift/severity/{s}/acc" for s in severities}
         if 5 in severities:
             keys.add("shift/severity5_acc")
+        if shift_draws > 1:
+            keys |= {"shift/mean_acc_std", "shift/mean_acc_worst", "shift/draws"}
     per_threat = [
         "acc",
         "acc_worst",
@@ -317,7 +326,14 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
 
     corruptions, severities = _grid(report)
     if "shift/mean_acc" in m:
-        summary = [["mean over the grid", m["shift/mean_acc"]]]
+        grid_name = "mean over the grid"
+        if "shift/draws" in m:
+            grid_name += (
+                f", mean of {m['shift/draws']:.0f} purifications "
+                f"(std {100 * m['shift/mean_acc_std']:.2f}, "
+                f"worst {100 * m['shift/mean_acc_worst']:.2f})"
+            )
+        summary = [[grid_name, m["shift/mean_acc"]]]
         if "shift/severity5_acc" in m:
             summary.append(["severity 5", m["shift/severity5_acc"]])
         if "test/acc" in m:

@@ -142,6 +142,7 @@ def check_config(cfg: DictConfig) -> None:
     )
     need(cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
     need(cfg.clean.draws >= 1, f"clean.draws must be >= 1, got {cfg.clean.draws}")
+    need(cfg.shift.draws >= 1, f"shift.draws must be >= 1, got {cfg.shift.draws}")
     need(cfg.eval.max_images >= 0, f"eval.max_images must be >= 0, got {cfg.eval.max_images}")
     p = cfg.purifier
     need(p.t_star >= 0, f"purifier.t_star must be >= 0, got {p.t_star}")
@@ -388,6 +389,7 @@ def _unit_specs(
     clean: bool,
     bare: bool,
     clean_draws: int,
+    shift_draws: int,
     corruptions: list[str],
     severities: list[int],
     threats: list[dict[str, Any]],
@@ -398,8 +400,9 @@ def _unit_specs(
 
     Units: ``clean`` (the clean logits of ``clean_draws`` purifications, and the unpurified
     ones when ``bare``),
-    ``shift/<corruption>/<severity>`` (one cell of the grid; the top severity also keeps its
-    logits for calibration and OOD), ``adv/<threat>/pgd``, ``adv/<threat>/autoattack`` and
+    ``shift/<corruption>/<severity>`` (one cell of the grid, over ``shift_draws``
+    purifications; the top severity also keeps the first draw's logits for calibration and
+    OOD), ``adv/<threat>/pgd``, ``adv/<threat>/autoattack`` and
     ``adv/sanity/<norm>``.
     """
     specs: dict[str, dict[str, Any]] = {}
@@ -428,6 +431,8 @@ def _unit_specs(
                 "logits": sev == max(severities),
                 "source": source,
             }
+            if shift_draws > 1:  # only then: stores written before draws existed stay valid
+                specs[f"shift/{c}/{sev}"]["draws"] = shift_draws
     a = cfg.adv
     eot, draws = _attack_budget(cfg, stochastic)
     attack = {
@@ -634,11 +639,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     fingerprint = _fingerprint(cfg, model, clf_meta, denoiser_desc, images, labels, device)
     need_clean = bool(cfg.clean.enabled or cfg.calib.enabled or cfg.ood.enabled)
     clean_draws = int(cfg.clean.draws) if stochastic and cfg.clean.enabled else 1
+    shift_draws = int(cfg.shift.draws) if stochastic and corruptions else 1
     specs = _unit_specs(
         cfg,
         clean=need_clean,
         bare=bool(cfg.clean.enabled) and purifier is not None,
         clean_draws=clean_draws,
+        shift_draws=shift_draws,
         corruptions=corruptions,
         severities=severities,
         threats=threats,
@@ -704,16 +711,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         if bare is not None:
             metrics["test/acc_unpurified"] = (bare.argmax(1) == y).float().mean().item()
     if stochastic:
-        clean_words = (
-            f"clean accuracy is the mean over {clean_draws} purifications per image "
-            "(test/acc_std, test/acc_worst); corruption, calibration and OOD numbers use one"
-            if clean_draws > 1
-            else "clean, corruption, calibration and OOD numbers use one purification per image"
-        )
-        notes.append(
-            f"The purifier is stochastic: {clean_words}; robust accuracy is re-scored over "
-            "several (mean and worst)."
-        )
+        sections = {
+            "clean": clean_draws if cfg.clean.enabled else 0,
+            "corruption": shift_draws if corruptions else 0,
+            "calibration": 1 if cfg.calib.enabled else 0,
+            "OOD": 1 if cfg.ood.enabled else 0,
+        }
+        notes.append(_stochastic_note({k: v for k, v in sections.items() if v}))
 
     shift_logits: Tensor | None = None
     shift_labels: Tensor | None = None
@@ -727,6 +731,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 y,
                 corruptions,
                 severities,
+                shift_draws,
                 device,
                 metrics,
                 meta,
@@ -789,6 +794,28 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def _stochastic_note(draws: dict[str, int]) -> str:
+    """How many purifications per image stand behind the numbers of each section that ran
+    (``{"clean": 3, "corruption": 1, ...}``)."""
+    spread = {
+        "clean": "test/acc_std, test/acc_worst",
+        "corruption": "shift/mean_acc_std, shift/mean_acc_worst",
+    }
+    several = [
+        f"{name} accuracy is the mean over {k} purifications per image ({spread[name]})"
+        for name, k in draws.items()
+        if k > 1
+    ]
+    one = [name for name, k in draws.items() if k == 1]
+    if one:
+        several.append(", ".join(one) + " numbers use one purification per image")
+    words = "; ".join(several)
+    return (
+        f"The purifier is stochastic: {words}; robust accuracy is re-scored over several "
+        "(mean and worst)."
+    )
+
+
 def _in_summary(key: str) -> bool:
     """Keep the console summary short: no grid cells, sanity details or protocol counts."""
     parts = key.split("/")
@@ -806,6 +833,7 @@ def _shift_section(
     y: Tensor,
     corruptions: list[str],
     severities: list[int],
+    draws: int,
     device: torch.device,
     metrics: dict[str, float],
     meta: dict[str, Any],
@@ -817,7 +845,9 @@ def _shift_section(
 
     Each cell is one unit of ``cache``, and draws the purifier's noise from its own stream,
     seeded by (run.seed, corruption, severity), so that a cell computed after a resume sees
-    what it would have seen in an uninterrupted run.
+    what it would have seen in an uninterrupted run. With ``draws`` > 1 (a stochastic
+    purifier), a cell's accuracy is the mean over that many purifications of every image, and
+    the spread of the grid mean over the draws is reported beside it.
     """
     s = cfg.shift
     seed = int(cfg.run.seed)
@@ -838,6 +868,7 @@ def _shift_section(
     pooled_logits: list[Tensor] = []
     pooled_labels: list[Tensor] = []
     folder_sizes: list[int] = []  # images per severity in the folder, per cell
+    cell_accs: dict[tuple[str, int], list[float]] = {}  # per draw
     numbers: dict[str, Any]  # a cell's stored numbers
     kept: dict[str, Tensor]  # and tensors
     logits: Tensor | None
@@ -849,7 +880,7 @@ def _shift_section(
             if stored is not None:
                 bar.update(task, description=f"{c} s{sev} (stored)")
                 numbers, kept = stored
-                acc = float(numbers["acc"])
+                accs = [float(a) for a in numbers.get("accs", [numbers["acc"]])]
                 logits, y_c = kept.get("logits"), kept.get("labels")
             else:
                 bar.update(task, description=f"{c} s{sev}")
@@ -864,13 +895,18 @@ def _shift_section(
                 else:
                     x_c = _generate(images, c, sev, seed, s.batch_size, device, textures)
                     y_c = y
+                # One stream for all draws: the first is the one-draw run's purification.
                 model.reseed(_corruption_seed(seed + _SEED_SHIFT, c, sev), device)
-                logits = _predict(model, x_c, cfg.eval.batch_size, device)
-                acc = (logits.argmax(1) == y_c).float().mean().item()
-                numbers["acc"] = acc
+                outs = [_predict(model, x_c, cfg.eval.batch_size, device) for _ in range(draws)]
+                accs = [(out.argmax(1) == y_c).float().mean().item() for out in outs]
+                logits = outs[0]  # calibration and OOD: the first purification
+                numbers["acc"] = float(np.mean(accs))
+                if draws > 1:
+                    numbers["accs"] = accs
                 kept = {"logits": logits, "labels": y_c} if sev == top else {}
                 cache.put(unit, numbers, kept)
-            metrics[f"shift/{c}/{sev}/acc"] = acc
+            cell_accs[c, sev] = accs
+            metrics[f"shift/{c}/{sev}/acc"] = float(np.mean(accs))
             if "folder_images" in numbers:
                 folder_sizes.append(int(numbers["folder_images"]))
             if sev == top:
@@ -885,6 +921,11 @@ def _shift_section(
         )
     cell = {(c, sev): metrics[f"shift/{c}/{sev}/acc"] for c in corruptions for sev in severities}
     metrics["shift/mean_acc"] = float(np.mean(list(cell.values())))
+    if draws > 1:
+        per_draw = np.mean(np.array(list(cell_accs.values())), axis=0)  # grid mean per draw
+        metrics["shift/mean_acc_std"] = float(per_draw.std(ddof=1))
+        metrics["shift/mean_acc_worst"] = float(per_draw.min())
+        metrics["shift/draws"] = float(draws)
     for sev in severities:
         metrics[f"shift/severity/{sev}/acc"] = float(np.mean([cell[c, sev] for c in corruptions]))
     if 5 in severities:
