@@ -717,7 +717,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             "calibration": 1 if cfg.calib.enabled else 0,
             "OOD": 1 if cfg.ood.enabled else 0,
         }
-        notes.append(_stochastic_note({k: v for k, v in sections.items() if v}))
+        notes.append(_stochastic_note({k: v for k, v in sections.items() if v}, bool(threats)))
 
     shift_logits: Tensor | None = None
     shift_labels: Tensor | None = None
@@ -794,9 +794,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def _stochastic_note(draws: dict[str, int]) -> str:
+def _stochastic_note(draws: dict[str, int], attacked: bool) -> str:
     """How many purifications per image stand behind the numbers of each section that ran
-    (``{"clean": 3, "corruption": 1, ...}``)."""
+    (``{"clean": 3, "corruption": 1, ...}``; ``attacked``: the attacks ran)."""
     spread = {
         "clean": "test/acc_std, test/acc_worst",
         "corruption": "shift/mean_acc_std, shift/mean_acc_worst",
@@ -809,11 +809,9 @@ def _stochastic_note(draws: dict[str, int]) -> str:
     one = [name for name, k in draws.items() if k == 1]
     if one:
         several.append(", ".join(one) + " numbers use one purification per image")
-    words = "; ".join(several)
-    return (
-        f"The purifier is stochastic: {words}; robust accuracy is re-scored over several "
-        "(mean and worst)."
-    )
+    if attacked:
+        several.append("robust accuracy is re-scored over several (mean and worst)")
+    return "The purifier is stochastic" + (f": {'; '.join(several)}." if several else ".")
 
 
 def _in_summary(key: str) -> bool:
