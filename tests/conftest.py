@@ -10,6 +10,8 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
+from tests.slurm_utils import cancel_quietly, require_slurm
+
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -49,16 +51,12 @@ def tiny_pretrain_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
 @pytest.fixture(scope="module")
 def slurm_cluster() -> None:
     """Skip (or, under ``CI=true``, fail) a SLURM test module when no cluster answers."""
-    from tests.slurm_utils import require_slurm
-
     require_slurm()
 
 
 @pytest.fixture
 def jobs() -> Iterator[list[int]]:
     """SLURM job ids submitted by a test; any still queued or running are cancelled afterwards."""
-    from tests.slurm_utils import cancel_quietly
-
     submitted: list[int] = []
     yield submitted
     cancel_quietly(submitted)

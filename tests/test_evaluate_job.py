@@ -14,13 +14,12 @@ import pytest
 import torch
 from omegaconf import DictConfig
 from PIL import Image
-from safetensors import safe_open
 
 from ssl_robust.config import ConfigError, EvaluateConfig, load_config
 from ssl_robust.data.datasets import build_splits
 from ssl_robust.evaluate.cifar_c import write_cifar_c
 from ssl_robust.evaluate.report import describe_metric, expected_metric_keys
-from ssl_robust.evaluate.store import UNIT_SUFFIX
+from ssl_robust.evaluate.store import UNIT_SUFFIX, read_unit
 from ssl_robust.pipelines.evaluate import evaluate
 from tests.eval_runs import DATA, tiny_denoiser, train_digits_classifier
 
@@ -419,8 +418,8 @@ def test_corruption_accuracy_over_several_purifications(
     tiny_cfg: Callable[..., DictConfig], denoiser_run: Path, unet_calls: list[int], tmp_path: Path
 ) -> None:
     ddim, draws = 2, 3
-    corruptions, severities = ["impulse_noise", "contrast"], [1, 5]  # the tiny grid
-    only_shift = [*[f"{s}.enabled=false" for s in ("clean", "adv", "ood", "perf")]]
+    corruptions, severities = GRID, [1, 5]
+    only_shift = [f"{s}.enabled=false" for s in ("clean", "adv", "ood", "perf")]
     purifier = [f"purifier.run={denoiser_run}", "purifier.sampler=ddim", "purifier.t_star=20"]
     purifier.append(f"purifier.ddim_steps={ddim}")
     several = tiny_cfg(*purifier, *only_shift, f"shift.draws={draws}")
@@ -444,8 +443,9 @@ def test_corruption_accuracy_over_several_purifications(
     partial = Path(several.run.dir) / "partial"
 
     def stored(unit: str) -> dict[str, Any]:
-        with safe_open(partial / f"{unit}{UNIT_SUFFIX}", "pt") as f:
-            return dict(json.loads(f.metadata()["data"]))
+        read = read_unit(partial / f"{unit}{UNIT_SUFFIX}")
+        assert read is not None, unit
+        return read[1]
 
     accs = {(c, sev): stored(f"shift/{c}/{sev}")["accs"] for c in corruptions for sev in severities}
     for (c, sev), cell in accs.items():

@@ -917,7 +917,7 @@ def _shift_section(
             f"{folder} holds {folder_sizes[0]} images per severity, the evaluation set "
             f"{len(images)}; its own images and labels were used"
         )
-    cell = {(c, sev): metrics[f"shift/{c}/{sev}/acc"] for c in corruptions for sev in severities}
+    cell = {key: float(np.mean(accs)) for key, accs in cell_accs.items()}
     metrics["shift/mean_acc"] = float(np.mean(list(cell.values())))
     if draws > 1:
         per_draw = np.mean(np.array(list(cell_accs.values())), axis=0)  # grid mean per draw
