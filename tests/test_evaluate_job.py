@@ -18,6 +18,8 @@ from PIL import Image
 from ssl_robust.config import ConfigError, EvaluateConfig, load_config
 from ssl_robust.data.datasets import build_splits
 from ssl_robust.evaluate.cifar_c import write_cifar_c
+from ssl_robust.evaluate.metrics import calibration_report
+from ssl_robust.evaluate.ood import energy_score, msp_score, ood_metrics
 from ssl_robust.evaluate.report import describe_metric, expected_metric_keys
 from ssl_robust.evaluate.store import UNIT_SUFFIX, read_unit
 from ssl_robust.pipelines.evaluate import evaluate
@@ -398,11 +400,24 @@ def test_clean_accuracy_over_several_purifications(
     assert set(m) == expected and all(describe_metric(k) is not None for k in m)
     assert m["test/draws"] == draws and m["test/acc_std"] > 0  # the draws differ
     assert m["test/acc_worst"] <= m["test/acc"] <= 1.0
-    # The first draw is the one-purification run's draw (same stream): calibration uses it.
+    # The first draw is the one-purification run's draw (same stream).
+    stored = read_unit(Path(several.run.dir) / "partial" / f"clean{UNIT_SUFFIX}")
+    assert stored is not None
+    logits = stored[2]["logits"]  # (draws, n, classes)
+    assert logits.shape[:2] == (draws, n)
+    y = torch.from_numpy(build_splits(**DATA).val.labels)
     one = tiny_cfg(*purifier, *only_clean, run_dir=tmp_path / "one")
     m1 = evaluate(one)
     assert "test/acc_std" not in m1
-    assert m["calib/clean/acc"] == pytest.approx(m1["test/acc"])
+    assert m1["test/acc"] == pytest.approx((logits[0].argmax(1) == y).float().mean().item())
+    # Calibration pools the predictions of every draw: NLL, Brier and accuracy are the means
+    # over the draws, the ECE that of the pooled predictions.
+    per_draw = [calibration_report(d, y, 15) for d in logits]
+    for k in ("nll", "brier", "acc"):
+        assert m[f"calib/clean/{k}"] == pytest.approx(np.mean([r[k] for r in per_draw]), rel=1e-5)
+    pooled = calibration_report(logits.flatten(0, 1), y.repeat(draws), 15)
+    assert m["calib/clean/ece"] == pytest.approx(pooled["ece"], rel=1e-5)
+    assert m["calib/clean/acc"] == pytest.approx(m["test/acc"])
     notes = " ".join(_report(several)["notes"])
     assert f"clean accuracy is the mean over {draws} purifications" in notes
     md = (Path(several.run.dir) / "report.md").read_text()
@@ -459,11 +474,18 @@ def test_corruption_accuracy_over_several_purifications(
     one = tiny_cfg(*purifier, *only_shift, run_dir=tmp_path / "one")
     m1 = evaluate(one)
     assert "shift/mean_acc_std" not in m1
-    assert m["calib/shift/acc"] == pytest.approx(m1["calib/shift/acc"])
+    top = max(severities)
+    first = np.mean([accs[c, top][0] for c in corruptions])
+    assert m1["calib/shift/acc"] == pytest.approx(first)
     assert m1["shift/mean_acc"] != m["shift/mean_acc"]  # more draws, another estimate
+    # Calibration on the top severity pools every draw of every corruption.
+    assert m["calib/shift/acc"] == pytest.approx(np.mean([accs[c, top] for c in corruptions]))
     notes = " ".join(_report(several)["notes"])
     assert f"corruption accuracy is the mean over {draws} purifications" in notes
-    assert "calibration numbers use one purification per image" in notes
+    assert (
+        "calibration pools the predictions of every purification made "
+        f"(clean once, corrupted {draws} times per image)"
+    ) in notes
     md = (Path(several.run.dir) / "report.md").read_text()
     assert f"mean of {draws} purifications" in md
 
@@ -478,3 +500,39 @@ def test_corruption_accuracy_over_several_purifications(
     assert "shift/draws" not in plain
     with pytest.raises(ConfigError, match=r"shift\.draws must be >= 1"):
         evaluate(tiny_cfg("shift.draws=0", run_dir=tmp_path / "bad"))
+
+
+def test_ood_pools_every_purification(
+    tiny_cfg: Callable[..., DictConfig], denoiser_run: Path, unet_calls: list[int], tmp_path: Path
+) -> None:
+    ddim, draws, n_noise = 2, 2, 64
+    only_ood = [f"{s}.enabled=false" for s in ("shift", "adv", "calib", "perf")]
+    purifier = [f"purifier.run={denoiser_run}", "purifier.sampler=ddim", "purifier.t_star=20"]
+    purifier.append(f"purifier.ddim_steps={ddim}")
+    ood = [
+        "ood.noise_kinds=[gaussian,blobs]",
+        f"ood.num_noise={n_noise}",
+        "ood.held_out_classes=[0]",
+    ]
+    cfg = tiny_cfg(*purifier, *only_ood, *ood, f"clean.draws={draws}")
+    m = evaluate(cfg)
+    n = int(m["test/n"])
+    # The clean images and both noise sets, each purified draws times.
+    assert unet_calls[0] == draws * (n + 2 * n_noise) * ddim
+    # The held-out set's scores pool both draws on each side.
+    stored = read_unit(Path(cfg.run.dir) / "partial" / f"clean{UNIT_SUFFIX}")
+    assert stored is not None
+    logits = stored[2]["logits"]  # (draws, n, classes)
+    y = torch.from_numpy(build_splits(**DATA).val.labels)
+    inside, outside = logits[:, y != 0].flatten(0, 1), logits[:, y == 0].flatten(0, 1)
+    for score, fn in (("msp", msp_score), ("energy", energy_score)):
+        expected = ood_metrics(fn(inside), fn(outside))
+        for k, v in expected.items():
+            assert m[f"ood/held_out/{score}/{k}"] == pytest.approx(v, abs=1e-6)
+    notes = " ".join(_report(cfg)["notes"])
+    assert f"OOD pools the predictions of every purification made (clean {draws} times" in notes
+    # One draw: the noise sets are purified once, and the numbers are another estimate.
+    calls = unet_calls[0]
+    m1 = evaluate(tiny_cfg(*purifier, *only_ood, *ood, run_dir=tmp_path / "one"))
+    assert unet_calls[0] - calls == (n + 2 * n_noise) * ddim
+    assert m1["ood/noise_gaussian/msp/auroc"] != m["ood/noise_gaussian/msp/auroc"]

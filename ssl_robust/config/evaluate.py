@@ -80,7 +80,8 @@ class CleanSection:
     enabled: bool = True
     # Purifications per image behind a stochastic purifier: test/acc is their mean, with
     # test/acc_std and test/acc_worst beside it (1: one purification; ignored when
-    # deterministic). Calibration and OOD use the first draw.
+    # deterministic). Calibration and OOD pool the predictions of every draw, and OOD noise
+    # images are purified as many times.
     draws: int = 1
 
 
@@ -105,7 +106,8 @@ class ShiftSection:
     # Purifications per image in every cell behind a stochastic purifier: each cell's accuracy
     # is their mean, and shift/mean_acc_std and shift/mean_acc_worst give the spread of the
     # grid mean over the draws (1: one purification; ignored when deterministic). Calibration
-    # and OOD use the first draw. Costs draws x the grid's purifications.
+    # and OOD on the top severity pool the predictions of every draw. Costs draws x the grid's
+    # purifications.
     draws: int = 1
 
 

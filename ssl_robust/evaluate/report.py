@@ -80,11 +80,13 @@ METRIC_DOCS: dict[str, str] = {
     "adv/{threat}/autoattack_wall_s": "Wall time of AutoAttack, seconds.",
     "adv/sanity/{norm}/{check}": "1 if the REFERENCE §4.5 check passed, else 0.",
     "adv/sanity/{norm}/passed": "1 if every sanity check of the norm passed.",
-    "calib/{set}/ece": "Expected calibration error, 15 equal-width bins (Guo et al. 2017).",
+    "calib/{set}/ece": "Expected calibration error, calib.n_bins equal-width bins (Guo et al. "
+    "2017; behind a stochastic purifier, over the predictions of every purification pooled).",
     "calib/{set}/nll": "Mean negative log-likelihood.",
     "calib/{set}/brier": "Multi-class Brier score.",
     "calib/{set}/acc": "Accuracy of the calibration set.",
-    "ood/{set}/{score}/auroc": "AUROC, in-distribution as positives.",
+    "ood/{set}/{score}/auroc": "AUROC, in-distribution as positives (behind a stochastic "
+    "purifier, the scores of every purification pooled on each side).",
     "ood/{set}/{score}/fpr95": "False-positive rate at 95% true-positive rate.",
     "perf/latency_ms": "Classifier latency at batch 1, median ms.",
     "perf/throughput_ips": "Classifier throughput at perf.batch_size, images/s.",
@@ -560,7 +562,8 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
     section(
         "Calibration",
         ["calib"],
-        "ECE with 15 equal-width confidence bins; NLL; multi-class Brier score. The shift set "
+        f"ECE with {meta.get('calib_bins', 15)} equal-width confidence bins; NLL; multi-class "
+        "Brier score. The shift set "
         f"pools {meta.get('calib_shift_set', 'the highest-severity corruptions')}.",
         "reliability",
     )

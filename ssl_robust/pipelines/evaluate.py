@@ -401,7 +401,7 @@ def _unit_specs(
     Units: ``clean`` (the clean logits of ``clean_draws`` purifications, and the unpurified
     ones when ``bare``),
     ``shift/<corruption>/<severity>`` (one cell of the grid, over ``shift_draws``
-    purifications; the top severity also keeps the first draw's logits for calibration and
+    purifications; the top severity also keeps the logits of every draw for calibration and
     OOD), ``adv/<threat>/pgd``, ``adv/<threat>/autoattack`` and
     ``adv/sanity/<norm>``.
     """
@@ -425,10 +425,12 @@ def _unit_specs(
                 "max_images": int(cfg.eval.max_images),
             }
         for sev in severities:
+            top = sev == max(severities)
             specs[f"shift/{c}/{sev}"] = {
                 "corruption": c,
                 "severity": sev,
-                "logits": sev == max(severities),
+                # Stores of several draws that kept only the first draw's logits are stale.
+                "logits": "every draw" if top and shift_draws > 1 else top,
                 "source": source,
             }
             if shift_draws > 1:  # only then: stores written before draws existed stay valid
@@ -681,7 +683,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     report: dict[str, Any] = {"metrics": metrics, "meta": meta, "notes": notes}
 
     # -- clean -----------------------------------------------------------------------------
-    clean_logits: Tensor | None = None
     draw_logits: Tensor | None = None  # (draws, N, classes)
     bare: Tensor | None = None
     if need_clean:
@@ -698,7 +699,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 bare = _predict(model.classifier, x_u8, bs, device)
             kept = {"logits": draw_logits} | ({"bare": bare} if bare is not None else {})
             cache.put("clean", {}, kept)
-        clean_logits = draw_logits[0]  # calibration and OOD: the first purification
     if cfg.clean.enabled:
         assert draw_logits is not None
         accs = (draw_logits.argmax(2) == y).float().mean(1)  # (draws,)
@@ -711,15 +711,22 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         if bare is not None:
             metrics["test/acc_unpurified"] = (bare.argmax(1) == y).float().mean().item()
     if stochastic:
-        sections = {
-            "clean": clean_draws if cfg.clean.enabled else 0,
-            "corruption": shift_draws if corruptions else 0,
-            "calibration": 1 if cfg.calib.enabled else 0,
-            "OOD": 1 if cfg.ood.enabled else 0,
+        ran = {
+            "clean": bool(cfg.clean.enabled),
+            "corruption": bool(corruptions),
+            "calibration": bool(cfg.calib.enabled),
+            "OOD": bool(cfg.ood.enabled),
         }
-        notes.append(_stochastic_note({k: v for k, v in sections.items() if v}, bool(threats)))
+        notes.append(
+            _stochastic_note(
+                [k for k, v in ran.items() if v],
+                clean_draws,
+                shift_draws,
+                bool(threats),
+            )
+        )
 
-    shift_logits: Tensor | None = None
+    shift_logits: Tensor | None = None  # (draws, M, classes)
     shift_labels: Tensor | None = None
     with _progress(cfg.eval.progress) as bar:
         # -- corruptions -------------------------------------------------------------------
@@ -751,13 +758,17 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         )
 
     # -- calibration ---------------------------------------------------------------------------
+    # Behind a stochastic purifier the predictions of every purification are pooled: the
+    # calibration of the randomised pipeline is that of (prediction, label) pairs drawn over
+    # images and purifier noise alike (NLL, Brier and accuracy are then the means over draws).
     reliability: dict[str, Any] = {}
     if cfg.calib.enabled:
+        meta["calib_bins"] = int(cfg.calib.n_bins)
         sets: list[tuple[str, Tensor, Tensor]] = []
-        if clean_logits is not None:
-            sets.append(("clean", clean_logits, y))
+        if draw_logits is not None:
+            sets.append(("clean", *_pooled(draw_logits, y)))
         if shift_logits is not None and shift_labels is not None:
-            sets.append(("shift", shift_logits, shift_labels))
+            sets.append(("shift", *_pooled(shift_logits, shift_labels)))
         for name, logits, labels_t in sets:
             for k, v in calibration_report(logits, labels_t, cfg.calib.n_bins).items():
                 metrics[f"calib/{name}/{k}"] = v
@@ -766,8 +777,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     report["reliability"] = reliability
 
     # -- OOD -----------------------------------------------------------------------------------
-    if cfg.ood.enabled and clean_logits is not None:
-        _ood_section(cfg, model, clean_logits, y, shift_logits, images.shape, device, report)
+    if cfg.ood.enabled and draw_logits is not None:
+        _ood_section(cfg, model, draw_logits, y, shift_logits, images.shape, device, report)
 
     # -- latency -------------------------------------------------------------------------------
     if cfg.perf.enabled:
@@ -794,24 +805,50 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def _stochastic_note(draws: dict[str, int], attacked: bool) -> str:
+def _pooled(draws: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The (draws, N, classes) logits of several purifications as draws x N predictions, each
+    with its image's label."""
+    return draws.flatten(0, 1), labels.repeat(draws.shape[0])
+
+
+def _stochastic_note(
+    sections: list[str], clean_draws: int, shift_draws: int, attacked: bool
+) -> str:
     """How many purifications per image stand behind the numbers of each section that ran
-    (``{"clean": 3, "corruption": 1, ...}``; ``attacked``: the attacks ran)."""
+    (``sections``: of clean, corruption, calibration, OOD; ``attacked``: the attacks ran)."""
     spread = {
         "clean": "test/acc_std, test/acc_worst",
         "corruption": "shift/mean_acc_std, shift/mean_acc_worst",
     }
-    several = [
-        f"{name} accuracy is the mean over {k} purifications per image ({spread[name]})"
-        for name, k in draws.items()
-        if k > 1
+    draws = {"clean": clean_draws, "corruption": shift_draws}
+    parts = [
+        f"{name} accuracy is the mean over {draws[name]} purifications per image ({spread[name]})"
+        for name in ("clean", "corruption")
+        if name in sections and draws[name] > 1
     ]
-    one = [name for name, k in draws.items() if k == 1]
+    one: list[str] = [n for n in ("clean", "corruption") if n in sections and draws[n] == 1]
+    pooled = [name for name in ("calibration", "OOD") if name in sections]
+    if pooled:
+        made = [f"clean {_times(clean_draws)}"]
+        if "corruption" in sections:
+            made.append(f"corrupted {_times(shift_draws)}")
+        if clean_draws == 1 and ("corruption" not in sections or shift_draws == 1):
+            one += pooled
+        else:
+            parts.append(
+                f"{' and '.join(pooled)} pool{'s' if len(pooled) == 1 else ''} the predictions "
+                "of every purification made "
+                f"({', '.join(made)} per image)"
+            )
     if one:
-        several.append(", ".join(one) + " numbers use one purification per image")
+        parts.append(", ".join(one) + " numbers use one purification per image")
     if attacked:
-        several.append("robust accuracy is re-scored over several (mean and worst)")
-    return "The purifier is stochastic" + (f": {'; '.join(several)}." if several else ".")
+        parts.append("robust accuracy is re-scored over several (mean and worst)")
+    return "The purifier is stochastic" + (f": {'; '.join(parts)}." if parts else ".")
+
+
+def _times(k: int) -> str:
+    return "once" if k == 1 else f"{k} times"
 
 
 def _in_summary(key: str) -> bool:
@@ -839,7 +876,8 @@ def _shift_section(
     bar: Progress,
     cache: UnitStore,
 ) -> tuple[Tensor, Tensor]:
-    """Accuracy over the corruption grid; returns the pooled highest-severity logits/labels.
+    """Accuracy over the corruption grid; returns the highest-severity cells' logits of every
+    draw, (draws, M, classes), and their labels (M,), the corruptions one after another.
 
     Each cell is one unit of ``cache``, and draws the purifier's noise from its own stream,
     seeded by (run.seed, corruption, severity), so that a cell computed after a resume sees
@@ -897,7 +935,9 @@ def _shift_section(
                 model.reseed(_corruption_seed(seed + _SEED_SHIFT, c, sev), device)
                 outs = [_predict(model, x_c, cfg.eval.batch_size, device) for _ in range(draws)]
                 accs = [(out.argmax(1) == y_c).float().mean().item() for out in outs]
-                logits = outs[0]  # calibration and OOD: the first purification
+                # Calibration and OOD: every draw, (draws, N, classes); one draw stays (N, classes)
+                # as stores written before the draws existed hold it.
+                logits = torch.stack(outs) if draws > 1 else outs[0]
                 numbers["acc"] = float(np.mean(accs))
                 if draws > 1:
                     numbers["accs"] = accs
@@ -909,7 +949,7 @@ def _shift_section(
                 folder_sizes.append(int(numbers["folder_images"]))
             if sev == top:
                 assert logits is not None and y_c is not None
-                pooled_logits.append(logits)
+                pooled_logits.append(logits if logits.dim() == 3 else logits[None])
                 pooled_labels.append(y_c)
             bar.advance(task)
     if folder_sizes and folder_sizes[0] != len(images):
@@ -939,7 +979,7 @@ def _shift_section(
             f"Corruption grid: {len(corruptions)} corruptions x {len(severities)} severities, "
             "not the full 15 x 5 CIFAR-10-C benchmark; means are over this grid."
         )
-    return torch.cat(pooled_logits), torch.cat(pooled_labels)
+    return torch.cat(pooled_logits, dim=1), torch.cat(pooled_labels)
 
 
 def _frost_textures_words(photo_folder: str | None) -> str:
@@ -1154,27 +1194,37 @@ def _ood_section(
     device: torch.device,
     report: dict[str, Any],
 ) -> None:
+    """OOD detection from the clean logits (draws, N, classes) against noise images (purified
+    as many times as the clean images), the held-out classes and the top-severity corruptions
+    (shift_logits, (draws, M, classes)). Behind a stochastic purifier, the scores of every
+    draw are pooled on each side: the AUROC of the randomised detector."""
     o = cfg.ood
     seed = int(cfg.run.seed)
     metrics = report["metrics"]
     scores = {"msp": msp_score, "energy": energy_score}
     _, h, w, c = image_shape
     n_noise = int(o.num_noise) or len(y)
+    draws = clean_logits.shape[0]
+    clean = clean_logits.flatten(0, 1)
     sets: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (in-distribution, OOD) logits
     gen = torch.Generator().manual_seed(seed + _SEED_OOD)
     model.reseed(seed + _SEED_OOD, device)
     for kind in o.noise_kinds:
         noise = noise_images(n_noise, (c, h, w), kind, generator=gen)
-        sets[f"noise_{kind}"] = (clean_logits, _predict(model, noise, cfg.eval.batch_size, device))
+        outs = [_predict(model, noise, cfg.eval.batch_size, device) for _ in range(draws)]
+        sets[f"noise_{kind}"] = (clean, torch.cat(outs))
     if o.held_out_classes:
         in_mask, out_mask = held_out_class_split(y, list(o.held_out_classes))
         if in_mask.any() and out_mask.any():
-            sets["held_out"] = (clean_logits[in_mask], clean_logits[out_mask])
+            sets["held_out"] = (
+                clean_logits[:, in_mask].flatten(0, 1),
+                clean_logits[:, out_mask].flatten(0, 1),
+            )
         else:
             report["notes"].append("OOD held-out set skipped: a side of the split is empty.")
     if o.shift and shift_logits is not None:
         top = max(int(s) for s in cfg.shift.severities)
-        sets[f"shift_s{top}"] = (clean_logits, shift_logits)
+        sets[f"shift_s{top}"] = (clean, shift_logits.flatten(0, 1))
     hist: dict[str, dict[str, Any]] = {}
     for name, (l_in, l_out) in sets.items():
         hist[name] = {}
