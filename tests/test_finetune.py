@@ -90,6 +90,7 @@ def test_linear_probe_caches_features_learns_and_exports(
     mtime = cache[0].stat().st_mtime_ns
     for name in ("config.yaml", "subset.npy", "subset.json", "metrics.json", "classifier.json"):
         assert (run / name).is_file(), name
+    assert (run / "curves.png").is_file()  # 30 epochs of train/loss
     assert json.loads((run / "metrics.json").read_text()) == pytest.approx(metrics)
     assert metrics["subset/size"] == 143
     # Learning: a 4-wide convnet pretrained for 6 steps still separates digits far above chance.

@@ -42,6 +42,7 @@ def test_pretrain_writes_the_run_directory(
         "checkpoints/last.ckpt",
         "checkpoints/best.ckpt",
         "logs/version_0/metrics.csv",
+        "curves.png",
     ):
         assert (run / name).is_file(), name
     saved = json.loads((run / "metrics.json").read_text())

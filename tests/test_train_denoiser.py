@@ -103,6 +103,7 @@ def test_train_denoiser_writes_the_run_directory(
         "unet/config.json",
         "unet/diffusion_pytorch_model.safetensors",
         "scheduler/scheduler_config.json",
+        "curves.png",
     ):
         assert (run / name).is_file(), name
     assert OmegaConf.load(run / "config.yaml") == cfg

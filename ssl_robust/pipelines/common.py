@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ssl_robust.data.datasets import Splits, build_splits
+from ssl_robust.launch.curves import plot_training_curves
 from ssl_robust.launch.perf import EpochThroughput, steady_throughput
 from ssl_robust.launch.trainer import read_json, resume_checkpoint
 
@@ -72,6 +73,17 @@ def print_summary(
     console.print(f"[bold]Run directory:[/bold] {run_dir.resolve()}")
     for key, value in extra.items():
         console.print(f"[bold]{key}:[/bold] {value}")
+
+
+def write_curves(run_dir: Path, title: str) -> dict[str, str]:
+    """``<run_dir>/curves.png`` from the run's logs, as a summary line; a plotting failure
+    only warns (the run's results are written before)."""
+    try:
+        path = plot_training_curves(run_dir, title)
+    except Exception as exc:  # a figure must not fail a finished run
+        console.print(f"[yellow]warning:[/yellow] training curves not drawn: {exc!r}")
+        return {}
+    return {"Curves": str(path)} if path is not None else {}
 
 
 def fit_resumable(

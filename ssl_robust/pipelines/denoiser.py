@@ -24,6 +24,7 @@ from ssl_robust.pipelines.common import (
     fit_resumable,
     print_summary,
     run_dir_for,
+    write_curves,
 )
 from ssl_robust.purify.callbacks import SampleGrids
 from ssl_robust.purify.denoiser import DenoiserModule
@@ -148,5 +149,7 @@ def train_denoiser(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[
                 extra[f"Latest {name} grid"] = str(path)
         if "perf/fit_time_s" in metrics:
             extra["Fit time"] = f"{metrics['perf/fit_time_s']:.1f} s"
-        print_summary(f"denoiser {cfg.denoiser.unet} on {info.name}", run_dir, shown, extra)
+        title = f"denoiser {cfg.denoiser.unet} on {info.name}"
+        extra |= write_curves(run_dir, f"{title} ({run_dir.name})")
+        print_summary(title, run_dir, shown, extra)
     return metrics

@@ -50,7 +50,7 @@ from ssl_robust.launch.trainer import (
     write_json,
 )
 from ssl_robust.models.export import EncoderMeta, load_encoder
-from ssl_robust.pipelines.common import console, final_metrics, print_summary
+from ssl_robust.pipelines.common import console, final_metrics, print_summary, write_curves
 
 if TYPE_CHECKING:
     from ssl_robust.purify.purifier import Purifier
@@ -438,8 +438,9 @@ def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
             for k, v in metrics.items()
             if k.split("/")[0] in ("train", "val", "test", "purify")
         }
+        title = f"finetune {cfg.mode} on {data['name']}, {spec.label} labels"
         print_summary(
-            f"finetune {cfg.mode} on {data['name']}, {spec.label} labels",
+            title,
             run_dir,
             shown,
             {
@@ -448,6 +449,7 @@ def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
                 **extra,
                 "Classifier": str(run_dir / "classifier.safetensors"),
                 "Fit time": f"{metrics.get('perf/fit_time_s', 0.0):.1f} s",
+                **write_curves(run_dir, f"{title} ({run_dir.name})"),
             },
         )
     return metrics

@@ -34,6 +34,7 @@ from ssl_robust.pipelines.common import (
     fit_resumable,
     print_summary,
     run_dir_for,
+    write_curves,
 )
 
 
@@ -172,10 +173,15 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
         )
         export_encoder(backbone, meta, run_dir)
         shown = {k: v for k, v in metrics.items() if k.split("/")[0] in ("train", "val")}
+        title = f"pretrain {cfg.method.name} on {info.name}"
         print_summary(
-            f"pretrain {cfg.method.name} on {info.name}",
+            title,
             run_dir,
             shown,
-            {"Encoder": str(run_dir / "encoder.safetensors"), "Fit time": f"{elapsed:.1f} s"},
+            {
+                "Encoder": str(run_dir / "encoder.safetensors"),
+                "Fit time": f"{elapsed:.1f} s",
+                **write_curves(run_dir, f"{title} ({run_dir.name})"),
+            },
         )
     return metrics

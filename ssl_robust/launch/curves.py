@@ -1,0 +1,171 @@
+"""Training curves of a run directory, read from its CSV logs and drawn as one PNG.
+
+Every training job (pretraining, denoiser, fine-tuning) logs to ``<run dir>/logs/version_<k>/
+metrics.csv``, one version per (re)start. :func:`read_history` stitches the versions into one
+history per metric; :func:`plot_training_curves` draws it to ``<run dir>/curves.png`` when a
+fit ends, so a run without wandb still has its loss and accuracy curves to look at.
+
+    from ssl_robust.launch.curves import plot_training_curves
+    plot_training_curves("runs/pretrain-simclr-digits")   # -> runs/.../curves.png
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["CURVES_FILE", "plot_training_curves", "read_history"]
+
+CURVES_FILE = "curves.png"
+_INDEX_COLUMNS = ("step", "epoch")
+_MAX_PANELS = 12
+
+
+def _versions(log_dir: Path) -> list[Path]:
+    found = []
+    for path in log_dir.glob("version_*/metrics.csv"):
+        k = path.parent.name.removeprefix("version_")
+        if k.isdigit():
+            found.append((int(k), path))
+    return [p for _, p in sorted(found)]
+
+
+def _read_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
+    series: dict[str, list[tuple[int, float]]] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                step = int(float(row.get("step") or ""))
+            except ValueError:
+                continue
+            for key, text in row.items():
+                if key in _INDEX_COLUMNS or key is None or not text:
+                    continue
+                try:
+                    value = float(text)
+                except ValueError:
+                    continue
+                if math.isfinite(value):
+                    series.setdefault(key, []).append((step, value))
+    return series
+
+
+def read_history(run_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every metric logged in ``<run_dir>/logs``: ``name -> (steps, values)``, by step.
+
+    The versions are read in order. A resumed run restarts at its checkpoint's step, so a
+    version replaces what the earlier ones logged after its own first step (the interrupted
+    run's steps after its last checkpoint were trained again), and at that step the metrics
+    it logs again. A run started over (``run.resume=false``) starts at step 0 and so
+    replaces everything before it.
+    """
+    merged: dict[str, list[tuple[int, float]]] = {}
+    for path in _versions(Path(run_dir) / "logs"):
+        series = _read_csv(path)
+        steps = [s for points in series.values() for s, _ in points]
+        if not steps:
+            continue
+        start = min(steps)
+        again = {key for key, points in series.items() if any(s == start for s, _ in points)}
+        for key in merged:
+            # At the resume step itself, what the earlier run logged (e.g. the validation
+            # before its checkpoint) stays unless this version logs the same metric there.
+            merged[key] = [
+                (s, v) for s, v in merged[key] if s < start or (s == start and key not in again)
+            ]
+        for key, points in series.items():
+            merged.setdefault(key, []).extend(points)
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for key, points in merged.items():
+        if points:
+            points.sort(key=lambda p: p[0])
+            out[key] = (
+                np.array([s for s, _ in points], dtype=np.int64),
+                np.array([v for _, v in points], dtype=np.float64),
+            )
+    return out
+
+
+def _panel(name: str) -> str:
+    """Metrics drawn together: the learning rates of every parameter group, and the
+    denoiser's per-timestep validation errors."""
+    if name.startswith("lr-"):
+        return "learning rate"
+    if re.fullmatch(r"val/mse_t\d+-\d+", name):
+        return "val/mse by timestep"
+    return name
+
+
+def _panels(history: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, list[str]]:
+    """Panel title -> metric names; constants and single points are not curves."""
+    panels: dict[str, list[str]] = {}
+    for name in sorted(history):
+        values = history[name][1]
+        if len(values) < 2 or np.ptp(values) == 0:
+            continue
+        panels.setdefault(_panel(name), []).append(name)
+
+    # Losses first, then the validation and training metrics, then the rest (rates, timings).
+    def order(title: str) -> tuple[int, str]:
+        prefix = title.split("/")[0]
+        rank = 0 if "loss" in title else {"val": 1, "train": 2}.get(prefix, 3)
+        return rank, title
+
+    return {t: panels[t] for t in sorted(panels, key=order)[:_MAX_PANELS]}
+
+
+def plot_training_curves(run_dir: str | Path, title: str | None = None) -> Path | None:
+    """Draw every logged metric of ``run_dir`` against the training step into
+    ``<run_dir>/curves.png``; returns the path, or None when nothing was logged twice.
+
+    Dense per-step series also get a moving average; the learning rates share a panel, as do
+    a denoiser's per-timestep errors.
+    """
+    run_dir = Path(run_dir)
+    history = read_history(run_dir)
+    panels = _panels(history)
+    if not panels:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, (panel, names) in zip(axes.flat, panels.items(), strict=False):
+        for name in names:
+            steps, values = history[name]
+            label = name.removeprefix("lr-") if len(names) > 1 else None
+            if len(values) >= 50:
+                window = max(5, len(values) // 25)
+                kernel = np.ones(window) / window
+                smooth = np.convolve(values, kernel, mode="valid")
+                (raw,) = ax.plot(steps, values, alpha=0.25, linewidth=0.8)
+                ax.plot(steps[window - 1 :], smooth, color=raw.get_color(), label=label)
+            else:
+                ax.plot(steps, values, marker="o" if len(values) <= 30 else None, label=label)
+        ax.set_title(panel, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if panel.endswith("loss") or panel == "val/mse by timestep":
+            positive = all((history[n][1] > 0).all() for n in names)
+            if positive and max(history[n][1].max() / history[n][1].min() for n in names) > 20:
+                ax.set_yscale("log")
+        if len(names) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(title or run_dir.resolve().name, fontsize=11)
+    fig.tight_layout()
+    path = run_dir / CURVES_FILE
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)  # atomic: a crash mid-write keeps the previous plot
+    return path
