@@ -10,12 +10,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_robust.config import ConfigError
+from ssl_robust.launch.curves import read_history
 from ssl_robust.models.export import load_encoder
 from ssl_robust.pipelines import pretrain
 from tests.callbacks import CheckpointMidEpoch, StopAfterEpoch
@@ -105,6 +107,21 @@ def test_resumed_run_matches_uninterrupted_run(
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     assert resumed_metrics["train/loss"] == pytest.approx(full_metrics["train/loss"], rel=1e-5)
     assert resumed_metrics["val/knn_acc"] == pytest.approx(full_metrics["val/knn_acc"])
+    _same_history(tmp_path / "full", tmp_path / "part")
+
+
+def _same_history(full: Path, part: Path) -> None:
+    """The resumed run's stitched logs (curves.png) tell the uninterrupted run's story."""
+    h_full, h_part = read_history(full), read_history(part)
+    assert (part / "logs" / "version_1").is_dir()
+    assert set(h_part) == set(h_full)
+    # Training metrics, learning rates and timings, one per step; the run's settings (dist/*,
+    # optim/*) are logged again at every start.
+    for key in [k for k in h_full if k.startswith(("train/", "val/", "lr-", "perf/"))]:
+        (s_full, v_full), (s_part, v_part) = h_full[key], h_part[key]
+        assert s_part.tolist() == s_full.tolist(), key
+        if not key.startswith("perf/"):  # timings differ
+            np.testing.assert_allclose(v_part, v_full, rtol=1e-5, err_msg=key)
 
 
 def test_rerunning_a_finished_run_does_not_retrain(
@@ -217,6 +234,7 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_uninterrupted_run(
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     assert resumed["train/loss"] == pytest.approx(full["train/loss"], rel=1e-5)
+    _same_history(tmp_path / "full", tmp_path / "part")
 
 
 def test_pretraining_on_stl10_uses_the_unlabeled_pool(
