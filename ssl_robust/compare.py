@@ -21,10 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import OmegaConf
+
+from ssl_robust.launch.curves import read_history
 
 # Config keys that name a run and never explain a difference between results.
 IGNORED_KEYS = ("run.dir", "run.resume", "wandb.", "trainer.progress_bar", "data.root")
+# Validation metrics drawn against epochs for the training runs: pretraining's kNN accuracy,
+# fine-tuning's accuracy, a denoiser's loss.
+CURVE_METRICS = ("val/knn_acc", "val/acc", "val/loss")
 # The metrics shown by default when present: the hierarchical names every phase writes.
 DEFAULT_METRICS = (
     "val/knn_acc",
@@ -278,6 +284,53 @@ def plot_lines(
     return path
 
 
+def plot_curves(
+    runs: Sequence[Run], series: Sequence[str], path: Path, metrics: Sequence[str] = CURVE_METRICS
+) -> Path | None:
+    """One panel per validation metric in ``metrics`` against epochs, one line per local run
+    directory that logged it at least twice (resumed runs stitched), labelled by the
+    ``series`` config keys. ``None`` if no run has such a curve."""
+    curves = curve_data(runs, series, metrics)
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
+    for ax, (metric, lines) in zip(axes[0], curves.items(), strict=True):
+        for label, xs, ys in lines:
+            ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, label=label)
+        ax.set_title(metric)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6 if len(lines) > 6 else 8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def curve_data(
+    runs: Sequence[Run], series: Sequence[str], metrics: Sequence[str] = CURVE_METRICS
+) -> dict[str, list[tuple[str, np.ndarray, np.ndarray]]]:
+    """What :func:`plot_curves` draws: ``metric -> [(label, epochs, values)]``, by label."""
+    curves: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}
+    for run in runs:
+        folder = Path(run.source)
+        if not (folder / "logs").is_dir():
+            continue
+        history = read_history(folder, x="epoch")
+        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={run.config.get(k)}" for k in series)
+        for metric in metrics:
+            if metric in history and len(history[metric][0]) >= 2:
+                xs, ys = history[metric]
+                curves.setdefault(metric, []).append((label or run.name, xs, ys))
+    return {m: sorted(lines, key=lambda line: line[0]) for m, lines in curves.items()}
+
+
 def compare(
     sources: Sequence[str | Path] | Sequence[Run],
     out_dir: str | Path,
@@ -292,7 +345,8 @@ def compare(
 
     Returns:
         What was written, by kind: ``markdown``, ``html``, and ``plot_accuracy_vs_fraction`` /
-        ``plot_robust_vs_nfe`` when the runs have what those plots need.
+        ``plot_robust_vs_nfe`` / ``plot_training_curves`` when the runs have what those plots
+        need.
 
     Raises:
         ValueError: If there are no runs.
@@ -322,6 +376,10 @@ def compare(
         )  # fmt: skip
         if plot:
             written["plot_accuracy_vs_fraction"] = plot
+    # Validation curves of the training runs, side by side.
+    plot = plot_curves(runs, [k for k in keys if k != "run.seed"], out / "training_curves.png")
+    if plot:
+        written["plot_training_curves"] = plot
     # Robust accuracy against the purifier's network evaluations.
     adv = sorted(
         {m for r in runs for m in r.metrics if m.startswith("adv/") and m.endswith("/acc")}

@@ -12,7 +12,15 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from ssl_robust.compare import Run, compare, differing_keys, find_runs, load_run, select_metrics
+from ssl_robust.compare import (
+    Run,
+    compare,
+    curve_data,
+    differing_keys,
+    find_runs,
+    load_run,
+    select_metrics,
+)
 from ssl_robust.pipelines import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +71,18 @@ def test_offline_pretraining_runs_compare(pretrain_runs: dict[str, Path], tmp_pa
         assert f"| {run.name} | {method} | {knn:.4g} |" in md
     assert "<td>byol</td>" in written["html"].read_text()
     assert "plot_accuracy_vs_fraction" not in written  # nothing to plot for pretraining
+    # The kNN accuracy of both runs against epochs, one panel, a line per method.
+    runs = [load_run(r) for r in pretrain_runs.values()]
+    curves = curve_data(runs, ["method.name"])
+    assert list(curves) == ["val/knn_acc"]
+    assert [label for label, _, _ in curves["val/knn_acc"]] == ["name=byol", "name=simclr"]
+    for label, epochs, values in curves["val/knn_acc"]:
+        run = pretrain_runs[label.removeprefix("name=")]
+        assert epochs.tolist() == [1.0, 2.0]  # validated after each of the two epochs
+        final = json.loads((run / "metrics.json").read_text())["val/knn_acc"]
+        assert values[-1] == pytest.approx(final)
+    with Image.open(written["plot_training_curves"]) as img:
+        assert img.format == "PNG" and img.size == (660, 480)
 
 
 def _evaluation_tree(root: Path, pretrain_runs: dict[str, Path]) -> None:

@@ -34,14 +34,21 @@ def _versions(log_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _read_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
-    series: dict[str, list[tuple[int, float]]] = {}
+_Point = tuple[int, float, float]  # step, epoch (nan when the row has none), value
+
+
+def _read_csv(path: Path) -> dict[str, list[_Point]]:
+    series: dict[str, list[_Point]] = {}
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
             try:
                 step = int(float(row.get("step") or ""))
             except ValueError:
                 continue
+            try:
+                epoch = float(row.get("epoch") or "nan")
+            except ValueError:
+                epoch = math.nan
             for key, text in row.items():
                 if key in _INDEX_COLUMNS or key is None or not text:
                     continue
@@ -50,12 +57,16 @@ def _read_csv(path: Path) -> dict[str, list[tuple[int, float]]]:
                 except ValueError:
                     continue
                 if math.isfinite(value):
-                    series.setdefault(key, []).append((step, value))
+                    series.setdefault(key, []).append((step, epoch, value))
     return series
 
 
-def read_history(run_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Every metric logged in ``<run_dir>/logs``: ``name -> (steps, values)``, by step.
+def read_history(run_dir: str | Path, x: str = "step") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every metric logged in ``<run_dir>/logs``: ``name -> (xs, values)`` in step order.
+
+    ``x``: ``"step"`` (the global step of each row) or ``"epoch"`` (the epochs completed when
+    the row was logged, for end-of-epoch metrics such as validation; rows without an epoch
+    are left out), to compare runs of different batch sizes.
 
     The versions are read in order. A resumed run restarts at its checkpoint's step, so a
     version replaces what the earlier ones logged after its own first step (the interrupted
@@ -63,29 +74,34 @@ def read_history(run_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray]
     it logs again. A run started over (``run.resume=false``) starts at step 0 and so
     replaces everything before it.
     """
-    merged: dict[str, list[tuple[int, float]]] = {}
+    if x not in ("step", "epoch"):
+        raise ValueError(f"x must be 'step' or 'epoch', got {x!r}")
+    merged: dict[str, list[_Point]] = {}
     for path in _versions(Path(run_dir) / "logs"):
         series = _read_csv(path)
-        steps = [s for points in series.values() for s, _ in points]
+        steps = [p[0] for points in series.values() for p in points]
         if not steps:
             continue
         start = min(steps)
-        again = {key for key, points in series.items() if any(s == start for s, _ in points)}
+        again = {key for key, points in series.items() if any(p[0] == start for p in points)}
         for key in merged:
             # At the resume step itself, what the earlier run logged (e.g. the validation
             # before its checkpoint) stays unless this version logs the same metric there.
             merged[key] = [
-                (s, v) for s, v in merged[key] if s < start or (s == start and key not in again)
+                p for p in merged[key] if p[0] < start or (p[0] == start and key not in again)
             ]
         for key, points in series.items():
             merged.setdefault(key, []).extend(points)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for key, points in merged.items():
+        points.sort(key=lambda p: p[0])
+        if x == "epoch":
+            points = [(s, e + 1, v) for s, e, v in points if not math.isnan(e)]
         if points:
-            points.sort(key=lambda p: p[0])
+            xs = [p[0] if x == "step" else p[1] for p in points]
             out[key] = (
-                np.array([s for s, _ in points], dtype=np.int64),
-                np.array([v for _, v in points], dtype=np.float64),
+                np.array(xs, dtype=np.int64 if x == "step" else np.float64),
+                np.array([p[2] for p in points], dtype=np.float64),
             )
     return out
 
