@@ -87,3 +87,12 @@ def test_panels_wrap_into_rows_of_three(tmp_path: Path, panels: int) -> None:
     assert path is not None
     with Image.open(path) as img:
         assert img.size == (1260, 300 * -(-panels // 3))
+
+
+def test_only_noisy_series_are_smoothed() -> None:
+    from ssl_robust.launch.curves import _noisy
+
+    t = np.linspace(0, 1, 400)
+    schedule = 0.1 * (1 + np.cos(np.pi * t)) / 2  # a cosine learning rate: drawn as it is
+    loss = 5 * np.exp(-3 * t) + np.random.default_rng(0).normal(0, 0.1, t.size)
+    assert not _noisy(schedule) and _noisy(loss)

@@ -134,12 +134,18 @@ def _panels(history: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, list
     return {t: panels[t] for t in sorted(panels, key=order)[:_MAX_PANELS]}
 
 
+def _noisy(values: np.ndarray) -> bool:
+    """Step-to-step jitter beyond 2 % of the range (a loss, an online accuracy), as opposed to a
+    schedule such as the learning rate, which is drawn as it is."""
+    return float(np.diff(values).std()) > 0.02 * float(np.ptp(values))
+
+
 def plot_training_curves(run_dir: str | Path, title: str | None = None) -> Path | None:
     """Draw every logged metric of ``run_dir`` against the training step into
     ``<run_dir>/curves.png``; returns the path, or None when nothing was logged twice.
 
-    Dense per-step series also get a moving average; the learning rates share a panel, as do
-    a denoiser's per-timestep errors.
+    Dense, noisy series also get a moving average; the learning rates share a panel, as do a
+    denoiser's per-timestep errors.
     """
     run_dir = Path(run_dir)
     history = read_history(run_dir)
@@ -158,12 +164,13 @@ def plot_training_curves(run_dir: str | Path, title: str | None = None) -> Path 
         for name in names:
             steps, values = history[name]
             label = name.removeprefix("lr-") if len(names) > 1 else None
-            if len(values) >= 50:
+            if len(values) >= 50 and _noisy(values):
                 window = max(5, len(values) // 25)
                 kernel = np.ones(window) / window
-                smooth = np.convolve(values, kernel, mode="valid")
+                smooth = np.convolve(values, kernel, mode="valid")  # centred on its window
                 (raw,) = ax.plot(steps, values, alpha=0.25, linewidth=0.8)
-                ax.plot(steps[window - 1 :], smooth, color=raw.get_color(), label=label)
+                mid = steps[(window - 1) // 2 :][: len(smooth)]
+                ax.plot(mid, smooth, color=raw.get_color(), label=label)
             else:
                 ax.plot(steps, values, marker="o" if len(values) <= 30 else None, label=label)
         ax.set_title(panel, fontsize=10)
