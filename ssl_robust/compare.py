@@ -25,6 +25,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from ssl_robust.launch.curves import read_history
+from ssl_robust.plotting import pyplot, save_figure
 
 # Config keys that name a run and never explain a difference between results.
 IGNORED_KEYS = ("run.dir", "run.resume", "wandb.", "trainer.progress_bar", "data.root")
@@ -237,6 +238,11 @@ def _value(run: Run, key: str) -> Any:
     return run.metrics[key] if key in run.metrics else run.config.get(key)
 
 
+def _series_label(run: Run, series: Sequence[str]) -> str:
+    """``name=value, ...`` of the ``series`` config keys of ``run`` (last key part only)."""
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={run.config.get(k)}" for k in series)
+
+
 def plot_lines(
     runs: Sequence[Run],
     x: str,
@@ -247,17 +253,12 @@ def plot_lines(
 ) -> Path | None:
     """One line per (series value, metric) of ``metric`` against ``x`` (a config key or a
     metric), averaged over runs that share both (e.g. seeds). ``None`` if nothing to plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     points: dict[tuple[str, str], dict[float, list[float]]] = {}
     for run in runs:
         xv = _value(run, x)
         if not isinstance(xv, int | float) or isinstance(xv, bool):
             continue
-        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={run.config.get(k)}" for k in series)
+        label = _series_label(run, series)
         for metric in metrics:
             if metric in run.metrics:
                 points.setdefault((label, metric), {}).setdefault(float(xv), []).append(
@@ -265,7 +266,7 @@ def plot_lines(
                 )
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     for (label, metric), by_x in sorted(points.items()):
         xs = sorted(by_x)
         ys = [sum(by_x[v]) / len(by_x[v]) for v in xs]
@@ -277,11 +278,7 @@ def plot_lines(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_curves(
@@ -293,12 +290,7 @@ def plot_curves(
     curves = curve_data(runs, series, metrics)
     if not curves:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
     for ax, (metric, lines) in zip(axes[0], curves.items(), strict=True):
         for label, xs, ys in lines:
             ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, label=label)
@@ -306,11 +298,7 @@ def plot_curves(
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6 if len(lines) > 6 else 8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def curve_data(
@@ -323,7 +311,7 @@ def curve_data(
         if not (folder / "logs").is_dir():
             continue
         history = read_history(folder, x="epoch")
-        label = ", ".join(f"{k.rsplit('.', 1)[-1]}={run.config.get(k)}" for k in series)
+        label = _series_label(run, series)
         for metric in metrics:
             if metric in history and len(history[metric][0]) >= 2:
                 xs, ys = history[metric]

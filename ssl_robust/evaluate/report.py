@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_robust.evaluate.corruptions import CORRUPTION_GROUPS
+from ssl_robust.plotting import pyplot, save_figure
 
 __all__ = [
     "ANCHORS",
@@ -578,21 +579,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
 # ---------------------------------------------------------------------------------------------
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path
+_DPI = 110
 
 
 def _plot_shift(report: dict[str, Any], path: Path) -> Path | None:
@@ -600,7 +587,7 @@ def _plot_shift(report: dict[str, Any], path: Path) -> Path | None:
     corruptions, severities = _grid(report)
     if "shift/mean_acc" not in m or not severities:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     xs = ([0] if "test/acc" in m else []) + severities
     groups: dict[str, list[str]] = {}
@@ -620,14 +607,14 @@ def _plot_shift(report: dict[str, Any], path: Path) -> Path | None:
     ax.set_title("Accuracy vs corruption severity")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=_DPI)
 
 
 def _plot_reliability(report: dict[str, Any], path: Path) -> Path | None:
     bins_by_set: dict[str, dict[str, list[Any]]] = report.get("reliability", {})
     if not bins_by_set:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     n = len(bins_by_set)
     fig, axes = plt.subplots(1, n, figsize=(4 * n, 4), squeeze=False)
     for ax, (name, bins) in zip(axes[0], bins_by_set.items()):
@@ -656,7 +643,7 @@ def _plot_reliability(report: dict[str, Any], path: Path) -> Path | None:
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.legend(loc="upper left")
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=_DPI)
 
 
 def _plot_robust(report: dict[str, Any], path: Path) -> Path | None:
@@ -666,7 +653,7 @@ def _plot_robust(report: dict[str, Any], path: Path) -> Path | None:
     norms = sorted({t["norm"] for t in threats} | set(sanity))
     if not norms:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(norms), figsize=(4.5 * len(norms), 4), squeeze=False)
     for ax, norm in zip(axes[0], norms):
         scale = 255.0 if norm == "linf" else 1.0  # plot Linf radii in units of 1/255
@@ -699,14 +686,14 @@ def _plot_robust(report: dict[str, Any], path: Path) -> Path | None:
         ax.set_title(f"Robust accuracy, {norm}")
         ax.grid(alpha=0.3)
         ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=_DPI)
 
 
 def _plot_ood(report: dict[str, Any], path: Path) -> Path | None:
     hists: dict[str, dict[str, dict[str, list[float]]]] = report.get("ood_hist", {})
     if not hists:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     sets = list(hists)
     fig, axes = plt.subplots(1, len(sets), figsize=(4 * len(sets), 3.5), squeeze=False)
     for ax, name in zip(axes[0], sets):
@@ -720,7 +707,7 @@ def _plot_ood(report: dict[str, Any], path: Path) -> Path | None:
         ax.set_xlabel("max softmax probability")
         ax.set_ylabel("fraction")
         ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=_DPI)
 
 
 _PLOTTERS = {

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ssl_robust.plotting import pyplot, save_figure
+
 __all__ = ["CURVES_FILE", "plot_training_curves", "read_history"]
 
 CURVES_FILE = "curves.png"
@@ -152,11 +154,7 @@ def plot_training_curves(run_dir: str | Path, title: str | None = None) -> Path 
     panels = _panels(history)
     if not panels:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
@@ -185,10 +183,4 @@ def plot_training_curves(run_dir: str | Path, title: str | None = None) -> Path 
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(title or run_dir.resolve().name, fontsize=11)
-    fig.tight_layout()
-    path = run_dir / CURVES_FILE
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)  # atomic: a crash mid-write keeps the previous plot
-    return path
+    return save_figure(fig, run_dir / CURVES_FILE, dpi=100)
