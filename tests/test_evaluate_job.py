@@ -384,13 +384,34 @@ def test_frost_source_is_checked_reported_and_keys_the_cells(
     )
 
 
+def _ddim_purifier(denoiser_run: Path, ddim: int) -> list[str]:
+    """Overrides for a stochastic DDIM purifier of ``ddim`` steps from t*=20."""
+    return [
+        f"purifier.run={denoiser_run}",
+        "purifier.sampler=ddim",
+        "purifier.t_star=20",
+        f"purifier.ddim_steps={ddim}",
+    ]
+
+
+def _unit(cfg: DictConfig, unit: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The numbers and tensors an evaluation run stored for ``unit`` in ``partial/``."""
+    read = read_unit(Path(cfg.run.dir) / "partial" / f"{unit}{UNIT_SUFFIX}")
+    assert read is not None, unit
+    return read[1], read[2]
+
+
+def _val_labels() -> torch.Tensor:
+    """The labels of the evaluation split, in the order the job evaluates it."""
+    return torch.from_numpy(build_splits(**DATA).val.labels)
+
+
 def test_clean_accuracy_over_several_purifications(
     tiny_cfg: Callable[..., DictConfig], denoiser_run: Path, unet_calls: list[int], tmp_path: Path
 ) -> None:
     ddim, draws = 2, 3
     only_clean = [*[f"{s}.enabled=false" for s in ("shift", "adv", "calib", "ood", "perf")]]
-    purifier = [f"purifier.run={denoiser_run}", "purifier.sampler=ddim", "purifier.t_star=20"]
-    purifier.append(f"purifier.ddim_steps={ddim}")
+    purifier = _ddim_purifier(denoiser_run, ddim)
     several = tiny_cfg(*purifier, *only_clean, f"clean.draws={draws}", "calib.enabled=true")
     m = evaluate(several)
     n = int(m["test/n"])
@@ -401,11 +422,9 @@ def test_clean_accuracy_over_several_purifications(
     assert m["test/draws"] == draws and m["test/acc_std"] > 0  # the draws differ
     assert m["test/acc_worst"] <= m["test/acc"] <= 1.0
     # The first draw is the one-purification run's draw (same stream).
-    stored = read_unit(Path(several.run.dir) / "partial" / f"clean{UNIT_SUFFIX}")
-    assert stored is not None
-    logits = stored[2]["logits"]  # (draws, n, classes)
+    logits = _unit(several, "clean")[1]["logits"]  # (draws, n, classes)
     assert logits.shape[:2] == (draws, n)
-    y = torch.from_numpy(build_splits(**DATA).val.labels)
+    y = _val_labels()
     one = tiny_cfg(*purifier, *only_clean, run_dir=tmp_path / "one")
     m1 = evaluate(one)
     assert "test/acc_std" not in m1
@@ -435,8 +454,7 @@ def test_corruption_accuracy_over_several_purifications(
     ddim, draws = 2, 3
     corruptions, severities = GRID, [1, 5]
     only_shift = [f"{s}.enabled=false" for s in ("clean", "adv", "ood", "perf")]
-    purifier = [f"purifier.run={denoiser_run}", "purifier.sampler=ddim", "purifier.t_star=20"]
-    purifier.append(f"purifier.ddim_steps={ddim}")
+    purifier = _ddim_purifier(denoiser_run, ddim)
     several = tiny_cfg(*purifier, *only_shift, f"shift.draws={draws}")
     m = evaluate(several)
     n = int(_report(several)["meta"]["num_images"])
@@ -455,14 +473,11 @@ def test_corruption_accuracy_over_several_purifications(
     assert m["shift/draws"] == draws and m["shift/mean_acc_std"] > 0  # the draws differ
     assert m["shift/mean_acc_worst"] <= m["shift/mean_acc"] <= 1.0
     # Each cell keeps its per-draw accuracies; the spread is that of the per-draw grid means.
-    partial = Path(several.run.dir) / "partial"
-
-    def stored(unit: str) -> dict[str, Any]:
-        read = read_unit(partial / f"{unit}{UNIT_SUFFIX}")
-        assert read is not None, unit
-        return read[1]
-
-    accs = {(c, sev): stored(f"shift/{c}/{sev}")["accs"] for c in corruptions for sev in severities}
+    accs = {
+        (c, sev): _unit(several, f"shift/{c}/{sev}")[0]["accs"]
+        for c in corruptions
+        for sev in severities
+    }
     for (c, sev), cell in accs.items():
         assert len(cell) == draws and m[f"shift/{c}/{sev}/acc"] == pytest.approx(np.mean(cell))
     per_draw = np.array(list(accs.values())).mean(0)
@@ -507,8 +522,7 @@ def test_ood_pools_every_purification(
 ) -> None:
     ddim, draws, n_noise = 2, 2, 64
     only_ood = [f"{s}.enabled=false" for s in ("shift", "adv", "calib", "perf")]
-    purifier = [f"purifier.run={denoiser_run}", "purifier.sampler=ddim", "purifier.t_star=20"]
-    purifier.append(f"purifier.ddim_steps={ddim}")
+    purifier = _ddim_purifier(denoiser_run, ddim)
     ood = [
         "ood.noise_kinds=[gaussian,blobs]",
         f"ood.num_noise={n_noise}",
@@ -520,10 +534,8 @@ def test_ood_pools_every_purification(
     # The clean images and both noise sets, each purified draws times.
     assert unet_calls[0] == draws * (n + 2 * n_noise) * ddim
     # The held-out set's scores pool both draws on each side.
-    stored = read_unit(Path(cfg.run.dir) / "partial" / f"clean{UNIT_SUFFIX}")
-    assert stored is not None
-    logits = stored[2]["logits"]  # (draws, n, classes)
-    y = torch.from_numpy(build_splits(**DATA).val.labels)
+    logits = _unit(cfg, "clean")[1]["logits"]  # (draws, n, classes)
+    y = _val_labels()
     inside, outside = logits[:, y != 0].flatten(0, 1), logits[:, y == 0].flatten(0, 1)
     for score, fn in (("msp", msp_score), ("energy", energy_score)):
         expected = ood_metrics(fn(inside), fn(outside))
