@@ -4,19 +4,12 @@
 python scripts/finetune.py encoder.run=runs/pretrain-simclr-digits          # linear, 10 % labels
 python scripts/finetune.py linear_cifar10 encoder.run=runs/simclr-c10 subset.fraction=0.01
 python scripts/finetune.py full_cifar10 encoder.run=runs/byol-c10 run.seed=1
+python scripts/finetune.py --help [SECTION]  # every key, its value and meaning
 """
 
 import sys
 
-from ssl_robust.config import ConfigError, FinetuneConfig, load_config
-from ssl_robust.pipelines.finetune import finetune
+from ssl_robust.cli import main
 
 if __name__ == "__main__":
-    try:
-        cfg = load_config(FinetuneConfig, sys.argv[1:], job="finetune")
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
-    try:
-        finetune(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+    sys.exit(main("finetune", doc=__doc__))

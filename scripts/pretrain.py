@@ -4,16 +4,12 @@
 python scripts/pretrain.py                                   # embedded default (digits)
 python scripts/pretrain.py simclr_cifar10 data.root=/data    # a preset from configs/pretrain
 python scripts/pretrain.py method=byol trainer.max_epochs=5  # key=value overrides
+python scripts/pretrain.py --help [SECTION]                  # every key, its value and meaning
 """
 
 import sys
 
-from ssl_robust.config import ConfigError, PretrainConfig, load_config
-from ssl_robust.pipelines import pretrain
+from ssl_robust.cli import main
 
 if __name__ == "__main__":
-    try:
-        cfg = load_config(PretrainConfig, sys.argv[1:], job="pretrain")
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
-    pretrain(cfg)
+    sys.exit(main("pretrain", doc=__doc__))

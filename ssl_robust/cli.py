@@ -1,0 +1,203 @@
+"""The command line shared by the job scripts (``scripts/{pretrain,train_denoiser,finetune,
+evaluate}.py``): presets and ``key=value`` overrides into the job's config, ``--help`` with every
+key's value, choices and meaning, ``--print-config``, and one-line errors for bad input.
+
+    sys.exit(main("pretrain", doc=__doc__))
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import sys
+import textwrap
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ssl_robust.config import (
+    SCHEMAS,
+    ConfigError,
+    available_presets,
+    job_choices,
+    load_config,
+    schema_keys,
+)
+from ssl_robust.config.describe import describe
+
+# Each job's pipeline, imported only when the job runs (``--help`` stays fast).
+PIPELINES: dict[str, str] = {
+    "pretrain": "ssl_robust.pipelines.pretrain:pretrain",
+    "denoiser": "ssl_robust.pipelines.denoiser:train_denoiser",
+    "finetune": "ssl_robust.pipelines.finetune:finetune",
+    "evaluate": "ssl_robust.pipelines.evaluate:evaluate",
+}
+HELP_FLAGS = ("-h", "--help")
+PRINT_FLAG = "--print-config"
+TRACEBACK_ENV = "SSL_ROBUST_TRACEBACK"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+# Exit statuses: bad command line or config (nothing ran), and bad input found while running.
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+
+
+def _load_pipeline(job: str) -> Callable[[DictConfig], Any]:
+    module, _, name = PIPELINES[job].partition(":")
+    fn: Callable[[DictConfig], Any] = getattr(importlib.import_module(module), name)
+    return fn
+
+
+def _options_text() -> str:
+    return (
+        "options:\n"
+        "  -h, --help [SECTION]  this text; with a section (optim) or a key (optim.base_lr)\n"
+        "                        only the keys under it\n"
+        f"  {PRINT_FLAG}        print the config the arguments give (YAML) and exit; nothing runs"
+    )
+
+
+def usage(job: str, prog: str) -> str:
+    return f"usage: {prog} [PRESET ...] [KEY=VALUE ...] [{PRINT_FLAG}] [--help [SECTION]]"
+
+
+def help_text(job: str, prog: str, doc: str, cfg: DictConfig, args: list[str], topic: str) -> str:
+    """Usage, the script's examples, presets, options and the keys (under ``topic``)."""
+    shown = ", ".join(args) if args else "the schema defaults"
+    parts = [usage(job, prog)]
+    if doc.strip():
+        parts.append(doc.strip())
+    presets = ", ".join(available_presets(job))
+    text = (
+        f"PRESET: a name from configs/{job}/ ({presets}) or a path to a YAML file. Presets apply"
+        " in order, then the KEY=VALUE overrides."
+    )
+    choices = job_choices(job)
+    named = [k.removesuffix(".name") for k in schema_keys(SCHEMAS[job]) if k.endswith(".name")]
+    examples = [
+        f"{n}={next(c for c in choices[n + '.name'] if c)}" for n in named if n + ".name" in choices
+    ]
+    if examples:
+        text += f" SECTION=VALUE is short for SECTION.name=VALUE ({', '.join(examples)})."
+    parts.append("\n".join(textwrap.wrap(text, 96, break_on_hyphens=False)))
+    parts.append(_options_text())
+    parts.append(
+        f"keys ({shown}; {{...}} lists the valid values):\n"
+        + describe(SCHEMAS[job], cfg, job_choices(job), prefix=topic)
+    )
+    return "\n\n".join(parts) + "\n"
+
+
+def _is_preset(arg: str, job: str) -> bool:
+    return arg in available_presets(job) or arg.endswith((".yaml", ".yml")) or os.sep in arg
+
+
+def _user_facing(err: BaseException) -> bool:
+    """Raised deliberately by this package (not a bug deep in a library)?"""
+    tb = err.__traceback__
+    last = None
+    while tb is not None:
+        last = tb
+        tb = tb.tb_next
+    if last is None:
+        return True
+    try:
+        Path(last.tb_frame.f_code.co_filename).resolve().relative_to(_PACKAGE_DIR)
+    except ValueError:
+        return False
+    return True
+
+
+def _error(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+def main(
+    job: str,
+    argv: list[str] | None = None,
+    doc: str = "",
+    prog: str | None = None,
+    pipeline: Callable[[DictConfig], Any] | None = None,
+) -> int:
+    """Run a job from command-line arguments and return the exit status.
+
+    Args:
+        job: a key of ``PIPELINES`` (``pretrain``, ``denoiser``, ``finetune``, ``evaluate``).
+        argv: the arguments (default ``sys.argv[1:]``): presets, ``key=value`` overrides and
+            the flags ``--help [KEY]`` / ``--print-config``.
+        doc: the script's docstring, shown by ``--help``.
+        prog: the program name in the usage line (default: the script path).
+        pipeline: the function that runs the job (default: ``PIPELINES[job]``).
+
+    Invalid arguments and bad input found while running (missing data, a run directory
+    without the expected files, ...) print one ``error:`` line naming the problem and the
+    valid choices (exit 2 before any work, 1 once running). Errors raised outside this
+    package keep their traceback, as does every error with ``SSL_ROBUST_TRACEBACK=1``.
+    """
+    if job not in PIPELINES:
+        raise ValueError(f"unknown job {job!r}; choose from {sorted(PIPELINES)}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if prog is None:
+        prog = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else f"{job}.py"
+    show_help, print_config, topic = False, False, ""
+    args: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in HELP_FLAGS:
+            show_help = True
+            nxt = argv[i + 1] if i + 1 < len(argv) else ""
+            if nxt and not nxt.startswith("-") and "=" not in nxt and not _is_preset(nxt, job):
+                topic = nxt
+                i += 1
+        elif arg == PRINT_FLAG:
+            print_config = True
+        elif arg.startswith("-") and "=" not in arg:
+            _error(
+                f"unknown option {arg!r}; valid options: -h/--help [SECTION], {PRINT_FLAG} "
+                "(everything else is a preset or key=value)"
+            )
+            print(usage(job, prog), file=sys.stderr)
+            return EXIT_USAGE
+        else:
+            args.append(arg)
+        i += 1
+
+    try:
+        cfg = load_config(SCHEMAS[job], args, job=job)
+    except ConfigError as err:
+        _error(str(err))
+        return EXIT_USAGE
+    if show_help:
+        try:
+            text = help_text(job, prog, doc, cfg, args, topic)
+        except KeyError:
+            names = [f.name for f in fields(SCHEMAS[job])]
+            hint = difflib.get_close_matches(topic.split(".")[0], names, n=1)
+            _error(
+                f"no config key {topic!r} in the {job} job; its sections: {', '.join(names)}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            )
+            return EXIT_USAGE
+        print(text, end="")
+        return 0
+    if print_config:
+        print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+        return 0
+
+    run = pipeline or _load_pipeline(job)
+    try:
+        run(cfg)
+    except ConfigError as err:
+        _error(str(err))
+        return EXIT_USAGE
+    except (ValueError, FileNotFoundError) as err:
+        if os.environ.get(TRACEBACK_ENV) == "1" or not _user_facing(err):
+            raise
+        _error(str(err))
+        return EXIT_ERROR
+    return 0

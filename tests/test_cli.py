@@ -1,0 +1,165 @@
+"""The job scripts' command line: --help with every key, --print-config, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import DictConfig
+
+from ssl_robust.cli import EXIT_ERROR, EXIT_USAGE, PIPELINES, main
+from ssl_robust.config import SCHEMAS, job_choices, load_config, schema_keys, to_dict
+from ssl_robust.config.common import DataConfig
+from ssl_robust.config.describe import field_comments, format_value
+from ssl_robust.config.finetune import FinetuneDataConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = {
+    "pretrain": "pretrain.py",
+    "denoiser": "train_denoiser.py",
+    "finetune": "finetune.py",
+    "evaluate": "evaluate.py",
+}
+
+
+def _never_run(cfg: DictConfig) -> None:
+    raise AssertionError("the pipeline must not run")
+
+
+def test_field_comments_come_from_the_schema_source() -> None:
+    data = field_comments(DataConfig)
+    assert data["augment"].startswith('Where the pretraining views are made: "cpu"')
+    assert data["augment"].endswith("works on the CPU too).")
+    assert data["batch_size"] == ""  # no comment above it
+    # A subclass redeclaring a field has its own comment; inherited fields keep the base's.
+    sub = field_comments(FinetuneDataConfig)
+    assert sub["name"].startswith('"" fine-tunes on the data the encoder was pretrained on')
+    assert sub["augment"] == data["augment"]
+    assert set(sub) == {f for f in FinetuneDataConfig.__dataclass_fields__}
+
+
+def test_format_value() -> None:
+    assert format_value("") == '""'
+    assert format_value("digits") == "digits"
+    assert format_value(True) == "true"
+    assert format_value([1, 2.5]) == "[1, 2.5]"
+    assert format_value(None) == "null"
+
+
+@pytest.mark.parametrize("job", sorted(PIPELINES))
+def test_help_lists_every_key_with_its_value_and_choices(
+    job: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(job, ["--help"], doc="Doc line.", prog="x.py", pipeline=_never_run) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: x.py [PRESET ...] [KEY=VALUE ...]")
+    assert "Doc line." in out
+    cfg = load_config(SCHEMAS[job], [], job=job)
+    lines = out.splitlines()
+    for key in schema_keys(SCHEMAS[job]):
+        value = format_value(cfg_value(cfg, key))
+        line = next((ln for ln in lines if ln.startswith(f"  {key} = ")), None)
+        assert line is not None, f"{key} missing from --help"
+        assert line.startswith(f"  {key} = {value}"), line
+        if key in job_choices(job):
+            assert line.endswith("{" + ", ".join(job_choices(job)[key]) + "}"), line
+    assert "run.resume = true\n      Rerunning with the same directory continues" in out
+
+
+def cfg_value(cfg: DictConfig, key: str) -> object:
+    node: object = cfg
+    for part in key.split("."):
+        node = node[part]  # type: ignore[index]
+    return node
+
+
+def test_help_shows_the_values_the_presets_give_and_filters_by_section(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["byol_cifar10", "optim.base_lr=0.5", "--help", "optim"]
+    assert main("pretrain", args, pipeline=_never_run) == 0
+    out = capsys.readouterr().out
+    assert "keys (byol_cifar10, optim.base_lr=0.5;" in out
+    assert "  optim.base_lr = 0.5\n" in out
+    assert "  optim.name = sgd   {lars, sgd}" in out
+    assert "method." not in out.split("keys (")[1]
+    # A single key; and a section listing with its docstring.
+    assert main("pretrain", ["--help", "method.base_tau"], pipeline=_never_run) == 0
+    out = capsys.readouterr().out.split("keys (")[1]
+    assert [ln for ln in out.splitlines() if " = " in ln] == ["  method.base_tau = 0.99"]
+    assert main("pretrain", ["-h", "views"], pipeline=_never_run) == 0
+    assert "views:\n  Parameters of lightly's SimCLR/BYOL view" in capsys.readouterr().out
+
+
+def test_help_on_an_unknown_section_names_the_sections(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main("evaluate", ["--help", "ad"], pipeline=_never_run) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "no config key 'ad' in the evaluate job" in err
+    assert "clean, shift, adv" in err and "(did you mean 'adv'?)" in err
+
+
+def test_unknown_option_and_bad_config_exit_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main("pretrain", ["--dry-run"], pipeline=_never_run) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "unknown option '--dry-run'" in err and "--print-config" in err
+    assert main("pretrain", ["trainer.max_epoch=3"], pipeline=_never_run) == EXIT_USAGE
+    assert "did you mean 'trainer.max_epochs'" in capsys.readouterr().err
+    assert main("pretrain", ["method=mocov9"], pipeline=_never_run) == EXIT_USAGE
+    assert "choose from ['byol', 'simclr']" in capsys.readouterr().err
+
+
+def test_print_config_prints_the_resolved_config_and_runs_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    args = ["simclr_cifar10", "trainer.max_epochs=7", f"run.dir={run_dir}"]
+    assert main("pretrain", [*args, "--print-config"], pipeline=_never_run) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed == to_dict(load_config(SCHEMAS["pretrain"], args, job="pretrain"))
+    assert printed["trainer"]["max_epochs"] == 7
+    assert printed["model"]["backbone"] == "resnet18_cifar"
+    assert not run_dir.exists()
+
+
+def test_bad_input_while_running_is_one_line_and_library_errors_keep_their_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real pipeline, stopped by the data layer: one line naming the path, exit 1.
+    missing = tmp_path / "nothing-here"
+    args = ["data=imagefolder", f"data.root={missing}", f"run.dir={tmp_path / 'run'}"]
+    assert main("pretrain", args) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert f"error: image folder '{missing}' does not exist" in err
+    assert "Traceback" not in err
+
+    # An error raised outside the package is a bug to debug: it propagates with its traceback.
+    def library_error(cfg: DictConfig) -> None:
+        raise ValueError("shape mismatch deep in a library")
+
+    with pytest.raises(ValueError, match="shape mismatch"):
+        main("pretrain", [], pipeline=library_error)
+
+    # SSL_ROBUST_TRACEBACK=1 shows the traceback of the package's own errors too.
+    monkeypatch.setenv("SSL_ROBUST_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="does not exist"):
+        main("pretrain", args)
+
+
+@pytest.mark.parametrize("job", sorted(SCRIPTS))
+def test_every_job_script_answers_help(job: str) -> None:
+    res = subprocess.run(
+        [sys.executable, f"scripts/{SCRIPTS[job]}", "--help", "run"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith(f"usage: scripts/{SCRIPTS[job]} [PRESET ...]")
+    assert "  run.dir = " in res.stdout and "--print-config" in res.stdout
+    assert f"python scripts/{SCRIPTS[job]} --help [SECTION]" in res.stdout  # the docstring
