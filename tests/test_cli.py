@@ -33,7 +33,7 @@ def test_field_comments_come_from_the_schema_source() -> None:
     data = field_comments(DataConfig)
     assert data["augment"].startswith('Where the pretraining views are made: "cpu"')
     assert data["augment"].endswith("works on the CPU too).")
-    assert data["batch_size"] == ""  # no comment above it
+    assert data["std"] == ""  # no comment directly above it
     # A subclass redeclaring a field has its own comment; inherited fields keep the base's.
     sub = field_comments(FinetuneDataConfig)
     assert sub["name"].startswith('"" fine-tunes on the data the encoder was pretrained on')

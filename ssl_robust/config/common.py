@@ -13,6 +13,7 @@ class ConfigError(ValueError):
 class RunConfig:
     # Run directory: the unit of resume. "" derives runs/<job>-<method>-<data>.
     dir: str = ""
+    # Seeds everything random: weights, data order, views, splits and subsets.
     seed: int = 0
     # Rerunning with the same directory continues where it stopped: training jobs from
     # checkpoints/last.ckpt, evaluation from the finished units in partial/. false: start over.
@@ -24,14 +25,19 @@ class DataConfig:
     # digits: the embedded default (scikit-learn's 1,797 real 8x8 handwritten digits, upsampled),
     # needs no download. cifar10/cifar100/stl10 through torchvision; imagefolder: any tree.
     name: str = "digits"
+    # The folder holding the dataset (torchvision's layout, or the imagefolder tree).
     root: str = "data"
+    # Let torchvision fetch cifar10/cifar100/stl10 into root (needs the network).
     download: bool = False
     # 0 keeps the native size (digits: upsampled from 8 to 16 px, CIFAR: 32, STL-10: 96).
     image_size: int = 0
     # Held-out fraction when the source has no separate validation split.
     val_fraction: float = 0.2
+    # Per device (the global batch is batch_size x devices x num_nodes x accumulation).
     batch_size: int = 128
+    # Batch of the validation passes (kNN bank, probes, features).
     eval_batch_size: int = 512
+    # DataLoader worker processes per rank.
     num_workers: int = 2
     # imagefolder: decode every image once into a uint8 array (cached on disk next to the run).
     in_memory: bool = True
@@ -56,9 +62,13 @@ class ViewsConfig:
     # Defaults suit the 16-px digits (the presets set lightly's CIFAR values 0.08 and 0.5):
     # tiny crops of a digit leave nothing to recognise and a mirrored digit is another symbol.
     min_scale: float = 0.3
+    # Probability of a horizontal flip.
     hf_prob: float = 0.0
+    # Probability of colour jitter, and its strength (brightness/contrast/saturation 0.8 x s,
+    # hue 0.2 x s, as lightly's SimCLRTransform).
     cj_prob: float = 0.8
     cj_strength: float = 1.0
+    # Probability of converting a view to grayscale.
     random_gray_scale: float = 0.2
     # Blur is off at 32 px (lightly's CIFAR-10 benchmark; solo-learn). >0 turns it on.
     gaussian_blur: float = 0.0
@@ -80,6 +90,7 @@ class MethodConfig:
     name: str = "simclr"
     # SimCLR: NT-Xent temperature (Chen et al. 2020).
     temperature: float = 0.5
+    # Projection head: hidden and output widths (SimCLR 512/128, BYOL 1024/256 in the presets).
     proj_hidden_dim: int = 512
     proj_out_dim: int = 128
     # BYOL: prediction head width and the start of the cosine momentum schedule (tau -> 1).
@@ -93,9 +104,11 @@ class OptimConfig:
     # The learning rate at reference_batch; scaled to the global batch by lr_scaling.
     base_lr: float = 0.06
     reference_batch: int = 128
+    # linear: base_lr x global_batch / reference_batch; sqrt: x its square root; none: base_lr.
     lr_scaling: str = "linear"
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # Linear warm-up from 0, then cosine decay to 0 at the last step.
     warmup_epochs: float = 1.0
 
 
@@ -115,18 +128,25 @@ class TrainerConfig:
     sync_batchnorm: bool = False
     # Under SLURM: on SIGUSR1 write hpc_ckpt_N.ckpt into the run dir and requeue the job.
     auto_requeue: bool = True
+    # bf16-mixed: bfloat16 autocast (GPUs since Ampere); 16-mixed: float16 with loss scaling.
     precision: str = "32-true"
+    # Models and images in channels-last memory format (faster convolutions on GPUs).
     channels_last: bool = False
+    # Sum gradients over this many batches per optimiser step (part of the global batch).
     accumulate_grad_batches: int = 1
+    # Clip the gradient norm to this value; 0 = no clipping.
     gradient_clip_val: float = 0.0
     log_every_n_steps: int = 10
+    # Lightning's limits: a fraction (<= 1.0) or a number of batches per epoch (smoke runs).
     limit_train_batches: float = 1.0
     limit_val_batches: float = 1.0
+    # Deterministic algorithms only: bit-reproducible runs, slower on GPUs.
     deterministic: bool = False
     # cuDNN picks the fastest convolution algorithms for each input shape (fixed-size batches
     # gain); off under deterministic=true, whose algorithms it would override.
     cudnn_benchmark: bool = True
     progress_bar: bool = True
+    # One training and one validation batch; no checkpoints, metrics or exports (a smoke test).
     fast_dev_run: bool = False
 
 
@@ -135,19 +155,29 @@ class MonitorConfig:
     # kNN classifier on the val split (Wu et al. 2018: cosine similarity, k=200, T=0.1).
     knn_k: int = 200
     knn_t: float = 0.1
+    # Validate (kNN and online probe) every this many epochs.
     every_n_epochs: int = 1
+    # A linear classifier trained alongside on detached features (val/online_acc); it never
+    # changes the encoder.
     online_probe: bool = True
 
 
 @dataclass
 class WandbConfig:
+    # disabled: no wandb (no account needed); offline: logged to <run>/wandb, `wandb sync`
+    # later; online: streamed to the server.
     mode: str = "disabled"
     project: str = "ssl_robust"
+    # "" uses the account's default entity.
     entity: str = ""
+    # Group runs of one experiment; "" = none.
     group: str = ""
+    # "" names the run after its run directory.
     name: str = ""
     tags: list[str] = field(default_factory=list)
+    # "" = the job (pretrain, denoiser, finetune, evaluate).
     job_type: str = ""
+    # Seconds wandb.init may take before the job fails.
     init_timeout_s: int = 300
 
 

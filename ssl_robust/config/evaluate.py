@@ -42,6 +42,8 @@ class PurifierSection:
     # A denoiser run directory or any local diffusers UNet folder; "" evaluates the bare
     # classifier.
     run: str = ""
+    # ddpm: ancestral steps t* .. 1 (DiffPure); ddim: ddim_steps deterministic steps; oneshot:
+    # the predicted x0 after one UNet call (denoised smoothing).
     sampler: str = "ddpm"
     # Diffusion steps added before the reverse pass. DiffPure's t* = 0.1 of T = 1000 (Nie et
     # al. 2022, Sec. 5.1). Ignored when sigma > 0.
@@ -51,10 +53,11 @@ class PurifierSection:
     sigma: float = 0.0
     ddim_steps: int = 5
     # Recompute UNet activations in the backward pass: exact gradients through long samplers
-    # in bounded memory (REFERENCE §4.2).
+    # in bounded memory (not a BPDA approximation).
     gradient_checkpointing: bool = True
     # Freeze the purifier's noise (a deterministic pipeline; AutoAttack then applies).
     fixed_noise: bool = False
+    # bfloat16: the UNet under bf16 autocast (faster on GPUs; attacks then see bf16 gradients).
     dtype: str = "float32"
 
 
@@ -69,6 +72,7 @@ class EvalSection:
     download: bool = False
     # "auto" takes cuda when available.
     device: str = "auto"
+    # Images per forward pass (clean, corruption cells, calibration, OOD).
     batch_size: int = 256
     # Cap on evaluation images (a seeded random subset of the split); 0 = all.
     max_images: int = 0
@@ -88,6 +92,7 @@ class CleanSection:
 @dataclass
 class ShiftSection:
     enabled: bool = True
+    # The corruptions and severities (1..5) of the grid; the default is CIFAR-10-C's 15 x 5.
     corruptions: list[str] = field(default_factory=lambda: list(BENCHMARK_CORRUPTIONS))
     severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     # A CIFAR-10-C style folder (released layout: <corruption>.npy + labels.npy) to read
@@ -114,16 +119,17 @@ class ShiftSection:
 @dataclass
 class AttackSection:
     enabled: bool = True
-    # Linf radii in units of 1/255 and L2 radii on [0, 1] images (REFERENCE §3).
+    # Linf radii in units of 1/255 and L2 radii on [0, 1] images (RobustBench's 8/255 and 0.5).
     linf_eps: list[float] = field(default_factory=lambda: [8.0])
     l2_eps: list[float] = field(default_factory=lambda: [0.5])
-    # PGD steps (>= 100 for purifiers, REFERENCE §4.3) and step size (0: 2.5 * eps / steps).
+    # PGD steps (>= 100 for purifiers) and step size (0: 2.5 * eps / steps).
     steps: int = 100
     step_size: float = 0.0
     random_start: bool = True
+    # ce: cross-entropy; margin: the Carlini-Wagner logit margin.
     loss: str = "ce"
     # Through a stochastic purifier: gradients averaged over `eot` draws per step (>= 20) and
-    # each adversarial example re-scored over `rescore_draws` purifications (REFERENCE §4.3-4).
+    # each adversarial example re-scored over `rescore_draws` purifications (mean and worst).
     # A deterministic pipeline uses 1 and 1.
     eot: int = 20
     rescore_draws: int = 10
@@ -134,7 +140,8 @@ class AttackSection:
     autoattack_version: str = "standard"
     # Attacks of version "custom" (apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square).
     autoattack_attacks: list[str] = field(default_factory=list)
-    # The checks of REFERENCE §4.5 on `sanity_images` images, for each norm in use.
+    # On `sanity_images` images, for each norm in use: accuracy falls as eps grows, more steps
+    # or EOT never help, black-box never beats white-box, gradients are non-zero.
     sanity_checks: bool = True
     sanity_images: int = 100
     sanity_linf_eps: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0, 16.0])
@@ -148,6 +155,7 @@ class AttackSection:
 @dataclass
 class CalibSection:
     enabled: bool = True
+    # Equal-width confidence bins of the ECE and the reliability diagram.
     n_bins: int = 15
 
 
@@ -169,6 +177,7 @@ class OODSection:
 @dataclass
 class PerfSection:
     enabled: bool = True
+    # Throughput batch (latency is measured at batch 1), untimed warm-up calls, timed calls.
     batch_size: int = 256
     warmup: int = 3
     iters: int = 10

@@ -79,12 +79,15 @@ class FinetuneOptimConfig:
 class PurifyConfig:
     # A denoiser run directory (diffusers folder); "" = no purification at test time.
     run: str = ""
+    # ddpm: ancestral steps t* .. 1 (DiffPure); ddim: ddim_steps deterministic steps; oneshot:
+    # the predicted x0 after one UNet call (denoised smoothing).
     sampler: str = "ddpm"
     # Forward diffusion steps (DiffPure's t* = 0.1 of 1000 steps is 100) ...
     t_star: int = 100
     # ... or, when >= 0, the step whose noise matches N(0, sigma^2) on [0, 1] images.
     sigma: float = -1.0
     ddim_steps: int = 5
+    # Seed of the purification noise (the test accuracy through a stochastic purifier).
     seed: int = 0
 
 
