@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -194,9 +195,16 @@ def test_missing_things_are_named(tmp_path: Path, written: Path) -> None:
         load_cifar_c(tmp_path, "fog", 1)
 
 
-def test_progress_bar_runs(tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+def test_progress_in_a_log_is_a_line_per_unit(
+    tmp_path: Path, data: tuple[np.ndarray, np.ndarray], capsys: pytest.CaptureFixture[str]
+) -> None:
     write_cifar_c(tmp_path, *data, corruptions=["brightness"], progress=True)
     assert load_cifar_c(tmp_path, "brightness", 5)[0].shape == (N, 32, 32, 3)
+    # Captured output is not a terminal: plain lines instead of a bar drawn only at the end.
+    lines = [re.sub(r" \(\d+:\d\d:\d\d\)", "", ln) for ln in capsys.readouterr().out.splitlines()]
+    assert lines == [f"CIFAR-10-C {s}/5: brightness s{s}" for s in range(1, 5)] + [
+        "CIFAR-10-C 5/5: done"
+    ]
 
 
 def _frost_photos(folder: Path, seed: int = 0) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -72,9 +73,15 @@ def unet_calls() -> Iterator[list[int]]:
         handle.remove()
 
 
-def test_job_end_to_end_writes_the_documented_report(tiny_cfg: Callable[..., DictConfig]) -> None:
+def test_job_end_to_end_writes_the_documented_report(
+    tiny_cfg: Callable[..., DictConfig], capsys: pytest.CaptureFixture[str]
+) -> None:
     cfg = tiny_cfg("eval.progress=true")
     metrics = evaluate(cfg)
+    # Progress in a log (captured output is not a terminal): a line per unit and per end.
+    log = capsys.readouterr().out
+    assert "corruptions 0/4 (" in log and "corruptions 4/4 (" in log, log
+    assert re.search(r"attacks 0/\d+ \(\d:\d\d:\d\d\): PGD linf_8\n", log), log
     run = Path(cfg.run.dir)
     report = _report(cfg)
     m = report["metrics"]

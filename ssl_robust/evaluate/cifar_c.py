@@ -131,24 +131,27 @@ def _has_valid_array(path: Path, shape: tuple[int, ...]) -> bool:
 
 
 class _Progress:
-    """A rich progress bar, or nothing."""
+    """A rich progress bar (log lines when not on a terminal), or nothing."""
 
     def __init__(self, enabled: bool, total: int) -> None:
         self._bar: Any = None
         if enabled and total > 0:
+            from rich.console import Console
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
-                Progress,
                 TextColumn,
                 TimeRemainingColumn,
             )
 
-            self._bar = Progress(
+            from ssl_robust.launch.progress import progress_bar
+
+            self._bar = progress_bar(
                 TextColumn("{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeRemainingColumn(),
+                console=Console(),
             )
             self._bar.start()
             self._task = self._bar.add_task("CIFAR-10-C", total=total)

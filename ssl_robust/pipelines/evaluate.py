@@ -59,6 +59,7 @@ from ssl_robust.evaluate.report import OOD_SCORES, group_of, log_to_wandb, threa
 from ssl_robust.evaluate.store import UnitStore, file_stamp, weights_sha256
 from ssl_robust.finetune.export import load_classifier
 from ssl_robust.finetune.model import Classifier
+from ssl_robust.launch.progress import progress_bar
 from ssl_robust.launch.trainer import wandb_run_id, write_json
 from ssl_robust.pipelines.common import console, print_summary
 from ssl_robust.purify.purifier import Purifier
@@ -527,14 +528,13 @@ def _generate(
 
 @contextmanager
 def _progress(enabled: bool) -> Iterator[Progress]:
-    bar = Progress(
+    bar = progress_bar(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
-        disable=not enabled,
-        transient=False,
+        enabled=enabled,
     )
     with bar:
         yield bar
