@@ -101,3 +101,31 @@ def test_trainer_sets_cudnn_autotuning_unless_deterministic(
         assert torch.backends.cudnn.benchmark is expected
     finally:
         torch.backends.cudnn.benchmark = saved
+
+
+def test_progress_bar_shows_the_logged_metrics_without_the_log_version(tmp_path: Path) -> None:
+    from ssl_robust.config.common import TrainerConfig
+    from ssl_robust.launch.trainer import ProgressBar, build_trainer
+
+    tcfg = TrainerConfig(accelerator="cpu", max_epochs=1, limit_train_batches=2)
+    trainer = build_trainer(tcfg, tmp_path, loggers=[CSVLogger(str(tmp_path))], callbacks=[])
+    bar = trainer.progress_bar_callback
+    assert isinstance(bar, ProgressBar)
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(2, 1)
+
+        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            loss = self.layer(batch[0]).pow(2).mean()
+            self.log("train/loss", loss, prog_bar=True)
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Tiny()
+    trainer.fit(module, DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4))
+    items = bar.get_metrics(trainer, module)
+    assert "train/loss" in items and "v_num" not in items

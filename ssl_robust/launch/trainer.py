@@ -45,6 +45,18 @@ def read_json(path: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+class ProgressBar(RichProgressBar):
+    """Lightning's rich bar without ``v_num``: the log version is not a metric, and the bar
+    rendered it as a float ("v_num: 0.000")."""
+
+    def get_metrics(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> dict[str, int | str | float | dict[str, float]]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+
 class ConfigInCheckpoint(Callback):
     """Store the resolved config in every checkpoint (nanoGPT-style), as plain data."""
 
@@ -179,7 +191,7 @@ def build_trainer(
     if plugins and tcfg.auto_requeue:
         all_callbacks.append(SlurmRequeue())
     if tcfg.progress_bar:
-        all_callbacks.append(RichProgressBar(leave=True))
+        all_callbacks.append(ProgressBar(leave=True))
     if loggers:
         all_callbacks.append(LearningRateMonitor(logging_interval="step"))
     return pl.Trainer(
