@@ -284,14 +284,17 @@ def test_robust_accuracy_batches_and_costs(trained):
     model, x, y = trained
     steps, eot = 4, 2
     kw = {"norm": "linf", "eps": 0.15, "steps": steps, "eot": eot, "rescore_draws": 2}
+    step_calls = [0]
     from_tensors = robust_accuracy(
         model,
         (x, y),
         batch_size=32,
         nfe_per_call=3,
         generator=torch.Generator().manual_seed(0),
+        on_step=lambda: step_calls.__setitem__(0, step_calls[0] + 1),
         **kw,
     )
+    assert step_calls[0] == steps * math.ceil(len(x) / 32)  # the progress hook: every step
     loader = [(x[i : i + 32], y[i : i + 32]) for i in range(0, len(x), 32)]
     from_loader = robust_accuracy(model, loader, generator=torch.Generator().manual_seed(0), **kw)
     assert from_tensors["acc"] == from_loader["acc"]

@@ -82,6 +82,7 @@ def test_job_end_to_end_writes_the_documented_report(
     log = capsys.readouterr().out
     assert "corruptions 0/4 (" in log and "corruptions 4/4 (" in log, log
     assert re.search(r"attacks 0/\d+ \(\d:\d\d:\d\d\): PGD linf_8\n", log), log
+    assert re.search(r"PGD linf_8 steps 5/5 \(\d:\d\d:\d\d\): done\n", log), log
     run = Path(cfg.run.dir)
     report = _report(cfg)
     m = report["metrics"]

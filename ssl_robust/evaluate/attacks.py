@@ -220,6 +220,7 @@ def pgd(
     loss: str = "ce",
     targeted: bool = False,
     keep: str = "best",
+    on_step: Callable[[], None] | None = None,
 ) -> Tensor:
     """Projected gradient ascent (Madry et al. 2018) with EOT gradients, inputs kept in [0, 1].
 
@@ -249,6 +250,7 @@ def pgd(
         loss: ``"ce"`` (cross-entropy) or ``"margin"`` (Carlini-Wagner logit margin).
         targeted: Push predictions towards ``y`` instead of away from it.
         keep: ``"best"`` (per-sample worst case over iterates) or ``"last"``.
+        on_step: Called after each gradient step (progress of long attacks).
 
     Returns:
         Adversarial images (B, C, H, W) in [0, 1] within the eps ball around ``x``, detached.
@@ -286,6 +288,8 @@ def pgd(
             g_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)  # (B,)
             step = alpha * grad / _per_sample_view(g_norm, grad)
         x_adv = _project(x_adv + step, x, norm, eps)
+        if on_step is not None:
+            on_step()
 
     if keep == "last":
         return x_adv.detach()
@@ -438,6 +442,7 @@ def robust_accuracy(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     nfe_per_call: int = 1,
+    on_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """PGD-EOT robust accuracy with re-scoring, over batches, with its cost.
 
@@ -458,6 +463,7 @@ def robust_accuracy(
         device: Where to move batches; default leaves them where they are.
         nfe_per_call: Network evaluations inside one pipeline call (e.g. the purifier's
             denoiser calls + 1 for the classifier), to report the attack's NFE per image.
+        on_step: Called after each PGD step of each batch (steps x batches calls).
 
     Returns:
         ``acc`` (mean over draws), ``acc_worst`` (correct in all draws), ``clean_acc``,
@@ -500,6 +506,7 @@ def robust_accuracy(
             random_start=random_start,
             generator=generator,
             loss=loss,
+            on_step=on_step,
         )
         sync(x.device)
         attack_wall += time.perf_counter() - t0

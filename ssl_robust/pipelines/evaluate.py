@@ -9,6 +9,7 @@ section evaluates the deployed pipeline ``x in [0, 1] -> purifier -> classifier`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -1073,6 +1074,9 @@ def _adv_section(
             bar.update(task, description=f"PGD {t['name']}")
             model.reseed(seed + _SEED_ADV, device)
             model.calls = 0
+            # PGD on a purifier runs for hours: a bar of its steps (all batches) beside.
+            batches = math.ceil(len(x) / int(cfg.eval.batch_size))
+            steps_task = bar.add_task(f"PGD {t['name']} steps", total=int(a.steps) * batches)
             res = robust_accuracy(
                 model,
                 (x, y_a),
@@ -1087,7 +1091,9 @@ def _adv_section(
                 loss=a.loss,
                 batch_size=int(cfg.eval.batch_size),
                 nfe_per_call=model.nfe,
+                on_step=functools.partial(bar.advance, steps_task),
             )
+            bar.remove_task(steps_task)
             found = {
                 p + "acc": res["acc"],
                 p + "acc_worst": res["acc_worst"],
