@@ -21,6 +21,8 @@ if __name__ == "__main__":
     parser.add_argument("--wandb-entity", default="")
     parser.add_argument("--wandb-group", help="only runs of this wandb group")
     args = parser.parse_args()
+    if not args.runs and not args.wandb_project:
+        parser.error("give run directories (or folders holding them), or --wandb-project")
     sources: list = list(args.runs)
     if args.wandb_project:
         filters = {"group": args.wandb_group} if args.wandb_group else None

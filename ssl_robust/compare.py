@@ -16,7 +16,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ DEFAULT_METRICS = (
     "adv/l2_0.5/acc",
     "calib/clean/ece",
     "purify/nfe",
+    "val/loss",
 )
 
 
@@ -173,6 +174,49 @@ def differing_keys(runs: Sequence[Run], ignore: Sequence[str] = IGNORED_KEYS) ->
     return out
 
 
+# The phases in pipeline order; a run's phase is told by a config key only that phase has
+# (upstream keys are merged in, so the most downstream marker wins).
+JOBS = ("pretrain", "denoiser", "finetune", "evaluate")
+_JOB_MARKERS = (
+    ("classifier.run", "evaluate"),
+    ("encoder.run", "finetune"),
+    ("method.name", "pretrain"),
+    ("denoiser.unet", "denoiser"),
+)
+# Longer legend labels give way to the run name.
+_MAX_LABEL = 60
+
+
+def job_of(run: Run) -> str:
+    """The phase that wrote ``run`` (one of :data:`JOBS`), or ``"other"``."""
+    return next((job for key, job in _JOB_MARKERS if key in run.config), "other")
+
+
+def by_job(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by phase, in pipeline order: config keys compare only within a phase."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(job_of(run), []).append(run)
+    order = [*JOBS, "other"]
+    return {job: groups[job] for job in order if job in groups}
+
+
+def run_labels(runs: Sequence[Run]) -> dict[str, str]:
+    """A legend label per run (by ``source``): the config keys that differ within its phase,
+    prefixed by the phase when there are several; the run name when that says nothing or
+    would not fit a legend."""
+    groups = by_job(runs)
+    labels = {}
+    for job, members in groups.items():
+        series = [k for k in differing_keys(members) if k != "run.seed"]
+        for run in members:
+            label = _series_label(run, series)
+            if not label or len(label) > _MAX_LABEL:
+                label = run.name
+            labels[run.source] = f"{job}: {label}" if len(groups) > 1 else label
+    return labels
+
+
 def select_metrics(runs: Sequence[Run], metrics: Sequence[str] | None = None) -> list[str]:
     """The metric columns: those asked for, else the default ones present in any run."""
     present = {k for r in runs for k in r.metrics}
@@ -218,11 +262,19 @@ def to_markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_html(header: Sequence[str], rows: Sequence[Sequence[str]], title: str) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>\n" for row in rows
-    )
+def to_html(
+    sections: Sequence[tuple[str | None, Sequence[str], Sequence[Sequence[str]]]], title: str
+) -> str:
+    """A page with one table per ``(heading or None, header, rows)`` section."""
+    body = []
+    for heading, header, rows in sections:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        cells = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>\n" for row in rows
+        )
+        if heading:
+            body.append(f"<h2>{html.escape(heading)}</h2>\n")
+        body.append(f"<table><thead><tr>{head}</tr></thead><tbody>\n{cells}</tbody></table>\n")
     style = (
         "table{border-collapse:collapse;font-family:sans-serif}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
@@ -230,7 +282,8 @@ def to_html(header: Sequence[str], rows: Sequence[Sequence[str]], title: str) ->
     return (
         f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>\n"
-        f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table></body></html>\n"
+        + "".join(body)
+        + "</body></html>\n"
     )
 
 
@@ -282,11 +335,14 @@ def plot_lines(
 
 
 def plot_curves(
-    runs: Sequence[Run], series: Sequence[str], path: Path, metrics: Sequence[str] = CURVE_METRICS
+    runs: Sequence[Run],
+    series: Sequence[str] | Mapping[str, str],
+    path: Path,
+    metrics: Sequence[str] = CURVE_METRICS,
 ) -> Path | None:
     """One panel per validation metric in ``metrics`` against epochs, one line per local run
-    directory that logged it at least twice (resumed runs stitched), labelled by the
-    ``series`` config keys. ``None`` if no run has such a curve."""
+    directory that logged it at least twice (resumed runs stitched), labelled as
+    :func:`curve_data` says. ``None`` if no run has such a curve."""
     curves = curve_data(runs, series, metrics)
     if not curves:
         return None
@@ -302,21 +358,41 @@ def plot_curves(
 
 
 def curve_data(
-    runs: Sequence[Run], series: Sequence[str], metrics: Sequence[str] = CURVE_METRICS
+    runs: Sequence[Run],
+    series: Sequence[str] | Mapping[str, str],
+    metrics: Sequence[str] = CURVE_METRICS,
 ) -> dict[str, list[tuple[str, np.ndarray, np.ndarray]]]:
-    """What :func:`plot_curves` draws: ``metric -> [(label, epochs, values)]``, by label."""
-    curves: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}
+    """What :func:`plot_curves` draws: ``panel -> [(label, epochs, values)]``, by label; the
+    panel is the metric, or ``"<metric> (<phase>)"`` when several phases logged it.
+
+    ``series``: the config keys that label a line, or the labels by run source
+    (:func:`run_labels`).
+    """
+    found: dict[str, dict[str, list[tuple[str, np.ndarray, np.ndarray]]]] = {}
     for run in runs:
         folder = Path(run.source)
         if not (folder / "logs").is_dir():
             continue
         history = read_history(folder, x="epoch")
-        label = _series_label(run, series)
+        if isinstance(series, Mapping):
+            label = series.get(run.source, "")
+        else:
+            label = _series_label(run, series)
         for metric in metrics:
             if metric in history and len(history[metric][0]) >= 2:
                 xs, ys = history[metric]
-                curves.setdefault(metric, []).append((label or run.name, xs, ys))
-    return {m: sorted(lines, key=lambda line: line[0]) for m, lines in curves.items()}
+                by_job = found.setdefault(metric, {})
+                by_job.setdefault(job_of(run), []).append((label or run.name, xs, ys))
+    # A metric that several phases log (a denoiser's and a classifier's val/loss) gets a panel
+    # per phase: their scales have nothing in common.
+    curves: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}
+    for job in (*JOBS, "other"):  # panels in pipeline order
+        for metric in metrics:
+            by_job = found.get(metric, {})
+            if job in by_job:
+                key = metric if len(by_job) == 1 else f"{metric} ({job})"
+                curves[key] = sorted(by_job[job], key=lambda line: line[0])
+    return curves
 
 
 def compare(
@@ -346,37 +422,61 @@ def compare(
         raise ValueError(f"no runs (metrics.json / report.json) found in {list(map(str, paths))}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    keys = differing_keys(runs)
-    columns = select_metrics(runs, metrics)
-    header, rows = table(runs, keys, columns)
+    if metrics:
+        select_metrics(runs, metrics)  # every asked-for metric exists somewhere
+    # One table per phase: a pretraining run and an evaluation share few keys, and comparing
+    # them key by key would only list every key of both schemas.
+    tables = []
+    for job, members in by_job(runs).items():
+        present = {m for r in members for m in r.metrics}
+        columns = [m for m in metrics if m in present] if metrics else select_metrics(members)
+        tables.append((job, len(members), *table(members, differing_keys(members), columns)))
     written = {"markdown": out / "comparison.md", "html": out / "comparison.html"}
-    written["markdown"].write_text(f"# {title}\n\n" + to_markdown(header, rows))
-    written["html"].write_text(to_html(header, rows, title))
+    if len(tables) == 1:
+        _, _, header, rows = tables[0]
+        written["markdown"].write_text(f"# {title}\n\n" + to_markdown(header, rows))
+        written["html"].write_text(to_html([(None, header, rows)], title))
+    else:
+        md = [f"# {title}\n"]
+        for job, n, header, rows in tables:
+            md.append(f"## {job} ({n} run{'s' if n > 1 else ''})\n\n" + to_markdown(header, rows))
+        written["markdown"].write_text("\n".join(md))
+        sections = [(f"{job} ({n} run{'s' if n > 1 else ''})", h, r) for job, n, h, r in tables]
+        written["html"].write_text(to_html(sections, title))
+    groups = by_job(runs)
 
-    # Clean vs corruption accuracy per method (and whatever else differs) against label fraction.
+    # Clean vs corruption accuracy per method (and whatever else differs) against label
+    # fraction: from the evaluations when they vary it, else from the fine-tuning runs.
     fraction = "subset.fraction"
-    acc = [m for m in ("test/acc", "shift/mean_acc") if any(m in r.metrics for r in runs)]
-    if fraction in keys and acc:
-        series = [k for k in keys if k not in (fraction, "run.seed")]
-        plot = plot_lines(
-            runs, fraction, acc, series, out / "accuracy_vs_fraction.png",
-            "clean (test/acc) and corrupted (shift/mean_acc) accuracy",
-        )  # fmt: skip
-        if plot:
-            written["plot_accuracy_vs_fraction"] = plot
+    for job in ("evaluate", "finetune"):
+        members = groups.get(job, [])
+        keys = differing_keys(members)
+        acc = [m for m in ("test/acc", "shift/mean_acc") if any(m in r.metrics for r in members)]
+        if fraction in keys and acc:
+            series = [k for k in keys if k not in (fraction, "run.seed")]
+            plot = plot_lines(
+                members, fraction, acc, series, out / "accuracy_vs_fraction.png",
+                "clean (test/acc) and corrupted (shift/mean_acc) accuracy",
+            )  # fmt: skip
+            if plot:
+                written["plot_accuracy_vs_fraction"] = plot
+                break
     # Validation curves of the training runs, side by side.
-    plot = plot_curves(runs, [k for k in keys if k != "run.seed"], out / "training_curves.png")
+    plot = plot_curves(runs, run_labels(runs), out / "training_curves.png")
     if plot:
         written["plot_training_curves"] = plot
     # Robust accuracy against the purifier's network evaluations.
+    attacked = [r for r in runs if any(m.startswith("adv/") for m in r.metrics)]
     adv = sorted(
-        {m for r in runs for m in r.metrics if m.startswith("adv/") and m.endswith("/acc")}
+        {m for r in attacked for m in r.metrics if m.startswith("adv/") and m.endswith("/acc")}
     )
-    if adv and len({r.metrics.get("purify/nfe") for r in runs} - {None}) > 1:
+    if adv and len({r.metrics.get("purify/nfe") for r in attacked} - {None}) > 1:
+        keys = differing_keys(attacked)
         series = [k for k in keys if not k.startswith(("purify.", "run.seed"))]
         plot = plot_lines(
-            runs, "purify/nfe", adv, series, out / "robust_vs_nfe.png", "robust accuracy vs NFE"
-        )
+            attacked, "purify/nfe", adv, series, out / "robust_vs_nfe.png",
+            "robust accuracy vs NFE",
+        )  # fmt: skip
         if plot:
             written["plot_robust_vs_nfe"] = plot
     return written

@@ -18,7 +18,9 @@ from ssl_robust.compare import (
     curve_data,
     differing_keys,
     find_runs,
+    job_of,
     load_run,
+    run_labels,
     select_metrics,
 )
 from ssl_robust.pipelines import pretrain
@@ -138,6 +140,67 @@ def test_evaluation_runs_follow_upstream_and_plot(
     md = written["markdown"].read_text().splitlines()
     assert len([line for line in md if line.startswith("| ")]) == 2 + 16  # header, rule, runs
     assert "shift/mean_acc" in md[2] and "adv/linf_8/acc" in md[2]
+
+
+def _log_curve(run: Path, metric: str, values: list[float]) -> None:
+    """A Lightning CSV log: ``metric`` at the end of each epoch."""
+    logs = run / "logs" / "version_0"
+    logs.mkdir(parents=True)
+    rows = [f"{e},{(e + 1) * 10 - 1},{v}" for e, v in enumerate(values)]
+    (logs / "metrics.csv").write_text("\n".join([f"epoch,step,{metric}", *rows]) + "\n")
+
+
+def test_runs_of_several_phases_compare_within_their_phase(
+    pretrain_runs: dict[str, Path], tmp_path: Path
+) -> None:
+    root = tmp_path / "runs"
+    den = _write_run(root / "den", {"denoiser": {"unet": "tiny", "lr": 0.002}}, {"val/loss": 0.03})
+    _log_curve(den, "val/loss", [0.9, 0.2, 0.05])
+    fts = []
+    for fraction in (0.1, 1.0):
+        ft = _write_run(
+            root / f"ft-{fraction}",
+            {"encoder": {"run": str(pretrain_runs["simclr"])}, "subset": {"fraction": fraction}},
+            {"test/acc": 0.5 + fraction / 4, "val/loss": 1.0 - fraction / 2},
+        )
+        _log_curve(ft, "val/loss", [2.0, 1.0 - fraction / 2])
+        fts.append(ft)
+    runs = [load_run(p) for p in (*pretrain_runs.values(), den, *fts)]
+    assert [job_of(r) for r in runs] == ["pretrain", "pretrain", "denoiser", "finetune", "finetune"]
+
+    written = compare(runs, tmp_path / "out")
+    md = written["markdown"].read_text()
+    sections = md.split("\n## ")[1:]
+    assert [s.splitlines()[0] for s in sections] == [
+        "pretrain (2 runs)", "denoiser (1 run)", "finetune (2 runs)"
+    ]  # fmt: skip
+    # Each phase's columns are the keys that differ within it, not every key of every schema.
+    headers = [s.splitlines()[2] for s in sections]
+    assert headers == [
+        "| run | method.name | val/knn_acc |",
+        "| run | val/loss |",
+        "| run | subset.fraction | test/acc | val/loss |",
+    ]
+    assert "| ft-0.1 | 0.1 | 0.525 | 0.95 |" in md
+    assert written["html"].read_text().count("<table>") == 3
+    # The fine-tuning runs' accuracy against the fraction.
+    assert "plot_accuracy_vs_fraction" in written
+
+    # Legends: the phase, then what differs within it (or the run name); val/loss gets a
+    # panel per phase.
+    labels = run_labels(runs)
+    assert labels[str(den)] == "denoiser: den"
+    assert labels[str(fts[0])] == "finetune: fraction=0.1"
+    assert labels[str(pretrain_runs["byol"])] == "pretrain: name=byol"
+    curves = curve_data(runs, labels)
+    assert list(curves) == ["val/knn_acc", "val/loss (denoiser)", "val/loss (finetune)"]
+    assert [label for label, _, _ in curves["val/loss (finetune)"]] == [
+        "finetune: fraction=0.1", "finetune: fraction=1.0"
+    ]  # fmt: skip
+    ((_, epochs, values),) = curves["val/loss (denoiser)"]
+    assert epochs.tolist() == [1.0, 2.0, 3.0] and values.tolist() == [0.9, 0.2, 0.05]
+    with Image.open(written["plot_training_curves"]) as img:
+        assert img.size == (660 * 3, 480)
 
 
 def test_metric_selection_and_errors(tmp_path: Path) -> None:
