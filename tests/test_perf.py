@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import logging
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -103,14 +105,13 @@ def test_trainer_sets_cudnn_autotuning_unless_deterministic(
         torch.backends.cudnn.benchmark = saved
 
 
-def test_progress_bar_shows_the_logged_metrics_without_the_log_version(tmp_path: Path) -> None:
+def test_progress_bar_shows_the_logged_metrics_without_the_log_version(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from ssl_robust.config.common import TrainerConfig
     from ssl_robust.launch.trainer import ProgressBar, build_trainer
 
     tcfg = TrainerConfig(accelerator="cpu", max_epochs=1, limit_train_batches=2)
-    trainer = build_trainer(tcfg, tmp_path, loggers=[CSVLogger(str(tmp_path))], callbacks=[])
-    bar = trainer.progress_bar_callback
-    assert isinstance(bar, ProgressBar)
 
     class Tiny(pl.LightningModule):
         def __init__(self) -> None:
@@ -126,6 +127,16 @@ def test_progress_bar_shows_the_logged_metrics_without_the_log_version(tmp_path:
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     module = Tiny()
-    trainer.fit(module, DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4))
+    with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = build_trainer(tcfg, tmp_path, loggers=[CSVLogger(str(tmp_path))], callbacks=[])
+        trainer.fit(module, DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4))
+    bar = trainer.progress_bar_callback
+    assert isinstance(bar, ProgressBar)
     items = bar.get_metrics(trainer, module)
     assert "train/loss" in items and "v_num" not in items
+    # Lightning's noise is gone; its useful lines stay.
+    said = [r.getMessage() for r in caplog.records]
+    assert any("GPU available" in m for m in said), said
+    assert not any("Tip" in m or "was configured so 100%" in m for m in said), said
+    assert not any("LeafSpec" in str(w.message) for w in caught)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,23 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
 def read_json(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class _DropLightningNoise(logging.Filter):
+    """Lightning's info lines that say nothing about the run (printed by every Trainer)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip")  # an advert for a hosted logger
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's output to what concerns the run: no advert, and no deprecation warning
+    that Lightning's own pytree helper raises under this torch (nothing a user can act on)."""
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropLightningNoise) for f in log.filters):
+            log.addFilter(_DropLightningNoise())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class ProgressBar(RichProgressBar):
@@ -185,6 +204,7 @@ def build_trainer(
     fails here, before process-group setup would hang.
     """
     check_world_size(tcfg.devices, tcfg.num_nodes)
+    quiet_lightning()
     accelerator = resolve_accelerator(tcfg.accelerator)
     plugins = cluster_plugins()
     all_callbacks = [*callbacks, ScaleSummary(), EpochThroughput()]
@@ -209,8 +229,9 @@ def build_trainer(
         accumulate_grad_batches=tcfg.accumulate_grad_batches,
         gradient_clip_val=tcfg.gradient_clip_val or None,
         log_every_n_steps=tcfg.log_every_n_steps,
-        limit_train_batches=tcfg.limit_train_batches,
-        limit_val_batches=tcfg.limit_val_batches,
+        # None (not 1.0) when unlimited: Lightning prints a line for every explicit limit.
+        limit_train_batches=None if tcfg.limit_train_batches == 1.0 else tcfg.limit_train_batches,
+        limit_val_batches=None if tcfg.limit_val_batches == 1.0 else tcfg.limit_val_batches,
         deterministic=tcfg.deterministic,
         benchmark=tcfg.cudnn_benchmark and not tcfg.deterministic,
         fast_dev_run=tcfg.fast_dev_run,
