@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import re
 
 import pytest
 from rich.console import Console
@@ -32,12 +31,12 @@ def test_in_a_log_each_unit_start_and_the_end_is_one_line(monkeypatch: pytest.Mo
             bar.advance(task)
         clock[0] += 30
         bar.update(task, description="snow s1")  # unchanged, done already logged: nothing
-    lines = [re.sub(r" \(\d+:\d\d:\d\d\)", "", ln) for ln in buf.getvalue().splitlines()]
-    assert lines == [
-        "corruptions 0/3: fog s1",
-        "corruptions 1/3: fog s2",
-        "corruptions 2/3: snow s1",
-        "corruptions 3/3: done",
+    # Elapsed time, and the time left at the mean pace (10 s a unit).
+    assert buf.getvalue().splitlines() == [
+        "corruptions 0/3 (0:00:00): fog s1",
+        "corruptions 1/3 (0:00:10, ~0:00:20 left): fog s2",
+        "corruptions 2/3 (0:00:20, ~0:00:10 left): snow s1",
+        "corruptions 3/3 (0:00:30): done",
     ]
 
 
@@ -53,11 +52,16 @@ def test_a_long_unit_logs_again_after_the_interval(monkeypatch: pytest.MonkeyPat
         bar.update(task, description="fog", advance=1)
     # Lines at the start, then after 75 s (3 x 25) and 150 s (6 x 25) and 225 s (9 x 25).
     assert buf.getvalue().splitlines() == [
-        "CIFAR-10-C 1/100 (0:00:00): fog",
-        "CIFAR-10-C 4/100 (0:01:15): fog",
-        "CIFAR-10-C 7/100 (0:02:30): fog",
-        "CIFAR-10-C 10/100 (0:03:45): fog",
+        "CIFAR-10-C 1/100 (0:00:00, ~0:00:00 left): fog",
+        "CIFAR-10-C 4/100 (0:01:15, ~0:30:00 left): fog",
+        "CIFAR-10-C 7/100 (0:02:30, ~0:33:12 left): fog",
+        "CIFAR-10-C 10/100 (0:03:45, ~0:33:45 left): fog",
     ]
+    # A task named like its description prints it once.
+    steps = bar.add_task("PGD linf_8 steps", total=4)
+    clock[0] += 60
+    bar.advance(steps)
+    assert buf.getvalue().splitlines()[-1] == "PGD linf_8 steps 1/4 (0:01:00, ~0:03:00 left)"
 
 
 def test_a_terminal_gets_rich_s_live_bar_and_disabled_prints_nothing() -> None:

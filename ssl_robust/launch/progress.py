@@ -4,7 +4,8 @@ in log files.
 rich draws a live bar only on a terminal; writing to a file or a pipe (a SLURM job's output, a
 ``tee``), it prints nothing until the work ends, so a run of hours would look hung. There,
 :class:`LogProgress` prints one plain line whenever a unit starts (its description changes) or
-a task finishes, and at most every ``interval_s`` seconds in between.
+a task finishes, and at most every ``interval_s`` seconds in between, with the time elapsed and
+the time left at the mean pace so far.
 """
 
 from __future__ import annotations
@@ -62,11 +63,17 @@ class LogProgress(Progress):
             return
         self._last_desc[task_id] = task.description
         self._last_line[task_id] = now
+        elapsed = task.elapsed or 0.0
+        when = _clock(elapsed)
+        if task.total is not None and 0 < task.completed < task.total:
+            left = elapsed / task.completed * (task.total - task.completed)
+            when += f", ~{_clock(left)} left"
         total = "?" if task.total is None else f"{task.total:g}"
+        name = self._names[task_id]
         what = "done" if done else task.description
+        line = f"{name} {task.completed:g}/{total} ({when})"
         self._log_console.print(
-            f"{self._names[task_id]} {task.completed:g}/{total} ({_clock(task.elapsed or 0.0)}):"
-            f" {what}",
+            line if what == name else f"{line}: {what}",
             markup=False,
             highlight=False,
             soft_wrap=True,
