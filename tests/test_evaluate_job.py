@@ -156,7 +156,7 @@ def test_job_end_to_end_writes_the_documented_report(
         "**Per severity (%)**",
         "| threat | eps | clean | PGD mean | PGD worst | AutoAttack | images | NFE / image |",
         "| linf_8 | 8/255 |",
-        "Sanity checks (REFERENCE §4.5)",
+        "Sanity checks (against gradient masking and weak attacks; Carlini et al. 2019)",
         "| linf | large_eps | yes |",
         "| clean | ",
         "| noise_blobs | msp |",
@@ -208,7 +208,7 @@ def test_purified_pipeline_runs_eot_and_rescoring(
     assert report["meta"]["stochastic"] is True
     notes = " ".join(report["notes"])
     assert "AutoAttack skipped: the pipeline is stochastic" in notes
-    assert "below REFERENCE §4.3" in notes
+    assert "below the recommended one" in notes
     md = (Path(cfg.run.dir) / "report.md").read_text()
     assert "EOT 3 gradient draws per step" in md and "re-scored over 4" in md
     assert "gradient checkpointing" in md

@@ -2,9 +2,9 @@
 
 Every attack here targets a ``model`` that maps images ``x`` in [0, 1] of shape (B, C, H, W)
 to logits (B, K), with normalisation and any purifier *inside* it: attacking the bare
-classifier behind a purifier measures nothing (REFERENCE §4.1). The pipeline may be
+classifier behind a purifier measures nothing (Athalye et al. 2018). The pipeline may be
 stochastic (a diffusion purifier draws fresh noise on every call); the protocol for that case
-(REFERENCE §4) is
+(Athalye et al. 2018; Lee & Kim 2023 for diffusion purifiers) is
 
 1. :func:`pgd` with Expectation over Transformation (EOT, Athalye et al. 2018): average the
    input gradient over ``eot`` independent calls per step;
@@ -388,7 +388,7 @@ def random_search(
 def rescore(model: Pipeline, x_adv: Tensor, y: Tensor, draws: int = 1) -> dict[str, Any]:
     """Score fixed (adversarial) inputs over independent calls of a stochastic pipeline.
 
-    REFERENCE §4.4: an adversarial example found against one purification may fail against
+    An adversarial example found against one purification may fail against
     the next, so each final example is classified ``draws`` times, each call drawing fresh
     randomness. The mean accuracy is the expected accuracy of the deployed pipeline; the
     worst-case accuracy counts a sample as robust only if it is correct in every draw.
@@ -547,7 +547,7 @@ def autoattack(
     the same logits, and a stochastic purifier makes them report inflated robustness. A
     pipeline whose outputs differ between two calls is refused unless ``version="rand"``
     (APGD with 20 EOT passes and no re-scoring); prefer :func:`pgd` with EOT plus
-    :func:`rescore` for stochastic pipelines (REFERENCE §4).
+    :func:`rescore` for stochastic pipelines.
 
     Targeted APGD and FAB try min(9, K - 1) target classes so that K < 10 works; APGD with the
     targeted DLR loss needs K >= 4 and the untargeted one K >= 3, and L2 Square images of at
@@ -653,7 +653,7 @@ def sanity_checks(
     loss: str = "ce",
     generator: torch.Generator | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """REFERENCE §4.5 as measurable checks against gradient masking and weak attacks.
+    """Sanity checks (Carlini et al. 2019) against gradient masking and weak attacks.
 
     Checks (each ``{"passed": bool, "values": ...}``):
 

@@ -1,6 +1,6 @@
 """Accuracy and calibration metrics: ECE, NLL, multi-class Brier score, reliability bins.
 
-Definitions follow REFERENCE §3: ECE with 15 equal-width bins over the top-1 confidence
+Definitions: ECE with 15 equal-width bins over the top-1 confidence
 (Guo et al. 2017, Eq. 3) computed by torchmetrics from probabilities; NLL; and the
 multi-class Brier score (Brier 1950), the squared error summed over classes and averaged
 over samples.

@@ -1,7 +1,7 @@
 """Out-of-distribution detection: scores, metrics and local OOD sets.
 
 Scores are "higher = more in-distribution"; the metrics treat the in-distribution set as
-the positive class (REFERENCE §3). OOD sets are made locally, without downloads: synthetic
+the positive class. OOD sets are made locally, without downloads: synthetic
 noise (Hendrycks et al. 2019, Outlier Exposure, App. B) and held-out classes; corrupted
 images from ``corruptions`` can be passed as any other tensor set.
 """

@@ -4,7 +4,7 @@ A report is a plain dict, so it can be written, read back and re-rendered withou
 
 - ``metrics``: every number under a hierarchical name (the names of :data:`METRIC_DOCS`);
 - ``meta``: what was evaluated and how (runs, data, grid, threat models, attack protocol);
-- ``sanity``: the REFERENCE §4.5 checks per norm, ``{"passed": bool, "values": ...}``;
+- ``sanity``: the sanity checks per norm, ``{"passed": bool, "values": ...}``;
 - ``reliability``: reliability-diagram bins per calibration set;
 - ``ood_hist``: score histograms (in-distribution vs each OOD set);
 - ``notes``: protocol deviations and skipped parts, in words.
@@ -79,7 +79,7 @@ METRIC_DOCS: dict[str, str] = {
     "adv/{threat}/wall_s": "Wall time of the attack and its scoring, seconds.",
     "adv/{threat}/autoattack_acc": "AutoAttack robust accuracy (deterministic pipelines).",
     "adv/{threat}/autoattack_wall_s": "Wall time of AutoAttack, seconds.",
-    "adv/sanity/{norm}/{check}": "1 if the REFERENCE §4.5 check passed, else 0.",
+    "adv/sanity/{norm}/{check}": "1 if the sanity check passed (Carlini et al. 2019), else 0.",
     "adv/sanity/{norm}/passed": "1 if every sanity check of the norm passed.",
     "calib/{set}/ece": "Expected calibration error, calib.n_bins equal-width bins (Guo et al. "
     "2017; behind a stochastic purifier, over the predictions of every purification pooled).",
@@ -108,7 +108,7 @@ SANITY_CHECKS = (
     "nonzero_gradients",
 )
 
-# REFERENCE §1: published numbers to read ours against (CIFAR-10, accuracies in %).
+# Published numbers to read ours against (RobustBench entries; CIFAR-10, accuracies in %).
 ANCHORS: list[dict[str, str]] = [
     {
         "model": "Standard WRN-28-10",
@@ -420,7 +420,7 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
             for check, result in checks.items()
         ]
         tables["sanity"] = Table(
-            "Sanity checks (REFERENCE §4.5)",
+            "Sanity checks (against gradient masking and weak attacks; Carlini et al. 2019)",
             ["norm", "check", "passed", "values"],
             rows,
             ["str", "str", "str", "str"],
@@ -570,7 +570,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
     )
     section("Out-of-distribution detection", ["ood"], "", "ood_hist")
     section("Latency and throughput", ["perf"])
-    out += ["## Anchors for context (REFERENCE §1, CIFAR-10)", "", _anchors_md(), ""]
+    out += ["## Anchors for context (CIFAR-10; RobustBench entries)", "", _anchors_md(), ""]
     return "\n".join(out)
 
 

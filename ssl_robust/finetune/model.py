@@ -1,7 +1,7 @@
 """The deployed classifier: ``x in [0, 1] -> logits``, normalisation inside.
 
 Keeping the normalisation inside the module means attacks, purifiers and corruptions all work
-on images in [0, 1] (REFERENCE §4.1: attack the whole pipeline).
+on images in [0, 1] (an attack must target the whole pipeline).
 """
 
 from __future__ import annotations

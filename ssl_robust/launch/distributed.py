@@ -29,7 +29,7 @@ STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true")
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu")
 
 # Job names with which Lightning deliberately ignores SLURM (an interactive shell in an
-# allocation, REFERENCE §8): processes are then launched by something else.
+# allocation): processes are then launched by something else.
 _SLURM_INTERACTIVE_NAMES = ("bash", "interactive")
 
 

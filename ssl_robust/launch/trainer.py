@@ -128,7 +128,7 @@ def build_loggers(
                 name=wandb_cfg.name or default_name,
                 tags=list(wandb_cfg.tags) or None,
                 job_type=wandb_cfg.job_type or job_type,
-                # Not `offline=`: it would override WANDB_MODE=disabled (REFERENCE §8).
+                # Not `offline=`: it would override WANDB_MODE=disabled.
                 mode=wandb_cfg.mode,
                 id=wandb_run_id(run_dir),
                 resume="allow",

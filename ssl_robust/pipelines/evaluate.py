@@ -3,7 +3,7 @@
 Sections, each switchable and shrinkable from the config: clean accuracy; CIFAR-10-C style
 corruptions (generated on the fly on the device, or read from a released-layout folder);
 PGD(-EOT) robust accuracy with re-scoring, AutoAttack for deterministic pipelines and the
-REFERENCE §4.5 sanity checks; calibration; OOD detection; latency and throughput. Every
+sanity checks against gradient masking; calibration; OOD detection; latency and throughput. Every
 section evaluates the deployed pipeline ``x in [0, 1] -> purifier -> classifier``.
 """
 
@@ -69,7 +69,7 @@ from ssl_robust.purify.unet import load_denoiser
 # Offsets of the per-section random streams from run.seed, so that switching one section off
 # does not change the numbers of another.
 _SEED_CLEAN, _SEED_SHIFT, _SEED_ADV, _SEED_OOD, _SEED_PERF = 1, 2, 3, 4, 5
-# Minimums of REFERENCE §4.3 for a stochastic purifier.
+# The minimum attack budget for a stochastic purifier: EOT >= 20 draws per step, >= 100 steps.
 _MIN_EOT, _MIN_STEPS = 20, 100
 
 
@@ -375,7 +375,7 @@ def _autoattack_skip(cfg: DictConfig, stochastic: bool) -> str | None:
         return (
             "AutoAttack skipped: the pipeline is stochastic (fresh purifier noise per call), and "
             "AutoAttack assumes a deterministic model; PGD-EOT with re-scoring is the protocol "
-            "here (REFERENCE §4). Set purifier.fixed_noise=true to evaluate a frozen-noise "
+            "here. Set purifier.fixed_noise=true to evaluate a frozen-noise "
             "pipeline with AutoAttack."
         )
     try:
@@ -1053,7 +1053,7 @@ def _adv_section(
     }
     if stochastic and (eot < _MIN_EOT or a.steps < _MIN_STEPS):
         notes.append(
-            f"Attack budget below REFERENCE §4.3 for a stochastic purifier (EOT {eot} < "
+            f"Attack budget below the recommended one for a stochastic purifier (EOT {eot} < "
             f"{_MIN_EOT} or steps {a.steps} < {_MIN_STEPS}): robust accuracy is an upper bound."
         )
     aa_skip = _autoattack_skip(cfg, stochastic)

@@ -154,10 +154,10 @@ class Purifier(nn.Module):
       Equal to ``"ddim"`` with one step.
 
     The module is differentiable end to end, so exact-gradient attacks can run through it
-    (REFERENCE §4); ``gradient_checkpointing`` recomputes each UNet call in the backward pass so
-    memory grows with the UNet inputs only. The UNet always runs in eval mode, even when the
-    purifier sits inside a module that is training. Its parameters are left as given; freeze
-    them (``requires_grad_(False)``) when only input gradients are wanted.
+    (no BPDA approximation needed); ``gradient_checkpointing`` recomputes each UNet call in the
+    backward pass so memory grows with the UNet inputs only. The UNet always runs in eval mode,
+    even when the purifier sits inside a module that is training. Its parameters are left as
+    given; freeze them (``requires_grad_(False)``) when only input gradients are wanted.
 
     Args:
         unet: Epsilon-prediction UNet trained on [-1, 1] images with ``scheduler``'s schedule.
