@@ -111,6 +111,10 @@ def test_unknown_option_and_bad_config_exit_before_any_work(
     assert "did you mean 'trainer.max_epochs'" in capsys.readouterr().err
     assert main("pretrain", ["method=mocov9"], pipeline=_never_run) == EXIT_USAGE
     assert "choose from ['byol', 'simclr']" in capsys.readouterr().err
+    # A required key left empty is found by the pipeline before it loads or writes anything.
+    assert main("finetune", [f"run.dir={tmp_path / 'ft'}"]) == EXIT_USAGE
+    assert "error: encoder.run is empty" in capsys.readouterr().err
+    assert not (tmp_path / "ft").exists()
 
 
 def test_print_config_prints_the_resolved_config_and_runs_nothing(

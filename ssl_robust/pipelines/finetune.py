@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
-from ssl_robust.config import save_config, to_dict
+from ssl_robust.config import ConfigError, save_config, to_dict
 from ssl_robust.data.datamodule import EpochSeededSampler
 from ssl_robust.data.datasets import ImageSource, Splits, TransformDataset, build_splits
 from ssl_robust.data.subsets import SubsetSpec, assert_disjoint, load_or_draw_subset
@@ -380,10 +380,10 @@ def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
     """
     # Cheap checks first: nothing is loaded or written before the request is known valid.
     if cfg.mode not in MODES:
-        raise ValueError(f"unknown mode {cfg.mode!r}; choose from {sorted(MODES)}")
+        raise ConfigError(f"unknown mode {cfg.mode!r}; choose from {sorted(MODES)}")
     spec = SubsetSpec(cfg.subset.fraction, cfg.subset.per_class, seed=cfg.run.seed)
     if not cfg.encoder.run:
-        raise ValueError(
+        raise ConfigError(
             "encoder.run is empty: give the pretraining run directory that holds "
             "encoder.safetensors and encoder.json, e.g. encoder.run=runs/pretrain-simclr-digits"
         )
