@@ -40,28 +40,35 @@ def test_in_a_log_each_unit_start_and_the_end_is_one_line(monkeypatch: pytest.Mo
     ]
 
 
-def test_a_long_unit_logs_again_after_the_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_counting_task_logs_on_a_timer_and_unit_tasks_only_per_unit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     clock = [0.0]
     monkeypatch.setattr(progress_mod.time, "monotonic", lambda: clock[0])
     console, buf = _log_console()
     bar = LogProgress(TextColumn("{task.description}"), console=console, interval_s=60)
-    task = bar.add_task("CIFAR-10-C", total=100)
-    bar.update(task, description="fog", advance=1)
-    for _ in range(9):
+    steps = bar.add_task("PGD linf_8 steps", total=100)
+    for _ in range(10):
         clock[0] += 25
-        bar.update(task, description="fog", advance=1)
-    # Lines at the start, then after 75 s (3 x 25) and 150 s (6 x 25) and 225 s (9 x 25).
+        bar.advance(steps)
+    # Lines after 75 s (3 x 25), 150 s (6 x 25) and 225 s (9 x 25), with the time left.
     assert buf.getvalue().splitlines() == [
-        "CIFAR-10-C 1/100 (0:00:00, ~0:00:00 left): fog",
-        "CIFAR-10-C 4/100 (0:01:15, ~0:30:00 left): fog",
-        "CIFAR-10-C 7/100 (0:02:30, ~0:33:12 left): fog",
-        "CIFAR-10-C 10/100 (0:03:45, ~0:33:45 left): fog",
+        "PGD linf_8 steps 3/100 (0:01:15, ~0:40:25 left)",
+        "PGD linf_8 steps 6/100 (0:02:30, ~0:39:10 left)",
+        "PGD linf_8 steps 9/100 (0:03:45, ~0:37:55 left)",
     ]
-    # A task named like its description prints it once.
-    steps = bar.add_task("PGD linf_8 steps", total=4)
-    clock[0] += 60
-    bar.advance(steps)
-    assert buf.getvalue().splitlines()[-1] == "PGD linf_8 steps 1/4 (0:01:00, ~0:03:00 left)"
+    # A task of named units: a line per unit, however long, and none when a unit ends (the
+    # description would name the finished unit).
+    units = bar.add_task("attacks", total=2)
+    bar.update(units, description="PGD linf_8")
+    clock[0] += 600
+    bar.advance(units)
+    clock[0] += 600
+    bar.update(units, description="sanity checks linf")
+    assert buf.getvalue().splitlines()[3:] == [
+        "attacks 0/2 (0:00:00): PGD linf_8",
+        "attacks 1/2 (0:20:00, ~0:20:00 left): sanity checks linf",
+    ]
 
 
 def test_a_terminal_gets_rich_s_live_bar_and_disabled_prints_nothing() -> None:

@@ -4,8 +4,9 @@ in log files.
 rich draws a live bar only on a terminal; writing to a file or a pipe (a SLURM job's output, a
 ``tee``), it prints nothing until the work ends, so a run of hours would look hung. There,
 :class:`LogProgress` prints one plain line whenever a unit starts (its description changes) or
-a task finishes, and at most every ``interval_s`` seconds in between, with the time elapsed and
-the time left at the mean pace so far.
+a task finishes, and, for a task that only counts (no unit descriptions, e.g. PGD steps), at
+most every ``interval_s`` seconds; each line has the time elapsed and the time left at the mean
+pace so far.
 """
 
 from __future__ import annotations
@@ -57,7 +58,11 @@ class LogProgress(Progress):
         now = time.monotonic()
         changed = task.description != self._last_desc.get(task_id)
         done = task.total is not None and task.completed >= task.total
-        if not (changed or done or now - self._last_line[task_id] >= self._interval_s):
+        # A task whose units announce themselves (descriptions) logs at each unit; a timed line
+        # there would name a unit already finished. A plain count (PGD steps) logs on a timer.
+        counting = task.description == self._names[task_id]
+        due = counting and now - self._last_line[task_id] >= self._interval_s
+        if not (changed or done or due):
             return
         if done and task.fields.get("_logged_done"):
             return
