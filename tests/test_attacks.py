@@ -17,6 +17,7 @@ from ssl_robust.evaluate.attacks import (
     random_search,
     rescore,
     robust_accuracy,
+    sanity_attack_count,
     sanity_checks,
 )
 
@@ -340,6 +341,7 @@ class QuantizedModel(nn.Module):
 
 def test_sanity_checks_pass_on_honest_model(trained):
     model, x, y = trained
+    started: list[tuple[int, str]] = []
     checks = sanity_checks(
         model,
         x,
@@ -349,7 +351,14 @@ def test_sanity_checks_pass_on_honest_model(trained):
         steps=10,
         eot=1,
         generator=torch.Generator().manual_seed(0),
+        on_attack=lambda i, what: started.append((i, what)),
     )
+    # The progress hook: every attack announced once, in order, as many as counted.
+    assert [i for i, _ in started] == list(range(sanity_attack_count(4)))
+    assert [what.split(" eps")[0].split(",")[0] for _, what in started] == [
+        *["PGD"] * 7, *["black-box"] * 4, "gradients"
+    ]  # fmt: skip
+    assert started[5][1].endswith("20 steps, EOT 1") and started[6][1].endswith("EOT 2")
     assert set(checks) == {
         "eps_monotone",
         "large_eps",

@@ -83,6 +83,8 @@ def test_job_end_to_end_writes_the_documented_report(
     assert "corruptions 0/4 (" in log and "corruptions 4/4 (" in log, log
     assert re.search(r"attacks 0/\d+ \(\d:\d\d:\d\d\): PGD linf_8\n", log), log
     assert re.search(r"PGD linf_8 steps 5/5 \(\d:\d\d:\d\d\): done\n", log), log
+    assert "sanity checks linf attacks 0/12 (0:00:00): PGD eps 0.007843, 5 steps, EOT 1\n" in log
+    assert re.search(r"sanity checks l2 attacks 12/12 \(\d:\d\d:\d\d\): done\n", log), log
     run = Path(cfg.run.dir)
     report = _report(cfg)
     m = report["metrics"]

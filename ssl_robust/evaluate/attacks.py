@@ -635,6 +635,12 @@ def _acc(model: Pipeline, x_adv: Tensor, y: Tensor, draws: int) -> float:
     return float(rescore(model, x_adv, y, draws)["acc"])
 
 
+def sanity_attack_count(n_eps: int) -> int:
+    """The attacks :func:`sanity_checks` runs for ``n_eps`` radii: PGD at each radius, at the
+    large radius, with more steps and with more EOT; black-box at each radius; the gradients."""
+    return 2 * n_eps + 4
+
+
 def sanity_checks(
     model: Pipeline,
     x: Tensor,
@@ -652,6 +658,7 @@ def sanity_checks(
     black_box_queries: int | None = None,
     loss: str = "ce",
     generator: torch.Generator | None = None,
+    on_attack: Callable[[int, str], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Sanity checks (Carlini et al. 2019) against gradient masking and weak attacks.
 
@@ -691,6 +698,8 @@ def sanity_checks(
         black_box_queries: Query budget of the black-box attack.
         loss: PGD objective.
         generator: Source of the shared random-start seed and of the black-box proposals.
+        on_attack: Called as ``on_attack(i, what)`` before each of the
+            :func:`sanity_attack_count` attacks (``i`` of them done), for progress.
 
     Returns:
         Mapping from check name to ``{"passed": bool, "values": ...}``.
@@ -706,7 +715,15 @@ def sanity_checks(
     queries = black_box_queries if black_box_queries is not None else max(100, steps * eot)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
 
+    done = [0]
+
+    def starting(what: str) -> None:
+        if on_attack is not None:
+            on_attack(done[0], what)
+        done[0] += 1
+
     def attack(eps: float, n_steps: int, n_eot: int) -> float:
+        starting(f"PGD eps {eps:.4g}, {n_steps} steps, EOT {n_eot}")
         gen = torch.Generator().manual_seed(seed)
         x_adv = pgd(
             model, x, y, norm=norm, eps=eps, steps=n_steps, eot=n_eot, generator=gen, loss=loss
@@ -743,18 +760,20 @@ def sanity_checks(
         "values": {"eps": eps_ref, "eot": [eot, eot * eot_factor], "acc": [accs[ref], acc_eot]},
     }
     bb_gen = torch.Generator().manual_seed(seed + 1)
-    black = [
-        _acc(
-            model, random_search(model, x, y, norm, e, queries, generator=bb_gen), y, rescore_draws
-        )
-        for e in grid
-    ]
+
+    def black_box(eps: float) -> float:
+        starting(f"black-box eps {eps:.4g}, {queries} queries")
+        x_bb = random_search(model, x, y, norm, eps, queries, generator=bb_gen)
+        return _acc(model, x_bb, y, rescore_draws)
+
+    black = [black_box(e) for e in grid]
     checks["black_box"] = {
         "passed": all(w <= b + tol for w, b in zip(accs, black)),
         "values": {"eps": grid, "white_box_acc": accs, "black_box_acc": black, "queries": queries},
     }
     # The margin's gradient does not vanish when the softmax saturates, unlike the CE's, so a
     # zero here is the pipeline's doing.
+    starting("gradients")
     grad, _, _ = eot_grad(model, x, y, eot=eot, loss="margin")
     zero = (grad.flatten(1).abs().sum(dim=1) == 0).float().mean().item()
     checks["nonzero_gradients"] = {"passed": zero == 0.0, "values": {"zero_grad_fraction": zero}}

@@ -23,12 +23,24 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from torch import Tensor, nn
 
 from ssl_robust.config import ConfigError, save_config, to_dict
 from ssl_robust.data.datasets import ArraySource, build_splits
-from ssl_robust.evaluate.attacks import autoattack, robust_accuracy, sanity_checks
+from ssl_robust.evaluate.attacks import (
+    autoattack,
+    robust_accuracy,
+    sanity_attack_count,
+    sanity_checks,
+)
 from ssl_robust.evaluate.cifar_c import (
     MANIFEST,
     _corruption_seed,
@@ -852,6 +864,10 @@ def _times(k: int) -> str:
     return "once" if k == 1 else f"{k} times"
 
 
+def _attack_started(bar: Progress, task: TaskID, done: int, what: str) -> None:
+    bar.update(task, completed=done, description=what)
+
+
 def _in_summary(key: str) -> bool:
     """Keep the console summary short: no grid cells, sanity details or protocol counts."""
     parts = key.split("/")
@@ -1161,6 +1177,8 @@ def _adv_section(
             bar.update(task, description=f"sanity checks {norm}")
             grid = [e / 255 for e in a.sanity_linf_eps] if norm == "linf" else a.sanity_l2_eps
             model.reseed(seed + _SEED_ADV, device)
+            n_attacks = sanity_attack_count(len(grid))
+            attacks_task = bar.add_task(f"sanity checks {norm} attacks", total=n_attacks)
             checks = sanity_checks(
                 model,
                 x[:n_s],
@@ -1174,7 +1192,10 @@ def _adv_section(
                 black_box_queries=int(a.sanity_queries) or None,
                 loss=a.loss,
                 generator=torch.Generator().manual_seed(seed + _SEED_ADV),
+                on_attack=functools.partial(_attack_started, bar, attacks_task),
             )
+            bar.update(attacks_task, completed=n_attacks)
+            bar.remove_task(attacks_task)
             cache.put(f"adv/sanity/{norm}", {"checks": checks})
         sanity[norm] = checks
         for name, result in checks.items():
