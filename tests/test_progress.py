@@ -71,6 +71,28 @@ def test_a_counting_task_logs_on_a_timer_and_unit_tasks_only_per_unit(
     ]
 
 
+def test_restored_units_do_not_count_toward_the_pace(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [0.0]
+    monkeypatch.setattr(progress_mod.time, "monotonic", lambda: clock[0])
+    console, buf = _log_console()
+    bar = LogProgress(TextColumn("{task.description}"), console=console)
+    task = bar.add_task("attacks", total=4)
+    for unit in ("PGD linf_8", "PGD l2_0.5"):  # kept by the interrupted run: instant
+        bar.update(task, description=f"{unit} (stored)")
+        bar.advance(task)
+    bar.update(task, description="sanity checks linf")
+    clock[0] += 600
+    bar.advance(task)
+    bar.update(task, description="sanity checks l2")
+    lines = buf.getvalue().splitlines()
+    # No time left while only restored units are done; then the pace of the computed one.
+    assert lines[1:] == [
+        "attacks 1/4 (0:00:00): PGD l2_0.5 (stored)",
+        "attacks 2/4 (0:00:00): sanity checks linf",
+        "attacks 3/4 (0:10:00, ~0:10:00 left): sanity checks l2",
+    ]
+
+
 def test_a_terminal_gets_rich_s_live_bar_and_disabled_prints_nothing() -> None:
     terminal = Console(file=io.StringIO(), force_terminal=True)
     bar = progress_bar(TextColumn("{task.description}"), console=terminal)

@@ -23,10 +23,16 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+# Description suffix of a unit whose result was restored, not computed.
+RESTORED = "(stored)"
+
+
 class LogProgress(Progress):
     """A :class:`rich.progress.Progress` that logs lines instead of drawing a bar.
 
-    Tasks, totals and counts behave as in rich (the live display is off).
+    Tasks, totals and counts behave as in rich (the live display is off). Units advanced
+    while the description ends in :data:`RESTORED` (results kept by an earlier run) count as
+    done but not toward the pace, so a resumed job's time left is not skewed by them.
     """
 
     def __init__(
@@ -38,6 +44,7 @@ class LogProgress(Progress):
         self._last_line: dict[TaskID, float] = {}
         self._last_desc: dict[TaskID, str] = {}
         self._names: dict[TaskID, str] = {}
+        self._restored: dict[TaskID, float] = {}
 
     def add_task(self, description: str, *args: Any, **kwargs: Any) -> TaskID:
         task_id = super().add_task(description, *args, **kwargs)
@@ -47,11 +54,17 @@ class LogProgress(Progress):
 
     def update(self, task_id: TaskID, **kwargs: Any) -> None:
         super().update(task_id, **kwargs)
+        self._count_restored(task_id, kwargs.get("advance"))
         self._maybe_log(task_id)
 
     def advance(self, task_id: TaskID, advance: float = 1) -> None:
         super().advance(task_id, advance)
+        self._count_restored(task_id, advance)
         self._maybe_log(task_id)
+
+    def _count_restored(self, task_id: TaskID, advance: float | None) -> None:
+        if advance and self._tasks[task_id].description.endswith(RESTORED):
+            self._restored[task_id] = self._restored.get(task_id, 0.0) + advance
 
     def _maybe_log(self, task_id: TaskID) -> None:
         task = self._tasks[task_id]
@@ -70,8 +83,9 @@ class LogProgress(Progress):
         self._last_line[task_id] = now
         elapsed = task.elapsed or 0.0
         when = _clock(elapsed)
-        if task.total is not None and 0 < task.completed < task.total:
-            left = elapsed / task.completed * (task.total - task.completed)
+        computed = task.completed - self._restored.get(task_id, 0.0)
+        if task.total is not None and computed > 0 and task.completed < task.total:
+            left = elapsed / computed * (task.total - task.completed)
             when += f", ~{_clock(left)} left"
         total = "?" if task.total is None else f"{task.total:g}"
         name = self._names[task_id]

@@ -72,7 +72,7 @@ from ssl_robust.evaluate.report import OOD_SCORES, group_of, log_to_wandb, threa
 from ssl_robust.evaluate.store import UnitStore, file_stamp, weights_sha256
 from ssl_robust.finetune.export import load_classifier
 from ssl_robust.finetune.model import Classifier
-from ssl_robust.launch.progress import progress_bar
+from ssl_robust.launch.progress import RESTORED, progress_bar
 from ssl_robust.launch.trainer import wandb_run_id, write_json
 from ssl_robust.pipelines.common import console, print_summary
 from ssl_robust.purify.purifier import Purifier
@@ -931,7 +931,7 @@ def _shift_section(
             unit = f"shift/{c}/{sev}"
             stored = cache.get(unit)
             if stored is not None:
-                bar.update(task, description=f"{c} s{sev} (stored)")
+                bar.update(task, description=f"{c} s{sev} {RESTORED}")
                 numbers, kept = stored
                 accs = [float(a) for a in numbers.get("accs", [numbers["acc"]])]
                 logits, y_c = kept.get("logits"), kept.get("labels")
@@ -1084,7 +1084,7 @@ def _adv_section(
         p = f"adv/{t['name']}/"
         stored = cache.get(p + "pgd")
         if stored is not None:
-            bar.update(task, description=f"PGD {t['name']} (stored)")
+            bar.update(task, description=f"PGD {t['name']} {RESTORED}")
             metrics.update(stored[0])
         else:
             bar.update(task, description=f"PGD {t['name']}")
@@ -1130,7 +1130,7 @@ def _adv_section(
             continue
         stored = cache.get(p + "autoattack")
         if stored is not None:
-            bar.update(task, description=f"AutoAttack {t['name']} (stored)")
+            bar.update(task, description=f"AutoAttack {t['name']} {RESTORED}")
             metrics.update(stored[0])
         else:
             bar.update(task, description=f"AutoAttack {t['name']}")
@@ -1171,7 +1171,7 @@ def _adv_section(
     for norm in norms:
         stored = cache.get(f"adv/sanity/{norm}")
         if stored is not None:
-            bar.update(task, description=f"sanity checks {norm} (stored)")
+            bar.update(task, description=f"sanity checks {norm} {RESTORED}")
             checks = stored[0]["checks"]
         else:
             bar.update(task, description=f"sanity checks {norm}")
