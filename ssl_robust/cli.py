@@ -61,14 +61,14 @@ def _options_text() -> str:
     )
 
 
-def usage(job: str, prog: str) -> str:
+def usage(prog: str) -> str:
     return f"usage: {prog} [PRESET ...] [KEY=VALUE ...] [{PRINT_FLAG}] [--help [SECTION]]"
 
 
 def help_text(job: str, prog: str, doc: str, cfg: DictConfig, args: list[str], topic: str) -> str:
     """Usage, the script's examples, presets, options and the keys (under ``topic``)."""
     shown = ", ".join(args) if args else "the schema defaults"
-    parts = [usage(job, prog)]
+    parts = [usage(prog)]
     if doc.strip():
         parts.append(doc.strip())
     presets = ", ".join(available_presets(job))
@@ -87,7 +87,7 @@ def help_text(job: str, prog: str, doc: str, cfg: DictConfig, args: list[str], t
     parts.append(_options_text())
     parts.append(
         f"keys ({shown}; {{...}} lists the valid values):\n"
-        + describe(SCHEMAS[job], cfg, job_choices(job), prefix=topic)
+        + describe(SCHEMAS[job], cfg, choices, prefix=topic)
     )
     return "\n\n".join(parts) + "\n"
 
@@ -161,7 +161,7 @@ def main(
                 f"unknown option {arg!r}; valid options: -h/--help [SECTION], {PRINT_FLAG} "
                 "(everything else is a preset or key=value)"
             )
-            print(usage(job, prog), file=sys.stderr)
+            print(usage(prog), file=sys.stderr)
             return EXIT_USAGE
         else:
             args.append(arg)

@@ -426,31 +426,27 @@ def compare(
         select_metrics(runs, metrics)  # every asked-for metric exists somewhere
     # One table per phase: a pretraining run and an evaluation share few keys, and comparing
     # them key by key would only list every key of both schemas.
-    tables = []
-    for job, members in by_job(runs).items():
+    groups = by_job(runs)
+    keys_by_job = {job: differing_keys(members) for job, members in groups.items()}
+    sections: list[tuple[str | None, list[str], list[list[str]]]] = []
+    for job, members in groups.items():
         present = {m for r in members for m in r.metrics}
         columns = [m for m in metrics if m in present] if metrics else select_metrics(members)
-        tables.append((job, len(members), *table(members, differing_keys(members), columns)))
+        n = len(members)
+        heading = f"{job} ({n} run{'s' if n > 1 else ''})" if len(groups) > 1 else None
+        sections.append((heading, *table(members, keys_by_job[job], columns)))
     written = {"markdown": out / "comparison.md", "html": out / "comparison.html"}
-    if len(tables) == 1:
-        _, _, header, rows = tables[0]
-        written["markdown"].write_text(f"# {title}\n\n" + to_markdown(header, rows))
-        written["html"].write_text(to_html([(None, header, rows)], title))
-    else:
-        md = [f"# {title}\n"]
-        for job, n, header, rows in tables:
-            md.append(f"## {job} ({n} run{'s' if n > 1 else ''})\n\n" + to_markdown(header, rows))
-        written["markdown"].write_text("\n".join(md))
-        sections = [(f"{job} ({n} run{'s' if n > 1 else ''})", h, r) for job, n, h, r in tables]
-        written["html"].write_text(to_html(sections, title))
-    groups = by_job(runs)
+    md = [f"# {title}\n"]
+    md += [(f"## {h}\n\n" if h else "") + to_markdown(hd, rows) for h, hd, rows in sections]
+    written["markdown"].write_text("\n".join(md))
+    written["html"].write_text(to_html(sections, title))
 
     # Clean vs corruption accuracy per method (and whatever else differs) against label
     # fraction: from the evaluations when they vary it, else from the fine-tuning runs.
     fraction = "subset.fraction"
     for job in ("evaluate", "finetune"):
         members = groups.get(job, [])
-        keys = differing_keys(members)
+        keys = keys_by_job.get(job, [])
         acc = [m for m in ("test/acc", "shift/mean_acc") if any(m in r.metrics for r in members)]
         if fraction in keys and acc:
             series = [k for k in keys if k not in (fraction, "run.seed")]

@@ -38,8 +38,8 @@ class LogProgress(Progress):
     def __init__(
         self, *columns: str | ProgressColumn, console: Console, interval_s: float = 60.0
     ) -> None:
+        # get_time looks time.monotonic up at each call (a test's fake clock reaches rich too).
         super().__init__(*columns, console=console, disable=True, get_time=lambda: time.monotonic())
-        self._log_console = console
         self._interval_s = interval_s
         self._last_line: dict[TaskID, float] = {}
         self._last_desc: dict[TaskID, str] = {}
@@ -91,7 +91,7 @@ class LogProgress(Progress):
         name = self._names[task_id]
         what = "done" if done else task.description
         line = f"{name} {task.completed:g}/{total} ({when})"
-        self._log_console.print(
+        self.console.print(
             line if what == name else f"{line}: {what}",
             markup=False,
             highlight=False,
