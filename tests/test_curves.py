@@ -7,9 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
+import torch
 from PIL import Image
+from pytorch_lightning.loggers import CSVLogger
+from torch.utils.data import DataLoader, TensorDataset
 
-from ssl_robust.launch.curves import CURVES_FILE, plot_training_curves, read_history
+from ssl_robust.launch import curves
+from ssl_robust.launch.curves import (
+    CURVES_FILE,
+    TrainingCurves,
+    plot_training_curves,
+    read_history,
+)
 
 
 def _write_log(run: Path, version: int, rows: list[dict[str, float | int]]) -> None:
@@ -96,3 +106,130 @@ def test_only_noisy_series_are_smoothed() -> None:
     schedule = 0.1 * (1 + np.cos(np.pi * t)) / 2  # a cosine learning rate: drawn as it is
     loss = 5 * np.exp(-3 * t) + np.random.default_rng(0).normal(0, 0.1, t.size)
     assert not _noisy(schedule) and _noisy(loss)
+
+
+class _Regression(pl.LightningModule):
+    """A linear fit that logs its loss every step and can fail at a given step."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+        self.fail_at = fail_at
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], idx: int) -> torch.Tensor:
+        if self.global_step == self.fail_at:
+            raise RuntimeError("boom")
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.layer(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(run: Path, callback: TrainingCurves, fail_at: int | None = None) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+    trainer = pl.Trainer(
+        default_root_dir=run,
+        max_epochs=3,
+        logger=CSVLogger(save_dir=str(run), name="logs"),
+        callbacks=[callback],
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(_Regression(fail_at), data)
+
+
+@pytest.fixture
+def titles(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The titles of the figures the callback draws (each drawn for real)."""
+    drawn: list[str] = []
+
+    def spy(run_dir: Path, title: str | None = None) -> Path | None:
+        drawn.append(str(title))
+        return plot_training_curves(run_dir, title)
+
+    monkeypatch.setattr(curves, "plot_training_curves", spy)
+    return drawn
+
+
+def test_curves_are_redrawn_while_a_fit_runs(tmp_path: Path, titles: list[str]) -> None:
+    callback = TrainingCurves(tmp_path, every_s=1e-6, max_share=1.0)
+    _fit(tmp_path, callback)
+    # Every epoch's end (after the first log flush): the figure follows the run.
+    assert [t.split(": ", 1)[1] for t in titles] == [
+        f"running, {k} of 3 epochs done" for k in (1, 2, 3)
+    ]
+    assert callback.drawn == 3
+    history = read_history(tmp_path)
+    assert history["train/loss"][0].tolist() == list(range(24))
+    Image.open(tmp_path / CURVES_FILE).verify()
+
+
+def test_curves_wait_between_drawings(tmp_path: Path, titles: list[str]) -> None:
+    _fit(tmp_path, TrainingCurves(tmp_path, every_s=3600))
+    _fit(tmp_path / "off", TrainingCurves(tmp_path / "off", every_s=0))
+    assert titles == []
+    assert not (tmp_path / CURVES_FILE).exists()
+    # Drawing may take at most max_share of the time: after a drawing of ~0.1 s or more, the
+    # next waits about (1 - share) / share times as long, however short every_s.
+    callback = TrainingCurves(tmp_path, every_s=1e-6, max_share=1e-4)
+    _fit(tmp_path, callback)
+    assert callback.drawn == 1 and callback.wait_s > 50
+
+
+def test_a_crashed_fit_keeps_its_curves(tmp_path: Path, titles: list[str]) -> None:
+    callback = TrainingCurves(tmp_path, every_s=0)
+    with pytest.raises(RuntimeError, match="boom"):
+        _fit(tmp_path, callback, fail_at=13)
+    assert titles == [f"{tmp_path.name}: stopped by RuntimeError in epoch 2 of 3 (step 13)"]
+    # The CSV logs were flushed first: the figure has every step logged before the crash.
+    assert read_history(tmp_path)["train/loss"][0].tolist() == list(range(13))
+    Image.open(tmp_path / CURVES_FILE).verify()
+
+
+def test_a_requeued_fit_says_so(tmp_path: Path, titles: list[str]) -> None:
+    class Requeue(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+            if trainer.global_step == 5:
+                raise SystemExit(0)  # what SlurmRequeue does once the job is requeued
+
+    callback = TrainingCurves(tmp_path, every_s=0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path,
+        max_epochs=2,
+        logger=CSVLogger(save_dir=str(tmp_path), name="logs"),
+        callbacks=[Requeue(), callback],
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(SystemExit):
+        trainer.fit(_Regression(), DataLoader(TensorDataset(x, x[:, :1]), batch_size=8))
+    assert titles == [f"{tmp_path.name}: stopped to be requeued in epoch 1 of 2 (step 5)"]
+
+
+def test_a_failed_drawing_does_not_stop_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(run_dir: Path, title: str | None = None) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(curves, "plot_training_curves", broken)
+    callback = TrainingCurves(tmp_path, every_s=1e-6, max_share=1.0)
+    with pytest.warns(UserWarning, match="training curves not drawn.*disk full"):
+        _fit(tmp_path, callback)
+    assert callback.drawn == 0
+    assert read_history(tmp_path)["train/loss"][0].tolist() == list(range(24))
+    with pytest.raises(ValueError, match="every_s must be >= 0"):
+        TrainingCurves(tmp_path, every_s=-1)
+    with pytest.raises(ValueError, match="max_share must be in"):
+        TrainingCurves(tmp_path, max_share=0)

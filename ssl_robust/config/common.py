@@ -146,6 +146,9 @@ class TrainerConfig:
     # gain); off under deterministic=true, whose algorithms it would override.
     cudnn_benchmark: bool = True
     progress_bar: bool = True
+    # Redraw <run dir>/curves.png at an epoch's end once this many seconds have passed (and
+    # always when a fit stops on an error or a requeue); 0 = only when the fit ends or stops.
+    curves_every_s: float = 60.0
     # One training and one validation batch; no checkpoints, metrics or exports (a smoke test).
     fast_dev_run: bool = False
 

@@ -20,6 +20,7 @@ from pytorch_lightning.callbacks import (
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
 from ssl_robust.config import TrainerConfig, WandbConfig
+from ssl_robust.launch.curves import TrainingCurves
 from ssl_robust.launch.distributed import (
     ScaleSummary,
     SlurmRequeue,
@@ -214,6 +215,7 @@ def build_trainer(
         all_callbacks.append(ProgressBar(leave=True))
     if loggers:
         all_callbacks.append(LearningRateMonitor(logging_interval="step"))
+        all_callbacks.append(TrainingCurves(run_dir, tcfg.curves_every_s))
     return pl.Trainer(
         default_root_dir=str(run_dir),  # also where SLURM's hpc_ckpt_N.ckpt go
         max_epochs=tcfg.max_epochs,
