@@ -15,6 +15,8 @@
 #            at most TESTS_S, default 150);
 #   TRAIN_S  limit of the training run (default: what is left of CALL_S, less 25 s to copy);
 #            SKIP_TRAIN=1 skips it (a benchmarks-only call);
+#   EXTRA    more key=value overrides for the training run (word-split), e.g. to rehearse its
+#            start on a CPU: EXTRA="trainer.limit_train_batches=3 trainer.max_epochs=1";
 #   SMOKE=1  a tiny CPU rehearsal of the same steps: bench --smoke and 1 epoch on the digits.
 # $OUT receives at most 6 files (the tool returns 8): session.log, nvidia-smi.txt, bench.json
 # (written after each benchmark part), metrics.csv (copied every 15 s while training),
@@ -77,7 +79,7 @@ else
             "${METHOD}_cifar10_folder" \
             data.root="$DATA/cifar10-jpeg" data.augment=gpu data.compile_views=true \
             model.compile=true monitor.every_n_epochs=40 wandb.mode=disabled \
-            trainer.progress_bar=false run.dir="$RUN"
+            trainer.progress_bar=false run.dir="$RUN" ${EXTRA:-}
         echo "training exit $? after $(( $(date +%s) - start )) s"
         kill "$COPIER" 2>/dev/null
     fi

@@ -7,11 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ssl_robust.data.datamodule import EpochSeededSampler, SSLDataModule
+from ssl_robust.data.datamodule import EpochSeededSampler, SpreadOrder, SSLDataModule, eval_loader
 from ssl_robust.data.datasets import (
     ArraySource,
     DataError,
     FileSource,
+    TransformDataset,
     build_splits,
     load_digits_source,
     load_image_folder,
@@ -157,6 +158,23 @@ def test_epoch_seeded_sampler_depends_only_on_seed_and_epoch() -> None:
     assert {e for e, _ in a} == {3}
     b.set_epoch(4)
     assert list(a) != list(b)
+
+
+def test_a_limited_validation_samples_every_class(tmp_path: Path) -> None:
+    # An ImageFolder split is stored class by class: its first fifth is class "a" alone.
+    _tree(tmp_path / "ds" / "train", {c: 2 for c in "abcde"})
+    _tree(tmp_path / "ds" / "test", {c: 20 for c in "abcde"})
+    val = build_splits("imagefolder", root=str(tmp_path / "ds")).val
+    assert set(val.labels[:20].tolist()) == {0}
+    loader = eval_loader(TransformDataset(val, lambda im: 0), batch_size=10)
+    order = list(loader.sampler)  # type: ignore[arg-type]
+    assert sorted(order) == list(range(100))  # every image once
+    # Any limit of whole batches reads a spread of the classes, the same on every loader.
+    first = next(iter(loader))[1].tolist()
+    assert len(set(first)) >= 4
+    assert set(val.labels[order[:20]].tolist()) == set(range(5))
+    assert order == list(SpreadOrder(100)) and order != list(SpreadOrder(100, seed=1))
+    assert len(SpreadOrder(7)) == 7
 
 
 def _datamodule(method: str, augment: str, **kw: object) -> tuple[SSLDataModule, ViewParams]:

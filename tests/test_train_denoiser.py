@@ -248,10 +248,15 @@ def test_image_datamodule_serves_seeded_flipped_images_in_unit_range() -> None:
     again, _ = first_batch(1)
     torch.testing.assert_close(again, x, rtol=0, atol=0)  # a pure function of (seed, epoch)
     assert first_batch(2)[1] != indices
-    # Validation: every image, in order, never flipped.
-    val = torch.cat([b[0] for b in data.val_dataloader()])
-    torch.testing.assert_close(val, raw_val, rtol=0, atol=0)
-    torch.testing.assert_close(data.val_images(3), raw_val[:3], rtol=0, atol=0)
+    # Validation: every image once, never flipped, in one fixed order that spreads the
+    # classes (the same for every loader); the grids' images are its first.
+    loader = data.val_dataloader()
+    order = list(loader.sampler)  # type: ignore[arg-type]
+    assert sorted(order) == list(range(len(raw_val)))
+    assert order == list(data.val_dataloader().sampler)  # type: ignore[arg-type]
+    val = torch.cat([b[0] for b in loader])
+    torch.testing.assert_close(val, raw_val[order], rtol=0, atol=0)
+    torch.testing.assert_close(data.val_images(3), raw_val[order[:3]], rtol=0, atol=0)
     with pytest.raises(ValueError, match="fewer than one batch"):
         ImageDataModule(splits.train, splits.val, batch_size=len(splits.train) + 1)
 

@@ -138,6 +138,8 @@ class TrainerConfig:
     gradient_clip_val: float = 0.0
     log_every_n_steps: int = 10
     # Lightning's limits: a fraction (<= 1.0) or a number of batches per epoch (smoke runs).
+    # Validation reads its splits in one fixed shuffled order, so a limited one is the same
+    # sample of every class each time.
     limit_train_batches: float = 1.0
     limit_val_batches: float = 1.0
     # Deterministic algorithms only: bit-reproducible runs, slower on GPUs.

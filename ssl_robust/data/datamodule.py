@@ -133,6 +133,37 @@ def worker_options(num_workers: int) -> dict[str, Any]:
     }
 
 
+class SpreadOrder(Sampler[int]):
+    """Every index once, in one fixed seeded order, for evaluation loaders.
+
+    Metrics over a whole split do not depend on the order, but a limited validation
+    (``trainer.limit_val_batches``) reads only the first batches, and ImageFolder trees are
+    stored class by class: in file order, a fifth of CIFAR-10's test set is its first two
+    classes. In this order any prefix is a uniform sample of the split, the same one every
+    epoch and, with the default seed, on every run, so limited validations stay comparable.
+    """
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.order = np.random.default_rng(seed).permutation(n).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def eval_loader(dataset: Any, batch_size: int, num_workers: int = 0) -> DataLoader:
+    """An evaluation loader: the whole split once, in :class:`SpreadOrder` (the same order
+    whatever the run's seed), whole batches of ``batch_size`` but the last."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=SpreadOrder(len(dataset)),
+        **worker_options(num_workers),
+    )
+
+
 def seeded_train_loader(
     module: pl.LightningDataModule, dataset: Any, batch_size: int, seed: int, **kw: Any
 ) -> ResumableDataLoader:
@@ -220,9 +251,6 @@ class SSLDataModule(pl.LightningDataModule):
             raise ValueError("the kNN bank needs labeled images; pass the labeled split as bank")
         self._device_images: torch.Tensor | None = None
 
-    def _loader(self, dataset: Any, batch_size: int, **kw: Any) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, **worker_options(self.num_workers), **kw)
-
     def train_dataloader(self) -> DataLoader:
         if self.augment == "gpu":
             # Only indices travel; the images already live on the device.
@@ -262,8 +290,8 @@ class SSLDataModule(pl.LightningDataModule):
         bank = TransformDataset(self.bank_source, self.eval_transform)
         val = TransformDataset(self.val_source, self.eval_transform)
         return [
-            self._loader(bank, self.eval_batch_size, shuffle=False),
-            self._loader(val, self.eval_batch_size, shuffle=False),
+            eval_loader(bank, self.eval_batch_size, self.num_workers),
+            eval_loader(val, self.eval_batch_size, self.num_workers),
         ]
 
     def images_on(self, device: torch.device) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
-from ssl_robust.data.datamodule import seeded_train_loader, worker_options
+from ssl_robust.data.datamodule import SpreadOrder, eval_loader, seeded_train_loader, worker_options
 from ssl_robust.data.datasets import ImageSource, TransformDataset
 
 
@@ -80,9 +80,6 @@ class ImageDataModule(pl.LightningDataModule):
         self.seed = seed
         self.channels_last = channels_last
 
-    def _loader(self, dataset: Any, batch_size: int, **kw: Any) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, **worker_options(self.num_workers), **kw)
-
     def train_dataloader(self) -> DataLoader:
         ds = TransformDataset(self.train_source, self.train_transform, seed=self.seed)
         return seeded_train_loader(
@@ -95,14 +92,15 @@ class ImageDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         ds = TransformDataset(self.val_source, self.eval_transform)
-        return self._loader(ds, self.eval_batch_size, shuffle=False)
+        return eval_loader(ds, self.eval_batch_size, self.num_workers)
 
     def val_images(self, n: int) -> torch.Tensor:
-        """The first ``n`` validation images, (n, C, H, W) in [0, 1] (fixed images for grids)."""
+        """The first ``n`` validation images in :class:`SpreadOrder` (a sample of every class
+        rather than the first class of a tree), (n, C, H, W) in [0, 1]: fixed images for grids."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
-        n = min(n, len(self.val_source))
-        return torch.stack([self.eval_transform(self.val_source.load(i)) for i in range(n)])
+        order = SpreadOrder(len(self.val_source)).order[:n]
+        return torch.stack([self.eval_transform(self.val_source.load(i)) for i in order])
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if not self.channels_last:

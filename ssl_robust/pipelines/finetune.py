@@ -28,7 +28,7 @@ from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from ssl_robust.config import ConfigError, save_config, to_dict
-from ssl_robust.data.datamodule import EpochSeededSampler
+from ssl_robust.data.datamodule import EpochSeededSampler, eval_loader
 from ssl_robust.data.datasets import ImageSource, Splits, TransformDataset, build_splits
 from ssl_robust.data.subsets import SubsetSpec, assert_disjoint, load_or_draw_subset
 from ssl_robust.finetune.export import save_classifier
@@ -278,12 +278,13 @@ def run_linear(
         generator=torch.Generator().manual_seed(cfg.run.seed),
         drop_last=len(y) > bs,
     )
-    eval_loader = DataLoader(
-        TensorDataset(feats.eval, feats.eval_labels), batch_size=cfg.data.eval_batch_size
+    # Validation and the test; a limited validation reads a sample of every class.
+    eval_features = eval_loader(
+        TensorDataset(feats.eval, feats.eval_labels), cfg.data.eval_batch_size
     )
     trainer = _trainer(job, callbacks)
-    _fit(trainer, probe, train_loader, eval_loader, job, metrics)
-    trainer.test(probe, dataloaders=eval_loader, verbose=False)
+    _fit(trainer, probe, train_loader, eval_features, job, metrics)
+    trainer.test(probe, dataloaders=eval_features, verbose=False)
     metrics.update(final_metrics(trainer))
     metrics.update(probe.derived)
     clf.head = probe.folded_head()
@@ -324,7 +325,11 @@ def run_full(
         drop_last=len(train_ds) > bs,
         num_workers=cfg.data.num_workers,
     )
-    eval_loader = _image_loader(job.splits.val, cfg.data.eval_batch_size, cfg.data.num_workers)
+    # A limited validation reads a sample of every class, not the first classes of a tree.
+    eval_images = eval_loader(
+        TransformDataset(job.splits.val, T.ToTensor()), cfg.data.eval_batch_size,
+        cfg.data.num_workers,
+    )  # fmt: skip
     module = FineTuner(
         job.classifier,
         lr=o.lr,
@@ -335,7 +340,7 @@ def run_full(
         warmup_epochs=o.warmup_epochs,
     )
     trainer = _trainer(job, callbacks)
-    _fit(trainer, module, train_loader, eval_loader, job, metrics)
+    _fit(trainer, module, train_loader, eval_images, job, metrics)
     metrics.update(module.derived)
     _test_purified(trainer, job, clean=True, metrics=metrics)
     return trainer, {}
