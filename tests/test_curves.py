@@ -14,12 +14,8 @@ from pytorch_lightning.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from ssl_robust.launch import curves
-from ssl_robust.launch.curves import (
-    CURVES_FILE,
-    TrainingCurves,
-    plot_training_curves,
-    read_history,
-)
+from ssl_robust.launch.curves import CURVES_FILE, plot_training_curves, read_history
+from ssl_robust.launch.trainer import TrainingCurves
 
 
 def _write_log(run: Path, version: int, rows: list[dict[str, float | int]]) -> None:

@@ -3,10 +3,10 @@
 Every training job (pretraining, denoiser, fine-tuning) logs to ``<run dir>/logs/version_<k>/
 metrics.csv``, one version per (re)start. :func:`read_history` stitches the versions into one
 history per metric; :func:`plot_training_curves` draws it to ``<run dir>/curves.png``, so a run
-without wandb still has its loss and accuracy curves to look at. :class:`TrainingCurves` redraws
-the figure while a fit runs (every ``every_s`` seconds, at an epoch's end) and once more when the
-fit stops on an error, an interrupt or a SLURM requeue; the pipelines draw it a last time when
-the fit ends.
+without wandb still has its loss and accuracy curves to look at. The trainer's
+``TrainingCurves`` callback (``ssl_robust.launch.trainer``) redraws it while a fit runs and when
+it stops on an error, an interrupt or a SLURM requeue; the pipelines draw it a last time when the
+fit ends. This module does not import Lightning, so ``compare`` stays quick to start.
 
     from ssl_robust.launch.curves import plot_training_curves
     plot_training_curves("runs/pretrain-simclr-digits")   # -> runs/.../curves.png
@@ -17,17 +17,13 @@ from __future__ import annotations
 import csv
 import math
 import re
-import time
 from pathlib import Path
 
 import numpy as np
-import pytorch_lightning as pl
-from pytorch_lightning.loggers import CSVLogger
-from pytorch_lightning.utilities import rank_zero_warn
 
 from ssl_robust.plotting import pyplot, save_figure
 
-__all__ = ["CURVES_FILE", "TrainingCurves", "plot_training_curves", "read_history"]
+__all__ = ["CURVES_FILE", "plot_training_curves", "read_history"]
 
 CURVES_FILE = "curves.png"
 _INDEX_COLUMNS = ("step", "epoch")
@@ -191,85 +187,3 @@ def plot_training_curves(run_dir: str | Path, title: str | None = None) -> Path 
         ax.axis("off")
     fig.suptitle(title or run_dir.resolve().name, fontsize=11)
     return save_figure(fig, run_dir / CURVES_FILE, dpi=100)
-
-
-class TrainingCurves(pl.Callback):
-    """Keep ``<run_dir>/curves.png`` current while a fit runs, so a long run's progress can be
-    looked at (and a crashed or preempted run keeps its curves up to its last logged step).
-
-    At the end of each training epoch and each validation, once ``every_s`` seconds have passed
-    since the fit started or the figure was last drawn, the CSV logs are flushed and the figure
-    is redrawn, titled with the epoch reached. When the fit stops on an exception (a crash,
-    Ctrl-C, the ``SystemExit`` of a SLURM requeue) it is drawn at once, titled with the reason.
-    Drawing takes at most ``max_share`` of the time: the wait grows with the last drawing's
-    duration. Global rank zero only; ``every_s=0`` draws only when the fit stops on an
-    exception. A failed drawing warns once and does not stop training.
-    """
-
-    def __init__(self, run_dir: str | Path, every_s: float = 60.0, max_share: float = 0.02) -> None:
-        if every_s < 0:
-            raise ValueError(
-                f"curves every_s must be >= 0 (0 = only when a fit stops), got {every_s}"
-            )
-        if not 0 < max_share <= 1:
-            raise ValueError(f"max_share must be in (0, 1], got {max_share}")
-        self.max_share = max_share
-        self.run_dir = Path(run_dir)
-        self.every_s = every_s
-        self.wait_s = every_s
-        self._last = time.monotonic()
-        self._warned = False
-        self.drawn = 0
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last = time.monotonic()
-
-    @staticmethod
-    def _total(trainer: pl.Trainer) -> str:
-        return str(trainer.max_epochs) if trainer.max_epochs and trainer.max_epochs > 0 else "?"
-
-    def draw(self, trainer: pl.Trainer, state: str) -> Path | None:
-        """Flush the CSV logs and redraw now; the figure's path, or None if nothing to draw."""
-        if not trainer.is_global_zero:
-            return None
-        start = time.monotonic()
-        path = None
-        try:
-            for logger in trainer.loggers:
-                if isinstance(logger, CSVLogger):
-                    logger.save()
-            path = plot_training_curves(self.run_dir, f"{self.run_dir.resolve().name}: {state}")
-        except Exception as exc:  # a figure must not stop training
-            if not self._warned:
-                rank_zero_warn(f"training curves not drawn: {exc!r}")
-                self._warned = True
-        self._last = time.monotonic()
-        took = self._last - start
-        self.wait_s = max(self.every_s, took * (1 - self.max_share) / self.max_share)
-        self.drawn += path is not None
-        return path
-
-    def _maybe_draw(self, trainer: pl.Trainer) -> None:
-        due = time.monotonic() - self._last >= self.wait_s
-        if self.every_s and due and trainer.state.fn == "fit" and not trainer.sanity_checking:
-            # Both hooks run when an epoch's training is done, before current_epoch moves on.
-            done = trainer.current_epoch + 1
-            self.draw(trainer, f"running, {done} of {self._total(trainer)} epochs done")
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._maybe_draw(trainer)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._maybe_draw(trainer)
-
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
-        if isinstance(exception, SystemExit) and not exception.code:
-            why = "stopped to be requeued"
-        elif isinstance(exception, KeyboardInterrupt):
-            why = "interrupted"
-        else:
-            why = f"stopped by {type(exception).__name__}"
-        where = f"in epoch {trainer.current_epoch + 1} of {self._total(trainer)}"
-        self.draw(trainer, f"{why} {where} (step {trainer.global_step})")

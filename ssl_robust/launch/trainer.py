@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -18,9 +19,10 @@ from pytorch_lightning.callbacks import (
     RichProgressBar,
 )
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.utilities import rank_zero_warn
 
 from ssl_robust.config import TrainerConfig, WandbConfig
-from ssl_robust.launch.curves import TrainingCurves
+from ssl_robust.launch import curves
 from ssl_robust.launch.distributed import (
     ScaleSummary,
     SlurmRequeue,
@@ -87,6 +89,90 @@ class ConfigInCheckpoint(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         checkpoint["ssl_robust_config"] = self.config
+
+
+class TrainingCurves(pl.Callback):
+    """Keep ``<run_dir>/curves.png`` current while a fit runs, so a long run's progress can be
+    looked at (and a crashed or preempted run keeps its curves up to its last logged step).
+
+    At the end of each training epoch and each validation, once ``every_s`` seconds have passed
+    since the fit started or the figure was last drawn, the CSV logs are flushed and the figure
+    is redrawn, titled with the epoch reached. When the fit stops on an exception (a crash,
+    Ctrl-C, the ``SystemExit`` of a SLURM requeue) it is drawn at once, titled with the reason.
+    Drawing takes at most ``max_share`` of the time: the wait grows with the last drawing's
+    duration. Global rank zero only; ``every_s=0`` draws only when the fit stops on an
+    exception. A failed drawing warns once and does not stop training.
+    """
+
+    def __init__(self, run_dir: str | Path, every_s: float = 60.0, max_share: float = 0.02) -> None:
+        if every_s < 0:
+            raise ValueError(
+                f"curves every_s must be >= 0 (0 = only when a fit stops), got {every_s}"
+            )
+        if not 0 < max_share <= 1:
+            raise ValueError(f"max_share must be in (0, 1], got {max_share}")
+        self.max_share = max_share
+        self.run_dir = Path(run_dir)
+        self.every_s = every_s
+        self.wait_s = every_s
+        self._last = time.monotonic()
+        self._warned = False
+        self.drawn = 0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last = time.monotonic()
+
+    @staticmethod
+    def _total(trainer: pl.Trainer) -> str:
+        return str(trainer.max_epochs) if trainer.max_epochs and trainer.max_epochs > 0 else "?"
+
+    def draw(self, trainer: pl.Trainer, state: str) -> Path | None:
+        """Flush the CSV logs and redraw now; the figure's path, or None if nothing to draw."""
+        if not trainer.is_global_zero:
+            return None
+        start = time.monotonic()
+        path = None
+        try:
+            for logger in trainer.loggers:
+                if isinstance(logger, CSVLogger):
+                    logger.save()
+            path = curves.plot_training_curves(
+                self.run_dir, f"{self.run_dir.resolve().name}: {state}"
+            )
+        except Exception as exc:  # a figure must not stop training
+            if not self._warned:
+                rank_zero_warn(f"training curves not drawn: {exc!r}")
+                self._warned = True
+        self._last = time.monotonic()
+        took = self._last - start
+        self.wait_s = max(self.every_s, took * (1 - self.max_share) / self.max_share)
+        self.drawn += path is not None
+        return path
+
+    def _maybe_draw(self, trainer: pl.Trainer) -> None:
+        due = time.monotonic() - self._last >= self.wait_s
+        if self.every_s and due and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            # Both hooks run when an epoch's training is done, before current_epoch moves on.
+            done = trainer.current_epoch + 1
+            self.draw(trainer, f"running, {done} of {self._total(trainer)} epochs done")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._maybe_draw(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._maybe_draw(trainer)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if isinstance(exception, SystemExit) and not exception.code:
+            why = "stopped to be requeued"
+        elif isinstance(exception, KeyboardInterrupt):
+            why = "interrupted"
+        else:
+            why = f"stopped by {type(exception).__name__}"
+        where = f"in epoch {trainer.current_epoch + 1} of {self._total(trainer)}"
+        self.draw(trainer, f"{why} {where} (step {trainer.global_step})")
 
 
 def wandb_run_id(run_dir: Path) -> str:
