@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 
@@ -17,7 +18,7 @@ from ssl_robust.evaluate.attacks import (
     random_search,
     rescore,
     robust_accuracy,
-    sanity_attack_count,
+    sanity_attack_costs,
     sanity_checks,
 )
 
@@ -339,22 +340,48 @@ class QuantizedModel(nn.Module):
         return self.model(torch.round(x * 4) / 4)
 
 
+class _Passes(nn.Module):
+    """Counts the pipeline passes per image of ``model``, a pass with a backward as 3."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.passes = 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.passes += (3 if torch.is_grad_enabled() and x.requires_grad else 1) * len(x)
+        return self.model(x)
+
+
 def test_sanity_checks_pass_on_honest_model(trained):
     model, x, y = trained
+    counted = _Passes(model)
     started: list[tuple[int, str]] = []
+    per_attack: list[float] = []
+
+    def on_attack(i: int, what: str) -> None:
+        started.append((i, what))
+        per_attack.append(counted.passes / len(x))
+
     checks = sanity_checks(
-        model,
+        counted,
         x,
         y,
         "linf",
         eps_grid=(0.02, 0.06, 0.12, 0.25),
         steps=10,
         eot=1,
+        rescore_draws=2,
         generator=torch.Generator().manual_seed(0),
-        on_attack=lambda i, what: started.append((i, what)),
+        on_attack=on_attack,
     )
-    # The progress hook: every attack announced once, in order, as many as counted.
-    assert [i for i, _ in started] == list(range(sanity_attack_count(4)))
+    per_attack.append(counted.passes / len(x))
+    # The progress hook: every attack announced once, in order, each costing what
+    # sanity_attack_costs says (the clean scoring comes before the first).
+    costs = sanity_attack_costs(4, steps=10, eot=1, rescore_draws=2)
+    assert [i for i, _ in started] == list(range(len(costs)))
+    assert [b - a for a, b in itertools.pairwise(per_attack)] == costs
+    assert costs[:7] == [33] * 5 + [63, 64] and costs[7:] == [102] * 4 + [3]
     assert [what.split(" eps")[0].split(",")[0] for _, what in started] == [
         *["PGD"] * 7, *["black-box"] * 4, "gradients"
     ]  # fmt: skip

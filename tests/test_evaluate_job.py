@@ -18,6 +18,7 @@ from PIL import Image
 
 from ssl_robust.config import ConfigError, EvaluateConfig, load_config
 from ssl_robust.data.datasets import build_splits
+from ssl_robust.evaluate.attacks import sanity_attack_costs
 from ssl_robust.evaluate.cifar_c import write_cifar_c
 from ssl_robust.evaluate.metrics import calibration_report
 from ssl_robust.evaluate.ood import energy_score, msp_score, ood_metrics
@@ -83,8 +84,12 @@ def test_job_end_to_end_writes_the_documented_report(
     assert "corruptions 0/4 (" in log and "corruptions 4/4 (" in log, log
     assert re.search(r"attacks 0/\d+ \(\d:\d\d:\d\d\): PGD linf_8\n", log), log
     assert re.search(r"PGD linf_8 steps 5/5 \(\d:\d\d:\d\d\): done\n", log), log
-    assert "sanity checks linf attacks 0/12 (0:00:00): PGD eps 0.007843, 5 steps, EOT 1\n" in log
-    assert re.search(r"sanity checks l2 attacks 12/12 \(\d:\d\d:\d\d\): done\n", log), log
+    # The sanity checks count pipeline passes, so their time left weighs each attack's budget.
+    total = sum(sanity_attack_costs(4, steps=5, eot=1, black_box_queries=20))
+    start = f"sanity checks linf, passes/image 0/{total} (0:00:00): PGD eps 0.007843, 5 steps"
+    assert start + ", EOT 1\n" in log, log
+    assert f"sanity checks linf, passes/image {5 * 17}/{total} (" in log, log  # 5 PGD-5 done
+    assert re.search(rf"sanity checks l2, passes/image {total}/{total} \(.*\): done\n", log), log
     run = Path(cfg.run.dir)
     report = _report(cfg)
     m = report["metrics"]

@@ -635,10 +635,38 @@ def _acc(model: Pipeline, x_adv: Tensor, y: Tensor, draws: int) -> float:
     return float(rescore(model, x_adv, y, draws)["acc"])
 
 
-def sanity_attack_count(n_eps: int) -> int:
-    """The attacks :func:`sanity_checks` runs for ``n_eps`` radii: PGD at each radius, at the
-    large radius, with more steps and with more EOT; black-box at each radius; the gradients."""
-    return 2 * n_eps + 4
+def sanity_attack_costs(
+    n_eps: int,
+    steps: int,
+    eot: int,
+    rescore_draws: int = 1,
+    steps_factor: int = 2,
+    eot_factor: int = 2,
+    black_box_queries: int | None = None,
+) -> list[int]:
+    """The cost of each attack :func:`sanity_checks` runs, in its order, in pipeline passes
+    per image (a pass with a backward counts as 3, the backward costing about two forwards):
+    PGD at each of the ``n_eps`` radii, at the large radius, with more steps and with more
+    EOT (each re-scored); black-box at each radius (re-scored); the gradients. Progress in
+    these units makes a time-left estimate hold across attacks of different budgets."""
+    queries = _black_box_budget(black_box_queries, steps, eot)
+
+    def pgd_cost(n_steps: int, n_eot: int) -> int:
+        # A step per EOT pass, the final EOT objective (pgd keeps the best iterate), re-scoring.
+        return (3 * n_steps + 1) * n_eot + rescore_draws
+
+    return [
+        *[pgd_cost(steps, eot)] * (n_eps + 1),
+        pgd_cost(steps * steps_factor, eot),
+        pgd_cost(steps, eot * eot_factor),
+        *[queries + rescore_draws] * n_eps,
+        3 * eot,
+    ]
+
+
+def _black_box_budget(queries: int | None, steps: int, eot: int) -> int:
+    """Queries per image of the black-box check: as given, else max(100, steps * eot)."""
+    return queries if queries is not None else max(100, steps * eot)
 
 
 def sanity_checks(
@@ -698,8 +726,8 @@ def sanity_checks(
         black_box_queries: Query budget of the black-box attack.
         loss: PGD objective.
         generator: Source of the shared random-start seed and of the black-box proposals.
-        on_attack: Called as ``on_attack(i, what)`` before each of the
-            :func:`sanity_attack_count` attacks (``i`` of them done), for progress.
+        on_attack: Called as ``on_attack(i, what)`` before each attack (``i`` of them
+            done), for progress; :func:`sanity_attack_costs` lists them with their costs.
 
     Returns:
         Mapping from check name to ``{"passed": bool, "values": ...}``.
@@ -712,7 +740,7 @@ def sanity_checks(
         raise ValueError("steps_factor and eot_factor must be >= 2")
     if large_eps is None:
         large_eps = 1.0 if norm == "linf" else math.sqrt(x[0].numel())
-    queries = black_box_queries if black_box_queries is not None else max(100, steps * eot)
+    queries = _black_box_budget(black_box_queries, steps, eot)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
 
     done = [0]

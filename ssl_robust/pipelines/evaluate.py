@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,7 +38,7 @@ from ssl_robust.data.datasets import ArraySource, build_splits
 from ssl_robust.evaluate.attacks import (
     autoattack,
     robust_accuracy,
-    sanity_attack_count,
+    sanity_attack_costs,
     sanity_checks,
 )
 from ssl_robust.evaluate.cifar_c import (
@@ -864,8 +864,11 @@ def _times(k: int) -> str:
     return "once" if k == 1 else f"{k} times"
 
 
-def _attack_started(bar: Progress, task: TaskID, done: int, what: str) -> None:
-    bar.update(task, completed=done, description=what)
+def _attack_started(
+    bar: Progress, task: TaskID, costs: Sequence[int], done: int, what: str
+) -> None:
+    """Before an attack of the sanity checks: the cost of those ``done`` is completed."""
+    bar.update(task, completed=sum(costs[:done]), description=what)
 
 
 def _in_summary(key: str) -> bool:
@@ -1177,8 +1180,12 @@ def _adv_section(
             bar.update(task, description=f"sanity checks {norm}")
             grid = [e / 255 for e in a.sanity_linf_eps] if norm == "linf" else a.sanity_l2_eps
             model.reseed(seed + _SEED_ADV, device)
-            n_attacks = sanity_attack_count(len(grid))
-            attacks_task = bar.add_task(f"sanity checks {norm} attacks", total=n_attacks)
+            # Progress in pipeline passes, not attacks: their budgets differ up to ~2x.
+            costs = sanity_attack_costs(
+                len(grid), int(a.steps), eot, draws,
+                black_box_queries=int(a.sanity_queries) or None,
+            )  # fmt: skip
+            attacks_task = bar.add_task(f"sanity checks {norm}, passes/image", total=sum(costs))
             checks = sanity_checks(
                 model,
                 x[:n_s],
@@ -1192,9 +1199,9 @@ def _adv_section(
                 black_box_queries=int(a.sanity_queries) or None,
                 loss=a.loss,
                 generator=torch.Generator().manual_seed(seed + _SEED_ADV),
-                on_attack=functools.partial(_attack_started, bar, attacks_task),
+                on_attack=functools.partial(_attack_started, bar, attacks_task, costs),
             )
-            bar.update(attacks_task, completed=n_attacks)
+            bar.update(attacks_task, completed=sum(costs))
             bar.remove_task(attacks_task)
             cache.put(f"adv/sanity/{norm}", {"checks": checks})
         sanity[norm] = checks
