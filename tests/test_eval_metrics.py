@@ -14,6 +14,7 @@ from ssl_robust.evaluate.metrics import (
     ece,
     nll,
     reliability_bins,
+    wilson_interval,
 )
 
 # Five samples, three classes. Top-1 confidences 0.70, 0.62, 0.90, 0.50, 0.68 sit inside the
@@ -138,3 +139,39 @@ def test_validation():
         ece(PROBS, LABELS[:3])
     with pytest.raises(ValueError, match="n_bins"):
         reliability_bins(PROBS, LABELS, n_bins=0)
+
+
+def test_wilson_interval_known_answers():
+    # Textbook values (Newcombe 1998, Table I: 81/263 -> 0.2553-0.3662; 15/148 -> 0.0624-0.1605).
+    low, high = wilson_interval(81 / 263, 263)
+    assert (round(low, 4), round(high, 4)) == (0.2553, 0.3662)
+    low, high = wilson_interval(15 / 148, 148)
+    assert (round(low, 4), round(high, 4)) == (0.0624, 0.1605)
+    # 0 of 100: no width-zero interval at the edge; the "rule of three" is close (3/100).
+    low, high = wilson_interval(0.0, 100)
+    assert low == 0.0 and high == pytest.approx(0.0370, abs=1e-4)
+    # Symmetric in acc <-> 1 - acc, and narrower with more images.
+    low, high = wilson_interval(1.0, 128)
+    assert high == pytest.approx(1.0) and low == pytest.approx(128 / (128 + 1.959964**2))
+    assert wilson_interval(0.3, 50) == pytest.approx(
+        tuple(1 - b for b in wilson_interval(0.7, 50))[::-1]
+    )
+    assert (
+        wilson_interval(0.3, 500)[1] - wilson_interval(0.3, 500)[0]
+        < 0.1
+        < (wilson_interval(0.3, 50)[1] - wilson_interval(0.3, 50)[0])
+    )
+
+
+def test_wilson_interval_covers_the_true_accuracy_95_percent_of_the_time():
+    gen = torch.Generator().manual_seed(0)
+    p, n, trials = 0.3, 60, 4000
+    counts = torch.binomial(
+        torch.full((trials,), float(n)), torch.full((trials,), p), generator=gen
+    )
+    covered = sum(lo <= p <= hi for lo, hi in (wilson_interval(k / n, n) for k in counts.tolist()))
+    assert 0.93 <= covered / trials <= 0.97
+    with pytest.raises(ValueError, match="n must be > 0"):
+        wilson_interval(0.5, 0)
+    with pytest.raises(ValueError, match=r"acc must be in \[0, 1\]"):
+        wilson_interval(1.2, 10)

@@ -161,7 +161,7 @@ def test_job_end_to_end_writes_the_documented_report(
         f"| contrast | digital | {100 * m['shift/contrast/1/acc']:.2f} |",
         "**Per group (%)**",
         "**Per severity (%)**",
-        "| threat | eps | clean | PGD mean | PGD worst | AutoAttack | images | NFE / image |",
+        "| threat | eps | clean | PGD mean | 95% CI | PGD worst | AutoAttack | images |",
         "| linf_8 | 8/255 |",
         "Sanity checks (against gradient masking and weak attacks; Carlini et al. 2019)",
         "| linf | large_eps | yes |",

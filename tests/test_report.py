@@ -207,14 +207,14 @@ def test_write_report_from_a_hand_made_dict(tmp_path: Path) -> None:
     for needle in (
         "# Evaluation report: finetune-x + purifier",
         "- AutoAttack skipped: the pipeline is stochastic.",
-        "| pipeline | 90.00 | 100 |",
+        "| pipeline | 90.00 | 82.6–94.5 | 100 |",  # Wilson 95% interval of 90/100
         "| mean over the grid | 65.00 |",
         "| severity 5 | 47.50 |",
         "| noise | 60.00 |",
         "| gaussian_noise | noise | 80.00 | 40.00 | 60.00 |",
         "| fog | weather | 85.00 | 55.00 | 70.00 |",
         "| mean |  | 82.50 | 47.50 | 65.00 |",
-        "| linf_8 | 8/255 | 90.00 | 12.00 | 7.00 | – | 64 | 12120 | 321.00 |",
+        "| linf_8 | 8/255 | 90.00 | 12.00 | 6.1–22.2 | 7.00 | – | 64 | 12120 | 321.00 |",
         "| linf | black_box | **no** |",
         "| linf | large_eps | yes |",
         "EOT 20 gradient draws per step",
@@ -239,7 +239,7 @@ def test_minimal_report_renders_only_what_ran(tmp_path: Path) -> None:
     assert make_plots(report, tmp_path) == {}
     assert list(report_tables(report)) == ["clean"]
     md = render_markdown(report)
-    assert "| pipeline | 50.00 | 10 |" in md
+    assert "| pipeline | 50.00 | 23.7–76.3 | 10 |" in md
     for absent in ("Common corruptions", "Adversarial", "Calibration", "Out-of-distribution"):
         assert absent not in md
     assert "Anchors for context" in md

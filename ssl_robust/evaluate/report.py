@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_robust.evaluate.corruptions import CORRUPTION_GROUPS
+from ssl_robust.evaluate.metrics import wilson_interval
 from ssl_robust.plotting import pyplot, save_figure
 
 __all__ = [
@@ -274,6 +275,14 @@ def _fmt(value: Any, kind: str) -> str:
     return f"{value:.{digits}f}"
 
 
+def _ci95(acc: float, n: float | None) -> str:
+    """The 95 % Wilson interval of an accuracy on ``n`` images, in percent ("–" without n)."""
+    if n is None or not n > 0 or math.isnan(acc):
+        return "–"
+    low, high = wilson_interval(acc, n)
+    return f"{100 * low:.1f}–{100 * high:.1f}"
+
+
 def _markdown_table(table: Table) -> str:
     head = "| " + " | ".join(table.columns) + " |"
     align = "| " + " | ".join("---" if f == "str" else "---:" for f in table.formats) + " |"
@@ -320,11 +329,16 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
                 f"pipeline, mean of {m['test/draws']:.0f} purifications "
                 f"(std {100 * m['test/acc_std']:.2f}, worst {100 * m['test/acc_worst']:.2f})"
             )
-        rows: list[list[Any]] = [[name, m["test/acc"], m.get("test/n")]]
+        n = m.get("test/n")
+        rows: list[list[Any]] = [[name, m["test/acc"], _ci95(m["test/acc"], n), n]]
         if "test/acc_unpurified" in m:
-            rows.append(["classifier alone (no purifier)", m["test/acc_unpurified"], m["test/n"]])
+            acc = m["test/acc_unpurified"]
+            rows.append(["classifier alone (no purifier)", acc, _ci95(acc, n), n])
         tables["clean"] = Table(
-            "Clean accuracy (%)", ["model", "acc", "images"], rows, ["str", "pct", "int"]
+            "Clean accuracy (%)",
+            ["model", "acc", "95% CI", "images"],
+            rows,
+            ["str", "pct", "str", "int"],
         )
 
     corruptions, severities = _grid(report)
@@ -388,6 +402,7 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
                     t.get("eps_label", ""),
                     m[p + "clean_acc"],
                     m[p + "acc"],
+                    _ci95(m[p + "acc"], m[p + "n"]),
                     m[p + "acc_worst"],
                     m.get(p + "autoattack_acc"),
                     m[p + "n"],
@@ -402,6 +417,7 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
                 "eps",
                 "clean",
                 "PGD mean",
+                "95% CI",
                 "PGD worst",
                 "AutoAttack",
                 "images",
@@ -409,7 +425,7 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
                 "wall s",
             ],
             rows,
-            ["str", "str", "pct", "pct", "pct", "pct", "int", "int", "f2"],
+            ["str", "str", "pct", "pct", "str", "pct", "pct", "int", "int", "f2"],
         )
 
     sanity: dict[str, dict[str, dict[str, Any]]] = report.get("sanity", {})
@@ -538,7 +554,12 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
         if plot and plot in plots:
             out.extend([f"![{plot}]({plots[plot]})", ""])
 
-    section("Clean accuracy", ["clean"])
+    section(
+        "Clean accuracy",
+        ["clean"],
+        "95% CI: the Wilson score interval of an accuracy over that many images (the noise of "
+        "the image sample; conservative for a mean over several purifications).",
+    )
     grid = meta.get("grid") or {}
     section(
         "Common corruptions",
@@ -669,7 +690,19 @@ def _plot_robust(report: dict[str, Any], path: Path) -> Path | None:
         mine = sorted((t for t in threats if t["norm"] == norm), key=lambda t: t["eps"])
         if mine:
             xs = [scale * t["eps"] for t in mine]
-            ax.plot(xs, [100 * m[f"adv/{t['name']}/acc"] for t in mine], "s-", label="PGD mean")
+            accs = [m[f"adv/{t['name']}/acc"] for t in mine]
+            bounds = [wilson_interval(a, m[f"adv/{t['name']}/n"]) for a, t in zip(accs, mine)]
+            ax.errorbar(
+                xs,
+                [100 * a for a in accs],
+                yerr=[
+                    [100 * (a - lo) for a, (lo, _) in zip(accs, bounds)],
+                    [100 * (hi - a) for a, (_, hi) in zip(accs, bounds)],
+                ],
+                fmt="s-",
+                capsize=3,
+                label="PGD mean (95% CI)",
+            )
             ax.plot(
                 xs, [100 * m[f"adv/{t['name']}/acc_worst"] for t in mine], "v--", label="PGD worst"
             )
