@@ -241,13 +241,33 @@ def table(
             return f"{value:.4g}"
         return str(value)
 
+    # Here, not at the top: the evaluate package imports torch, which a comparison of finished
+    # runs needs only for this interval.
+    from ssl_robust.evaluate.metrics import wilson_interval
+
+    def metric(run: Run, name: str) -> str:
+        value = run.metrics.get(name)
+        n = run.metrics.get(images_key(name))
+        if value is None or n is None or not n > 0 or not 0 <= value <= 1:
+            return fmt(value)
+        low, high = wilson_interval(value, n)
+        return f"{value:.4g} [{low:.3f}, {high:.3f}]"
+
     ordered = sorted(runs, key=lambda r: [fmt(r.config.get(k)) for k in keys] + [r.name])
     header = ["run", *keys, *metrics]
-    rows = [
-        [r.name, *(fmt(r.config.get(k)) for k in keys), *(fmt(r.metrics.get(m)) for m in metrics)]
-        for r in ordered
-    ]
+    rows = [[r.name, *(fmt(r.config.get(k)) for k in keys), *(metric(r, m) for m in metrics)]
+            for r in ordered]  # fmt: skip
     return header, rows
+
+
+def images_key(metric: str) -> str:
+    """The metric holding how many images an accuracy was measured on (``test/acc`` ->
+    ``test/n``, ``adv/linf_8/acc_worst`` -> ``adv/linf_8/n``); "" for other metrics."""
+    prefix, _, last = metric.rpartition("/")
+    return f"{prefix}/n" if prefix and last.startswith("acc") else ""
+
+
+CI_NOTE = "[low, high]: the 95% Wilson interval of an accuracy over the images it was measured on."
 
 
 def to_markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -263,9 +283,11 @@ def to_markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def to_html(
-    sections: Sequence[tuple[str | None, Sequence[str], Sequence[Sequence[str]]]], title: str
+    sections: Sequence[tuple[str | None, Sequence[str], Sequence[Sequence[str]]]],
+    title: str,
+    note: str = "",
 ) -> str:
-    """A page with one table per ``(heading or None, header, rows)`` section."""
+    """A page with one table per ``(heading or None, header, rows)`` section, and a note."""
     body = []
     for heading, header, rows in sections:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
@@ -283,6 +305,7 @@ def to_html(
         f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>\n"
         + "".join(body)
+        + (f"<p>{html.escape(note)}</p>\n" if note else "")
         + "</body></html>\n"
     )
 
@@ -438,8 +461,12 @@ def compare(
     written = {"markdown": out / "comparison.md", "html": out / "comparison.html"}
     md = [f"# {title}\n"]
     md += [(f"## {h}\n\n" if h else "") + to_markdown(hd, rows) for h, hd, rows in sections]
+    # An interval is shown where a run recorded how many images an accuracy is over.
+    shown = any(" [" in cell for _, _, rows in sections for row in rows for cell in row[1:])
+    if shown:
+        md.append(CI_NOTE + "\n")
     written["markdown"].write_text("\n".join(md))
-    written["html"].write_text(to_html(sections, title))
+    written["html"].write_text(to_html(sections, title, CI_NOTE if shown else ""))
 
     # Clean vs corruption accuracy per method (and whatever else differs) against label
     # fraction: from the evaluations when they vary it, else from the fine-tuning runs.

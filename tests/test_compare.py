@@ -18,10 +18,12 @@ from ssl_robust.compare import (
     curve_data,
     differing_keys,
     find_runs,
+    images_key,
     job_of,
     load_run,
     run_labels,
     select_metrics,
+    table,
 )
 from ssl_robust.pipelines import pretrain
 
@@ -201,6 +203,31 @@ def test_runs_of_several_phases_compare_within_their_phase(
     assert epochs.tolist() == [1.0, 2.0, 3.0] and values.tolist() == [0.9, 0.2, 0.05]
     with Image.open(written["plot_training_curves"]) as img:
         assert img.size == (660 * 3, 480)
+
+
+def test_accuracies_show_their_interval_over_the_images(tmp_path: Path) -> None:
+    assert images_key("test/acc") == "test/n" and images_key("test/acc_unpurified") == "test/n"
+    assert images_key("adv/linf_8/acc_worst") == "adv/linf_8/n"
+    assert images_key("val/knn_acc") == "" and images_key("calib/clean/ece") == ""
+    metrics = {"test/acc": 0.9, "test/n": 100.0, "adv/linf_8/acc": 0.12, "adv/linf_8/n": 64.0}
+    runs = [
+        Run("a", "a", {"x": 1}, metrics),
+        Run("b", "b", {"x": 2}, {"test/acc": 0.5, "val/knn_acc": 0.7}),  # no image count
+    ]
+    header, rows = table(runs, ["x"], ["test/acc", "adv/linf_8/acc", "val/knn_acc"])
+    assert header == ["run", "x", "test/acc", "adv/linf_8/acc", "val/knn_acc"]
+    # 90/100 and 12 % of 64: Wilson 95 % intervals (Newcombe 1998's method 3).
+    assert rows == [
+        ["a", "1", "0.9 [0.826, 0.945]", "0.12 [0.061, 0.222]", "—"],
+        ["b", "2", "0.5", "—", "0.7"],
+    ]
+    written = compare(runs, tmp_path, metrics=["test/acc"])
+    md = written["markdown"].read_text()
+    assert "| 0.9 [0.826, 0.945] |" in md and "95% Wilson interval" in md
+    assert "<td>0.9 [0.826, 0.945]</td>" in written["html"].read_text()
+    assert "95% Wilson interval" in written["html"].read_text()
+    md = compare(runs[1:], tmp_path, metrics=["test/acc"])["markdown"].read_text()
+    assert "Wilson" not in md
 
 
 def test_metric_selection_and_errors(tmp_path: Path) -> None:
