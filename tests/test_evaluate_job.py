@@ -20,7 +20,7 @@ from ssl_robust.config import ConfigError, EvaluateConfig, load_config
 from ssl_robust.data.datasets import build_splits
 from ssl_robust.evaluate.attacks import sanity_attack_costs
 from ssl_robust.evaluate.cifar_c import write_cifar_c
-from ssl_robust.evaluate.metrics import calibration_report
+from ssl_robust.evaluate.metrics import calibration_report, wilson_interval
 from ssl_robust.evaluate.ood import energy_score, msp_score, ood_metrics
 from ssl_robust.evaluate.report import describe_metric, expected_metric_keys
 from ssl_robust.evaluate.store import UNIT_SUFFIX, read_unit
@@ -72,6 +72,16 @@ def unet_calls() -> Iterator[list[int]]:
         yield seen
     finally:
         handle.remove()
+
+
+def test_wide_interval_note_names_the_widest_interval_and_the_fix() -> None:
+    from ssl_robust.pipelines.evaluate import _wide_interval_note
+
+    # 50 % on 1,000 images: +-3.1 points, below the 5-point bar; on 128 images +-8.5.
+    assert _wide_interval_note([0.5], 1000) == "" and _wide_interval_note([], 10) == ""
+    note = _wide_interval_note([0.05, 0.5], 128)
+    assert "on 128 images: its 95% interval reaches +-8.5 points" in note
+    assert "adv.max_images" in note
 
 
 def test_job_end_to_end_writes_the_documented_report(
@@ -216,6 +226,9 @@ def test_purified_pipeline_runs_eot_and_rescoring(
     notes = " ".join(report["notes"])
     assert "AutoAttack skipped: the pipeline is stochastic" in notes
     assert "below the recommended one" in notes
+    low, high = wilson_interval(m["adv/linf_8/acc"], n)  # a few images: a wide interval
+    assert f"Robust accuracy is measured on {n} images: its 95% interval reaches +-" in notes
+    assert f"+-{50 * (high - low):.1f} points" in notes
     md = (Path(cfg.run.dir) / "report.md").read_text()
     assert "EOT 3 gradient draws per step" in md and "re-scored over 4" in md
     assert "gradient checkpointing" in md

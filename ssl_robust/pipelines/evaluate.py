@@ -59,7 +59,7 @@ from ssl_robust.evaluate.corruptions import (
     frost_texture_folder,
 )
 from ssl_robust.evaluate.latency import measure_latency
-from ssl_robust.evaluate.metrics import calibration_report, reliability_bins
+from ssl_robust.evaluate.metrics import calibration_report, reliability_bins, wilson_interval
 from ssl_robust.evaluate.ood import (
     NOISE_KINDS,
     energy_score,
@@ -860,6 +860,21 @@ def _stochastic_note(
     return "The purifier is stochastic" + (f": {'; '.join(parts)}." if parts else ".")
 
 
+def _wide_interval_note(accs: Sequence[float], n: int, half_width: float = 0.05) -> str:
+    """A note when robust accuracies over ``n`` images are too uncertain to rank pipelines
+    a few points apart: a 95 % Wilson interval wider than +-``half_width``."""
+    if not accs:
+        return ""
+    widest = max(high - low for low, high in (wilson_interval(acc, n) for acc in accs)) / 2
+    if widest <= half_width:
+        return ""
+    return (
+        f"Robust accuracy is measured on {n} images: its 95% interval reaches +-"
+        f"{100 * widest:.1f} points, so smaller differences between pipelines are noise; raise "
+        "adv.max_images to tell them apart."
+    )
+
+
 def _times(k: int) -> str:
     return "once" if k == 1 else f"{k} times"
 
@@ -1162,6 +1177,9 @@ def _adv_section(
             metrics.update(found)
             cache.put(p + "autoattack", found)
         bar.advance(task)
+    wide = _wide_interval_note([metrics[f"adv/{t['name']}/acc"] for t in threats], len(y_a))
+    if wide:
+        notes.append(wide)
     if not a.sanity_checks:
         return
     sanity: dict[str, dict[str, dict[str, Any]]] = {}
