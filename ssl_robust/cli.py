@@ -86,7 +86,7 @@ def help_text(job: str, prog: str, doc: str, cfg: DictConfig, args: list[str], t
     parts.append("\n".join(textwrap.wrap(text, 96, break_on_hyphens=False)))
     parts.append(_options_text())
     parts.append(
-        f"keys ({shown}; {{...}} lists the valid values):\n"
+        f"keys ({shown}; {{...}} lists the valid values, (...) their range):\n"
         + describe(SCHEMAS[job], cfg, choices, prefix=topic)
     )
     return "\n\n".join(parts) + "\n"

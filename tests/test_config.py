@@ -90,6 +90,33 @@ def test_bad_choice_lists_valid_values() -> None:
         load_config(PretrainConfig, ["wandb.mode=cloud"])
 
 
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.max_epochs=0",  # Lightning would train nothing and export the untrained model
+        "trainer.accumulate_grad_batches=0",  # a ZeroDivisionError deep in the fit
+        "trainer.limit_train_batches=0",  # a warm-up longer than the run
+        "trainer.limit_val_batches=1.5",  # neither a fraction nor a number of batches
+        "trainer.gradient_clip_val=-1",
+        "trainer.log_every_n_steps=0",
+        "trainer.curves_every_s=-5",
+        "trainer.num_nodes=0",
+    ],
+)
+@pytest.mark.parametrize("job", ["pretrain", "denoiser", "finetune"])
+def test_out_of_range_trainer_values_name_the_key_and_the_range(job: str, override: str) -> None:
+    key, value = override.split("=")
+    with pytest.raises(ConfigError, match=rf"invalid value {value}(\.0)? for '{key}': must be "):
+        load_config(SCHEMAS[job], [override], job=job)
+
+
+def test_edge_values_in_range_load() -> None:
+    edges = ["trainer.limit_train_batches=3", "trainer.limit_val_batches=0.25"]
+    edges += ["trainer.gradient_clip_val=0", "trainer.curves_every_s=0", "trainer.max_epochs=1"]
+    cfg = load_config(PretrainConfig, edges)
+    assert cfg.trainer.limit_train_batches == 3 and cfg.trainer.curves_every_s == 0
+
+
 def test_unknown_preset_lists_presets() -> None:
     with pytest.raises(
         ConfigError, match=r"unknown pretrain preset 'simclr_cifar11'.*simclr_cifar10"

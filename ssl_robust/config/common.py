@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -195,4 +197,27 @@ COMMON_CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.precision": ("16-mixed", "32-true", "bf16-mixed", "bf16-true"),
     "trainer.strategy": ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true"),
     "wandb.mode": ("disabled", "offline", "online"),
+}
+
+
+def _batch_limit(value: Any) -> bool:
+    """Lightning's batch limits: a fraction in (0, 1] or a whole number of batches."""
+    return value > 0 and (value <= 1 or float(value).is_integer())
+
+
+# Numeric keys of the shared sections and their valid range (value -> ok, what is valid),
+# checked when the config loads, before any work: out of range, Lightning would fail deep
+# inside a fit (a division by zero, a warm-up longer than the run) or silently do something
+# else (zero epochs and an untrained export).
+COMMON_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "trainer.max_epochs": (lambda v: v >= 1, ">= 1"),
+    "trainer.devices": (lambda v: v >= 1, ">= 1"),
+    "trainer.num_nodes": (lambda v: v >= 1, ">= 1"),
+    "trainer.pg_timeout_s": (lambda v: v > 0, "> 0"),
+    "trainer.accumulate_grad_batches": (lambda v: v >= 1, ">= 1"),
+    "trainer.gradient_clip_val": (lambda v: v >= 0, ">= 0 (0 = no clipping)"),
+    "trainer.log_every_n_steps": (lambda v: v >= 1, ">= 1"),
+    "trainer.limit_train_batches": (_batch_limit, "a fraction in (0, 1] or a number of batches"),
+    "trainer.limit_val_batches": (_batch_limit, "a fraction in (0, 1] or a number of batches"),
+    "trainer.curves_every_s": (lambda v: v >= 0, ">= 0 (0 = only when a fit ends or stops)"),
 }

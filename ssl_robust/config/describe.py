@@ -16,6 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig
 
+from ssl_robust.config.common import COMMON_RANGES
+
 _FIELD = re.compile(r"^(\s+)(\w+)\s*:")
 _WIDTH = 96
 
@@ -120,6 +122,8 @@ def describe(
             line = f"  {key} = {format_value(value)}"
             if key in choices:
                 line += "   {" + ", ".join(choices[key]) + "}"
+            elif key in COMMON_RANGES:
+                line += f"   ({COMMON_RANGES[key][1]})"
             out.append(line)
             out.extend(_wrap(comments.get(f.name, ""), "      "))
 

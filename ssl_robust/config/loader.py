@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Callable
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from ssl_robust.config import denoiser, evaluate, finetune, pretrain
-from ssl_robust.config.common import COMMON_CHOICES, ConfigError
+from ssl_robust.config.common import COMMON_CHOICES, COMMON_RANGES, ConfigError
 
 T = TypeVar("T")
 
@@ -152,6 +153,14 @@ def validate_choices(cfg: DictConfig, choices: dict[str, tuple[str, ...]]) -> No
             raise ConfigError(f"invalid value {value!r} for {key!r}; choose from {list(valid)}")
 
 
+def validate_ranges(cfg: DictConfig, ranges: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
+    """Check every numeric key with a valid range that the config has; raise naming it."""
+    for key, (ok, valid) in ranges.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not ok(value):
+            raise ConfigError(f"invalid value {value!r} for {key!r}: must be {valid}")
+
+
 def load_config(
     schema: type[T], args: list[str] | None = None, job: str = "pretrain"
 ) -> DictConfig:
@@ -189,6 +198,7 @@ def load_config(
             raise ConfigError(f"cannot parse overrides {overrides}: {err}") from None
         cfg = _merge(cfg, dotlist, base, source="the command line")
     validate_choices(cfg, job_choices(job))
+    validate_ranges(cfg, COMMON_RANGES)
     OmegaConf.set_struct(cfg, True)
     return cfg
 
