@@ -89,7 +89,9 @@ def test_help_shows_the_values_the_presets_give_and_filters_by_section(
     # A single key; and a section listing with its docstring.
     assert main("pretrain", ["--help", "method.base_tau"], pipeline=_never_run) == 0
     out = capsys.readouterr().out.split("keys (")[1]
-    assert [ln for ln in out.splitlines() if " = " in ln] == ["  method.base_tau = 0.99"]
+    assert [ln for ln in out.splitlines() if " = " in ln] == [
+        "  method.base_tau = 0.99   (in [0, 1])"
+    ]
     assert main("pretrain", ["-h", "views"], pipeline=_never_run) == 0
     assert "views:\n  Parameters of lightly's SimCLR/BYOL view" in capsys.readouterr().out
 

@@ -110,6 +110,23 @@ def test_out_of_range_trainer_values_name_the_key_and_the_range(job: str, overri
         load_config(SCHEMAS[job], [override], job=job)
 
 
+@pytest.mark.parametrize(
+    "override",
+    [
+        "method.temperature=0",  # lightly's NT-Xent refuses it only once training starts
+        "monitor.every_n_epochs=0",  # a ZeroDivisionError in the first epoch
+        "data.image_size=-4",
+        "model.width=0",  # a convolution with no filters
+        "views.hf_prob=2",
+        "method.base_tau=1.5",
+    ],
+)
+def test_out_of_range_pretraining_values_name_the_key(override: str) -> None:
+    key, value = override.split("=")
+    with pytest.raises(ConfigError, match=rf"invalid value {value}(\.0)? for '{key}': must be "):
+        load_config(PretrainConfig, [override])
+
+
 def test_edge_values_in_range_load() -> None:
     edges = ["trainer.limit_train_batches=3", "trainer.limit_val_batches=0.25"]
     edges += ["trainer.gradient_clip_val=0", "trainer.curves_every_s=0", "trainer.max_epochs=1"]

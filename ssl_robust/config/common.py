@@ -200,15 +200,19 @@ COMMON_CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _probability(value: Any) -> bool:
+    return 0 <= value <= 1
+
+
 def _batch_limit(value: Any) -> bool:
     """Lightning's batch limits: a fraction in (0, 1] or a whole number of batches."""
     return value > 0 and (value <= 1 or float(value).is_integer())
 
 
 # Numeric keys of the shared sections and their valid range (value -> ok, what is valid),
-# checked when the config loads, before any work: out of range, Lightning would fail deep
-# inside a fit (a division by zero, a warm-up longer than the run) or silently do something
-# else (zero epochs and an untrained export).
+# checked when the config loads, before any work: out of range, a fit would fail deep inside
+# (a division by zero, a warm-up longer than the run, a convolution of width 0) or silently do
+# something else (zero epochs and an untrained export).
 COMMON_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.max_epochs": (lambda v: v >= 1, ">= 1"),
     "trainer.devices": (lambda v: v >= 1, ">= 1"),
@@ -220,4 +224,19 @@ COMMON_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "trainer.limit_train_batches": (_batch_limit, "a fraction in (0, 1] or a number of batches"),
     "trainer.limit_val_batches": (_batch_limit, "a fraction in (0, 1] or a number of batches"),
     "trainer.curves_every_s": (lambda v: v >= 0, ">= 0 (0 = only when a fit ends or stops)"),
+    "data.image_size": (lambda v: v >= 0, ">= 0 (0 = the dataset's own size)"),
+    "data.num_workers": (lambda v: v >= 0, ">= 0"),
+    "views.min_scale": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "views.hf_prob": (_probability, "a probability in [0, 1]"),
+    "views.cj_prob": (_probability, "a probability in [0, 1]"),
+    "views.cj_strength": (lambda v: v >= 0, ">= 0"),
+    "views.random_gray_scale": (_probability, "a probability in [0, 1]"),
+    "views.gaussian_blur": (_probability, "a probability in [0, 1]"),
+    "model.width": (lambda v: v >= 1, ">= 1"),
+    "method.temperature": (lambda v: v > 0, "> 0"),
+    "method.proj_hidden_dim": (lambda v: v >= 1, ">= 1"),
+    "method.proj_out_dim": (lambda v: v >= 1, ">= 1"),
+    "method.pred_hidden_dim": (lambda v: v >= 1, ">= 1"),
+    "method.base_tau": (_probability, "in [0, 1]"),
+    "monitor.every_n_epochs": (lambda v: v >= 1, ">= 1"),
 }
