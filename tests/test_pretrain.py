@@ -294,3 +294,12 @@ def test_compiled_views_train_like_eager_views(
     a, b = _weights(tmp_path / "eager"), _weights(tmp_path / "compiled")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-3, rtol=1e-3)
+
+
+def test_a_warm_up_longer_than_the_run_is_cut_with_a_warning(
+    tiny_pretrain_cfg: Callable[..., DictConfig],
+) -> None:
+    cfg = tiny_pretrain_cfg("trainer.max_epochs=1", "optim.warmup_epochs=5")
+    with pytest.warns(UserWarning, match=r"warmup_epochs=5 is at least the whole run .*cut to 2 "):
+        metrics = pretrain(cfg)
+    assert metrics["optim/warmup_steps"] == 2 and metrics["optim/total_steps"] == 3

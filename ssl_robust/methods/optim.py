@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from lightly.utils.lars import LARS
 from lightly.utils.scheduler import CosineWarmupScheduler
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 OPTIMIZERS = ("lars", "sgd")
@@ -121,7 +122,14 @@ def configure(
     total_steps = int(trainer.estimated_stepping_batches)
     steps_per_epoch = total_steps / max(1, trainer.max_epochs or 1)
     # Leave at least one step of cosine decay (lightly's schedule needs a non-empty decay).
-    warmup_steps = min(max(0, total_steps - 1), int(spec.warmup_epochs * steps_per_epoch))
+    asked = int(spec.warmup_epochs * steps_per_epoch)
+    warmup_steps = min(max(0, total_steps - 1), asked)
+    if asked > warmup_steps:
+        rank_zero_warn(
+            f"optim.warmup_epochs={spec.warmup_epochs:g} is at least the whole run "
+            f"({trainer.max_epochs} epochs, {total_steps} steps): the warm-up is cut to "
+            f"{warmup_steps} steps and the learning rate peaks only at the end"
+        )
     scheduler = WarmupCosine(optimizer, warmup_epochs=warmup_steps, max_epochs=total_steps)
     info = {
         "optim/global_batch": float(global_batch),
