@@ -134,7 +134,13 @@ class TrainingCurves(pl.Callback):
         path = None
         try:
             for logger in trainer.loggers:
-                if isinstance(logger, CSVLogger):
+                # Only a writer already made: touching `experiment` would create an empty
+                # log version for a fit that failed before logging (Lightning's finalize checks
+                # the same).
+                if (
+                    isinstance(logger, CSVLogger)
+                    and getattr(logger, "_experiment", None) is not None
+                ):
                     logger.save()
             path = curves.plot_training_curves(
                 self.run_dir, f"{self.run_dir.resolve().name}: {state}"
