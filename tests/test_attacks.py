@@ -18,6 +18,7 @@ from ssl_robust.evaluate.attacks import (
     random_search,
     rescore,
     robust_accuracy,
+    robust_accuracy_steps,
     sanity_attack_costs,
     sanity_checks,
 )
@@ -296,7 +297,10 @@ def test_robust_accuracy_batches_and_costs(trained):
         on_step=lambda: step_calls.__setitem__(0, step_calls[0] + 1),
         **kw,
     )
-    assert step_calls[0] == steps * math.ceil(len(x) / 32)  # the progress hook: every step
+    # The progress hook: every step of every chunk, as many as robust_accuracy_steps says.
+    assert (
+        step_calls[0] == robust_accuracy_steps(len(x), 32, steps) == steps * math.ceil(len(x) / 32)
+    )
     loader = [(x[i : i + 32], y[i : i + 32]) for i in range(0, len(x), 32)]
     from_loader = robust_accuracy(model, loader, generator=torch.Generator().manual_seed(0), **kw)
     assert from_tensors["acc"] == from_loader["acc"]

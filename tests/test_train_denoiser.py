@@ -304,6 +304,11 @@ def test_bad_names_raise_config_errors_naming_the_choices() -> None:
         load_config(DenoiserJobConfig, ["denoiser.lrr=1"], job="denoiser")
 
 
+def test_a_flip_probability_out_of_range_fails_when_the_config_loads() -> None:
+    with pytest.raises(ConfigError, match=r"'views.hf_prob': must be a probability in \[0, 1\]"):
+        load_config(DenoiserJobConfig, ["views.hf_prob=1.5"], job="denoiser")
+
+
 @pytest.mark.parametrize(
     ("override", "match"),
     [
@@ -311,7 +316,6 @@ def test_bad_names_raise_config_errors_naming_the_choices() -> None:
         ("samples.t_star=1001", r"samples.t_star must be in \[0, 1000\]"),
         ("samples.every_n_epochs=0", r"every_n_epochs must be >= 1"),
         ("samples.n=0", r"n must be >= 1"),
-        ("views.hf_prob=1.5", r"hf_prob must be in \[0, 1\]"),
         ("denoiser.beta_end=2.0", r"beta_start <= beta_end < 1"),
         ("denoiser.ema_decay=1.5", r"ema_decay must be in \[0, 1\]"),
     ],

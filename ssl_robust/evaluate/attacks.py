@@ -427,6 +427,12 @@ def _batches(
             yield batch[0], batch[1]
 
 
+def robust_accuracy_steps(n_images: int, batch_size: int, steps: int) -> int:
+    """How many PGD steps :func:`robust_accuracy` makes on ``n_images`` given as a pair of
+    tensors (its ``on_step`` calls): ``steps`` for each chunk of ``batch_size``."""
+    return steps * math.ceil(n_images / batch_size)
+
+
 def robust_accuracy(
     model: Pipeline,
     data: tuple[Tensor, Tensor] | Iterable[Sequence[Tensor]],
@@ -463,7 +469,8 @@ def robust_accuracy(
         device: Where to move batches; default leaves them where they are.
         nfe_per_call: Network evaluations inside one pipeline call (e.g. the purifier's
             denoiser calls + 1 for the classifier), to report the attack's NFE per image.
-        on_step: Called after each PGD step of each batch (steps x batches calls).
+        on_step: Called after each PGD step of each batch (:func:`robust_accuracy_steps`
+            calls for a pair of tensors), for progress.
 
     Returns:
         ``acc`` (mean over draws), ``acc_worst`` (correct in all draws), ``clean_acc``,

@@ -38,6 +38,7 @@ from ssl_robust.data.datasets import ArraySource, build_splits
 from ssl_robust.evaluate.attacks import (
     autoattack,
     robust_accuracy,
+    robust_accuracy_steps,
     sanity_attack_costs,
     sanity_checks,
 )
@@ -1109,8 +1110,8 @@ def _adv_section(
             model.reseed(seed + _SEED_ADV, device)
             model.calls = 0
             # PGD on a purifier runs for hours: a bar of its steps (all batches) beside.
-            batches = math.ceil(len(x) / int(cfg.eval.batch_size))
-            steps_task = bar.add_task(f"PGD {t['name']} steps", total=int(a.steps) * batches)
+            n_steps = robust_accuracy_steps(len(x), int(cfg.eval.batch_size), int(a.steps))
+            steps_task = bar.add_task(f"PGD {t['name']} steps", total=n_steps)
             res = robust_accuracy(
                 model,
                 (x, y_a),
