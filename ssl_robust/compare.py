@@ -315,8 +315,20 @@ def _value(run: Run, key: str) -> Any:
 
 
 def _series_label(run: Run, series: Sequence[str]) -> str:
-    """``name=value, ...`` of the ``series`` config keys of ``run`` (last key part only)."""
-    return ", ".join(f"{k.rsplit('.', 1)[-1]}={run.config.get(k)}" for k in series)
+    """``name=value, ...`` of the ``series`` config keys of ``run``, each by its last key part;
+    ``<section>.name`` as the section (``method=byol``, as on the command line) and an upstream
+    ``<section>.run`` as the section and the run directory's name (``purifier=none``)."""
+
+    def short(key: str) -> str:
+        section, _, last = key.rpartition(".")
+        value = run.config.get(key)
+        if section and last == "name":
+            return f"{section.rsplit('.', 1)[-1]}={value}"
+        if section and last == "run":
+            return f"{section.rsplit('.', 1)[-1]}={Path(str(value)).name if value else 'none'}"
+        return f"{last}={value}"
+
+    return ", ".join(short(k) for k in series)
 
 
 def plot_lines(
@@ -354,6 +366,44 @@ def plot_lines(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return save_figure(fig, path, dpi=120)
+
+
+def severity_data(runs: Sequence[Run]) -> dict[str, tuple[list[int], list[float]]]:
+    """What :func:`plot_severity` draws: ``run source -> (severities, accuracies)`` of the
+    evaluation runs with a per-severity corruption accuracy, severity 0 being the clean
+    accuracy when the run has it."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for run in runs:
+        levels = sorted(
+            int(k.split("/")[2])
+            for k in run.metrics
+            if k.startswith("shift/severity/") and k.endswith("/acc") and k.count("/") == 3
+        )
+        if not levels:
+            continue
+        xs = ([0] if "test/acc" in run.metrics else []) + levels
+        ys = [run.metrics["test/acc"]] if "test/acc" in run.metrics else []
+        ys += [run.metrics[f"shift/severity/{s}/acc"] for s in levels]
+        out[run.source] = (xs, ys)
+    return out
+
+
+def plot_severity(runs: Sequence[Run], labels: Mapping[str, str], path: Path) -> Path | None:
+    """Accuracy against corruption severity (0 = clean), one line per evaluation run: how each
+    pipeline degrades under shift. ``None`` if no run has per-severity accuracies."""
+    data = severity_data(runs)
+    if not data:
+        return None
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
+    for source, (xs, ys) in sorted(data.items(), key=lambda item: labels.get(item[0], item[0])):
+        ax.plot(xs, [100 * y for y in ys], marker="o", label=labels.get(source, source))
+    ax.set_xlabel("corruption severity (0 = clean)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_xticks(sorted({x for xs, _ in data.values() for x in xs}))
+    ax.set_title("accuracy under corruption (mean over the corruptions)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6 if len(data) > 6 else 8)
     return save_figure(fig, path, dpi=120)
 
 
@@ -432,8 +482,8 @@ def compare(
 
     Returns:
         What was written, by kind: ``markdown``, ``html``, and ``plot_accuracy_vs_fraction`` /
-        ``plot_robust_vs_nfe`` / ``plot_training_curves`` when the runs have what those plots
-        need.
+        ``plot_accuracy_vs_severity`` / ``plot_robust_vs_nfe`` / ``plot_training_curves`` when
+        the runs have what those plots need.
 
     Raises:
         ValueError: If there are no runs.
@@ -484,8 +534,13 @@ def compare(
             if plot:
                 written["plot_accuracy_vs_fraction"] = plot
                 break
+    labels = run_labels(runs)
+    # How each evaluated pipeline degrades with the corruption severity.
+    plot = plot_severity(runs, labels, out / "accuracy_vs_severity.png")
+    if plot:
+        written["plot_accuracy_vs_severity"] = plot
     # Validation curves of the training runs, side by side.
-    plot = plot_curves(runs, run_labels(runs), out / "training_curves.png")
+    plot = plot_curves(runs, labels, out / "training_curves.png")
     if plot:
         written["plot_training_curves"] = plot
     # Robust accuracy against the purifier's network evaluations.

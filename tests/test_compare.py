@@ -23,6 +23,7 @@ from ssl_robust.compare import (
     load_run,
     run_labels,
     select_metrics,
+    severity_data,
     table,
 )
 from ssl_robust.pipelines import pretrain
@@ -79,9 +80,9 @@ def test_offline_pretraining_runs_compare(pretrain_runs: dict[str, Path], tmp_pa
     runs = [load_run(r) for r in pretrain_runs.values()]
     curves = curve_data(runs, ["method.name"])
     assert list(curves) == ["val/knn_acc"]
-    assert [label for label, _, _ in curves["val/knn_acc"]] == ["name=byol", "name=simclr"]
+    assert [label for label, _, _ in curves["val/knn_acc"]] == ["method=byol", "method=simclr"]
     for label, epochs, values in curves["val/knn_acc"]:
-        run = pretrain_runs[label.removeprefix("name=")]
+        run = pretrain_runs[label.removeprefix("method=")]
         assert epochs.tolist() == [1.0, 2.0]  # validated after each of the two epochs
         final = json.loads((run / "metrics.json").read_text())["val/knn_acc"]
         assert values[-1] == pytest.approx(final)
@@ -193,7 +194,7 @@ def test_runs_of_several_phases_compare_within_their_phase(
     labels = run_labels(runs)
     assert labels[str(den)] == "denoiser: den"
     assert labels[str(fts[0])] == "finetune: fraction=0.1"
-    assert labels[str(pretrain_runs["byol"])] == "pretrain: name=byol"
+    assert labels[str(pretrain_runs["byol"])] == "pretrain: method=byol"
     curves = curve_data(runs, labels)
     assert list(curves) == ["val/knn_acc", "val/loss (denoiser)", "val/loss (finetune)"]
     assert [label for label, _, _ in curves["val/loss (finetune)"]] == [
@@ -228,6 +229,28 @@ def test_accuracies_show_their_interval_over_the_images(tmp_path: Path) -> None:
     assert "95% Wilson interval" in written["html"].read_text()
     md = compare(runs[1:], tmp_path, metrics=["test/acc"])["markdown"].read_text()
     assert "Wilson" not in md
+
+
+def test_accuracy_against_severity_per_evaluation(tmp_path: Path) -> None:
+    shift = {"shift/severity/1/acc": 0.8, "shift/severity/3/acc": 0.6, "shift/severity/5/acc": 0.3}
+    runs = [
+        Run("plain", "r/plain", {"purify.run": ""}, {"test/acc": 0.9, **shift}),
+        # No clean accuracy: the line starts at severity 1; a cell's key is not a severity.
+        Run("pure", "r/pure", {"purify.run": "d"}, {**shift, "shift/gaussian_noise/1/acc": 0.1}),
+        Run("pre", "r/pre", {"method.name": "simclr"}, {"val/knn_acc": 0.5}),  # not evaluated
+    ]
+    data = severity_data(runs)
+    assert data == {
+        "r/plain": ([0, 1, 3, 5], [0.9, 0.8, 0.6, 0.3]),
+        "r/pure": ([1, 3, 5], [0.8, 0.6, 0.3]),
+    }
+    written = compare(runs, tmp_path)
+    with Image.open(written["plot_accuracy_vs_severity"]) as image:
+        assert image.format == "PNG" and image.size[0] > 300
+    assert "plot_accuracy_vs_severity" not in compare(runs[2:], tmp_path / "none")
+    # Legend labels: an upstream run by its directory's name, or "none".
+    two = [Run("a", "r/a", {"purify.run": ""}), Run("b", "r/b", {"purify.run": "/x/den-1"})]
+    assert run_labels(two) == {"r/a": "purify=none", "r/b": "purify=den-1"}
 
 
 def test_metric_selection_and_errors(tmp_path: Path) -> None:
