@@ -28,7 +28,15 @@ from ssl_robust.launch.curves import read_history
 from ssl_robust.plotting import pyplot, save_figure
 
 # Config keys that name a run and never explain a difference between results.
-IGNORED_KEYS = ("run.dir", "run.resume", "wandb.", "trainer.progress_bar", "data.root")
+IGNORED_KEYS = (
+    "run.dir",
+    "run.resume",
+    "wandb.",
+    "trainer.progress_bar",
+    "trainer.curves_every_s",
+    "eval.progress",
+    "data.root",
+)
 # Validation metrics drawn against epochs for the training runs: pretraining's kNN accuracy,
 # fine-tuning's accuracy, a denoiser's loss.
 CURVE_METRICS = ("val/knn_acc", "val/acc", "val/loss")
