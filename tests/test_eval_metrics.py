@@ -13,6 +13,7 @@ from ssl_robust.evaluate.metrics import (
     calibration_report,
     ece,
     nll,
+    per_class_accuracy,
     reliability_bins,
     wilson_interval,
 )
@@ -175,3 +176,19 @@ def test_wilson_interval_covers_the_true_accuracy_95_percent_of_the_time():
         wilson_interval(0.5, 0)
     with pytest.raises(ValueError, match=r"acc must be in \[0, 1\]"):
         wilson_interval(1.2, 10)
+
+
+def test_per_class_accuracy_known_answer_and_draws():
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    eye = torch.eye(3)
+    # Predictions 0, 1, 1, 1, 2: class 0 half right, class 1 two of three, class 2 no images.
+    logits = eye[[0, 1, 1, 1, 2]]
+    acc, counts = per_class_accuracy(logits, labels, 3)
+    assert counts == [2, 3, 0] and acc[2] is None
+    assert acc[:2] == [pytest.approx(0.5), pytest.approx(2 / 3)]
+    # Two purifications: the second gets image 1 right, so class 0 is right 3 times of 4.
+    draws = torch.stack([logits, eye[[0, 0, 1, 1, 2]]])
+    acc, counts = per_class_accuracy(draws, labels, 3)
+    assert counts == [2, 3, 0] and acc[0] == pytest.approx(0.75) and acc[1] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="expected logits"):
+        per_class_accuracy(logits[:4], labels, 3)

@@ -104,6 +104,17 @@ def test_job_end_to_end_writes_the_documented_report(
     report = _report(cfg)
     m = report["metrics"]
 
+    # Per class: the digits' ten classes, whose image-weighted accuracies are the overall ones
+    # (clean: test/acc; shift: the calibration's pooled severity-5 set).
+    per_class = report["per_class"]
+    assert per_class["classes"] == [str(k) for k in range(10)]
+    images = per_class["images"]
+    assert sum(images) == m["test/n"] and min(images) > 0
+    clean = sum(a * n for a, n in zip(per_class["clean"], images, strict=True)) / sum(images)
+    assert clean == pytest.approx(m["test/acc"])
+    shift = sum(a * n for a, n in zip(per_class["shift"], images, strict=True)) / sum(images)
+    assert shift == pytest.approx(m["calib/shift/acc"])
+
     # Exactly the documented keys for this shape of run, each one documented.
     expected = expected_metric_keys(
         clean=True,
@@ -173,6 +184,8 @@ def test_job_end_to_end_writes_the_documented_report(
         "**Per severity (%)**",
         "| threat | eps | clean | PGD mean | 95% CI | PGD worst | AutoAttack | images |",
         "| linf_8 | 8/255 |",
+        "## Per class",
+        "| class | images | clean | shift | drop |",
         "Sanity checks (against gradient masking and weak attacks; Carlini et al. 2019)",
         "| linf | large_eps | yes |",
         "| clean | ",

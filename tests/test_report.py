@@ -127,6 +127,12 @@ def hand_made_report() -> dict[str, Any]:
             }
         },
         "reliability": {"clean": _bins(), "shift": _bins()},
+        "per_class": {
+            "classes": ["cat", "dog", "ship"],
+            "images": [40, 60, 0],
+            "clean": [0.9, 0.95, None],
+            "shift": [0.3, 0.75, None],
+        },
         "ood_hist": {s: {"msp": hist, "energy": hist} for s in ("noise_gaussian", "shift_s5")},
         "notes": ["AutoAttack skipped: the pipeline is stochastic."],
     }
@@ -216,6 +222,10 @@ def test_write_report_from_a_hand_made_dict(tmp_path: Path) -> None:
         "| mean |  | 82.50 | 47.50 | 65.00 |",
         "| linf_8 | 8/255 | 90.00 | 12.00 | 6.1–22.2 | 7.00 | – | 64 | 12120 | 321.00 |",
         "| linf | black_box | **no** |",
+        # Per class, the classes the shift hurts most first; a class without images last.
+        "| class | images | clean | shift | drop |\n| --- | ---: | ---: | ---: | ---: |\n"
+        "| cat | 40 | 90.00 | 30.00 | 60.00 |\n| dog | 60 | 95.00 | 75.00 | 20.00 |\n"
+        "| ship | 0 | – | – | – |",
         "| linf | large_eps | yes |",
         "EOT 20 gradient draws per step",
         "| shift | 47.50 | 0.2500 | 0.4000 | 0.1500 |",

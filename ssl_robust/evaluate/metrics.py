@@ -42,6 +42,30 @@ def accuracy(logits: Tensor, labels: Tensor) -> float:
     return (logits.argmax(dim=1) == labels).float().mean().item()
 
 
+def per_class_accuracy(
+    logits: Tensor, labels: Tensor, num_classes: int
+) -> tuple[list[float | None], list[int]]:
+    """The accuracy of each class (``None`` for a class without images) and its image count.
+
+    ``logits``: (N, K), or (draws, N, K) for several purifications of the same N images, whose
+    predictions are pooled (each image counted once per draw in the accuracy, once in the
+    count). ``labels``: (N,).
+    """
+    if logits.dim() == 2:
+        logits = logits[None]
+    if logits.dim() != 3 or logits.shape[1] != labels.shape[0]:
+        raise ValueError(
+            f"expected logits (N, K) or (draws, N, K) and labels (N,), got "
+            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    correct = (logits.argmax(-1) == labels).float().mean(0).cpu()  # (N,), over draws
+    labels = labels.cpu()
+    counts = torch.bincount(labels, minlength=num_classes)[:num_classes]
+    sums = torch.zeros(num_classes).index_add_(0, labels, correct)
+    acc = [float(sums[k] / counts[k]) if counts[k] else None for k in range(num_classes)]
+    return acc, [int(c) for c in counts]
+
+
 def wilson_interval(acc: float, n: float, z: float = 1.959964) -> tuple[float, float]:
     """The Wilson score interval (Wilson 1927) of an accuracy ``acc`` measured on ``n`` images:
     ``(low, high)``, 95 % by default (``z`` standard normal quantile).

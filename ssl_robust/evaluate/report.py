@@ -391,6 +391,26 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
             ["str", "str", *["pct"] * len(severities), "pct"],
         )
 
+    per_class = report.get("per_class") or {}
+    if per_class.get("classes"):
+        shift = per_class.get("shift")
+        rows = []
+        for k, name in enumerate(per_class["classes"]):
+            clean = per_class["clean"][k]
+            row = [name, per_class["images"][k], clean]
+            if shift is not None:
+                hurt = None if clean is None or shift[k] is None else clean - shift[k]
+                row += [shift[k], hurt]
+            rows.append(row)
+        if shift is not None:  # the classes the shift hurts most first
+            rows.sort(key=lambda r: math.inf if r[4] is None else -r[4])
+        tables["per_class"] = Table(
+            "Per class (%)",
+            ["class", "images", "clean", *(["shift", "drop"] if shift is not None else [])],
+            rows,
+            ["str", "int", "pct", *(["pct", "pct"] if shift is not None else [])],
+        )
+
     threats = [t for t in _threats(report) if f"adv/{t['name']}/acc" in m]
     if threats:
         rows = []
@@ -567,6 +587,18 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
         f"CIFAR-10-C corruptions, source: {grid.get('source', 'generated on the fly')}. "
         "The mean is over the whole corruption x severity grid (RobustBench convention).",
         "shift_severity",
+    )
+    shift_set = meta.get("calib_shift_set", "the highest-severity corruptions")
+    section(
+        "Per class",
+        ["per_class"],
+        (
+            f"Accuracy of each class on the clean images and on the shift set ({shift_set}), "
+            "the classes the shift hurts most first"
+            if (report.get("per_class") or {}).get("shift") is not None
+            else "Accuracy of each class on the clean images"
+        )
+        + ("; the purifier's draws are pooled." if meta.get("stochastic") else "."),
     )
     attack = meta.get("attack") or {}
     protocol = ""

@@ -60,7 +60,12 @@ from ssl_robust.evaluate.corruptions import (
     frost_texture_folder,
 )
 from ssl_robust.evaluate.latency import measure_latency
-from ssl_robust.evaluate.metrics import calibration_report, reliability_bins, wilson_interval
+from ssl_robust.evaluate.metrics import (
+    calibration_report,
+    per_class_accuracy,
+    reliability_bins,
+    wilson_interval,
+)
 from ssl_robust.evaluate.ood import (
     NOISE_KINDS,
     energy_score,
@@ -789,6 +794,16 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             bins = reliability_bins(logits.softmax(1), labels_t, cfg.calib.n_bins)
             reliability[name] = {k: v.tolist() for k, v in bins.items()}
     report["reliability"] = reliability
+
+    # -- per class -------------------------------------------------------------------------------
+    # Which classes a shift hurts: accuracy per class, clean and on the calibration's shift set.
+    if draw_logits is not None:
+        names = [str(c) for c in clf_meta.get("classes") or range(num_classes)]
+        clean_acc, counts = per_class_accuracy(draw_logits, y, num_classes)
+        per_class: dict[str, Any] = {"classes": names, "images": counts, "clean": clean_acc}
+        if shift_logits is not None and shift_labels is not None:
+            per_class["shift"] = per_class_accuracy(shift_logits, shift_labels, num_classes)[0]
+        report["per_class"] = per_class
 
     # -- OOD -----------------------------------------------------------------------------------
     if cfg.ood.enabled and draw_logits is not None:
