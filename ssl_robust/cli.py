@@ -200,4 +200,19 @@ def main(
             raise
         _error(str(err))
         return EXIT_ERROR
+    finally:
+        release_process_group()
     return 0
+
+
+def release_process_group() -> None:
+    """Tear down the job's torch.distributed process group, if it made one.
+
+    Left to interpreter shutdown, a process group can abort the process after the job is
+    done (gloo: "terminate called without an active exception"), which turns a finished
+    multi-node SLURM job into a failed one; PyTorch asks for the explicit call too. Looked up
+    in ``sys.modules`` so that a job that never imported torch does not import it here.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

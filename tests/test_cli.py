@@ -156,6 +156,29 @@ def test_bad_input_while_running_is_one_line_and_library_errors_keep_their_trace
         main("pretrain", args)
 
 
+def test_a_finished_or_failed_job_releases_its_process_group(tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    def distributed_job(cfg: DictConfig) -> None:
+        # What a DDP fit leaves behind: an initialised process group (here of one rank).
+        dist.init_process_group(
+            "gloo", init_method=f"file://{tmp_path / 'pg'}", world_size=1, rank=0
+        )
+        assert dist.is_initialized()
+
+    assert main("pretrain", [], pipeline=distributed_job) == 0
+    assert not dist.is_initialized()
+
+    def failing_job(cfg: DictConfig) -> None:
+        distributed_job(cfg)
+        raise RuntimeError("a crash")
+
+    (tmp_path / "pg").unlink(missing_ok=True)
+    with pytest.raises(RuntimeError, match="a crash"):
+        main("pretrain", [], pipeline=failing_job)
+    assert not dist.is_initialized()
+
+
 @pytest.mark.parametrize("job", sorted(SCRIPTS))
 def test_every_job_script_answers_help(job: str) -> None:
     res = subprocess.run(

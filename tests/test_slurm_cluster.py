@@ -150,6 +150,9 @@ record = {
     **model.seen,
 }
 (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+# As the job scripts do (ssl_robust.cli): left to interpreter shutdown, gloo's process group
+# can abort a finished rank ("terminate called without an active exception").
+torch.distributed.destroy_process_group()
 """
 
 
