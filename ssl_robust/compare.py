@@ -390,10 +390,10 @@ def severity_data(runs: Sequence[Run]) -> dict[str, tuple[list[int], list[float]
         )
         if not levels:
             continue
-        xs = ([0] if "test/acc" in run.metrics else []) + levels
-        ys = [run.metrics["test/acc"]] if "test/acc" in run.metrics else []
-        ys += [run.metrics[f"shift/severity/{s}/acc"] for s in levels]
-        out[run.source] = (xs, ys)
+        points = [(s, run.metrics[f"shift/severity/{s}/acc"]) for s in levels]
+        if "test/acc" in run.metrics:
+            points.insert(0, (0, run.metrics["test/acc"]))
+        out[run.source] = ([x for x, _ in points], [y for _, y in points])
     return out
 
 
