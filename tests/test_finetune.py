@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -215,3 +216,37 @@ def test_default_run_dir_and_choices(random_encoder: Path) -> None:
     assert set(CHOICES["mode"]) == set(MODES)
     for preset in ("default", "linear_cifar10", "full_cifar10"):
         assert load_config(FinetuneConfig, [preset], job="finetune").mode in MODES
+
+
+@pytest.mark.parametrize("preset", ["linear_cifar10", "full_cifar10"])
+def test_cifar_presets_fine_tune_on_the_encoders_own_data(
+    random_encoder: Path, preset: str
+) -> None:
+    """An encoder pretrained on the CIFAR-10 JPEG tree (simclr_cifar10_folder) fine-tunes with
+    the CIFAR presets on that tree, split as in pretraining, not on torchvision's CIFAR-10."""
+    from omegaconf import OmegaConf
+
+    from ssl_robust.models.export import load_encoder
+    from ssl_robust.pipelines.finetune import resolve_data
+
+    enc = random_encoder.parent / f"pretrain-folder-{preset}"
+    shutil.copytree(random_encoder, enc)
+    pre = {
+        "run": {"seed": 7},
+        "data": {"name": "imagefolder", "root": "/datasets/cifar10-jpeg", "image_size": 32},
+    }
+    OmegaConf.save(OmegaConf.create(pre), enc / "config.yaml")
+    meta = load_encoder(enc)[1]
+    cfg = load_config(FinetuneConfig, [preset, f"encoder.run={enc}"], job="finetune")
+    data = resolve_data(cfg, enc, meta)
+    assert (data["name"], data["root"], data["image_size"], data["seed"]) == (
+        "imagefolder",
+        "/datasets/cifar10-jpeg",
+        32,
+        7,
+    )
+    # Naming a dataset still overrides the encoder's.
+    cfg = load_config(
+        FinetuneConfig, [preset, f"encoder.run={enc}", "data=cifar10"], job="finetune"
+    )
+    assert resolve_data(cfg, enc, meta)["name"] == "cifar10"
