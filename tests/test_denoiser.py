@@ -101,6 +101,15 @@ def test_warmup_then_cosine_learning_rate() -> None:
     assert lrs[-1] == pytest.approx(1e-3 * 0.5 * (1 + torch.cos(torch.tensor(7 / 8 * torch.pi))))
 
 
+def test_a_warm_up_longer_than_the_run_warns_how_far_the_rate_gets() -> None:
+    model = module(lr=1e-3, warmup_steps=16)
+    tr = trainer(max_epochs=1)
+    with pytest.warns(UserWarning, match=r"warmup_steps=16 is at least the whole run \(4 steps\)"):
+        tr.fit(model, loader(n=64, batch_size=16))
+    # The schedule is unchanged: after 4 steps the rate is 5/16 of lr, still warming up.
+    assert tr.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3 * 5 / 16)
+
+
 def test_ema_tracks_optimizer_steps_and_survives_checkpoint(tmp_path: Path) -> None:
     model = module(lr=1e-3, warmup_steps=1, ema_decay=0.99)
     tr = trainer(max_steps=6)

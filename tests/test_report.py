@@ -313,3 +313,13 @@ def test_latency_runs_without_gradients() -> None:
 
     measure_latency(fn, torch.zeros(2, 3), warmup=0, iters=2)
     assert seen == [False, False]
+
+
+def test_ood_section_names_the_sets_scored_below_chance() -> None:
+    report = hand_made_report()
+    md = render_markdown(report)
+    assert "an AUROC of 50% is chance" in md and "Below chance" not in md
+    report["metrics"]["ood/noise_gaussian/msp/auroc"] = 0.12
+    report["metrics"]["ood/shift_s5/energy/auroc"] = 0.47
+    md = render_markdown(report)
+    assert "Below chance: noise_gaussian (msp), shift_s5 (energy). The classifier" in md

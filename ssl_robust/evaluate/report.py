@@ -621,10 +621,33 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
         f"pools {meta.get('calib_shift_set', 'the highest-severity corruptions')}.",
         "reliability",
     )
-    section("Out-of-distribution detection", ["ood"], "", "ood_hist")
+    section("Out-of-distribution detection", ["ood"], _ood_text(report), "ood_hist")
     section("Latency and throughput", ["perf"])
     out += ["## Anchors for context (CIFAR-10; RobustBench entries)", "", _anchors_md(), ""]
     return "\n".join(out)
+
+
+def _ood_text(report: dict[str, Any]) -> str:
+    """What the OOD scores are, and which sets the classifier is more confident on than on its
+    own test images (AUROC below chance: the score flags in-distribution images first)."""
+    m = report.get("metrics", {})
+    text = (
+        "Scores: msp, the largest softmax probability (Hendrycks & Gimpel 2017); energy, the "
+        "logsumexp of the logits (Liu et al. 2020). Both should be higher on the in-distribution "
+        "test images; an AUROC of 50% is chance."
+    )
+    below = [
+        f"{s} ({score})"
+        for s in report.get("meta", {}).get("ood_sets", [])
+        for score in OOD_SCORES
+        if m.get(f"ood/{s}/{score}/auroc", 1.0) < 0.5
+    ]
+    if below:
+        text += (
+            f" Below chance: {', '.join(below)}. The classifier is more confident on those images "
+            "than on its own test images, so that score would flag the test images first."
+        )
+    return text
 
 
 # ---------------------------------------------------------------------------------------------

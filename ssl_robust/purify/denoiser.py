@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from diffusers.models.unets.unet_2d import UNet2DModel
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.training_utils import EMAModel
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 from torchvision.utils import save_image
@@ -162,6 +163,11 @@ class DenoiserModule(pl.LightningModule):
             raise ValueError("set max_steps or max_epochs: the cosine schedule needs a run length")
         total = int(total_steps)
         warmup = self.warmup_steps
+        if warmup >= total:
+            rank_zero_warn(
+                f"denoiser.warmup_steps={warmup} is at least the whole run ({total} steps): the "
+                f"learning rate only reaches {total / warmup:.0%} of denoiser.lr"
+            )
 
         def lr_lambda(step: int) -> float:
             if step < warmup:
