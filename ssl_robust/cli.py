@@ -24,6 +24,7 @@ from ssl_robust.config import (
     ConfigError,
     available_presets,
     job_choices,
+    job_ranges,
     load_config,
     schema_keys,
 )
@@ -87,7 +88,7 @@ def help_text(job: str, prog: str, doc: str, cfg: DictConfig, args: list[str], t
     parts.append(_options_text())
     parts.append(
         f"keys ({shown}; {{...}} lists the valid values, (...) their range):\n"
-        + describe(SCHEMAS[job], cfg, choices, prefix=topic)
+        + describe(SCHEMAS[job], cfg, choices, prefix=topic, ranges=job_ranges(job))
     )
     return "\n\n".join(parts) + "\n"
 

@@ -169,14 +169,35 @@ def wandb_runs(project: str, entity: str = "", filters: dict[str, Any] | None = 
     return runs
 
 
+def _active_config(run: Run) -> dict[str, Any]:
+    """The run's config without the settings of sections it switched off: a section with a
+    ``run`` key set to "" (no purifier, no denoised views) ignores its other keys."""
+    off = {
+        key.removesuffix("run")
+        for key, value in run.config.items()
+        if key.endswith(".run") and value == ""
+    }
+    return {
+        k: v
+        for k, v in run.config.items()
+        if k.endswith(".run") or not any(k.startswith(prefix) for prefix in off)
+    }
+
+
 def differing_keys(runs: Sequence[Run], ignore: Sequence[str] = IGNORED_KEYS) -> list[str]:
-    """Config keys whose value is not the same in every run (missing counts as a value)."""
-    keys = sorted({k for r in runs for k in r.config})
+    """Config keys that take different values in the runs that have them.
+
+    A key some runs lack (their upstream run holds no such setting, or the section is switched
+    off: ``purifier.ddim_steps`` of an evaluation without a purifier) explains nothing: the key
+    that switched it off (``purifier.run``) already differs.
+    """
+    configs = [_active_config(r) for r in runs]
+    keys = sorted({k for c in configs for k in c})
     out = []
     for key in keys:
         if any(key == i or (i.endswith(".") and key.startswith(i)) for i in ignore):
             continue
-        values = {json.dumps(r.config.get(key), sort_keys=True, default=str) for r in runs}
+        values = {json.dumps(c[key], sort_keys=True, default=str) for c in configs if key in c}
         if len(values) > 1:
             out.append(key)
     return out
@@ -245,6 +266,8 @@ def table(
     def fmt(value: Any) -> str:
         if value is None:
             return "—"
+        if value == "":
+            return "none"  # e.g. purifier.run of an evaluation without a purifier
         if isinstance(value, float):
             return f"{value:.4g}"
         return str(value)
@@ -261,10 +284,14 @@ def table(
         low, high = wilson_interval(value, n)
         return f"{value:.4g} [{low:.3f}, {high:.3f}]"
 
-    ordered = sorted(runs, key=lambda r: [fmt(r.config.get(k)) for k in keys] + [r.name])
+    # A switched-off section's settings show as missing: they did not act.
+    active = {r.source: _active_config(r) for r in runs}
+    ordered = sorted(runs, key=lambda r: [fmt(active[r.source].get(k)) for k in keys] + [r.name])
     header = ["run", *keys, *metrics]
-    rows = [[r.name, *(fmt(r.config.get(k)) for k in keys), *(metric(r, m) for m in metrics)]
-            for r in ordered]  # fmt: skip
+    rows = [
+        [r.name, *(fmt(active[r.source].get(k)) for k in keys), *(metric(r, m) for m in metrics)]
+        for r in ordered
+    ]
     return header, rows
 
 
@@ -327,16 +354,19 @@ def _series_label(run: Run, series: Sequence[str]) -> str:
     ``<section>.name`` as the section (``method=byol``, as on the command line) and an upstream
     ``<section>.run`` as the section and the run directory's name (``purifier=none``)."""
 
+    active = _active_config(run)
+
     def short(key: str) -> str:
         section, _, last = key.rpartition(".")
-        value = run.config.get(key)
+        value = active[key]
         if section and last == "name":
             return f"{section.rsplit('.', 1)[-1]}={value}"
         if section and last == "run":
             return f"{section.rsplit('.', 1)[-1]}={Path(str(value)).name if value else 'none'}"
         return f"{last}={value}"
 
-    return ", ".join(short(k) for k in series)
+    # A key the run lacks or switched off says nothing about it.
+    return ", ".join(short(k) for k in series if k in active)
 
 
 def plot_lines(

@@ -83,7 +83,7 @@ def test_help_shows_the_values_the_presets_give_and_filters_by_section(
     assert main("pretrain", args, pipeline=_never_run) == 0
     out = capsys.readouterr().out
     assert "keys (byol_cifar10, optim.base_lr=0.5;" in out
-    assert "  optim.base_lr = 0.5\n" in out
+    assert "  optim.base_lr = 0.5   (> 0)\n" in out
     assert "  optim.name = sgd   {lars, sgd}" in out
     assert "method." not in out.split("keys (")[1]
     # A single key; and a section listing with its docstring.

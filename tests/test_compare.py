@@ -292,3 +292,32 @@ def test_script(pretrain_runs: dict[str, Path], tmp_path: Path) -> None:
         timeout=120,
     )
     assert bad.returncode != 0 and "does not exist" in bad.stderr
+
+
+def test_a_switched_off_purifier_and_its_upstream_settings_are_not_differences(
+    tmp_path: Path,
+) -> None:
+    """A bare and two purified evaluations of one classifier: the denoiser's settings come from
+    its run and the purifier's are inactive in the bare one; only what differs where it acts is
+    a column (purifier.run, purifier.ddim_steps), and the bare run shows its purifier as none."""
+    den = _write_run(tmp_path / "den", {"denoiser": {"unet": "tiny", "lr": 0.002}}, {"val/loss": 1})
+    for name, purifier in (
+        ("bare", {"run": "", "ddim_steps": 5}),
+        ("ddim2", {"run": str(den), "ddim_steps": 2}),
+        ("ddim8", {"run": str(den), "ddim_steps": 8}),
+    ):
+        _write_run(
+            tmp_path / "eval" / name,
+            {"classifier": {"run": "ft"}, "purifier": purifier},
+            {"test/acc": 0.5},
+            name="report.json",
+        )
+    evals = find_runs([tmp_path / "eval"])
+    assert differing_keys(evals) == ["purifier.ddim_steps", "purifier.run"]
+    header, rows = table(evals, differing_keys(evals), ["test/acc"])
+    assert header == ["run", "purifier.ddim_steps", "purifier.run", "test/acc"]
+    assert rows[0] == ["ddim2", "2", str(den), "0.5"]
+    assert ["bare", "—", "none", "0.5"] in rows
+    labels = run_labels(evals)
+    assert labels[str(tmp_path / "eval" / "bare")] == "purifier=none"
+    assert labels[str(tmp_path / "eval" / "ddim8")] == "ddim_steps=8, purifier=den"

@@ -10,9 +10,11 @@ from ssl_robust.config import (
     PretrainConfig,
     config_root,
     job_choices,
+    job_ranges,
     load_config,
     schema_keys,
 )
+from ssl_robust.config.common import COMMON_RANGES
 
 YAMLS = sorted(config_root().glob("*/*.yaml"))
 
@@ -125,6 +127,40 @@ def test_out_of_range_pretraining_values_name_the_key(override: str) -> None:
     key, value = override.split("=")
     with pytest.raises(ConfigError, match=rf"invalid value {value}(\.0)? for '{key}': must be "):
         load_config(PretrainConfig, [override])
+
+
+@pytest.mark.parametrize(
+    ("job", "override"),
+    [
+        ("denoiser", "samples.every_n_epochs=0"),  # failed only once the fit started (exit 1)
+        ("denoiser", "denoiser.lr=0"),
+        ("denoiser", "denoiser.ema_decay=1.5"),
+        ("denoiser", "denoiser.beta_end=2"),
+        ("finetune", "subset.fraction=0"),
+        ("finetune", "subset.fraction=1.5"),
+        ("finetune", "optim.momentum=1"),
+        ("finetune", "augment.hflip_prob=-0.1"),
+        ("finetune", "purify.ddim_steps=0"),
+        ("pretrain", "optim.base_lr=0"),
+        ("pretrain", "optim.warmup_epochs=-1"),
+        ("pretrain", "data.batch_size=0"),
+        ("pretrain", "data.val_fraction=1"),
+    ],
+)
+def test_out_of_range_values_of_each_job_name_the_key(job: str, override: str) -> None:
+    key, value = override.split("=")
+    with pytest.raises(ConfigError, match=rf"invalid value {value}(\.0)? for '{key}': must be "):
+        load_config(SCHEMAS[job], [override], job=job)
+
+
+@pytest.mark.parametrize("job", sorted(SCHEMAS))
+def test_every_range_names_a_real_key_of_its_job(job: str) -> None:
+    """A misspelt key in a range table would silently check nothing."""
+    keys = set(schema_keys(SCHEMAS[job]))
+    own = set(job_ranges(job)) - set(COMMON_RANGES)
+    assert own <= keys
+    every_job_key = set().union(*(schema_keys(s) for s in SCHEMAS.values()))
+    assert set(COMMON_RANGES) <= every_job_key
 
 
 def test_edge_values_in_range_load() -> None:

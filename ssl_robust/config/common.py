@@ -200,14 +200,15 @@ COMMON_CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-_Range = tuple[Callable[[Any], bool], str]
+# A numeric key's valid range: (value -> ok, what is valid, as the error and --help say it).
+Range = tuple[Callable[[Any], bool], str]
 
 
-def _at_least(low: float, note: str = "") -> _Range:
+def at_least(low: float, note: str = "") -> Range:
     return (lambda v: v >= low), f">= {low:g}" + (f"; {note}" if note else "")
 
 
-def _above(low: float) -> _Range:
+def above(low: float) -> Range:
     return (lambda v: v > low), f"> {low:g}"
 
 
@@ -216,37 +217,44 @@ def _batch_limit(value: Any) -> bool:
     return value > 0 and (value <= 1 or float(value).is_integer())
 
 
-_PROBABILITY: _Range = (lambda v: 0 <= v <= 1, "a probability in [0, 1]")
-_BATCHES: _Range = (_batch_limit, "a fraction in (0, 1] or a number of batches")
+def fraction() -> Range:
+    return (lambda v: 0 < v <= 1), "in (0, 1]"
+
+
+PROBABILITY: Range = (lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+_BATCHES: Range = (_batch_limit, "a fraction in (0, 1] or a number of batches")
 
 # Numeric keys of the shared sections and their valid range (value -> ok, what is valid),
 # checked when the config loads, before any work: out of range, a fit would fail deep inside
 # (a division by zero, a warm-up longer than the run, a convolution of width 0) or silently do
 # something else (zero epochs and an untrained export).
-COMMON_RANGES: dict[str, _Range] = {
-    "trainer.max_epochs": _at_least(1),
-    "trainer.devices": _at_least(1),
-    "trainer.num_nodes": _at_least(1),
-    "trainer.pg_timeout_s": _above(0),
-    "trainer.accumulate_grad_batches": _at_least(1),
-    "trainer.gradient_clip_val": _at_least(0, "0 = no clipping"),
-    "trainer.log_every_n_steps": _at_least(1),
+COMMON_RANGES: dict[str, Range] = {
+    "trainer.max_epochs": at_least(1),
+    "trainer.devices": at_least(1),
+    "trainer.num_nodes": at_least(1),
+    "trainer.pg_timeout_s": above(0),
+    "trainer.accumulate_grad_batches": at_least(1),
+    "trainer.gradient_clip_val": at_least(0, "0 = no clipping"),
+    "trainer.log_every_n_steps": at_least(1),
     "trainer.limit_train_batches": _BATCHES,
     "trainer.limit_val_batches": _BATCHES,
-    "trainer.curves_every_s": _at_least(0, "0 = only when a fit ends or stops"),
-    "data.image_size": _at_least(0, "0 = the dataset's own size"),
-    "data.num_workers": _at_least(0),
-    "views.min_scale": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "views.hf_prob": _PROBABILITY,
-    "views.cj_prob": _PROBABILITY,
-    "views.cj_strength": _at_least(0),
-    "views.random_gray_scale": _PROBABILITY,
-    "views.gaussian_blur": _PROBABILITY,
-    "model.width": _at_least(1),
-    "method.temperature": _above(0),
-    "method.proj_hidden_dim": _at_least(1),
-    "method.proj_out_dim": _at_least(1),
-    "method.pred_hidden_dim": _at_least(1),
-    "method.base_tau": (_PROBABILITY[0], "in [0, 1]"),
-    "monitor.every_n_epochs": _at_least(1),
+    "trainer.curves_every_s": at_least(0, "0 = only when a fit ends or stops"),
+    "data.image_size": at_least(0, "0 = the dataset's own size"),
+    "data.num_workers": at_least(0),
+    "data.batch_size": at_least(1),
+    "data.eval_batch_size": at_least(1),
+    "data.val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "views.min_scale": fraction(),
+    "views.hf_prob": PROBABILITY,
+    "views.cj_prob": PROBABILITY,
+    "views.cj_strength": at_least(0),
+    "views.random_gray_scale": PROBABILITY,
+    "views.gaussian_blur": PROBABILITY,
+    "model.width": at_least(1),
+    "method.temperature": above(0),
+    "method.proj_hidden_dim": at_least(1),
+    "method.proj_out_dim": at_least(1),
+    "method.pred_hidden_dim": at_least(1),
+    "method.base_tau": (PROBABILITY[0], "in [0, 1]"),
+    "monitor.every_n_epochs": at_least(1),
 }

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ssl_robust.config.common import DataConfig, RunConfig, TrainerConfig, WandbConfig
+from ssl_robust.config.common import (
+    PROBABILITY,
+    DataConfig,
+    Range,
+    RunConfig,
+    TrainerConfig,
+    WandbConfig,
+    above,
+    at_least,
+    fraction,
+)
 
 
 @dataclass
@@ -71,4 +81,23 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "denoiser.unet": ("ddpm-cifar10", "small", "tiny"),
     "samples.sampler": ("ddim", "ddpm"),
     "samples.purify_sampler": ("ddim", "ddpm", "oneshot"),
+}
+
+# Numeric ranges of this job's own keys, checked when the config loads (with the shared ones).
+# Bounds that depend on another key (samples.steps <= denoiser.num_train_timesteps) are checked
+# when the job starts.
+RANGES: dict[str, Range] = {
+    "denoiser.num_train_timesteps": at_least(1),
+    "denoiser.beta_start": above(0),
+    "denoiser.beta_end": fraction(),
+    "denoiser.lr": above(0),
+    "denoiser.weight_decay": at_least(0),
+    "denoiser.warmup_steps": at_least(0),
+    "denoiser.ema_decay": (PROBABILITY[0], "in [0, 1]"),
+    "denoiser.num_timestep_buckets": at_least(1),
+    "views.hf_prob": PROBABILITY,
+    "samples.every_n_epochs": at_least(1),
+    "samples.n": at_least(1),
+    "samples.steps": at_least(1),
+    "samples.t_star": at_least(0),
 }

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig
 
-from ssl_robust.config.common import COMMON_RANGES
+from ssl_robust.config.common import COMMON_RANGES, Range
 
 _FIELD = re.compile(r"^(\s+)(\w+)\s*:")
 _WIDTH = 96
@@ -83,7 +83,11 @@ def _wrap(text: str, indent: str) -> list[str]:
 
 
 def describe(
-    schema: type, cfg: DictConfig, choices: dict[str, tuple[str, ...]], prefix: str = ""
+    schema: type,
+    cfg: DictConfig,
+    choices: dict[str, tuple[str, ...]],
+    prefix: str = "",
+    ranges: dict[str, Range] | None = None,
 ) -> str:
     """One block per section: each key as ``key = value  {choices}`` and its comment below.
 
@@ -92,10 +96,12 @@ def describe(
         cfg: the config whose values are shown (schema defaults or a loaded config).
         choices: the closed value sets of the job's keys.
         prefix: only keys equal to it or below it (``optim``, ``data.name``); "" for all.
+        ranges: the valid ranges of the job's numeric keys (default: the shared ones).
 
     Raises:
         KeyError: when no key matches ``prefix``.
     """
+    ranges = COMMON_RANGES if ranges is None else ranges
     out: list[str] = []
 
     def matches(key: str) -> bool:
@@ -122,8 +128,8 @@ def describe(
             line = f"  {key} = {format_value(value)}"
             if key in choices:
                 line += "   {" + ", ".join(choices[key]) + "}"
-            elif key in COMMON_RANGES:
-                line += f"   ({COMMON_RANGES[key][1]})"
+            elif key in ranges:
+                line += f"   ({ranges[key][1]})"
             out.append(line)
             out.extend(_wrap(comments.get(f.name, ""), "      "))
 

@@ -10,10 +10,15 @@ from dataclasses import dataclass, field
 
 from ssl_robust.config.common import (
     COMMON_CHOICES,
+    PROBABILITY,
     DataConfig,
+    Range,
     RunConfig,
     TrainerConfig,
     WandbConfig,
+    above,
+    at_least,
+    fraction,
 )
 
 
@@ -112,4 +117,19 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.name": ("", *COMMON_CHOICES["data.name"]),
     "mode": ("full", "linear"),
     "purify.sampler": ("ddim", "ddpm", "oneshot"),
+}
+
+# Numeric ranges of this job's own keys, checked when the config loads (with the shared ones).
+RANGES: dict[str, Range] = {
+    "subset.fraction": fraction(),
+    "subset.per_class": at_least(0, "0 = use subset.fraction"),
+    "augment.crop_padding": at_least(0),
+    "augment.hflip_prob": PROBABILITY,
+    "optim.lr": above(0),
+    "optim.encoder_lr_mult": at_least(0, "0 = a frozen encoder"),
+    "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.weight_decay": at_least(0),
+    "optim.warmup_epochs": at_least(0),
+    "purify.t_star": at_least(0),
+    "purify.ddim_steps": at_least(1),
 }

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Callable
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from ssl_robust.config import denoiser, evaluate, finetune, pretrain
-from ssl_robust.config.common import COMMON_CHOICES, COMMON_RANGES, ConfigError
+from ssl_robust.config.common import COMMON_CHOICES, COMMON_RANGES, ConfigError, Range
 
 T = TypeVar("T")
 
@@ -42,10 +41,26 @@ _JOB_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
+# ... and the valid ranges of its numeric keys (shared + its own; the evaluation job checks its
+# value lists and ranges together when it starts, pipelines.evaluate.check_config).
+_JOB_RANGES: dict[str, dict[str, Range]] = {
+    "pretrain": pretrain.RANGES,
+    "denoiser": denoiser.RANGES,
+    "finetune": finetune.RANGES,
+    "evaluate": {},
+}
+
+
 def job_choices(job: str) -> dict[str, tuple[str, ...]]:
     if job not in SCHEMAS:
         raise ConfigError(f"unknown job {job!r}; choose from {sorted(SCHEMAS)}")
     return {**COMMON_CHOICES, **_JOB_CHOICES[job]}
+
+
+def job_ranges(job: str) -> dict[str, Range]:
+    if job not in SCHEMAS:
+        raise ConfigError(f"unknown job {job!r}; choose from {sorted(SCHEMAS)}")
+    return {**COMMON_RANGES, **_JOB_RANGES[job]}
 
 
 CONFIG_ROOT_ENV = "SSL_ROBUST_CONFIGS"
@@ -153,7 +168,7 @@ def validate_choices(cfg: DictConfig, choices: dict[str, tuple[str, ...]]) -> No
             raise ConfigError(f"invalid value {value!r} for {key!r}; choose from {list(valid)}")
 
 
-def validate_ranges(cfg: DictConfig, ranges: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
+def validate_ranges(cfg: DictConfig, ranges: dict[str, Range]) -> None:
     """Check every numeric key with a valid range that the config has; raise naming it."""
     for key, (ok, valid) in ranges.items():
         value = OmegaConf.select(cfg, key, default=None)
@@ -198,7 +213,7 @@ def load_config(
             raise ConfigError(f"cannot parse overrides {overrides}: {err}") from None
         cfg = _merge(cfg, dotlist, base, source="the command line")
     validate_choices(cfg, job_choices(job))
-    validate_ranges(cfg, COMMON_RANGES)
+    validate_ranges(cfg, job_ranges(job))
     OmegaConf.set_struct(cfg, True)
     return cfg
 

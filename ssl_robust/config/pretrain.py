@@ -10,10 +10,13 @@ from ssl_robust.config.common import (
     ModelConfig,
     MonitorConfig,
     OptimConfig,
+    Range,
     RunConfig,
     TrainerConfig,
     ViewsConfig,
     WandbConfig,
+    above,
+    at_least,
 )
 
 
@@ -49,4 +52,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": ("lars", "sgd"),
     "optim.lr_scaling": ("linear", "none", "sqrt"),
     "denoise.mode": ("both", "second"),
+}
+
+# Numeric ranges of this job's own keys, checked when the config loads (with the shared ones).
+RANGES: dict[str, Range] = {
+    "optim.base_lr": above(0),
+    "optim.reference_batch": at_least(1),
+    "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.weight_decay": at_least(0),
+    "optim.warmup_epochs": at_least(0),
+    "denoise.t_min": at_least(0),
+    "denoise.t_max": at_least(0),
 }

@@ -194,13 +194,9 @@ def build_purifier(p: DictConfig, image_size: int) -> Purifier | None:
 
 
 def _image_loader(source: ImageSource, batch_size: int, num_workers: int) -> DataLoader:
-    """Unaugmented [0, 1] images (the classifier normalises inside)."""
-    return DataLoader(
-        TransformDataset(source, T.ToTensor()),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-    )
+    """Unaugmented [0, 1] images of an evaluation split (the classifier normalises inside), in
+    the fixed spread order of ``eval_loader``: a limited validation still sees every class."""
+    return eval_loader(TransformDataset(source, T.ToTensor()), batch_size, num_workers)
 
 
 def _trainer(job: _Job, callbacks: Sequence[Callback]) -> pl.Trainer:
@@ -325,11 +321,7 @@ def run_full(
         drop_last=len(train_ds) > bs,
         num_workers=cfg.data.num_workers,
     )
-    # A limited validation reads a sample of every class, not the first classes of a tree.
-    eval_images = eval_loader(
-        TransformDataset(job.splits.val, T.ToTensor()), cfg.data.eval_batch_size,
-        cfg.data.num_workers,
-    )  # fmt: skip
+    eval_images = _image_loader(job.splits.val, cfg.data.eval_batch_size, cfg.data.num_workers)
     module = FineTuner(
         job.classifier,
         lr=o.lr,

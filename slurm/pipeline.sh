@@ -1,0 +1,184 @@
+#!/bin/bash
+# Submit the whole chain as dependent SLURM jobs, all writing under one folder:
+#
+#   <runs>/pretrain          pretraining                      (pretrain.sbatch)
+#   <runs>/denoiser          denoiser training, side by side  (denoiser.sbatch)
+#   <runs>/finetune/<line>   one fine-tuning per sweep line   (finetune_array.sbatch), after pretraining
+#   <runs>/evaluate/<line>[-purified]
+#                            each classifier bare, and behind the purifier once the denoiser is
+#                            trained                          (evaluate.sbatch), after its fine-tuning
+#   <runs>/compare           the side-by-side tables and plots (compare.sbatch), after the rest
+#
+#   bash slurm/pipeline.sh runs/c10 \
+#       --pretrain "simclr_cifar10 data.root=/data" \
+#       --denoiser "ddpm_cifar10 data.root=/data" \
+#       --finetune linear_cifar10 --sweep slurm/sweeps/finetune_fractions.txt \
+#       --evaluate quick --purify "purifier.sampler=ddim purifier.ddim_steps=10"
+#
+# Options (each takes one quoted string of arguments for that phase's script):
+#   --pretrain ARGS      pretraining preset and overrides; or --encoder DIR: an existing run
+#   --denoiser ARGS      denoiser preset and overrides; or --denoiser-run DIR: an existing run;
+#                        with neither, classifiers are evaluated bare only
+#   --finetune ARGS      fine-tuning preset and overrides for every sweep line
+#   --sweep FILE         override lines, one fine-tuning each (default: one line, the preset's
+#                        own subset); copied to <runs>/sweep.txt
+#   --evaluate ARGS      evaluation preset and overrides for every evaluation
+#   --purify ARGS        extra overrides of the purified evaluations (purifier.*)
+#   --sbatch OPTS        sbatch options for every job (--partition=..., --account=...)
+#   --dry-run            print the sbatch commands, submit nothing
+#
+# A job whose dependency fails is cancelled (--kill-on-invalid-dep=yes) instead of waiting
+# forever; the comparison runs whatever finished. Every job resumes from its run directory, so
+# running the same command again after a failure re-submits the chain and each finished phase
+# returns at once. Job ids are appended to <runs>/jobs.txt.
+set -euo pipefail
+
+usage() { sed -n '2,/^set -e/s/^# \{0,1\}//p' "$0" | grep -v '^set -e'; }
+die() {
+    echo "error: $*" >&2
+    exit 2
+}
+
+[ $# -ge 1 ] || {
+    usage
+    exit 2
+}
+case "$1" in -h | --help) usage && exit 0 ;; -*) die "the first argument is the runs folder, got '$1'" ;; esac
+RUNS="${1%/}"
+shift
+pretrain="" encoder="" denoiser="" denoiser_run="" finetune="" sweep="" evaluate="" purify=""
+sbatch_opts="" dry_run=0 have_pretrain=0 have_denoiser=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --pretrain) pretrain="${2?--pretrain needs an argument}" have_pretrain=1 && shift 2 ;;
+    --encoder) encoder="${2?--encoder needs a run directory}" && shift 2 ;;
+    --denoiser) denoiser="${2?--denoiser needs an argument}" have_denoiser=1 && shift 2 ;;
+    --denoiser-run) denoiser_run="${2?--denoiser-run needs a run directory}" && shift 2 ;;
+    --finetune) finetune="${2?--finetune needs an argument}" && shift 2 ;;
+    --sweep) sweep="${2?--sweep needs a file}" && shift 2 ;;
+    --evaluate) evaluate="${2?--evaluate needs an argument}" && shift 2 ;;
+    --purify) purify="${2?--purify needs an argument}" && shift 2 ;;
+    --sbatch) sbatch_opts="${2?--sbatch needs an argument}" && shift 2 ;;
+    --dry-run) dry_run=1 && shift ;;
+    -h | --help) usage && exit 0 ;;
+    *) die "unknown option '$1'; valid: --pretrain --encoder --denoiser --denoiser-run --finetune --sweep --evaluate --purify --sbatch --dry-run" ;;
+    esac
+done
+if [ "$have_pretrain" = 1 ] && [ -n "$encoder" ]; then die "give --pretrain or --encoder, not both"; fi
+if [ "$have_pretrain" = 0 ] && [ -z "$encoder" ]; then
+    die "give --pretrain ARGS (e.g. --pretrain \"simclr_cifar10 data.root=/data\") or --encoder <pretraining run dir>"
+fi
+if [ "$have_denoiser" = 1 ] && [ -n "$denoiser_run" ]; then die "give --denoiser or --denoiser-run, not both"; fi
+if [ -n "$encoder" ] && [ ! -f "$encoder/encoder.safetensors" ]; then
+    die "no encoder in '$encoder' (expected encoder.safetensors from a finished pretraining run)"
+fi
+if [ -n "$denoiser_run" ] && [ ! -f "$denoiser_run/unet/config.json" ] && [ ! -f "$denoiser_run/config.json" ]; then
+    die "no denoiser in '$denoiser_run' (expected a denoiser run with unet/, or a diffusers UNet folder)"
+fi
+if [ -n "$sweep" ] && [ ! -f "$sweep" ]; then die "no sweep file '$sweep'"; fi
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# The array reads its lines from a copy (blank and # lines dropped), so editing the sweep file
+# cannot change a queued job. A dry run writes nothing under <runs>.
+if [ "$dry_run" = 1 ]; then
+    sweep_copy="$(mktemp)"
+    trap 'rm -f "$sweep_copy"' EXIT
+else
+    mkdir -p "$RUNS"
+    sweep_copy="$RUNS/sweep.txt"
+fi
+if [ -n "$sweep" ]; then
+    grep -v '^[[:space:]]*\(#.*\)\{0,1\}$' "$sweep" >"$sweep_copy" || true
+else
+    echo "run.seed=0" >"$sweep_copy"
+fi
+n_lines=$(grep -c . "$sweep_copy" || true)
+[ "$n_lines" -ge 1 ] || die "the sweep file '$sweep' has no override lines"
+
+read -r -a common <<<"$sbatch_opts"
+JOB=1000
+submit() { # submit <sbatch options> <template> <args...>: sets JOB to the new job's id
+    if [ "$dry_run" = 1 ]; then
+        JOB=$((JOB + 1))
+        [ -z "${SWEEP:-}" ] || printf 'SWEEP=%q SWEEP_DIR=%q ' "$RUNS/sweep.txt" "$SWEEP_DIR"
+        printf 'sbatch'
+        printf ' %q' "${common[@]}" "$@"
+        printf '   # job %s\n' "$JOB"
+    else
+        JOB="$(sbatch --parsable "${common[@]}" "$@")"
+        JOB="${JOB%%;*}"
+    fi
+}
+record() { [ "$dry_run" = 1 ] || echo "$(date -Is) $1 $2" >>"$RUNS/jobs.txt"; }
+split() { read -r -a _words <<<"$1"; }
+
+# --- pretraining and the denoiser, side by side ----------------------------------------------
+after_encoder=()
+if [ "$have_pretrain" = 1 ]; then
+    encoder="$RUNS/pretrain"
+    split "$pretrain"
+    submit "$here/pretrain.sbatch" "${_words[@]}" "run.dir=$encoder"
+    record pretrain "$JOB"
+    after_encoder=(--dependency="afterok:$JOB" --kill-on-invalid-dep=yes)
+fi
+denoiser_job=""
+if [ "$have_denoiser" = 1 ]; then
+    denoiser_run="$RUNS/denoiser"
+    split "$denoiser"
+    submit "$here/denoiser.sbatch" "${_words[@]}" "run.dir=$denoiser_run"
+    denoiser_job="$JOB"
+    record denoiser "$JOB"
+fi
+
+# --- one fine-tuning per sweep line ------------------------------------------------------------
+split "$finetune"
+# sbatch passes the submitting environment on: SWEEP and SWEEP_DIR reach the array's tasks.
+export SWEEP="$sweep_copy" SWEEP_DIR="$RUNS/finetune"
+submit --array="1-$n_lines" "${after_encoder[@]}" "$here/finetune_array.sbatch" \
+    "${_words[@]}" "encoder.run=$encoder"
+unset SWEEP SWEEP_DIR
+finetune_job="$JOB"
+record finetune "$JOB"
+
+# --- one evaluation per classifier, bare and purified ------------------------------------------
+split "$evaluate"
+eval_words=("${_words[@]}")
+split "$purify"
+purify_words=("${_words[@]}")
+eval_jobs=()
+i=0
+while IFS= read -r line; do
+    i=$((i + 1))
+    # The run directory finetune_array.sbatch gives this line (or the line's own run.dir).
+    name="$(tr -c 'A-Za-z0-9._\n-' '_' <<<"$line")"
+    classifier="$RUNS/finetune/$name"
+    for word in $line; do
+        case "$word" in run.dir=*) classifier="${word#run.dir=}" && name="$(basename "$classifier")" ;; esac
+    done
+    dep="afterok:${finetune_job}_$i"
+    submit --dependency="$dep" --kill-on-invalid-dep=yes "$here/evaluate.sbatch" \
+        "${eval_words[@]}" "classifier.run=$classifier" "run.dir=$RUNS/evaluate/$name"
+    record "evaluate:$name" "$JOB"
+    eval_jobs+=("$JOB")
+    if [ -n "$denoiser_run" ]; then
+        [ -z "$denoiser_job" ] || dep="$dep:$denoiser_job"
+        submit --dependency="$dep" --kill-on-invalid-dep=yes "$here/evaluate.sbatch" \
+            "${eval_words[@]}" "classifier.run=$classifier" "purifier.run=$denoiser_run" \
+            "${purify_words[@]}" "run.dir=$RUNS/evaluate/$name-purified"
+        record "evaluate:$name-purified" "$JOB"
+        eval_jobs+=("$JOB")
+    fi
+done <"$sweep_copy"
+
+# --- the comparison, whatever finished ---------------------------------------------------------
+all="$(
+    IFS=:
+    echo "${eval_jobs[*]}"
+)"
+submit --dependency="afterany:$all" "$here/compare.sbatch" "$RUNS" --out "$RUNS/compare"
+record compare "$JOB"
+
+if [ "$dry_run" = 0 ]; then
+    echo "submitted the chain under $RUNS (job ids in $RUNS/jobs.txt); follow it with squeue -u \$USER"
+    echo "comparison when done: $RUNS/compare/"
+fi

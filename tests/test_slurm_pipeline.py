@@ -1,0 +1,203 @@
+"""``slurm/pipeline.sh``: the whole chain as dependent SLURM jobs.
+
+The dry run (no cluster needed) checks what would be submitted: every job's template, run
+directory and dependency. The slow test submits a CPU-sized chain to CI's private two-node
+cluster and checks that every phase ran in order and the comparison gathered them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import TINY_PRETRAIN
+from tests.slurm_utils import job_env, job_status
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINE = ROOT / "slurm" / "pipeline.sh"
+
+
+def _pipeline(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(PIPELINE), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+
+
+def _dry_run(*args: str) -> list[tuple[int, str, dict[str, str], list[str]]]:
+    """(job id, template, sbatch options, script arguments) of each job a dry run prints."""
+    res = _pipeline(*args, "--dry-run")
+    assert res.returncode == 0, res.stderr
+    jobs = []
+    for line in res.stdout.splitlines():
+        words = line.split("   # job ")
+        command, job = words[0].split(), int(words[1])
+        start = command.index("sbatch") + 1
+        template = next(i for i, w in enumerate(command) if w.endswith(".sbatch"))
+        options = dict(w[2:].split("=", 1) for w in command[start:template])
+        jobs.append((job, Path(command[template]).name, options, command[template + 1 :]))
+    return jobs
+
+
+def test_dry_run_wires_every_phase_to_what_it_needs(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("# fractions\nsubset.fraction=0.1 run.seed=0\n\nsubset.fraction=1.0\n")
+    runs = tmp_path / "runs"
+    jobs = _dry_run(
+        str(runs),
+        "--pretrain", "simclr_cifar10 data.root=/data",
+        "--denoiser", "ddpm_cifar10 data.root=/data",
+        "--finetune", "linear_cifar10",
+        "--sweep", str(sweep),
+        "--evaluate", "quick",
+        "--purify", "purifier.sampler=ddim",
+        "--sbatch", "--partition=gpu",
+    )  # fmt: skip
+    assert not runs.exists()  # a dry run writes nothing
+    ids = {name: job for job, name, _, _ in jobs}
+    by_template: dict[str, list] = {}
+    for job in jobs:
+        assert job[2]["partition"] == "gpu"  # --sbatch reaches every job
+        by_template.setdefault(job[1], []).append(job)
+    pre, den = by_template["pretrain.sbatch"][0], by_template["denoiser.sbatch"][0]
+    assert pre[3] == ["simclr_cifar10", "data.root=/data", f"run.dir={runs}/pretrain"]
+    assert "dependency" not in pre[2] and "dependency" not in den[2]  # side by side
+    ft = by_template["finetune_array.sbatch"][0]
+    assert ft[2]["array"] == "1-2"  # the comment and the blank line are not lines
+    assert ft[2]["dependency"] == f"afterok:{pre[0]}"
+    assert ft[3] == ["linear_cifar10", f"encoder.run={runs}/pretrain"]
+    evals = by_template["evaluate.sbatch"]
+    assert len(evals) == 4  # two classifiers, bare and purified
+    names = ["subset.fraction_0.1_run.seed_0", "subset.fraction_1.0"]
+    for k, (_, _, options, args) in enumerate(evals):
+        name, purified = names[k // 2], k % 2 == 1
+        assert options["kill-on-invalid-dep"] == "yes"
+        assert args[0] == "quick" and f"classifier.run={runs}/finetune/{name}" in args
+        if purified:
+            assert options["dependency"] == f"afterok:{ft[0]}_{k // 2 + 1}:{den[0]}"
+            assert f"purifier.run={runs}/denoiser" in args and "purifier.sampler=ddim" in args
+            assert args[-1] == f"run.dir={runs}/evaluate/{name}-purified"
+        else:
+            assert options["dependency"] == f"afterok:{ft[0]}_{k // 2 + 1}"
+            assert not any(a.startswith("purifier.") for a in args)
+            assert args[-1] == f"run.dir={runs}/evaluate/{name}"
+    compare = by_template["compare.sbatch"][0]
+    assert compare[2]["dependency"] == "afterany:" + ":".join(str(e[0]) for e in evals)
+    assert compare[3] == [str(runs), "--out", f"{runs}/compare"]
+    assert ids["compare.sbatch"] == max(ids.values())  # submitted last
+
+
+def test_existing_runs_are_used_as_they_are(tmp_path: Path) -> None:
+    enc, den = tmp_path / "enc", tmp_path / "den"
+    (enc).mkdir()
+    (enc / "encoder.safetensors").write_bytes(b"")
+    (den / "unet").mkdir(parents=True)
+    (den / "unet" / "config.json").write_text("{}")
+    jobs = _dry_run(str(tmp_path / "runs"), "--encoder", str(enc), "--denoiser-run", str(den))
+    assert [j[1] for j in jobs] == [
+        "finetune_array.sbatch",
+        "evaluate.sbatch",
+        "evaluate.sbatch",
+        "compare.sbatch",
+    ]
+    assert "dependency" not in jobs[0][2] and jobs[0][3] == [f"encoder.run={enc}"]
+    assert jobs[2][2]["dependency"] == f"afterok:{jobs[0][0]}_1"  # no denoiser job to wait for
+    assert f"purifier.run={den}" in jobs[2][3]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], r"give --pretrain ARGS .* or --encoder"),
+        (["--pretrain", "x", "--encoder", "y"], "give --pretrain or --encoder, not both"),
+        (["--encoder", "/nonexistent"], r"no encoder in '/nonexistent'"),
+        (["--pretrain", "x", "--denoiser-run", "/nope"], r"no denoiser in '/nope'"),
+        (["--pretrain", "x", "--sweep", "/nope.txt"], "no sweep file '/nope.txt'"),
+        (["--pretrain", "x", "--bogus"], r"unknown option '--bogus'; valid: --pretrain"),
+    ],
+)
+def test_bad_arguments_fail_before_submitting(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    res = _pipeline(str(tmp_path / "runs"), *args)
+    assert res.returncode == 2 and re.search(message, res.stderr), res.stderr
+    assert not (tmp_path / "runs").exists()
+    assert res.stdout == ""
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("slurm_cluster")
+@pytest.mark.timeout(900)
+def test_the_chain_runs_in_order_on_a_cluster(tmp_path: Path, jobs: list[int]) -> None:
+    runs = tmp_path / "runs"
+    cpu = "trainer.accelerator=cpu trainer.progress_bar=false data.num_workers=0"
+    sbatch = (
+        "--nodes=1 --ntasks-per-node=1 --gpus-per-node=0 --cpus-per-task=1 --time=10 "
+        f"--output={tmp_path}/slurm-%j.out"
+    )
+    res = _pipeline(
+        str(runs),
+        "--pretrain", " ".join(TINY_PRETRAIN),
+        "--denoiser",
+        f"{cpu} data.image_size=8 data.batch_size=64 denoiser.unet=tiny denoiser.warmup_steps=2 "
+        "trainer.max_epochs=2 trainer.limit_train_batches=3 samples.n=4 samples.steps=2",
+        "--finetune", cpu,
+        "--evaluate", "tiny",
+        "--purify", "purifier.sampler=ddim purifier.t_star=20 purifier.ddim_steps=2",
+        "--sbatch", sbatch,
+        env=job_env(
+            {
+                "SSL_ROBUST_ROOT": str(ROOT),
+                "PYTHON": sys.executable,
+                "WANDB_MODE": "disabled",
+                "OMP_NUM_THREADS": "1",
+            }
+        ),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    submitted = [line.split() for line in (runs / "jobs.txt").read_text().splitlines()]
+    jobs.extend(int(j) for _, _, j in submitted)
+    names = [name for _, name, _ in submitted]
+    assert names == [
+        "pretrain",
+        "denoiser",
+        "finetune",
+        "evaluate:run.seed_0",
+        "evaluate:run.seed_0-purified",
+        "compare",
+    ]
+    compare_job = jobs[-1]
+    deadline = time.monotonic() + 780
+    while (state := job_status(compare_job)["state"]) not in {"COMPLETED", "FAILED", "CANCELLED"}:
+        assert time.monotonic() < deadline, f"compare job still {state}"
+        time.sleep(2.0)
+    logs = "\n".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("slurm-*.out")))
+    states = {name: job_status(int(job))["state"] for _, name, job in submitted}
+    assert set(states.values()) == {"COMPLETED"}, f"{states}\n{logs[-6000:]}"
+
+    # Each phase read what the one before it wrote.
+    bare = json.loads((runs / "evaluate" / "run.seed_0" / "report.json").read_text())
+    purified = json.loads((runs / "evaluate" / "run.seed_0-purified" / "report.json").read_text())
+    ft = runs / "finetune" / "run.seed_0"
+    assert OmegaConf.load(runs / "evaluate" / "run.seed_0" / "config.yaml").classifier.run == str(
+        ft
+    )
+    assert bare["meta"].get("purifier") is None
+    assert purified["meta"]["purifier"].startswith(f"{runs}/denoiser (ddim")
+    assert OmegaConf.load(ft / "config.yaml").encoder.run == f"{runs}/pretrain"
+    # The evaluations started only after their fine-tuning had finished.
+    finished_ft = (ft / "classifier.safetensors").stat().st_mtime
+    assert (runs / "evaluate" / "run.seed_0" / "config.yaml").stat().st_mtime >= finished_ft
+    tables = (runs / "compare" / "comparison.md").read_text()
+    assert "run.seed_0-purified" in tables and "pretrain" in tables
