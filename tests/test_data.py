@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -308,3 +309,18 @@ def test_stl10_unlabeled_pool_joins_the_self_supervised_phases(fake_stl10: None)
         SSLDataModule(pooled, s.val, [], lambda x: x, batch_size=8, augment="gpu")
     dm = SSLDataModule(pooled, s.val, [], lambda x: x, batch_size=8, augment="gpu", bank=s.train)
     assert len(dm.val_dataloader()[0].dataset) == 60  # type: ignore[arg-type]
+
+
+def test_workers_are_capped_at_the_usable_cpus_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from ssl_robust.data import datamodule
+
+    monkeypatch.setattr(datamodule.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(datamodule, "_capped_workers_warned", False)
+    assert datamodule.usable_workers(0) == 0 and datamodule.usable_workers(2) == 2
+    with pytest.warns(UserWarning, match=r"data.num_workers=8 but this process may use 2 CPUs"):
+        assert datamodule.usable_workers(8) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        assert datamodule.worker_options(8)["num_workers"] == 2

@@ -179,8 +179,12 @@ def test_bad_inputs_raise_clear_errors(random_encoder: Path, tmp_path: Path) -> 
     with pytest.raises(ValueError, match=r"encoder\.run is empty"):
         finetune(load_config(FinetuneConfig, [*TINY, f"run.dir={tmp_path / 'b'}"], job="finetune"))
     for fraction in ("0", "1.5", "-0.1"):
-        with pytest.raises(ValueError, match=r"subset.fraction must be in \(0, 1\]"):
-            finetune(ft_cfg(random_encoder, tmp_path / "c", f"subset.fraction={fraction}"))
+        with pytest.raises(ConfigError, match=r"for 'subset.fraction': must be in \(0, 1\]"):
+            ft_cfg(random_encoder, tmp_path / "c", f"subset.fraction={fraction}")
+    cfg = ft_cfg(random_encoder, tmp_path / "c")
+    cfg.subset.fraction = 1.5  # past the loader: the subset code checks too
+    with pytest.raises(ValueError, match=r"subset.fraction must be in \(0, 1\]"):
+        finetune(cfg)
     with pytest.raises(
         ConfigError, match=r"invalid value 'probe' for 'mode'; choose from \['full', 'linear'\]"
     ):

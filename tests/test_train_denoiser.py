@@ -323,7 +323,11 @@ def test_a_flip_probability_out_of_range_fails_when_the_config_loads() -> None:
 def test_bad_values_fail_before_writing_anything(
     tiny_denoiser_cfg: Callable[..., DictConfig], override: str, match: str
 ) -> None:
-    cfg = tiny_denoiser_cfg(override)
+    """The job's own checks, for configs built past the loader (which range-checks these keys
+    too, tests/test_config.py)."""
+    cfg = tiny_denoiser_cfg()
+    key, value = override.split("=")
+    OmegaConf.update(cfg, key, float(value) if "." in value else int(value))
     with pytest.raises(ValueError, match=match):
         train_denoiser(cfg)
     assert not Path(cfg.run.dir).exists()

@@ -16,12 +16,14 @@ The methods do not know which path ran.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -121,11 +123,37 @@ def batches_done_this_epoch(trainer: pl.Trainer | None) -> int:
     return done if 0 < done < n else 0
 
 
+_capped_workers_warned = False
+
+
+def usable_workers(num_workers: int) -> int:
+    """``num_workers``, at most the CPUs this process may run on (its affinity: a SLURM task's
+    ``--cpus-per-task``, a container's CPU set). A preset made for a GPU node (8 workers) then
+    runs on a 2-core laptop without 8 competing processes, which torch warns "might get
+    DataLoader running slow or even freeze". Samples are seeded by ``(seed, epoch, index)``,
+    so the number of workers never changes the data."""
+    global _capped_workers_warned
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cpus = os.cpu_count() or 1
+    if num_workers <= cpus:
+        return num_workers
+    if not _capped_workers_warned:
+        _capped_workers_warned = True
+        rank_zero_warn(
+            f"data.num_workers={num_workers} but this process may use {cpus} CPUs: "
+            f"loading with {cpus} workers"
+        )
+    return cpus
+
+
 def worker_options(num_workers: int) -> dict[str, Any]:
-    """DataLoader settings of every loader here: ``num_workers`` processes that survive between
-    epochs (and kNN rounds) instead of restarting each time, and pinned batches when a GPU will
-    read them. The sampler runs in the main process and samples are seeded by
-    ``(seed, epoch, index)``, so persistent workers keep resumed epochs exact."""
+    """DataLoader settings of every loader here: ``num_workers`` processes (at most the usable
+    CPUs) that survive between epochs (and kNN rounds) instead of restarting each time, and
+    pinned batches when a GPU will read them. The sampler runs in the main process and samples
+    are seeded by ``(seed, epoch, index)``, so persistent workers keep resumed epochs exact."""
+    num_workers = usable_workers(num_workers)
     return {
         "num_workers": num_workers,
         "pin_memory": torch.cuda.is_available(),

@@ -28,7 +28,7 @@ from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from ssl_robust.config import ConfigError, save_config, to_dict
-from ssl_robust.data.datamodule import EpochSeededSampler, eval_loader
+from ssl_robust.data.datamodule import EpochSeededSampler, eval_loader, usable_workers
 from ssl_robust.data.datasets import ImageSource, Splits, TransformDataset, build_splits
 from ssl_robust.data.subsets import SubsetSpec, assert_disjoint, load_or_draw_subset
 from ssl_robust.finetune.export import save_classifier
@@ -319,7 +319,7 @@ def run_full(
         sampler=EpochSeededSampler(len(train_ds), cfg.run.seed),
         # BatchNorm in train mode cannot take a batch of one.
         drop_last=len(train_ds) > bs,
-        num_workers=cfg.data.num_workers,
+        num_workers=usable_workers(cfg.data.num_workers),
     )
     eval_images = _image_loader(job.splits.val, cfg.data.eval_batch_size, cfg.data.num_workers)
     module = FineTuner(
