@@ -127,10 +127,10 @@ def test_full_finetune_changes_the_encoder_and_resumes(
     common = ("mode=full", "subset.per_class=10", "trainer.max_epochs=2", "optim.lr=0.05")
     finetune(ft_cfg(random_encoder, run, *common), callbacks=[StopAfterFirstEpoch()])
     ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 3  # one epoch: 100 images / 32, drop_last
+    assert ckpt["global_step"] == 4  # one epoch: 100 images in batches of 32, 32, 32 and 4
     metrics = finetune(ft_cfg(random_encoder, run, *common))  # rerun = resume
     ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 6 and metrics["epochs"] == 2
+    assert ckpt["global_step"] == 8 and metrics["epochs"] == 2
     assert metrics["optim/encoder_lr"] == pytest.approx(0.005)
     for key in ("train/loss", "val/acc", "test/acc"):
         assert key in metrics
@@ -254,3 +254,26 @@ def test_cifar_presets_fine_tune_on_the_encoders_own_data(
         FinetuneConfig, [preset, f"encoder.run={enc}", "data=cifar10"], job="finetune"
     )
     assert resolve_data(cfg, enc, meta)["name"] == "cifar10"
+
+
+def test_only_a_last_batch_of_one_image_is_dropped() -> None:
+    """Full fine-tuning's BatchNorm cannot take a batch of one; no other images are skipped."""
+    from omegaconf import OmegaConf
+
+    from ssl_robust.pipelines.finetune import _last_batch_of_one
+
+    one = OmegaConf.create({"devices": 1, "num_nodes": 1})
+    assert not _last_batch_of_one(500, 256, one)  # 1 % of CIFAR-10: 256 + 244
+    assert _last_batch_of_one(257, 256, one) and not _last_batch_of_one(256, 256, one)
+    # Under DDP each of 2 x 2 ranks reads ceil(1029 / 4) = 258 images: 256 + 2.
+    assert not _last_batch_of_one(1029, 256, OmegaConf.create({"devices": 2, "num_nodes": 2}))
+    assert _last_batch_of_one(1025, 256, OmegaConf.create({"devices": 2, "num_nodes": 2}))
+
+
+def test_a_linear_probe_reads_every_labeled_image_each_epoch(
+    random_encoder: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "probe"
+    finetune(ft_cfg(random_encoder, run, "subset.per_class=10", "trainer.max_epochs=2"))
+    ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2 * 4  # 100 images in batches of 32, 32, 32 and 4
