@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,13 @@ IGNORED_KEYS = (
     "trainer.curves_every_s",
     "eval.progress",
     "data.root",
+    "data.num_workers",  # loader processes: the data is the same whatever their number
 )
+# Sections a setting switches off: their keys did not act in that run.
+_INACTIVE_WHEN = {
+    ("mode", "linear"): ("augment.", "optim.encoder_lr_mult"),  # a probe on frozen features
+    ("mode", "full"): ("linear.",),
+}
 # Validation metrics drawn against epochs for the training runs: pretraining's kNN accuracy,
 # fine-tuning's accuracy, a denoiser's loss.
 CURVE_METRICS = ("val/knn_acc", "val/acc", "val/loss")
@@ -44,6 +51,7 @@ CURVE_METRICS = ("val/knn_acc", "val/acc", "val/loss")
 DEFAULT_METRICS = (
     "val/knn_acc",
     "test/acc",
+    "test/acc_purified",
     "shift/mean_acc",
     "adv/linf_8/acc",
     "adv/l2_0.5/acc",
@@ -171,12 +179,16 @@ def wandb_runs(project: str, entity: str = "", filters: dict[str, Any] | None = 
 
 def _active_config(run: Run) -> dict[str, Any]:
     """The run's config without the settings of sections it switched off: a section with a
-    ``run`` key set to "" (no purifier, no denoised views) ignores its other keys."""
+    ``run`` key set to "" (no purifier, no denoised views) ignores its other keys, and a linear
+    probe its full fine-tuning settings (and the reverse)."""
     off = {
         key.removesuffix("run")
         for key, value in run.config.items()
         if key.endswith(".run") and value == ""
     }
+    for (key, value), prefixes in _INACTIVE_WHEN.items():
+        if run.config.get(key) == value:
+            off.update(prefixes)
     return {
         k: v
         for k, v in run.config.items()
@@ -392,18 +404,27 @@ def plot_lines(
                 )
     if not points:
         return None
-    fig, ax = pyplot().subplots(figsize=(6, 4))
-    for (label, metric), by_x in sorted(points.items()):
+    names = {key: f"{key[0]} {key[1]}".strip() for key in points}
+    # Labels too long for a legend inside the axes go below them, wrapped.
+    below = any(len(name) > _MAX_LABEL for name in names.values())
+    if below:
+        names = {k: textwrap.fill(v, 80, subsequent_indent="  ") for k, v in names.items()}
+    lines = sum(name.count("\n") + 1 for name in names.values()) if below else 0
+    fig, ax = pyplot().subplots(figsize=(7, 4 + 0.16 * lines))
+    for key, by_x in sorted(points.items()):
         xs = sorted(by_x)
         ys = [sum(by_x[v]) / len(by_x[v]) for v in xs]
-        ax.plot(xs, ys, marker="o", label=f"{label} {metric}".strip())
+        ax.plot(xs, ys, marker="o", label=names[key])
     ax.set_xlabel(x)
     ax.set_ylabel("accuracy")
     if x in ("subset.fraction",):
         ax.set_xscale("log")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if below:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.15))
+    else:
+        ax.legend(fontsize=7)
     return save_figure(fig, path, dpi=120)
 
 

@@ -321,3 +321,23 @@ def test_a_switched_off_purifier_and_its_upstream_settings_are_not_differences(
     labels = run_labels(evals)
     assert labels[str(tmp_path / "eval" / "bare")] == "purifier=none"
     assert labels[str(tmp_path / "eval" / "ddim8")] == "ddim_steps=8, purifier=den"
+
+
+def test_a_linear_probe_has_no_augmentation_and_workers_explain_nothing(tmp_path: Path) -> None:
+    for name, mode, padding, workers in (("probe", "linear", 2, 2), ("full", "full", 4, 8)):
+        _write_run(
+            tmp_path / name,
+            {
+                "encoder": {"run": "enc"},
+                "mode": mode,
+                "augment": {"crop_padding": padding},
+                "linear": {"standardize": True},
+                "optim": {"lr": 0.1, "encoder_lr_mult": 0.1},
+                "data": {"num_workers": workers},
+            },
+            {"test/acc": 0.5},
+        )
+    runs = find_runs([tmp_path])
+    assert differing_keys(runs) == ["mode"]
+    _, rows = table(runs, ["mode", "augment.crop_padding"], [])
+    assert sorted(rows) == [["full", "full", "4"], ["probe", "linear", "—"]]
