@@ -38,4 +38,5 @@ export WANDB_INIT_TIMEOUT="${WANDB_INIT_TIMEOUT:-300}"
 export WANDB_RUN_GROUP="${WANDB_RUN_GROUP:-${SLURM_JOB_NAME}}"
 
 echo "[$(date -Is)] job ${SLURM_JOB_ID} (${SLURM_JOB_NAME}) restart ${SLURM_RESTART_COUNT:-0}:" \
-    "${SLURM_NNODES} node(s) x ${SLURM_NTASKS_PER_NODE:-1} task(s), master ${MASTER_ADDR}"
+    "${SLURM_NNODES} node(s) x ${SLURM_NTASKS_PER_NODE:-1} task(s), master ${MASTER_ADDR}," \
+    "wandb ${WANDB_MODE} group ${WANDB_RUN_GROUP}"

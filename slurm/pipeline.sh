@@ -30,7 +30,8 @@
 # A job whose dependency fails is cancelled (--kill-on-invalid-dep=yes) instead of waiting
 # forever; the comparison runs whatever finished. Every job resumes from its run directory, so
 # running the same command again after a failure re-submits the chain and each finished phase
-# returns at once. Job ids are appended to <runs>/jobs.txt.
+# returns at once. Job ids are appended to <runs>/jobs.txt. In wandb, every run of the chain is
+# in the group named after <runs> (WANDB_RUN_GROUP), unless a config sets wandb.group.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -e/s/^# \{0,1\}//p' "$0" | grep -v '^set -e'; }
@@ -96,6 +97,9 @@ n_lines=$(grep -c . "$sweep_copy" || true)
 [ "$n_lines" -ge 1 ] || die "the sweep file '$sweep' has no override lines"
 
 read -r -a common <<<"$sbatch_opts"
+# One wandb group for the whole chain (the runs folder's name), unless a config sets wandb.group;
+# sbatch passes it on to every job.
+export WANDB_RUN_GROUP="${WANDB_RUN_GROUP:-$(basename "$RUNS")}"
 JOB=1000
 submit() { # submit <sbatch options> <template> <args...>: sets JOB to the new job's id
     if [ "$dry_run" = 1 ]; then

@@ -185,6 +185,7 @@ def test_the_chain_runs_in_order_on_a_cluster(tmp_path: Path, jobs: list[int]) -
     logs = "\n".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("slurm-*.out")))
     states = {name: job_status(int(job))["state"] for _, name, job in submitted}
     assert set(states.values()) == {"COMPLETED"}, f"{states}\n{logs[-6000:]}"
+    assert logs.count("group runs\n") == len(submitted)  # one wandb group: the chain's folder
 
     # Each phase read what the one before it wrote.
     bare = json.loads((runs / "evaluate" / "run.seed_0" / "report.json").read_text())
