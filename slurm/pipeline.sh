@@ -79,6 +79,13 @@ fi
 if [ -n "$sweep" ] && [ ! -f "$sweep" ]; then die "no sweep file '$sweep'"; fi
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# The jobs run in the repository this script belongs to, wherever it is called from; the paths
+# given here are made absolute (paths inside the phases' arguments are read from that root).
+export SSL_ROBUST_ROOT="${SSL_ROBUST_ROOT:-$(dirname "$here")}"
+absolute() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/${1#./}" ;; esac }
+RUNS="$(absolute "$RUNS")"
+[ -z "$encoder" ] || encoder="$(absolute "$encoder")"
+[ -z "$denoiser_run" ] || denoiser_run="$(absolute "$denoiser_run")"
 # The array reads its lines from a copy (blank and # lines dropped), so editing the sweep file
 # cannot change a queued job. A dry run writes nothing under <runs>.
 if [ "$dry_run" = 1 ]; then

@@ -24,20 +24,25 @@ ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "slurm" / "pipeline.sh"
 
 
-def _pipeline(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _pipeline(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["bash", str(PIPELINE), *args],
         capture_output=True,
         text=True,
         timeout=120,
         env=env,
+        cwd=cwd,
         check=False,
     )
 
 
-def _dry_run(*args: str) -> list[tuple[int, str, dict[str, str], list[str]]]:
+def _dry_run(
+    *args: str, cwd: Path | None = None
+) -> list[tuple[int, str, dict[str, str], list[str]]]:
     """(job id, template, sbatch options, script arguments) of each job a dry run prints."""
-    res = _pipeline(*args, "--dry-run")
+    res = _pipeline(*args, "--dry-run", cwd=cwd)
     assert res.returncode == 0, res.stderr
     jobs = []
     for line in res.stdout.splitlines():
@@ -114,6 +119,15 @@ def test_existing_runs_are_used_as_they_are(tmp_path: Path) -> None:
     assert "dependency" not in jobs[0][2] and jobs[0][3] == [f"encoder.run={enc}"]
     assert jobs[2][2]["dependency"] == f"afterok:{jobs[0][0]}_1"  # no denoiser job to wait for
     assert f"purifier.run={den}" in jobs[2][3]
+
+
+def test_paths_given_from_another_folder_are_made_absolute(tmp_path: Path) -> None:
+    (tmp_path / "enc").mkdir()
+    (tmp_path / "enc" / "encoder.safetensors").write_bytes(b"")
+    jobs = _dry_run("runs", "--encoder", "./enc", cwd=tmp_path)
+    assert jobs[0][3] == [f"encoder.run={tmp_path}/enc"]
+    assert jobs[1][3][-1] == f"run.dir={tmp_path}/runs/evaluate/run.seed_0"
+    assert jobs[-1][3] == [f"{tmp_path}/runs", "--out", f"{tmp_path}/runs/compare"]
 
 
 @pytest.mark.parametrize(
