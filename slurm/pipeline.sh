@@ -116,10 +116,20 @@ submit() { # submit <sbatch options> <template> <args...>: sets JOB to the new j
         printf ' %q' "${common[@]}" "$@"
         printf '   # job %s\n' "$JOB"
     else
-        JOB="$(sbatch --parsable "${common[@]}" "$@")"
+        if ! JOB="$(sbatch --parsable "${common[@]}" "$@")"; then
+            local template
+            for template in "$@"; do case "$template" in *.sbatch) break ;; esac done
+            echo "error: sbatch refused $(basename "$template") (its message is above)" >&2
+            if [ ${#submitted[@]} -gt 0 ]; then
+                echo "Already submitted: ${submitted[*]}; cancel them with: scancel ${submitted[*]}" >&2
+            fi
+            exit 1
+        fi
         JOB="${JOB%%;*}"
+        submitted+=("$JOB")
     fi
 }
+submitted=()
 record() { [ "$dry_run" = 1 ] || echo "$(date -Is) $1 $2" >>"$RUNS/jobs.txt"; }
 split() { read -r -a _words <<<"$1"; }
 

@@ -8,6 +8,7 @@ cluster and checks that every phase ran in order and the comparison gathered the
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -216,3 +217,27 @@ def test_the_chain_runs_in_order_on_a_cluster(tmp_path: Path, jobs: list[int]) -
     assert (runs / "evaluate" / "run.seed_0" / "config.yaml").stat().st_mtime >= finished_ft
     tables = (runs / "compare" / "comparison.md").read_text()
     assert "run.seed_0-purified" in tables and "pretrain" in tables
+
+
+def test_a_refused_submission_names_the_jobs_already_submitted(tmp_path: Path) -> None:
+    """sbatch accepts two jobs and refuses the third: the chain stops, says which jobs are in
+    the queue already and how to cancel them."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    count = tmp_path / "count"
+    fake = bin_dir / "sbatch"
+    fake.write_text(
+        "#!/bin/bash\n"
+        f"n=$(( $(cat {count} 2>/dev/null || echo 0) + 1 )); echo $n > {count}\n"
+        'if [ $n -ge 3 ]; then echo "sbatch: error: Invalid partition name" >&2; exit 1; fi\n'
+        'echo "$((100 + n));cluster"\n'
+    )
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    res = _pipeline(str(tmp_path / "runs"), "--pretrain", "x", "--denoiser", "y", env=env)
+    assert res.returncode == 1
+    assert "sbatch: error: Invalid partition name" in res.stderr
+    assert "error: sbatch refused finetune_array.sbatch" in res.stderr
+    assert "Already submitted: 101 102; cancel them with: scancel 101 102" in res.stderr
+    jobs = (tmp_path / "runs" / "jobs.txt").read_text().split()
+    assert jobs[1:3] == ["pretrain", "101"] and jobs[4:6] == ["denoiser", "102"]
