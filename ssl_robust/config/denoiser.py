@@ -95,7 +95,6 @@ RANGES: dict[str, Range] = {
     "denoiser.warmup_steps": at_least(0),
     "denoiser.ema_decay": (PROBABILITY[0], "in [0, 1]"),
     "denoiser.num_timestep_buckets": at_least(1),
-    "views.hf_prob": PROBABILITY,
     "samples.every_n_epochs": at_least(1),
     "samples.n": at_least(1),
     "samples.steps": at_least(1),
