@@ -286,14 +286,20 @@ def table(
 
     # Here, not at the top: the evaluate package imports torch, which a comparison of finished
     # runs needs only for this interval.
-    from ssl_robust.evaluate.metrics import wilson_interval
+    from ssl_robust.evaluate.metrics import normal_interval, wilson_interval
 
     def metric(run: Run, name: str) -> str:
         value = run.metrics.get(name)
         n = run.metrics.get(images_key(name))
-        if value is None or n is None or not n > 0 or not 0 <= value <= 1:
+        se = run.metrics.get(f"{name}_se")  # a mean over cells sharing their images
+        if value is None or not 0 <= value <= 1:
             return fmt(value)
-        low, high = wilson_interval(value, n)
+        if se is not None:
+            low, high = normal_interval(value, se)
+        elif n is not None and n > 0:
+            low, high = wilson_interval(value, n)
+        else:
+            return fmt(value)
         return f"{value:.4g} [{low:.3f}, {high:.3f}]"
 
     # A switched-off section's settings show as missing: they did not act.
@@ -314,7 +320,10 @@ def images_key(metric: str) -> str:
     return f"{prefix}/n" if prefix and last.startswith("acc") else ""
 
 
-CI_NOTE = "[low, high]: the 95% Wilson interval of an accuracy over the images it was measured on."
+CI_NOTE = (
+    "[low, high]: the 95% interval over the images an accuracy was measured on (Wilson; for "
+    "the corruption means, +-1.96 standard errors of each image's accuracy over the grid)."
+)
 
 
 def to_markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

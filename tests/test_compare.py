@@ -211,24 +211,27 @@ def test_accuracies_show_their_interval_over_the_images(tmp_path: Path) -> None:
     assert images_key("adv/linf_8/acc_worst") == "adv/linf_8/n"
     assert images_key("val/knn_acc") == "" and images_key("calib/clean/ece") == ""
     metrics = {"test/acc": 0.9, "test/n": 100.0, "adv/linf_8/acc": 0.12, "adv/linf_8/n": 64.0}
+    metrics |= {"shift/mean_acc": 0.65, "shift/mean_acc_se": 0.025}
     runs = [
         Run("a", "a", {"x": 1}, metrics),
         Run("b", "b", {"x": 2}, {"test/acc": 0.5, "val/knn_acc": 0.7}),  # no image count
     ]
-    header, rows = table(runs, ["x"], ["test/acc", "adv/linf_8/acc", "val/knn_acc"])
-    assert header == ["run", "x", "test/acc", "adv/linf_8/acc", "val/knn_acc"]
-    # 90/100 and 12 % of 64: Wilson 95 % intervals (Newcombe 1998's method 3).
+    columns = ["test/acc", "adv/linf_8/acc", "shift/mean_acc", "val/knn_acc"]
+    header, rows = table(runs, ["x"], columns)
+    assert header == ["run", "x", *columns]
+    # 90/100 and 12 % of 64: Wilson 95 % intervals (Newcombe 1998's method 3); the grid mean:
+    # 0.65 +- 1.96 x 0.025.
     assert rows == [
-        ["a", "1", "0.9 [0.826, 0.945]", "0.12 [0.061, 0.222]", "—"],
-        ["b", "2", "0.5", "—", "0.7"],
+        ["a", "1", "0.9 [0.826, 0.945]", "0.12 [0.061, 0.222]", "0.65 [0.601, 0.699]", "—"],
+        ["b", "2", "0.5", "—", "—", "0.7"],
     ]
     written = compare(runs, tmp_path, metrics=["test/acc"])
     md = written["markdown"].read_text()
-    assert "| 0.9 [0.826, 0.945] |" in md and "95% Wilson interval" in md
+    assert "| 0.9 [0.826, 0.945] |" in md and "95% interval over the images" in md
     assert "<td>0.9 [0.826, 0.945]</td>" in written["html"].read_text()
-    assert "95% Wilson interval" in written["html"].read_text()
+    assert "95% interval over the images" in written["html"].read_text()
     md = compare(runs[1:], tmp_path, metrics=["test/acc"])["markdown"].read_text()
-    assert "Wilson" not in md
+    assert "95% interval" not in md
 
 
 def test_accuracy_against_severity_per_evaluation(tmp_path: Path) -> None:

@@ -13,8 +13,10 @@ from ssl_robust.evaluate.metrics import (
     calibration_report,
     ece,
     nll,
+    normal_interval,
     per_class_accuracy,
     reliability_bins,
+    standard_error,
     wilson_interval,
 )
 
@@ -192,3 +194,33 @@ def test_per_class_accuracy_known_answer_and_draws():
     assert counts == [2, 3, 0] and acc[0] == pytest.approx(0.75) and acc[1] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="expected logits"):
         per_class_accuracy(logits[:4], labels, 3)
+
+
+def test_standard_error_and_normal_interval_known_answers() -> None:
+    assert standard_error([0.0, 1.0, 1.0, 0.0]) == pytest.approx(math.sqrt(1 / 3) / 2)
+    assert standard_error([0.5] * 10) == 0.0
+    assert normal_interval(0.5, 0.1) == pytest.approx((0.5 - 0.1959964, 0.5 + 0.1959964))
+    assert normal_interval(0.98, 0.02) == pytest.approx((0.98 - 0.0391993, 1.0))  # clipped
+    with pytest.raises(ValueError, match="at least 2"):
+        standard_error([1.0])
+
+
+def test_a_grid_mean_interval_over_images_covers_95_percent_when_cells_share_images() -> None:
+    """Cells of a corruption grid share their images, and an image that is hard in one cell is
+    hard in the others. The per-image interval covers the grid's true mean ~95 % of the time;
+    a Wilson interval that counts cells x images as independent trials covers far less."""
+    gen = torch.Generator().manual_seed(0)
+    n, cells, trials, true_mean = 200, 8, 400, 0.6
+    beta = torch.distributions.Beta(torch.tensor(1.2), torch.tensor(0.8))  # mean 0.6
+    ours = naive = 0
+    for _ in range(trials):
+        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+        p = beta.sample((n,))  # each image's chance to be right, in every cell
+        hits = (torch.rand(cells, n) < p).double()  # (cells, N)
+        mean = hits.mean().item()
+        low, high = normal_interval(mean, standard_error(hits.mean(0).numpy()))
+        ours += low <= true_mean <= high
+        low, high = wilson_interval(mean, n * cells)
+        naive += low <= true_mean <= high
+    assert 0.92 <= ours / trials <= 0.98
+    assert naive / trials < 0.8

@@ -143,6 +143,16 @@ def test_job_end_to_end_writes_the_documented_report(
     cells = [m[f"shift/{c}/{s}/acc"] for c in GRID for s in (1, 5)]
     assert m["shift/mean_acc"] == pytest.approx(np.mean(cells))
     assert m["shift/severity5_acc"] == m["shift/severity/5/acc"]
+    # The grid mean's interval over the images: per image, its accuracy over the grid's cells.
+    hits = np.stack([_unit(cfg, f"shift/{c}/{s}")[1]["hits"].numpy() for c in GRID for s in (1, 5)])
+    assert set(np.unique(hits)) <= {0.0, 1.0} and m["shift/n"] == hits.shape[1] == 359
+    assert hits.mean(1) == pytest.approx(cells)  # each cell's accuracy
+    per_image = hits.mean(0)
+    assert m["shift/mean_acc"] == pytest.approx(per_image.mean())
+    assert m["shift/mean_acc_se"] == pytest.approx(per_image.std(ddof=1) / np.sqrt(359))
+    assert m["shift/severity/5/acc_se"] == pytest.approx(
+        hits[1::2].mean(0).std(ddof=1) / np.sqrt(359)
+    )
     assert m["shift/severity/1/acc"] == pytest.approx(
         (m["shift/impulse_noise/1/acc"] + m["shift/contrast/1/acc"]) / 2
     )
@@ -258,7 +268,7 @@ def test_cifar_c_folder_gives_the_same_numbers_as_generation(
         tiny_cfg(*only_shift, f"shift.cifar_c_dir={folder}", run_dir=tmp_path / "b")
     )
     shift = {k: v for k, v in generated.items() if k.startswith("shift/")}
-    assert len(shift) == 4 + 1 + 2 + 2 + 1
+    assert len(shift) == 4 + 1 + 2 + 2 + 1 + 4  # + n and the standard errors of the means
     assert shift == {k: v for k, v in from_folder.items() if k.startswith("shift/")}
     assert "the folder" in (tmp_path / "b" / "report.md").read_text()
     # The job writes the same arrays itself when asked to.
@@ -525,6 +535,12 @@ def test_corruption_accuracy_over_several_purifications(
     assert m["shift/mean_acc"] == pytest.approx(per_draw.mean())
     assert m["shift/mean_acc_std"] == pytest.approx(per_draw.std(ddof=1))
     assert m["shift/mean_acc_worst"] == pytest.approx(per_draw.min())
+    # Per image, the fraction of draws right in each cell; averaged over the grid, its
+    # standard error over the images.
+    hits = np.stack([_unit(several, f"shift/{c}/{sev}")[1]["hits"].numpy() for (c, sev) in accs])
+    assert set(np.round(np.unique(hits) * draws, 6)) <= set(range(draws + 1))
+    assert hits.mean(1) == pytest.approx([np.mean(cell) for cell in accs.values()])
+    assert m["shift/mean_acc_se"] == pytest.approx(hits.mean(0).std(ddof=1) / np.sqrt(n))
 
     # The first draw is the one-purification run's draw (same stream per cell).
     one = tiny_cfg(*purifier, *only_shift, run_dir=tmp_path / "one")

@@ -10,7 +10,9 @@ over samples.
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -84,6 +86,26 @@ def wilson_interval(acc: float, n: float, z: float = 1.959964) -> tuple[float, f
     centre = (acc + z2 / (2 * n)) / (1 + z2 / n)
     half = z / (1 + z2 / n) * math.sqrt(acc * (1 - acc) / n + z2 / (4 * n * n))
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def standard_error(scores: Any) -> float:
+    """Standard error of the mean of per-image ``scores`` (N,): ``std(ddof=1) / sqrt(N)``.
+
+    For a mean over a corruption grid, each image's score is its accuracy averaged over the
+    grid's cells (and purification draws). The cells share the images, so their accuracies are
+    not independent, but the images are: the grid mean is a mean of N independent per-image
+    scores, and mean +- 1.96 se is its 95 % interval over the image sample (the score is not
+    0/1 here, so the Wilson interval does not apply).
+    """
+    values = np.asarray(scores, dtype=np.float64).ravel()
+    if values.size < 2:
+        raise ValueError(f"need at least 2 per-image scores, got {values.size}")
+    return float(values.std(ddof=1) / math.sqrt(values.size))
+
+
+def normal_interval(mean: float, se: float, z: float = 1.959964) -> tuple[float, float]:
+    """``mean +- z se``, clipped to [0, 1]: the 95 % interval of a mean accuracy by default."""
+    return max(0.0, mean - z * se), min(1.0, mean + z * se)
 
 
 def ece(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_robust.evaluate.corruptions import CORRUPTION_GROUPS
-from ssl_robust.evaluate.metrics import wilson_interval
+from ssl_robust.evaluate.metrics import normal_interval, wilson_interval
 from ssl_robust.plotting import pyplot, save_figure
 
 __all__ = [
@@ -66,6 +66,11 @@ METRIC_DOCS: dict[str, str] = {
     "shift/group/{group}/acc": "Mean over the group's corruptions in the grid, all severities.",
     "shift/severity/{severity}/acc": "Mean over the grid's corruptions at one severity.",
     "shift/severity5_acc": "Mean over the grid's corruptions at severity 5.",
+    "shift/n": "Images in every corruption cell.",
+    "shift/mean_acc_se": "Standard error of shift/mean_acc over the images: each image's "
+    "accuracy averaged over the grid (and the draws) is one independent score; the 95% "
+    "interval is +-1.96 se.",
+    "shift/severity/{severity}/acc_se": "Standard error over the images of one severity's mean.",
     "adv/{threat}/acc": "PGD(-EOT) robust accuracy, mean over re-scoring purifications.",
     "adv/{threat}/acc_worst": "Fraction of attacked images correct in every re-scoring draw.",
     "adv/{threat}/clean_acc": "Accuracy of the attacked subset before the attack.",
@@ -208,6 +213,8 @@ def expected_metric_keys(
         keys |= {f"shift/{c}/{s}/acc" for c in corruptions for s in severities}
         keys |= {f"shift/group/{group_of(c)}/acc" for c in corruptions}
         keys |= {f"shift/severity/{s}/acc" for s in severities}
+        keys |= {"shift/n", "shift/mean_acc_se"}
+        keys |= {f"shift/severity/{s}/acc_se" for s in severities}
         if 5 in severities:
             keys.add("shift/severity5_acc")
         if shift_draws > 1:
@@ -283,6 +290,16 @@ def _ci95(acc: float, n: float | None) -> str:
     return f"{100 * low:.1f}–{100 * high:.1f}"
 
 
+def _se95(m: dict[str, float], key: str) -> str:
+    """The 95 % interval of a mean over images from its standard error (``<key>_se``), in
+    percent ("–" where the evaluation recorded none)."""
+    se = m.get(f"{key}_se")
+    if se is None or key not in m:
+        return "–"
+    low, high = normal_interval(m[key], se)
+    return f"{100 * low:.1f}–{100 * high:.1f}"
+
+
 def _markdown_table(table: Table) -> str:
     head = "| " + " | ".join(table.columns) + " |"
     align = "| " + " | ".join("---" if f == "str" else "---:" for f in table.formats) + " |"
@@ -350,13 +367,15 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
                 f"(std {100 * m['shift/mean_acc_std']:.2f}, "
                 f"worst {100 * m['shift/mean_acc_worst']:.2f})"
             )
-        summary = [[grid_name, m["shift/mean_acc"]]]
+        summary = [[grid_name, m["shift/mean_acc"], _se95(m, "shift/mean_acc")]]
         if "shift/severity5_acc" in m:
-            summary.append(["severity 5", m["shift/severity5_acc"]])
+            summary.append(
+                ["severity 5", m["shift/severity5_acc"], _se95(m, "shift/severity/5/acc")]
+            )
         if "test/acc" in m:
-            summary.insert(0, ["clean", m["test/acc"]])
+            summary.insert(0, ["clean", m["test/acc"], _ci95(m["test/acc"], m.get("test/n"))])
         tables["shift_summary"] = Table(
-            "Corruption accuracy (%)", ["set", "acc"], summary, ["str", "pct"]
+            "Corruption accuracy (%)", ["set", "acc", "95% CI"], summary, ["str", "pct", "str"]
         )
         groups = [g for g in [*CORRUPTION_GROUPS, "extra"] if f"shift/group/{g}/acc" in m]
         tables["shift_groups"] = Table(
@@ -367,9 +386,12 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
         )
         tables["shift_severities"] = Table(
             "Per severity (%)",
-            ["severity", "acc"],
-            [[str(s), m[f"shift/severity/{s}/acc"]] for s in severities],
-            ["str", "pct"],
+            ["severity", "acc", "95% CI"],
+            [
+                [str(s), m[f"shift/severity/{s}/acc"], _se95(m, f"shift/severity/{s}/acc")]
+                for s in severities
+            ],
+            ["str", "pct", "str"],
         )
         grid_rows = []
         for c in corruptions:
@@ -585,7 +607,10 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
         "Common corruptions",
         ["shift_summary", "shift_groups", "shift_severities", "shift_grid"],
         f"CIFAR-10-C corruptions, source: {grid.get('source', 'generated on the fly')}. "
-        "The mean is over the whole corruption x severity grid (RobustBench convention).",
+        "The mean is over the whole corruption x severity grid (RobustBench convention). "
+        "95% CI over the images: Wilson for the clean accuracy; for a mean over cells, which "
+        "share their images, mean +- 1.96 standard errors of each image's accuracy averaged "
+        "over those cells.",
         "shift_severity",
     )
     shift_set = meta.get("calib_shift_set", "the highest-severity corruptions")

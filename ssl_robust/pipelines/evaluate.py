@@ -64,6 +64,7 @@ from ssl_robust.evaluate.metrics import (
     calibration_report,
     per_class_accuracy,
     reliability_bins,
+    standard_error,
     wilson_interval,
 )
 from ssl_robust.evaluate.ood import (
@@ -956,6 +957,9 @@ def _shift_section(
     pooled_labels: list[Tensor] = []
     folder_sizes: list[int] = []  # images per severity in the folder, per cell
     cell_accs: dict[tuple[str, int], list[float]] = {}  # per draw
+    # Per image: the fraction of draws that classified it right, per cell (None in stores
+    # written before these were kept); they give the grid means' intervals over the images.
+    cell_hits: dict[tuple[str, int], Tensor | None] = {}
     numbers: dict[str, Any]  # a cell's stored numbers
     kept: dict[str, Tensor]  # and tensors
     logits: Tensor | None
@@ -969,6 +973,7 @@ def _shift_section(
                 numbers, kept = stored
                 accs = [float(a) for a in numbers.get("accs", [numbers["acc"]])]
                 logits, y_c = kept.get("logits"), kept.get("labels")
+                hits = kept.get("hits")
             else:
                 bar.update(task, description=f"{c} s{sev}")
                 numbers = {}
@@ -985,7 +990,9 @@ def _shift_section(
                 # One stream for all draws: the first is the one-draw run's purification.
                 model.reseed(_corruption_seed(seed + _SEED_SHIFT, c, sev), device)
                 outs = [_predict(model, x_c, cfg.eval.batch_size, device) for _ in range(draws)]
-                accs = [(out.argmax(1) == y_c).float().mean().item() for out in outs]
+                correct = torch.stack([(out.argmax(1) == y_c).float() for out in outs])
+                accs = correct.mean(1).tolist()
+                hits = correct.mean(0)
                 # Calibration and OOD: every draw, (draws, N, classes); one draw stays (N, classes)
                 # as stores written before the draws existed hold it.
                 logits = torch.stack(outs) if draws > 1 else outs[0]
@@ -993,8 +1000,10 @@ def _shift_section(
                 if draws > 1:
                     numbers["accs"] = accs
                 kept = {"logits": logits, "labels": y_c} if sev == top else {}
+                kept["hits"] = hits
                 cache.put(unit, numbers, kept)
             cell_accs[c, sev] = accs
+            cell_hits[c, sev] = hits
             metrics[f"shift/{c}/{sev}/acc"] = float(np.mean(accs))
             if "folder_images" in numbers:
                 folder_sizes.append(int(numbers["folder_images"]))
@@ -1017,6 +1026,7 @@ def _shift_section(
         metrics["shift/draws"] = float(draws)
     for sev in severities:
         metrics[f"shift/severity/{sev}/acc"] = float(np.mean([cell[c, sev] for c in corruptions]))
+    metrics.update(_grid_standard_errors(cell_hits, corruptions, severities))
     if 5 in severities:
         metrics["shift/severity5_acc"] = metrics["shift/severity/5/acc"]
     groups: dict[str, list[float]] = {}
@@ -1031,6 +1041,28 @@ def _shift_section(
             "not the full 15 x 5 CIFAR-10-C benchmark; means are over this grid."
         )
     return torch.cat(pooled_logits, dim=1), torch.cat(pooled_labels)
+
+
+def _grid_standard_errors(
+    cell_hits: dict[tuple[str, int], Tensor | None], corruptions: list[str], severities: list[int]
+) -> dict[str, float]:
+    """Standard errors over the images of the grid mean and of each severity's mean
+    (``metrics.standard_error`` of each image's accuracy averaged over those cells), and the
+    image count; nothing when a cell has no per-image results (a store from before they were
+    kept) or the cells hold different images (a CIFAR-10-C folder of another size)."""
+    hits = list(cell_hits.values())
+    if any(h is None for h in hits) or len({len(h) for h in hits if h is not None}) != 1:
+        return {}
+    n = len(hits[0])  # type: ignore[arg-type]
+    if n < 2:
+        return {}
+    out = {"shift/n": float(n)}
+    grid = torch.stack([h for h in hits if h is not None]).double()  # (cells, N)
+    out["shift/mean_acc_se"] = standard_error(grid.mean(0).numpy())
+    for sev in severities:
+        rows = torch.stack([cell_hits[c, sev] for c in corruptions]).double()  # type: ignore[misc]
+        out[f"shift/severity/{sev}/acc_se"] = standard_error(rows.mean(0).numpy())
+    return out
 
 
 def _frost_textures_words(photo_folder: str | None) -> str:
