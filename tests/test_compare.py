@@ -14,6 +14,7 @@ from PIL import Image
 
 from ssl_robust.compare import (
     Run,
+    _severity_intervals,
     compare,
     curve_data,
     differing_keys,
@@ -247,6 +248,12 @@ def test_accuracy_against_severity_per_evaluation(tmp_path: Path) -> None:
         "r/plain": ([0, 1, 3, 5], [0.9, 0.8, 0.6, 0.3]),
         "r/pure": ([1, 3, 5], [0.8, 0.6, 0.3]),
     }
+    # Error bars: Wilson for the clean point (test/n), +-1.96 se for a severity's mean.
+    runs[0].metrics |= {"test/n": 100.0, "shift/severity/3/acc_se": 0.05}
+    bars = _severity_intervals(runs[0], *data["r/plain"])
+    assert bars[:, 0] == pytest.approx([0.9 - 0.8256, 0.9455 - 0.9], abs=1e-3)
+    assert bars[:, 2] == pytest.approx([0.098, 0.098], abs=1e-3)
+    assert not bars[:, [1, 3]].any()  # no standard error recorded: no bar
     written = compare(runs, tmp_path)
     with Image.open(written["plot_accuracy_vs_severity"]) as image:
         assert image.format == "PNG" and image.size[0] > 300
