@@ -153,6 +153,12 @@ def test_job_end_to_end_writes_the_documented_report(
     assert m["shift/severity/5/acc_se"] == pytest.approx(
         hits[1::2].mean(0).std(ddof=1) / np.sqrt(359)
     )
+    assert (
+        m["shift/group/digital/acc_se"]
+        == pytest.approx(  # contrast, severities 1 and 5
+            hits[2:].mean(0).std(ddof=1) / np.sqrt(359)
+        )
+    )
     assert m["shift/severity/1/acc"] == pytest.approx(
         (m["shift/impulse_noise/1/acc"] + m["shift/contrast/1/acc"]) / 2
     )
@@ -268,7 +274,7 @@ def test_cifar_c_folder_gives_the_same_numbers_as_generation(
         tiny_cfg(*only_shift, f"shift.cifar_c_dir={folder}", run_dir=tmp_path / "b")
     )
     shift = {k: v for k, v in generated.items() if k.startswith("shift/")}
-    assert len(shift) == 4 + 1 + 2 + 2 + 1 + 4  # + n and the standard errors of the means
+    assert len(shift) == 4 + 1 + 2 + 2 + 1 + 6  # + n and the standard errors of the means
     assert shift == {k: v for k, v in from_folder.items() if k.startswith("shift/")}
     assert "the folder" in (tmp_path / "b" / "report.md").read_text()
     # The job writes the same arrays itself when asked to.

@@ -57,6 +57,7 @@ def hand_made_report() -> dict[str, Any]:
     m["shift/n"] = 100.0
     m["shift/mean_acc_se"] = 0.025
     m["shift/severity/1/acc_se"], m["shift/severity/5/acc_se"] = 0.03, 0.04
+    m["shift/group/noise/acc_se"], m["shift/group/weather/acc_se"] = 0.035, 0.035
     m["shift/group/noise/acc"], m["shift/group/weather/acc"] = 0.6, 0.7
     for name, acc in (("linf_8", 0.12), ("l2_0.5", 0.31)):
         p = f"adv/{name}/"
@@ -221,7 +222,7 @@ def test_write_report_from_a_hand_made_dict(tmp_path: Path) -> None:
         "| mean over the grid | 65.00 | 60.1–69.9 |",  # 0.65 +- 1.96 x 0.025
         "| severity 5 | 47.50 | 39.7–55.3 |",
         "| 1 | 82.50 | 76.6–88.4 |",  # per severity
-        "| noise | 60.00 |",
+        "| noise | 60.00 | 53.1–66.9 |",
         "| gaussian_noise | noise | 80.00 | 40.00 | 60.00 |",
         "| fog | weather | 85.00 | 55.00 | 70.00 |",
         "| mean |  | 82.50 | 47.50 | 65.00 |",

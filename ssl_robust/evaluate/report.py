@@ -71,6 +71,7 @@ METRIC_DOCS: dict[str, str] = {
     "accuracy averaged over the grid (and the draws) is one independent score; the 95% "
     "interval is +-1.96 se.",
     "shift/severity/{severity}/acc_se": "Standard error over the images of one severity's mean.",
+    "shift/group/{group}/acc_se": "Standard error over the images of one group's mean.",
     "adv/{threat}/acc": "PGD(-EOT) robust accuracy, mean over re-scoring purifications.",
     "adv/{threat}/acc_worst": "Fraction of attacked images correct in every re-scoring draw.",
     "adv/{threat}/clean_acc": "Accuracy of the attacked subset before the attack.",
@@ -215,6 +216,7 @@ def expected_metric_keys(
         keys |= {f"shift/severity/{s}/acc" for s in severities}
         keys |= {"shift/n", "shift/mean_acc_se"}
         keys |= {f"shift/severity/{s}/acc_se" for s in severities}
+        keys |= {f"shift/group/{group_of(c)}/acc_se" for c in corruptions}
         if 5 in severities:
             keys.add("shift/severity5_acc")
         if shift_draws > 1:
@@ -380,9 +382,9 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
         groups = [g for g in [*CORRUPTION_GROUPS, "extra"] if f"shift/group/{g}/acc" in m]
         tables["shift_groups"] = Table(
             "Per group (%)",
-            ["group", "acc"],
-            [[g, m[f"shift/group/{g}/acc"]] for g in groups],
-            ["str", "pct"],
+            ["group", "acc", "95% CI"],
+            [[g, m[f"shift/group/{g}/acc"], _se95(m, f"shift/group/{g}/acc")] for g in groups],
+            ["str", "pct", "str"],
         )
         tables["shift_severities"] = Table(
             "Per severity (%)",

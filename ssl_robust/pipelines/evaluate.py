@@ -1046,7 +1046,7 @@ def _shift_section(
 def _grid_standard_errors(
     cell_hits: dict[tuple[str, int], Tensor | None], corruptions: list[str], severities: list[int]
 ) -> dict[str, float]:
-    """Standard errors over the images of the grid mean and of each severity's mean
+    """Standard errors over the images of the grid mean and of each severity's and group's mean
     (``metrics.standard_error`` of each image's accuracy averaged over those cells), and the
     image count; nothing when a cell has no per-image results (a store from before they were
     kept) or the cells hold different images (a CIFAR-10-C folder of another size)."""
@@ -1062,6 +1062,13 @@ def _grid_standard_errors(
     for sev in severities:
         rows = torch.stack([cell_hits[c, sev] for c in corruptions]).double()  # type: ignore[misc]
         out[f"shift/severity/{sev}/acc_se"] = standard_error(rows.mean(0).numpy())
+    groups: dict[str, list[Tensor]] = {}
+    for (c, _), h in cell_hits.items():
+        groups.setdefault(group_of(c), []).append(h)  # type: ignore[arg-type]
+    for g, members in groups.items():
+        out[f"shift/group/{g}/acc_se"] = standard_error(
+            torch.stack(members).double().mean(0).numpy()
+        )
     return out
 
 
