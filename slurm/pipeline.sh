@@ -88,6 +88,13 @@ RUNS="$(absolute "$RUNS")"
 [ -z "$denoiser_run" ] || denoiser_run="$(absolute "$denoiser_run")"
 # The array reads its lines from a copy (blank and # lines dropped), so editing the sweep file
 # cannot change a queued job. A dry run writes nothing under <runs>.
+if [ -n "$sweep" ]; then
+    lines="$(grep -v '^[[:space:]]*\(#.*\)\{0,1\}$' "$sweep" || true)"
+else
+    lines="run.seed=0"
+fi
+n_lines=$(grep -c . <<<"$lines" || true)
+[ "$n_lines" -ge 1 ] || die "the sweep file '$sweep' has no override lines"
 if [ "$dry_run" = 1 ]; then
     sweep_copy="$(mktemp)"
     trap 'rm -f "$sweep_copy"' EXIT
@@ -95,13 +102,7 @@ else
     mkdir -p "$RUNS"
     sweep_copy="$RUNS/sweep.txt"
 fi
-if [ -n "$sweep" ]; then
-    grep -v '^[[:space:]]*\(#.*\)\{0,1\}$' "$sweep" >"$sweep_copy" || true
-else
-    echo "run.seed=0" >"$sweep_copy"
-fi
-n_lines=$(grep -c . "$sweep_copy" || true)
-[ "$n_lines" -ge 1 ] || die "the sweep file '$sweep' has no override lines"
+printf '%s\n' "$lines" >"$sweep_copy"
 
 read -r -a common <<<"$sbatch_opts"
 # One wandb group for the whole chain (the runs folder's name), unless a config sets wandb.group;

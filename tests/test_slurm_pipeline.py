@@ -241,3 +241,11 @@ def test_a_refused_submission_names_the_jobs_already_submitted(tmp_path: Path) -
     assert "Already submitted: 101 102; cancel them with: scancel 101 102" in res.stderr
     jobs = (tmp_path / "runs" / "jobs.txt").read_text().split()
     assert jobs[1:3] == ["pretrain", "101"] and jobs[4:6] == ["denoiser", "102"]
+
+
+def test_a_sweep_without_override_lines_fails_before_writing(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("# only a comment\n\n")
+    res = _pipeline(str(tmp_path / "runs"), "--pretrain", "x", "--sweep", str(sweep))
+    assert res.returncode == 2 and f"the sweep file '{sweep}' has no override" in res.stderr
+    assert not (tmp_path / "runs").exists()
