@@ -329,3 +329,19 @@ def test_ood_section_names_the_sets_scored_below_chance() -> None:
     report["metrics"]["ood/shift_s5/energy/auroc"] = 0.47
     md = render_markdown(report)
     assert "Below chance: noise_gaussian (msp), shift_s5 (energy). The classifier" in md
+
+
+def test_severity_plot_shades_the_means_interval_where_it_was_recorded(tmp_path: Path) -> None:
+    report = hand_made_report()
+    shaded = make_plots(report, tmp_path / "a")["shift_severity"]
+    for key in ("shift/severity/1/acc_se", "shift/severity/5/acc_se"):
+        del report["metrics"][key]  # e.g. a store from before the per-image results
+    plain = make_plots(report, tmp_path / "b")["shift_severity"]
+
+    def band_pixels(path: Path) -> int:
+        """Pixels of the band's grey (12 % black over white)."""
+        with Image.open(path) as img:
+            colors = img.convert("RGB").getcolors(1 << 20) or []
+        return sum(n for n, c in colors if c == (224, 224, 224))
+
+    assert band_pixels(shaded) > band_pixels(plain) + 1000

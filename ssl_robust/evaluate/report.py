@@ -703,6 +703,20 @@ def _plot_shift(report: dict[str, Any], path: Path) -> Path | None:
     mean = [m[f"shift/severity/{s}/acc"] for s in severities]
     mean = ([m["test/acc"]] if "test/acc" in m else []) + mean
     ax.plot(xs, [100 * y for y in mean], "k--", marker="s", label="mean")
+    # The mean's 95 % interval over the images, where the evaluation recorded it.
+    bounds = [
+        wilson_interval(m["test/acc"], m["test/n"])
+        if x == 0 and m.get("test/n")
+        else normal_interval(y, m[f"shift/severity/{x}/acc_se"])
+        if x != 0 and f"shift/severity/{x}/acc_se" in m
+        else None
+        for x, y in zip(xs, mean)
+    ]
+    if all(b is not None for b in bounds):
+        ax.fill_between(
+            xs, [100 * b[0] for b in bounds], [100 * b[1] for b in bounds],  # type: ignore[index]
+            color="k", alpha=0.12, label="mean, 95% CI over the images",
+        )  # fmt: skip
     ax.set_xticks(xs)
     ax.set_xticklabels(["clean" if x == 0 else str(x) for x in xs])
     ax.set_xlabel("severity")
