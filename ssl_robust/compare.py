@@ -286,21 +286,14 @@ def table(
 
     # Here, not at the top: the evaluate package imports torch, which a comparison of finished
     # runs needs only for this interval.
-    from ssl_robust.evaluate.metrics import normal_interval, wilson_interval
+    from ssl_robust.evaluate.metrics import accuracy_interval
 
     def metric(run: Run, name: str) -> str:
         value = run.metrics.get(name)
-        n = run.metrics.get(images_key(name))
-        se = run.metrics.get(f"{name}_se")  # a mean over cells sharing their images
-        if value is None or not 0 <= value <= 1:
+        bounds = accuracy_interval(run.metrics, name)
+        if value is None or bounds is None:
             return fmt(value)
-        if se is not None:
-            low, high = normal_interval(value, se)
-        elif n is not None and n > 0:
-            low, high = wilson_interval(value, n)
-        else:
-            return fmt(value)
-        return f"{value:.4g} [{low:.3f}, {high:.3f}]"
+        return f"{value:.4g} [{bounds[0]:.3f}, {bounds[1]:.3f}]"
 
     # A switched-off section's settings show as missing: they did not act.
     active = {r.source: _active_config(r) for r in runs}
@@ -311,13 +304,6 @@ def table(
         for r in ordered
     ]
     return header, rows
-
-
-def images_key(metric: str) -> str:
-    """The metric holding how many images an accuracy was measured on (``test/acc`` ->
-    ``test/n``, ``adv/linf_8/acc_worst`` -> ``adv/linf_8/n``); "" for other metrics."""
-    prefix, _, last = metric.rpartition("/")
-    return f"{prefix}/n" if prefix and last.startswith("acc") else ""
 
 
 CI_NOTE = (
@@ -437,6 +423,11 @@ def plot_lines(
     return save_figure(fig, path, dpi=120)
 
 
+def severity_key(level: int) -> str:
+    """The accuracy at a corruption severity, 0 being the clean images."""
+    return "test/acc" if level == 0 else f"shift/severity/{level}/acc"
+
+
 def severity_data(runs: Sequence[Run]) -> dict[str, tuple[list[int], list[float]]]:
     """What :func:`plot_severity` draws: ``run source -> (severities, accuracies)`` of the
     evaluation runs with a per-severity corruption accuracy, severity 0 being the clean
@@ -450,30 +441,11 @@ def severity_data(runs: Sequence[Run]) -> dict[str, tuple[list[int], list[float]
         )
         if not levels:
             continue
-        points = [(s, run.metrics[f"shift/severity/{s}/acc"]) for s in levels]
         if "test/acc" in run.metrics:
-            points.insert(0, (0, run.metrics["test/acc"]))
+            levels.insert(0, 0)
+        points = [(s, run.metrics[severity_key(s)]) for s in levels]
         out[run.source] = ([x for x, _ in points], [y for _, y in points])
     return out
-
-
-def _severity_intervals(run: Run, levels: Sequence[int], accs: Sequence[float]) -> np.ndarray:
-    """Error bars (2, points) of :func:`severity_data`'s points: the 95 % interval over the
-    images (Wilson for the clean accuracy, +-1.96 se for a severity's mean); none where the
-    run recorded no image count or standard error."""
-    from ssl_robust.evaluate.metrics import normal_interval, wilson_interval
-
-    bars = np.zeros((2, len(levels)))
-    for i, (level, acc) in enumerate(zip(levels, accs)):
-        if level == 0:
-            n = run.metrics.get("test/n")
-            bounds = wilson_interval(acc, n) if n and 0 <= acc <= 1 else None
-        else:
-            se = run.metrics.get(f"shift/severity/{level}/acc_se")
-            bounds = normal_interval(acc, se) if se is not None else None
-        if bounds is not None:
-            bars[:, i] = [acc - bounds[0], bounds[1] - acc]
-    return bars
 
 
 def plot_severity(runs: Sequence[Run], labels: Mapping[str, str], path: Path) -> Path | None:
@@ -482,10 +454,13 @@ def plot_severity(runs: Sequence[Run], labels: Mapping[str, str], path: Path) ->
     data = severity_data(runs)
     if not data:
         return None
+    from ssl_robust.evaluate.metrics import interval_bars
+
     by_source = {r.source: r for r in runs}
     fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
     for source, (xs, ys) in sorted(data.items(), key=lambda item: labels.get(item[0], item[0])):
-        bars = _severity_intervals(by_source[source], xs, ys)
+        # The 95 % interval over the images of each point, where the run recorded one.
+        bars = interval_bars(by_source[source].metrics, [severity_key(x) for x in xs])
         ax.errorbar(
             xs, [100 * y for y in ys], yerr=100 * bars, marker="o", capsize=3,
             label=labels.get(source, source),

@@ -14,19 +14,19 @@ from PIL import Image
 
 from ssl_robust.compare import (
     Run,
-    _severity_intervals,
     compare,
     curve_data,
     differing_keys,
     find_runs,
-    images_key,
     job_of,
     load_run,
     run_labels,
     select_metrics,
     severity_data,
+    severity_key,
     table,
 )
+from ssl_robust.evaluate.metrics import images_key, interval_bars
 from ssl_robust.pipelines import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,7 +250,7 @@ def test_accuracy_against_severity_per_evaluation(tmp_path: Path) -> None:
     }
     # Error bars: Wilson for the clean point (test/n), +-1.96 se for a severity's mean.
     runs[0].metrics |= {"test/n": 100.0, "shift/severity/3/acc_se": 0.05}
-    bars = _severity_intervals(runs[0], *data["r/plain"])
+    bars = interval_bars(runs[0].metrics, [severity_key(x) for x in data["r/plain"][0]])
     assert bars[:, 0] == pytest.approx([0.9 - 0.8256, 0.9455 - 0.9], abs=1e-3)
     assert bars[:, 2] == pytest.approx([0.098, 0.098], abs=1e-3)
     assert not bars[:, [1, 3]].any()  # no standard error recorded: no bar

@@ -108,6 +108,41 @@ def normal_interval(mean: float, se: float, z: float = 1.959964) -> tuple[float,
     return max(0.0, mean - z * se), min(1.0, mean + z * se)
 
 
+def images_key(metric: str) -> str:
+    """The metric holding how many images an accuracy was measured on (``test/acc`` ->
+    ``test/n``, ``adv/linf_8/acc_worst`` -> ``adv/linf_8/n``); "" for other metrics."""
+    prefix, _, last = metric.rpartition("/")
+    return f"{prefix}/n" if prefix and last.startswith("acc") else ""
+
+
+def accuracy_interval(metrics: dict[str, float], key: str) -> tuple[float, float] | None:
+    """The 95 % interval over the images of the accuracy ``metrics[key]``: +-1.96 standard
+    errors where ``<key>_se`` is recorded (a mean over corruption cells, which share their
+    images), else the Wilson interval over the ``images_key(key)`` images; None without either
+    (or without an accuracy in [0, 1])."""
+    value = metrics.get(key)
+    if value is None or not 0 <= value <= 1:
+        return None
+    se = metrics.get(f"{key}_se")
+    if se is not None:
+        return normal_interval(value, se)
+    n = metrics.get(images_key(key))
+    if n is not None and n > 0:
+        return wilson_interval(value, n)
+    return None
+
+
+def interval_bars(metrics: dict[str, float], keys: list[str]) -> np.ndarray:
+    """Error bars (2, len(keys)) of the accuracies ``metrics[key]``: the distances down and up
+    to their :func:`accuracy_interval`, 0 where there is none."""
+    bars = np.zeros((2, len(keys)))
+    for i, key in enumerate(keys):
+        bounds = accuracy_interval(metrics, key)
+        if bounds is not None:
+            bars[:, i] = [metrics[key] - bounds[0], bounds[1] - metrics[key]]
+    return bars
+
+
 def ece(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
     """Expected calibration error, L1, equal-width bins over the top-1 confidence.
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_robust.evaluate.corruptions import CORRUPTION_GROUPS
-from ssl_robust.evaluate.metrics import normal_interval, wilson_interval
+from ssl_robust.evaluate.metrics import accuracy_interval, interval_bars
 from ssl_robust.plotting import pyplot, save_figure
 
 __all__ = [
@@ -284,22 +284,13 @@ def _fmt(value: Any, kind: str) -> str:
     return f"{value:.{digits}f}"
 
 
-def _ci95(acc: float, n: float | None) -> str:
-    """The 95 % Wilson interval of an accuracy on ``n`` images, in percent ("–" without n)."""
-    if n is None or not n > 0 or math.isnan(acc):
+def _ci95(m: dict[str, float], key: str) -> str:
+    """The 95 % interval over the images of the accuracy ``m[key]`` (``accuracy_interval``:
+    Wilson over its images, or +-1.96 se for a corruption mean), in percent; "–" without one."""
+    bounds = accuracy_interval(m, key)
+    if bounds is None:
         return "–"
-    low, high = wilson_interval(acc, n)
-    return f"{100 * low:.1f}–{100 * high:.1f}"
-
-
-def _se95(m: dict[str, float], key: str) -> str:
-    """The 95 % interval of a mean over images from its standard error (``<key>_se``), in
-    percent ("–" where the evaluation recorded none)."""
-    se = m.get(f"{key}_se")
-    if se is None or key not in m:
-        return "–"
-    low, high = normal_interval(m[key], se)
-    return f"{100 * low:.1f}–{100 * high:.1f}"
+    return f"{100 * bounds[0]:.1f}–{100 * bounds[1]:.1f}"
 
 
 def _markdown_table(table: Table) -> str:
@@ -349,10 +340,10 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
                 f"(std {100 * m['test/acc_std']:.2f}, worst {100 * m['test/acc_worst']:.2f})"
             )
         n = m.get("test/n")
-        rows: list[list[Any]] = [[name, m["test/acc"], _ci95(m["test/acc"], n), n]]
+        rows: list[list[Any]] = [[name, m["test/acc"], _ci95(m, "test/acc"), n]]
         if "test/acc_unpurified" in m:
             acc = m["test/acc_unpurified"]
-            rows.append(["classifier alone (no purifier)", acc, _ci95(acc, n), n])
+            rows.append(["classifier alone (no purifier)", acc, _ci95(m, "test/acc_unpurified"), n])
         tables["clean"] = Table(
             "Clean accuracy (%)",
             ["model", "acc", "95% CI", "images"],
@@ -369,13 +360,13 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
                 f"(std {100 * m['shift/mean_acc_std']:.2f}, "
                 f"worst {100 * m['shift/mean_acc_worst']:.2f})"
             )
-        summary = [[grid_name, m["shift/mean_acc"], _se95(m, "shift/mean_acc")]]
+        summary = [[grid_name, m["shift/mean_acc"], _ci95(m, "shift/mean_acc")]]
         if "shift/severity5_acc" in m:
             summary.append(
-                ["severity 5", m["shift/severity5_acc"], _se95(m, "shift/severity/5/acc")]
+                ["severity 5", m["shift/severity5_acc"], _ci95(m, "shift/severity/5/acc")]
             )
         if "test/acc" in m:
-            summary.insert(0, ["clean", m["test/acc"], _ci95(m["test/acc"], m.get("test/n"))])
+            summary.insert(0, ["clean", m["test/acc"], _ci95(m, "test/acc")])
         tables["shift_summary"] = Table(
             "Corruption accuracy (%)", ["set", "acc", "95% CI"], summary, ["str", "pct", "str"]
         )
@@ -383,14 +374,14 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
         tables["shift_groups"] = Table(
             "Per group (%)",
             ["group", "acc", "95% CI"],
-            [[g, m[f"shift/group/{g}/acc"], _se95(m, f"shift/group/{g}/acc")] for g in groups],
+            [[g, m[f"shift/group/{g}/acc"], _ci95(m, f"shift/group/{g}/acc")] for g in groups],
             ["str", "pct", "str"],
         )
         tables["shift_severities"] = Table(
             "Per severity (%)",
             ["severity", "acc", "95% CI"],
             [
-                [str(s), m[f"shift/severity/{s}/acc"], _se95(m, f"shift/severity/{s}/acc")]
+                [str(s), m[f"shift/severity/{s}/acc"], _ci95(m, f"shift/severity/{s}/acc")]
                 for s in severities
             ],
             ["str", "pct", "str"],
@@ -446,7 +437,7 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
                     t.get("eps_label", ""),
                     m[p + "clean_acc"],
                     m[p + "acc"],
-                    _ci95(m[p + "acc"], m[p + "n"]),
+                    _ci95(m, p + "acc"),
                     m[p + "acc_worst"],
                     m.get(p + "autoattack_acc"),
                     m[p + "n"],
@@ -700,18 +691,12 @@ def _plot_shift(report: dict[str, Any], path: Path) -> Path | None:
         ys = [sum(m[f"shift/{c}/{s}/acc"] for c in names) / len(names) for s in severities]
         ys = ([m["test/acc"]] if "test/acc" in m else []) + ys
         ax.plot(xs, [100 * y for y in ys], marker="o", label=group)
-    mean = [m[f"shift/severity/{s}/acc"] for s in severities]
-    mean = ([m["test/acc"]] if "test/acc" in m else []) + mean
-    ax.plot(xs, [100 * y for y in mean], "k--", marker="s", label="mean")
-    # The mean's 95 % interval over the images, where the evaluation recorded it.
-    bounds = [
-        wilson_interval(m["test/acc"], m["test/n"])
-        if x == 0 and m.get("test/n")
-        else normal_interval(y, m[f"shift/severity/{x}/acc_se"])
-        if x != 0 and f"shift/severity/{x}/acc_se" in m
-        else None
-        for x, y in zip(xs, mean)
+    keys = (["test/acc"] if "test/acc" in m else []) + [
+        f"shift/severity/{s}/acc" for s in severities
     ]
+    ax.plot(xs, [100 * m[k] for k in keys], "k--", marker="s", label="mean")
+    # The mean's 95 % interval over the images, where the evaluation recorded it.
+    bounds = [accuracy_interval(m, k) for k in keys]
     if all(b is not None for b in bounds):
         ax.fill_between(
             xs, [100 * b[0] for b in bounds], [100 * b[1] for b in bounds],  # type: ignore[index]
@@ -786,15 +771,11 @@ def _plot_robust(report: dict[str, Any], path: Path) -> Path | None:
         mine = sorted((t for t in threats if t["norm"] == norm), key=lambda t: t["eps"])
         if mine:
             xs = [scale * t["eps"] for t in mine]
-            accs = [m[f"adv/{t['name']}/acc"] for t in mine]
-            bounds = [wilson_interval(a, m[f"adv/{t['name']}/n"]) for a, t in zip(accs, mine)]
+            keys = [f"adv/{t['name']}/acc" for t in mine]
             ax.errorbar(
                 xs,
-                [100 * a for a in accs],
-                yerr=[
-                    [100 * (a - lo) for a, (lo, _) in zip(accs, bounds)],
-                    [100 * (hi - a) for a, (_, hi) in zip(accs, bounds)],
-                ],
+                [100 * m[k] for k in keys],
+                yerr=100 * interval_bars(m, keys),
                 fmt="s-",
                 capsize=3,
                 label="PGD mean (95% CI)",
