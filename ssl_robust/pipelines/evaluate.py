@@ -1050,25 +1050,21 @@ def _grid_standard_errors(
     (``metrics.standard_error`` of each image's accuracy averaged over those cells), and the
     image count; nothing when a cell has no per-image results (a store from before they were
     kept) or the cells hold different images (a CIFAR-10-C folder of another size)."""
-    hits = list(cell_hits.values())
-    if any(h is None for h in hits) or len({len(h) for h in hits if h is not None}) != 1:
+    hits = {key: h for key, h in cell_hits.items() if h is not None}
+    if len(hits) < len(cell_hits) or len({len(h) for h in hits.values()}) != 1:
         return {}
-    n = len(hits[0])  # type: ignore[arg-type]
+    n = len(next(iter(hits.values())))
     if n < 2:
         return {}
-    out = {"shift/n": float(n)}
-    grid = torch.stack([h for h in hits if h is not None]).double()  # (cells, N)
-    out["shift/mean_acc_se"] = standard_error(grid.mean(0).numpy())
+
+    def se(cells: list[tuple[str, int]]) -> float:
+        return standard_error(torch.stack([hits[k] for k in cells]).double().mean(0).numpy())
+
+    out = {"shift/n": float(n), "shift/mean_acc_se": se(list(hits))}
     for sev in severities:
-        rows = torch.stack([cell_hits[c, sev] for c in corruptions]).double()  # type: ignore[misc]
-        out[f"shift/severity/{sev}/acc_se"] = standard_error(rows.mean(0).numpy())
-    groups: dict[str, list[Tensor]] = {}
-    for (c, _), h in cell_hits.items():
-        groups.setdefault(group_of(c), []).append(h)  # type: ignore[arg-type]
-    for g, members in groups.items():
-        out[f"shift/group/{g}/acc_se"] = standard_error(
-            torch.stack(members).double().mean(0).numpy()
-        )
+        out[f"shift/severity/{sev}/acc_se"] = se([(c, sev) for c in corruptions])
+    for g in dict.fromkeys(group_of(c) for c in corruptions):
+        out[f"shift/group/{g}/acc_se"] = se([k for k in hits if group_of(k[0]) == g])
     return out
 
 
