@@ -217,11 +217,10 @@ def _batch_limit(value: Any) -> bool:
     return value > 0 and (value <= 1 or float(value).is_integer())
 
 
-def fraction() -> Range:
-    return (lambda v: 0 < v <= 1), "in (0, 1]"
-
-
 PROBABILITY: Range = (lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+UNIT: Range = (PROBABILITY[0], "in [0, 1]")  # a decay, a momentum target
+FRACTION: Range = (lambda v: 0 < v <= 1, "in (0, 1]")
+MOMENTUM: Range = (lambda v: 0 <= v < 1, "in [0, 1)")
 _BATCHES: Range = (_batch_limit, "a fraction in (0, 1] or a number of batches")
 
 # Numeric keys of the shared sections and their valid range (value -> ok, what is valid),
@@ -244,7 +243,7 @@ COMMON_RANGES: dict[str, Range] = {
     "data.batch_size": at_least(1),
     "data.eval_batch_size": at_least(1),
     "data.val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "views.min_scale": fraction(),
+    "views.min_scale": FRACTION,
     "views.hf_prob": PROBABILITY,
     "views.cj_prob": PROBABILITY,
     "views.cj_strength": at_least(0),
@@ -255,6 +254,6 @@ COMMON_RANGES: dict[str, Range] = {
     "method.proj_hidden_dim": at_least(1),
     "method.proj_out_dim": at_least(1),
     "method.pred_hidden_dim": at_least(1),
-    "method.base_tau": (PROBABILITY[0], "in [0, 1]"),
+    "method.base_tau": UNIT,
     "monitor.every_n_epochs": at_least(1),
 }

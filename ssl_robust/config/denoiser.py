@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ssl_robust.config.common import (
-    PROBABILITY,
+    FRACTION,
+    UNIT,
     DataConfig,
     Range,
     RunConfig,
@@ -13,7 +14,6 @@ from ssl_robust.config.common import (
     WandbConfig,
     above,
     at_least,
-    fraction,
 )
 
 
@@ -89,11 +89,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
 RANGES: dict[str, Range] = {
     "denoiser.num_train_timesteps": at_least(1),
     "denoiser.beta_start": above(0),
-    "denoiser.beta_end": fraction(),
+    "denoiser.beta_end": FRACTION,
     "denoiser.lr": above(0),
     "denoiser.weight_decay": at_least(0),
     "denoiser.warmup_steps": at_least(0),
-    "denoiser.ema_decay": (PROBABILITY[0], "in [0, 1]"),
+    "denoiser.ema_decay": UNIT,
     "denoiser.num_timestep_buckets": at_least(1),
     "samples.every_n_epochs": at_least(1),
     "samples.n": at_least(1),

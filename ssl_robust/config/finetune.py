@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from ssl_robust.config.common import (
     COMMON_CHOICES,
+    FRACTION,
+    MOMENTUM,
     PROBABILITY,
     DataConfig,
     Range,
@@ -18,7 +20,6 @@ from ssl_robust.config.common import (
     WandbConfig,
     above,
     at_least,
-    fraction,
 )
 
 
@@ -121,13 +122,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 # Numeric ranges of this job's own keys, checked when the config loads (with the shared ones).
 RANGES: dict[str, Range] = {
-    "subset.fraction": fraction(),
+    "subset.fraction": FRACTION,
     "subset.per_class": at_least(0, "0 = use subset.fraction"),
     "augment.crop_padding": at_least(0),
     "augment.hflip_prob": PROBABILITY,
     "optim.lr": above(0),
     "optim.encoder_lr_mult": at_least(0, "0 = a frozen encoder"),
-    "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.momentum": MOMENTUM,
     "optim.weight_decay": at_least(0),
     "optim.warmup_epochs": at_least(0),
     "purify.t_star": at_least(0),

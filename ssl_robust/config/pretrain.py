@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ssl_robust.config.common import (
+    MOMENTUM,
     DataConfig,
     MethodConfig,
     ModelConfig,
@@ -58,7 +59,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 RANGES: dict[str, Range] = {
     "optim.base_lr": above(0),
     "optim.reference_batch": at_least(1),
-    "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.momentum": MOMENTUM,
     "optim.weight_decay": at_least(0),
     "optim.warmup_epochs": at_least(0),
     "denoise.t_min": at_least(0),
