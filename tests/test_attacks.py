@@ -283,6 +283,23 @@ def test_rescore_uses_fresh_randomness(trained):
     assert det["acc_worst"] == det["acc"] == 1.0
 
 
+def test_robust_accuracy_returns_the_first_adversarial_examples_of_its_batches(trained):
+    model, x, y = trained
+    kw = {"norm": "linf", "eps": 0.15, "steps": 3, "eot": 1}
+    out = robust_accuracy(
+        model, (x, y), batch_size=32, generator=torch.Generator().manual_seed(0), examples=40, **kw
+    )
+    # The attack of each batch, in order, with the same random starts: 32 + the next 8.
+    gen = torch.Generator().manual_seed(0)
+    first = pgd(model, x[:32], y[:32], generator=gen, **kw)
+    second = pgd(model, x[32:64], y[32:64], generator=gen, **kw)
+    torch.testing.assert_close(out["x_adv"], torch.cat([first, second[:8]]))
+    assert (out["x_adv"] - x[:40]).abs().max() <= 0.15 + 1e-6
+    assert acc_of(model, out["x_adv"][:32], y[:32]) < acc_of(model, x[:32], y[:32])
+    plain = robust_accuracy(model, (x, y), generator=torch.Generator().manual_seed(0), **kw)
+    assert "x_adv" not in plain
+
+
 def test_robust_accuracy_batches_and_costs(trained):
     model, x, y = trained
     steps, eot = 4, 2

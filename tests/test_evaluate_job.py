@@ -92,10 +92,14 @@ def test_job_end_to_end_writes_the_documented_report(
     # Progress in a log (captured output is not a terminal): a line per unit and per end.
     log = capsys.readouterr().out
     assert "corruptions 0/4 (" in log and "corruptions 4/4 (" in log, log
-    assert re.search(r"attacks 0/\d+ \(\d:\d\d:\d\d\): PGD linf_8\n", log), log
     assert re.search(r"PGD linf_8 steps 5/5 \(\d:\d\d:\d\d\): done\n", log), log
     # The sanity checks count pipeline passes, so their time left weighs each attack's budget.
     total = sum(sanity_attack_costs(4, steps=5, eot=1, black_box_queries=20))
+    # So do all the attacks: 3 threats' PGD-5 on 32 images (a pass with a backward counts 3;
+    # the clean and adversarial scoring one each), and two norms' checks on 16.
+    passes = 3 * 32 * ((3 * 5 + 1) + 2) + 2 * 16 * total
+    assert f"attacks, image passes 0/{passes} (0:00:00): PGD linf_8\n" in log, log
+    assert f"attacks, image passes {passes}/{passes} (" in log, log
     start = f"sanity checks linf, passes/image 0/{total} (0:00:00): PGD eps 0.007843, 5 steps"
     assert start + ", EOT 1\n" in log, log
     assert f"sanity checks linf, passes/image {5 * 17}/{total} (" in log, log  # 5 PGD-5 done
@@ -319,6 +323,7 @@ def test_autoattack_runs_on_a_deterministic_pipeline(tiny_cfg: Callable[..., Dic
         ("adv.l2_eps=[0]", ConfigError, r"invalid eps 0.0 in adv.l2_eps"),
         ("ood.noise_kinds=[pink]", ConfigError, r"unknown noise kind 'pink'.*gaussian"),
         ("ood.held_out_classes=[12]", ConfigError, r"classes 0..9"),
+        ("eval.examples=17", ConfigError, r"eval.examples must be in 0..16, got 17"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(
@@ -611,3 +616,84 @@ def test_ood_pools_every_purification(
     m1 = evaluate(tiny_cfg(*purifier, *only_ood, *ood, run_dir=tmp_path / "one"))
     assert unet_calls[0] - calls == (n + 2 * n_noise) * ddim
     assert m1["ood/noise_gaussian/msp/auroc"] != m["ood/noise_gaussian/msp/auroc"]
+
+
+def test_example_figures_show_what_the_pipeline_saw_and_predicted(
+    tiny_cfg: Callable[..., DictConfig], classifier_run: Path, denoiser_run: Path
+) -> None:
+    k, n_adv, eps = 5, 12, 8
+    off = [f"{s}.enabled=false" for s in ("clean", "calib", "ood", "perf")]
+    common = [
+        f"eval.examples={k}",
+        f"adv.linf_eps=[{eps}]",
+        "adv.l2_eps=[]",
+        "adv.steps=2",
+        "adv.eot=1",
+        "adv.rescore_draws=1",
+        f"adv.max_images={n_adv}",
+        "adv.sanity_checks=false",
+        *off,
+    ]
+    # A bare classifier: its predictions under the images are the classifier's.
+    cfg = tiny_cfg(*common)
+    evaluate(cfg)
+    run = Path(cfg.run.dir)
+    figures = _report(cfg)["figures"]
+    ex = figures["examples"]
+    assert [r["name"] for r in ex["rows"]] == ["clean", "linf 8/255", "perturbation"]
+    assert ex["rows"][2]["preds"] is None  # a perturbation is not classified
+    assert len(ex["labels"]) == k
+    # The attacked subset's first images, their adversarial examples kept by the PGD unit.
+    from ssl_robust.finetune.export import load_classifier
+    from ssl_robust.pipelines.evaluate import _SEED_ADV, _subset
+
+    clf = load_classifier(classifier_run)[0].eval()
+    images, labels = _eval_images(cfg)
+    idx = _subset(len(labels), n_adv, int(cfg.run.seed) + _SEED_ADV)[:k]
+    x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float() / 255
+    assert ex["labels"] == labels[idx].tolist()
+    with torch.no_grad():
+        assert ex["rows"][0]["preds"] == clf(x).argmax(1).tolist()
+        unit = read_unit(run / "partial" / "adv" / "linf_8" / f"pgd{UNIT_SUFFIX}")
+        assert unit is not None
+        x_adv = unit[2]["x_adv"]
+        assert x_adv.shape == (n_adv, 3, 8, 8)  # all 12 attacked images (up to 16 are kept)
+        assert (x_adv[:k] - x).abs().max() <= eps / 255 + 1e-6
+        assert ex["rows"][1]["preds"] == clf(x_adv[:k]).argmax(1).tolist()
+    # The corruption figure: one image, clean then each severity of the tiny grid.
+    grid = figures["corruption_examples"]
+    assert [r["name"] for r in grid["rows"]] == GRID
+    assert all(len(r["preds"]) == 3 for r in grid["rows"])
+    assert all(r["preds"][0] == ex["rows"][0]["preds"][0] for r in grid["rows"])
+    md = (run / "report.md").read_text()
+    assert "## Examples" in md and "![examples](plots/examples.png)" in md
+    assert "![corruption_examples](plots/corruption_examples.png)" in md
+    for name in ("examples", "corruption_examples"):
+        with Image.open(run / "plots" / f"{name}.png") as png:
+            assert png.size[0] > 300 and png.size[1] > 100
+    # Resumed: the figure is redrawn from the stored adversarial examples, none recomputed.
+    assert evaluate(cfg)
+    assert _report(cfg)["figures"]["examples"]["rows"] == ex["rows"]
+
+    # Behind a purifier: a purified row after each classified one.
+    cfg = tiny_cfg(
+        *common, f"purifier.run={denoiser_run}", "purifier.sampler=oneshot", "purifier.t_star=5"
+    )
+    evaluate(cfg)
+    rows = _report(cfg)["figures"]["examples"]["rows"]
+    names = ["clean", "purified", "linf 8/255", "perturbation", "purified"]
+    assert [r["name"] for r in rows] == names
+    assert "purified: the purifier's output" in (Path(cfg.run.dir) / "report.md").read_text()
+
+    # eval.examples=0: no figures, and the report says nothing of them.
+    cfg = tiny_cfg(*common, "eval.examples=0", run_dir=run.parent / "none")
+    evaluate(cfg)
+    assert "figures" not in _report(cfg)
+    assert not (Path(cfg.run.dir) / "plots" / "examples.png").exists()
+    assert "## Examples" not in (Path(cfg.run.dir) / "report.md").read_text()
+
+
+def _eval_images(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The evaluation split the job reads for the digits classifier (eval.max_images = 0)."""
+    val = build_splits(**DATA).val
+    return val.images, np.asarray(val.labels)  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ssl_robust.evaluate.examples import ExampleRow, perturbation_image, plot_image_grid
 from ssl_robust.evaluate.latency import measure_latency
 from ssl_robust.evaluate.report import (
     METRIC_DOCS,
@@ -345,3 +346,34 @@ def test_severity_plot_shades_the_means_interval_where_it_was_recorded(tmp_path:
         return sum(n for n, c in colors if c == (224, 224, 224))
 
     assert band_pixels(shaded) > band_pixels(plain) + 1000
+
+
+def test_perturbation_image_maps_no_change_to_grey_and_the_largest_to_black_or_white() -> None:
+    x = torch.full((2, 3, 4, 4), 0.5)
+    x_adv = x.clone()
+    x_adv[0, 0, 0, 0] += 0.02  # image 0: largest change +0.02, another of -0.01
+    x_adv[0, 1, 2, 3] -= 0.01
+    x_adv[1, 2, 1, 1] -= 0.3  # image 1: scaled on its own
+    out = perturbation_image(x_adv, x)
+    assert out[0, 0, 0, 0] == pytest.approx(1.0)
+    assert out[0, 1, 2, 3] == pytest.approx(0.25)
+    assert out[1, 2, 1, 1] == pytest.approx(0.0)
+    assert (out == 0.5).sum() == 2 * 48 - 3
+    assert torch.equal(perturbation_image(x, x), torch.full_like(x, 0.5))  # no attack: grey
+
+
+def test_image_grid_has_a_row_per_example_row_and_rejects_bad_shapes(tmp_path: Path) -> None:
+    imgs = torch.rand(4, 3, 8, 8)
+    labels = torch.tensor([0, 1, 2, 1])
+    one = plot_image_grid(
+        [ExampleRow("clean", imgs, torch.tensor([0, 1, 1, 1]))], labels, ["a", "b", "c"],
+        tmp_path / "one.png",
+    )  # fmt: skip
+    rows = [ExampleRow("clean", imgs, labels), ExampleRow("delta", imgs), ExampleRow("x", imgs)]
+    three = plot_image_grid(rows, labels, ["a", "b", "c"], tmp_path / "three.png")
+    with Image.open(one) as a, Image.open(three) as b:
+        assert a.size[0] == b.size[0] and b.size[1] > 2 * a.size[1] * 0.8
+    with pytest.raises(ValueError, match="no rows"):
+        plot_image_grid([], labels, ["a"], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="2 labels for 4 columns"):
+        plot_image_grid(rows, labels[:2], ["a"], tmp_path / "x.png")

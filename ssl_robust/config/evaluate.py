@@ -77,6 +77,10 @@ class EvalSection:
     # Cap on evaluation images (a seeded random subset of the split); 0 = all.
     max_images: int = 0
     progress: bool = True
+    # Images in the report's example figures (plots/examples.png: each image clean, purified,
+    # attacked under every threat; plots/corruption_examples.png: the first one under every
+    # corruption and severity), with the pipeline's predictions; 0..16, 0 = no figures.
+    examples: int = 8
 
 
 @dataclass

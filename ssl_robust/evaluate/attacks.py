@@ -449,7 +449,8 @@ def robust_accuracy(
     device: torch.device | str | None = None,
     nfe_per_call: int = 1,
     on_step: Callable[[], None] | None = None,
-) -> dict[str, float]:
+    examples: int = 0,
+) -> dict[str, Any]:
     """PGD-EOT robust accuracy with re-scoring, over batches, with its cost.
 
     Args:
@@ -471,12 +472,14 @@ def robust_accuracy(
             denoiser calls + 1 for the classifier), to report the attack's NFE per image.
         on_step: Called after each PGD step of each batch (:func:`robust_accuracy_steps`
             calls for a pair of tensors), for progress.
+        examples: Also return the first ``examples`` adversarial examples (for a figure).
 
     Returns:
         ``acc`` (mean over draws), ``acc_worst`` (correct in all draws), ``clean_acc``,
         ``clean_acc_worst``, ``n``, ``attack_calls_per_image`` (pipeline calls made by the
         attack), ``attack_grad_calls_per_image`` (those with a backward pass),
-        ``attack_nfe_per_image``, ``attack_wall_s`` and ``wall_s`` (attack + scoring).
+        ``attack_nfe_per_image``, ``attack_wall_s`` and ``wall_s`` (attack + scoring); with
+        ``examples``, ``x_adv``: the first ``examples`` adversarial examples, float32 on the CPU.
     """
     if rescore_draws < 1:
         raise ValueError(f"rescore_draws must be >= 1, got {rescore_draws}")
@@ -493,6 +496,7 @@ def robust_accuracy(
     n = 0
     sums = {"acc": 0.0, "acc_worst": 0.0, "clean_acc": 0.0, "clean_acc_worst": 0.0}
     attack_wall = 0.0
+    kept: list[Tensor] = []
     start = time.perf_counter()
     for x, y in _batches(data, batch_size):
         if device is not None:
@@ -517,6 +521,8 @@ def robust_accuracy(
         )
         sync(x.device)
         attack_wall += time.perf_counter() - t0
+        if n < examples:
+            kept.append(x_adv[: examples - n].detach().float().cpu())
         adv = rescore(model, x_adv, y, rescore_draws)
         sums["acc"] += adv["acc"] * b
         sums["acc_worst"] += adv["acc_worst"] * b
@@ -534,7 +540,7 @@ def robust_accuracy(
         "attack_nfe_per_image": calls * nfe_per_call,
         "attack_wall_s": attack_wall,
         "wall_s": time.perf_counter() - start,
-    }
+    } | ({"x_adv": torch.cat(kept)} if examples > 0 else {})
 
 
 def autoattack(

@@ -595,6 +595,15 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
         "95% CI: the Wilson score interval of an accuracy over that many images (the noise of "
         "the image sample; conservative for a mean over several purifications).",
     )
+    figures = report.get("figures") or {}
+
+    def figure(name: str) -> None:
+        if name in figures and name in plots:
+            out.extend([figures[name].get("text", ""), "", f"![{name}]({plots[name]})", ""])
+
+    if "examples" in figures and "examples" in plots:
+        out.extend(["## Examples", ""])
+        figure("examples")
     grid = meta.get("grid") or {}
     section(
         "Common corruptions",
@@ -606,6 +615,8 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
         "over those cells.",
         "shift_severity",
     )
+    if "shift_summary" in tables:
+        figure("corruption_examples")
     shift_set = meta.get("calib_shift_set", "the highest-severity corruptions")
     section(
         "Per class",
@@ -873,6 +884,10 @@ def write_report(report: dict[str, Any], folder: str | Path) -> dict[str, Path]:
     paths: dict[str, Path] = {"json": folder / "report.json"}
     _atomic_write(paths["json"], json.dumps(report, indent=2, sort_keys=False) + "\n")
     plots = make_plots(report, folder / "plots")
+    # Figures drawn by the job itself (their images are not in the report): kept while present.
+    for name, figure in (report.get("figures") or {}).items():
+        if (folder / figure["path"]).is_file():
+            plots[name] = folder / figure["path"]
     rel = {k: str(p.relative_to(folder)) for k, p in plots.items()}
     paths["markdown"] = folder / "report.md"
     _atomic_write(paths["markdown"], render_markdown(report, rel))

@@ -59,6 +59,7 @@ from ssl_robust.evaluate.corruptions import (
     corrupt,
     frost_texture_folder,
 )
+from ssl_robust.evaluate.examples import ExampleRow, perturbation_image, plot_image_grid
 from ssl_robust.evaluate.latency import measure_latency
 from ssl_robust.evaluate.metrics import (
     calibration_report,
@@ -87,7 +88,10 @@ from ssl_robust.purify.unet import load_denoiser
 
 # Offsets of the per-section random streams from run.seed, so that switching one section off
 # does not change the numbers of another.
-_SEED_CLEAN, _SEED_SHIFT, _SEED_ADV, _SEED_OOD, _SEED_PERF = 1, 2, 3, 4, 5
+_SEED_CLEAN, _SEED_SHIFT, _SEED_ADV, _SEED_OOD, _SEED_PERF, _SEED_EXAMPLES = 1, 2, 3, 4, 5, 6
+# Adversarial examples each PGD unit keeps for the report's figures (eval.examples shows up to
+# this many, so changing it never recomputes an attack).
+MAX_EXAMPLES = 16
 # The minimum attack budget for a stochastic purifier: EOT >= 20 draws per step, >= 100 steps.
 _MIN_EOT, _MIN_STEPS = 20, 100
 
@@ -165,6 +169,10 @@ def check_config(cfg: DictConfig) -> None:
     need(cfg.clean.draws >= 1, f"clean.draws must be >= 1, got {cfg.clean.draws}")
     need(cfg.shift.draws >= 1, f"shift.draws must be >= 1, got {cfg.shift.draws}")
     need(cfg.eval.max_images >= 0, f"eval.max_images must be >= 0, got {cfg.eval.max_images}")
+    need(
+        0 <= cfg.eval.examples <= MAX_EXAMPLES,
+        f"eval.examples must be in 0..{MAX_EXAMPLES}, got {cfg.eval.examples}",
+    )
     p = cfg.purifier
     need(p.t_star >= 0, f"purifier.t_star must be >= 0, got {p.t_star}")
     need(p.sigma >= 0, f"purifier.sigma must be >= 0, got {p.sigma}")
@@ -767,8 +775,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 cache,
             )
         # -- adversarial -------------------------------------------------------------------
+        adv_examples: dict[str, Tensor] = {}
         if threats:
-            _adv_section(cfg, model, x_u8, y, threats, device, metrics, report, bar, cache)
+            adv_examples = _adv_section(
+                cfg, model, x_u8, y, threats, device, metrics, report, bar, cache
+            )
     if cache.done:
         notes.append(
             f"Resumed: {len(cache.done)} of {len(cache.keys)} units of work (clean pass, "
@@ -776,6 +787,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             "by an earlier run with the same config, data and weights; their wall times are "
             "that run's."
         )
+
+    # -- example figures -------------------------------------------------------------------
+    if cfg.eval.examples > 0:
+        _examples_section(
+            cfg, model, x_u8, y, corruptions, severities, threats, adv_examples, device,
+            run_dir, report,
+        )  # fmt: skip
 
     # -- calibration ---------------------------------------------------------------------------
     # Behind a stochastic purifier the predictions of every purification are pooled: the
@@ -1108,10 +1126,15 @@ def _adv_section(
     report: dict[str, Any],
     bar: Progress,
     cache: UnitStore,
-) -> None:
+) -> dict[str, Tensor]:
     """PGD(-EOT), AutoAttack and the sanity checks; one unit of ``cache`` per threat's PGD,
     per threat's AutoAttack and per norm's sanity checks, each reseeding every random stream
     it uses, so a unit computed after a resume sees what it would have in an uninterrupted run.
+
+    Returns:
+        Threat name -> the PGD adversarial examples of the first (up to
+        :data:`MAX_EXAMPLES`) attacked images, for the report's figures (none for PGD units
+        stored before they were kept).
     """
     a = cfg.adv
     seed = int(cfg.run.seed)
@@ -1146,15 +1169,35 @@ def _adv_section(
         notes.append(aa_skip)
     run_aa = bool(a.autoattack) and aa_skip is None
     norms = list(dict.fromkeys(t["norm"] for t in threats))
-    total = len(threats) * (2 if run_aa else 1) + (len(norms) if a.sanity_checks else 0)
-    task = bar.add_task("attacks", total=total)
+    n_s = min(int(a.sanity_images), len(y_a))
+    sanity_grid = {
+        norm: [e / 255 for e in a.sanity_linf_eps] if norm == "linf" else list(a.sanity_l2_eps)
+        for norm in norms
+    }
+    # Progress in image passes through the pipeline (a pass with a backward counts 3), so the
+    # time left holds although a norm's sanity checks can cost many times a PGD run. The
+    # cost of AutoAttack depends on how many images its first attack leaves; it counts as a PGD.
+    pgd_cost = len(y_a) * ((3 * int(a.steps) + 1) * eot + 2 * draws)
+    sanity_costs = {  # per attack of the checks, passes per image
+        norm: sanity_attack_costs(
+            len(sanity_grid[norm]), int(a.steps), eot, draws,
+            black_box_queries=int(a.sanity_queries) or None,
+        )
+        for norm in norms
+    }  # fmt: skip
+    total = len(threats) * pgd_cost * (2 if run_aa else 1)
+    total += n_s * sum(sum(c) for c in sanity_costs.values()) if a.sanity_checks else 0
+    task = bar.add_task("attacks, image passes", total=total)
     step_size = float(a.step_size) if a.step_size > 0 else None
+    examples: dict[str, Tensor] = {}
     for t in threats:
         p = f"adv/{t['name']}/"
         stored = cache.get(p + "pgd")
         if stored is not None:
             bar.update(task, description=f"PGD {t['name']} {RESTORED}")
             metrics.update(stored[0])
+            if "x_adv" in stored[1]:
+                examples[t["name"]] = stored[1]["x_adv"]
         else:
             bar.update(task, description=f"PGD {t['name']}")
             model.reseed(seed + _SEED_ADV, device)
@@ -1177,8 +1220,10 @@ def _adv_section(
                 batch_size=int(cfg.eval.batch_size),
                 nfe_per_call=model.nfe,
                 on_step=functools.partial(bar.advance, steps_task),
+                examples=MAX_EXAMPLES,
             )
             bar.remove_task(steps_task)
+            examples[t["name"]] = res["x_adv"]
             found = {
                 p + "acc": res["acc"],
                 p + "acc_worst": res["acc_worst"],
@@ -1193,8 +1238,8 @@ def _adv_section(
                 p + "wall_s": res["wall_s"],
             }
             metrics.update(found)
-            cache.put(p + "pgd", found)
-        bar.advance(task)
+            cache.put(p + "pgd", found, {"x_adv": res["x_adv"]})
+        bar.advance(task, pgd_cost)
         if not run_aa:
             continue
         stored = cache.get(p + "autoattack")
@@ -1227,14 +1272,13 @@ def _adv_section(
             }
             metrics.update(found)
             cache.put(p + "autoattack", found)
-        bar.advance(task)
+        bar.advance(task, pgd_cost)
     wide = _wide_interval_note([metrics[f"adv/{t['name']}/acc"] for t in threats], len(y_a))
     if wide:
         notes.append(wide)
     if not a.sanity_checks:
-        return
+        return examples
     sanity: dict[str, dict[str, dict[str, Any]]] = {}
-    n_s = min(int(a.sanity_images), len(y_a))
     tol = float(a.sanity_tol)
     if tol == 0:
         # One image of slack for a deterministic pipeline; about two standard errors of an
@@ -1247,13 +1291,10 @@ def _adv_section(
             checks = stored[0]["checks"]
         else:
             bar.update(task, description=f"sanity checks {norm}")
-            grid = [e / 255 for e in a.sanity_linf_eps] if norm == "linf" else a.sanity_l2_eps
+            grid = sanity_grid[norm]
             model.reseed(seed + _SEED_ADV, device)
             # Progress in pipeline passes, not attacks: their budgets differ up to ~2x.
-            costs = sanity_attack_costs(
-                len(grid), int(a.steps), eot, draws,
-                black_box_queries=int(a.sanity_queries) or None,
-            )  # fmt: skip
+            costs = sanity_costs[norm]
             attacks_task = bar.add_task(f"sanity checks {norm}, passes/image", total=sum(costs))
             checks = sanity_checks(
                 model,
@@ -1283,8 +1324,143 @@ def _adv_section(
                 f"Sanity checks failed for {norm}: {', '.join(failed)} (tolerance {tol:.3f}); "
                 "the robust accuracy above may be overestimated."
             )
-        bar.advance(task)
+        bar.advance(task, n_s * sum(sanity_costs[norm]))
     report["sanity"] = sanity
+    return examples
+
+
+def _examples_section(
+    cfg: DictConfig,
+    model: Pipeline,
+    x_u8: Tensor,
+    y: Tensor,
+    corruptions: list[str],
+    severities: list[int],
+    threats: list[dict[str, Any]],
+    adv_examples: dict[str, Tensor],
+    device: torch.device,
+    run_dir: Path,
+    report: dict[str, Any],
+) -> None:
+    """The report's example figures, from the first ``eval.examples`` images of the attacked
+    subset (so the adversarial examples are the attack's own):
+
+    - ``plots/examples.png``: each image clean, then (behind a purifier) purified, then per
+      threat attacked, its perturbation made visible, and purified;
+    - ``plots/corruption_examples.png``: the first image under every corruption and severity
+      of the grid (generated here, with the grid's frost textures).
+
+    Each classified row shows the pipeline's prediction (one purification, from its own seeded
+    stream); nothing here enters a metric.
+    """
+    k = int(cfg.eval.examples)
+    seed = int(cfg.run.seed)
+    idx = torch.from_numpy(_subset(len(y), int(cfg.adv.max_images), seed + _SEED_ADV)[:k])
+    x = _to_float(x_u8[idx], device)
+    labels = y[idx]
+    classes = list(report["meta"].get("classes") or [])
+    if not classes:
+        classes = [str(c) for c in range(model.classifier.num_classes)]
+    purifier = model.purifier
+    model.reseed(seed + _SEED_EXAMPLES, device)
+
+    @torch.no_grad()
+    def look(inp: Tensor) -> tuple[Tensor | None, Tensor]:
+        """What the classifier sees (the purified input, or None) and its predictions."""
+        seen: list[Tensor] = []
+        preds: list[Tensor] = []
+        for start in range(0, len(inp), int(cfg.eval.batch_size)):
+            b = inp[start : start + int(cfg.eval.batch_size)].to(device)
+            if purifier is not None:
+                b = purifier(b, None if purifier.fixed_noise else model.generator)
+                seen.append(b.float().cpu())
+            preds.append(model.classifier(b).argmax(1).cpu())
+        return (torch.cat(seen) if seen else None), torch.cat(preds)
+
+    def rows_for(name: str, inp: Tensor) -> list[ExampleRow]:
+        purified, preds = look(inp)
+        rows = [ExampleRow(name, inp.cpu(), preds)]
+        if purified is not None:
+            rows.append(ExampleRow("purified", purified))
+        return rows
+
+    rows = rows_for("clean", x)
+    for t in threats:
+        x_adv = adv_examples.get(t["name"])
+        if x_adv is None:
+            continue
+        x_adv = x_adv[: len(x)]
+        name = f"{t['norm']} {t['eps_label']}"
+        attacked = rows_for(name, x_adv)
+        attacked.insert(
+            1, ExampleRow("perturbation", perturbation_image(x_adv, x[: len(x_adv)].cpu()))
+        )
+        rows += attacked
+    words = [
+        f"The first {len(x)} {'attacked' if threats else 'evaluation'} images"
+        + (", one purification each." if purifier is not None else ".")
+    ]
+    if purifier is not None:
+        words.append("purified: the purifier's output, what the classifier sees.")
+    if any(t["name"] in adv_examples for t in threats):
+        words.append(
+            "perturbation: the adversarial change (mid grey: none), scaled per image to its "
+            "largest change."
+        )
+    path = plot_image_grid(
+        rows,
+        labels,
+        classes,
+        run_dir / "plots" / "examples.png",
+        title="column: true class; under each image: the prediction (green right, red wrong)",
+    )
+    figures = report.setdefault("figures", {})
+    figures["examples"] = {
+        "path": str(path.relative_to(run_dir)),
+        "text": " ".join(words),
+        "labels": labels.tolist(),
+        "rows": _rows_json(rows),
+    }
+    if not corruptions:
+        return
+    textures = textures_for_frost(str(cfg.shift.frost))
+    gen = torch.Generator(device=device).manual_seed(seed + _SEED_EXAMPLES)
+    first = x[:1]
+    grid = [torch.cat([first, *(corrupt(first, c, s, gen, textures) for s in severities)])
+            for c in corruptions]  # fmt: skip
+    flat = torch.cat(grid)  # (C * (1 + S), 3, H, W)
+    _, preds = look(flat)
+    width = 1 + len(severities)
+    rows = [
+        ExampleRow(c, grid[i].cpu(), preds[i * width : (i + 1) * width])
+        for i, c in enumerate(corruptions)
+    ]
+    path = plot_image_grid(
+        rows,
+        labels[:1].expand(width),
+        classes,
+        run_dir / "plots" / "corruption_examples.png",
+        column_titles=["clean", *(f"severity {s}" for s in severities)],
+        title=f"true class: {classes[int(labels[0])]}; under each image: the prediction",
+    )
+    folder = bool(cfg.shift.cifar_c_dir)
+    figures["corruption_examples"] = {
+        "path": str(path.relative_to(run_dir)),
+        "labels": labels[:1].tolist(),
+        "rows": _rows_json(rows),
+        "text": "One image under every corruption and severity of the grid"
+        + (
+            " (generated on the fly for the figure; the grid was read from the folder)"
+            if folder
+            else ""
+        )
+        + ".",
+    }
+
+
+def _rows_json(rows: list[ExampleRow]) -> list[dict[str, Any]]:
+    """A figure's rows as the report records them: name and predictions (None: unclassified)."""
+    return [{"name": r.name, "preds": None if r.preds is None else r.preds.tolist()} for r in rows]
 
 
 def _ood_section(
