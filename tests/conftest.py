@@ -31,6 +31,7 @@ TINY_PRETRAIN = [
     "trainer.limit_train_batches=3",
     "trainer.progress_bar=false",
     "trainer.accelerator=cpu",
+    "monitor.views_figure=0",  # tests that want views.png turn it on
 ]
 
 

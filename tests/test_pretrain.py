@@ -33,10 +33,11 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 def test_pretrain_writes_the_run_directory(
     tiny_pretrain_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
-    cfg = tiny_pretrain_cfg()
+    cfg = tiny_pretrain_cfg("monitor.views_figure=4")
     metrics = pretrain(cfg)
     run = Path(cfg.run.dir)
     for name in (
+        "views.png",
         "config.yaml",
         "metrics.json",
         "encoder.safetensors",

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ssl_robust.evaluate.examples import ExampleRow, perturbation_image, plot_image_grid
+from ssl_robust.evaluate.examples import perturbation_image
 from ssl_robust.evaluate.latency import measure_latency
 from ssl_robust.evaluate.report import (
     METRIC_DOCS,
@@ -26,6 +26,7 @@ from ssl_robust.evaluate.report import (
     threat_name,
     write_report,
 )
+from ssl_robust.plotting import ImageRow, plot_image_grid
 
 GRID = ["gaussian_noise", "fog"]
 SEVERITIES = [1, 5]
@@ -366,10 +367,10 @@ def test_image_grid_has_a_row_per_example_row_and_rejects_bad_shapes(tmp_path: P
     imgs = torch.rand(4, 3, 8, 8)
     labels = torch.tensor([0, 1, 2, 1])
     one = plot_image_grid(
-        [ExampleRow("clean", imgs, torch.tensor([0, 1, 1, 1]))], labels, ["a", "b", "c"],
+        [ImageRow("clean", imgs, torch.tensor([0, 1, 1, 1]))], labels, ["a", "b", "c"],
         tmp_path / "one.png",
     )  # fmt: skip
-    rows = [ExampleRow("clean", imgs, labels), ExampleRow("delta", imgs), ExampleRow("x", imgs)]
+    rows = [ImageRow("clean", imgs, labels), ImageRow("delta", imgs), ImageRow("x", imgs)]
     three = plot_image_grid(rows, labels, ["a", "b", "c"], tmp_path / "three.png")
     with Image.open(one) as a, Image.open(three) as b:
         assert a.size[0] == b.size[0] and b.size[1] > 2 * a.size[1] * 0.8

@@ -167,6 +167,9 @@ class MonitorConfig:
     # A linear classifier trained alongside on detached features (val/online_acc); it never
     # changes the encoder.
     online_probe: bool = True
+    # Images in <run dir>/views.png, the first training batch's views as the encoder gets them
+    # (after device augmentation and denoising), one row per view; 0 = no figure.
+    views_figure: int = 8
 
 
 @dataclass
@@ -256,4 +259,5 @@ COMMON_RANGES: dict[str, Range] = {
     "method.pred_hidden_dim": at_least(1),
     "method.base_tau": UNIT,
     "monitor.every_n_epochs": at_least(1),
+    "monitor.views_figure": at_least(0, "0 = no figure"),
 }

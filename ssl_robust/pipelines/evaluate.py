@@ -59,7 +59,7 @@ from ssl_robust.evaluate.corruptions import (
     corrupt,
     frost_texture_folder,
 )
-from ssl_robust.evaluate.examples import ExampleRow, perturbation_image, plot_image_grid
+from ssl_robust.evaluate.examples import perturbation_image
 from ssl_robust.evaluate.latency import measure_latency
 from ssl_robust.evaluate.metrics import (
     calibration_report,
@@ -83,6 +83,7 @@ from ssl_robust.finetune.model import Classifier
 from ssl_robust.launch.progress import RESTORED, progress_bar
 from ssl_robust.launch.trainer import wandb_run_id, write_json
 from ssl_robust.pipelines.common import console, print_summary
+from ssl_robust.plotting import ImageRow, plot_image_grid
 from ssl_robust.purify.purifier import Purifier
 from ssl_robust.purify.unet import load_denoiser
 
@@ -1377,11 +1378,11 @@ def _examples_section(
             preds.append(model.classifier(b).argmax(1).cpu())
         return (torch.cat(seen) if seen else None), torch.cat(preds)
 
-    def rows_for(name: str, inp: Tensor) -> list[ExampleRow]:
+    def rows_for(name: str, inp: Tensor) -> list[ImageRow]:
         purified, preds = look(inp)
-        rows = [ExampleRow(name, inp.cpu(), preds)]
+        rows = [ImageRow(name, inp.cpu(), preds)]
         if purified is not None:
-            rows.append(ExampleRow("purified", purified))
+            rows.append(ImageRow("purified", purified))
         return rows
 
     rows = rows_for("clean", x)
@@ -1393,7 +1394,7 @@ def _examples_section(
         name = f"{t['norm']} {t['eps_label']}"
         attacked = rows_for(name, x_adv)
         attacked.insert(
-            1, ExampleRow("perturbation", perturbation_image(x_adv, x[: len(x_adv)].cpu()))
+            1, ImageRow("perturbation", perturbation_image(x_adv, x[: len(x_adv)].cpu()))
         )
         rows += attacked
     words = [
@@ -1432,7 +1433,7 @@ def _examples_section(
     _, preds = look(flat)
     width = 1 + len(severities)
     rows = [
-        ExampleRow(c, grid[i].cpu(), preds[i * width : (i + 1) * width])
+        ImageRow(c, grid[i].cpu(), preds[i * width : (i + 1) * width])
         for i, c in enumerate(corruptions)
     ]
     path = plot_image_grid(
@@ -1458,7 +1459,7 @@ def _examples_section(
     }
 
 
-def _rows_json(rows: list[ExampleRow]) -> list[dict[str, Any]]:
+def _rows_json(rows: list[ImageRow]) -> list[dict[str, Any]]:
     """A figure's rows as the report records them: name and predictions (None: unclassified)."""
     return [{"name": r.name, "preds": None if r.preds is None else r.preds.tolist()} for r in rows]
 

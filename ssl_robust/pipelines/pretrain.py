@@ -18,6 +18,7 @@ from ssl_robust.data.transforms import (
     gpu_view_transforms,
     view_transform,
 )
+from ssl_robust.launch.figures import ViewsFigure
 from ssl_robust.launch.trainer import (
     ConfigInCheckpoint,
     build_loggers,
@@ -139,6 +140,21 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
     if cfg.model.compile:
         backbone.compile()  # in place: state_dict keys and the exported encoder stay the same
 
+    figures: list[Callback] = []
+    if cfg.monitor.views_figure > 0:
+        denoised = {"": (), "second": (1,), "both": (0, 1)}[cfg.denoise.mode if view_hook else ""]
+        names = [f"view {i + 1}" + (" (denoised)" if i in denoised else "") for i in range(2)]
+        figures.append(
+            ViewsFigure(
+                run_dir / "views.png",
+                info.mean,
+                info.std,
+                classes=splits.train.classes,
+                row_names=names,
+                n=int(cfg.monitor.views_figure),
+            )
+        )
+
     config = to_dict(cfg)
     trainer = build_trainer(
         cfg.trainer,
@@ -147,6 +163,7 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
         callbacks=[
             *checkpoint_callbacks(run_dir, monitor="val/knn_acc"),
             ConfigInCheckpoint(config),
+            *figures,
             *callbacks,
         ],
         check_val_every_n_epoch=cfg.monitor.every_n_epochs,
@@ -180,6 +197,11 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
             shown,
             {
                 "Encoder": str(run_dir / "encoder.safetensors"),
+                **(
+                    {"Views": str(run_dir / "views.png")}
+                    if (run_dir / "views.png").is_file()
+                    else {}
+                ),
                 "Fit time": f"{elapsed:.1f} s",
                 **write_curves(run_dir, f"{title} ({run_dir.name})"),
             },
