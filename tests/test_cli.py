@@ -192,3 +192,19 @@ def test_every_job_script_answers_help(job: str) -> None:
     assert res.stdout.startswith(f"usage: scripts/{SCRIPTS[job]} [PRESET ...]")
     assert "  run.dir = " in res.stdout and "--print-config" in res.stdout
     assert f"python scripts/{SCRIPTS[job]} --help [SECTION]" in res.stdout  # the docstring
+
+
+def test_summary_prints_every_written_path_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ssl_robust.pipelines.common import print_summary
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    (tmp_path / "runs" / "x" / "encoder.safetensors").write_bytes(b"")
+    extra = {"Encoder": "runs/x/encoder.safetensors", "Fit time": "4.2 s"}
+    print_summary("t", Path("runs/x"), {"val/knn_acc": 0.5}, extra)
+    out = capsys.readouterr().out
+    assert f"Run directory: {tmp_path / 'runs' / 'x'}\n" in out
+    assert f"Encoder: {tmp_path / 'runs' / 'x' / 'encoder.safetensors'}\n" in out
+    assert "Fit time: 4.2 s\n" in out

@@ -70,9 +70,13 @@ def print_summary(
     for key in sorted(metrics):
         table.add_row(key, f"{metrics[key]:.4g}")
     console.print(table)
-    console.print(f"[bold]Run directory:[/bold] {run_dir.resolve()}")
+    # soft_wrap: a long path stays on one line in a log (rich folds at 80 columns otherwise).
+    console.print(f"[bold]Run directory:[/bold] {run_dir.resolve()}", soft_wrap=True)
     for key, value in extra.items():
-        console.print(f"[bold]{key}:[/bold] {value}")
+        # Files written (the encoder, a report) absolute like the run directory above.
+        if value and Path(value).exists():
+            value = str(Path(value).resolve())
+        console.print(f"[bold]{key}:[/bold] {value}", soft_wrap=True)
 
 
 def write_curves(run_dir: Path, title: str) -> dict[str, str]:
@@ -81,7 +85,9 @@ def write_curves(run_dir: Path, title: str) -> dict[str, str]:
     try:
         path = plot_training_curves(run_dir, title)
     except Exception as exc:  # a figure must not fail a finished run
-        console.print(f"[yellow]warning:[/yellow] training curves not drawn: {exc!r}")
+        console.print(
+            f"[yellow]warning:[/yellow] training curves not drawn: {exc!r}", soft_wrap=True
+        )
         return {}
     return {"Curves": str(path)} if path is not None else {}
 
@@ -103,7 +109,7 @@ def fit_resumable(
     """
     ckpt = resume_checkpoint(run_dir, resume)
     if ckpt and trainer.is_global_zero:
-        console.print(f"Resuming from {ckpt}")
+        console.print(f"Resuming from {ckpt}", soft_wrap=True)
     start = time.perf_counter()
     trainer.fit(module, ckpt_path=ckpt, **fit_kwargs)
     elapsed = time.perf_counter() - start

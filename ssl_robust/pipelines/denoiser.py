@@ -123,7 +123,8 @@ def train_denoiser(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[
             f"DDPM denoiser: UNet {cfg.denoiser.unet!r} ({num_params / 1e6:.2f}M parameters) on "
             f"{info.name} {info.image_size}px, T={num_train_timesteps}; purification grid: "
             f"t*={s.t_star}, {s.purify_sampler}"
-            + (f" ({purify_steps} steps)" if s.purify_sampler == "ddim" else "")
+            + (f" ({purify_steps} steps)" if s.purify_sampler == "ddim" else ""),
+            soft_wrap=True,
         )
     metrics, elapsed = fit_resumable(
         trainer, module, run_dir, cfg.run.resume, "val/loss", datamodule=datamodule

@@ -359,7 +359,7 @@ def _fit(
 ) -> None:
     ckpt = resume_checkpoint(job.run_dir, job.cfg.run.resume)
     if ckpt and trainer.is_global_zero:
-        console.print(f"Resuming from {ckpt}")
+        console.print(f"Resuming from {ckpt}", soft_wrap=True)
     start = time.perf_counter()
     trainer.fit(module, train_loader, eval_loader, ckpt_path=ckpt)
     metrics["perf/fit_time_s"] = time.perf_counter() - start
