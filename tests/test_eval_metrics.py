@@ -11,6 +11,7 @@ from ssl_robust.evaluate.metrics import (
     accuracy,
     brier,
     calibration_report,
+    confusion_matrix,
     ece,
     nll,
     normal_interval,
@@ -224,3 +225,21 @@ def test_a_grid_mean_interval_over_images_covers_95_percent_when_cells_share_ima
         naive += low <= true_mean <= high
     assert 0.92 <= ours / trials <= 0.98
     assert naive / trials < 0.8
+
+
+def test_confusion_matrix_known_answer_and_pooled_draws():
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    eye = torch.eye(3)
+    # Predictions 0, 1, 1, 1, 2: row 0 = [1, 1, 0], row 1 = [0, 2, 1], row 2 empty.
+    cm = confusion_matrix(eye[[0, 1, 1, 1, 2]], labels, 3)
+    assert cm.tolist() == [[1, 1, 0], [0, 2, 1], [0, 0, 0]]
+    # Two draws of the same images: their predictions add up.
+    draws = torch.stack([eye[[0, 1, 1, 1, 2]], eye[[0, 0, 2, 2, 2]]])
+    assert confusion_matrix(draws, labels, 3).tolist() == [[3, 1, 0], [0, 2, 4], [0, 0, 0]]
+    # Its diagonal over its rows is the per-class accuracy.
+    acc, counts = per_class_accuracy(draws, labels, 3)
+    pooled = confusion_matrix(draws, labels, 3)
+    assert [pooled[k, k].item() / pooled[k].sum().item() for k in (0, 1)] == pytest.approx(acc[:2])
+    assert (pooled.sum(1) // 2).tolist() == counts
+    with pytest.raises(ValueError, match="expected logits"):
+        confusion_matrix(torch.zeros(4, 3), labels, 3)

@@ -118,6 +118,13 @@ def test_job_end_to_end_writes_the_documented_report(
     assert clean == pytest.approx(m["test/acc"])
     shift = sum(a * n for a, n in zip(per_class["shift"], images, strict=True)) / sum(images)
     assert shift == pytest.approx(m["calib/shift/acc"])
+    # The confusion matrices: rows are the classes' images, diagonals their accuracies.
+    confusion = {k: np.asarray(v) for k, v in report["confusion"].items()}
+    assert confusion["clean"].sum(1).tolist() == images
+    assert np.diag(confusion["clean"]) / images == pytest.approx(per_class["clean"])
+    shift_rows = confusion["shift"].sum(1)
+    assert (shift_rows == len(GRID) * np.asarray(images)).all()  # severity 5 of each corruption
+    assert np.diag(confusion["shift"]) / shift_rows == pytest.approx(per_class["shift"])
 
     # Exactly the documented keys for this shape of run, each one documented.
     expected = expected_metric_keys(
@@ -213,9 +220,10 @@ def test_job_end_to_end_writes_the_documented_report(
         "latency batch 1 (ms)",
         "Standard WRN-28-10",
         "![robust_eps](plots/robust_eps.png)",
+        "![confusion](plots/confusion.png)",
     ):
         assert needle in md, needle
-    for name in ("shift_severity", "reliability", "robust_eps", "ood_hist"):
+    for name in ("shift_severity", "reliability", "robust_eps", "ood_hist", "confusion"):
         path = run / "plots" / f"{name}.png"
         assert path.stat().st_size > 10_000, name
         with Image.open(path) as img:

@@ -68,6 +68,27 @@ def per_class_accuracy(
     return acc, [int(c) for c in counts]
 
 
+def confusion_matrix(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Counts (K, K), row = true class, column = predicted class.
+
+    ``logits``: (N, K), or (draws, N, K) for several purifications of the same N images, whose
+    predictions are pooled (each image counted once per draw). ``labels``: (N,).
+    """
+    # Imported here, like the calibration error: torchmetrics takes seconds to import.
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+    if logits.dim() == 2:
+        logits = logits[None]
+    if logits.dim() != 3 or logits.shape[1] != labels.shape[0]:
+        raise ValueError(
+            f"expected logits (N, K) or (draws, N, K) and labels (N,), got "
+            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    preds = logits.argmax(-1).flatten().cpu()
+    target = labels.cpu().repeat(logits.shape[0])
+    return multiclass_confusion_matrix(preds, target, num_classes=num_classes)
+
+
 def wilson_interval(acc: float, n: float, z: float = 1.959964) -> tuple[float, float]:
     """The Wilson score interval (Wilson 1927) of an accuracy ``acc`` measured on ``n`` images:
     ``(low, high)``, 95 % by default (``z`` standard normal quantile).

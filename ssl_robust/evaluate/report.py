@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ssl_robust.evaluate.corruptions import CORRUPTION_GROUPS
 from ssl_robust.evaluate.metrics import accuracy_interval, interval_bars
 from ssl_robust.plotting import pyplot, save_figure
@@ -627,7 +629,9 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
             if (report.get("per_class") or {}).get("shift") is not None
             else "Accuracy of each class on the clean images"
         )
-        + ("; the purifier's draws are pooled." if meta.get("stochastic") else "."),
+        + ("; the purifier's draws are pooled." if meta.get("stochastic") else ".")
+        + " The confusion matrices show where each true class's images go (% of its row).",
+        "confusion",
     )
     attack = meta.get("attack") or {}
     protocol = ""
@@ -831,8 +835,44 @@ def _plot_ood(report: dict[str, Any], path: Path) -> Path | None:
     return save_figure(fig, path, dpi=_DPI)
 
 
+def _plot_confusion(report: dict[str, Any], path: Path) -> Path | None:
+    """Row-normalised confusion matrices (each true class's predictions), clean and shifted."""
+    sets: dict[str, list[list[int]]] = report.get("confusion") or {}
+    if not sets:
+        return None
+    k = len(next(iter(sets.values())))
+    names = (report.get("per_class") or {}).get("classes") or [str(c) for c in range(k)]
+    shift_set = report.get("meta", {}).get("calib_shift_set", "corrupted")
+    side = 4.2 if k <= 20 else 6.0
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(sets), figsize=(side * len(sets), side), squeeze=False)
+    for ax, (name, counts) in zip(axes[0], sets.items()):
+        c = np.asarray(counts, dtype=float)
+        totals = c.sum(1, keepdims=True)
+        frac = np.divide(c, totals, out=np.zeros_like(c), where=totals > 0)
+        im = ax.imshow(frac, vmin=0, vmax=1, cmap="Blues")
+        if k <= 20:
+            ax.set_xticks(range(k))
+            ax.set_yticks(range(k))
+            ax.set_xticklabels(names, rotation=90, fontsize=7)
+            ax.set_yticklabels(names, fontsize=7)
+        if k <= 10:
+            for i in range(k):
+                for j in range(k):
+                    if c[i, j]:
+                        white = frac[i, j] > 0.5
+                        ax.text(j, i, f"{100 * frac[i, j]:.0f}", ha="center", va="center",
+                                fontsize=6, color="white" if white else "black")  # fmt: skip
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        ax.set_title("clean" if name == "clean" else f"{name}: {shift_set}", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    return save_figure(fig, path, dpi=_DPI)
+
+
 _PLOTTERS = {
     "shift_severity": _plot_shift,
+    "confusion": _plot_confusion,
     "reliability": _plot_reliability,
     "robust_eps": _plot_robust,
     "ood_hist": _plot_ood,

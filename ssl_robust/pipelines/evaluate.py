@@ -63,6 +63,7 @@ from ssl_robust.evaluate.examples import perturbation_image
 from ssl_robust.evaluate.latency import measure_latency
 from ssl_robust.evaluate.metrics import (
     calibration_report,
+    confusion_matrix,
     per_class_accuracy,
     reliability_bins,
     standard_error,
@@ -821,9 +822,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         names = [str(c) for c in clf_meta.get("classes") or range(num_classes)]
         clean_acc, counts = per_class_accuracy(draw_logits, y, num_classes)
         per_class: dict[str, Any] = {"classes": names, "images": counts, "clean": clean_acc}
+        confusion = {"clean": confusion_matrix(draw_logits, y, num_classes).tolist()}
         if shift_logits is not None and shift_labels is not None:
             per_class["shift"] = per_class_accuracy(shift_logits, shift_labels, num_classes)[0]
+            confusion["shift"] = confusion_matrix(shift_logits, shift_labels, num_classes).tolist()
         report["per_class"] = per_class
+        report["confusion"] = confusion
 
     # -- OOD -----------------------------------------------------------------------------------
     if cfg.ood.enabled and draw_logits is not None:
