@@ -64,7 +64,8 @@ def final_metrics(trainer: pl.Trainer) -> dict[str, float]:
 def print_summary(
     title: str, run_dir: Path, metrics: dict[str, float], extra: dict[str, str]
 ) -> None:
-    table = Table(title=title, show_header=True)
+    # At least as wide as its title, which rich would otherwise fold to the table's width.
+    table = Table(title=title, show_header=True, min_width=len(title) + 2)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in sorted(metrics):

@@ -1,0 +1,250 @@
+"""The whole chain on one machine, one phase after another: what ``slurm/pipeline.sh`` submits
+as dependent SLURM jobs, with the same run directories under one runs folder:
+
+    <runs>/pretrain                      pretraining (or an existing encoder run)
+    <runs>/denoiser                      denoiser training (or an existing denoiser run)
+    <runs>/finetune/<line>               one fine-tuning per sweep line
+    <runs>/evaluate/<line>[-purified]    each classifier bare, and behind the purifier
+    <runs>/compare                       the side-by-side tables and plots
+
+Each phase runs as its own process (its script under ``scripts/``), as a SLURM job would, so a
+phase that fails leaves the others' state alone. A step whose prerequisite failed is skipped,
+the comparison runs over whatever finished, and every phase resumes from its run directory:
+running the same command again after a failure or an interruption finishes only what is left.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+__all__ = ["Step", "chain_env", "plan_chain", "run_chain", "run_name", "sweep_lines"]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Step:
+    """One phase of the chain.
+
+    Attributes:
+        name: ``pretrain``, ``denoiser``, ``finetune:<line>``, ``evaluate:<line>[-purified]``
+            or ``compare``.
+        argv: The command (a script of ``scripts/`` and its arguments).
+        after: Steps that must succeed first.
+        always: Run once the steps in ``after`` have ended, whatever their outcome.
+    """
+
+    name: str
+    argv: list[str]
+    after: list[str] = field(default_factory=list)
+    always: bool = False
+
+
+def run_name(line: str) -> str:
+    """The run directory name of a sweep line, as ``slurm/finetune_array.sbatch`` makes it:
+    every character outside ``A-Za-z0-9._-`` becomes ``_``."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", line)
+
+
+def sweep_lines(path: Path | None) -> list[str]:
+    """The override lines of a sweep file (blank and ``#`` lines dropped); one line,
+    ``run.seed=0``, without a file."""
+    if path is None:
+        return ["run.seed=0"]
+    if not path.is_file():
+        raise FileNotFoundError(f"no sweep file '{path}'")
+    lines = [ln.strip() for ln in path.read_text().splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not lines:
+        raise ValueError(f"the sweep file '{path}' has no override lines")
+    return lines
+
+
+def _script(name: str, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "scripts" / f"{name}.py"), *args]
+
+
+def plan_chain(
+    runs: Path,
+    *,
+    pretrain: str | None = None,
+    encoder: Path | None = None,
+    denoiser: str | None = None,
+    denoiser_run: Path | None = None,
+    finetune: str = "",
+    lines: Sequence[str] = ("run.seed=0",),
+    evaluate: str = "",
+    purify: str = "",
+) -> list[Step]:
+    """The steps of a chain, in an order that respects their prerequisites.
+
+    Args:
+        runs: The runs folder every phase writes under.
+        pretrain: Pretraining preset and overrides (one string); or ``encoder``.
+        encoder: An existing pretraining run directory.
+        denoiser: Denoiser preset and overrides; or ``denoiser_run``; with neither, the
+            classifiers are evaluated bare only.
+        denoiser_run: An existing denoiser run (or diffusers UNet folder).
+        finetune: Fine-tuning preset and overrides, for every sweep line.
+        lines: Override lines, one fine-tuning each (after ``finetune``; a line's ``run.dir``
+            wins).
+        evaluate: Evaluation preset and overrides, for every evaluation.
+        purify: Extra overrides of the purified evaluations.
+
+    Raises:
+        ValueError: Both or neither of ``pretrain`` / ``encoder``; both ``denoiser`` and
+            ``denoiser_run``; an existing run that holds no encoder or denoiser.
+    """
+    if (pretrain is None) == (encoder is None):
+        raise ValueError(
+            "give pretrain (e.g. 'simclr_cifar10 data.root=/data') or encoder (a pretraining "
+            "run directory), exactly one"
+        )
+    if denoiser is not None and denoiser_run is not None:
+        raise ValueError("give denoiser or denoiser_run, not both")
+    if encoder is not None and not (encoder / "encoder.safetensors").is_file():
+        raise ValueError(
+            f"no encoder in '{encoder}' (expected encoder.safetensors from a finished "
+            "pretraining run)"
+        )
+    if denoiser_run is not None and not any(
+        (denoiser_run / p).is_file() for p in ("unet/config.json", "config.json")
+    ):
+        raise ValueError(
+            f"no denoiser in '{denoiser_run}' (expected a denoiser run with unet/, or a "
+            "diffusers UNet folder)"
+        )
+    runs = runs.resolve()
+    steps: list[Step] = []
+    needs_encoder: list[str] = []
+    if pretrain is not None:
+        encoder = runs / "pretrain"
+        steps.append(
+            Step("pretrain", _script("pretrain", *shlex.split(pretrain), f"run.dir={encoder}"))
+        )
+        needs_encoder = ["pretrain"]
+    needs_denoiser: list[str] = []
+    if denoiser is not None:
+        denoiser_run = runs / "denoiser"
+        steps.append(
+            Step(
+                "denoiser",
+                _script("train_denoiser", *shlex.split(denoiser), f"run.dir={denoiser_run}"),
+            )
+        )
+        needs_denoiser = ["denoiser"]
+    assert encoder is not None
+    evals: list[str] = []
+    for line in lines:
+        words = shlex.split(line)
+        name = run_name(line)
+        classifier = runs / "finetune" / name
+        for w in words:
+            if w.startswith("run.dir="):
+                classifier = Path(w.removeprefix("run.dir=")).resolve()
+                name = classifier.name
+        own_dir = [] if any(w.startswith("run.dir=") for w in words) else [f"run.dir={classifier}"]
+        ft = f"finetune:{name}"
+        steps.append(
+            Step(
+                ft,
+                _script(
+                    "finetune", *shlex.split(finetune), f"encoder.run={encoder}", *words, *own_dir
+                ),
+                after=list(needs_encoder),
+            )
+        )
+        common = [*shlex.split(evaluate), f"classifier.run={classifier}"]
+        steps.append(
+            Step(
+                f"evaluate:{name}",
+                _script("evaluate", *common, f"run.dir={runs / 'evaluate' / name}"),
+                after=[ft],
+            )
+        )
+        evals.append(steps[-1].name)
+        if denoiser_run is not None:
+            steps.append(
+                Step(
+                    f"evaluate:{name}-purified",
+                    _script(
+                        "evaluate",
+                        *common,
+                        f"purifier.run={denoiser_run}",
+                        *shlex.split(purify),
+                        f"run.dir={runs / 'evaluate' / f'{name}-purified'}",
+                    ),
+                    after=[ft, *needs_denoiser],
+                )
+            )
+            evals.append(steps[-1].name)
+    steps.append(
+        Step("compare", _script("compare", str(runs), "--out", str(runs / "compare")), evals, True)
+    )
+    return steps
+
+
+def run_chain(
+    steps: Sequence[Step],
+    log: Path | None = None,
+    run: Callable[[list[str]], int] | None = None,
+    echo: Callable[[str], None] = print,
+    env: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Run the steps in order; returns name -> ``done``, ``failed (exit N)`` or ``skipped``.
+
+    A step runs when every step in its ``after`` is done (or, with ``always``, has ended
+    either way); otherwise it is skipped. Each start and end is appended to ``log``.
+
+    Args:
+        steps: From :func:`plan_chain`.
+        log: A file to append ``<time> <step> <status>`` lines to.
+        run: Runs a command and returns its exit status (default: a subprocess that shares
+            this process's terminal).
+        echo: Where the progress lines go.
+        env: The environment of the default runner's processes (default: this one's).
+    """
+    runner = run or (lambda argv: subprocess.call(argv, env=env))
+    status: dict[str, str] = {}
+
+    def note(name: str, what: str) -> None:
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("a") as f:
+                f.write(
+                    f"{datetime.now(timezone.utc).isoformat(timespec='seconds')} {name} {what}\n"
+                )
+
+    for i, step in enumerate(steps, start=1):
+        blocked = [a for a in step.after if status.get(a) != "done"]
+        if blocked and not step.always:
+            status[step.name] = "skipped"
+            echo(f"[{i}/{len(steps)}] {step.name}: skipped (needs {', '.join(blocked)})")
+            note(step.name, "skipped")
+            continue
+        echo(f"[{i}/{len(steps)}] {step.name}: {shlex.join(step.argv[1:])}")
+        note(step.name, "started")
+        start = time.perf_counter()
+        code = runner(step.argv)
+        took = time.perf_counter() - start
+        status[step.name] = "done" if code == 0 else f"failed (exit {code})"
+        echo(f"[{i}/{len(steps)}] {step.name}: {status[step.name]} after {took:.0f} s")
+        note(step.name, status[step.name].replace(" ", "_"))
+    return status
+
+
+def chain_env(runs: Path) -> dict[str, str]:
+    """The environment of the phases: one wandb group for the whole chain, the runs folder's
+    name (unless WANDB_RUN_GROUP is set), as ``slurm/pipeline.sh`` does."""
+    env = dict(os.environ)
+    env.setdefault("WANDB_RUN_GROUP", runs.resolve().name)
+    return env

@@ -1,0 +1,221 @@
+"""``scripts/chain.py``: the whole chain on one machine, with the run directories and
+prerequisites of ``slurm/pipeline.sh``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ssl_robust.pipelines.chain import Step, plan_chain, run_chain, run_name, sweep_lines
+from tests.test_slurm_pipeline import _dry_run
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP = (
+    "# fractions\nsubset.fraction=0.1 run.seed=0\n\nsubset.fraction=1.0 run.dir=elsewhere/full\n"
+)
+
+
+def _args(step: Step) -> list[str]:
+    return step.argv[2:]  # after the interpreter and the script
+
+
+def test_plan_has_the_slurm_pipelines_steps_run_dirs_and_prerequisites(tmp_path: Path) -> None:
+    (tmp_path / "sweep.txt").write_text(SWEEP)
+    runs = tmp_path / "runs"
+    steps = plan_chain(
+        runs,
+        pretrain="simclr_cifar10 data.root=/data",
+        denoiser="ddpm_cifar10 data.root=/data",
+        finetune="linear_cifar10",
+        lines=sweep_lines(tmp_path / "sweep.txt"),
+        evaluate="quick",
+        purify="purifier.sampler=ddim",
+    )
+    assert [s.name for s in steps] == [
+        "pretrain",
+        "denoiser",
+        "finetune:subset.fraction_0.1_run.seed_0",
+        "evaluate:subset.fraction_0.1_run.seed_0",
+        "evaluate:subset.fraction_0.1_run.seed_0-purified",
+        "finetune:full",
+        "evaluate:full",
+        "evaluate:full-purified",
+        "compare",
+    ]
+    by = {s.name: s for s in steps}
+    assert Path(by["pretrain"].argv[1]).name == "pretrain.py"
+    assert _args(by["pretrain"]) == [
+        "simclr_cifar10",
+        "data.root=/data",
+        f"run.dir={runs}/pretrain",
+    ]
+    ft = by["finetune:subset.fraction_0.1_run.seed_0"]
+    assert ft.after == ["pretrain"]
+    assert _args(ft) == [
+        "linear_cifar10",
+        f"encoder.run={runs}/pretrain",
+        "subset.fraction=0.1",
+        "run.seed=0",
+        f"run.dir={runs}/finetune/subset.fraction_0.1_run.seed_0",
+    ]
+    # A line's own run.dir is where its classifier goes (made absolute for the evaluations).
+    assert _args(by["finetune:full"])[-1] == "run.dir=elsewhere/full"
+    full = Path("elsewhere/full").resolve()
+    purified = by["evaluate:full-purified"]
+    assert purified.after == ["finetune:full", "denoiser"]
+    assert _args(purified) == [
+        "quick",
+        f"classifier.run={full}",
+        f"purifier.run={runs}/denoiser",
+        "purifier.sampler=ddim",
+        f"run.dir={runs}/evaluate/full-purified",
+    ]
+    assert by["evaluate:full"].after == ["finetune:full"]
+    compare = by["compare"]
+    assert compare.always and len(compare.after) == 4
+    assert _args(compare) == [str(runs), "--out", f"{runs}/compare"]
+
+
+def test_plan_matches_the_slurm_pipeline_dry_run(tmp_path: Path) -> None:
+    (tmp_path / "sweep.txt").write_text(SWEEP.replace(" run.dir=elsewhere/full", ""))
+    runs = tmp_path / "runs"
+    options = {
+        "--pretrain": "byol_cifar10 data.root=/data",
+        "--denoiser": "small_cifar10",
+        "--finetune": "full_cifar10",
+        "--evaluate": "quick",
+        "--purify": "purifier.sampler=oneshot",
+    }
+    jobs = _dry_run(
+        str(runs),
+        *[w for kv in options.items() for w in kv],
+        "--sweep",
+        str(tmp_path / "sweep.txt"),
+    )
+    steps = plan_chain(
+        runs, **{k[2:]: v for k, v in options.items()}, lines=sweep_lines(tmp_path / "sweep.txt")
+    )
+    slurm = [args for _, template, _, args in jobs if template != "finetune_array.sbatch"]
+    local = [_args(s) for s in steps if not s.name.startswith("finetune:")]
+    assert local == slurm
+    # The array's tasks name their run directories as run_name does (the shell's `tr`).
+    for line in sweep_lines(tmp_path / "sweep.txt"):
+        shell = subprocess.run(
+            ["tr", "-c", "A-Za-z0-9._\\n-", "_"], input=line + "\n", capture_output=True, text=True
+        ).stdout.strip()
+        assert run_name(line) == shell
+
+
+def test_existing_runs_and_bad_arguments(tmp_path: Path) -> None:
+    enc, den = tmp_path / "enc", tmp_path / "den"
+    (den / "unet").mkdir(parents=True)
+    enc.mkdir()
+    with pytest.raises(ValueError, match="no encoder in"):
+        plan_chain(tmp_path / "r", encoder=enc)
+    (enc / "encoder.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="no denoiser in"):
+        plan_chain(tmp_path / "r", encoder=enc, denoiser_run=den)
+    (den / "unet" / "config.json").write_text("{}")
+    steps = plan_chain(tmp_path / "r", encoder=enc, denoiser_run=den)
+    assert [s.name for s in steps] == [
+        "finetune:run.seed_0",
+        "evaluate:run.seed_0",
+        "evaluate:run.seed_0-purified",
+        "compare",
+    ]
+    assert steps[0].after == [] and steps[2].after == ["finetune:run.seed_0"]
+    assert f"encoder.run={enc}" in _args(steps[0])
+    with pytest.raises(ValueError, match="exactly one"):
+        plan_chain(tmp_path / "r")
+    with pytest.raises(ValueError, match="exactly one"):
+        plan_chain(tmp_path / "r", pretrain="", encoder=enc)
+    with pytest.raises(ValueError, match="not both"):
+        plan_chain(tmp_path / "r", encoder=enc, denoiser="", denoiser_run=den)
+    with pytest.raises(FileNotFoundError, match="no sweep file"):
+        sweep_lines(tmp_path / "none.txt")
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    with pytest.raises(ValueError, match="has no override lines"):
+        sweep_lines(tmp_path / "empty.txt")
+    res = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "chain.py"),
+            str(tmp_path / "r"),
+            "--encoder",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2 and "error: no encoder in" in res.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_failed_step_skips_what_needs_it_and_the_comparison_still_runs(tmp_path: Path) -> None:
+    (tmp_path / "enc").mkdir()
+    (tmp_path / "enc" / "encoder.safetensors").write_bytes(b"")
+    steps = plan_chain(
+        tmp_path / "r", encoder=tmp_path / "enc", denoiser="x", lines=["run.seed=0", "run.seed=1"]
+    )
+    ran: list[str] = []
+
+    def fake(argv: list[str]) -> int:
+        step = next(s for s in steps if s.argv == argv)
+        ran.append(step.name)
+        return 3 if step.name == "finetune:run.seed_0" else 0
+
+    lines: list[str] = []
+    status = run_chain(steps, log=tmp_path / "r" / "chain.txt", run=fake, echo=lines.append)
+    assert status == {
+        "denoiser": "done",
+        "finetune:run.seed_0": "failed (exit 3)",
+        "evaluate:run.seed_0": "skipped",
+        "evaluate:run.seed_0-purified": "skipped",
+        "finetune:run.seed_1": "done",
+        "evaluate:run.seed_1": "done",
+        "evaluate:run.seed_1-purified": "done",
+        "compare": "done",
+    }
+    assert "evaluate:run.seed_0" not in ran and ran[-1] == "compare"
+    assert "[3/8] evaluate:run.seed_0: skipped (needs finetune:run.seed_0)" in lines
+    log = (tmp_path / "r" / "chain.txt").read_text().splitlines()
+    assert [ln.split()[1:] for ln in log[:3]] == [
+        ["denoiser", "started"],
+        ["denoiser", "done"],
+        ["finetune:run.seed_0", "started"],
+    ]
+    assert log[3].split()[1:] == ["finetune:run.seed_0", "failed_(exit_3)"]
+
+
+@pytest.mark.slow
+def test_the_chain_runs_every_phase_and_a_rerun_resumes(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "chain.py"),
+        str(runs),
+        "--pretrain", "trainer.max_epochs=1 trainer.limit_train_batches=3 data.image_size=8 "
+        "model.width=4 monitor.views_figure=0",
+        "--denoiser", "trainer.max_epochs=1 trainer.limit_train_batches=2 data.image_size=8",
+        "--finetune", "trainer.max_epochs=1",
+        "--evaluate", "tiny adv.sanity_checks=false perf.enabled=false",
+        "--purify", "purifier.sampler=oneshot purifier.t_star=5",
+    ]  # fmt: skip
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "WANDB_MODE": "disabled"}
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for run in ("pretrain", "denoiser", "finetune/run.seed_0", "evaluate/run.seed_0"):
+        assert (runs / run / "metrics.json").is_file(), run
+    purified = json.loads((runs / "evaluate" / "run.seed_0-purified" / "metrics.json").read_text())
+    assert "test/acc_unpurified" in purified
+    table = (runs / "compare" / "comparison.md").read_text()
+    assert "run.seed_0-purified" in table
+    # Run again: every phase finds its run finished and returns at once.
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    log = (runs / "chain.txt").read_text().split("\n")
+    assert sum(" done" in ln for ln in log) == 2 * 6
