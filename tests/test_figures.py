@@ -46,7 +46,7 @@ def test_views_are_shown_unnormalised_one_row_per_view(
 def test_drawn_once_on_rank_zero_of_a_fresh_run_and_never_fatal(tmp_path: Path) -> None:
     views, _ = _batch()
     batch = (views, torch.zeros(5, dtype=torch.long))
-    fresh = SimpleNamespace(global_step=0, is_global_zero=True)
+    fresh = SimpleNamespace(global_step=0, is_global_zero=True, loggers=[])
     for trainer in (
         SimpleNamespace(global_step=7, is_global_zero=True),  # resumed: keeps its figure
         SimpleNamespace(global_step=0, is_global_zero=False),  # another rank

@@ -156,13 +156,18 @@ def test_wandb_offline_keeps_run_id_across_resume(
 ) -> None:
     pytest.importorskip("wandb")
     cfg = tiny_pretrain_cfg(
-        "wandb.mode=offline", "trainer.max_epochs=1", "wandb.group=g", "wandb.tags=[a,b]"
+        "wandb.mode=offline",
+        "trainer.max_epochs=1",
+        "wandb.group=g",
+        "wandb.tags=[a,b]",
+        "monitor.views_figure=2",
     )
     pretrain(cfg)
     run = Path(cfg.run.dir)
     run_id = (run / "wandb_id.txt").read_text().strip()
     offline = list((run / "wandb").glob(f"offline-run-*-{run_id}"))
     assert offline, list((run / "wandb").glob("*"))
+    assert list(offline[0].glob("files/media/images/views_*.png"))  # the views figure too
     pretrain(tiny_pretrain_cfg("wandb.mode=offline", "trainer.max_epochs=2", "wandb.group=g"))
     assert (run / "wandb_id.txt").read_text().strip() == run_id
     assert len(list((run / "wandb").glob(f"offline-run-*-{run_id}"))) >= 1

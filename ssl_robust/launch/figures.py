@@ -16,6 +16,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import WandbLogger
 
 from ssl_robust.plotting import ImageRow, plot_image_grid
 
@@ -26,8 +27,8 @@ class ViewsFigure(Callback):
     """Writes ``path`` (a PNG) from the first training batch of a fresh run, on rank 0: the
     first ``n`` images, one row per view, each column titled with the image's class.
 
-    A resumed run (global step > 0) keeps the figure it has. A failure to draw warns and
-    never stops training.
+    A resumed run (global step > 0) keeps the figure it has. With a wandb logger the figure
+    is logged too (``views``). A failure to draw warns and never stops training.
 
     Args:
         path: The PNG to write.
@@ -64,7 +65,10 @@ class ViewsFigure(Callback):
             return
         self.done = True
         try:
-            self.draw(batch)
+            path = self.draw(batch)
+            for logger in trainer.loggers:  # beside the run's curves in wandb
+                if isinstance(logger, WandbLogger):
+                    logger.log_image(key="views", images=[str(path)], step=0)
         except Exception as err:  # a figure must never end a training run
             warnings.warn(f"could not draw {self.path}: {err}", stacklevel=1)
 
