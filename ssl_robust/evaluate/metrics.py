@@ -44,6 +44,18 @@ def accuracy(logits: Tensor, labels: Tensor) -> float:
     return (logits.argmax(dim=1) == labels).float().mean().item()
 
 
+def _draws_first(logits: Tensor, labels: Tensor) -> Tensor:
+    """(draws, N, K) from logits (N, K) or (draws, N, K) of the N images of ``labels``."""
+    if logits.dim() == 2:
+        logits = logits[None]
+    if logits.dim() != 3 or logits.shape[1] != labels.shape[0]:
+        raise ValueError(
+            f"expected logits (N, K) or (draws, N, K) and labels (N,), got "
+            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
+        )
+    return logits
+
+
 def per_class_accuracy(
     logits: Tensor, labels: Tensor, num_classes: int
 ) -> tuple[list[float | None], list[int]]:
@@ -53,13 +65,7 @@ def per_class_accuracy(
     predictions are pooled (each image counted once per draw in the accuracy, once in the
     count). ``labels``: (N,).
     """
-    if logits.dim() == 2:
-        logits = logits[None]
-    if logits.dim() != 3 or logits.shape[1] != labels.shape[0]:
-        raise ValueError(
-            f"expected logits (N, K) or (draws, N, K) and labels (N,), got "
-            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
-        )
+    logits = _draws_first(logits, labels)
     correct = (logits.argmax(-1) == labels).float().mean(0).cpu()  # (N,), over draws
     labels = labels.cpu()
     counts = torch.bincount(labels, minlength=num_classes)[:num_classes]
@@ -77,13 +83,7 @@ def confusion_matrix(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor
     # Imported here, like the calibration error: torchmetrics takes seconds to import.
     from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-    if logits.dim() == 2:
-        logits = logits[None]
-    if logits.dim() != 3 or logits.shape[1] != labels.shape[0]:
-        raise ValueError(
-            f"expected logits (N, K) or (draws, N, K) and labels (N,), got "
-            f"{tuple(logits.shape)} and {tuple(labels.shape)}"
-        )
+    logits = _draws_first(logits, labels)
     preds = logits.argmax(-1).flatten().cpu()
     target = labels.cpu().repeat(logits.shape[0])
     return multiclass_confusion_matrix(preds, target, num_classes=num_classes)
