@@ -68,12 +68,16 @@ def main() -> int:
             after = f"   # after {', '.join(step.after)}" if step.after else ""
             print(f"[{i}/{len(steps)}] {step.name}: {' '.join(step.argv[1:])}{after}")
         return 0
-    status = run_chain(
-        steps,
-        log=args.runs / "chain.txt",
-        env=chain_env(args.runs),
-        echo=lambda line: print(line, flush=True),  # before the phase's own output
-    )
+    try:
+        status = run_chain(
+            steps,
+            log=args.runs / "chain.txt",
+            env=chain_env(args.runs),
+            echo=lambda line: print(line, flush=True),  # before the phase's own output
+        )
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     print("\nchain summary:")
     for name, outcome in status.items():
         print(f"  {name:40s} {outcome}")
