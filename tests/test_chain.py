@@ -190,6 +190,15 @@ def test_a_failed_step_skips_what_needs_it_and_the_comparison_still_runs(tmp_pat
     ]
     assert log[3].split()[1:] == ["finetune:run.seed_0", "failed_(exit_3)"]
 
+    def interrupted(argv: list[str]) -> int:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_chain(steps, log=tmp_path / "r" / "chain.txt", run=interrupted, echo=lines.append)
+    assert (
+        (tmp_path / "r" / "chain.txt").read_text().splitlines()[-1].endswith("denoiser interrupted")
+    )
+
 
 @pytest.mark.slow
 def test_the_chain_runs_every_phase_and_a_rerun_resumes(tmp_path: Path) -> None:

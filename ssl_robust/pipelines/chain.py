@@ -234,7 +234,11 @@ def run_chain(
         echo(f"[{i}/{len(steps)}] {step.name}: {shlex.join(step.argv[1:])}")
         note(step.name, "started")
         start = time.perf_counter()
-        code = runner(step.argv)
+        try:
+            code = runner(step.argv)
+        except KeyboardInterrupt:
+            note(step.name, "interrupted")
+            raise
         took = time.perf_counter() - start
         status[step.name] = "done" if code == 0 else f"failed (exit {code})"
         echo(f"[{i}/{len(steps)}] {step.name}: {status[step.name]} after {took:.0f} s")
