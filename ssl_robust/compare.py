@@ -55,6 +55,7 @@ DEFAULT_METRICS = (
     "shift/mean_acc",
     "adv/linf_8/acc",
     "adv/l2_0.5/acc",
+    "cert/radius/0.5/acc",
     "calib/clean/ece",
     "purify/nfe",
     "val/loss",

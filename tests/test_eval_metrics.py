@@ -13,6 +13,7 @@ from ssl_robust.evaluate.metrics import (
     calibration_report,
     confusion_matrix,
     ece,
+    interval_bars,
     nll,
     normal_interval,
     per_class_accuracy,
@@ -165,6 +166,17 @@ def test_wilson_interval_known_answers():
         < 0.1
         < (wilson_interval(0.3, 50)[1] - wilson_interval(0.3, 50)[0])
     )
+
+
+def test_intervals_never_exclude_the_accuracy_at_the_edges():
+    # Rounding put the Wilson bound of 0 of 6 at +2.8e-17: a negative error bar, which
+    # matplotlib refuses.
+    for n in range(1, 300):
+        for acc in (0.0, 1.0):
+            low, high = wilson_interval(acc, n)
+            assert low <= acc <= high
+    m = {"adv/a/acc": 0.0, "adv/a/n": 6.0, "adv/b/acc": 1.0, "adv/b/n": 6.0}
+    assert (interval_bars(m, ["adv/a/acc", "adv/b/acc"]) >= 0).all()
 
 
 def test_wilson_interval_covers_the_true_accuracy_95_percent_of_the_time():

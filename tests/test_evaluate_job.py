@@ -705,3 +705,75 @@ def _eval_images(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
     """The evaluation split the job reads for the digits classifier (eval.max_images = 0)."""
     val = build_splits(**DATA).val
     return val.images, np.asarray(val.labels)  # type: ignore[attr-defined]
+
+
+def test_certification_of_a_bare_and_a_purified_pipeline(
+    tiny_cfg: Callable[..., DictConfig],
+    classifier_run: Path,
+    denoiser_run: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib
+
+    from ssl_robust.evaluate.smoothing import certify
+    from ssl_robust.finetune.export import load_classifier
+
+    # The module, not the function the package exports under the same name.
+    evaluate_mod = importlib.import_module("ssl_robust.pipelines.evaluate")
+
+    off = [f"{s}.enabled=false" for s in ("clean", "shift", "adv", "calib", "ood", "perf")]
+    n_img, n0, n = 6, 10, 300
+    cert = [
+        "cert.enabled=true",
+        f"cert.max_images={n_img}",
+        f"cert.n0={n0}",
+        f"cert.samples={n}",
+        "cert.alpha=0.01",
+        "cert.batch_size=128",
+        "cert.radii=[0,0.1,0.25]",
+    ]
+    cfg = tiny_cfg(*off, *cert, "cert.sigma=0.25")
+    m = evaluate(cfg)
+    assert set(m) == expected_metric_keys(clean=False, cert_radii=[0, 0.1, 0.25])
+    assert m["cert/sigma"] == 0.25 and m["cert/n"] == n_img
+    assert m["cert/nfe_per_image"] == n0 + n
+    accs = [m[f"cert/radius/{r}/acc"] for r in ("0", "0.1", "0.25")]
+    assert accs == sorted(accs, reverse=True) and accs[0] == m["cert/acc"] > 0
+    # The job's numbers are CERTIFY's on the same images with the same noise stream.
+    seed = int(cfg.run.seed) + evaluate_mod._SEED_CERT
+    images, labels = _eval_images(cfg)
+    idx = evaluate_mod._subset(len(labels), n_img, seed)
+    x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float() / 255
+    clf = load_classifier(classifier_run)[0].eval()
+    gen = torch.Generator().manual_seed(seed)
+    pred, radius = certify(
+        lambda b: clf(b + 0.25 * torch.randn(b.shape, generator=gen)), x, 10, 0.25,
+        n0=n0, n=n, alpha=0.01, batch_size=128,
+    )  # fmt: skip
+    report = _report(cfg)
+    assert report["cert"]["radius"] == pytest.approx(radius.tolist())
+    assert report["cert"]["correct"] == (pred == torch.from_numpy(labels[idx])).tolist()
+    md = (Path(cfg.run.dir) / "report.md").read_text()
+    assert "## Certified robustness (randomized smoothing)" in md
+    assert "![certified](plots/certified.png)" in md and "| 0.25 |" in md
+    # Other radii come from the stored radii: nothing is certified again.
+    monkeypatch.setattr(evaluate_mod, "certify", None)  # would fail if called
+    again = evaluate(tiny_cfg(*off, *cert, "cert.sigma=0.25", "cert.radii=[0.5]"))
+    assert again["cert/wall_s"] == m["cert/wall_s"] and "cert/radius/0.5/acc" in again
+    monkeypatch.undo()
+
+    # Behind a purifier, its own diffusion noise smooths: sigma is the one of its t*.
+    cfg = tiny_cfg(
+        *off, *cert, f"purifier.run={denoiser_run}", "purifier.sampler=oneshot",
+        "purifier.sigma=0.25", run_dir=Path(cfg.run.dir).parent / "purified",
+    )  # fmt: skip
+    m = evaluate(cfg)
+    assert m["cert/sigma"] == pytest.approx(0.25, rel=0.05)
+    assert m["cert/nfe_per_image"] == (n0 + n) * 2  # one UNet call + the classifier per draw
+    assert "the purifier's diffusion to t*=" in (Path(cfg.run.dir) / "report.md").read_text()
+    with pytest.raises(ConfigError, match=r"leave cert\.sigma=0"):
+        evaluate(tiny_cfg(*off, *cert, "cert.sigma=0.25", f"purifier.run={denoiser_run}"))
+    with pytest.raises(ConfigError, match=r"cert\.sigma must be > 0"):
+        evaluate(tiny_cfg(*off, *cert))
+    with pytest.raises(ConfigError, match=r"cert\.alpha must be in"):
+        evaluate(tiny_cfg(*off, *cert, "cert.sigma=0.25", "cert.alpha=0.7"))

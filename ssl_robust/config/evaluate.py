@@ -157,6 +157,28 @@ class AttackSection:
 
 
 @dataclass
+class CertSection:
+    # Certified L2 robustness by randomized smoothing (Cohen et al. 2019, CERTIFY): per image,
+    # the smoothed classifier's class and the radius it is certified for, from Monte Carlo
+    # noise draws. Behind a purifier the purifier's own diffusion noise is the smoothing noise
+    # (denoised smoothing, Carlini et al. 2023; purifier.sigma picks its t*).
+    enabled: bool = False
+    # Noise std on [0, 1] images for a bare classifier (required > 0 there); 0 behind a
+    # purifier (the sigma of its t* is used).
+    sigma: float = 0.0
+    # Draws to guess the class (Cohen et al.'s n0), draws to bound its probability (their n),
+    # failure probability of each certificate.
+    n0: int = 100
+    samples: int = 10000
+    alpha: float = 0.001
+    # Images certified (a seeded subset of the evaluation set; 0 = all), and draws per call.
+    max_images: int = 100
+    batch_size: int = 1000
+    # Radii (L2, on [0, 1] images) at which the certified accuracy is reported.
+    radii: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+
+
+@dataclass
 class CalibSection:
     enabled: bool = True
     # Equal-width confidence bins of the ECE and the reliability diagram.
@@ -198,6 +220,7 @@ class EvaluateConfig:
     clean: CleanSection = field(default_factory=CleanSection)
     shift: ShiftSection = field(default_factory=ShiftSection)
     adv: AttackSection = field(default_factory=AttackSection)
+    cert: CertSection = field(default_factory=CertSection)
     calib: CalibSection = field(default_factory=CalibSection)
     ood: OODSection = field(default_factory=OODSection)
     perf: PerfSection = field(default_factory=PerfSection)

@@ -106,7 +106,9 @@ def wilson_interval(acc: float, n: float, z: float = 1.959964) -> tuple[float, f
     z2 = z * z
     centre = (acc + z2 / (2 * n)) / (1 + z2 / n)
     half = z / (1 + z2 / n) * math.sqrt(acc * (1 - acc) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At acc = 0 (or 1) centre - half (centre + half) is 0 (1) up to rounding, which must not
+    # put the bound on the wrong side of the accuracy (a negative error bar).
+    return min(acc, max(0.0, centre - half)), max(acc, min(1.0, centre + half))
 
 
 def standard_error(scores: Any) -> float:
@@ -133,6 +135,8 @@ def images_key(metric: str) -> str:
     """The metric holding how many images an accuracy was measured on (``test/acc`` ->
     ``test/n``, ``adv/linf_8/acc_worst`` -> ``adv/linf_8/n``); "" for other metrics."""
     prefix, _, last = metric.rpartition("/")
+    if metric.startswith("cert/") and last.startswith("acc"):
+        return "cert/n"  # every certified accuracy is over the same certified images
     return f"{prefix}/n" if prefix and last.startswith("acc") else ""
 
 
@@ -161,7 +165,7 @@ def interval_bars(metrics: dict[str, float], keys: list[str]) -> np.ndarray:
         bounds = accuracy_interval(metrics, key)
         if bounds is not None:
             bars[:, i] = [metrics[key] - bounds[0], bounds[1] - metrics[key]]
-    return bars
+    return np.maximum(bars, 0.0)  # matplotlib refuses negative bars, even of -1e-17
 
 
 def ece(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:

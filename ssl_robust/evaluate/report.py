@@ -5,6 +5,7 @@ A report is a plain dict, so it can be written, read back and re-rendered withou
 - ``metrics``: every number under a hierarchical name (the names of :data:`METRIC_DOCS`);
 - ``meta``: what was evaluated and how (runs, data, grid, threat models, attack protocol);
 - ``sanity``: the sanity checks per norm, ``{"passed": bool, "values": ...}``;
+- ``cert``: each certified image's radius and whether the smoothed classifier was right;
 - ``reliability``: reliability-diagram bins per calibration set;
 - ``ood_hist``: score histograms (in-distribution vs each OOD set);
 - ``notes``: protocol deviations and skipped parts, in words.
@@ -90,6 +91,21 @@ METRIC_DOCS: dict[str, str] = {
     "adv/{threat}/autoattack_wall_s": "Wall time of AutoAttack, seconds.",
     "adv/sanity/{norm}/{check}": "1 if the sanity check passed (Carlini et al. 2019), else 0.",
     "adv/sanity/{norm}/passed": "1 if every sanity check of the norm passed.",
+    "cert/sigma": "Std of the smoothing noise on [0, 1] images (behind a purifier: the noise its "
+    "diffusion to t* adds).",
+    "cert/n": "Number of certified images.",
+    "cert/samples": "Noise draws bounding each image's top-class probability (cert.samples).",
+    "cert/n0": "Noise draws guessing each image's top class.",
+    "cert/alpha": "Failure probability of each certificate.",
+    "cert/acc": "Accuracy of the smoothed classifier (abstentions count as wrong).",
+    "cert/abstain": "Fraction of images the smoothed classifier abstains on.",
+    "cert/acr": "Average certified radius: the mean over images of the certified L2 radius, 0 "
+    "where wrong or abstaining.",
+    "cert/radius/{radius}/acc": "Certified accuracy at an L2 radius: right, with a certified "
+    "radius at least that (Cohen et al. 2019).",
+    "cert/nfe_per_image": "Network evaluations per certified image (noise draws x (denoiser "
+    "calls + 1)).",
+    "cert/wall_s": "Wall time of the certification, seconds.",
     "calib/{set}/ece": "Expected calibration error, calib.n_bins equal-width bins (Guo et al. "
     "2017; behind a stochastic purifier, over the predictions of every purification pooled).",
     "calib/{set}/nll": "Mean negative log-likelihood.",
@@ -186,6 +202,7 @@ def expected_metric_keys(
     calib_sets: Sequence[str] = (),
     ood_sets: Sequence[str] = (),
     perf: bool = False,
+    cert_radii: Sequence[float] = (),
 ) -> set[str]:
     """Every metric name a report of this shape holds.
 
@@ -203,6 +220,7 @@ def expected_metric_keys(
         calib_sets: Calibration sets (``clean``, ``shift``).
         ood_sets: OOD sets.
         perf: The latency section ran.
+        cert_radii: The radii of a certification that ran (empty: none ran).
     """
     keys: set[str] = {"perf/eval_wall_s"}
     if clean:
@@ -242,6 +260,12 @@ def expected_metric_keys(
     for norm in sanity_norms:
         keys |= {f"adv/sanity/{norm}/{c}" for c in SANITY_CHECKS}
         keys.add(f"adv/sanity/{norm}/passed")
+    if cert_radii:
+        keys |= {
+            f"cert/{k}" for k in ("sigma", "n", "samples", "n0", "alpha", "acc", "abstain", "acr")
+        }
+        keys |= {"cert/nfe_per_image", "cert/wall_s"}
+        keys |= {f"cert/radius/{r:g}/acc" for r in cert_radii}
     keys |= {f"calib/{s}/{m}" for s in calib_sets for m in ("ece", "nll", "brier", "acc")}
     keys |= {f"ood/{s}/{sc}/{m}" for s in ood_sets for sc in OOD_SCORES for m in ("auroc", "fpr95")}
     if perf:
@@ -465,6 +489,17 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
             ["str", "str", "pct", "pct", "str", "pct", "pct", "int", "int", "f2"],
         )
 
+    cert_keys = sorted(
+        (k for k in m if k.startswith("cert/radius/")), key=lambda k: float(k.split("/")[2])
+    )
+    if cert_keys:
+        tables["cert"] = Table(
+            "Certified accuracy (%)",
+            ["L2 radius", "certified acc", "95% CI", "images"],
+            [[k.split("/")[2], m[k], _ci95(m, k), m["cert/n"]] for k in cert_keys],
+            ["str", "pct", "str", "int"],
+        )
+
     sanity: dict[str, dict[str, dict[str, Any]]] = report.get("sanity", {})
     if sanity:
         rows = [
@@ -647,6 +682,9 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
         )
     section("Adversarial robustness", ["adv", "sanity"], protocol, "robust_eps")
     section(
+        "Certified robustness (randomized smoothing)", ["cert"], _cert_text(report), "certified"
+    )
+    section(
         "Calibration",
         ["calib"],
         f"ECE with {meta.get('calib_bins', 15)} equal-width confidence bins; NLL; multi-class "
@@ -658,6 +696,25 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
     section("Latency and throughput", ["perf"])
     out += ["## Anchors for context (CIFAR-10; RobustBench entries)", "", _anchors_md(), ""]
     return "\n".join(out)
+
+
+def _cert_text(report: dict[str, Any]) -> str:
+    """How the certificates were made, and what they cost."""
+    m = report.get("metrics", {})
+    c = report.get("meta", {}).get("cert") or {}
+    if "cert/sigma" not in m:
+        return ""
+    return (
+        f"CERTIFY (Cohen et al. 2019) on the smoothed pipeline: Gaussian noise of std "
+        f"{m['cert/sigma']:.4g} on [0, 1] images ({c.get('noise', 'cert.sigma')}), the class "
+        f"guessed from {m['cert/n0']:.0f} draws and its probability bounded from "
+        f"{m['cert/samples']:.0f} more (Clopper-Pearson, each certificate wrong with "
+        f"probability at most {m['cert/alpha']:g}). Smoothed accuracy "
+        f"{100 * m['cert/acc']:.2f}%, abstaining on {100 * m['cert/abstain']:.1f}% of the images; "
+        f"average certified radius {m['cert/acr']:.3f}; {m['cert/nfe_per_image']:.0f} NFE and "
+        f"{m['cert/wall_s']:.1f} s for {m['cert/n']:.0f} images. A certificate holds for the "
+        "smoothed classifier, whatever the attack."
+    )
 
 
 def _ood_text(report: dict[str, Any]) -> str:
@@ -870,11 +927,45 @@ def _plot_confusion(report: dict[str, Any], path: Path) -> Path | None:
     return save_figure(fig, path, dpi=_DPI)
 
 
+def _plot_certified(report: dict[str, Any], path: Path) -> Path | None:
+    """Certified accuracy against the L2 radius, from every image's certified radius."""
+    cert = report.get("cert") or {}
+    if not cert.get("radius"):
+        return None
+    m = report.get("metrics", {})
+    radius = np.asarray(cert["radius"], dtype=float)
+    right = np.asarray(cert["correct"], dtype=bool)
+    top = max(
+        float(radius.max()), *(float(k.split("/")[2]) for k in m if k.startswith("cert/radius/"))
+    )
+    xs = np.linspace(0, max(top, 1e-3) * 1.05, 200)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    ax.plot(xs, [100 * float((right & (radius >= r)).mean()) for r in xs], "-", label="certified")
+    keys = sorted(
+        (k for k in m if k.startswith("cert/radius/")), key=lambda k: float(k.split("/")[2])
+    )
+    if keys:
+        ax.errorbar(
+            [float(k.split("/")[2]) for k in keys], [100 * m[k] for k in keys],
+            yerr=100 * interval_bars(m, keys), fmt="o", capsize=3, label="reported radii (95% CI)",
+        )  # fmt: skip
+    ax.set_xlabel("L2 radius (on [0, 1] images)")
+    ax.set_ylabel("certified accuracy (%)")
+    ax.set_ylim(-2, 102)
+    sigma = m.get("cert/sigma")
+    ax.set_title("Certified accuracy" + (f", sigma {sigma:.3g}" if sigma is not None else ""))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save_figure(fig, path, dpi=_DPI)
+
+
 _PLOTTERS = {
     "shift_severity": _plot_shift,
     "confusion": _plot_confusion,
     "reliability": _plot_reliability,
     "robust_eps": _plot_robust,
+    "certified": _plot_certified,
     "ood_hist": _plot_ood,
 }
 

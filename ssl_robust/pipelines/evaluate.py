@@ -78,6 +78,7 @@ from ssl_robust.evaluate.ood import (
     ood_metrics,
 )
 from ssl_robust.evaluate.report import OOD_SCORES, group_of, log_to_wandb, threat_name, write_report
+from ssl_robust.evaluate.smoothing import ABSTAIN, certified_accuracy, certify
 from ssl_robust.evaluate.store import UnitStore, file_stamp, weights_sha256
 from ssl_robust.finetune.export import load_classifier
 from ssl_robust.finetune.model import Classifier
@@ -91,6 +92,7 @@ from ssl_robust.purify.unet import load_denoiser
 # Offsets of the per-section random streams from run.seed, so that switching one section off
 # does not change the numbers of another.
 _SEED_CLEAN, _SEED_SHIFT, _SEED_ADV, _SEED_OOD, _SEED_PERF, _SEED_EXAMPLES = 1, 2, 3, 4, 5, 6
+_SEED_CERT = 7
 # Adversarial examples each PGD unit keeps for the report's figures (eval.examples shows up to
 # this many, so changing it never recomputes an attack).
 MAX_EXAMPLES = 16
@@ -236,6 +238,40 @@ def check_config(cfg: DictConfig) -> None:
         need(
             not a.autoattack or custom == bool(a.autoattack_attacks),
             "adv.autoattack_attacks must be given exactly when adv.autoattack_version=custom",
+        )
+    c = cfg.cert
+    if c.enabled:
+        if cfg.purifier.run:
+            need(
+                c.sigma == 0,
+                "cert.sigma is the smoothing noise of a bare classifier; behind a purifier its own "
+                "diffusion noise smooths (choose it with purifier.sigma or purifier.t_star), so "
+                "leave cert.sigma=0",
+            )
+            need(
+                not p.fixed_noise,
+                "certification needs fresh noise in every call; set purifier.fixed_noise=false",
+            )
+            need(
+                p.t_star > 0 or p.sigma > 0,
+                "purifier.t_star=0 adds no noise to certify with; set purifier.sigma (e.g. 0.25)",
+            )
+        else:
+            need(
+                c.sigma > 0,
+                "cert.sigma must be > 0 to certify a bare classifier: the std of the smoothing "
+                f"noise on [0, 1] images, e.g. 0.25 (got {c.sigma})",
+            )
+        need(
+            c.n0 >= 1 and c.samples >= 1,
+            f"cert.n0 and cert.samples must be >= 1, got {c.n0} and {c.samples}",
+        )
+        need(0 < c.alpha < 0.5, f"cert.alpha must be in (0, 0.5), got {c.alpha}")
+        need(c.max_images >= 0, f"cert.max_images must be >= 0, got {c.max_images}")
+        need(c.batch_size >= 1, f"cert.batch_size must be >= 1, got {c.batch_size}")
+        need(
+            len(c.radii) > 0 and all(r >= 0 for r in c.radii),
+            f"cert.radii must hold radii >= 0, got {list(c.radii)}",
         )
     need(cfg.calib.n_bins >= 1, f"calib.n_bins must be >= 1, got {cfg.calib.n_bins}")
     o = cfg.ood
@@ -487,6 +523,12 @@ def _unit_specs(
                 "attacks": list(a.autoattack_attacks),
                 "max_images": int(a.max_images),
             }
+    if cfg.cert.enabled:
+        c = cfg.cert
+        specs["cert"] = {
+            k: float(c[k]) if k in ("sigma", "alpha") else int(c[k])
+            for k in ("sigma", "n0", "samples", "alpha", "max_images", "batch_size")
+        }
     if a.sanity_checks:
         for norm in dict.fromkeys(t["norm"] for t in threats):
             specs[f"adv/sanity/{norm}"] = {
@@ -507,6 +549,8 @@ def _unit_kind(unit: str) -> str:
         return "corruption cells"
     if unit.startswith("adv/sanity/"):
         return "sanity-check norms"
+    if unit == "cert":
+        return "certification"
     return "AutoAttack threats" if unit.endswith("/autoattack") else "PGD threats"
 
 
@@ -782,6 +826,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             adv_examples = _adv_section(
                 cfg, model, x_u8, y, threats, device, metrics, report, bar, cache
             )
+        # -- certified (randomized smoothing) ------------------------------------------------
+        if cfg.cert.enabled:
+            _cert_section(cfg, model, x_u8, y, device, metrics, report, bar, cache)
     if cache.done:
         notes.append(
             f"Resumed: {len(cache.done)} of {len(cache.keys)} units of work (clean pass, "
@@ -1460,6 +1507,78 @@ def _examples_section(
             else ""
         )
         + ".",
+    }
+
+
+def _cert_section(
+    cfg: DictConfig,
+    model: Pipeline,
+    x_u8: Tensor,
+    y: Tensor,
+    device: torch.device,
+    metrics: dict[str, float],
+    report: dict[str, Any],
+    bar: Progress,
+    cache: UnitStore,
+) -> None:
+    """Certified L2 accuracy of the smoothed pipeline (:func:`certify`), one unit of ``cache``
+    holding each image's class and radius (so other ``cert.radii`` need no recomputation)."""
+    c = cfg.cert
+    seed = int(cfg.run.seed)
+    idx = torch.from_numpy(_subset(len(y), int(c.max_images), seed + _SEED_CERT))
+    x = _to_float(x_u8[idx], device)
+    labels = y[idx]
+    purifier = model.purifier
+    sigma = purifier.noise_sigma if purifier is not None else float(c.sigma)
+    stored = cache.get("cert")
+    if stored is not None:
+        pred, radius = stored[1]["pred"], stored[1]["radius"]
+        wall = float(stored[0]["wall_s"])
+    else:
+        model.reseed(seed + _SEED_CERT, device)
+        gen = torch.Generator(device=device).manual_seed(seed + _SEED_CERT)
+
+        def bare(xb: Tensor) -> Tensor:
+            noise = torch.randn(xb.shape, generator=gen, device=device, dtype=xb.dtype)
+            return model.classifier(xb + sigma * noise)
+
+        task = bar.add_task("certify, images", total=len(x))
+        start = time.perf_counter()
+        pred, radius = certify(
+            model if purifier is not None else bare,  # the purifier draws the noise itself
+            x,
+            model.classifier.num_classes,
+            sigma,
+            n0=int(c.n0),
+            n=int(c.samples),
+            alpha=float(c.alpha),
+            batch_size=int(c.batch_size),
+            on_image=functools.partial(bar.advance, task),
+        )
+        wall = time.perf_counter() - start
+        bar.remove_task(task)
+        cache.put("cert", {"wall_s": wall}, {"pred": pred, "radius": radius})
+    right = pred == labels
+    metrics["cert/sigma"] = sigma
+    metrics["cert/n"] = float(len(labels))
+    metrics["cert/samples"] = float(c.samples)
+    metrics["cert/n0"] = float(c.n0)
+    metrics["cert/alpha"] = float(c.alpha)
+    metrics["cert/acc"] = right.double().mean().item()
+    metrics["cert/abstain"] = (pred == ABSTAIN).double().mean().item()
+    metrics["cert/acr"] = (radius * right).mean().item()
+    for r, acc in certified_accuracy(pred, radius, labels, list(c.radii)).items():
+        metrics[f"cert/radius/{r:g}/acc"] = acc
+    metrics["cert/nfe_per_image"] = float((c.n0 + c.samples) * model.nfe)
+    metrics["cert/wall_s"] = wall
+    report["cert"] = {"radius": radius.tolist(), "correct": right.tolist()}
+    report["meta"]["cert"] = {
+        "sigma": sigma,
+        "noise": f"the purifier's diffusion to t*={purifier.t_star}" if purifier else "cert.sigma",
+        "n0": int(c.n0),
+        "samples": int(c.samples),
+        "alpha": float(c.alpha),
+        "radii": [float(r) for r in c.radii],
     }
 
 

@@ -261,6 +261,14 @@ class Purifier(nn.Module):
             return ddim_schedule(self.t_star, self.ddim_steps)
         return [self.t_star]
 
+    @property
+    def noise_sigma(self) -> float:
+        """The std of Gaussian noise on [0, 1] images that diffusing to t* amounts to:
+        x_{t*} = sqrt(abar) (2 (x + sigma eps) - 1) with sigma = sqrt((1 - abar) / abar) / 2
+        (denoised smoothing, Carlini et al. 2023); 0 at t* = 0."""
+        abar = self._abar[self.t_star]
+        return math.sqrt((1 - abar) / abar) / 2
+
     def train(self, mode: bool = True) -> Purifier:
         """Sets the training flag but keeps the UNet in eval mode (purification is inference)."""
         super().train(mode)
