@@ -16,11 +16,13 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -271,19 +273,41 @@ def select_metrics(runs: Sequence[Run], metrics: Sequence[str] | None = None) ->
     return chosen or sorted(present)
 
 
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if value == "":
+        return "none"  # e.g. purifier.run of an evaluation without a purifier
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def ordered_runs(
+    runs: Sequence[Run], keys: Sequence[str], active: Mapping[str, dict[str, Any]] | None = None
+) -> list[Run]:
+    """The runs in the order of their table: by the differing keys' values, then by name."""
+    active = active or {r.source: _active_config(r) for r in runs}
+    return sorted(runs, key=lambda r: [_fmt(active[r.source].get(k)) for k in keys] + [r.name])
+
+
+def run_link(run: Run, out: Path) -> str | None:
+    """Where a run's name points from a comparison in ``out``: its report (an evaluation), its
+    curves (a training run) or its folder, relative to ``out``; None for a wandb run."""
+    folder = Path(run.source)
+    if run.source.startswith("wandb:") or not folder.is_dir():
+        return None
+    target = next(
+        (folder / f for f in ("report.md", "curves.png") if (folder / f).is_file()), folder
+    )
+    return os.path.relpath(target.resolve(), out.resolve())
+
+
 def table(
     runs: Sequence[Run], keys: Sequence[str], metrics: Sequence[str]
 ) -> tuple[list[str], list[list[str]]]:
-    """Header and rows (strings), runs sorted by the differing keys."""
-
-    def fmt(value: Any) -> str:
-        if value is None:
-            return "—"
-        if value == "":
-            return "none"  # e.g. purifier.run of an evaluation without a purifier
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        return str(value)
+    """Header and rows (strings), runs sorted by the differing keys (:func:`ordered_runs`)."""
+    fmt = _fmt
 
     # Here, not at the top: the evaluate package imports torch, which a comparison of finished
     # runs needs only for this interval.
@@ -298,7 +322,7 @@ def table(
 
     # A switched-off section's settings show as missing: they did not act.
     active = {r.source: _active_config(r) for r in runs}
-    ordered = sorted(runs, key=lambda r: [fmt(active[r.source].get(k)) for k in keys] + [r.name])
+    ordered = ordered_runs(runs, keys, active)
     header = ["run", *keys, *metrics]
     rows = [
         [r.name, *(fmt(active[r.source].get(k)) for k in keys), *(metric(r, m) for m in metrics)]
@@ -313,15 +337,28 @@ CI_NOTE = (
 )
 
 
-def to_markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def to_markdown(
+    header: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    links: Sequence[str | None] | None = None,
+) -> str:
+    """A Markdown table; ``links[i]``, when given, makes row i's first cell a link."""
+
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
+
+    def first(i: int, text: str) -> str:
+        link = links[i] if links else None
+        return f"[{cell(text)}]({quote(link)})" if link else cell(text)
 
     lines = [
         "| " + " | ".join(map(cell, header)) + " |",
         "|" + "|".join(" --- " for _ in header) + "|",
     ]
-    lines += ["| " + " | ".join(map(cell, row)) + " |" for row in rows]
+    lines += [
+        "| " + " | ".join([first(i, row[0]), *map(cell, row[1:])]) + " |"
+        for i, row in enumerate(rows)
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -329,13 +366,25 @@ def to_html(
     sections: Sequence[tuple[str | None, Sequence[str], Sequence[Sequence[str]]]],
     title: str,
     note: str = "",
+    links: Sequence[Sequence[str | None]] | None = None,
 ) -> str:
-    """A page with one table per ``(heading or None, header, rows)`` section, and a note."""
+    """A page with one table per ``(heading or None, header, rows)`` section, and a note;
+    ``links[s][i]``, when given, makes row i's first cell of section s a link."""
     body = []
-    for heading, header, rows in sections:
+    for s, (heading, header, rows) in enumerate(sections):
         head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+
+        def first(i: int, text: str, s: int = s) -> str:
+            link = links[s][i] if links else None
+            if not link:
+                return html.escape(text)
+            return f"<a href='{html.escape(quote(link))}'>{html.escape(text)}</a>"
+
         cells = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>\n" for row in rows
+            "<tr>"
+            + "".join(f"<td>{c}</td>" for c in [first(i, row[0]), *map(html.escape, row[1:])])
+            + "</tr>\n"
+            for i, row in enumerate(rows)
         )
         if heading:
             body.append(f"<h2>{html.escape(heading)}</h2>\n")
@@ -570,21 +619,26 @@ def compare(
     groups = by_job(runs)
     keys_by_job = {job: differing_keys(members) for job, members in groups.items()}
     sections: list[tuple[str | None, list[str], list[list[str]]]] = []
+    links: list[list[str | None]] = []  # each row's run name links to its report or curves
     for job, members in groups.items():
         present = {m for r in members for m in r.metrics}
         columns = [m for m in metrics if m in present] if metrics else select_metrics(members)
         n = len(members)
         heading = f"{job} ({n} run{'s' if n > 1 else ''})" if len(groups) > 1 else None
         sections.append((heading, *table(members, keys_by_job[job], columns)))
+        links.append([run_link(r, out) for r in ordered_runs(members, keys_by_job[job])])
     written = {"markdown": out / "comparison.md", "html": out / "comparison.html"}
     md = [f"# {title}\n"]
-    md += [(f"## {h}\n\n" if h else "") + to_markdown(hd, rows) for h, hd, rows in sections]
+    md += [
+        (f"## {h}\n\n" if h else "") + to_markdown(hd, rows, ln)
+        for (h, hd, rows), ln in zip(sections, links, strict=True)
+    ]
     # An interval is shown where a run recorded how many images an accuracy is over.
     shown = any(" [" in cell for _, _, rows in sections for row in rows for cell in row[1:])
     if shown:
         md.append(CI_NOTE + "\n")
     written["markdown"].write_text("\n".join(md))
-    written["html"].write_text(to_html(sections, title, CI_NOTE if shown else ""))
+    written["html"].write_text(to_html(sections, title, CI_NOTE if shown else "", links))
 
     # Clean vs corruption accuracy per method (and whatever else differs) against label
     # fraction: from the evaluations when they vary it, else from the fine-tuning runs.

@@ -4,6 +4,7 @@ hand-written fine-tuning / evaluation run directories that name their upstream r
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from ssl_robust.compare import (
     job_of,
     load_run,
     run_labels,
+    run_link,
     select_metrics,
     severity_data,
     severity_key,
@@ -72,9 +74,14 @@ def test_offline_pretraining_runs_compare(pretrain_runs: dict[str, Path], tmp_pa
     # Only the key that differs is a column (the run dirs are ignored), with the metric.
     header = md.splitlines()[2]
     assert header == "| run | method.name | val/knn_acc |"
+    out = tmp_path / "out"
     for method, run in pretrain_runs.items():
         knn = json.loads((run / "metrics.json").read_text())["val/knn_acc"]
-        assert f"| {run.name} | {method} | {knn:.4g} |" in md
+        # The run's name links to its training curves, relative to the comparison.
+        link = os.path.relpath(run / "curves.png", out)
+        assert f"| [{run.name}]({link}) | {method} | {knn:.4g} |" in md
+        assert (out / link).is_file()
+        assert f"<a href='{link}'>{run.name}</a>" in written["html"].read_text()
     assert "<td>byol</td>" in written["html"].read_text()
     assert "plot_accuracy_vs_fraction" not in written  # nothing to plot for pretraining
     # The kNN accuracy of both runs against epochs, one panel, a line per method.
@@ -185,7 +192,7 @@ def test_runs_of_several_phases_compare_within_their_phase(
         "| run | val/loss |",
         "| run | subset.fraction | test/acc | val/loss |",
     ]
-    assert "| ft-0.1 | 0.1 | 0.525 | 0.95 |" in md
+    assert "| [ft-0.1](../runs/ft-0.1) | 0.1 | 0.525 | 0.95 |" in md  # no curves: the folder
     assert written["html"].read_text().count("<table>") == 3
     # The fine-tuning runs' accuracy against the fraction.
     assert "plot_accuracy_vs_fraction" in written
@@ -351,3 +358,15 @@ def test_a_linear_probe_has_no_augmentation_and_workers_explain_nothing(tmp_path
     assert differing_keys(runs) == ["mode"]
     _, rows = table(runs, ["mode", "augment.crop_padding"], [])
     assert sorted(rows) == [["full", "full", "4"], ["probe", "linear", "—"]]
+
+
+def test_run_names_link_to_the_report_the_curves_or_the_folder(tmp_path: Path) -> None:
+    ev = _write_run(tmp_path / "runs" / "ev 1", {}, {"test/acc": 0.5}, name="report.json")
+    (ev / "report.md").write_text("# report")
+    bare = _write_run(tmp_path / "runs" / "ft", {}, {"test/acc": 0.5})
+    out = tmp_path / "out"
+    assert run_link(load_run(ev), out) == "../runs/ev 1/report.md"
+    assert run_link(load_run(bare), out) == "../runs/ft"
+    assert run_link(Run("w", "wandb:e/p/id", {}, {}), out) is None
+    md = compare([ev, bare], out)["markdown"].read_text()
+    assert "[ev 1](../runs/ev%201/report.md)" in md  # a space in a link is escaped
