@@ -12,6 +12,7 @@ write a finished figure, and a grid of images for the figures that show data rat
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ def save_figure(fig: Any, path: Path, dpi: int) -> Path:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # one per process
     try:
         fig.savefig(tmp, dpi=dpi)
         tmp.replace(path)

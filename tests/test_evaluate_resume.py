@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from ssl_robust.config import EvaluateConfig, load_config
+from ssl_robust.evaluate.store import STALE_TMP_S
 from ssl_robust.finetune.export import load_classifier, save_classifier
 from ssl_robust.models.export import EncoderMeta
 from tests.eval_runs import tiny_denoiser, train_digits_classifier
@@ -286,8 +289,13 @@ def test_unreadable_units_and_temp_files_are_ignored(
     torn.write_bytes(torn.read_bytes()[:-50])
     (partial / "adv/linf_8/pgd.safetensors").write_bytes(b"not a safetensors file")
     (partial / "adv/sanity/l2.safetensors").write_bytes(b"")
-    tmp = partial / "shift/contrast/.1.safetensors.tmp"
+    tmp = partial / "shift/contrast/.1.safetensors.123.tmp"
     tmp.write_bytes(b"half a file")
+    hour_ago = time.time() - STALE_TMP_S - 1
+    os.utime(tmp, (hour_ago, hour_ago))
+    # A fresh one may be another process's write in progress: left alone.
+    fresh = partial / "shift/contrast/.5.safetensors.456.tmp"
+    fresh.write_bytes(b"being written")
     capsys.readouterr()
 
     metrics, calls = evaluate_counted(cfg, monkeypatch)
@@ -298,7 +306,7 @@ def test_unreadable_units_and_temp_files_are_ignored(
         "shift/contrast/5, adv/linf_8/pgd, adv/sanity/l2"
     ) in out
     assert "3/4 corruption cells, 1/2 PGD threats, 1/2 sanity-check norms" in out
-    assert not tmp.exists()
+    assert not tmp.exists() and fresh.exists()
     assert _numbers(metrics) == _numbers(reference)
     # Replaced by readable units: the next rerun computes nothing.
     _, calls = evaluate_counted(cfg, monkeypatch)
@@ -356,3 +364,45 @@ def test_unit_store_round_trip_staleness_and_messages(tmp_path: Path) -> None:
     assert other_seed.get("shift/fog/1") is None and other_seed.stale == ["shift/fog/1"]
     fresh = UnitStore(folder, {"seed": 0}, specs, resume=False)
     assert fresh.discarded and not folder.exists() and fresh.get("shift/fog/1") is None
+
+
+@pytest.mark.slow
+def test_jobs_for_separate_sections_share_a_run_directory_at_the_same_time(
+    cfg_for: Callable[..., DictConfig],
+    classifier_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two processes, one per threat (and one also on the corruption grid), write their units
+    into one run directory at once; a last run with the whole config computes nothing and
+    reports what one run would have."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    shared = tmp_path / "shared"
+    base = [
+        sys.executable,
+        str(root / "scripts" / "evaluate.py"),
+        "tiny",
+        f"classifier.run={classifier_run}",
+        f"run.dir={shared}",
+        *SMALL,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    pipe = {"env": env, "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    jobs = [
+        subprocess.Popen([*base, "adv.l2_eps=[]"], **pipe),  # type: ignore[call-overload]
+        subprocess.Popen(  # type: ignore[call-overload]
+            [*base, "adv.linf_eps=[]", "shift.enabled=false"], **pipe
+        ),
+    ]
+    for proc in jobs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+    assert set(_stamps(shared)) == set(UNITS)
+    assert not list((shared / "partial").rglob(".*.tmp"))
+    merged, calls = evaluate_counted(cfg_for("shared"), monkeypatch)
+    assert calls == (0, 0, 0)
+    reference, _ = evaluate_counted(cfg_for("alone"), monkeypatch)
+    assert _numbers(merged) == _numbers(reference)

@@ -34,6 +34,7 @@ from ssl_robust.evaluate.corruptions import (
     frost_textures_sha256,
     load_frost_textures,
 )
+from ssl_robust.evaluate.store import private_tmp
 
 __all__ = [
     "available_corruptions",
@@ -104,7 +105,7 @@ def _corruption_seed(seed: int, name: str, severity: int) -> int:
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = private_tmp(path)
     with open(tmp, "wb") as f:
         np.save(f, array)
         f.flush()
@@ -113,7 +114,7 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
 
 
 def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = private_tmp(path)
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2)
         f.write("\n")

@@ -30,6 +30,7 @@ import numpy as np
 
 from ssl_robust.evaluate.corruptions import CORRUPTION_GROUPS
 from ssl_robust.evaluate.metrics import accuracy_interval, interval_bars
+from ssl_robust.evaluate.store import private_tmp
 from ssl_robust.plotting import pyplot, save_figure
 
 __all__ = [
@@ -998,7 +999,7 @@ def _json_safe(value: Any) -> Any:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = private_tmp(path)
     tmp.write_text(text)
     os.replace(tmp, path)
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,17 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 UNIT_SUFFIX = ".safetensors"
+
+
+# A temp file older than this is left over from a killed write, not one in progress.
+STALE_TMP_S = 3600.0
+
+
+def private_tmp(path: Path) -> Path:
+    """The temp file a process writes ``path`` through before renaming it into place: hidden,
+    and named after the process, so that processes writing into one run directory at the same
+    time (e.g. separate jobs for separate threats) never write through the same temp file."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def sha256_json(value: Any) -> str:
@@ -101,9 +113,15 @@ class UnitStore:
         self.discarded = not resume and folder.exists()
         if self.discarded:
             shutil.rmtree(folder)
-        if folder.exists():  # temp files of writes that a kill interrupted
+        if folder.exists():  # temp files of writes that a kill interrupted, an hour ago or more
+            # (younger ones may be another process's write in progress into the same folder)
+            stale = time.time() - STALE_TMP_S
             for tmp in folder.rglob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
+                try:
+                    if tmp.stat().st_mtime < stale:
+                        tmp.unlink()
+                except FileNotFoundError:  # renamed into place meanwhile
+                    pass
         for unit, key in self.keys.items():
             path = self._path(unit)
             if not path.is_file():
@@ -133,7 +151,7 @@ class UnitStore:
             {k: v.detach().cpu().contiguous() for k, v in (tensors or {}).items()},
             metadata={"key": self.keys[unit], "data": json.dumps(data)},
         )
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = private_tmp(path)
         with open(tmp, "wb") as f:
             f.write(blob)
             f.flush()
