@@ -277,3 +277,28 @@ def test_a_linear_probe_reads_every_labeled_image_each_epoch(
     finetune(ft_cfg(random_encoder, run, "subset.per_class=10", "trainer.max_epochs=2"))
     ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2 * 4  # 100 images in batches of 32, 32, 32 and 4
+
+
+def test_gaussian_noise_augmentation_trains_on_noisy_images(
+    random_encoder: Path, tmp_path: Path
+) -> None:
+    seen: list[torch.Tensor] = []
+
+    class FirstBatch(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):  # type: ignore[no-untyped-def]
+            seen.append(batch[0].detach().clone())
+
+    common = ["mode=full", "augment.crop_padding=0", "trainer.fast_dev_run=true"]
+    for i, sigma in enumerate((0.0, 0.5, 0.5)):
+        cfg = ft_cfg(random_encoder, tmp_path / f"r{i}", *common, f"augment.gaussian_noise={sigma}")
+        finetune(cfg, callbacks=[FirstBatch()])
+    clean, noisy, again = seen
+    noise = noisy - clean  # the same images in the same order: only the noise differs
+    assert noise.std().item() == pytest.approx(0.5, rel=0.05)
+    assert noise.mean().abs().item() < 0.02
+    assert noisy.min() < 0 and noisy.max() > 1  # unclipped, as the smoothing noise is
+    assert torch.equal(noisy, again)  # seeded per image: a resumed run sees the same noise
+    with pytest.raises(ConfigError, match="only mode=full does"):
+        finetune(ft_cfg(random_encoder, tmp_path / "lin", "augment.gaussian_noise=0.25"))
+    with pytest.raises(ConfigError, match=r"'augment.gaussian_noise': must be >= 0"):
+        ft_cfg(random_encoder, tmp_path / "neg", "augment.gaussian_noise=-1")

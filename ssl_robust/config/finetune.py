@@ -67,6 +67,10 @@ class AugmentConfig:
     # is another symbol, so the default flips nothing.
     crop_padding: int = 2
     hflip_prob: float = 0.0
+    # Std of Gaussian noise added to every training image on [0, 1], unclipped (0: none): the
+    # base classifier of randomized smoothing is trained with the sigma it is certified at
+    # (Cohen et al. 2019, cert.sigma of the evaluation); also a common corruption baseline.
+    gaussian_noise: float = 0.0
 
 
 @dataclass
@@ -126,6 +130,7 @@ RANGES: dict[str, Range] = {
     "subset.per_class": at_least(0, "0 = use subset.fraction"),
     "augment.crop_padding": at_least(0),
     "augment.hflip_prob": PROBABILITY,
+    "augment.gaussian_noise": at_least(0, "0 = none"),
     "optim.lr": above(0),
     "optim.encoder_lr_mult": at_least(0, "0 = a frozen encoder"),
     "optim.momentum": MOMENTUM,

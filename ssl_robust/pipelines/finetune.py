@@ -27,6 +27,7 @@ import torchvision.transforms as T
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
+from torchvision.transforms.v2 import GaussianNoise
 
 from ssl_robust.config import ConfigError, save_config, to_dict
 from ssl_robust.data.datamodule import EpochSeededSampler, eval_loader, usable_workers
@@ -311,6 +312,10 @@ def run_full(
     if a.hflip_prob:
         steps.append(T.RandomHorizontalFlip(a.hflip_prob))
     steps.append(T.ToTensor())
+    if a.gaussian_noise:
+        # Drawn from torch's RNG, which TransformDataset seeds per (seed, epoch, image): a
+        # resumed run adds the same noise.
+        steps.append(GaussianNoise(sigma=float(a.gaussian_noise), clip=False))
     train_source = job.splits.train.subset(job.subset.numpy())
     train_ds = TransformDataset(train_source, T.Compose(steps), seed=cfg.run.seed)
     bs = cfg.data.batch_size
@@ -389,6 +394,11 @@ def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
     # Cheap checks first: nothing is loaded or written before the request is known valid.
     if cfg.mode not in MODES:
         raise ConfigError(f"unknown mode {cfg.mode!r}; choose from {sorted(MODES)}")
+    if cfg.mode == "linear" and cfg.augment.gaussian_noise > 0:
+        raise ConfigError(
+            "augment.gaussian_noise trains on noisy images, which only mode=full does; a linear "
+            "probe trains on features of the clean images (cached once)"
+        )
     spec = SubsetSpec(cfg.subset.fraction, cfg.subset.per_class, seed=cfg.run.seed)
     if not cfg.encoder.run:
         raise ConfigError(
