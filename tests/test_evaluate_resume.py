@@ -16,8 +16,8 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from ssl_robust.config import EvaluateConfig, load_config
-from ssl_robust.evaluate.store import STALE_TMP_S
+from ssl_robust.config import ConfigError, EvaluateConfig, load_config
+from ssl_robust.evaluate.store import STALE_TMP_S, read_unit
 from ssl_robust.finetune.export import load_classifier, save_classifier
 from ssl_robust.models.export import EncoderMeta
 from tests.eval_runs import tiny_denoiser, train_digits_classifier
@@ -406,3 +406,58 @@ def test_jobs_for_separate_sections_share_a_run_directory_at_the_same_time(
     assert calls == (0, 0, 0)
     reference, _ = evaluate_counted(cfg_for("alone"), monkeypatch)
     assert _numbers(merged) == _numbers(reference)
+
+
+def test_shard_blocks_and_their_merge() -> None:
+    blocks = [job.shard_block(10, i, 3) for i in (1, 2, 3)]
+    assert [list(range(10))[b] for b in blocks] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    p = "adv/linf_8/"
+    parts = [
+        {p + "acc": 0.5, p + "acc_worst": 0.25, p + "clean_acc": 1.0, p + "n": 4.0,
+         p + "attack_calls_per_image": 6.0, p + "pipeline_calls_per_image": 8.0,
+         p + "nfe_per_image": 12.0, p + "wall_s": 2.0, p + "steps": 5.0},
+        {p + "acc": 0.0, p + "acc_worst": 0.0, p + "clean_acc": 0.5, p + "n": 2.0,
+         p + "attack_calls_per_image": 6.0, p + "pipeline_calls_per_image": 8.0,
+         p + "nfe_per_image": 12.0, p + "wall_s": 1.0, p + "steps": 5.0},
+    ]  # fmt: skip
+    merged = job.merge_pgd_shards(parts, p)
+    assert merged[p + "acc"] == pytest.approx(2 / 6) and merged[p + "acc_worst"] == 1 / 6
+    assert merged[p + "clean_acc"] == pytest.approx(5 / 6) and merged[p + "n"] == 6
+    assert merged[p + "wall_s"] == 3.0 and merged[p + "steps"] == 5.0
+    assert merged[p + "nfe_per_image"] == 12.0
+
+
+def test_sharded_attacks_run_as_separate_jobs_and_merge(
+    cfg_for: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    off = [f"{s}.enabled=false" for s in ("shift", "calib", "ood")]
+    sharded = [*off, "adv.shards=3", "adv.sanity_checks=false"]
+    # One job computing every block, then merging.
+    whole, calls = evaluate_counted(cfg_for("one", *sharded), monkeypatch)
+    assert calls == (0, 6, 0)  # 2 threats x 3 blocks
+    p = "adv/linf_8/"
+    units = [
+        read_unit(
+            Path(cfg_for("one").run.dir) / "partial" / f"adv/linf_8/pgd/shard-{i}-of-3.safetensors"
+        )
+        for i in (1, 2, 3)
+    ]
+    parts = [u[1] for u in units if u is not None]
+    assert [part[p + "n"] for part in parts] == [5, 5, 6]  # 16 attacked images
+    assert whole[p + "n"] == 16
+    assert whole[p + "acc"] == pytest.approx(sum(q[p + "acc"] * q[p + "n"] for q in parts) / 16)
+    # Workers for blocks 1 and 2 (a SLURM array, say) store their units and write no report;
+    # the merging run computes only block 3 and reports the same numbers.
+    for i in (1, 2):
+        worker, calls = evaluate_counted(cfg_for("split", *sharded, f"adv.shard={i}"), monkeypatch)
+        assert calls == (0, 2, 0) and worker[p + "n"] == parts[i - 1][p + "n"]
+    split = Path(cfg_for("split").run.dir)
+    assert not (split / "report.json").exists()
+    merged, calls = evaluate_counted(cfg_for("split", *sharded), monkeypatch)
+    assert calls == (0, 2, 0)
+    assert _numbers(merged) == _numbers(whole)
+    assert (split / "report.json").exists()
+    with pytest.raises(ConfigError, match=r"adv.shard must be in 0..adv.shards \(3\)"):
+        job.evaluate(cfg_for("bad", *sharded, "adv.shard=4"))
+    with pytest.raises(ConfigError, match=r"set adv\.shards > 1"):
+        job.evaluate(cfg_for("bad", "adv.shard=1"))

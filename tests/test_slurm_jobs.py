@@ -270,3 +270,58 @@ def test_finetune_array_runs_one_job_per_line(tmp_path: Path, jobs: list[int]) -
     # Different label fractions really gave different labeled subsets.
     sizes = {p.name: _metrics(p)["subset/size"] for p in runs}
     assert sizes["subset.fraction_0.5_run.seed_0"] > sizes["subset.fraction_0.1_run.seed_0"]
+
+
+def test_evaluate_array_attacks_one_block_per_task_and_a_last_run_merges(
+    tmp_path: Path, jobs: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    from ssl_robust.config import EvaluateConfig, load_config
+    from tests.eval_runs import train_digits_classifier
+
+    classifier = train_digits_classifier(tmp_path / "ft", steps=60)
+    run_dir = tmp_path / "eval"
+    args = [
+        "tiny",
+        f"classifier.run={classifier}",
+        f"run.dir={run_dir}",
+        "adv.shards=2",
+        "adv.linf_eps=[8]",
+        "adv.l2_eps=[]",
+        "adv.max_images=12",
+        "adv.sanity_checks=false",
+        *[f"{s}.enabled=false" for s in ("shift", "calib", "ood", "perf")],
+    ]
+    options = [
+        "--array=1-2",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        "--time=10",
+        f"--output={tmp_path}/slurm-%A_%a.out",
+    ]
+    job = _sbatch("evaluate.sbatch", options, ["eval.device=cpu", *args], {})
+    jobs.append(job)
+    deadline = time.monotonic() + 300
+    states: dict[int, str] = {}
+    while len(states) < 2:
+        assert time.monotonic() < deadline, f"array tasks finished: {states}"
+        for task in (1, 2):
+            try:
+                status = job_status(f"{job}_{task}")  # type: ignore[arg-type]
+            except RuntimeError:
+                continue
+            if status["state"] in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}:
+                states[task] = str(status["state"])
+        time.sleep(1.0)
+    logs = "\n".join(p.read_text(errors="replace") for p in tmp_path.glob("slurm-*_*.out"))
+    assert set(states.values()) == {"COMPLETED"}, logs
+    assert "PGD shard 1 of 2" in logs and "PGD shard 2 of 2" in logs
+    shards = sorted(p.name for p in (run_dir / "partial" / "adv" / "linf_8" / "pgd").iterdir())
+    assert shards == ["shard-1-of-2.safetensors", "shard-2-of-2.safetensors"]
+    assert not (run_dir / "report.json").exists()  # the tasks only store their blocks
+    # The merging run attacks nothing.
+    job_mod = importlib.import_module("ssl_robust.pipelines.evaluate")
+    monkeypatch.setattr(job_mod, "robust_accuracy", None)
+    metrics = job_mod.evaluate(load_config(EvaluateConfig, args, job="evaluate"))
+    assert metrics["adv/linf_8/n"] == 12 and (run_dir / "report.md").is_file()

@@ -139,6 +139,12 @@ class AttackSection:
     rescore_draws: int = 10
     # Images attacked (a seeded subset of the evaluation set); 0 = all.
     max_images: int = 512
+    # Split each threat's PGD over `shards` blocks of the attacked images, one unit each, so
+    # that separate jobs (a SLURM array) can attack a block each: `shard` = i (1..shards) runs
+    # only block i's attacks and stores them; 0 runs whatever blocks are missing, merges them
+    # and writes the report.
+    shards: int = 1
+    shard: int = 0
     # AutoAttack (Croce & Hein 2020) for deterministic pipelines; needs `pyautoattack`.
     autoattack: bool = True
     autoattack_version: str = "standard"

@@ -228,7 +228,7 @@ def save_config(cfg: DictConfig, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # one per process
     tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     os.replace(tmp, path)
 

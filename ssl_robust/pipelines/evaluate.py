@@ -226,6 +226,16 @@ def check_config(cfg: DictConfig) -> None:
         for key in ("steps", "eot", "rescore_draws", "sanity_images"):
             need(a[key] >= 1, f"adv.{key} must be >= 1, got {a[key]}")
         need(a.max_images >= 0, f"adv.max_images must be >= 0, got {a.max_images}")
+        need(a.shards >= 1, f"adv.shards must be >= 1, got {a.shards}")
+        need(
+            0 <= a.shard <= a.shards,
+            f"adv.shard must be in 0..adv.shards ({a.shards}): 0 runs every block, i one block; "
+            f"got {a.shard}",
+        )
+        need(
+            a.shard == 0 or a.shards > 1,
+            f"adv.shard={a.shard} runs one block of the attacked images: set adv.shards > 1",
+        )
         need(a.step_size >= 0, f"adv.step_size must be >= 0 (0: automatic), got {a.step_size}")
         need(a.sanity_queries >= 0, f"adv.sanity_queries must be >= 0, got {a.sanity_queries}")
         need(a.sanity_tol >= 0, f"adv.sanity_tol must be >= 0, got {a.sanity_tol}")
@@ -514,8 +524,13 @@ def _unit_specs(
         "max_images": int(a.max_images),
     }
     run_aa = bool(a.autoattack) and _autoattack_skip(cfg, stochastic) is None
+    shards = int(a.shards)
     for t in threats:
-        specs[f"adv/{t['name']}/pgd"] = {"threat": t, "attack": attack}
+        for i in range(1, shards + 1):
+            spec = {"threat": t, "attack": attack}
+            specs[pgd_unit(t["name"], i, shards)] = spec | (
+                {"shard": [i, shards]} if shards > 1 else {}
+            )
         if run_aa:
             specs[f"adv/{t['name']}/autoattack"] = {
                 "threat": t,
@@ -551,6 +566,8 @@ def _unit_kind(unit: str) -> str:
         return "sanity-check norms"
     if unit == "cert":
         return "certification"
+    if "/pgd/shard-" in unit:
+        return "PGD shards"
     return "AutoAttack threats" if unit.endswith("/autoattack") else "PGD threats"
 
 
@@ -700,7 +717,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     stochastic = model.stochastic
 
     # -- finished units of an earlier, interrupted run -----------------------------------------
-    if corruptions and cfg.shift.cifar_c_dir and cfg.shift.write_cifar_c:
+    worker = bool(cfg.adv.enabled) and int(cfg.adv.shard) >= 1  # one block of the attacks only
+    if corruptions and cfg.shift.cifar_c_dir and cfg.shift.write_cifar_c and not worker:
         # Before the units are keyed: the cells read from the folder are keyed by its files.
         write_cifar_c(
             Path(cfg.shift.cifar_c_dir),
@@ -733,6 +751,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     for line in cache.messages():
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     model = model.to(device)
+    if worker:
+        return _shard_worker(cfg, model, x_u8, y, threats, device, cache, run_dir)
     purifier_desc = None
     if purifier is not None:
         purifier_desc = (
@@ -1167,6 +1187,137 @@ def _frost_note(source: str, folder: Path | None, written: bool) -> str:
     return f"frost: read from {folder}, written with {_frost_textures_words(photos)}"
 
 
+def pgd_unit(threat: str, shard: int, shards: int) -> str:
+    """The unit (and relative file) of one threat's PGD, or of one of its ``shards`` blocks."""
+    return f"adv/{threat}/pgd" + (f"/shard-{shard}-of-{shards}" if shards > 1 else "")
+
+
+def shard_block(n: int, shard: int, shards: int) -> slice:
+    """Block ``shard`` (1-based) of ``shards`` contiguous, near-equal blocks of n items; the
+    first block holds the first items (the examples figure's)."""
+    return slice((shard - 1) * n // shards, shard * n // shards)
+
+
+# Per-image means of a PGD unit, merged across shards weighted by their images.
+_PER_IMAGE = (
+    "acc",
+    "acc_worst",
+    "clean_acc",
+    "attack_calls_per_image",
+    "pipeline_calls_per_image",
+    "nfe_per_image",
+)
+
+
+def merge_pgd_shards(parts: Sequence[dict[str, float]], prefix: str) -> dict[str, float]:
+    """One threat's PGD numbers from those of its shards: per-image means weighted by each
+    shard's images, the images and wall times summed, the settings (steps, EOT, draws) kept."""
+    n = sum(part[prefix + "n"] for part in parts)
+    merged = {k: v for k, v in parts[0].items()}
+    for key in _PER_IMAGE:
+        merged[prefix + key] = sum(part[prefix + key] * part[prefix + "n"] for part in parts) / n
+    merged[prefix + "n"] = n
+    merged[prefix + "wall_s"] = sum(part[prefix + "wall_s"] for part in parts)
+    return merged
+
+
+def _pgd(
+    cfg: DictConfig,
+    model: Pipeline,
+    x: Tensor,
+    y: Tensor,
+    t: dict[str, Any],
+    eot: int,
+    draws: int,
+    device: torch.device,
+    bar: Progress,
+    shard: int,
+) -> tuple[dict[str, float], Tensor]:
+    """PGD(-EOT) with re-scoring of one threat on ``x``: its numbers under ``adv/<threat>/``
+    and its first adversarial examples. Shard i > 1 draws from streams of its own; shard 1 (an
+    unsharded attack) from those the evaluation always used."""
+    a = cfg.adv
+    p = f"adv/{t['name']}/"
+    seed = int(cfg.run.seed) + _SEED_ADV + 1_000_003 * (shard - 1)
+    model.reseed(seed, device)
+    model.calls = 0
+    # PGD on a purifier runs for hours: a bar of its steps (all batches) beside.
+    n_steps = robust_accuracy_steps(len(x), int(cfg.eval.batch_size), int(a.steps))
+    steps_task = bar.add_task(f"PGD {t['name']} steps", total=n_steps)
+    res = robust_accuracy(
+        model,
+        (x, y),
+        norm=t["norm"],
+        eps=t["eps"],
+        steps=int(a.steps),
+        eot=eot,
+        rescore_draws=draws,
+        step_size=float(a.step_size) if a.step_size > 0 else None,
+        random_start=bool(a.random_start),
+        generator=torch.Generator().manual_seed(seed),
+        loss=a.loss,
+        batch_size=int(cfg.eval.batch_size),
+        nfe_per_call=model.nfe,
+        on_step=functools.partial(bar.advance, steps_task),
+        examples=MAX_EXAMPLES,
+    )
+    bar.remove_task(steps_task)
+    found = {
+        p + "acc": res["acc"],
+        p + "acc_worst": res["acc_worst"],
+        p + "clean_acc": res["clean_acc"],
+        p + "n": res["n"],
+        p + "steps": float(a.steps),
+        p + "eot": float(eot),
+        p + "rescore_draws": float(draws),
+        p + "attack_calls_per_image": res["attack_calls_per_image"],
+        p + "pipeline_calls_per_image": model.calls / res["n"],
+        p + "nfe_per_image": res["attack_nfe_per_image"],
+        p + "wall_s": res["wall_s"],
+    }
+    return found, res["x_adv"]
+
+
+def _shard_worker(
+    cfg: DictConfig,
+    model: Pipeline,
+    x_u8: Tensor,
+    y: Tensor,
+    threats: list[dict[str, Any]],
+    device: torch.device,
+    cache: UnitStore,
+    run_dir: Path,
+) -> dict[str, float]:
+    """``adv.shard`` = i: PGD on block i of the attacked images for every threat, stored as
+    units (a job of a SLURM array, say); no report. The run with ``adv.shard=0`` merges."""
+    a = cfg.adv
+    i, k = int(a.shard), int(a.shards)
+    eot, draws = _attack_budget(cfg, model.stochastic)
+    idx = torch.from_numpy(_subset(len(y), int(a.max_images), int(cfg.run.seed) + _SEED_ADV))
+    block = shard_block(len(idx), i, k)
+    x = _to_float(x_u8[idx[block]], device)
+    y_a = y[idx[block]].to(device)
+    metrics: dict[str, float] = {}
+    with _progress(cfg.eval.progress) as bar:
+        for t in threats:
+            unit = pgd_unit(t["name"], i, k)
+            stored = cache.get(unit)
+            if stored is not None:
+                found = stored[0]
+            else:
+                found, x_adv = _pgd(cfg, model, x, y_a, t, eot, draws, device, bar, i)
+                cache.put(unit, found, {"x_adv": x_adv})
+            metrics.update(found)
+    title = f"evaluate {Path(cfg.classifier.run).resolve().name}: PGD shard {i} of {k}"
+    extra = {
+        "Stored": str(cache.folder),
+        "Next": "once every shard has run, the same config with adv.shard=0 merges them "
+        "(and runs whatever is missing) into the report",
+    }
+    print_summary(title, run_dir, metrics, extra)
+    return metrics
+
+
 def _adv_section(
     cfg: DictConfig,
     model: Pipeline,
@@ -1240,57 +1391,30 @@ def _adv_section(
     total = len(threats) * pgd_cost * (2 if run_aa else 1)
     total += n_s * sum(sum(c) for c in sanity_costs.values()) if a.sanity_checks else 0
     task = bar.add_task("attacks, image passes", total=total)
-    step_size = float(a.step_size) if a.step_size > 0 else None
     examples: dict[str, Tensor] = {}
+    shards = int(a.shards)
     for t in threats:
         p = f"adv/{t['name']}/"
-        stored = cache.get(p + "pgd")
-        if stored is not None:
-            bar.update(task, description=f"PGD {t['name']} {RESTORED}")
-            metrics.update(stored[0])
-            if "x_adv" in stored[1]:
-                examples[t["name"]] = stored[1]["x_adv"]
+        parts: list[tuple[dict[str, float], Tensor | None]] = []
+        for i in range(1, shards + 1):
+            unit = pgd_unit(t["name"], i, shards)
+            label = f"PGD {t['name']}" + (f" shard {i}/{shards}" if shards > 1 else "")
+            stored = cache.get(unit)
+            if stored is not None:
+                bar.update(task, description=f"{label} {RESTORED}")
+                parts.append((stored[0], stored[1].get("x_adv")))
+                continue
+            bar.update(task, description=label)
+            block = shard_block(len(x), i, shards)
+            found, x_adv = _pgd(cfg, model, x[block], y_a[block], t, eot, draws, device, bar, i)
+            cache.put(unit, found, {"x_adv": x_adv})
+            parts.append((found, x_adv))
+        if shards == 1:
+            metrics.update(parts[0][0])
         else:
-            bar.update(task, description=f"PGD {t['name']}")
-            model.reseed(seed + _SEED_ADV, device)
-            model.calls = 0
-            # PGD on a purifier runs for hours: a bar of its steps (all batches) beside.
-            n_steps = robust_accuracy_steps(len(x), int(cfg.eval.batch_size), int(a.steps))
-            steps_task = bar.add_task(f"PGD {t['name']} steps", total=n_steps)
-            res = robust_accuracy(
-                model,
-                (x, y_a),
-                norm=t["norm"],
-                eps=t["eps"],
-                steps=int(a.steps),
-                eot=eot,
-                rescore_draws=draws,
-                step_size=step_size,
-                random_start=bool(a.random_start),
-                generator=torch.Generator().manual_seed(seed + _SEED_ADV),
-                loss=a.loss,
-                batch_size=int(cfg.eval.batch_size),
-                nfe_per_call=model.nfe,
-                on_step=functools.partial(bar.advance, steps_task),
-                examples=MAX_EXAMPLES,
-            )
-            bar.remove_task(steps_task)
-            examples[t["name"]] = res["x_adv"]
-            found = {
-                p + "acc": res["acc"],
-                p + "acc_worst": res["acc_worst"],
-                p + "clean_acc": res["clean_acc"],
-                p + "n": res["n"],
-                p + "steps": float(a.steps),
-                p + "eot": float(eot),
-                p + "rescore_draws": float(draws),
-                p + "attack_calls_per_image": res["attack_calls_per_image"],
-                p + "pipeline_calls_per_image": model.calls / res["n"],
-                p + "nfe_per_image": res["attack_nfe_per_image"],
-                p + "wall_s": res["wall_s"],
-            }
-            metrics.update(found)
-            cache.put(p + "pgd", found, {"x_adv": res["x_adv"]})
+            metrics.update(merge_pgd_shards([found for found, _ in parts], p))
+        if parts[0][1] is not None:  # stores written before the examples were kept lack them
+            examples[t["name"]] = parts[0][1]
         bar.advance(task, pgd_cost)
         if not run_aa:
             continue
