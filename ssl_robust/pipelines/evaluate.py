@@ -1278,6 +1278,12 @@ def _pgd(
     return found, res["x_adv"]
 
 
+def _attacked(cfg: DictConfig, n: int) -> Tensor:
+    """The indices of the attacked images among the n evaluation images (a seeded subset of
+    ``adv.max_images``, sorted): the PGD blocks and the example figures take theirs from it."""
+    return torch.from_numpy(_subset(n, int(cfg.adv.max_images), int(cfg.run.seed) + _SEED_ADV))
+
+
 def _shard_worker(
     cfg: DictConfig,
     model: Pipeline,
@@ -1293,7 +1299,7 @@ def _shard_worker(
     a = cfg.adv
     i, k = int(a.shard), int(a.shards)
     eot, draws = _attack_budget(cfg, model.stochastic)
-    idx = torch.from_numpy(_subset(len(y), int(a.max_images), int(cfg.run.seed) + _SEED_ADV))
+    idx = _attacked(cfg, len(y))
     block = shard_block(len(idx), i, k)
     x = _to_float(x_u8[idx[block]], device)
     y_a = y[idx[block]].to(device)
@@ -1344,7 +1350,7 @@ def _adv_section(
     notes: list[str] = report["notes"]
     stochastic = model.stochastic
     eot, draws = _attack_budget(cfg, stochastic)
-    idx = torch.from_numpy(_subset(len(y), a.max_images, seed + _SEED_ADV))
+    idx = _attacked(cfg, len(y))
     x = _to_float(x_u8[idx], device)
     y_a = y[idx].to(device)
     purified = model.purifier is not None
@@ -1531,7 +1537,7 @@ def _examples_section(
     """
     k = int(cfg.eval.examples)
     seed = int(cfg.run.seed)
-    idx = torch.from_numpy(_subset(len(y), int(cfg.adv.max_images), seed + _SEED_ADV)[:k])
+    idx = _attacked(cfg, len(y))[:k]
     x = _to_float(x_u8[idx], device)
     labels = y[idx]
     classes = list(report["meta"].get("classes") or [])
