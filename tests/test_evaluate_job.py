@@ -777,3 +777,22 @@ def test_certification_of_a_bare_and_a_purified_pipeline(
         evaluate(tiny_cfg(*off, *cert))
     with pytest.raises(ConfigError, match=r"cert\.alpha must be in"):
         evaluate(tiny_cfg(*off, *cert, "cert.sigma=0.25", "cert.alpha=0.7"))
+
+
+def test_a_failing_example_figure_costs_nothing_but_the_figure(
+    tiny_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    evaluate_mod = importlib.import_module("ssl_robust.pipelines.evaluate")
+
+    def broken(*args: Any, **kwargs: Any) -> Path:
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr(evaluate_mod, "plot_image_grid", broken)
+    off = [f"{s}.enabled=false" for s in ("shift", "adv", "calib", "ood", "perf")]
+    cfg = tiny_cfg(*off, "eval.examples=4")
+    metrics = evaluate(cfg)
+    report = _report(cfg)
+    assert "test/acc" in metrics and "figures" not in report
+    assert "The example figures were not drawn: MemoryError('out of memory')" in report["notes"]

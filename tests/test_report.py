@@ -379,3 +379,19 @@ def test_image_grid_has_a_row_per_example_row_and_rejects_bad_shapes(tmp_path: P
         plot_image_grid([], labels, ["a"], tmp_path / "x.png")
     with pytest.raises(ValueError, match="2 labels for 4 columns"):
         plot_image_grid(rows, labels[:2], ["a"], tmp_path / "x.png")
+
+
+def test_a_failing_plot_warns_and_the_report_is_still_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ssl_robust.evaluate import report as report_mod
+
+    def broken(report: dict[str, Any], path: Path) -> Path:
+        raise RuntimeError("no display")
+
+    monkeypatch.setitem(report_mod._PLOTTERS, "reliability", broken)
+    with pytest.warns(UserWarning, match="plot reliability not drawn: RuntimeError"):
+        paths = write_report(hand_made_report(), tmp_path)
+    assert "reliability" not in paths and "shift_severity" in paths
+    md = paths["markdown"].read_text()
+    assert "## Calibration" in md and "plots/reliability.png" not in md

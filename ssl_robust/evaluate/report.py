@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -976,7 +977,11 @@ def make_plots(report: dict[str, Any], folder: str | Path) -> dict[str, Path]:
     folder = Path(folder)
     written: dict[str, Path] = {}
     for name, plot in _PLOTTERS.items():
-        path = plot(report, folder / f"{name}.png")
+        try:
+            path = plot(report, folder / f"{name}.png")
+        except Exception as err:  # a figure must not cost the report its numbers
+            warnings.warn(f"plot {name} not drawn: {err!r}", stacklevel=2)
+            continue
         if path is not None:
             written[name] = path
     return written

@@ -859,10 +859,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     # -- example figures -------------------------------------------------------------------
     if cfg.eval.examples > 0:
-        _examples_section(
-            cfg, model, x_u8, y, corruptions, severities, threats, adv_examples, device,
-            run_dir, report,
-        )  # fmt: skip
+        try:
+            _examples_section(
+                cfg, model, x_u8, y, corruptions, severities, threats, adv_examples, device,
+                run_dir, report,
+            )  # fmt: skip
+        except Exception as err:  # figures must not cost the report its numbers
+            notes.append(f"The example figures were not drawn: {err!r}")
 
     # -- calibration ---------------------------------------------------------------------------
     # Behind a stochastic purifier the predictions of every purification are pooled: the
@@ -1631,6 +1634,7 @@ def _examples_section(
         "labels": labels[:1].tolist(),
         "rows": _rows_json(rows),
         "text": "One image under every corruption and severity of the grid"
+        + (", each a purification of its own" if purifier is not None else "")
         + (
             " (generated on the fly for the figure; the grid was read from the folder)"
             if folder
