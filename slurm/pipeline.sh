@@ -24,6 +24,9 @@
 #                        own subset); copied to <runs>/sweep.txt
 #   --evaluate ARGS      evaluation preset and overrides for every evaluation
 #   --purify ARGS        extra overrides of the purified evaluations (purifier.*)
+#   --purify-shards K    split each purified evaluation's attacks over a K-task array
+#                        (adv.shards=K, one block of the attacked images per task), then one
+#                        more job merges the blocks and writes the report
 #   --sbatch OPTS        sbatch options for every job (--partition=..., --account=...)
 #   --dry-run            print the sbatch commands, submit nothing
 #
@@ -48,7 +51,7 @@ case "$1" in -h | --help) usage && exit 0 ;; -*) die "the first argument is the 
 RUNS="${1%/}"
 shift
 pretrain="" encoder="" denoiser="" denoiser_run="" finetune="" sweep="" evaluate="" purify=""
-sbatch_opts="" dry_run=0 have_pretrain=0 have_denoiser=0
+sbatch_opts="" dry_run=0 have_pretrain=0 have_denoiser=0 shards=1
 while [ $# -gt 0 ]; do
     case "$1" in
     --pretrain) pretrain="${2?--pretrain needs an argument}" have_pretrain=1 && shift 2 ;;
@@ -59,10 +62,11 @@ while [ $# -gt 0 ]; do
     --sweep) sweep="${2?--sweep needs a file}" && shift 2 ;;
     --evaluate) evaluate="${2?--evaluate needs an argument}" && shift 2 ;;
     --purify) purify="${2?--purify needs an argument}" && shift 2 ;;
+    --purify-shards) shards="${2?--purify-shards needs a number}" && shift 2 ;;
     --sbatch) sbatch_opts="${2?--sbatch needs an argument}" && shift 2 ;;
     --dry-run) dry_run=1 && shift ;;
     -h | --help) usage && exit 0 ;;
-    *) die "unknown option '$1'; valid: --pretrain --encoder --denoiser --denoiser-run --finetune --sweep --evaluate --purify --sbatch --dry-run" ;;
+    *) die "unknown option '$1'; valid: --pretrain --encoder --denoiser --denoiser-run --finetune --sweep --evaluate --purify --purify-shards --sbatch --dry-run" ;;
     esac
 done
 if [ "$have_pretrain" = 1 ] && [ -n "$encoder" ]; then die "give --pretrain or --encoder, not both"; fi
@@ -77,6 +81,7 @@ if [ -n "$denoiser_run" ] && [ ! -f "$denoiser_run/unet/config.json" ] && [ ! -f
     die "no denoiser in '$denoiser_run' (expected a denoiser run with unet/, or a diffusers UNet folder)"
 fi
 if [ -n "$sweep" ] && [ ! -f "$sweep" ]; then die "no sweep file '$sweep'"; fi
+case "$shards" in '' | *[!0-9]* | 0) die "--purify-shards takes a number >= 1, got '$shards'" ;; esac
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # The jobs run in the repository this script belongs to, wherever it is called from; the paths
@@ -184,9 +189,18 @@ while IFS= read -r line; do
     eval_jobs+=("$JOB")
     if [ -n "$denoiser_run" ]; then
         [ -z "$denoiser_job" ] || dep="$dep:$denoiser_job"
+        purified=("${eval_words[@]}" "classifier.run=$classifier" "purifier.run=$denoiser_run"
+            "${purify_words[@]}")
+        if [ "$shards" -gt 1 ]; then
+            # Task i attacks block i (evaluate.sbatch adds adv.shard=i); the merge waits for all.
+            purified+=("adv.shards=$shards")
+            submit --array="1-$shards" --dependency="$dep" --kill-on-invalid-dep=yes \
+                "$here/evaluate.sbatch" "${purified[@]}" "run.dir=$RUNS/evaluate/$name-purified"
+            record "evaluate:$name-purified:shards" "$JOB"
+            dep="afterok:$JOB"
+        fi
         submit --dependency="$dep" --kill-on-invalid-dep=yes "$here/evaluate.sbatch" \
-            "${eval_words[@]}" "classifier.run=$classifier" "purifier.run=$denoiser_run" \
-            "${purify_words[@]}" "run.dir=$RUNS/evaluate/$name-purified"
+            "${purified[@]}" "run.dir=$RUNS/evaluate/$name-purified"
         record "evaluate:$name-purified" "$JOB"
         eval_jobs+=("$JOB")
     fi

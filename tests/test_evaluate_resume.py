@@ -461,3 +461,5 @@ def test_sharded_attacks_run_as_separate_jobs_and_merge(
         job.evaluate(cfg_for("bad", *sharded, "adv.shard=4"))
     with pytest.raises(ConfigError, match=r"set adv\.shards > 1"):
         job.evaluate(cfg_for("bad", "adv.shard=1"))
+    with pytest.raises(ConfigError, match=r"but adv\.enabled=false"):
+        job.evaluate(cfg_for("bad", "adv.enabled=false", "adv.shards=2", "adv.shard=1"))

@@ -249,3 +249,21 @@ def test_a_sweep_without_override_lines_fails_before_writing(tmp_path: Path) -> 
     res = _pipeline(str(tmp_path / "runs"), "--pretrain", "x", "--sweep", str(sweep))
     assert res.returncode == 2 and f"the sweep file '{sweep}' has no override" in res.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_purified_evaluations_split_their_attacks_over_an_array(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    jobs = _dry_run(
+        str(runs), "--pretrain", "simclr_cifar10", "--denoiser", "ddpm_cifar10",
+        "--evaluate", "diffpure", "--purify-shards", "4",
+    )  # fmt: skip
+    evals = [j for j in jobs if j[1] == "evaluate.sbatch"]
+    bare, shards, merge = evals
+    assert "array" not in bare[2] and not any(a.startswith("adv.shards") for a in bare[3])
+    assert shards[2]["array"] == "1-4" and "adv.shards=4" in shards[3]
+    assert merge[2]["dependency"] == f"afterok:{shards[0]}"  # every task of the array
+    assert "array" not in merge[2] and merge[3] == shards[3]  # the same config, merged
+    compare = next(j for j in jobs if j[1] == "compare.sbatch")
+    assert compare[2]["dependency"] == f"afterany:{bare[0]}:{merge[0]}"
+    res = _pipeline(str(runs), "--pretrain", "x", "--purify-shards", "x", "--dry-run")
+    assert res.returncode == 2 and "--purify-shards takes a number >= 1, got 'x'" in res.stderr

@@ -209,6 +209,10 @@ def check_config(cfg: DictConfig) -> None:
                 "or a folder holding frost1..frost5)"
             ) from err
     a = cfg.adv
+    need(
+        a.enabled or a.shard == 0,
+        f"adv.shard={a.shard} runs one block of the attacks, but adv.enabled=false",
+    )
     if a.enabled:
         for e in a.linf_eps:
             need(
