@@ -170,6 +170,7 @@ def test_the_chain_runs_in_order_on_a_cluster(tmp_path: Path, jobs: list[int]) -
         "--finetune", cpu,
         "--evaluate", "tiny",
         "--purify", "purifier.sampler=ddim purifier.t_star=20 purifier.ddim_steps=2",
+        "--purify-shards", "2",
         "--sbatch", sbatch,
         env=job_env(
             {
@@ -189,6 +190,7 @@ def test_the_chain_runs_in_order_on_a_cluster(tmp_path: Path, jobs: list[int]) -
         "denoiser",
         "finetune",
         "evaluate:run.seed_0",
+        "evaluate:run.seed_0-purified:shards",
         "evaluate:run.seed_0-purified",
         "compare",
     ]
@@ -200,7 +202,8 @@ def test_the_chain_runs_in_order_on_a_cluster(tmp_path: Path, jobs: list[int]) -
     logs = "\n".join(p.read_text(errors="replace") for p in sorted(tmp_path.glob("slurm-*.out")))
     states = {name: job_status(int(job))["state"] for _, name, job in submitted}
     assert set(states.values()) == {"COMPLETED"}, f"{states}\n{logs[-6000:]}"
-    assert logs.count("group runs\n") == len(submitted)  # one wandb group: the chain's folder
+    # One wandb group, the chain's folder, in every job (the shards' array has two tasks).
+    assert logs.count("group runs\n") == len(submitted) + 1
 
     # Each phase read what the one before it wrote.
     bare = json.loads((runs / "evaluate" / "run.seed_0" / "report.json").read_text())
@@ -211,6 +214,13 @@ def test_the_chain_runs_in_order_on_a_cluster(tmp_path: Path, jobs: list[int]) -
     )
     assert bare["meta"].get("purifier") is None
     assert purified["meta"]["purifier"].startswith(f"{runs}/denoiser (ddim")
+    # Its attacks ran as a two-task array, one block of the attacked images each, merged.
+    blocks = runs / "evaluate" / "run.seed_0-purified" / "partial" / "adv" / "linf_8" / "pgd"
+    assert sorted(p.name for p in blocks.iterdir()) == [
+        "shard-1-of-2.safetensors", "shard-2-of-2.safetensors"
+    ]  # fmt: skip
+    assert "PGD shard 1 of 2" in logs and "PGD shard 2 of 2" in logs
+    assert purified["metrics"]["adv/linf_8/n"] == 32  # the tiny preset's attacked images
     assert OmegaConf.load(ft / "config.yaml").encoder.run == f"{runs}/pretrain"
     # The evaluations started only after their fine-tuning had finished.
     finished_ft = (ft / "classifier.safetensors").stat().st_mtime
