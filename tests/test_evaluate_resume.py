@@ -456,7 +456,7 @@ def test_sharded_attacks_run_as_separate_jobs_and_merge(
     merged, calls = evaluate_counted(cfg_for("split", *sharded), monkeypatch)
     assert calls == (0, 2, 0)
     assert _numbers(merged) == _numbers(whole)
-    assert (split / "report.json").exists()
+    assert "PGD ran in 3 blocks of the attacked images" in (split / "report.md").read_text()
     with pytest.raises(ConfigError, match=r"adv.shard must be in 0..adv.shards \(3\)"):
         job.evaluate(cfg_for("bad", *sharded, "adv.shard=4"))
     with pytest.raises(ConfigError, match=r"set adv\.shards > 1"):

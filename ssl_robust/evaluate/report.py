@@ -682,6 +682,11 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
             f"{attack.get('rescore_draws')} independent calls (mean and worst case). "
             f"Gradients: {attack.get('gradients', 'exact')}."
         )
+        if attack.get("shards", 1) > 1:
+            protocol += (
+                f" PGD ran in {attack['shards']} blocks of the attacked images (adv.shards), each "
+                "from random streams of its own; its wall time is their sum."
+            )
     section("Adversarial robustness", ["adv", "sanity"], protocol, "robust_eps")
     section(
         "Certified robustness (randomized smoothing)", ["cert"], _cert_text(report), "certified"

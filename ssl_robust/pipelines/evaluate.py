@@ -1374,6 +1374,7 @@ def _adv_section(
         "step_size_rule": f"{a.step_size:g}" if a.step_size > 0 else "2.5 eps / steps",
         "gradients": gradients,
         "num_images": len(y_a),
+        "shards": int(a.shards),
     }
     if stochastic and (eot < _MIN_EOT or a.steps < _MIN_STEPS):
         notes.append(
