@@ -17,7 +17,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from ssl_robust.pipelines.chain import chain_env, plan_chain, run_chain, sweep_lines
+from ssl_robust.pipelines.chain import (
+    chain_env,
+    check_steps,
+    plan_chain,
+    run_chain,
+    sweep_lines,
+)
 
 
 def main() -> int:
@@ -62,6 +68,11 @@ def main() -> int:
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    errors = check_steps(steps)
+    if errors:
+        print("\n".join(f"error: {e}" for e in errors), file=sys.stderr)
+        print("nothing ran", file=sys.stderr)
         return 2
     if args.dry_run:
         for i, step in enumerate(steps, start=1):

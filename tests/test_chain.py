@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from ssl_robust.pipelines.chain import Step, plan_chain, run_chain, run_name, sweep_lines
+from ssl_robust.pipelines.chain import (
+    Step,
+    check_steps,
+    plan_chain,
+    run_chain,
+    run_name,
+    sweep_lines,
+)
 from tests.test_slurm_pipeline import _dry_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,3 +235,29 @@ def test_the_chain_runs_every_phase_and_a_rerun_resumes(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
     log = (runs / "chain.txt").read_text().split("\n")
     assert sum(" done" in ln for ln in log) == 2 * 6
+
+
+def test_every_phase_config_is_checked_before_anything_runs(tmp_path: Path) -> None:
+    steps = plan_chain(
+        tmp_path / "r",
+        pretrain="trainer.max_epoch=1",
+        denoiser="small_cifar10",
+        finetune="subset.fraction=2",
+        evaluate="tiny adv.linf_eps=[-8]",
+    )
+    errors = check_steps(steps)
+    assert len(errors) == 4  # pretrain, finetune, and both evaluations; the denoiser is fine
+    assert errors[0].startswith("pretrain: unknown config key 'trainer.max_epoch'")
+    assert "did you mean 'trainer.max_epochs'" in errors[0]
+    assert errors[1] == (
+        "finetune:run.seed_0: invalid value 2.0 for 'subset.fraction': must be in (0, 1]"
+    )
+    assert all("invalid eps -8.0 in adv.linf_eps" in e for e in errors[2:])
+    assert check_steps(plan_chain(tmp_path / "r", pretrain="", evaluate="quick")) == []
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "chain.py"), str(tmp_path / "r"),
+         "--pretrain", "", "--finetune", "subset.fraction=2"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 2 and "subset.fraction" in res.stderr and "nothing ran" in res.stderr
+    assert not (tmp_path / "r").exists()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["Step", "chain_env", "plan_chain", "run_chain", "run_name", "sweep_lines"]
+__all__ = ["Step", "chain_env", "check_steps", "plan_chain", "run_chain", "run_name", "sweep_lines"]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -191,6 +191,33 @@ def plan_chain(
         Step("compare", _script("compare", str(runs), "--out", str(runs / "compare")), evals, True)
     )
     return steps
+
+
+# The job of each phase script (its config schema and presets).
+_JOBS = {"pretrain": "pretrain", "train_denoiser": "denoiser", "finetune": "finetune",
+         "evaluate": "evaluate"}  # fmt: skip
+
+
+def check_steps(steps: Sequence[Step]) -> list[str]:
+    """Every step's config built as its job would build it (presets, keys, types, ranges; the
+    evaluation's value lists too), before anything runs: a typo in the evaluation's arguments
+    should not wait for hours of pretraining to show. Returns ``<step>: <error>`` lines."""
+    from ssl_robust.config import SCHEMAS, ConfigError, load_config
+
+    errors = []
+    for step in steps:
+        job = _JOBS.get(Path(step.argv[1]).stem)
+        if job is None:
+            continue
+        try:
+            cfg = load_config(SCHEMAS[job], step.argv[2:], job=job)
+            if job == "evaluate":
+                from ssl_robust.pipelines.evaluate import check_config
+
+                check_config(cfg)
+        except (ConfigError, FileNotFoundError, ValueError) as err:
+            errors.append(f"{step.name}: {err}")
+    return errors
 
 
 def run_chain(
