@@ -53,6 +53,11 @@ def main() -> int:
         "--purify", default="", metavar="ARGS", help="extra overrides of the purified evaluations"
     )
     parser.add_argument("--dry-run", action="store_true", help="print the steps, run nothing")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check every phase's arguments and exit (slurm/pipeline.sh does, before submitting)",
+    )
     args = parser.parse_args()
     try:
         steps = plan_chain(
@@ -72,8 +77,12 @@ def main() -> int:
     errors = check_steps(steps)
     if errors:
         print("\n".join(f"error: {e}" for e in errors), file=sys.stderr)
-        print("nothing ran", file=sys.stderr)
+        if not args.check:
+            print("nothing ran", file=sys.stderr)
         return 2
+    if args.check:
+        print(f"{len(steps)} steps, every phase's arguments valid")
+        return 0
     if args.dry_run:
         for i, step in enumerate(steps, start=1):
             after = f"   # after {', '.join(step.after)}" if step.after else ""

@@ -84,6 +84,23 @@ if [ -n "$sweep" ] && [ ! -f "$sweep" ]; then die "no sweep file '$sweep'"; fi
 case "$shards" in '' | *[!0-9]* | 0) die "--purify-shards takes a number >= 1, got '$shards'" ;; esac
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# Every phase's arguments are checked before anything is submitted (scripts/chain.py --check:
+# the same steps), so a typo in the evaluation's does not wait for hours of queue and training.
+# Skipped, with a warning, where this machine's Python cannot import the package.
+check=(--finetune "$finetune" --evaluate "$evaluate" --purify "$purify")
+if [ "$have_pretrain" = 1 ]; then check+=(--pretrain "$pretrain"); else check+=(--encoder "$encoder"); fi
+if [ "$have_denoiser" = 1 ]; then check+=(--denoiser "$denoiser"); fi
+if [ -n "$denoiser_run" ]; then check+=(--denoiser-run "$denoiser_run"); fi
+if [ -n "$sweep" ]; then check+=(--sweep "$sweep"); fi
+py="${PYTHON:-python3}"
+if "$py" -c "import ssl_robust" 2>/dev/null; then
+    "$py" "$here/../scripts/chain.py" "$RUNS" "${check[@]}" --check >/dev/null || {
+        echo "nothing submitted" >&2
+        exit 2
+    }
+else
+    echo "warning: $py cannot import ssl_robust; the phases' arguments are not checked before submitting" >&2
+fi
 # The jobs run in the repository this script belongs to, wherever it is called from; the paths
 # given here are made absolute (paths inside the phases' arguments are read from that root).
 export SSL_ROBUST_ROOT="${SSL_ROBUST_ROOT:-$(dirname "$here")}"

@@ -244,7 +244,14 @@ def test_a_refused_submission_names_the_jobs_already_submitted(tmp_path: Path) -
     )
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-    res = _pipeline(str(tmp_path / "runs"), "--pretrain", "x", "--denoiser", "y", env=env)
+    res = _pipeline(
+        str(tmp_path / "runs"),
+        "--pretrain",
+        "simclr_cifar10",
+        "--denoiser",
+        "small_cifar10",
+        env=env,
+    )
     assert res.returncode == 1
     assert "sbatch: error: Invalid partition name" in res.stderr
     assert "error: sbatch refused finetune_array.sbatch" in res.stderr
@@ -277,3 +284,14 @@ def test_purified_evaluations_split_their_attacks_over_an_array(tmp_path: Path) 
     assert compare[2]["dependency"] == f"afterany:{bare[0]}:{merge[0]}"
     res = _pipeline(str(runs), "--pretrain", "x", "--purify-shards", "x", "--dry-run")
     assert res.returncode == 2 and "--purify-shards takes a number >= 1, got 'x'" in res.stderr
+
+
+def test_bad_phase_arguments_are_refused_before_anything_is_submitted(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    res = _pipeline(
+        str(runs), "--pretrain", "simclr_cifar10", "--evaluate", "quick adv.linf_eps=[-8]"
+    )
+    assert res.returncode == 2, res.stderr
+    assert "error: evaluate:run.seed_0: invalid eps -8.0 in adv.linf_eps" in res.stderr
+    assert res.stderr.rstrip().endswith("nothing submitted")
+    assert not runs.exists()
