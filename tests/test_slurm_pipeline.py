@@ -288,9 +288,12 @@ def test_purified_evaluations_split_their_attacks_over_an_array(tmp_path: Path) 
 
 def test_bad_phase_arguments_are_refused_before_anything_is_submitted(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
+    # PYTHON: the interpreter that checks (this one, which imports the package).
+    env = {**os.environ, "PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}  # no sbatch
     res = _pipeline(
-        str(runs), "--pretrain", "simclr_cifar10", "--evaluate", "quick adv.linf_eps=[-8]"
-    )
+        str(runs), "--pretrain", "simclr_cifar10", "--evaluate", "quick adv.linf_eps=[-8]",
+        env=env,
+    )  # fmt: skip
     assert res.returncode == 2, res.stderr
     assert "error: evaluate:run.seed_0: invalid eps -8.0 in adv.linf_eps" in res.stderr
     assert res.stderr.rstrip().endswith("nothing submitted")
