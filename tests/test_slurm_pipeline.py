@@ -288,8 +288,13 @@ def test_purified_evaluations_split_their_attacks_over_an_array(tmp_path: Path) 
 
 def test_bad_phase_arguments_are_refused_before_anything_is_submitted(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    # PYTHON: the interpreter that checks (this one, which imports the package).
-    env = {**os.environ, "PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}  # no sbatch
+    # PYTHON: the interpreter that checks (this one, which imports the package); an sbatch
+    # that leaves a mark if it is ever called.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/bash\ntouch {tmp_path}/submitted\nexit 1\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {**os.environ, "PYTHON": sys.executable, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     res = _pipeline(
         str(runs), "--pretrain", "simclr_cifar10", "--evaluate", "quick adv.linf_eps=[-8]",
         env=env,
@@ -297,4 +302,4 @@ def test_bad_phase_arguments_are_refused_before_anything_is_submitted(tmp_path: 
     assert res.returncode == 2, res.stderr
     assert "error: evaluate:run.seed_0: invalid eps -8.0 in adv.linf_eps" in res.stderr
     assert res.stderr.rstrip().endswith("nothing submitted")
-    assert not runs.exists()
+    assert not runs.exists() and not (tmp_path / "submitted").exists()
