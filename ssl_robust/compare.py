@@ -524,6 +524,42 @@ def plot_severity(runs: Sequence[Run], labels: Mapping[str, str], path: Path) ->
     return save_figure(fig, path, dpi=120)
 
 
+def certified_data(runs: Sequence[Run]) -> dict[str, tuple[list[float], list[float]]]:
+    """What :func:`plot_certified` draws: ``run source -> (radii, certified accuracies)`` of
+    the evaluation runs that certified (``cert/radius/<r>/acc``)."""
+    out: dict[str, tuple[list[float], list[float]]] = {}
+    for run in runs:
+        keys = [k for k in run.metrics if k.startswith("cert/radius/") and k.endswith("/acc")]
+        if keys:
+            points = sorted((float(k.split("/")[2]), run.metrics[k]) for k in keys)
+            out[run.source] = ([r for r, _ in points], [a for _, a in points])
+    return out
+
+
+def plot_certified(runs: Sequence[Run], labels: Mapping[str, str], path: Path) -> Path | None:
+    """Certified accuracy against the L2 radius, one line per certified pipeline (its smoothing
+    sigma in the legend). ``None`` if no run certified."""
+    data = certified_data(runs)
+    if not data:
+        return None
+    from ssl_robust.evaluate.metrics import interval_bars
+
+    by_source = {r.source: r for r in runs}
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
+    for source, (xs, ys) in sorted(data.items(), key=lambda item: labels.get(item[0], item[0])):
+        m = by_source[source].metrics
+        bars = interval_bars(m, [f"cert/radius/{x:g}/acc" for x in xs])
+        sigma = m.get("cert/sigma")
+        label = labels.get(source, source) + (f" (sigma {sigma:.3g})" if sigma else "")
+        ax.errorbar(xs, [100 * y for y in ys], yerr=100 * bars, marker="o", capsize=3, label=label)
+    ax.set_xlabel("L2 radius (on [0, 1] images)")
+    ax.set_ylabel("certified accuracy (%)")
+    ax.set_title("certified accuracy (randomized smoothing; 95% CI over the images)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6 if len(data) > 6 else 8)
+    return save_figure(fig, path, dpi=120)
+
+
 def plot_curves(
     runs: Sequence[Run],
     series: Sequence[str] | Mapping[str, str],
@@ -599,8 +635,8 @@ def compare(
 
     Returns:
         What was written, by kind: ``markdown``, ``html``, and ``plot_accuracy_vs_fraction`` /
-        ``plot_accuracy_vs_severity`` / ``plot_robust_vs_nfe`` / ``plot_training_curves`` when
-        the runs have what those plots need.
+        ``plot_accuracy_vs_severity`` / ``plot_certified_accuracy`` / ``plot_robust_vs_nfe`` /
+        ``plot_training_curves`` when the runs have what those plots need.
 
     Raises:
         ValueError: If there are no runs.
@@ -661,6 +697,10 @@ def compare(
     plot = plot_severity(runs, labels, out / "accuracy_vs_severity.png")
     if plot:
         written["plot_accuracy_vs_severity"] = plot
+    # Certified accuracy against the radius, per certified pipeline.
+    plot = plot_certified(runs, labels, out / "certified_accuracy.png")
+    if plot:
+        written["plot_certified_accuracy"] = plot
     # Validation curves of the training runs, side by side.
     plot = plot_curves(runs, labels, out / "training_curves.png")
     if plot:

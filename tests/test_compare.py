@@ -15,6 +15,7 @@ from PIL import Image
 
 from ssl_robust.compare import (
     Run,
+    certified_data,
     compare,
     curve_data,
     differing_keys,
@@ -370,3 +371,21 @@ def test_run_names_link_to_the_report_the_curves_or_the_folder(tmp_path: Path) -
     assert run_link(Run("w", "wandb:e/p/id", {}, {}), out) is None
     md = compare([ev, bare], out)["markdown"].read_text()
     assert "[ev 1](../runs/ev%201/report.md)" in md  # a space in a link is escaped
+
+
+def test_certified_pipelines_are_compared_against_the_radius(tmp_path: Path) -> None:
+    runs = []
+    for name, sigma, accs in (("s25", 0.25, [0.6, 0.4, 0.1]), ("s50", 0.5, [0.5, 0.4, 0.3])):
+        metrics = {"cert/sigma": sigma, "cert/n": 100.0, "test/acc": 0.7}
+        metrics |= {f"cert/radius/{r:g}/acc": a for r, a in zip((0.0, 0.5, 1.0), accs)}
+        runs.append(_write_run(tmp_path / "runs" / name, {"cert": {"sigma": sigma}}, metrics))
+    _write_run(tmp_path / "runs" / "bare", {}, {"test/acc": 0.8}, name="report.json")
+    loaded = [load_run(r) for r in runs]
+    data = certified_data(loaded)
+    assert data == {str(runs[0]): ([0.0, 0.5, 1.0], [0.6, 0.4, 0.1]),
+                    str(runs[1]): ([0.0, 0.5, 1.0], [0.5, 0.4, 0.3])}  # fmt: skip
+    written = compare([tmp_path / "runs"], tmp_path / "out")
+    with Image.open(written["plot_certified_accuracy"]) as img:
+        assert img.size[0] > 300
+    assert "cert/radius/0.5/acc" in written["markdown"].read_text()  # a default column
+    assert "plot_certified_accuracy" not in compare([tmp_path / "runs" / "bare"], tmp_path / "o2")
