@@ -12,13 +12,14 @@ write a finished figure, and a grid of images for the figures that show data rat
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor
+
+from ssl_robust.files import private_tmp
 
 __all__ = ["ImageRow", "plot_image_grid", "pyplot", "save_figure"]
 
@@ -41,9 +42,10 @@ def save_figure(fig: Any, path: Path, dpi: int) -> Path:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # one per process
+    tmp = private_tmp(path)
     try:
-        fig.savefig(tmp, dpi=dpi)
+        # The format named: the temp file's suffix is not the figure's.
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or None)
         tmp.replace(path)
     finally:
         pyplot().close(fig)

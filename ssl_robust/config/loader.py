@@ -22,6 +22,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from ssl_robust.config import denoiser, evaluate, finetune, pretrain
 from ssl_robust.config.common import COMMON_CHOICES, COMMON_RANGES, ConfigError, Range
+from ssl_robust.files import private_tmp
 
 T = TypeVar("T")
 
@@ -228,7 +229,7 @@ def save_config(cfg: DictConfig, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # one per process
+    tmp = private_tmp(path)
     tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
     os.replace(tmp, path)
 

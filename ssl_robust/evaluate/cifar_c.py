@@ -34,7 +34,7 @@ from ssl_robust.evaluate.corruptions import (
     frost_textures_sha256,
     load_frost_textures,
 )
-from ssl_robust.evaluate.store import private_tmp
+from ssl_robust.files import private_tmp
 
 __all__ = [
     "available_corruptions",

@@ -31,7 +31,7 @@ import numpy as np
 
 from ssl_robust.evaluate.corruptions import CORRUPTION_GROUPS
 from ssl_robust.evaluate.metrics import accuracy_interval, interval_bars
-from ssl_robust.evaluate.store import private_tmp
+from ssl_robust.files import private_tmp
 from ssl_robust.plotting import pyplot, save_figure
 
 __all__ = [

@@ -22,18 +22,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
+from ssl_robust.files import private_tmp
+
 UNIT_SUFFIX = ".safetensors"
 
 
 # A temp file older than this is left over from a killed write, not one in progress.
 STALE_TMP_S = 3600.0
-
-
-def private_tmp(path: Path) -> Path:
-    """The temp file a process writes ``path`` through before renaming it into place: hidden,
-    and named after the process, so that processes writing into one run directory at the same
-    time (e.g. separate jobs for separate threats) never write through the same temp file."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def sha256_json(value: Any) -> str:

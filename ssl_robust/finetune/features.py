@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ssl_robust.data.datasets import ArraySource, ImageSource
+from ssl_robust.files import private_tmp
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -124,7 +125,7 @@ def load_or_compute_features(
     tr = extract_features(features, source_images(train), batch_size, device)
     ev = extract_features(features, source_images(evaluation), batch_size, device)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = private_tmp(path)
     torch.save(
         {"train": tr, "train_labels": train_labels, "eval": ev, "eval_labels": eval_labels}, tmp
     )

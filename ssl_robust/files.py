@@ -1,0 +1,22 @@
+"""How every file of a run is written: through a temp file of this process, renamed into place.
+
+    tmp = private_tmp(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)   # atomic: a reader sees the old file or the new one, never half
+
+The temp file is hidden and named after the process, so processes writing into one run
+directory at the same time (separate evaluation jobs, DDP ranks, a sweep sharing a feature
+cache) never write through the same temp file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["private_tmp"]
+
+
+def private_tmp(path: Path) -> Path:
+    """The temp file this process writes ``path`` through before renaming it into place."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
