@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -1220,7 +1220,7 @@ def merge_pgd_shards(parts: Sequence[dict[str, float]], prefix: str) -> dict[str
     """One threat's PGD numbers from those of its shards: per-image means weighted by each
     shard's images, the images and wall times summed, the settings (steps, EOT, draws) kept."""
     n = sum(part[prefix + "n"] for part in parts)
-    merged = {k: v for k, v in parts[0].items()}
+    merged = dict(parts[0])
     for key in _PER_IMAGE:
         merged[prefix + key] = sum(part[prefix + key] * part[prefix + "n"] for part in parts) / n
     merged[prefix + "n"] = n
@@ -1285,6 +1285,36 @@ def _pgd(
     return found, res["x_adv"]
 
 
+def _pgd_block(
+    cfg: DictConfig,
+    model: Pipeline,
+    x: Tensor,
+    y: Tensor,
+    t: dict[str, Any],
+    shard: int,
+    eot: int,
+    draws: int,
+    device: torch.device,
+    bar: Progress,
+    cache: UnitStore,
+    announce: Callable[[bool], None] = lambda read: None,
+) -> tuple[dict[str, float], Tensor | None]:
+    """One threat's PGD on block ``shard`` of ``adv.shards`` of the attacked images ``x``: read
+    from ``cache`` when stored, else run and stored; ``announce(read)`` is called first (for
+    progress). Returns its numbers and its first adversarial examples (None in stores from
+    before they were kept)."""
+    shards = int(cfg.adv.shards)
+    unit = pgd_unit(t["name"], shard, shards)
+    stored = cache.get(unit)
+    announce(stored is not None)
+    if stored is not None:
+        return stored[0], stored[1].get("x_adv")
+    block = shard_block(len(x), shard, shards)
+    found, x_adv = _pgd(cfg, model, x[block], y[block], t, eot, draws, device, bar, shard)
+    cache.put(unit, found, {"x_adv": x_adv})
+    return found, x_adv
+
+
 def _attacked(cfg: DictConfig, n: int) -> Tensor:
     """The indices of the attacked images among the n evaluation images (a seeded subset of
     ``adv.max_images``, sorted): the PGD blocks and the example figures take theirs from it."""
@@ -1303,23 +1333,15 @@ def _shard_worker(
 ) -> dict[str, float]:
     """``adv.shard`` = i: PGD on block i of the attacked images for every threat, stored as
     units (a job of a SLURM array, say); no report. The run with ``adv.shard=0`` merges."""
-    a = cfg.adv
-    i, k = int(a.shard), int(a.shards)
+    i, k = int(cfg.adv.shard), int(cfg.adv.shards)
     eot, draws = _attack_budget(cfg, model.stochastic)
     idx = _attacked(cfg, len(y))
-    block = shard_block(len(idx), i, k)
-    x = _to_float(x_u8[idx[block]], device)
-    y_a = y[idx[block]].to(device)
+    x = _to_float(x_u8[idx], device)
+    y_a = y[idx].to(device)
     metrics: dict[str, float] = {}
     with _progress(cfg.eval.progress) as bar:
         for t in threats:
-            unit = pgd_unit(t["name"], i, k)
-            stored = cache.get(unit)
-            if stored is not None:
-                found = stored[0]
-            else:
-                found, x_adv = _pgd(cfg, model, x, y_a, t, eot, draws, device, bar, i)
-                cache.put(unit, found, {"x_adv": x_adv})
+            found, _ = _pgd_block(cfg, model, x, y_a, t, i, eot, draws, device, bar, cache)
             metrics.update(found)
     title = f"evaluate {Path(cfg.classifier.run).resolve().name}: PGD shard {i} of {k}"
     extra = {
@@ -1411,18 +1433,14 @@ def _adv_section(
         p = f"adv/{t['name']}/"
         parts: list[tuple[dict[str, float], Tensor | None]] = []
         for i in range(1, shards + 1):
-            unit = pgd_unit(t["name"], i, shards)
             label = f"PGD {t['name']}" + (f" shard {i}/{shards}" if shards > 1 else "")
-            stored = cache.get(unit)
-            if stored is not None:
-                bar.update(task, description=f"{label} {RESTORED}")
-                parts.append((stored[0], stored[1].get("x_adv")))
-                continue
-            bar.update(task, description=label)
-            block = shard_block(len(x), i, shards)
-            found, x_adv = _pgd(cfg, model, x[block], y_a[block], t, eot, draws, device, bar, i)
-            cache.put(unit, found, {"x_adv": x_adv})
-            parts.append((found, x_adv))
+
+            def announce(read: bool, label: str = label) -> None:
+                bar.update(task, description=f"{label} {RESTORED}" if read else label)
+
+            parts.append(
+                _pgd_block(cfg, model, x, y_a, t, i, eot, draws, device, bar, cache, announce)
+            )
         if shards == 1:
             metrics.update(parts[0][0])
         else:
