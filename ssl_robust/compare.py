@@ -18,7 +18,7 @@ import json
 import math
 import os
 import textwrap
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -504,35 +504,25 @@ def plot_severity(runs: Sequence[Run], labels: Mapping[str, str], path: Path) ->
     data = severity_data(runs)
     if not data:
         return None
-    from ssl_robust.evaluate.metrics import interval_bars
-
-    by_source = {r.source: r for r in runs}
-    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
-    for source, (xs, ys) in sorted(data.items(), key=lambda item: labels.get(item[0], item[0])):
-        # The 95 % interval over the images of each point, where the run recorded one.
-        bars = interval_bars(by_source[source].metrics, [severity_key(x) for x in xs])
-        ax.errorbar(
-            xs, [100 * y for y in ys], yerr=100 * bars, marker="o", capsize=3,
-            label=labels.get(source, source),
-        )  # fmt: skip
+    fig, ax = _accuracy_lines(
+        runs, labels, data, lambda run, x: severity_key(int(x)), lambda run: ""
+    )
     ax.set_xlabel("corruption severity (0 = clean)")
-    ax.set_ylabel("accuracy (%)")
     ax.set_xticks(sorted({x for xs, _ in data.values() for x in xs}))
     ax.set_title("mean accuracy over the corruptions (95% CI over the images)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6 if len(data) > 6 else 8)
     return save_figure(fig, path, dpi=120)
 
 
 def certified_data(runs: Sequence[Run]) -> dict[str, tuple[list[float], list[float]]]:
     """What :func:`plot_certified` draws: ``run source -> (radii, certified accuracies)`` of
     the evaluation runs that certified (``cert/radius/<r>/acc``)."""
+    from ssl_robust.evaluate.metrics import certified_radii
+
     out: dict[str, tuple[list[float], list[float]]] = {}
     for run in runs:
-        keys = [k for k in run.metrics if k.startswith("cert/radius/") and k.endswith("/acc")]
-        if keys:
-            points = sorted((float(k.split("/")[2]), run.metrics[k]) for k in keys)
-            out[run.source] = ([r for r, _ in points], [a for _, a in points])
+        radii = certified_radii(run.metrics)
+        if radii:
+            out[run.source] = ([r for r, _ in radii], [run.metrics[k] for _, k in radii])
     return out
 
 
@@ -542,22 +532,44 @@ def plot_certified(runs: Sequence[Run], labels: Mapping[str, str], path: Path) -
     data = certified_data(runs)
     if not data:
         return None
+
+    def sigma(run: Run) -> str:
+        value = run.metrics.get("cert/sigma")
+        return f" (sigma {value:.3g})" if value else ""
+
+    fig, ax = _accuracy_lines(runs, labels, data, lambda run, x: f"cert/radius/{x:g}/acc", sigma)
+    ax.set_xlabel("L2 radius (on [0, 1] images)")
+    ax.set_ylabel("certified accuracy (%)")
+    ax.set_title("certified accuracy (randomized smoothing; 95% CI over the images)", fontsize=10)
+    return save_figure(fig, path, dpi=120)
+
+
+def _accuracy_lines(
+    runs: Sequence[Run],
+    labels: Mapping[str, str],
+    data: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    key: Callable[[Run, float], str],
+    suffix: Callable[[Run], str],
+) -> tuple[Any, Any]:
+    """A figure with one line of accuracies per run (``data``: source -> (xs, accuracies)), in
+    percent, each point with its 95 % interval over the images (``key``: the metric of a point),
+    the legend labelled by ``labels`` plus ``suffix(run)``; the caller names the axes."""
     from ssl_robust.evaluate.metrics import interval_bars
 
     by_source = {r.source: r for r in runs}
     fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
     for source, (xs, ys) in sorted(data.items(), key=lambda item: labels.get(item[0], item[0])):
-        m = by_source[source].metrics
-        bars = interval_bars(m, [f"cert/radius/{x:g}/acc" for x in xs])
-        sigma = m.get("cert/sigma")
-        label = labels.get(source, source) + (f" (sigma {sigma:.3g})" if sigma else "")
-        ax.errorbar(xs, [100 * y for y in ys], yerr=100 * bars, marker="o", capsize=3, label=label)
-    ax.set_xlabel("L2 radius (on [0, 1] images)")
-    ax.set_ylabel("certified accuracy (%)")
-    ax.set_title("certified accuracy (randomized smoothing; 95% CI over the images)", fontsize=10)
+        run = by_source[source]
+        # The 95 % interval over the images of each point, where the run recorded one.
+        bars = interval_bars(run.metrics, [key(run, x) for x in xs])
+        ax.errorbar(
+            xs, [100 * y for y in ys], yerr=100 * bars, marker="o", capsize=3,
+            label=labels.get(source, source) + suffix(run),
+        )  # fmt: skip
+    ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6 if len(data) > 6 else 8)
-    return save_figure(fig, path, dpi=120)
+    return fig, ax
 
 
 def plot_curves(

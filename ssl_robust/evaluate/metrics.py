@@ -140,6 +140,17 @@ def images_key(metric: str) -> str:
     return f"{prefix}/n" if prefix and last.startswith("acc") else ""
 
 
+def certified_radii(metrics: dict[str, float]) -> list[tuple[float, str]]:
+    """The radii a certification reported an accuracy at (``cert/radius/<r>/acc``), sorted,
+    each with its metric name."""
+    found = []
+    for key in metrics:
+        parts = key.split("/")
+        if len(parts) == 4 and parts[:2] == ["cert", "radius"] and parts[3] == "acc":
+            found.append((float(parts[2]), key))
+    return sorted(found)
+
+
 def accuracy_interval(metrics: dict[str, float], key: str) -> tuple[float, float] | None:
     """The 95 % interval over the images of the accuracy ``metrics[key]``: +-1.96 standard
     errors where ``<key>_se`` is recorded (a mean over corruption cells, which share their

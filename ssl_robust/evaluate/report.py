@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ssl_robust.evaluate.corruptions import CORRUPTION_GROUPS
-from ssl_robust.evaluate.metrics import accuracy_interval, interval_bars
+from ssl_robust.evaluate.metrics import accuracy_interval, certified_radii, interval_bars
 from ssl_robust.files import private_tmp
 from ssl_robust.plotting import pyplot, save_figure
 
@@ -491,14 +491,12 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
             ["str", "str", "pct", "pct", "str", "pct", "pct", "int", "int", "f2"],
         )
 
-    cert_keys = sorted(
-        (k for k in m if k.startswith("cert/radius/")), key=lambda k: float(k.split("/")[2])
-    )
-    if cert_keys:
+    radii = certified_radii(m)
+    if radii:
         tables["cert"] = Table(
             "Certified accuracy (%)",
             ["L2 radius", "certified acc", "95% CI", "images"],
-            [[k.split("/")[2], m[k], _ci95(m, k), m["cert/n"]] for k in cert_keys],
+            [[f"{r:g}", m[k], _ci95(m, k), m["cert/n"]] for r, k in radii],
             ["str", "pct", "str", "int"],
         )
 
@@ -942,19 +940,16 @@ def _plot_certified(report: dict[str, Any], path: Path) -> Path | None:
     m = report.get("metrics", {})
     radius = np.asarray(cert["radius"], dtype=float)
     right = np.asarray(cert["correct"], dtype=bool)
-    top = max(
-        float(radius.max()), *(float(k.split("/")[2]) for k in m if k.startswith("cert/radius/"))
-    )
+    reported = certified_radii(m)
+    top = max(float(radius.max()), *(r for r, _ in reported))
     xs = np.linspace(0, max(top, 1e-3) * 1.05, 200)
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
     ax.plot(xs, [100 * float((right & (radius >= r)).mean()) for r in xs], "-", label="certified")
-    keys = sorted(
-        (k for k in m if k.startswith("cert/radius/")), key=lambda k: float(k.split("/")[2])
-    )
-    if keys:
+    if reported:
+        keys = [k for _, k in reported]
         ax.errorbar(
-            [float(k.split("/")[2]) for k in keys], [100 * m[k] for k in keys],
+            [r for r, _ in reported], [100 * m[k] for k in keys],
             yerr=100 * interval_bars(m, keys), fmt="o", capsize=3, label="reported radii (95% CI)",
         )  # fmt: skip
     ax.set_xlabel("L2 radius (on [0, 1] images)")
