@@ -1683,7 +1683,6 @@ def _cert_section(
     c = cfg.cert
     seed = int(cfg.run.seed)
     idx = torch.from_numpy(_subset(len(y), int(c.max_images), seed + _SEED_CERT))
-    x = _to_float(x_u8[idx], device)
     labels = y[idx]
     purifier = model.purifier
     sigma = purifier.noise_sigma if purifier is not None else float(c.sigma)
@@ -1699,11 +1698,11 @@ def _cert_section(
             noise = torch.randn(xb.shape, generator=gen, device=device, dtype=xb.dtype)
             return model.classifier(xb + sigma * noise)
 
-        task = bar.add_task("certify, images", total=len(x))
+        task = bar.add_task("certify, images", total=len(idx))
         start = time.perf_counter()
         pred, radius = certify(
             model if purifier is not None else bare,  # the purifier draws the noise itself
-            x,
+            _to_float(x_u8[idx], device),
             model.classifier.num_classes,
             sigma,
             n0=int(c.n0),
