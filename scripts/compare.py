@@ -3,6 +3,7 @@
 
 python scripts/compare.py runs/                              # every run directory below runs/
 python scripts/compare.py runs/ft-* --out reports/ft --metrics test/acc shift/mean_acc
+python scripts/compare.py runs/ --ce-reference runs/evaluate-supervised   # mCE against it
 python scripts/compare.py --wandb-project ssl_robust --wandb-group c10-sweep --out reports/c10
 """
 
@@ -17,6 +18,11 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="reports/compare", help="output folder")
     parser.add_argument("--metrics", nargs="+", help="metric columns (default: the standard ones)")
     parser.add_argument("--title", default="Run comparison")
+    parser.add_argument(
+        "--ce-reference",
+        help="an evaluation run directory: every evaluation's corruption errors (CE, mCE, "
+        "relative mCE) against it",
+    )
     parser.add_argument("--wandb-project", help="also gather this wandb project's runs (online)")
     parser.add_argument("--wandb-entity", default="")
     parser.add_argument("--wandb-group", help="only runs of this wandb group")
@@ -28,7 +34,7 @@ if __name__ == "__main__":
         filters = {"group": args.wandb_group} if args.wandb_group else None
         sources += wandb_runs(args.wandb_project, args.wandb_entity, filters)
     try:
-        written = compare(sources, args.out, args.metrics, args.title)
+        written = compare(sources, args.out, args.metrics, args.title, args.ce_reference)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
     for kind, path in written.items():

@@ -55,6 +55,7 @@ DEFAULT_METRICS = (
     "test/acc",
     "test/acc_purified",
     "shift/mean_acc",
+    "shift/mce",
     "adv/linf_8/acc",
     "adv/l2_0.5/acc",
     "cert/radius/0.5/acc",
@@ -633,17 +634,66 @@ def curve_data(
     return curves
 
 
+def add_corruption_errors(runs: Sequence[Run], reference: Run) -> list[str]:
+    """Set every evaluation's corruption errors against ``reference`` (an evaluation run):
+    ``shift/<corruption>/ce``, ``shift/mce`` and, with both clean accuracies, the relative ones
+    (``metrics.corruption_errors``), replacing those the run computed against its own
+    ``shift.ce_reference``.
+
+    Returns:
+        What could not be computed, in words (runs whose grid the reference lacks).
+
+    Raises:
+        ValueError: If the reference has no corruption grid.
+    """
+    from ssl_robust.evaluate.metrics import corruption_errors, grid_accuracies
+
+    ref_cells = grid_accuracies(reference.metrics)
+    if not ref_cells:
+        raise ValueError(
+            f"the corruption-error reference {reference.source} has no corruption accuracies "
+            "(shift/<corruption>/<severity>/acc); give an evaluation run with a corruption grid"
+        )
+    lacking = []
+    for run in runs:
+        cells = grid_accuracies(run.metrics)
+        if not cells:
+            continue
+        if not set(cells) <= set(ref_cells):
+            lacking.append(run.name)
+            continue
+        run.metrics = {
+            k: v
+            for k, v in run.metrics.items()
+            if not (k in ("shift/mce", "shift/relative_mce") or k.endswith(("/ce", "/relative_ce")))
+        }
+        run.metrics.update(
+            corruption_errors(
+                cells, ref_cells, run.metrics.get("test/acc"), reference.metrics.get("test/acc")
+            )
+        )
+    if not lacking:
+        return []
+    return [
+        f"No corruption errors for {', '.join(lacking)}: the reference {reference.name} was not "
+        "evaluated on every cell of their grids."
+    ]
+
+
 def compare(
     sources: Sequence[str | Path] | Sequence[Run],
     out_dir: str | Path,
     metrics: Sequence[str] | None = None,
     title: str = "Run comparison",
+    ce_reference: str | Path | Run | None = None,
 ) -> dict[str, Path]:
     """Write ``comparison.md``, ``comparison.html`` and the plots that apply into ``out_dir``.
 
     Args:
         sources: Run directories (or folders holding them), or already loaded :class:`Run`\\ s.
         metrics: Metric columns; by default the standard ones present in any run.
+        ce_reference: An evaluation run (or its directory) to compute every evaluation's
+            corruption errors (mCE, relative mCE) against (:func:`add_corruption_errors`).
 
     Returns:
         What was written, by kind: ``markdown``, ``html``, and ``plot_accuracy_vs_fraction`` /
@@ -658,6 +708,13 @@ def compare(
     runs += find_runs(paths)
     if not runs:
         raise ValueError(f"no runs (metrics.json / report.json) found in {list(map(str, paths))}")
+    notes: list[str] = []
+    if ce_reference is not None:
+        reference = ce_reference if isinstance(ce_reference, Run) else load_run(ce_reference)
+        notes += add_corruption_errors(runs, reference)
+        notes.append(
+            f"CE, mCE: corruption errors against {reference.name} (1 = its error; lower is better)."
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if metrics:
@@ -684,9 +741,10 @@ def compare(
     # An interval is shown where a run recorded how many images an accuracy is over.
     shown = any(" [" in cell for _, _, rows in sections for row in rows for cell in row[1:])
     if shown:
-        md.append(CI_NOTE + "\n")
+        notes.insert(0, CI_NOTE)
+    md += [note + "\n" for note in notes]
     written["markdown"].write_text("\n".join(md))
-    written["html"].write_text(to_html(sections, title, CI_NOTE if shown else "", links))
+    written["html"].write_text(to_html(sections, title, " ".join(notes), links))
 
     # Clean vs corruption accuracy per method (and whatever else differs) against label
     # fraction: from the evaluations when they vary it, else from the fine-tuning runs.

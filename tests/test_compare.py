@@ -15,6 +15,7 @@ from PIL import Image
 
 from ssl_robust.compare import (
     Run,
+    add_corruption_errors,
     certified_data,
     compare,
     curve_data,
@@ -389,3 +390,38 @@ def test_certified_pipelines_are_compared_against_the_radius(tmp_path: Path) -> 
         assert img.size[0] > 300
     assert "cert/radius/0.5/acc" in written["markdown"].read_text()  # a default column
     assert "plot_certified_accuracy" not in compare([tmp_path / "runs" / "bare"], tmp_path / "o2")
+
+
+def test_corruption_errors_against_a_reference_run(tmp_path: Path) -> None:
+    grid = {"shift/fog/1/acc": 0.8, "shift/fog/5/acc": 0.4, "shift/snow/1/acc": 0.9}
+    ref = _write_run(
+        tmp_path / "supervised",
+        {"classifier": {"run": "sup"}},
+        {"test/acc": 0.95, **grid, "shift/snow/5/acc": 0.5},
+    )
+    # Errors: fog 0.2 + 0.6 = 0.8 against the reference's 0.8 -> 1; snow 0.1 / 0.1 -> 1.
+    same = Run("same", "r/same", {"classifier.run": "a"}, {"test/acc": 0.95, **grid})
+    # Halved errors -> CE 0.5; a stale mCE against another reference is replaced.
+    half = {k: 1 - (1 - v) / 2 for k, v in grid.items()}
+    better = Run("better", "r/better", {"classifier.run": "b"}, {**half, "shift/mce": 9.0})
+    other = Run("other", "r/other", {"classifier.run": "c"}, {"shift/frost/1/acc": 0.5})
+    trained = Run("ft", "r/ft", {"subset.fraction": 0.1}, {"test/acc": 0.9})  # no grid
+    runs = [same, better, other, trained]
+    notes = add_corruption_errors(runs, load_run(ref))
+    assert notes == [
+        "No corruption errors for other: the reference supervised was not evaluated on every "
+        "cell of their grids."
+    ]
+    assert same.metrics["shift/mce"] == pytest.approx(1.0)
+    assert same.metrics["shift/relative_mce"] == pytest.approx(1.0)
+    assert better.metrics["shift/fog/ce"] == pytest.approx(0.5)
+    assert better.metrics["shift/mce"] == pytest.approx(0.5)
+    assert "shift/relative_mce" not in better.metrics  # it has no clean accuracy
+    assert "shift/mce" not in other.metrics and "shift/mce" not in trained.metrics
+
+    written = compare([same, better], tmp_path / "out", ce_reference=ref)
+    md = written["markdown"].read_text()
+    assert "| better | b | — | 0.5 |" in md and "| same | a | 0.95 | 1 |" in md, md
+    assert "corruption errors against supervised" in written["html"].read_text()
+    with pytest.raises(ValueError, match="has no corruption accuracies"):
+        add_corruption_errors(runs, trained)

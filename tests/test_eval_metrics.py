@@ -12,7 +12,9 @@ from ssl_robust.evaluate.metrics import (
     brier,
     calibration_report,
     confusion_matrix,
+    corruption_errors,
     ece,
+    grid_accuracies,
     interval_bars,
     nll,
     normal_interval,
@@ -255,3 +257,43 @@ def test_confusion_matrix_known_answer_and_pooled_draws():
     assert (pooled.sum(1) // 2).tolist() == counts
     with pytest.raises(ValueError, match="expected logits"):
         confusion_matrix(torch.zeros(4, 3), labels, 3)
+
+
+def test_corruption_errors_known_answer() -> None:
+    # Two corruptions x two severities. Errors (1 - acc):
+    #   model: fog 0.2 + 0.4 = 0.6, blur 0.3 + 0.5 = 0.8; clean error 0.1
+    #   ref:   fog 0.3 + 0.5 = 0.8, blur 0.2 + 0.2 = 0.4; clean error 0.2
+    # CE: fog 0.6 / 0.8 = 0.75, blur 0.8 / 0.4 = 2.0, mCE 1.375.
+    # Relative: fog (0.6 - 0.2) / (0.8 - 0.4) = 1.0, blur (0.8 - 0.2) / (0.4 - 0.4) undefined.
+    acc = {("fog", 1): 0.8, ("fog", 2): 0.6, ("blur", 1): 0.7, ("blur", 2): 0.5}
+    ref = {("fog", 1): 0.7, ("fog", 2): 0.5, ("blur", 1): 0.8, ("blur", 2): 0.8, ("snow", 1): 0.1}
+    out = corruption_errors(acc, ref, clean_acc=0.9, ref_clean_acc=0.8)
+    expected = {"shift/fog/ce": 0.75, "shift/blur/ce": 2.0, "shift/mce": 1.375}
+    assert out == pytest.approx(expected | {"shift/fog/relative_ce": 1.0})
+    assert "shift/relative_mce" not in out  # one corruption's relative error is undefined
+    # With a reference hurt more by blur, both means exist; the reference against itself is 1.
+    ref["blur", 2] = 0.6  # ref blur error 0.6, gap 0.6 - 0.4 = 0.2 -> relative (0.6) / 0.2 = 3
+    out = corruption_errors(acc, ref, clean_acc=0.9, ref_clean_acc=0.8)
+    assert out["shift/relative_mce"] == pytest.approx((1.0 + 3.0) / 2)
+    assert out["shift/mce"] == pytest.approx((0.75 + 0.8 / 0.6) / 2)
+    same = corruption_errors(acc, acc, clean_acc=0.9, ref_clean_acc=0.9)
+    assert list(same.values()) == pytest.approx([1.0] * 6)
+    # Without clean accuracies only the plain errors; a perfect reference leaves CE undefined.
+    assert set(corruption_errors(acc, ref)) == {"shift/fog/ce", "shift/blur/ce", "shift/mce"}
+    perfect = dict(ref) | {("fog", 1): 1.0, ("fog", 2): 1.0}
+    assert set(corruption_errors(acc, perfect)) == {"shift/blur/ce"}
+    with pytest.raises(ValueError, match=r"no accuracy for the cells \[\('fog', 3\)\]"):
+        corruption_errors(acc | {("fog", 3): 0.5}, ref)
+
+
+def test_grid_accuracies_reads_only_the_cells() -> None:
+    metrics = {
+        "shift/fog/1/acc": 0.5,
+        "shift/zoom_blur/5/acc": 0.25,
+        "shift/group/noise/acc": 0.1,
+        "shift/severity/5/acc": 0.2,
+        "shift/mean_acc": 0.3,
+        "shift/fog/ce": 1.2,
+        "test/acc": 0.9,
+    }
+    assert grid_accuracies(metrics) == {("fog", 1): 0.5, ("zoom_blur", 5): 0.25}

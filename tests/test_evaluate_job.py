@@ -796,3 +796,61 @@ def test_a_failing_example_figure_costs_nothing_but_the_figure(
     report = _report(cfg)
     assert "test/acc" in metrics and "figures" not in report
     assert "The example figures were not drawn: MemoryError('out of memory')" in report["notes"]
+
+
+def test_corruption_errors_against_a_reference_evaluation(
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    off = [f"{s}.enabled=false" for s in ("adv", "calib", "ood", "perf")]
+    base = tiny_cfg(*off, run_dir=tmp_path / "base")
+    m = evaluate(base)
+    cells = {(c, s): m[f"shift/{c}/{s}/acc"] for c in GRID for s in (1, 5)}
+
+    # A reference whose errors are the base run's, halved (fabricated metrics.json): each CE 2.
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    ref_metrics = {f"shift/{c}/{s}/acc": 1 - (1 - a) / 2 for (c, s), a in cells.items()}
+    ref_metrics["test/acc"] = 1 - (1 - m["test/acc"]) / 2
+    (ref / "metrics.json").write_text(json.dumps(ref_metrics))
+    # Reusing the base run's units: the reference is not part of any unit's key.
+    cfg = tiny_cfg(*off, f"shift.ce_reference={ref}", run_dir=tmp_path / "base")
+    got = evaluate(cfg)
+    report = _report(cfg)
+    assert any(n.startswith("Resumed: 5 of 5 units") for n in report["notes"]), report["notes"]
+    for c in GRID:
+        assert got[f"shift/{c}/ce"] == pytest.approx(2.0)
+        # The added error halves with the clean error, so the relative error doubles too.
+        assert got[f"shift/{c}/relative_ce"] == pytest.approx(2.0)
+    assert got["shift/mce"] == pytest.approx(2.0)
+    assert got["shift/relative_mce"] == pytest.approx(2.0)
+    assert {k for k in got if describe_metric(k) is None} == set()
+    assert set(got) == expected_metric_keys(corruptions=GRID, severities=[1, 5], ce_reference=True)
+    md = (Path(cfg.run.dir) / "report.md").read_text()
+    assert "## Corruption error" in md and "| mean (mCE) | 200.00 | 200.00 |" in md
+    assert report["meta"]["ce_reference"]["run"] == str(ref)
+
+    # A run directory as the reference (the base run itself, through its folder): all 1.
+    own = tiny_cfg(*off, f"shift.ce_reference={base.run.dir}", run_dir=tmp_path / "own")
+    assert evaluate(own)["shift/mce"] == pytest.approx(1.0)
+
+    # Bad references stop the job before it writes anything.
+    partial = tmp_path / "partial-ref"
+    partial.mkdir()
+    (partial / "metrics.json").write_text(json.dumps({"shift/contrast/1/acc": 0.5}))
+    for reference, error, match in [
+        (tmp_path / "nope", FileNotFoundError, "no evaluation metrics at"),
+        (partial, ConfigError, r"no accuracy for 3 cells of this grid \(impulse_noise/1, "),
+    ]:
+        bad = tiny_cfg(*off, f"shift.ce_reference={reference}", run_dir=tmp_path / "bad")
+        with pytest.raises(error, match=match):
+            evaluate(bad)
+        assert not (tmp_path / "bad").exists()
+    report_json = json.loads((Path(base.run.dir) / "report.json").read_text())
+    report_json["meta"]["data_config"]["name"] = "cifar10"
+    other = tmp_path / "other-data"
+    other.mkdir()
+    (other / "metrics.json").write_text(json.dumps(ref_metrics))
+    (other / "report.json").write_text(json.dumps(report_json))
+    bad = tiny_cfg(*off, f"shift.ce_reference={other}", run_dir=tmp_path / "bad")
+    with pytest.raises(ConfigError, match="evaluated 'cifar10', this evaluation 'digits'"):
+        evaluate(bad)

@@ -175,6 +175,7 @@ def test_every_template_documents_some_key_and_the_most_specific_wins() -> None:
         ood_sets=["held_out"],
         perf=True,
         cert_radii=[0.0, 0.5],
+        ce_reference=True,
     )
     used = {describe_metric(k) for k in keys}
     assert None not in used

@@ -118,6 +118,11 @@ class ShiftSection:
     # and OOD on the top severity pool the predictions of every draw. Costs draws x the grid's
     # purifications.
     draws: int = 1
+    # A reference evaluation (its run directory, or its metrics.json) on the same data and
+    # grid, e.g. a supervised classifier's: adds the corruption error of every corruption
+    # relative to it, the mean corruption error (mCE) and the relative mCE (Hendrycks &
+    # Dietterich 2019, with this reference in place of AlexNet); "" for none.
+    ce_reference: str = ""
 
 
 @dataclass

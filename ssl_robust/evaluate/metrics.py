@@ -179,6 +179,77 @@ def interval_bars(metrics: dict[str, float], keys: list[str]) -> np.ndarray:
     return np.maximum(bars, 0.0)  # matplotlib refuses negative bars, even of -1e-17
 
 
+def grid_accuracies(metrics: dict[str, float]) -> dict[tuple[str, int], float]:
+    """The corruption cells' accuracies in ``metrics`` (``shift/<corruption>/<severity>/acc``),
+    keyed by (corruption, severity)."""
+    cells = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if (
+            len(parts) == 4
+            and parts[0] == "shift"
+            and parts[3] == "acc"
+            and parts[1] not in ("group", "severity")
+            and parts[2].isdigit()
+        ):
+            cells[parts[1], int(parts[2])] = float(value)
+    return cells
+
+
+def corruption_errors(
+    acc: dict[tuple[str, int], float],
+    ref_acc: dict[tuple[str, int], float],
+    clean_acc: float | None = None,
+    ref_clean_acc: float | None = None,
+) -> dict[str, float]:
+    """Corruption errors of a model against a reference model on the same grid (Hendrycks &
+    Dietterich 2019, Sec. 4, with an in-project reference in place of AlexNet).
+
+    With E the top-1 error: ``CE_c = sum_s E_{c,s} / sum_s E^ref_{c,s}`` and the relative
+    ``rCE_c = sum_s (E_{c,s} - E_clean) / sum_s (E^ref_{c,s} - E^ref_clean)``; mCE and relative
+    mCE are their means over the corruptions. 1 is the reference's error, lower is better.
+
+    Args:
+        acc: Accuracy per (corruption, severity) cell.
+        ref_acc: The reference's accuracies; must hold every cell of ``acc``.
+        clean_acc: Clean accuracy; with ``ref_clean_acc``, adds the relative errors.
+        ref_clean_acc: The reference's clean accuracy.
+
+    Returns:
+        ``shift/<corruption>/ce`` and ``shift/mce``, plus ``shift/<corruption>/relative_ce``
+        and ``shift/relative_mce`` with both clean accuracies. A ratio whose reference
+        denominator is not positive (the reference lost nothing there) is undefined and left
+        out, and so is the mean over corruptions it belongs to.
+    """
+    missing = sorted(set(acc) - set(ref_acc))
+    if missing:
+        raise ValueError(f"the reference has no accuracy for the cells {missing}")
+    corruptions = list(dict.fromkeys(c for c, _ in acc))
+    relative = clean_acc is not None and ref_clean_acc is not None
+    out: dict[str, float] = {}
+    ce: list[float] = []
+    rce: list[float] = []
+    for c in corruptions:
+        sevs = [s for cc, s in acc if cc == c]
+        err = sum(1.0 - acc[c, s] for s in sevs)
+        ref = sum(1.0 - ref_acc[c, s] for s in sevs)
+        if ref > 0:
+            ce.append(err / ref)
+            out[f"shift/{c}/ce"] = ce[-1]
+        if relative:
+            assert clean_acc is not None and ref_clean_acc is not None
+            gap = err - len(sevs) * (1.0 - clean_acc)
+            ref_gap = ref - len(sevs) * (1.0 - ref_clean_acc)
+            if ref_gap > 0:
+                rce.append(gap / ref_gap)
+                out[f"shift/{c}/relative_ce"] = rce[-1]
+    if corruptions and len(ce) == len(corruptions):
+        out["shift/mce"] = float(np.mean(ce))
+    if relative and corruptions and len(rce) == len(corruptions):
+        out["shift/relative_mce"] = float(np.mean(rce))
+    return out
+
+
 def ece(probs: Tensor, labels: Tensor, n_bins: int = 15) -> float:
     """Expected calibration error, L1, equal-width bins over the top-1 confidence.
 

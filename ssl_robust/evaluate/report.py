@@ -77,6 +77,13 @@ METRIC_DOCS: dict[str, str] = {
     "interval is +-1.96 se.",
     "shift/severity/{severity}/acc_se": "Standard error over the images of one severity's mean.",
     "shift/group/{group}/acc_se": "Standard error over the images of one group's mean.",
+    "shift/{corruption}/ce": "Corruption error against shift.ce_reference: this pipeline's "
+    "top-1 error summed over the severities over the reference's (1 = the reference's error).",
+    "shift/{corruption}/relative_ce": "Relative corruption error: the error added by the "
+    "corruption (over the clean error), summed over the severities, over the reference's.",
+    "shift/mce": "Mean corruption error over the grid's corruptions against shift.ce_reference "
+    "(Hendrycks & Dietterich 2019; lower is better, 1 = the reference).",
+    "shift/relative_mce": "Mean relative corruption error over the grid's corruptions.",
     "adv/{threat}/acc": "PGD(-EOT) robust accuracy, mean over re-scoring purifications.",
     "adv/{threat}/acc_worst": "Fraction of attacked images correct in every re-scoring draw.",
     "adv/{threat}/clean_acc": "Accuracy of the attacked subset before the attack.",
@@ -205,6 +212,7 @@ def expected_metric_keys(
     ood_sets: Sequence[str] = (),
     perf: bool = False,
     cert_radii: Sequence[float] = (),
+    ce_reference: bool = False,
 ) -> set[str]:
     """Every metric name a report of this shape holds.
 
@@ -223,6 +231,8 @@ def expected_metric_keys(
         ood_sets: OOD sets.
         perf: The latency section ran.
         cert_radii: The radii of a certification that ran (empty: none ran).
+        ce_reference: Corruption errors against a reference were computed (with ``clean``,
+            the relative ones too), and all were defined.
     """
     keys: set[str] = {"perf/eval_wall_s"}
     if clean:
@@ -243,6 +253,10 @@ def expected_metric_keys(
             keys.add("shift/severity5_acc")
         if shift_draws > 1:
             keys |= {"shift/mean_acc_std", "shift/mean_acc_worst", "shift/draws"}
+        if ce_reference:
+            kinds = ["ce", "relative_ce"] if clean else ["ce"]
+            keys |= {f"shift/{c}/{k}" for c in corruptions for k in kinds}
+            keys |= {"shift/mce", "shift/relative_mce"} if clean else {"shift/mce"}
     per_threat = [
         "acc",
         "acc_worst",
@@ -433,6 +447,19 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
             grid_rows,
             ["str", "str", *["pct"] * len(severities), "pct"],
         )
+        ce_rows = [
+            [c, m.get(f"shift/{c}/ce"), m.get(f"shift/{c}/relative_ce")]
+            for c in corruptions
+            if f"shift/{c}/ce" in m or f"shift/{c}/relative_ce" in m
+        ]
+        if ce_rows:
+            ce_rows.append(["mean (mCE)", m.get("shift/mce"), m.get("shift/relative_mce")])
+            tables["shift_ce"] = Table(
+                "Corruption error against the reference (%; 100 = the reference, lower is better)",
+                ["corruption", "CE", "relative CE"],
+                ce_rows,
+                ["str", "pct", "pct"],
+            )
 
     per_class = report.get("per_class") or {}
     if per_class.get("classes"):
@@ -654,6 +681,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
     )
     if "shift_summary" in tables:
         figure("corruption_examples")
+    section("Corruption error", ["shift_ce"], _ce_text(report))
     shift_set = meta.get("calib_shift_set", "the highest-severity corruptions")
     section(
         "Per class",
@@ -701,6 +729,25 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
     section("Latency and throughput", ["perf"])
     out += ["## Anchors for context (CIFAR-10; RobustBench entries)", "", _anchors_md(), ""]
     return "\n".join(out)
+
+
+def _ce_text(report: dict[str, Any]) -> str:
+    """What the corruption errors were measured against."""
+    ref = report.get("meta", {}).get("ce_reference") or {}
+    if not ref:
+        return ""
+    clean, mean = ref.get("clean"), ref.get("mean_acc")
+    accs = ", ".join(
+        f"{name} {100 * v:.2f}%" for name, v in (("clean", clean), ("corruptions", mean)) if v
+    )
+    return (
+        f"Against the reference evaluation `{ref.get('run')}` ({ref.get('title')}"
+        f"{'; ' + accs if accs else ''}), Hendrycks & Dietterich (2019) with it in place of "
+        "AlexNet: CE = this pipeline's error summed over the severities / the reference's; "
+        "relative CE = the error the corruption adds to the clean error, summed over the "
+        "severities / the reference's. mCE and relative mCE are their means over the "
+        "corruptions."
+    )
 
 
 def _cert_text(report: dict[str, Any]) -> str:

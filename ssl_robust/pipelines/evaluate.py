@@ -64,6 +64,8 @@ from ssl_robust.evaluate.latency import measure_latency
 from ssl_robust.evaluate.metrics import (
     calibration_report,
     confusion_matrix,
+    corruption_errors,
+    grid_accuracies,
     per_class_accuracy,
     reliability_bins,
     standard_error,
@@ -703,6 +705,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     threats = _threats(cfg) if cfg.adv.enabled else []
     corruptions = list(cfg.shift.corruptions) if cfg.shift.enabled else []
     severities = sorted({int(s) for s in cfg.shift.severities}) if cfg.shift.enabled else []
+    ce_reference = None
+    if corruptions and cfg.shift.ce_reference:
+        ce_reference = load_ce_reference(
+            cfg.shift.ce_reference, corruptions, severities, str(data["name"])
+        )
 
     run_dir = _run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -853,6 +860,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         # -- certified (randomized smoothing) ------------------------------------------------
         if cfg.cert.enabled:
             _cert_section(cfg, model, x_u8, y, device, metrics, report, bar, cache)
+    if ce_reference is not None:
+        _ce_section(ce_reference, metrics, meta, notes)
     if cache.done:
         notes.append(
             f"Resumed: {len(cache.done)} of {len(cache.keys)} units of work (clean pass, "
@@ -1005,6 +1014,8 @@ def _in_summary(key: str) -> bool:
     parts = key.split("/")
     if parts[0] == "shift" and len(parts) == 4 and parts[1] not in ("group", "severity"):
         return False
+    if parts[0] == "shift" and len(parts) == 3 and parts[2] in ("ce", "relative_ce"):
+        return False
     if key.startswith("adv/sanity/") and not key.endswith("/passed"):
         return False
     return not key.endswith(("calls_per_image", "/steps", "/eot", "/rescore_draws", "/n"))
@@ -1138,6 +1149,103 @@ def _shift_section(
             "not the full 15 x 5 CIFAR-10-C benchmark; means are over this grid."
         )
     return torch.cat(pooled_logits, dim=1), torch.cat(pooled_labels)
+
+
+def load_ce_reference(
+    path: str | Path, corruptions: Sequence[str], severities: Sequence[int], data_name: str
+) -> dict[str, Any]:
+    """The reference evaluation of ``shift.ce_reference`` (a run directory or its
+    metrics.json): its cell accuracies on this grid (``cells``), clean accuracy (``clean``,
+    None when it did not run), data name and image count where its report.json says them.
+
+    Raises:
+        FileNotFoundError: No metrics.json there.
+        ConfigError: It lacks cells of this grid, or it evaluated other data.
+    """
+    given = Path(path)
+    file = given / "metrics.json" if given.is_dir() else given
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"shift.ce_reference: no evaluation metrics at {str(given)!r} (expected an "
+            "evaluation run directory holding metrics.json, or that file)"
+        )
+    try:
+        metrics = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"shift.ce_reference: {file} is not valid JSON ({err})") from err
+    cells = grid_accuracies(metrics)
+    missing = [f"{c}/{s}" for c in corruptions for s in severities if (c, s) not in cells]
+    if missing:
+        have = sorted({c for c, _ in cells}) or "none"
+        raise ConfigError(
+            f"shift.ce_reference: {file} has no accuracy for {len(missing)} cells of this grid "
+            f"({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}); its corruptions: "
+            f"{have}. Evaluate the reference on the same shift.corruptions and "
+            "shift.severities."
+        )
+    report_file = file.parent / "report.json"
+    meta = {}
+    if report_file.is_file():
+        try:
+            meta = json.loads(report_file.read_text()).get("meta", {})
+        except json.JSONDecodeError:
+            meta = {}
+    ref_data = (meta.get("data_config") or {}).get("name")
+    if ref_data is not None and ref_data != data_name:
+        raise ConfigError(
+            f"shift.ce_reference: {file.parent} evaluated {ref_data!r}, this evaluation "
+            f"{data_name!r}; corruption errors compare models on the same data"
+        )
+    return {
+        "run": str(file.parent),
+        "cells": {key: cells[key] for key in cells if key[0] in corruptions},
+        "clean": metrics.get("test/acc"),
+        "images": metrics.get("shift/n", meta.get("num_images")),
+        "title": meta.get("title", file.parent.name),
+        "mean_acc": metrics.get("shift/mean_acc"),
+    }
+
+
+def _ce_section(
+    reference: dict[str, Any], metrics: dict[str, float], meta: dict[str, Any], notes: list[str]
+) -> None:
+    """mCE and relative mCE of this evaluation's grid against ``reference``
+    (:func:`load_ce_reference`), into ``metrics``; what they were measured against into
+    ``meta["ce_reference"]``."""
+    cells = grid_accuracies(metrics)
+    errors = corruption_errors(
+        cells, reference["cells"], metrics.get("test/acc"), reference["clean"]
+    )
+    metrics.update(errors)
+    meta["ce_reference"] = {
+        k: reference[k] for k in ("run", "title", "clean", "mean_acc", "images")
+    }
+    corruptions = list(dict.fromkeys(c for c, _ in cells))
+    undefined = [c for c in corruptions if f"shift/{c}/ce" not in errors]
+    if undefined:
+        notes.append(
+            f"Corruption error undefined for {', '.join(undefined)}: the reference "
+            f"({reference['run']}) made no errors there; no mCE."
+        )
+    if reference["clean"] is None or "test/acc" not in metrics:
+        notes.append(
+            "No relative corruption errors: they need the clean accuracy of both this "
+            "evaluation and the reference (clean.enabled)."
+        )
+    else:
+        flat = [c for c in corruptions if c not in undefined]
+        flat = [c for c in flat if f"shift/{c}/relative_ce" not in errors]
+        if flat:
+            notes.append(
+                f"Relative corruption error undefined for {', '.join(flat)}: the reference "
+                "lost no accuracy there relative to its clean accuracy; no relative mCE."
+            )
+    n, ref_n = metrics.get("shift/n"), reference["images"]
+    if n is not None and ref_n is not None and int(n) != int(ref_n):
+        notes.append(
+            f"The corruption-error reference was evaluated on {int(ref_n)} images, this "
+            f"evaluation on {int(n)}; the errors compare different image samples."
+        )
 
 
 def _grid_standard_errors(
