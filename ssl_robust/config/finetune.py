@@ -25,8 +25,15 @@ from ssl_robust.config.common import (
 
 @dataclass
 class EncoderSourceConfig:
-    # A pretraining run directory holding encoder.safetensors + encoder.json (required).
+    # A pretraining run directory holding encoder.safetensors + encoder.json ...
     run: str = ""
+    # ... or, instead, a backbone from random weights (model.backbone's names: resnet18_cifar,
+    # convnet, tv:<name>, timm:<name>) trained on the labeled subset alone: the supervised
+    # baseline with mode=full (optim.encoder_lr_mult=1), a probe on random features with
+    # mode=linear. Needs data.name; normalisation is the dataset's own unless data.mean/std.
+    backbone: str = ""
+    # Width of a `convnet` backbone.
+    width: int = 32
 
 
 @dataclass
@@ -128,6 +135,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 RANGES: dict[str, Range] = {
     "subset.fraction": FRACTION,
     "subset.per_class": at_least(0, "0 = use subset.fraction"),
+    "encoder.width": at_least(1),
     "augment.crop_padding": at_least(0),
     "augment.hflip_prob": PROBABILITY,
     "augment.gaussian_noise": at_least(0, "0 = none"),

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms.v2 import GaussianNoise
 
 from ssl_robust.config import ConfigError, save_config, to_dict
+from ssl_robust.config.finetune import CHOICES
 from ssl_robust.data.datamodule import EpochSeededSampler, eval_loader, usable_workers
 from ssl_robust.data.datasets import ImageSource, Splits, TransformDataset, build_splits
 from ssl_robust.data.subsets import SubsetSpec, assert_disjoint, load_or_draw_subset
@@ -51,6 +52,7 @@ from ssl_robust.launch.trainer import (
     resume_checkpoint,
     write_json,
 )
+from ssl_robust.models.backbones import Encoder, build_backbone
 from ssl_robust.models.export import EncoderMeta, load_encoder
 from ssl_robust.pipelines.common import console, final_metrics, print_summary, write_curves
 
@@ -78,7 +80,7 @@ class _Job:
 
     cfg: DictConfig
     run_dir: Path
-    encoder_dir: Path
+    encoder_dir: Path | None  # None: a backbone from random weights (encoder.backbone)
     classifier: Classifier
     meta: EncoderMeta
     splits: Splits
@@ -88,18 +90,23 @@ class _Job:
     device: torch.device
 
 
-def resolve_data(cfg: DictConfig, encoder_dir: Path, meta: EncoderMeta) -> dict[str, Any]:
+def resolve_data(
+    cfg: DictConfig, encoder_dir: Path | None, meta: EncoderMeta | None
+) -> dict[str, Any]:
     """The data description (``DATA_KEYS``): the encoder's pretraining data unless
-    ``data.name`` is set; the split seed of the pretraining run unless ``data.split_seed`` is."""
+    ``data.name`` is set; the split seed of the pretraining run unless ``data.split_seed`` is.
+    Without an encoder run (``encoder_dir`` and ``meta`` None: random weights), ``data.name``
+    must be set, and empty ``mean``/``std`` take the dataset's own statistics."""
     d = cfg.data
-    pre_path = encoder_dir / "config.yaml"
-    pre = OmegaConf.load(pre_path) if pre_path.is_file() else None
+    pre_path = encoder_dir / "config.yaml" if encoder_dir is not None else None
+    pre = OmegaConf.load(pre_path) if pre_path is not None and pre_path.is_file() else None
     inherited = ("root", "download", "image_size", "val_fraction", "in_memory", "skip_bad_images")
     if d.name:
         out: dict[str, Any] = {"name": d.name, **{k: d[k] for k in inherited}}
     elif pre is not None and "data" in pre:
         out = {"name": pre.data.name, **{k: pre.data.get(k, d[k]) for k in inherited}}
     else:
+        assert meta is not None, "data.name is required without an encoder run"
         name = meta.extra.get("dataset")
         if not name:
             raise ValueError(
@@ -113,8 +120,8 @@ def resolve_data(cfg: DictConfig, encoder_dir: Path, meta: EncoderMeta) -> dict[
     else:
         out["seed"] = int(pre.run.seed) if pre is not None and "run" in pre else 0
     # The encoder saw inputs normalised with its own statistics; keep them unless overridden.
-    out["mean"] = [float(v) for v in (d.mean or meta.mean)]
-    out["std"] = [float(v) for v in (d.std or meta.std)]
+    out["mean"] = [float(v) for v in (d.mean or (meta.mean if meta else []))]
+    out["std"] = [float(v) for v in (d.std or (meta.std if meta else []))]
     return out
 
 
@@ -139,6 +146,9 @@ def default_run_dir(cfg: DictConfig, spec: SubsetSpec) -> Path:
     encoder run (the encoder's name keeps sweeps over several encoders apart)."""
     if cfg.run.dir:
         return Path(cfg.run.dir)
+    if not cfg.encoder.run:  # random weights: runs/...-scratch-<backbone>
+        name = "scratch-" + str(cfg.encoder.backbone).replace(":", "-").replace("/", "-")
+        return Path("runs") / f"finetune-{cfg.mode}-{spec.label}-seed{cfg.run.seed}-{name}"
     enc = Path(cfg.encoder.run)
     return enc.parent / f"finetune-{cfg.mode}-{spec.label}-seed{cfg.run.seed}-{enc.name}"
 
@@ -149,11 +159,12 @@ def _check_same_job(run_dir: Path, cfg: DictConfig) -> None:
     if not path.is_file():
         return
     old = OmegaConf.load(path)
-    for key, new in (("mode", cfg.mode), ("encoder.run", cfg.encoder.run)):
-        before = OmegaConf.select(old, key, default=None)
+    keys = (("mode", cfg.mode), ("encoder.run", cfg.encoder.run))
+    for key, new in (*keys, ("encoder.backbone", cfg.encoder.backbone)):
+        before = OmegaConf.select(old, key, default="" if key == "encoder.backbone" else None)
         same = (
             Path(str(before)).resolve() == Path(new).resolve()
-            if key == "encoder.run" and before is not None
+            if key == "encoder.run" and before and new
             else before == new
         )
         if not same:
@@ -240,7 +251,8 @@ def run_linear(
     """Linear probe on cached features; the folded head is copied into the classifier."""
     cfg, clf = job.cfg, job.classifier
     clf.to(job.device).eval()
-    cache = Path(cfg.linear.cache_dir) if cfg.linear.cache_dir else job.encoder_dir / "features"
+    home = job.encoder_dir if job.encoder_dir is not None else job.run_dir
+    cache = Path(cfg.linear.cache_dir) if cfg.linear.cache_dir else home / "features"
     key = feature_key(weights_digest(clf.encoder), job.data, job.data["image_size"])
     start = time.perf_counter()
     feats = load_or_compute_features(
@@ -378,6 +390,49 @@ MODES: dict[
 ] = {"full": run_full, "linear": run_linear}
 
 
+def _encoder(cfg: DictConfig) -> tuple[Path | None, Encoder, EncoderMeta | None]:
+    """The encoder to fine-tune: a pretraining run's export (its folder, the encoder, its
+    description), or with ``encoder.backbone`` a backbone from random weights (None, the
+    encoder, None), seeded by ``run.seed``."""
+    e = cfg.encoder
+    if e.run and e.backbone:
+        raise ConfigError(
+            f"encoder.run={e.run!r} and encoder.backbone={e.backbone!r}: set one, the pretrained "
+            "encoder to fine-tune or the backbone to train from random weights"
+        )
+    if not e.run and not e.backbone:
+        raise ConfigError(
+            "encoder.run is empty: give the pretraining run directory that holds "
+            "encoder.safetensors and encoder.json, e.g. encoder.run=runs/pretrain-simclr-digits "
+            "(or encoder.backbone=<name> to train a backbone from random weights, the "
+            "supervised baseline)"
+        )
+    pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    if e.run:
+        encoder_dir = Path(e.run)
+        encoder, meta = load_encoder(encoder_dir)
+        return encoder_dir, encoder, meta
+    if not cfg.data.name:
+        raise ConfigError(
+            "encoder.backbone trains from random weights, so there is no pretraining run to "
+            f"take the data from: set data.name (one of {list(CHOICES['data.name'][1:])})"
+        )
+    try:
+        encoder = build_backbone(str(e.backbone), int(e.width))
+    except ValueError as err:
+        raise ConfigError(f"encoder.backbone: {err}") from err
+    if cfg.mode == "full" and cfg.optim.encoder_lr_mult != 1:
+        console.print(
+            f"warning: encoder.backbone trains random weights at optim.encoder_lr_mult="
+            f"{cfg.optim.encoder_lr_mult:g} of the head's rate; a supervised baseline trains "
+            "the whole network at one rate (optim.encoder_lr_mult=1, as the supervised_* "
+            "presets set)",
+            markup=False,
+            highlight=False,
+        )
+    return None, encoder, None
+
+
 def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
     """Fine-tune a pretrained encoder on a labeled subset; returns the final metrics.
 
@@ -400,18 +455,23 @@ def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
             "probe trains on features of the clean images (cached once)"
         )
     spec = SubsetSpec(cfg.subset.fraction, cfg.subset.per_class, seed=cfg.run.seed)
-    if not cfg.encoder.run:
-        raise ConfigError(
-            "encoder.run is empty: give the pretraining run directory that holds "
-            "encoder.safetensors and encoder.json, e.g. encoder.run=runs/pretrain-simclr-digits"
-        )
-    encoder_dir = Path(cfg.encoder.run)
-    encoder, meta = load_encoder(encoder_dir)
-    pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    encoder_dir, encoder, meta = _encoder(cfg)
 
     data = resolve_data(cfg, encoder_dir, meta)
     splits = _build_splits(data)
     data["image_size"] = splits.info.image_size  # 0 ("native") resolved, for the evaluation
+    if meta is None:  # random weights: described by what they will be trained on
+        data["mean"], data["std"] = list(splits.info.mean), list(splits.info.std)
+        meta = EncoderMeta(
+            backbone=str(cfg.encoder.backbone),
+            width=int(cfg.encoder.width),
+            feat_dim=encoder.feat_dim,
+            image_size=splits.info.image_size,
+            mean=data["mean"],
+            std=data["std"],
+            num_classes=splits.info.num_classes,
+            extra={"method": "supervised", "dataset": splits.info.name},
+        )
     run_dir = default_run_dir(cfg, spec)
     _check_same_job(run_dir, cfg)
     purifier = build_purifier(cfg.purify, splits.info.image_size)
@@ -449,7 +509,7 @@ def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
             data={k: data[k] for k in DATA_KEYS},
             mode=cfg.mode,
             subset={**spec.__dict__, "size": len(indices)},
-            encoder_run=str(encoder_dir),
+            encoder_run=str(encoder_dir) if encoder_dir is not None else "",
         )
         shown = {
             k: v
@@ -462,7 +522,9 @@ def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
             run_dir,
             shown,
             {
-                "Encoder": str(encoder_dir),
+                "Encoder": str(encoder_dir)
+                if encoder_dir is not None
+                else f"{cfg.encoder.backbone} from random weights",
                 "Labeled images": f"{len(indices)} of {len(splits.train)}",
                 **extra,
                 "Classifier": str(run_dir / "classifier.safetensors"),
