@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from ssl_robust.config import ConfigError, EvaluateConfig, load_config
-from ssl_robust.data.datasets import build_splits
+from ssl_robust.data.datasets import DataError, build_splits
 from ssl_robust.evaluate.attacks import sanity_attack_costs
 from ssl_robust.evaluate.cifar_c import write_cifar_c
 from ssl_robust.evaluate.metrics import calibration_report, wilson_interval
@@ -854,3 +854,88 @@ def test_corruption_errors_against_a_reference_evaluation(
     bad = tiny_cfg(*off, f"shift.ce_reference={other}", run_dir=tmp_path / "bad")
     with pytest.raises(ConfigError, match="evaluated 'cifar10', this evaluation 'digits'"):
         evaluate(bad)
+
+
+def _fake_svhn(root: Path, n: int) -> np.ndarray:
+    """A stand-in for SVHN's test_32x32.mat (its layout: X is (32, 32, 3, N) uint8, y is (N, 1)
+    in 1..10); returns the images as (N, 32, 32, 3)."""
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+    x[:16, :, 0, :] = 255  # a red top half: the orientation is checked below
+    root.mkdir(parents=True)
+    savemat(root / "test_32x32.mat", {"X": x, "y": rng.integers(1, 11, (n, 1))})
+    return x.transpose(3, 0, 1, 2)
+
+
+def test_outside_datasets_are_ood_sets(
+    tiny_cfg: Callable[..., DictConfig],
+    classifier_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torchvision
+
+    from ssl_robust.data.datasets import load_outside_images
+    from ssl_robust.finetune.export import load_classifier
+
+    # The stand-in file has not the released file's md5, which torchvision checks.
+    monkeypatch.setattr(torchvision.datasets.SVHN, "_check_integrity", lambda self: True)
+    svhn = _fake_svhn(tmp_path / "svhn", 40)
+    folder = tmp_path / "letters"
+    for k in range(2):
+        (folder / f"c{k}").mkdir(parents=True)
+        for i in range(6):
+            pixels = np.full((12, 12, 3), 30 * i + 90 * k, dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"c{k}" / f"{i}.png")
+    # The loader: torchvision's (N, C, H, W) back to (N, H, W, C), resized with Pillow.
+    full = load_outside_images("svhn", str(tmp_path / "svhn"), 32)
+    assert np.array_equal(full, svhn)
+    small = load_outside_images("svhn", str(tmp_path / "svhn"), 8)
+    resized = Image.fromarray(svhn[3]).resize((8, 8), Image.Resampling.BICUBIC)
+    assert small.shape == (40, 8, 8, 3) and np.array_equal(small[3], np.asarray(resized))
+
+    off = [f"{s}.enabled=false" for s in ("shift", "adv", "calib", "perf")]
+    sets = f"ood.datasets=[svhn@{tmp_path / 'svhn'},imagefolder@{folder}]"
+    cfg = tiny_cfg(*off, sets, "ood.noise_kinds=[gaussian]")
+    m = evaluate(cfg)
+    report = _report(cfg)
+    assert report["meta"]["ood_sets"] == ["noise_gaussian", "svhn", "letters"]
+    assert "40 of 40 images at 8 px" in report["meta"]["ood_datasets"]["svhn"]
+    assert "12 of 12 images" in report["meta"]["ood_datasets"]["letters"]
+    # Known answer: the classifier's own scores on the evaluation and the resized SVHN images.
+    clf = load_classifier(classifier_run)[0].eval()
+    images, _ = _eval_images(cfg)
+
+    def logits(x: np.ndarray) -> torch.Tensor:
+        with torch.no_grad():
+            return clf(torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255)
+
+    want = ood_metrics(msp_score(logits(images)), msp_score(logits(small)))
+    assert m["ood/svhn/msp/auroc"] == pytest.approx(want["auroc"], abs=1e-6)
+    assert m["ood/svhn/msp/fpr95"] == pytest.approx(want["fpr95"], abs=1e-6)
+    assert {"ood/letters/energy/auroc", "ood/letters/msp/fpr95"} <= set(m)
+    md = (Path(cfg.run.dir) / "report.md").read_text()
+    assert "Outside datasets: svhn, svhn test split (" in md
+    # A rerun reads the sets' logits back; fewer images make another unit.
+    again = evaluate(cfg)
+    assert any(n.startswith("Resumed: 3 of 3 units") for n in _report(cfg)["notes"])
+    assert again["ood/svhn/msp/auroc"] == m["ood/svhn/msp/auroc"]
+    fewer = evaluate(tiny_cfg(*off, sets, "ood.noise_kinds=[gaussian]", "ood.num_images=10"))
+    assert "10 of 40 images" in _report(cfg)["meta"]["ood_datasets"]["svhn"]
+    assert fewer["ood/letters/msp/auroc"] != m["ood/letters/msp/auroc"]  # 10 of 12 images
+
+    # Bad sets stop the job before it writes anything.
+    monkeypatch.undo()  # torchvision's own check again: a missing file fails it
+    for value, error, match in [
+        ("[mnist]", ConfigError, r"unknown dataset 'mnist' in ood.datasets; choose from \['cif"),
+        ("[imagefolder]", ConfigError, "imagefolder needs its folder"),
+        (f"[svhn@{tmp_path / 'nope'}]", DataError, "svhn not found under"),
+        (f"[svhn,svhn@{tmp_path}]", ConfigError, "two OOD sets would be named 'svhn'"),
+        ("[imagefolder@/x/held_out]", ConfigError, "two OOD sets would be named 'held_out'"),
+    ]:
+        bad = tiny_cfg(*off, f"ood.datasets={value}", run_dir=tmp_path / "bad")
+        with pytest.raises(error, match=match):
+            evaluate(bad)
+        assert not (tmp_path / "bad").exists()

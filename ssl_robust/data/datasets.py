@@ -251,24 +251,62 @@ def _torchvision(name: str, root: str, download: bool, split: str) -> Any:
         ) from None
 
 
+def _torchvision_source(name: str, root: str, download: bool, split: str) -> ArraySource:
+    """One split of a torchvision dataset as uint8 (N, H, W, 3) images."""
+    d = _torchvision(name, root, download, split)
+    if name == "stl10":
+        images = np.ascontiguousarray(d.data.transpose(0, 2, 3, 1))
+        return ArraySource(images, np.asarray(d.labels), list(d.classes))
+    return ArraySource(np.asarray(d.data), np.asarray(d.targets), list(d.classes))
+
+
 def load_torchvision_splits(
     name: str, root: str, download: bool
 ) -> tuple[ArraySource, ArraySource]:
-    if name == "stl10":
-        tr, te = (
-            _torchvision(name, root, download, "train"),
-            _torchvision(name, root, download, "test"),
-        )
-        to_nhwc = lambda d: np.ascontiguousarray(d.data.transpose(0, 2, 3, 1))  # noqa: E731
-        return (
-            ArraySource(to_nhwc(tr), np.asarray(tr.labels), list(tr.classes)),
-            ArraySource(to_nhwc(te), np.asarray(te.labels), list(te.classes)),
-        )
-    tr, te = _torchvision(name, root, download, "train"), _torchvision(name, root, download, "test")
     return (
-        ArraySource(np.asarray(tr.data), np.asarray(tr.targets), list(tr.classes)),
-        ArraySource(np.asarray(te.data), np.asarray(te.targets), list(te.classes)),
+        _torchvision_source(name, root, download, "train"),
+        _torchvision_source(name, root, download, "test"),
     )
+
+
+# Datasets whose test images can serve as an outside (OOD) set: load_outside_images.
+OUTSIDE_DATASETS = ("cifar10", "cifar100", "imagefolder", "stl10", "svhn")
+
+
+def load_outside_images(
+    name: str, root: str, image_size: int, download: bool = False
+) -> np.ndarray:
+    """The test images of a dataset as uint8 (N, image_size, image_size, 3), for use as an
+    out-of-distribution set: SVHN's test split (torchvision's ``test_32x32.mat``), the test
+    split of CIFAR-10/100 or STL-10, or every image of an ImageFolder tree at ``root``
+    (decoded once, cached in ``root/.cache``). Resized (bicubic) when the size differs.
+
+    Raises:
+        DataError: The dataset is not at ``root`` (and ``download`` is off), or unknown.
+    """
+    if name not in OUTSIDE_DATASETS:
+        raise DataError(f"unknown outside dataset {name!r}; choose from {list(OUTSIDE_DATASETS)}")
+    source: ArraySource | ImageSource
+    if name == "svhn":
+        import torchvision
+
+        try:
+            d = torchvision.datasets.SVHN(root=root, split="test", download=download)
+        except RuntimeError as err:
+            raise DataError(
+                f"svhn not found under {str(Path(root).resolve())!r} ({err}). Put its "
+                "test_32x32.mat there or set eval.download=true to fetch it."
+            ) from None
+        images = np.ascontiguousarray(d.data.transpose(0, 2, 3, 1))
+        source = ArraySource(images, np.asarray(d.labels), [str(k) for k in range(10)])
+    elif name == "imagefolder":
+        source = load_image_folder(root, image_size, True, False, Path(root) / ".cache")
+    else:
+        source = _torchvision_source(name, root, download, "test")
+    assert isinstance(source, ArraySource)
+    if source.images.shape[1:3] != (image_size, image_size):
+        source = _resize_array(source, image_size)
+    return source.images
 
 
 # ---------------------------------------------------------------------------------------------

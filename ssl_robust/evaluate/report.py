@@ -778,6 +778,9 @@ def _ood_text(report: dict[str, Any]) -> str:
         "logsumexp of the logits (Liu et al. 2020). Both should be higher on the in-distribution "
         "test images; an AUROC of 50% is chance."
     )
+    outside = report.get("meta", {}).get("ood_datasets") or {}
+    if outside:
+        text += " Outside datasets: " + "; ".join(f"{k}, {v}" for k, v in outside.items()) + "."
     below = [
         f"{s} ({score})"
         for s in report.get("meta", {}).get("ood_sets", [])
@@ -929,8 +932,12 @@ def _plot_ood(report: dict[str, Any], path: Path) -> Path | None:
         return None
     plt = pyplot()
     sets = list(hists)
-    fig, axes = plt.subplots(1, len(sets), figsize=(4 * len(sets), 3.5), squeeze=False)
-    for ax, name in zip(axes[0], sets):
+    cols = min(4, len(sets))  # rows of at most four panels
+    rows = math.ceil(len(sets) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.5 * rows), squeeze=False)
+    for ax in axes.flat[len(sets) :]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, sets):
         h = hists[name].get("msp") or next(iter(hists[name].values()))
         edges = h["edges"]
         widths = [b - a for a, b in itertools.pairwise(edges)]

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -34,7 +35,12 @@ from rich.progress import (
 from torch import Tensor, nn
 
 from ssl_robust.config import ConfigError, save_config, to_dict
-from ssl_robust.data.datasets import ArraySource, build_splits
+from ssl_robust.data.datasets import (
+    OUTSIDE_DATASETS,
+    ArraySource,
+    build_splits,
+    load_outside_images,
+)
 from ssl_robust.evaluate.attacks import (
     autoattack,
     robust_accuracy,
@@ -298,6 +304,8 @@ def check_config(cfg: DictConfig) -> None:
                 f"unknown noise kind {kind!r} in ood.noise_kinds; choose from {list(NOISE_KINDS)}",
             )
         need(o.num_noise >= 0, f"ood.num_noise must be >= 0, got {o.num_noise}")
+        need(o.num_images >= 0, f"ood.num_images must be >= 0, got {o.num_images}")
+        ood_set_names([str(spec) for spec in o.datasets])
     f = cfg.perf
     if f.enabled:
         need(f.batch_size >= 1, f"perf.batch_size must be >= 1, got {f.batch_size}")
@@ -477,6 +485,7 @@ def _unit_specs(
     severities: list[int],
     threats: list[dict[str, Any]],
     stochastic: bool,
+    outside: dict[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every unit of expensive work the config asks for: its name (also the relative path of
     its file, after the metric names) and the settings it depends on beyond the fingerprint.
@@ -486,11 +495,14 @@ def _unit_specs(
     ``shift/<corruption>/<severity>`` (one cell of the grid, over ``shift_draws``
     purifications; the top severity also keeps the logits of every draw for calibration and
     OOD), ``adv/<threat>/pgd``, ``adv/<threat>/autoattack`` and
-    ``adv/sanity/<norm>``.
+    ``adv/sanity/<norm>``, ``ood/<set>`` (the logits of an outside OOD dataset over
+    ``clean_draws`` purifications; ``outside`` maps each set to the digest of its images).
     """
     specs: dict[str, dict[str, Any]] = {}
     if clean:
         specs["clean"] = {"bare": bare, "draws": clean_draws}
+    for name, digest in (outside or {}).items():
+        specs[f"ood/{name}"] = {"images": digest, "draws": clean_draws}
     s = cfg.shift
     folder = Path(s.cifar_c_dir) if s.cifar_c_dir else None
     for c in corruptions:
@@ -563,6 +575,74 @@ def _unit_specs(
     return specs
 
 
+# The OOD sets the section makes itself; an outside dataset may not take these names.
+_OWN_OOD_SETS = ("held_out", *(f"noise_{k}" for k in NOISE_KINDS))
+
+
+def ood_set_names(specs: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """The outside OOD datasets of ``ood.datasets`` (``<name>`` or ``<name>@<root>``) by set
+    name (the dataset's name; an image folder's: its folder name), each as (dataset, root; ""
+    for the evaluation data's root).
+
+    Raises:
+        ConfigError: An unknown dataset (naming the valid ones), an image folder without its
+            folder, or two sets of one name.
+    """
+    sets: dict[str, tuple[str, str]] = {}
+    for spec in specs:
+        name, _, root = spec.partition("@")
+        if name not in OUTSIDE_DATASETS:
+            raise ConfigError(
+                f"unknown dataset {name!r} in ood.datasets; choose from "
+                f"{list(OUTSIDE_DATASETS)}, each as <name> or <name>@<root>"
+            )
+        if name == "imagefolder" and not root:
+            raise ConfigError("ood.datasets: imagefolder needs its folder, as imagefolder@<folder>")
+        set_name = name
+        if name == "imagefolder":
+            set_name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(root).resolve().name) or "imagefolder"
+        if set_name in sets or set_name in _OWN_OOD_SETS or set_name.startswith("shift_s"):
+            raise ConfigError(
+                f"ood.datasets: two OOD sets would be named {set_name!r} (from {spec!r}); "
+                "give each dataset once (image folders are named by their folder)"
+            )
+        sets[set_name] = (name, root)
+    return sets
+
+
+def _outside_sets(
+    cfg: DictConfig, data: dict[str, Any], n_eval: int
+) -> dict[str, tuple[np.ndarray, str]]:
+    """The images of every ``ood.datasets`` set (a seeded subset of ``ood.num_images``, or of
+    as many as the evaluation images) with their description, by set name; loaded before the
+    run writes anything, so a missing dataset stops it at once."""
+    if not cfg.ood.enabled:
+        return {}
+    size = int(data["image_size"])
+    default_root = str(data.get("root", "data"))
+    out = {}
+    for set_name, (name, root) in ood_set_names([str(x) for x in cfg.ood.datasets]).items():
+        root = root or default_root
+        if name == data["name"] and (name != "imagefolder" or root == default_root):
+            raise ConfigError(
+                f"ood.datasets holds {name!r}, the evaluation data itself; an OOD set must hold "
+                "images of other classes"
+            )
+        images = load_outside_images(name, root, size, bool(cfg.eval.download))
+        n = int(cfg.ood.num_images) or n_eval
+        idx = _subset(len(images), n, int(cfg.run.seed) + _SEED_OOD)
+        what = f"{name} test split" if name != "imagefolder" else "the image folder"
+        desc = f"{what} ({root}), {len(idx)} of {len(images)} images at {size} px"
+        out[set_name] = (np.ascontiguousarray(images[idx]), desc)
+    return out
+
+
+def _images_digest(images: np.ndarray) -> str:
+    digest = hashlib.sha256(f"{images.shape} {images.dtype}".encode())
+    digest.update(np.ascontiguousarray(images).data)
+    return digest.hexdigest()
+
+
 def _unit_kind(unit: str) -> str:
     if unit == "clean":
         return "clean pass"
@@ -572,6 +652,8 @@ def _unit_kind(unit: str) -> str:
         return "sanity-check norms"
     if unit == "cert":
         return "certification"
+    if unit.startswith("ood/"):
+        return "OOD datasets"
     if "/pgd/shard-" in unit:
         return "PGD shards"
     return "AutoAttack threats" if unit.endswith("/autoattack") else "PGD threats"
@@ -705,6 +787,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     threats = _threats(cfg) if cfg.adv.enabled else []
     corruptions = list(cfg.shift.corruptions) if cfg.shift.enabled else []
     severities = sorted({int(s) for s in cfg.shift.severities}) if cfg.shift.enabled else []
+    outside = _outside_sets(cfg, data, len(labels))
     ce_reference = None
     if corruptions and cfg.shift.ce_reference:
         ce_reference = load_ce_reference(
@@ -755,6 +838,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         severities=severities,
         threats=threats,
         stochastic=stochastic,
+        outside={k: _images_digest(v[0]) for k, v in outside.items()} if need_clean else {},
     )
     cache = UnitStore(
         run_dir / "partial", fingerprint, specs, resume=bool(cfg.run.resume), describe=_unit_kind
@@ -860,6 +944,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         # -- certified (randomized smoothing) ------------------------------------------------
         if cfg.cert.enabled:
             _cert_section(cfg, model, x_u8, y, device, metrics, report, bar, cache)
+        # -- outside OOD datasets through the pipeline --------------------------------------
+        outside_logits = (
+            _outside_logits(outside, model, clean_draws, cfg, device, bar, cache)
+            if draw_logits is not None
+            else {}
+        )
     if ce_reference is not None:
         _ce_section(ce_reference, metrics, meta, notes)
     if cache.done:
@@ -914,7 +1004,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     # -- OOD -----------------------------------------------------------------------------------
     if cfg.ood.enabled and draw_logits is not None:
-        _ood_section(cfg, model, draw_logits, y, shift_logits, images.shape, device, report)
+        meta["ood_datasets"] = {k: v[1] for k, v in outside.items()}
+        _ood_section(
+            cfg, model, draw_logits, y, shift_logits, outside_logits, images.shape, device, report
+        )
 
     # -- latency -------------------------------------------------------------------------------
     if cfg.perf.enabled:
@@ -1851,20 +1944,53 @@ def _rows_json(rows: list[ImageRow]) -> list[dict[str, Any]]:
     return [{"name": r.name, "preds": None if r.preds is None else r.preds.tolist()} for r in rows]
 
 
+def _outside_logits(
+    outside: dict[str, tuple[np.ndarray, str]],
+    model: Pipeline,
+    draws: int,
+    cfg: DictConfig,
+    device: torch.device,
+    bar: Progress,
+    cache: UnitStore,
+) -> dict[str, Tensor]:
+    """The pipeline's logits (draws, M, classes) on each outside OOD dataset: one unit each,
+    purified as many times as the clean images, from a stream of its own."""
+    if not outside:
+        return {}
+    out = {}
+    task = bar.add_task("OOD datasets", total=len(outside))
+    for name, (images, _) in outside.items():
+        unit = f"ood/{name}"
+        stored = cache.get(unit)
+        bar.update(task, description=f"OOD {name}" + (f" {RESTORED}" if stored else ""))
+        if stored is not None:
+            out[name] = stored[1]["logits"]
+        else:
+            x = _nchw(images)
+            model.reseed(_corruption_seed(int(cfg.run.seed) + _SEED_OOD, name, 0), device)
+            bs = int(cfg.eval.batch_size)
+            out[name] = torch.stack([_predict(model, x, bs, device) for _ in range(draws)])
+            cache.put(unit, {}, {"logits": out[name]})
+        bar.advance(task)
+    return out
+
+
 def _ood_section(
     cfg: DictConfig,
     model: Pipeline,
     clean_logits: Tensor,
     y: Tensor,
     shift_logits: Tensor | None,
+    outside_logits: dict[str, Tensor],
     image_shape: tuple[int, ...],
     device: torch.device,
     report: dict[str, Any],
 ) -> None:
     """OOD detection from the clean logits (draws, N, classes) against noise images (purified
-    as many times as the clean images), the held-out classes and the top-severity corruptions
-    (shift_logits, (draws, M, classes)). Behind a stochastic purifier, the scores of every
-    draw are pooled on each side: the AUROC of the randomised detector."""
+    as many times as the clean images), the held-out classes, the top-severity corruptions
+    (shift_logits, (draws, M, classes)) and the outside datasets (``outside_logits``, by set).
+    Behind a stochastic purifier, the scores of every draw are pooled on each side: the AUROC
+    of the randomised detector."""
     o = cfg.ood
     seed = int(cfg.run.seed)
     metrics = report["metrics"]
@@ -1892,6 +2018,8 @@ def _ood_section(
     if o.shift and shift_logits is not None:
         top = max(int(s) for s in cfg.shift.severities)
         sets[f"shift_s{top}"] = (clean, shift_logits.flatten(0, 1))
+    for name, logits in outside_logits.items():
+        sets[name] = (clean, logits.flatten(0, 1))
     hist: dict[str, dict[str, Any]] = {}
     for name, (l_in, l_out) in sets.items():
         hist[name] = {}
