@@ -332,6 +332,66 @@ def table(
     return header, rows
 
 
+def _is_seed_or_path(key: str) -> bool:
+    return key == "run.seed" or key.endswith(".run")
+
+
+def replicate_groups(
+    runs: Sequence[Run], keys: Sequence[str]
+) -> list[tuple[dict[str, Any], list[Run]]]:
+    """Runs of one setting: runs that differ only in ``run.seed`` and in which runs they build
+    on (``<section>.run``; whether one is set still counts, so a bare and a purified evaluation
+    stay apart, while the settings of upstream runs are compared through their inherited keys).
+
+    Returns:
+        Each setting (its values of the other differing ``keys``) with its runs, sorted by the
+        setting.
+    """
+    setting = [k for k in keys if not _is_seed_or_path(k)]
+    paths = [k for k in keys if k.endswith(".run")]
+    groups: dict[str, tuple[dict[str, Any], list[Run]]] = {}
+    for run in runs:
+        active = _active_config(run)
+        values = {k: active.get(k) for k in setting}
+        signature = {**values, **{k: bool(active.get(k)) for k in paths}}
+        key = json.dumps(signature, sort_keys=True, default=str)
+        groups.setdefault(key, (values, []))[1].append(run)
+    order = sorted(groups, key=lambda g: [_fmt(v) for v in groups[g][0].values()] + [g])
+    return [groups[g] for g in order]
+
+
+def replicate_table(
+    runs: Sequence[Run], keys: Sequence[str], metrics: Sequence[str]
+) -> tuple[list[str], list[list[str]]] | None:
+    """One row per setting (:func:`replicate_groups`): each metric's mean +- sample standard
+    deviation over its runs; None when no setting has more than one run."""
+    groups = replicate_groups(runs, keys)
+    if all(len(members) == 1 for _, members in groups):
+        return None
+    setting = [k for k in keys if not _is_seed_or_path(k)]
+    header = [*setting, "runs", *metrics]
+    rows = []
+    for values, members in groups:
+        row = [_fmt(values[k]) for k in setting] + [str(len(members))]
+        for metric in metrics:
+            found = [r.metrics[metric] for r in members if metric in r.metrics]
+            if not found:
+                row.append(_fmt(None))
+            elif len(found) == 1:
+                row.append(_fmt(found[0]) + (" (1 run)" if len(members) > 1 else ""))
+            else:
+                cell = f"{np.mean(found):.4g} ± {np.std(found, ddof=1):.2g}"
+                row.append(cell + (f" ({len(found)} runs)" if len(found) < len(members) else ""))
+        rows.append(row)
+    return header, rows
+
+
+REPLICATES_NOTE = (
+    "Over replicates: runs that differ only in run.seed and in which runs they build on, one "
+    "row per setting; each metric as mean ± sample standard deviation over its runs."
+)
+
+
 CI_NOTE = (
     "[low, high]: the 95% interval over the images an accuracy was measured on (Wilson; for "
     "the corruption means, +-1.96 standard errors of each image's accuracy over the grid)."
@@ -725,6 +785,7 @@ def compare(
     keys_by_job = {job: differing_keys(members) for job, members in groups.items()}
     sections: list[tuple[str | None, list[str], list[list[str]]]] = []
     links: list[list[str | None]] = []  # each row's run name links to its report or curves
+    replicated = False
     for job, members in groups.items():
         present = {m for r in members for m in r.metrics}
         columns = [m for m in metrics if m in present] if metrics else select_metrics(members)
@@ -732,6 +793,12 @@ def compare(
         heading = f"{job} ({n} run{'s' if n > 1 else ''})" if len(groups) > 1 else None
         sections.append((heading, *table(members, keys_by_job[job], columns)))
         links.append([run_link(r, out) for r in ordered_runs(members, keys_by_job[job])])
+        over = replicate_table(members, keys_by_job[job], columns)
+        if over is not None:
+            replicated = True
+            prefix = f"{job}, " if len(groups) > 1 else ""
+            sections.append((f"{prefix}mean ± std over replicates", *over))
+            links.append([None] * len(over[1]))
     written = {"markdown": out / "comparison.md", "html": out / "comparison.html"}
     md = [f"# {title}\n"]
     md += [
@@ -740,6 +807,8 @@ def compare(
     ]
     # An interval is shown where a run recorded how many images an accuracy is over.
     shown = any(" [" in cell for _, _, rows in sections for row in rows for cell in row[1:])
+    if replicated:
+        notes.insert(0, REPLICATES_NOTE)
     if shown:
         notes.insert(0, CI_NOTE)
     md += [note + "\n" for note in notes]

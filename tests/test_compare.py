@@ -23,6 +23,8 @@ from ssl_robust.compare import (
     find_runs,
     job_of,
     load_run,
+    replicate_groups,
+    replicate_table,
     run_labels,
     run_link,
     select_metrics,
@@ -151,8 +153,44 @@ def test_evaluation_runs_follow_upstream_and_plot(
         with Image.open(written[kind]) as image:
             assert image.format == "PNG" and image.size[0] > 300
     md = written["markdown"].read_text().splitlines()
-    assert len([line for line in md if line.startswith("| ")]) == 2 + 16  # header, rule, runs
+    # Header, rule, runs; then the 8 settings over their 2 seeds each.
+    assert len([line for line in md if line.startswith("| ")]) == 2 + 16 + 2 + 8
     assert "shift/mean_acc" in md[2] and "adv/linf_8/acc" in md[2]
+
+
+def test_replicates_are_summarised_over_seeds(
+    pretrain_runs: dict[str, Path], tmp_path: Path
+) -> None:
+    _evaluation_tree(tmp_path / "runs", pretrain_runs)
+    fts = find_runs([tmp_path / "runs" / "ft"])
+    keys = differing_keys(fts)
+    assert {"encoder.run", "run.seed", "subset.fraction", "method.name"} <= set(keys)
+    groups = replicate_groups(fts, keys)
+    # Two methods x two fractions, each over seeds 0 and 1 (encoder paths set in all).
+    assert [(v["method.name"], v["subset.fraction"], len(g)) for v, g in groups] == [
+        ("byol", 0.1, 2), ("byol", 1.0, 2), ("simclr", 0.1, 2), ("simclr", 1.0, 2)
+    ]  # fmt: skip
+    header, rows = replicate_table(fts, keys, ["test/acc"])
+    assert header == ["method.name", "subset.fraction", "runs", "test/acc"]
+    # simclr at 0.1: 0.8 x 0.91 + 0.01 x seed -> mean 0.733, std 0.01 / sqrt(2).
+    assert rows[2] == ["simclr", "0.1", "2", "0.733 ± 0.0071"]
+    # A setting one of whose runs lacks a metric says over how many it is.
+    fts[0].metrics.pop("test/acc")
+    _, rows = replicate_table(fts, keys, ["test/acc"])
+    assert sum(row[3].endswith(" (1 run)") for row in rows) == 1
+    # A purifier set or not splits settings, though its path is not a setting.
+    evals = [
+        Run("a", "a", {"classifier.run": "x/1", "purifier.run": ""}, {"test/acc": 0.5}),
+        Run("b", "b", {"classifier.run": "x/2", "purifier.run": ""}, {"test/acc": 0.7}),
+        Run("c", "c", {"classifier.run": "x/1", "purifier.run": "d"}, {"test/acc": 0.4}),
+    ]
+    keys = differing_keys(evals)
+    assert [len(g) for _, g in replicate_groups(evals, keys)] == [2, 1]
+    assert replicate_table(evals[:1] + evals[2:], keys, ["test/acc"]) is None  # no replicates
+    written = compare(evals, tmp_path / "out")
+    md = written["markdown"].read_text()
+    assert "## mean ± std over replicates" in md and "| 2 | 0.6 ± 0.14 |" in md, md
+    assert "Over replicates: runs that differ only in run.seed" in md
 
 
 def _log_curve(run: Path, metric: str, values: list[float]) -> None:
