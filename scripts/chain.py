@@ -8,9 +8,11 @@ python scripts/chain.py runs/c10 \\
 
 The same steps and run directories as slurm/pipeline.sh (which submits them as SLURM jobs):
 <runs>/pretrain, <runs>/denoiser, <runs>/finetune/<line>, <runs>/evaluate/<line>[-purified],
-<runs>/compare. A step whose prerequisite failed is skipped; the comparison runs over whatever
-finished. Every phase resumes from its run directory, so the same command again finishes
-only what is left. Steps and their outcomes are appended to <runs>/chain.txt.
+<runs>/compare; with --baseline also <runs>/baseline/<line> and
+<runs>/evaluate/baseline-<line>[-purified]. A step whose prerequisite failed is skipped; the
+comparison runs over whatever finished. Every phase resumes from its run directory, so the
+same command again finishes only what is left. Steps and their outcomes are appended to
+<runs>/chain.txt.
 """
 
 import argparse
@@ -52,6 +54,13 @@ def main() -> int:
     parser.add_argument(
         "--purify", default="", metavar="ARGS", help="extra overrides of the purified evaluations"
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="ARGS",
+        help="a supervised baseline from random weights (fine-tuning preset and overrides, e.g. "
+        "supervised_cifar10), trained for every sweep line (its mode= and run.dir= words aside) "
+        "and evaluated like the other classifiers",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the steps, run nothing")
     parser.add_argument(
         "--check",
@@ -70,6 +79,7 @@ def main() -> int:
             lines=sweep_lines(args.sweep),
             evaluate=args.evaluate,
             purify=args.purify,
+            baseline=args.baseline,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -4,6 +4,8 @@
 #   <runs>/pretrain          pretraining                      (pretrain.sbatch)
 #   <runs>/denoiser          denoiser training, side by side  (denoiser.sbatch)
 #   <runs>/finetune/<line>   one fine-tuning per sweep line   (finetune_array.sbatch), after pretraining
+#   <runs>/baseline/<line>   with --baseline: the supervised baseline per sweep line, from random
+#                            weights                          (finetune_array.sbatch), at once
 #   <runs>/evaluate/<line>[-purified]
 #                            each classifier bare, and behind the purifier once the denoiser is
 #                            trained                          (evaluate.sbatch), after its fine-tuning
@@ -24,6 +26,10 @@
 #                        own subset); copied to <runs>/sweep.txt
 #   --evaluate ARGS      evaluation preset and overrides for every evaluation
 #   --purify ARGS        extra overrides of the purified evaluations (purifier.*)
+#   --baseline ARGS      a supervised baseline: fine-tuning preset and overrides of a backbone
+#                        from random weights (e.g. supervised_cifar10), one per distinct sweep
+#                        line without its mode= and run.dir= words, each evaluated like the
+#                        other classifiers (<runs>/evaluate/baseline-<line>[-purified])
 #   --purify-shards K    split each purified evaluation's attacks over a K-task array
 #                        (adv.shards=K, one block of the attacked images per task), then one
 #                        more job merges the blocks and writes the report
@@ -51,7 +57,7 @@ case "$1" in -h | --help) usage && exit 0 ;; -*) die "the first argument is the 
 RUNS="${1%/}"
 shift
 pretrain="" encoder="" denoiser="" denoiser_run="" finetune="" sweep="" evaluate="" purify=""
-sbatch_opts="" dry_run=0 have_pretrain=0 have_denoiser=0 shards=1
+baseline="" sbatch_opts="" dry_run=0 have_pretrain=0 have_denoiser=0 have_baseline=0 shards=1
 while [ $# -gt 0 ]; do
     case "$1" in
     --pretrain) pretrain="${2?--pretrain needs an argument}" have_pretrain=1 && shift 2 ;;
@@ -63,10 +69,11 @@ while [ $# -gt 0 ]; do
     --evaluate) evaluate="${2?--evaluate needs an argument}" && shift 2 ;;
     --purify) purify="${2?--purify needs an argument}" && shift 2 ;;
     --purify-shards) shards="${2?--purify-shards needs a number}" && shift 2 ;;
+    --baseline) baseline="${2?--baseline needs an argument}" have_baseline=1 && shift 2 ;;
     --sbatch) sbatch_opts="${2?--sbatch needs an argument}" && shift 2 ;;
     --dry-run) dry_run=1 && shift ;;
     -h | --help) usage && exit 0 ;;
-    *) die "unknown option '$1'; valid: --pretrain --encoder --denoiser --denoiser-run --finetune --sweep --evaluate --purify --purify-shards --sbatch --dry-run" ;;
+    *) die "unknown option '$1'; valid: --pretrain --encoder --denoiser --denoiser-run --finetune --sweep --evaluate --purify --purify-shards --baseline --sbatch --dry-run" ;;
     esac
 done
 if [ "$have_pretrain" = 1 ] && [ -n "$encoder" ]; then die "give --pretrain or --encoder, not both"; fi
@@ -92,6 +99,7 @@ if [ "$have_pretrain" = 1 ]; then check+=(--pretrain "$pretrain"); else check+=(
 if [ "$have_denoiser" = 1 ]; then check+=(--denoiser "$denoiser"); fi
 if [ -n "$denoiser_run" ]; then check+=(--denoiser-run "$denoiser_run"); fi
 if [ -n "$sweep" ]; then check+=(--sweep "$sweep"); fi
+if [ "$have_baseline" = 1 ]; then check+=(--baseline "$baseline"); fi
 py="${PYTHON:-python3}"
 if "$py" -c "import ssl_robust" 2>/dev/null; then
     "$py" "$here/../scripts/chain.py" "$RUNS" "${check[@]}" --check >/dev/null || {
@@ -117,14 +125,22 @@ else
 fi
 n_lines=$(grep -c . <<<"$lines" || true)
 [ "$n_lines" -ge 1 ] || die "the sweep file '$sweep' has no override lines"
+# The baseline's lines: each sweep line without its mode= and run.dir= words, once each
+# (ssl_robust.pipelines.chain.baseline_line).
+baseline_lines="$(while IFS= read -r line; do
+    words=()
+    for word in $line; do case "$word" in mode=* | run.dir=*) ;; *) words+=("$word") ;; esac done
+    echo "${words[*]:-run.seed=0}"
+done <<<"$lines" | awk '!seen[$0]++')"
 if [ "$dry_run" = 1 ]; then
-    sweep_copy="$(mktemp)"
-    trap 'rm -f "$sweep_copy"' EXIT
+    sweep_copy="$(mktemp)" baseline_copy="$(mktemp)"
+    trap 'rm -f "$sweep_copy" "$baseline_copy"' EXIT
 else
     mkdir -p "$RUNS"
-    sweep_copy="$RUNS/sweep.txt"
+    sweep_copy="$RUNS/sweep.txt" baseline_copy="$RUNS/baseline_sweep.txt"
 fi
 printf '%s\n' "$lines" >"$sweep_copy"
+[ "$have_baseline" = 0 ] || printf '%s\n' "$baseline_lines" >"$baseline_copy"
 
 read -r -a common <<<"$sbatch_opts"
 # One wandb group for the whole chain (the runs folder's name), unless a config sets wandb.group;
@@ -134,7 +150,7 @@ JOB=1000
 submit() { # submit <sbatch options> <template> <args...>: sets JOB to the new job's id
     if [ "$dry_run" = 1 ]; then
         JOB=$((JOB + 1))
-        [ -z "${SWEEP:-}" ] || printf 'SWEEP=%q SWEEP_DIR=%q ' "$RUNS/sweep.txt" "$SWEEP_DIR"
+        [ -z "${SWEEP:-}" ] || printf 'SWEEP=%q SWEEP_DIR=%q ' "$SWEEP_SHOWN" "$SWEEP_DIR"
         printf 'sbatch'
         printf ' %q' "${common[@]}" "$@"
         printf '   # job %s\n' "$JOB"
@@ -177,7 +193,7 @@ fi
 # --- one fine-tuning per sweep line ------------------------------------------------------------
 split "$finetune"
 # sbatch passes the submitting environment on: SWEEP and SWEEP_DIR reach the array's tasks.
-export SWEEP="$sweep_copy" SWEEP_DIR="$RUNS/finetune"
+export SWEEP="$sweep_copy" SWEEP_DIR="$RUNS/finetune" SWEEP_SHOWN="$RUNS/sweep.txt"
 submit --array="1-$n_lines" "${after_encoder[@]}" "$here/finetune_array.sbatch" \
     "${_words[@]}" "encoder.run=$encoder"
 unset SWEEP SWEEP_DIR
@@ -190,23 +206,15 @@ eval_words=("${_words[@]}")
 split "$purify"
 purify_words=("${_words[@]}")
 eval_jobs=()
-i=0
-while IFS= read -r line; do
-    i=$((i + 1))
-    # The run directory finetune_array.sbatch gives this line (or the line's own run.dir).
-    name="$(tr -c 'A-Za-z0-9._\n-' '_' <<<"$line")"
-    classifier="$RUNS/finetune/$name"
-    for word in $line; do
-        case "$word" in run.dir=*) classifier="${word#run.dir=}" && name="$(basename "$classifier")" ;; esac
-    done
-    dep="afterok:${finetune_job}_$i"
+evaluations() { # evaluations <name> <classifier run dir> <dependency>: bare, then purified
+    local name="$1" classifier="$2" dep="$3"
     submit --dependency="$dep" --kill-on-invalid-dep=yes "$here/evaluate.sbatch" \
         "${eval_words[@]}" "classifier.run=$classifier" "run.dir=$RUNS/evaluate/$name"
     record "evaluate:$name" "$JOB"
     eval_jobs+=("$JOB")
     if [ -n "$denoiser_run" ]; then
         [ -z "$denoiser_job" ] || dep="$dep:$denoiser_job"
-        purified=("${eval_words[@]}" "classifier.run=$classifier" "purifier.run=$denoiser_run"
+        local purified=("${eval_words[@]}" "classifier.run=$classifier" "purifier.run=$denoiser_run"
             "${purify_words[@]}")
         if [ "$shards" -gt 1 ]; then
             # Task i attacks block i (evaluate.sbatch adds adv.shard=i); the merge waits for all.
@@ -221,7 +229,34 @@ while IFS= read -r line; do
         record "evaluate:$name-purified" "$JOB"
         eval_jobs+=("$JOB")
     fi
+}
+i=0
+while IFS= read -r line; do
+    i=$((i + 1))
+    # The run directory finetune_array.sbatch gives this line (or the line's own run.dir).
+    name="$(tr -c 'A-Za-z0-9._\n-' '_' <<<"$line")"
+    classifier="$RUNS/finetune/$name"
+    for word in $line; do
+        case "$word" in run.dir=*) classifier="${word#run.dir=}" && name="$(basename "$classifier")" ;; esac
+    done
+    evaluations "$name" "$classifier" "afterok:${finetune_job}_$i"
 done <"$sweep_copy"
+
+# --- the supervised baseline: from random weights, needing nothing, evaluated alike -------------
+if [ "$have_baseline" = 1 ]; then
+    split "$baseline"
+    export SWEEP="$baseline_copy" SWEEP_DIR="$RUNS/baseline" SWEEP_SHOWN="$RUNS/baseline_sweep.txt"
+    submit --array="1-$(grep -c . "$baseline_copy")" "$here/finetune_array.sbatch" "${_words[@]}"
+    unset SWEEP SWEEP_DIR
+    baseline_job="$JOB"
+    record baseline "$JOB"
+    i=0
+    while IFS= read -r line; do
+        i=$((i + 1))
+        name="$(tr -c 'A-Za-z0-9._\n-' '_' <<<"$line")"
+        evaluations "baseline-$name" "$RUNS/baseline/$name" "afterok:${baseline_job}_$i"
+    done <"$baseline_copy"
+fi
 
 # --- the comparison, whatever finished ---------------------------------------------------------
 all="$(

@@ -184,12 +184,18 @@ def wandb_runs(project: str, entity: str = "", filters: dict[str, Any] | None = 
 def _active_config(run: Run) -> dict[str, Any]:
     """The run's config without the settings of sections it switched off: a section with a
     ``run`` key set to "" (no purifier, no denoised views) ignores its other keys, and a linear
-    probe its full fine-tuning settings (and the reverse)."""
+    probe its full fine-tuning settings (and the reverse). The encoder section is the
+    exception: without a run its backbone is trained from random weights, and with one its
+    width is ignored."""
     off = {
         key.removesuffix("run")
         for key, value in run.config.items()
-        if key.endswith(".run") and value == ""
+        if key.endswith(".run") and value == "" and key != "encoder.run"
     }
+    # A fine-tuning's encoder: a pretrained run's (encoder.backbone "", so that a baseline's
+    # backbone shows beside it), or (no run) a backbone from random weights.
+    if run.config.get("encoder.run"):
+        off.add("encoder.width")
     for (key, value), prefixes in _INACTIVE_WHEN.items():
         if run.config.get(key) == value:
             off.update(prefixes)

@@ -12,6 +12,7 @@ import pytest
 
 from ssl_robust.pipelines.chain import (
     Step,
+    baseline_line,
     check_steps,
     plan_chain,
     run_chain,
@@ -87,8 +88,63 @@ def test_plan_has_the_slurm_pipelines_steps_run_dirs_and_prerequisites(tmp_path:
     assert _args(compare) == [str(runs), "--out", f"{runs}/compare"]
 
 
+def test_a_supervised_baseline_runs_every_distinct_line_and_is_evaluated_alike(
+    tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs"
+    lines = [
+        "subset.fraction=0.1 run.seed=0",
+        "mode=full subset.fraction=0.1  run.seed=0",  # the same baseline: run once
+        "subset.fraction=1.0 run.dir=elsewhere/full",
+        "mode=full",
+    ]
+    assert [baseline_line(ln) for ln in lines] == [
+        "subset.fraction=0.1 run.seed=0", "subset.fraction=0.1 run.seed=0",
+        "subset.fraction=1.0", "run.seed=0",
+    ]  # fmt: skip
+    steps = plan_chain(
+        runs,
+        pretrain="simclr_cifar10",
+        denoiser_run=_denoiser_folder(tmp_path),
+        finetune="linear_cifar10",
+        lines=lines,
+        evaluate="quick",
+        baseline="supervised_cifar10 trainer.max_epochs=100",
+    )
+    by = {s.name: s for s in steps}
+    base = [s.name for s in steps if s.name.startswith("baseline:")]
+    assert base == [
+        "baseline:subset.fraction_0.1_run.seed_0", "baseline:subset.fraction_1.0",
+        "baseline:run.seed_0",
+    ]  # fmt: skip
+    first = by["baseline:subset.fraction_0.1_run.seed_0"]
+    assert first.after == []  # needs no pretraining
+    assert _args(first) == [
+        "supervised_cifar10",
+        "trainer.max_epochs=100",
+        "subset.fraction=0.1",
+        "run.seed=0",
+        f"run.dir={runs}/baseline/subset.fraction_0.1_run.seed_0",
+    ]
+    purified = by["evaluate:baseline-subset.fraction_1.0-purified"]
+    assert purified.after == ["baseline:subset.fraction_1.0"]
+    assert _args(purified)[:2] == ["quick", f"classifier.run={runs}/baseline/subset.fraction_1.0"]
+    assert _args(purified)[-1] == f"run.dir={runs}/evaluate/baseline-subset.fraction_1.0-purified"
+    assert len(by["compare"].after) == 2 * len(lines) + 2 * 3
+    assert check_steps(steps) == []
+
+
+def _denoiser_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "den"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "config.json").write_text("{}")
+    return folder
+
+
 def test_plan_matches_the_slurm_pipeline_dry_run(tmp_path: Path) -> None:
-    (tmp_path / "sweep.txt").write_text(SWEEP.replace(" run.dir=elsewhere/full", ""))
+    (tmp_path / "sweep.txt").write_text(
+        SWEEP.replace(" run.dir=elsewhere/full", "") + "mode=full subset.fraction=0.1 run.seed=0\n"
+    )
     runs = tmp_path / "runs"
     options = {
         "--pretrain": "byol_cifar10 data.root=/data",
@@ -96,6 +152,7 @@ def test_plan_matches_the_slurm_pipeline_dry_run(tmp_path: Path) -> None:
         "--finetune": "full_cifar10",
         "--evaluate": "quick",
         "--purify": "purifier.sampler=oneshot",
+        "--baseline": "supervised_cifar10 data.root=/data",
     }
     jobs = _dry_run(
         str(runs),
@@ -107,8 +164,15 @@ def test_plan_matches_the_slurm_pipeline_dry_run(tmp_path: Path) -> None:
         runs, **{k[2:]: v for k, v in options.items()}, lines=sweep_lines(tmp_path / "sweep.txt")
     )
     slurm = [args for _, template, _, args in jobs if template != "finetune_array.sbatch"]
-    local = [_args(s) for s in steps if not s.name.startswith("finetune:")]
+    local = [_args(s) for s in steps if not s.name.startswith(("finetune:", "baseline:"))]
     assert local == slurm
+    # The baseline's array: its own lines file, nothing to wait for.
+    arrays = [
+        (opts, args) for _, template, opts, args in jobs if template == "finetune_array.sbatch"
+    ]
+    assert len(arrays) == 2 and "dependency" not in arrays[1][0]
+    assert arrays[1][0]["array"] == "1-2"  # 3 lines, two of them one baseline
+    assert arrays[1][1] == ["supervised_cifar10", "data.root=/data"]
     # The array's tasks name their run directories as run_name does (the shell's `tr`).
     for line in sweep_lines(tmp_path / "sweep.txt"):
         shell = subprocess.run(
@@ -220,6 +284,8 @@ def test_the_chain_runs_every_phase_and_a_rerun_resumes(tmp_path: Path) -> None:
         "--finetune", "trainer.max_epochs=1",
         "--evaluate", "tiny adv.sanity_checks=false perf.enabled=false",
         "--purify", "purifier.sampler=oneshot purifier.t_star=5",
+        "--baseline", "encoder.backbone=convnet encoder.width=4 data=digits data.image_size=8 "
+        "mode=full optim.encoder_lr_mult=1 trainer.max_epochs=1",
     ]  # fmt: skip
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "WANDB_MODE": "disabled"}
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
@@ -230,11 +296,16 @@ def test_the_chain_runs_every_phase_and_a_rerun_resumes(tmp_path: Path) -> None:
     assert "test/acc_unpurified" in purified
     table = (runs / "compare" / "comparison.md").read_text()
     assert "run.seed_0-purified" in table
+    # The supervised baseline, from random weights, evaluated bare and purified beside.
+    baseline = json.loads((runs / "baseline" / "run.seed_0" / "classifier.json").read_text())
+    assert baseline["encoder_run"] == "" and baseline["encoder"]["backbone"] == "convnet"
+    assert (runs / "evaluate" / "baseline-run.seed_0-purified" / "report.md").is_file()
+    assert "baseline-run.seed_0-purified" in table and "encoder.backbone" in table
     # Run again: every phase finds its run finished and returns at once.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     log = (runs / "chain.txt").read_text().split("\n")
-    assert sum(" done" in ln for ln in log) == 2 * 6
+    assert sum(" done" in ln for ln in log) == 2 * 9
 
 
 def test_every_phase_config_is_checked_before_anything_runs(tmp_path: Path) -> None:

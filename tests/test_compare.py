@@ -463,3 +463,15 @@ def test_corruption_errors_against_a_reference_run(tmp_path: Path) -> None:
     assert "corruption errors against supervised" in written["html"].read_text()
     with pytest.raises(ValueError, match="has no corruption accuracies"):
         add_corruption_errors(runs, trained)
+
+
+def test_a_baseline_from_random_weights_shows_its_backbone() -> None:
+    ssl = {"encoder.run": "runs/pre", "encoder.backbone": "", "encoder.width": 32}
+    runs = [
+        Run("ssl", "a", ssl),
+        Run("ssl-wide", "b", ssl | {"encoder.width": 64}),  # unused beside a run: no difference
+        Run("scratch", "c", {"encoder.run": "", "encoder.backbone": "convnet", "encoder.width": 4}),
+    ]
+    assert differing_keys(runs[:2]) == []
+    assert differing_keys(runs) == ["encoder.backbone", "encoder.run"]
+    assert run_labels(runs)["c"] == "backbone=convnet, encoder=none"

@@ -4,7 +4,9 @@ as dependent SLURM jobs, with the same run directories under one runs folder:
     <runs>/pretrain                      pretraining (or an existing encoder run)
     <runs>/denoiser                      denoiser training (or an existing denoiser run)
     <runs>/finetune/<line>               one fine-tuning per sweep line
+    <runs>/baseline/<line>               the supervised baseline per sweep line (optional)
     <runs>/evaluate/<line>[-purified]    each classifier bare, and behind the purifier
+    <runs>/evaluate/baseline-<line>[-purified]
     <runs>/compare                       the side-by-side tables and plots
 
 Each phase runs as its own process (its script under ``scripts/``), as a SLURM job would, so a
@@ -26,7 +28,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["Step", "chain_env", "check_steps", "plan_chain", "run_chain", "run_name", "sweep_lines"]
+__all__ = [
+    "Step",
+    "baseline_line",
+    "chain_env",
+    "check_steps",
+    "plan_chain",
+    "run_chain",
+    "run_name",
+    "sweep_lines",
+]
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,6 +80,14 @@ def sweep_lines(path: Path | None) -> list[str]:
     return lines
 
 
+def baseline_line(line: str) -> str:
+    """A sweep line as the supervised baseline runs it: without its ``mode=`` and ``run.dir=``
+    words (the baseline's own arguments say how it trains, and it has its own folder), split
+    on whitespace as the shell splits it; ``run.seed=0`` when nothing is left."""
+    words = [w for w in line.split() if not w.startswith(("mode=", "run.dir="))]
+    return " ".join(words) or "run.seed=0"
+
+
 def _script(name: str, *args: str) -> list[str]:
     return [sys.executable, str(ROOT / "scripts" / f"{name}.py"), *args]
 
@@ -84,6 +103,7 @@ def plan_chain(
     lines: Sequence[str] = ("run.seed=0",),
     evaluate: str = "",
     purify: str = "",
+    baseline: str | None = None,
 ) -> list[Step]:
     """The steps of a chain, in an order that respects their prerequisites.
 
@@ -99,6 +119,9 @@ def plan_chain(
             wins).
         evaluate: Evaluation preset and overrides, for every evaluation.
         purify: Extra overrides of the purified evaluations.
+        baseline: Fine-tuning preset and overrides of a supervised baseline (a backbone from
+            random weights, e.g. ``supervised_cifar10``), run for every distinct
+            :func:`baseline_line` of the sweep and evaluated like the other classifiers.
 
     Raises:
         ValueError: Both or neither of ``pretrain`` / ``encoder``; both ``denoiser`` and
@@ -144,6 +167,34 @@ def plan_chain(
         needs_denoiser = ["denoiser"]
     assert encoder is not None
     evals: list[str] = []
+
+    def evaluations(name: str, classifier: Path, after: list[str]) -> None:
+        """The classifier evaluated bare, and behind the purifier when there is one."""
+        common = [*shlex.split(evaluate), f"classifier.run={classifier}"]
+        steps.append(
+            Step(
+                f"evaluate:{name}",
+                _script("evaluate", *common, f"run.dir={runs / 'evaluate' / name}"),
+                after=after,
+            )
+        )
+        evals.append(steps[-1].name)
+        if denoiser_run is not None:
+            steps.append(
+                Step(
+                    f"evaluate:{name}-purified",
+                    _script(
+                        "evaluate",
+                        *common,
+                        f"purifier.run={denoiser_run}",
+                        *shlex.split(purify),
+                        f"run.dir={runs / 'evaluate' / f'{name}-purified'}",
+                    ),
+                    after=[*after, *needs_denoiser],
+                )
+            )
+            evals.append(steps[-1].name)
+
     for line in lines:
         words = shlex.split(line)
         name = run_name(line)
@@ -163,30 +214,14 @@ def plan_chain(
                 after=list(needs_encoder),
             )
         )
-        common = [*shlex.split(evaluate), f"classifier.run={classifier}"]
-        steps.append(
-            Step(
-                f"evaluate:{name}",
-                _script("evaluate", *common, f"run.dir={runs / 'evaluate' / name}"),
-                after=[ft],
-            )
-        )
-        evals.append(steps[-1].name)
-        if denoiser_run is not None:
-            steps.append(
-                Step(
-                    f"evaluate:{name}-purified",
-                    _script(
-                        "evaluate",
-                        *common,
-                        f"purifier.run={denoiser_run}",
-                        *shlex.split(purify),
-                        f"run.dir={runs / 'evaluate' / f'{name}-purified'}",
-                    ),
-                    after=[ft, *needs_denoiser],
-                )
-            )
-            evals.append(steps[-1].name)
+        evaluations(name, classifier, [ft])
+    if baseline is not None:
+        for line in dict.fromkeys(baseline_line(ln) for ln in lines):
+            name = run_name(line)
+            classifier = runs / "baseline" / name
+            argv = [*shlex.split(baseline), *line.split(), f"run.dir={classifier}"]
+            steps.append(Step(f"baseline:{name}", _script("finetune", *argv)))
+            evaluations(f"baseline-{name}", classifier, [f"baseline:{name}"])
     steps.append(
         Step("compare", _script("compare", str(runs), "--out", str(runs / "compare")), evals, True)
     )
