@@ -325,6 +325,14 @@ def test_every_phase_config_is_checked_before_anything_runs(tmp_path: Path) -> N
     )
     assert all("invalid eps -8.0 in adv.linf_eps" in e for e in errors[2:])
     assert check_steps(plan_chain(tmp_path / "r", pretrain="", evaluate="quick")) == []
+    # A baseline's encoder and data are checked too.
+    for baseline, match in [
+        ("encoder.backbone=convnet", "set data.name"),
+        ("encoder.backbone=resnet7 data=digits", "encoder.backbone: unknown backbone 'resnet7'"),
+    ]:
+        steps = plan_chain(tmp_path / "r", pretrain="", baseline=baseline)
+        (error,) = check_steps(steps)
+        assert error.startswith("baseline:run.seed_0: ") and match in error
     res = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "chain.py"), str(tmp_path / "r"),
          "--pretrain", "", "--finetune", "subset.fraction=2"],

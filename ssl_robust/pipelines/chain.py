@@ -250,6 +250,10 @@ def check_steps(steps: Sequence[Step]) -> list[str]:
                 from ssl_robust.pipelines.evaluate import check_config
 
                 check_config(cfg)
+            elif job == "finetune":
+                from ssl_robust.pipelines.finetune import check_config as check_finetune
+
+                check_finetune(cfg)
         except (ConfigError, FileNotFoundError, ValueError) as err:
             errors.append(f"{step.name}: {err}")
     return errors

@@ -390,10 +390,16 @@ MODES: dict[
 ] = {"full": run_full, "linear": run_linear}
 
 
-def _encoder(cfg: DictConfig) -> tuple[Path | None, Encoder, EncoderMeta | None]:
-    """The encoder to fine-tune: a pretraining run's export (its folder, the encoder, its
-    description), or with ``encoder.backbone`` a backbone from random weights (None, the
-    encoder, None), seeded by ``run.seed``."""
+def check_config(cfg: DictConfig) -> None:
+    """Value checks that need no data or files (the schema checks keys, types and ranges):
+    the mode, its augmentation, and where the encoder comes from; raises ConfigError."""
+    if cfg.mode not in MODES:
+        raise ConfigError(f"unknown mode {cfg.mode!r}; choose from {sorted(MODES)}")
+    if cfg.mode == "linear" and cfg.augment.gaussian_noise > 0:
+        raise ConfigError(
+            "augment.gaussian_noise trains on noisy images, which only mode=full does; a linear "
+            "probe trains on features of the clean images (cached once)"
+        )
     e = cfg.encoder
     if e.run and e.backbone:
         raise ConfigError(
@@ -407,20 +413,31 @@ def _encoder(cfg: DictConfig) -> tuple[Path | None, Encoder, EncoderMeta | None]
             "(or encoder.backbone=<name> to train a backbone from random weights, the "
             "supervised baseline)"
         )
-    pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
-    if e.run:
-        encoder_dir = Path(e.run)
-        encoder, meta = load_encoder(encoder_dir)
-        return encoder_dir, encoder, meta
-    if not cfg.data.name:
-        raise ConfigError(
-            "encoder.backbone trains from random weights, so there is no pretraining run to "
-            f"take the data from: set data.name (one of {list(CHOICES['data.name'][1:])})"
-        )
+    if e.backbone:
+        if not cfg.data.name:
+            raise ConfigError(
+                "encoder.backbone trains from random weights, so there is no pretraining run to "
+                f"take the data from: set data.name (one of {list(CHOICES['data.name'][1:])})"
+            )
+        _random_backbone(cfg)
+
+
+def _random_backbone(cfg: DictConfig) -> Encoder:
     try:
-        encoder = build_backbone(str(e.backbone), int(e.width))
+        return build_backbone(str(cfg.encoder.backbone), int(cfg.encoder.width))
     except ValueError as err:
         raise ConfigError(f"encoder.backbone: {err}") from err
+
+
+def _encoder(cfg: DictConfig) -> tuple[Path | None, Encoder, EncoderMeta | None]:
+    """The encoder to fine-tune (after :func:`check_config`): a pretraining run's export (its
+    folder, the encoder, its description), or with ``encoder.backbone`` a backbone from random
+    weights (None, the encoder, None), seeded by ``run.seed``."""
+    pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    if cfg.encoder.run:
+        encoder_dir = Path(cfg.encoder.run)
+        encoder, meta = load_encoder(encoder_dir)
+        return encoder_dir, encoder, meta
     if cfg.mode == "full" and cfg.optim.encoder_lr_mult != 1:
         console.print(
             f"warning: encoder.backbone trains random weights at optim.encoder_lr_mult="
@@ -430,7 +447,7 @@ def _encoder(cfg: DictConfig) -> tuple[Path | None, Encoder, EncoderMeta | None]
             markup=False,
             highlight=False,
         )
-    return None, encoder, None
+    return None, _random_backbone(cfg), None
 
 
 def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
@@ -447,13 +464,7 @@ def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
         FileNotFoundError: ``encoder.run`` (or ``purify.run``) holds no export.
     """
     # Cheap checks first: nothing is loaded or written before the request is known valid.
-    if cfg.mode not in MODES:
-        raise ConfigError(f"unknown mode {cfg.mode!r}; choose from {sorted(MODES)}")
-    if cfg.mode == "linear" and cfg.augment.gaussian_noise > 0:
-        raise ConfigError(
-            "augment.gaussian_noise trains on noisy images, which only mode=full does; a linear "
-            "probe trains on features of the clean images (cached once)"
-        )
+    check_config(cfg)
     spec = SubsetSpec(cfg.subset.fraction, cfg.subset.per_class, seed=cfg.run.seed)
     encoder_dir, encoder, meta = _encoder(cfg)
 
