@@ -827,6 +827,9 @@ def test_corruption_errors_against_a_reference_evaluation(
     assert set(got) == expected_metric_keys(corruptions=GRID, severities=[1, 5], ce_reference=True)
     md = (Path(cfg.run.dir) / "report.md").read_text()
     assert "## Corruption error" in md and "| mean (mCE) | 200.00 | 200.00 |" in md
+    assert "![corruption_error](plots/corruption_error.png)" in md
+    with Image.open(Path(cfg.run.dir) / "plots" / "corruption_error.png") as image:
+        assert image.format == "PNG" and image.size[0] > 500
     assert report["meta"]["ce_reference"]["run"] == str(ref)
 
     # A run directory as the reference (the base run itself, through its folder): all 1.

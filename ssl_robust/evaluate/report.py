@@ -681,7 +681,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
     )
     if "shift_summary" in tables:
         figure("corruption_examples")
-    section("Corruption error", ["shift_ce"], _ce_text(report))
+    section("Corruption error", ["shift_ce"], _ce_text(report), "corruption_error")
     shift_set = meta.get("calib_shift_set", "the highest-severity corruptions")
     section(
         "Per class",
@@ -836,6 +836,38 @@ def _plot_shift(report: dict[str, Any], path: Path) -> Path | None:
     ax.set_title("Accuracy vs corruption severity")
     ax.grid(alpha=0.3)
     ax.legend()
+    return save_figure(fig, path, dpi=_DPI)
+
+
+def _plot_corruption_error(report: dict[str, Any], path: Path) -> Path | None:
+    """Each corruption's error (and relative error) against the reference, 100 % its own."""
+    m = report.get("metrics", {})
+    corruptions, _ = _grid(report)
+    kinds = [
+        (k, label)
+        for k, label in (("ce", "CE"), ("relative_ce", "relative CE"))
+        if any(f"shift/{c}/{k}" in m for c in corruptions)
+    ]
+    if not kinds:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8.5, 0.3 * len(corruptions) + 1.8))
+    height = 0.8 / len(kinds)
+    for i, (k, label) in enumerate(kinds):
+        values = [100 * m.get(f"shift/{c}/{k}", math.nan) for c in corruptions]
+        ys = [j + (i - (len(kinds) - 1) / 2) * height for j in range(len(corruptions))]
+        mean = m.get("shift/mce" if k == "ce" else "shift/relative_mce")
+        ax.barh(
+            ys, values, height=height, label=label + (f" (mean {100 * mean:.1f})" if mean else "")
+        )
+    ax.axvline(100, color="k", linestyle="--", linewidth=1, label="the reference")
+    ax.set_yticks(range(len(corruptions)))
+    ax.set_yticklabels(corruptions)
+    ax.invert_yaxis()
+    ax.set_xlabel("error relative to the reference (%)")
+    ax.set_title("Corruption error (lower is better)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
     return save_figure(fig, path, dpi=_DPI)
 
 
@@ -1018,6 +1050,7 @@ def _plot_certified(report: dict[str, Any], path: Path) -> Path | None:
 
 _PLOTTERS = {
     "shift_severity": _plot_shift,
+    "corruption_error": _plot_corruption_error,
     "confusion": _plot_confusion,
     "reliability": _plot_reliability,
     "robust_eps": _plot_robust,
