@@ -17,6 +17,7 @@ import html
 import json
 import math
 import os
+import re
 import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -611,6 +612,66 @@ def plot_certified(runs: Sequence[Run], labels: Mapping[str, str], path: Path) -
     return save_figure(fig, path, dpi=120)
 
 
+def tradeoff_data(runs: Sequence[Run]) -> dict[str, list[tuple[str, float, float]]]:
+    """What :func:`plot_tradeoff` draws: per threat (``linf_8``), the (run source, clean
+    accuracy, robust accuracy) of every evaluation that has both; threats held by fewer than
+    two runs are left out."""
+    out: dict[str, list[tuple[str, float, float]]] = {}
+    for run in runs:
+        if "test/acc" not in run.metrics:
+            continue
+        for key, value in run.metrics.items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == "adv" and parts[2] == "acc" and parts[1] != "sanity":
+                out.setdefault(parts[1], []).append((run.source, run.metrics["test/acc"], value))
+    return {t: sorted(points) for t, points in sorted(out.items()) if len(points) > 1}
+
+
+def plot_tradeoff(runs: Sequence[Run], labels: Mapping[str, str], path: Path) -> Path | None:
+    """Robust against clean accuracy, a panel per threat and a point per evaluated pipeline
+    (95 % intervals over the images on both axes): the trade-off a purifier's t* or a
+    fine-tuning choice moves along. ``None`` without two pipelines attacked alike."""
+    from ssl_robust.evaluate.metrics import interval_bars
+
+    data = tradeoff_data(runs)
+    if not data:
+        return None
+    by_source = {r.source: r for r in runs}
+    # In the labels' natural order (t_star=20 before t_star=100).
+    sources = sorted(
+        {s for points in data.values() for s, _, _ in points},
+        key=lambda s: [
+            (0, int(part), "") if part.isdigit() else (1, 0, part)
+            for part in re.split(r"(\d+)", labels.get(s, s))
+        ],
+    )
+    colors = {s: f"C{i % 10}" for i, s in enumerate(sources)}
+    markers = {s: "os^vDP*Xhp"[(i // 10) % 10] for i, s in enumerate(sources)}
+    fig, axes = pyplot().subplots(1, len(data), figsize=(4.6 * len(data) + 2.4, 4.2), squeeze=False)
+    for ax, (threat, points) in zip(axes[0], data.items(), strict=True):
+        for source, clean, robust in points:
+            run = by_source[source]
+            xbar = interval_bars(run.metrics, ["test/acc"])
+            ybar = interval_bars(run.metrics, [f"adv/{threat}/acc"])
+            ax.errorbar(
+                [100 * clean], [100 * robust], xerr=100 * xbar, yerr=100 * ybar,
+                marker=markers[source], color=colors[source], capsize=3, linestyle="none",
+                label=labels.get(source, source),
+            )  # fmt: skip
+        ax.set_xlabel("clean accuracy (%)")
+        ax.set_ylabel(f"robust accuracy, {threat} (%)")
+        ax.set_title(f"{threat}: clean vs robust (95% CI)", fontsize=10)
+        ax.grid(alpha=0.3)
+    handles, names = [], []
+    for ax in axes[0]:  # one legend entry per pipeline, beside the panels
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            if name not in names:
+                handles.append(handle)
+                names.append(name)
+    fig.legend(handles, names, loc="center right", fontsize=6 if len(names) > 6 else 8)
+    return save_figure(fig, path, dpi=120, rect=(0, 0, 1 - 2.4 / (4.6 * len(data) + 2.4), 1))
+
+
 def _accuracy_lines(
     runs: Sequence[Run],
     labels: Mapping[str, str],
@@ -763,7 +824,8 @@ def compare(
 
     Returns:
         What was written, by kind: ``markdown``, ``html``, and ``plot_accuracy_vs_fraction`` /
-        ``plot_accuracy_vs_severity`` / ``plot_certified_accuracy`` / ``plot_robust_vs_nfe`` /
+        ``plot_accuracy_vs_severity`` / ``plot_certified_accuracy`` / ``plot_clean_vs_robust`` /
+        ``plot_robust_vs_nfe`` /
         ``plot_training_curves`` when the runs have what those plots need.
 
     Raises:
@@ -846,6 +908,10 @@ def compare(
     plot = plot_certified(runs, labels, out / "certified_accuracy.png")
     if plot:
         written["plot_certified_accuracy"] = plot
+    # Clean against robust accuracy, per threat, a point per evaluated pipeline.
+    plot = plot_tradeoff(runs, labels, out / "clean_vs_robust.png")
+    if plot:
+        written["plot_clean_vs_robust"] = plot
     # Validation curves of the training runs, side by side.
     plot = plot_curves(runs, labels, out / "training_curves.png")
     if plot:

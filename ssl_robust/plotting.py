@@ -34,14 +34,17 @@ def pyplot() -> Any:
     return plt
 
 
-def save_figure(fig: Any, path: Path, dpi: int) -> Path:
-    """Lay out ``fig``, write it to ``path`` (its folder made if needed) and close it.
+def save_figure(
+    fig: Any, path: Path, dpi: int, rect: tuple[float, float, float, float] | None = None
+) -> Path:
+    """Lay out ``fig`` (the axes within ``rect``, figure fractions, when given: room for a
+    figure legend), write it to ``path`` (its folder made if needed) and close it.
 
     The file is written next to ``path`` and then renamed over it, so a crash mid-write keeps
     the previous figure.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     tmp = private_tmp(path)
     try:
         # The format named: the temp file's suffix is not the figure's.

@@ -31,6 +31,7 @@ from ssl_robust.compare import (
     severity_data,
     severity_key,
     table,
+    tradeoff_data,
 )
 from ssl_robust.evaluate.metrics import images_key, interval_bars
 from ssl_robust.pipelines import pretrain
@@ -149,7 +150,7 @@ def test_evaluation_runs_follow_upstream_and_plot(
     assert "classifier.run" in keys and "encoder.run" in keys
 
     written = compare([tmp_path / "runs" / "eval"], tmp_path / "out")
-    for kind in ("plot_accuracy_vs_fraction", "plot_robust_vs_nfe"):
+    for kind in ("plot_accuracy_vs_fraction", "plot_robust_vs_nfe", "plot_clean_vs_robust"):
         with Image.open(written[kind]) as image:
             assert image.format == "PNG" and image.size[0] > 300
     md = written["markdown"].read_text().splitlines()
@@ -475,3 +476,18 @@ def test_a_baseline_from_random_weights_shows_its_backbone() -> None:
     assert differing_keys(runs[:2]) == []
     assert differing_keys(runs) == ["encoder.backbone", "encoder.run"]
     assert run_labels(runs)["c"] == "backbone=convnet, encoder=none"
+
+
+def test_clean_against_robust_accuracy_per_threat(tmp_path: Path) -> None:
+    runs = [
+        Run("a", "r/a", {"purifier.t_star": 20}, {"test/acc": 0.9, "adv/linf_8/acc": 0.1,
+            "adv/l2_0.5/acc": 0.3, "adv/sanity/linf/passed": 1.0}),
+        Run("b", "r/b", {"purifier.t_star": 100}, {"test/acc": 0.7, "adv/linf_8/acc": 0.4}),
+        Run("c", "r/c", {"purifier.t_star": 5}, {"adv/linf_8/acc": 0.0}),  # no clean accuracy
+    ]  # fmt: skip
+    # linf_8 has two pipelines; l2_0.5 one (nothing to compare); sanity flags are not threats.
+    assert tradeoff_data(runs) == {"linf_8": [("r/a", 0.9, 0.1), ("r/b", 0.7, 0.4)]}
+    written = compare(runs, tmp_path)
+    with Image.open(written["plot_clean_vs_robust"]) as image:
+        assert image.format == "PNG" and image.size[0] > 500
+    assert "plot_clean_vs_robust" not in compare(runs[:1], tmp_path / "one")
