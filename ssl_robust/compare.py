@@ -75,12 +75,15 @@ class Run:
         source: The run directory or ``wandb:<entity>/<project>/<id>``.
         config: Dotted keys (``subset.fraction``) to values, upstream keys filled in.
         metrics: Hierarchical metric names (``shift/mean_acc``) to floats.
+        data: The dataset an evaluation ran on (its report's ``meta.data_config.name``), ""
+            when unknown.
     """
 
     name: str
     source: str
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    data: str = ""
 
 
 def flatten(tree: Any, sep: str, prefix: str = "") -> dict[str, Any]:
@@ -120,14 +123,19 @@ def load_run(folder: str | Path, follow_upstream: bool = True) -> Run:
     if not any(p.is_file() for p in files):
         raise FileNotFoundError(f"{folder} holds neither metrics.json nor report.json")
     metrics: dict[str, float] = {}
+    data = ""
     for path in files:
         if path.is_file():
+            content = json.loads(path.read_text())
             # report.json may nest sections; metric names are '/'-joined like everywhere else.
-            metrics.update(_numeric(flatten(json.loads(path.read_text()), "/")))
+            metrics.update(_numeric(flatten(content, "/")))
+            meta = content.get("meta") if isinstance(content, dict) else None
+            if isinstance(meta, dict):
+                data = str((meta.get("data_config") or {}).get("name", ""))
     config = _read_config(folder)
     if follow_upstream:
         config = _with_upstream(config, folder, seen={folder.resolve()})
-    return Run(name=folder.name, source=str(folder), config=config, metrics=metrics)
+    return Run(name=folder.name, source=str(folder), config=config, metrics=metrics, data=data)
 
 
 def _with_upstream(config: dict[str, Any], folder: Path, seen: set[Path]) -> dict[str, Any]:
@@ -768,7 +776,8 @@ def add_corruption_errors(runs: Sequence[Run], reference: Run) -> list[str]:
     ``shift.ce_reference``.
 
     Returns:
-        What could not be computed, in words (runs whose grid the reference lacks).
+        What could not be computed, in words: runs evaluated on other data than the reference
+        (where both reports name it), runs whose grid the reference lacks.
 
     Raises:
         ValueError: If the reference has no corruption grid.
@@ -781,10 +790,13 @@ def add_corruption_errors(runs: Sequence[Run], reference: Run) -> list[str]:
             f"the corruption-error reference {reference.source} has no corruption accuracies "
             "(shift/<corruption>/<severity>/acc); give an evaluation run with a corruption grid"
         )
-    lacking = []
+    lacking, other_data = [], []
     for run in runs:
         cells = grid_accuracies(run.metrics)
         if not cells:
+            continue
+        if run.data and reference.data and run.data != reference.data:
+            other_data.append(run.name)
             continue
         if not set(cells) <= set(ref_cells):
             lacking.append(run.name)
@@ -799,12 +811,18 @@ def add_corruption_errors(runs: Sequence[Run], reference: Run) -> list[str]:
                 cells, ref_cells, run.metrics.get("test/acc"), reference.metrics.get("test/acc")
             )
         )
-    if not lacking:
-        return []
-    return [
-        f"No corruption errors for {', '.join(lacking)}: the reference {reference.name} was not "
-        "evaluated on every cell of their grids."
-    ]
+    notes = []
+    if other_data:
+        notes.append(
+            f"No corruption errors for {', '.join(other_data)}: evaluated on other data than "
+            f"the reference {reference.name} ({reference.data})."
+        )
+    if lacking:
+        notes.append(
+            f"No corruption errors for {', '.join(lacking)}: the reference {reference.name} was "
+            "not evaluated on every cell of their grids."
+        )
+    return notes
 
 
 def compare(

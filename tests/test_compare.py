@@ -445,12 +445,19 @@ def test_corruption_errors_against_a_reference_run(tmp_path: Path) -> None:
     better = Run("better", "r/better", {"classifier.run": "b"}, {**half, "shift/mce": 9.0})
     other = Run("other", "r/other", {"classifier.run": "c"}, {"shift/frost/1/acc": 0.5})
     trained = Run("ft", "r/ft", {"subset.fraction": 0.1}, {"test/acc": 0.9})  # no grid
-    runs = [same, better, other, trained]
-    notes = add_corruption_errors(runs, load_run(ref))
+    digits = Run("digits", "r/d", {"classifier.run": "d"}, dict(grid), data="digits")
+    runs = [same, better, other, trained, digits]
+    (ref / "report.json").write_text(json.dumps({"meta": {"data_config": {"name": "cifar10"}}}))
+    reference = load_run(ref)
+    assert reference.data == "cifar10"
+    notes = add_corruption_errors(runs, reference)
     assert notes == [
+        "No corruption errors for digits: evaluated on other data than the reference "
+        "supervised (cifar10).",
         "No corruption errors for other: the reference supervised was not evaluated on every "
-        "cell of their grids."
+        "cell of their grids.",
     ]
+    assert "shift/mce" not in digits.metrics
     assert same.metrics["shift/mce"] == pytest.approx(1.0)
     assert same.metrics["shift/relative_mce"] == pytest.approx(1.0)
     assert better.metrics["shift/fog/ce"] == pytest.approx(0.5)
