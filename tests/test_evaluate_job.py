@@ -929,6 +929,13 @@ def test_outside_datasets_are_ood_sets(
     assert "10 of 40 images" in _report(cfg)["meta"]["ood_datasets"]["svhn"]
     assert fewer["ood/letters/msp/auroc"] != m["ood/letters/msp/auroc"]  # 10 of 12 images
 
+    # An image folder named after a split is called after its parent too.
+    from ssl_robust.pipelines.evaluate import ood_set_names
+
+    assert ood_set_names(["imagefolder@/d/cifar10-jpeg/test", "cifar100@/d"]) == {
+        "cifar10-jpeg_test": ("imagefolder", "/d/cifar10-jpeg/test"),
+        "cifar100": ("cifar100", "/d"),
+    }
     # Bad sets stop the job before it writes anything.
     monkeypatch.undo()  # torchvision's own check again: a missing file fails it
     for value, error, match in [

@@ -213,7 +213,8 @@ class OODSection:
     # (torchvision's test_32x32.mat), cifar10, cifar100, stl10, or imagefolder@<folder> (every
     # image of a <folder>/<class>/<image> tree). The root defaults to the evaluation data's;
     # eval.download fetches a torchvision set. Resized to the evaluation size; metrics under
-    # ood/<name>/ (an image folder: ood/<folder name>/). E.g. [svhn, cifar100] for CIFAR-10.
+    # ood/<name>/ (an image folder: ood/<folder name>/, ood/<parent>_test/ for a .../test
+    # folder). E.g. [svhn, cifar100] for CIFAR-10.
     datasets: list[str] = field(default_factory=list)
     # Images of each dataset, a seeded subset; 0 = as many as evaluation images.
     num_images: int = 0

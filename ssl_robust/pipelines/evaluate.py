@@ -579,10 +579,16 @@ def _unit_specs(
 _OWN_OOD_SETS = ("held_out", *(f"noise_{k}" for k in NOISE_KINDS))
 
 
+# Folder names that say which split, not which data: an image folder so named is called after
+# its parent too.
+_SPLIT_NAMES = ("train", "test", "val", "valid", "validation", "images")
+
+
 def ood_set_names(specs: Sequence[str]) -> dict[str, tuple[str, str]]:
     """The outside OOD datasets of ``ood.datasets`` (``<name>`` or ``<name>@<root>``) by set
-    name (the dataset's name; an image folder's: its folder name), each as (dataset, root; ""
-    for the evaluation data's root).
+    name (the dataset's name; an image folder's: its folder name, after its parent's when the
+    folder is a split such as ``test``), each as (dataset, root; "" for the evaluation data's
+    root).
 
     Raises:
         ConfigError: An unknown dataset (naming the valid ones), an image folder without its
@@ -600,7 +606,11 @@ def ood_set_names(specs: Sequence[str]) -> dict[str, tuple[str, str]]:
             raise ConfigError("ood.datasets: imagefolder needs its folder, as imagefolder@<folder>")
         set_name = name
         if name == "imagefolder":
-            set_name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(root).resolve().name) or "imagefolder"
+            folder = Path(root).resolve()
+            label = folder.name
+            if label.lower() in _SPLIT_NAMES:  # .../cifar10-jpeg/test -> cifar10-jpeg_test
+                label = f"{folder.parent.name}_{label}"
+            set_name = re.sub(r"[^A-Za-z0-9._-]", "_", label) or "imagefolder"
         if set_name in sets or set_name in _OWN_OOD_SETS or set_name.startswith("shift_s"):
             raise ConfigError(
                 f"ood.datasets: two OOD sets would be named {set_name!r} (from {spec!r}); "
