@@ -949,3 +949,58 @@ def test_outside_datasets_are_ood_sets(
         with pytest.raises(error, match=match):
             evaluate(bad)
         assert not (tmp_path / "bad").exists()
+
+
+def test_natural_shift_sets_are_scored_through_the_pipeline(
+    tiny_cfg: Callable[..., DictConfig], classifier_run: Path, tmp_path: Path
+) -> None:
+    from ssl_robust.finetune.export import load_classifier
+
+    images, labels = _eval_images(tiny_cfg())
+    # A darker copy in CIFAR-10.1's layout (a folder holding <name>_data/_labels.npy), and a
+    # class-folder tree of 30 images (a split folder, named after its parent).
+    dark = (images * 0.6).astype(np.uint8)
+    pair = tmp_path / "digits.1"
+    pair.mkdir()
+    np.save(pair / "digits.1_v1_data.npy", dark)
+    np.save(pair / "digits.1_v1_labels.npy", labels)
+    tree = tmp_path / "scans" / "test"
+    for i in range(30):
+        (tree / str(labels[i])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(tree / str(labels[i]) / f"{i}.png")
+    off = [f"{s}.enabled=false" for s in ("shift", "adv", "calib", "ood", "perf")]
+    cfg = tiny_cfg(*off, f"natural.sets=[{pair},{tree}]")
+    m = evaluate(cfg)
+    # Known answer: the classifier's own accuracy on those images.
+    clf = load_classifier(classifier_run)[0].eval()
+    with torch.no_grad():
+        pred = clf(torch.from_numpy(dark).permute(0, 3, 1, 2).float() / 255).argmax(1).numpy()
+    assert m["natural/digits.1/acc"] == pytest.approx((pred == labels).mean())
+    assert m["natural/digits.1/n"] == len(labels) and m["natural/scans_test/n"] == 30
+    assert m["natural/digits.1/acc"] < m["test/acc"]  # darker digits are harder
+    report = _report(cfg)
+    assert set(m) == expected_metric_keys(natural_sets=["digits.1", "scans_test"])
+    md = (Path(cfg.run.dir) / "report.md").read_text()
+    assert "## Natural distribution shift" in md and "| scans_test | 30 |" in md
+    again = evaluate(cfg)  # a rerun reads the sets' logits back
+    assert any(n.startswith("Resumed: 3 of 3 units") for n in _report(cfg)["notes"])
+    assert again["natural/digits.1/acc"] == m["natural/digits.1/acc"]
+    assert "digits.1" in report["meta"]["natural"]
+
+    # Bad sets stop the job before it writes anything.
+    (tmp_path / "birds" / "bird").mkdir(parents=True)
+    Image.fromarray(images[0]).save(tmp_path / "birds" / "bird" / "0.png")
+    bad_labels = tmp_path / "bad.1"
+    bad_labels.mkdir()
+    np.save(bad_labels / "x_data.npy", dark[:5])
+    np.save(bad_labels / "x_labels.npy", np.array([0, 1, 2, 3, 12]))
+    for value, error, match in [
+        (f"[{tmp_path / 'birds'}]", DataError, r"not among the classifier's classes: \['bird'\]"),
+        (f"[{bad_labels}]", DataError, r"holds labels 0..12; the classifier has classes 0..9"),
+        (f"[{tmp_path / 'nope'}]", DataError, "no labeled test set at"),
+        (f"[{pair},{tmp_path / 'x' / 'digits.1'}]", ConfigError, "would both be named 'digits.1'"),
+    ]:
+        bad = tiny_cfg(*off, f"natural.sets={value}", run_dir=tmp_path / "bad")
+        with pytest.raises(error, match=match):
+            evaluate(bad)
+        assert not (tmp_path / "bad").exists()

@@ -176,6 +176,7 @@ def test_every_template_documents_some_key_and_the_most_specific_wins() -> None:
         perf=True,
         cert_radii=[0.0, 0.5],
         ce_reference=True,
+        natural_sets=["cifar10.1_v6"],
     )
     used = {describe_metric(k) for k in keys}
     assert None not in used

@@ -126,6 +126,19 @@ class ShiftSection:
 
 
 @dataclass
+class NaturalSection:
+    # Labeled test sets of the classifier's classes under natural distribution shift, e.g.
+    # CIFAR-10.1 (Recht et al. 2018) for CIFAR-10: each a <name>_data.npy file beside
+    # <name>_labels.npy (CIFAR-10.1's layout), a folder holding one such pair, or a
+    # <folder>/<class>/<image> tree whose class folders carry the classifier's class names.
+    # Resized to the evaluation size; accuracy (over clean.draws purifications) under
+    # natural/<name>/acc.
+    sets: list[str] = field(default_factory=list)
+    # Images of each set, a seeded subset (0: all).
+    max_images: int = 0
+
+
+@dataclass
 class AttackSection:
     enabled: bool = True
     # Linf radii in units of 1/255 and L2 radii on [0, 1] images (RobustBench's 8/255 and 0.5).
@@ -239,6 +252,7 @@ class EvaluateConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     clean: CleanSection = field(default_factory=CleanSection)
     shift: ShiftSection = field(default_factory=ShiftSection)
+    natural: NaturalSection = field(default_factory=NaturalSection)
     adv: AttackSection = field(default_factory=AttackSection)
     cert: CertSection = field(default_factory=CertSection)
     calib: CalibSection = field(default_factory=CalibSection)

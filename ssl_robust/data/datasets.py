@@ -13,7 +13,7 @@ import json
 import multiprocessing
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -449,6 +449,70 @@ def load_image_folder(
         except OSError as err:  # a read-only dataset folder: decode again next time
             print(f"Could not cache decoded images in {str(cache.parent)!r}: {err}")
     return source
+
+
+def load_labeled_set(
+    path: str | Path, classes: Sequence[str], image_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A labeled test set of the same classes, e.g. a natural distribution shift such as
+    CIFAR-10.1, as uint8 (N, image_size, image_size, 3) images and int64 labels indexing
+    ``classes``.
+
+    ``path`` is a ``<name>_data.npy`` file (uint8 (N, H, W, 3)) beside ``<name>_labels.npy``
+    (CIFAR-10.1's layout, labels in the class order of ``classes``), a folder holding one such
+    pair, or a ``<folder>/<class>/<image>`` tree whose class folders are named like ``classes``
+    (decoded once, cached in ``<folder>/.cache``). Resized (bicubic) when the size differs.
+
+    Raises:
+        DataError: Nothing readable there, labels outside ``classes``, class folders of other
+            names.
+    """
+    path = Path(path)
+    data = path if path.is_file() else None
+    if data is None and path.is_dir():
+        pairs = sorted(path.glob("*_data.npy"))
+        if len(pairs) > 1:
+            raise DataError(
+                f"{str(path)!r} holds several data files ({[p.name for p in pairs]}); name one"
+            )
+        data = pairs[0] if pairs else None
+    if data is not None:
+        if not data.name.endswith("_data.npy"):
+            raise DataError(f"{str(data)!r}: expected a <name>_data.npy file or a folder")
+        labels_file = data.with_name(data.name.removesuffix("_data.npy") + "_labels.npy")
+        if not labels_file.is_file():
+            raise DataError(f"{str(data)!r} has no labels file beside it ({labels_file.name})")
+        images = np.load(data)
+        labels = np.load(labels_file).astype(np.int64).ravel()
+        if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
+            raise DataError(
+                f"{str(data)!r} holds {images.dtype} {images.shape}; expected uint8 (N, H, W, 3)"
+            )
+        if len(labels) != len(images):
+            raise DataError(f"{len(images)} images but {len(labels)} labels in {str(path)!r}")
+        if labels.size and not 0 <= labels.min() <= labels.max() < len(classes):
+            raise DataError(
+                f"{str(labels_file)!r} holds labels {labels.min()}..{labels.max()}; the "
+                f"classifier has classes 0..{len(classes) - 1}"
+            )
+        source = ArraySource(images, labels, list(classes))
+    elif path.is_dir():
+        tree = load_image_folder(path, image_size, True, False, path / ".cache")
+        assert isinstance(tree, ArraySource)
+        index = {str(c): i for i, c in enumerate(classes)}
+        unknown = [c for c in tree.classes if c not in index]
+        if unknown:
+            raise DataError(
+                f"class folders of {str(path)!r} not among the classifier's classes: {unknown}; "
+                f"its classes: {list(classes)}"
+            )
+        to_ours = np.array([index[c] for c in tree.classes], dtype=np.int64)
+        source = ArraySource(tree.images, to_ours[tree.labels], list(classes))
+    else:
+        raise DataError(f"no labeled test set at {str(path)!r}")
+    if source.images.shape[1:3] != (image_size, image_size):
+        source = _resize_array(source, image_size)
+    return np.ascontiguousarray(source.images), np.asarray(source.labels, dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------------

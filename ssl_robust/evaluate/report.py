@@ -84,6 +84,9 @@ METRIC_DOCS: dict[str, str] = {
     "shift/mce": "Mean corruption error over the grid's corruptions against shift.ce_reference "
     "(Hendrycks & Dietterich 2019; lower is better, 1 = the reference).",
     "shift/relative_mce": "Mean relative corruption error over the grid's corruptions.",
+    "natural/{set}/acc": "Accuracy on a labeled natural-shift set of natural.sets (e.g. "
+    "CIFAR-10.1; behind a stochastic purifier, the mean over clean.draws purifications).",
+    "natural/{set}/n": "Images of the natural-shift set.",
     "adv/{threat}/acc": "PGD(-EOT) robust accuracy, mean over re-scoring purifications.",
     "adv/{threat}/acc_worst": "Fraction of attacked images correct in every re-scoring draw.",
     "adv/{threat}/clean_acc": "Accuracy of the attacked subset before the attack.",
@@ -213,6 +216,7 @@ def expected_metric_keys(
     perf: bool = False,
     cert_radii: Sequence[float] = (),
     ce_reference: bool = False,
+    natural_sets: Sequence[str] = (),
 ) -> set[str]:
     """Every metric name a report of this shape holds.
 
@@ -233,6 +237,7 @@ def expected_metric_keys(
         cert_radii: The radii of a certification that ran (empty: none ran).
         ce_reference: Corruption errors against a reference were computed (with ``clean``,
             the relative ones too), and all were defined.
+        natural_sets: Names of the natural-shift sets evaluated.
     """
     keys: set[str] = {"perf/eval_wall_s"}
     if clean:
@@ -257,6 +262,7 @@ def expected_metric_keys(
             kinds = ["ce", "relative_ce"] if clean else ["ce"]
             keys |= {f"shift/{c}/{k}" for c in corruptions for k in kinds}
             keys |= {"shift/mce", "shift/relative_mce"} if clean else {"shift/mce"}
+    keys |= {f"natural/{name}/{k}" for name in natural_sets for k in ("acc", "n")}
     per_threat = [
         "acc",
         "acc_worst",
@@ -460,6 +466,25 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
                 ce_rows,
                 ["str", "pct", "pct"],
             )
+
+    natural = [k.split("/")[1] for k in m if k.startswith("natural/") and k.endswith("/acc")]
+    if natural:
+        clean_acc = m.get("test/acc")
+        tables["natural"] = Table(
+            "Natural distribution shift (%)",
+            ["set", "images", "acc", "95% CI", "drop from clean"],
+            [
+                [
+                    name,
+                    m.get(f"natural/{name}/n"),
+                    m[f"natural/{name}/acc"],
+                    _ci95(m, f"natural/{name}/acc"),
+                    None if clean_acc is None else clean_acc - m[f"natural/{name}/acc"],
+                ]
+                for name in natural
+            ],
+            ["str", "int", "pct", "str", "pct"],
+        )
 
     per_class = report.get("per_class") or {}
     if per_class.get("classes"):
@@ -682,6 +707,14 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
     if "shift_summary" in tables:
         figure("corruption_examples")
     section("Corruption error", ["shift_ce"], _ce_text(report), "corruption_error")
+    sources = meta.get("natural") or {}
+    section(
+        "Natural distribution shift",
+        ["natural"],
+        "Accuracy on labeled test sets of the same classes collected apart from the training "
+        "data (natural.sets), with its 95% Wilson interval and the drop from the clean "
+        "accuracy: " + "; ".join(f"{k}: {v}" for k, v in sources.items()) + ".",
+    )
     shift_set = meta.get("calib_shift_set", "the highest-severity corruptions")
     section(
         "Per class",

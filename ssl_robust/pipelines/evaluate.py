@@ -39,6 +39,7 @@ from ssl_robust.data.datasets import (
     OUTSIDE_DATASETS,
     ArraySource,
     build_splits,
+    load_labeled_set,
     load_outside_images,
 )
 from ssl_robust.evaluate.attacks import (
@@ -100,7 +101,7 @@ from ssl_robust.purify.unet import load_denoiser
 # Offsets of the per-section random streams from run.seed, so that switching one section off
 # does not change the numbers of another.
 _SEED_CLEAN, _SEED_SHIFT, _SEED_ADV, _SEED_OOD, _SEED_PERF, _SEED_EXAMPLES = 1, 2, 3, 4, 5, 6
-_SEED_CERT = 7
+_SEED_CERT, _SEED_NATURAL = 7, 8
 # Adversarial examples each PGD unit keeps for the report's figures (eval.examples shows up to
 # this many, so changing it never recomputes an attack).
 MAX_EXAMPLES = 16
@@ -296,6 +297,11 @@ def check_config(cfg: DictConfig) -> None:
             f"cert.radii must hold radii >= 0, got {list(c.radii)}",
         )
     need(cfg.calib.n_bins >= 1, f"calib.n_bins must be >= 1, got {cfg.calib.n_bins}")
+    need(
+        cfg.natural.max_images >= 0,
+        f"natural.max_images must be >= 0, got {cfg.natural.max_images}",
+    )
+    natural_set_names([str(p) for p in cfg.natural.sets])
     o = cfg.ood
     if o.enabled:
         for kind in o.noise_kinds:
@@ -486,6 +492,7 @@ def _unit_specs(
     threats: list[dict[str, Any]],
     stochastic: bool,
     outside: dict[str, str] | None = None,
+    natural: dict[str, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every unit of expensive work the config asks for: its name (also the relative path of
     its file, after the metric names) and the settings it depends on beyond the fingerprint.
@@ -496,13 +503,16 @@ def _unit_specs(
     purifications; the top severity also keeps the logits of every draw for calibration and
     OOD), ``adv/<threat>/pgd``, ``adv/<threat>/autoattack`` and
     ``adv/sanity/<norm>``, ``ood/<set>`` (the logits of an outside OOD dataset over
-    ``clean_draws`` purifications; ``outside`` maps each set to the digest of its images).
+    ``clean_draws`` purifications; ``outside`` maps each set to the digest of its images),
+    ``natural/<set>`` (likewise, a labeled natural-shift set; ``natural``: images and labels).
     """
     specs: dict[str, dict[str, Any]] = {}
     if clean:
         specs["clean"] = {"bare": bare, "draws": clean_draws}
     for name, digest in (outside or {}).items():
         specs[f"ood/{name}"] = {"images": digest, "draws": clean_draws}
+    for name, digest in (natural or {}).items():
+        specs[f"natural/{name}"] = {"images": digest, "draws": clean_draws}
     s = cfg.shift
     folder = Path(s.cifar_c_dir) if s.cifar_c_dir else None
     for c in corruptions:
@@ -584,6 +594,82 @@ _OWN_OOD_SETS = ("held_out", *(f"noise_{k}" for k in NOISE_KINDS))
 _SPLIT_NAMES = ("train", "test", "val", "valid", "validation", "images")
 
 
+def _folder_label(path: str) -> str:
+    """A data folder's name for metric keys: its own, after its parent's when it names a split
+    (``.../cifar10-jpeg/test`` -> ``cifar10-jpeg_test``); ``<name>`` for a ``<name>_data.npy``
+    file."""
+    folder = Path(path).resolve()
+    label = folder.name
+    if label.endswith("_data.npy"):
+        label = label.removesuffix("_data.npy")
+    elif label.lower() in _SPLIT_NAMES:
+        label = f"{folder.parent.name}_{label}"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", label) or "data"
+
+
+def natural_set_names(paths: Sequence[str]) -> dict[str, str]:
+    """The ``natural.sets`` by name (:func:`_folder_label`).
+
+    Raises:
+        ConfigError: Two sets of one name.
+    """
+    names: dict[str, str] = {}
+    for path in paths:
+        name = _folder_label(path)
+        if name in names:
+            raise ConfigError(
+                f"natural.sets: {names[name]!r} and {path!r} would both be named {name!r}; "
+                "give each set once (named by its folder, or its <name>_data.npy file)"
+            )
+        names[name] = path
+    return names
+
+
+def _natural_sets(
+    cfg: DictConfig, classes: Sequence[str], image_size: int
+) -> dict[str, tuple[np.ndarray, np.ndarray, str]]:
+    """The images, labels and description of every ``natural.sets`` set by name (a seeded
+    subset of ``natural.max_images``), loaded before the run writes anything."""
+    out = {}
+    for name, path in natural_set_names([str(p) for p in cfg.natural.sets]).items():
+        images, labels = load_labeled_set(path, classes, image_size)
+        idx = _subset(len(images), int(cfg.natural.max_images), int(cfg.run.seed) + _SEED_NATURAL)
+        desc = f"{path}, {len(idx)} of {len(images)} images at {image_size} px"
+        out[name] = (np.ascontiguousarray(images[idx]), labels[idx], desc)
+    return out
+
+
+def _natural_section(
+    sets: dict[str, tuple[np.ndarray, np.ndarray, str]],
+    model: Pipeline,
+    draws: int,
+    cfg: DictConfig,
+    device: torch.device,
+    metrics: dict[str, float],
+    bar: Progress,
+    cache: UnitStore,
+) -> None:
+    """Accuracy of the pipeline on each natural-shift set: one unit each, over ``draws``
+    purifications, from a stream of its own."""
+    task = bar.add_task("natural shift", total=len(sets))
+    for name, (images, labels, _) in sets.items():
+        unit = f"natural/{name}"
+        stored = cache.get(unit)
+        bar.update(task, description=f"natural {name}" + (f" {RESTORED}" if stored else ""))
+        if stored is not None:
+            logits = stored[1]["logits"]
+        else:
+            x = _nchw(images)
+            model.reseed(_corruption_seed(int(cfg.run.seed) + _SEED_NATURAL, name, 0), device)
+            bs = int(cfg.eval.batch_size)
+            logits = torch.stack([_predict(model, x, bs, device) for _ in range(draws)])
+            cache.put(unit, {}, {"logits": logits})
+        y = torch.from_numpy(labels)
+        metrics[f"natural/{name}/acc"] = (logits.argmax(2) == y).float().mean().item()
+        metrics[f"natural/{name}/n"] = float(len(y))
+        bar.advance(task)
+
+
 def ood_set_names(specs: Sequence[str]) -> dict[str, tuple[str, str]]:
     """The outside OOD datasets of ``ood.datasets`` (``<name>`` or ``<name>@<root>``) by set
     name (the dataset's name; an image folder's: its folder name, after its parent's when the
@@ -604,13 +690,7 @@ def ood_set_names(specs: Sequence[str]) -> dict[str, tuple[str, str]]:
             )
         if name == "imagefolder" and not root:
             raise ConfigError("ood.datasets: imagefolder needs its folder, as imagefolder@<folder>")
-        set_name = name
-        if name == "imagefolder":
-            folder = Path(root).resolve()
-            label = folder.name
-            if label.lower() in _SPLIT_NAMES:  # .../cifar10-jpeg/test -> cifar10-jpeg_test
-                label = f"{folder.parent.name}_{label}"
-            set_name = re.sub(r"[^A-Za-z0-9._-]", "_", label) or "imagefolder"
+        set_name = _folder_label(root) if name == "imagefolder" else name
         if set_name in sets or set_name in _OWN_OOD_SETS or set_name.startswith("shift_s"):
             raise ConfigError(
                 f"ood.datasets: two OOD sets would be named {set_name!r} (from {spec!r}); "
@@ -647,9 +727,11 @@ def _outside_sets(
     return out
 
 
-def _images_digest(images: np.ndarray) -> str:
-    digest = hashlib.sha256(f"{images.shape} {images.dtype}".encode())
-    digest.update(np.ascontiguousarray(images).data)
+def _images_digest(*arrays: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(f"{array.shape} {array.dtype}".encode())
+        digest.update(np.ascontiguousarray(array).data)
     return digest.hexdigest()
 
 
@@ -664,6 +746,8 @@ def _unit_kind(unit: str) -> str:
         return "certification"
     if unit.startswith("ood/"):
         return "OOD datasets"
+    if unit.startswith("natural/"):
+        return "natural-shift sets"
     if "/pgd/shard-" in unit:
         return "PGD shards"
     return "AutoAttack threats" if unit.endswith("/autoattack") else "PGD threats"
@@ -798,6 +882,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     corruptions = list(cfg.shift.corruptions) if cfg.shift.enabled else []
     severities = sorted({int(s) for s in cfg.shift.severities}) if cfg.shift.enabled else []
     outside = _outside_sets(cfg, data, len(labels))
+    class_names = [str(c) for c in clf_meta.get("classes") or range(num_classes)]
+    natural = _natural_sets(cfg, class_names, int(data["image_size"]))
     ce_reference = None
     if corruptions and cfg.shift.ce_reference:
         ce_reference = load_ce_reference(
@@ -849,6 +935,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         threats=threats,
         stochastic=stochastic,
         outside={k: _images_digest(v[0]) for k, v in outside.items()} if need_clean else {},
+        natural={k: _images_digest(v[0], v[1]) for k, v in natural.items()},
     )
     cache = UnitStore(
         run_dir / "partial", fingerprint, specs, resume=bool(cfg.run.resume), describe=_unit_kind
@@ -945,6 +1032,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 bar,
                 cache,
             )
+        # -- natural distribution shift -----------------------------------------------------
+        if natural:
+            meta["natural"] = {k: v[2] for k, v in natural.items()}
+            _natural_section(natural, model, clean_draws, cfg, device, metrics, bar, cache)
         # -- adversarial -------------------------------------------------------------------
         adv_examples: dict[str, Tensor] = {}
         if threats:
