@@ -100,7 +100,7 @@ def test_help_on_an_unknown_section_names_the_sections(capsys: pytest.CaptureFix
     assert main("evaluate", ["--help", "ad"], pipeline=_never_run) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "no config key 'ad' in the evaluate job" in err
-    assert "clean, shift, adv" in err and "(did you mean 'adv'?)" in err
+    assert "clean, shift, natural, adv" in err and "(did you mean 'adv'?)" in err
 
 
 def test_unknown_option_and_bad_config_exit_before_any_work(

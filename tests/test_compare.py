@@ -258,6 +258,12 @@ def test_runs_of_several_phases_compare_within_their_phase(
 def test_accuracies_show_their_interval_over_the_images(tmp_path: Path) -> None:
     assert images_key("test/acc") == "test/n" and images_key("test/acc_unpurified") == "test/n"
     assert images_key("adv/linf_8/acc_worst") == "adv/linf_8/n"
+    assert (
+        images_key("adv/l2_0.5/autoattack_acc")
+        == images_key("adv/l2_0.5/clean_acc")
+        == "adv/l2_0.5/n"
+    )
+    assert images_key("shift/severity5_acc") == ""  # a mean over cells: its own standard error
     assert images_key("val/knn_acc") == "" and images_key("calib/clean/ece") == ""
     metrics = {"test/acc": 0.9, "test/n": 100.0, "adv/linf_8/acc": 0.12, "adv/linf_8/n": 64.0}
     metrics |= {"shift/mean_acc": 0.65, "shift/mean_acc_se": 0.025}

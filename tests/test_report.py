@@ -245,6 +245,14 @@ def test_write_report_from_a_hand_made_dict(tmp_path: Path) -> None:
         "throughput batch 256 (img/s)",
         "Sehwag2021 ResNet-18",
         "![reliability](plots/reliability.png)",
+        # The headline numbers first, with their intervals over the images.
+        "## Summary\n\n| measure | value | 95% CI |",
+        "| clean accuracy | 90.00% | 82.6–94.5 |",
+        "| corruption accuracy, mean of 2 x 2 | 65.00% | 60.1–69.9 |",
+        "| robust accuracy, linf_8 (PGD, mean over draws) | 12.00% | 6.1–22.2 |",
+        "| ECE, shift | 0.2500 | – |",
+        "| OOD AUROC (msp), mean of 2 sets / worst (noise_gaussian) | 93.00% / 93.00% | – |",
+        "| attack sanity checks | FAILED: linf/black_box | – |",
     ):
         assert needle in md, needle
     for name in ("shift_severity", "reliability", "robust_eps", "ood_hist"):
@@ -258,7 +266,7 @@ def test_write_report_from_a_hand_made_dict(tmp_path: Path) -> None:
 def test_minimal_report_renders_only_what_ran(tmp_path: Path) -> None:
     report = {"metrics": {"test/acc": 0.5, "test/n": 10.0}, "meta": {}}
     assert make_plots(report, tmp_path) == {}
-    assert list(report_tables(report)) == ["clean"]
+    assert list(report_tables(report)) == ["summary", "clean"]
     md = render_markdown(report)
     assert "| pipeline | 50.00 | 23.7–76.3 | 10 |" in md
     for absent in ("Common corruptions", "Adversarial", "Calibration", "Out-of-distribution"):

@@ -133,10 +133,13 @@ def normal_interval(mean: float, se: float, z: float = 1.959964) -> tuple[float,
 
 def images_key(metric: str) -> str:
     """The metric holding how many images an accuracy was measured on (``test/acc`` ->
-    ``test/n``, ``adv/linf_8/acc_worst`` -> ``adv/linf_8/n``); "" for other metrics."""
+    ``test/n``, ``adv/linf_8/acc_worst`` and ``adv/linf_8/autoattack_acc`` ->
+    ``adv/linf_8/n``); "" for other metrics."""
     prefix, _, last = metric.rpartition("/")
     if metric.startswith("cert/") and last.startswith("acc"):
         return "cert/n"  # every certified accuracy is over the same certified images
+    if metric.startswith("adv/") and last.endswith("_acc"):
+        return f"{prefix}/n"  # a threat's clean and AutoAttack accuracies: its attacked images
     return f"{prefix}/n" if prefix and last.startswith("acc") else ""
 
 

@@ -375,10 +375,71 @@ def _compact(values: Any) -> str:
     return json.dumps(short(values), separators=(", ", ": "))
 
 
+def _summary_rows(report: dict[str, Any]) -> list[list[str]]:
+    """The headline numbers of every section that ran, one row each: (measure, value, 95% CI
+    over the images where there is one)."""
+    m: dict[str, float] = report.get("metrics", {})
+    meta = report.get("meta", {})
+    rows: list[list[str]] = []
+
+    def pct(key: str) -> str:
+        return f"{100 * m[key]:.2f}%"
+
+    def add(label: str, key: str) -> None:
+        if key in m:
+            rows.append([label, pct(key), _ci95(m, key)])
+
+    add("clean accuracy", "test/acc")
+    corruptions, severities = _grid(report)
+    add(f"corruption accuracy, mean of {len(corruptions)} x {len(severities)}", "shift/mean_acc")
+    if "shift/mce" in m:
+        ref = (meta.get("ce_reference") or {}).get("title", "the reference")
+        value = pct("shift/mce")
+        if "shift/relative_mce" in m:
+            value += f" / {pct('shift/relative_mce')}"
+        label = "mCE" + (" / relative mCE" if "shift/relative_mce" in m else "")
+        rows.append([f"{label} against {ref} (lower is better)", value, "–"])
+    for key in sorted(k for k in m if k.startswith("natural/") and k.endswith("/acc")):
+        add(f"natural shift, {key.split('/')[1]}", key)
+    for t in _threats(report):
+        add(f"robust accuracy, {t['name']} (PGD, mean over draws)", f"adv/{t['name']}/acc")
+        add(f"robust accuracy, {t['name']} (AutoAttack)", f"adv/{t['name']}/autoattack_acc")
+    for r, key in certified_radii(m):
+        if r > 0:
+            add(f"certified accuracy, L2 radius {r:g}", key)
+    for name in ("clean", "shift"):
+        if f"calib/{name}/ece" in m:
+            rows.append([f"ECE, {name}", f"{m[f'calib/{name}/ece']:.4f}", "–"])
+    aurocs = {
+        s: m[f"ood/{s}/msp/auroc"] for s in meta.get("ood_sets", []) if f"ood/{s}/msp/auroc" in m
+    }
+    if aurocs:
+        worst = min(aurocs, key=lambda s: aurocs[s])
+        rows.append(
+            [
+                f"OOD AUROC (msp), mean of {len(aurocs)} sets / worst ({worst})",
+                f"{100 * float(np.mean(list(aurocs.values()))):.2f}% / {100 * aurocs[worst]:.2f}%",
+                "–",
+            ]
+        )
+    sanity: dict[str, dict[str, dict[str, Any]]] = report.get("sanity", {})
+    if sanity:
+        failed = [f"{n}/{c}" for n, checks in sanity.items() for c, r in checks.items()
+                  if not r.get("passed")]  # fmt: skip
+        rows.append(["attack sanity checks", "all passed" if not failed else "FAILED: "
+                     + ", ".join(failed), "–"])  # fmt: skip
+    return rows
+
+
 def report_tables(report: dict[str, Any]) -> dict[str, Table]:
     """The report's tables by key (those whose section ran), in reading order."""
     m: dict[str, float] = report.get("metrics", {})
     tables: dict[str, Table] = {}
+    headline = _summary_rows(report)
+    if headline:
+        tables["summary"] = Table(
+            "Summary", ["measure", "value", "95% CI"], headline, ["str", "str", "str"]
+        )
 
     if "test/acc" in m:
         name = "pipeline"
@@ -659,6 +720,8 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
         ["created", meta.get("created", "")],
     ]
     out += [_markdown_table(Table("", ["", ""], info, ["str", "str"])), ""]
+    if "summary" in tables:
+        out += ["## Summary", "", _markdown_table(tables["summary"]), ""]
     notes = report.get("notes", [])
     if notes:
         out += ["## Notes", "", *[f"- {n}" for n in notes], ""]
