@@ -278,7 +278,8 @@ def run_labels(runs: Sequence[Run]) -> dict[str, str]:
 
 
 def select_metrics(runs: Sequence[Run], metrics: Sequence[str] | None = None) -> list[str]:
-    """The metric columns: those asked for, else the default ones present in any run."""
+    """The metric columns: those asked for, else the default ones present in any run (and the
+    accuracy on every natural-shift set, after the clean accuracy)."""
     present = {k for r in runs for k in r.metrics}
     if metrics:
         missing = [m for m in metrics if m not in present]
@@ -286,6 +287,11 @@ def select_metrics(runs: Sequence[Run], metrics: Sequence[str] | None = None) ->
             raise ValueError(f"no run has metric(s) {missing}; available: {sorted(present)}")
         return list(metrics)
     chosen = [m for m in DEFAULT_METRICS if m in present]
+    # Natural-shift sets are named by the user: each one's accuracy, after the clean one's.
+    natural = sorted(m for m in present if m.startswith("natural/") and m.endswith("/acc"))
+    if natural:
+        at = chosen.index("test/acc") + 1 if "test/acc" in chosen else 0
+        chosen[at:at] = natural
     return chosen or sorted(present)
 
 

@@ -321,6 +321,10 @@ def test_metric_selection_and_errors(tmp_path: Path) -> None:
     runs = [Run("a", "x", {"k": 1}, {"test/acc": 0.5, "other/x": 1.0}), Run("b", "y", {"k": 2}, {})]
     assert select_metrics(runs) == ["test/acc"]
     assert select_metrics([Run("c", "z", {}, {"other/x": 1.0})]) == ["other/x"]
+    natural = {"test/acc": 0.9, "natural/cifar10.1/acc": 0.8, "natural/cifar10.1/n": 2000.0}
+    assert select_metrics([Run("d", "w", {}, natural | {"shift/mce": 1.1})]) == [
+        "test/acc", "natural/cifar10.1/acc", "shift/mce"
+    ]  # fmt: skip
     with pytest.raises(ValueError, match="no run has metric"):
         select_metrics(runs, ["val/knn_acc"])
     with pytest.raises(ValueError, match="no runs"):
