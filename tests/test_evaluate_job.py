@@ -986,6 +986,20 @@ def test_natural_shift_sets_are_scored_through_the_pipeline(
     assert any(n.startswith("Resumed: 3 of 3 units") for n in _report(cfg)["notes"])
     assert again["natural/digits.1/acc"] == m["natural/digits.1/acc"]
     assert "digits.1" in report["meta"]["natural"]
+    # Calibration on each set too, from the stored logits: the darker digits' ECE is the
+    # classifier's own on them.
+    on = [o for o in off if not o.startswith("calib")]
+    calibrated = evaluate(tiny_cfg(*on, f"natural.sets=[{pair},{tree}]"))
+    sets = ["clean", "natural_digits.1", "natural_scans_test"]
+    assert set(calibrated) == expected_metric_keys(
+        natural_sets=["digits.1", "scans_test"], calib_sets=sets
+    )
+    with torch.no_grad():
+        dark_logits = clf(torch.from_numpy(dark).permute(0, 3, 1, 2).float() / 255)
+    want = calibration_report(dark_logits, torch.from_numpy(labels), 15)
+    assert calibrated["calib/natural_digits.1/ece"] == pytest.approx(want["ece"], abs=1e-6)
+    md = (Path(cfg.run.dir) / "report.md").read_text()
+    assert "| natural_scans_test |" in md and "![reliability](plots/reliability.png)" in md
 
     # Bad sets stop the job before it writes anything.
     (tmp_path / "birds" / "bird").mkdir(parents=True)

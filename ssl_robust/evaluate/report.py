@@ -407,7 +407,7 @@ def _summary_rows(report: dict[str, Any]) -> list[list[str]]:
     for r, key in certified_radii(m):
         if r > 0:
             add(f"certified accuracy, L2 radius {r:g}", key)
-    for name in ("clean", "shift"):
+    for name in report.get("reliability") or ("clean", "shift"):
         if f"calib/{name}/ece" in m:
             rows.append([f"ECE, {name}", f"{m[f'calib/{name}/ece']:.4f}", "–"])
     aurocs = {
@@ -627,7 +627,8 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
             ["str", "str", "str", "str"],
         )
 
-    calib_sets = [s for s in ("clean", "shift") if f"calib/{s}/ece" in m]
+    calib_sets = [s for s in report.get("reliability") or ("clean", "shift")]
+    calib_sets = [s for s in calib_sets if f"calib/{s}/ece" in m]
     if calib_sets:
         tables["calib"] = Table(
             "Calibration",
@@ -973,8 +974,12 @@ def _plot_reliability(report: dict[str, Any], path: Path) -> Path | None:
         return None
     plt = pyplot()
     n = len(bins_by_set)
-    fig, axes = plt.subplots(1, n, figsize=(4 * n, 4), squeeze=False)
-    for ax, (name, bins) in zip(axes[0], bins_by_set.items()):
+    cols = min(n, 4)  # rows of at most four panels
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, (name, bins) in zip(axes.flat, bins_by_set.items()):
         # Empty bins (count 0) have no accuracy or confidence: draw nothing there.
         full = [i for i, c in enumerate(bins["count"]) if c]
         lower = [bins["lower"][i] for i in full]

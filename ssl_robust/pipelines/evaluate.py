@@ -648,9 +648,11 @@ def _natural_section(
     metrics: dict[str, float],
     bar: Progress,
     cache: UnitStore,
-) -> None:
+) -> dict[str, tuple[Tensor, Tensor]]:
     """Accuracy of the pipeline on each natural-shift set: one unit each, over ``draws``
-    purifications, from a stream of its own."""
+    purifications, from a stream of its own. Returns each set's logits (draws, M, classes) and
+    labels, for calibration."""
+    out = {}
     task = bar.add_task("natural shift", total=len(sets))
     for name, (images, labels, _) in sets.items():
         unit = f"natural/{name}"
@@ -667,7 +669,9 @@ def _natural_section(
         y = torch.from_numpy(labels)
         metrics[f"natural/{name}/acc"] = (logits.argmax(2) == y).float().mean().item()
         metrics[f"natural/{name}/n"] = float(len(y))
+        out[name] = (logits, y)
         bar.advance(task)
+    return out
 
 
 def ood_set_names(specs: Sequence[str]) -> dict[str, tuple[str, str]]:
@@ -1033,9 +1037,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 cache,
             )
         # -- natural distribution shift -----------------------------------------------------
+        natural_logits: dict[str, tuple[Tensor, Tensor]] = {}
         if natural:
             meta["natural"] = {k: v[2] for k, v in natural.items()}
-            _natural_section(natural, model, clean_draws, cfg, device, metrics, bar, cache)
+            natural_logits = _natural_section(
+                natural, model, clean_draws, cfg, device, metrics, bar, cache
+            )
         # -- adversarial -------------------------------------------------------------------
         adv_examples: dict[str, Tensor] = {}
         if threats:
@@ -1083,6 +1090,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             sets.append(("clean", *_pooled(draw_logits, y)))
         if shift_logits is not None and shift_labels is not None:
             sets.append(("shift", *_pooled(shift_logits, shift_labels)))
+        for name, (n_logits, n_labels) in natural_logits.items():
+            sets.append((f"natural_{name}", *_pooled(n_logits, n_labels)))
         for name, logits, labels_t in sets:
             for k, v in calibration_report(logits, labels_t, cfg.calib.n_bins).items():
                 metrics[f"calib/{name}/{k}"] = v
