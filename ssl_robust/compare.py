@@ -345,12 +345,41 @@ def table(
     # A switched-off section's settings show as missing: they did not act.
     active = {r.source: _active_config(r) for r in runs}
     ordered = ordered_runs(runs, keys, active)
+    # Upstream runs by the end of their paths that tells them apart (the full paths are long
+    # and share their start).
+    short = {
+        k: short_paths([str(c[k]) for c in active.values() if c.get(k)])
+        for k in keys
+        if k.endswith(".run")
+    }
+
+    def setting(run: Run, key: str) -> str:
+        value = active[run.source].get(key)
+        if key in short and value:
+            return short[key][str(value)]
+        return fmt(value)
+
     header = ["run", *keys, *metrics]
     rows = [
-        [r.name, *(fmt(active[r.source].get(k)) for k in keys), *(metric(r, m) for m in metrics)]
-        for r in ordered
+        [r.name, *(setting(r, k) for k in keys), *(metric(r, m) for m in metrics)] for r in ordered
     ]
     return header, rows
+
+
+def short_paths(paths: Sequence[str]) -> dict[str, str]:
+    """Each path by its fewest last components that no other of ``paths`` ends with
+    (``/x/runs/finetune/a`` -> ``a``, or ``finetune/a`` beside ``/x/baseline/a``)."""
+    parts = {p: Path(p).parts for p in set(paths)}
+    out = {}
+    for path, own in parts.items():
+        for k in range(1, len(own) + 1):
+            tail = own[-k:]
+            if not any(other[-k:] == tail for q, other in parts.items() if q != path):
+                out[path] = str(Path(*tail))
+                break
+        else:
+            out[path] = path
+    return out
 
 
 def _is_seed_or_path(key: str) -> bool:

@@ -30,6 +30,7 @@ from ssl_robust.compare import (
     select_metrics,
     severity_data,
     severity_key,
+    short_paths,
     table,
     tradeoff_data,
 )
@@ -384,7 +385,7 @@ def test_a_switched_off_purifier_and_its_upstream_settings_are_not_differences(
     assert differing_keys(evals) == ["purifier.ddim_steps", "purifier.run"]
     header, rows = table(evals, differing_keys(evals), ["test/acc"])
     assert header == ["run", "purifier.ddim_steps", "purifier.run", "test/acc"]
-    assert rows[0] == ["ddim2", "2", str(den), "0.5"]
+    assert rows[0] == ["ddim2", "2", "den", "0.5"]  # an upstream run by its folder's name
     assert ["bare", "—", "none", "0.5"] in rows
     labels = run_labels(evals)
     assert labels[str(tmp_path / "eval" / "bare")] == "purifier=none"
@@ -508,3 +509,15 @@ def test_clean_against_robust_accuracy_per_threat(tmp_path: Path) -> None:
     with Image.open(written["plot_clean_vs_robust"]) as image:
         assert image.format == "PNG" and image.size[0] > 500
     assert "plot_clean_vs_robust" not in compare(runs[:1], tmp_path / "one")
+
+
+def test_upstream_runs_show_by_the_end_of_their_paths() -> None:
+    paths = ["/x/runs/finetune/a", "/x/runs/baseline/a", "/x/runs/finetune/b", "/y/c"]
+    assert short_paths(paths) == {
+        "/x/runs/finetune/a": "finetune/a", "/x/runs/baseline/a": "baseline/a",
+        "/x/runs/finetune/b": "b", "/y/c": "c",
+    }  # fmt: skip
+    runs = [Run(f"e{i}", f"e{i}", {"classifier.run": p}, {"test/acc": 0.5}) for i, p in
+            enumerate(paths[:2])]  # fmt: skip
+    _, rows = table(runs, ["classifier.run"], ["test/acc"])
+    assert [row[1] for row in rows] == ["baseline/a", "finetune/a"]
