@@ -75,8 +75,7 @@ class Run:
         source: The run directory or ``wandb:<entity>/<project>/<id>``.
         config: Dotted keys (``subset.fraction``) to values, upstream keys filled in.
         metrics: Hierarchical metric names (``shift/mean_acc``) to floats.
-        data: The dataset an evaluation ran on (its report's ``meta.data_config.name``), ""
-            when unknown.
+        data: The data an evaluation ran on (:func:`data_label`), "" when unknown.
     """
 
     name: str
@@ -112,6 +111,12 @@ def _read_config(folder: Path) -> dict[str, Any]:
     return flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=True), ".")
 
 
+def data_label(config: Mapping[str, Any]) -> str:
+    """What an evaluation ran on, from its report's ``meta.data_config``: ``<name> at <size>
+    px``."""
+    return f"{config.get('name', '')} at {config.get('image_size', '?')} px"
+
+
 def load_run(folder: str | Path, follow_upstream: bool = True) -> Run:
     """A run directory: ``config.yaml`` and ``metrics.json`` and/or ``report.json``.
 
@@ -130,8 +135,8 @@ def load_run(folder: str | Path, follow_upstream: bool = True) -> Run:
             # report.json may nest sections; metric names are '/'-joined like everywhere else.
             metrics.update(_numeric(flatten(content, "/")))
             meta = content.get("meta") if isinstance(content, dict) else None
-            if isinstance(meta, dict):
-                data = str((meta.get("data_config") or {}).get("name", ""))
+            if isinstance(meta, dict) and meta.get("data_config"):
+                data = data_label(meta["data_config"])
     config = _read_config(folder)
     if follow_upstream:
         config = _with_upstream(config, folder, seen={folder.resolve()})
@@ -391,7 +396,8 @@ def replicate_groups(
 ) -> list[tuple[dict[str, Any], list[Run]]]:
     """Runs of one setting: runs that differ only in ``run.seed`` and in which runs they build
     on (``<section>.run``; whether one is set still counts, so a bare and a purified evaluation
-    stay apart, while the settings of upstream runs are compared through their inherited keys).
+    stay apart, while the settings of upstream runs are compared through their inherited keys;
+    an upstream run that cannot be read here counts by its path).
 
     Returns:
         Each setting (its values of the other differing ``keys``) with its runs, sorted by the
@@ -400,10 +406,22 @@ def replicate_groups(
     setting = [k for k in keys if not _is_seed_or_path(k)]
     paths = [k for k in keys if k.endswith(".run")]
     groups: dict[str, tuple[dict[str, Any], list[Run]]] = {}
+
+    def upstream(run: Run, key: str) -> Any:
+        # Whether it is set; the path itself where its run cannot be read here (runs copied from
+        # elsewhere), since then its settings were not compared: only the same run replicates.
+        value = run.config.get(key)
+        if not value:
+            return False
+        folder = Path(str(value))
+        if not folder.is_absolute() and not folder.is_dir():
+            folder = Path(run.source) / folder
+        return True if (folder / "config.yaml").is_file() else str(value)
+
     for run in runs:
         active = _active_config(run)
         values = {k: active.get(k) for k in setting}
-        signature = {**values, **{k: bool(active.get(k)) for k in paths}}
+        signature = {**values, **{k: upstream(run, k) for k in paths}}
         key = json.dumps(signature, sort_keys=True, default=str)
         groups.setdefault(key, (values, []))[1].append(run)
     order = sorted(groups, key=lambda g: [_fmt(v) for v in groups[g][0].values()] + [g])
@@ -830,17 +848,19 @@ def add_corruption_errors(runs: Sequence[Run], reference: Run) -> list[str]:
         cells = grid_accuracies(run.metrics)
         if not cells:
             continue
+        # Errors against the run's own shift.ce_reference go, whether or not they are replaced:
+        # the page says what its corruption errors are measured against.
+        run.metrics = {
+            k: v
+            for k, v in run.metrics.items()
+            if not (k in ("shift/mce", "shift/relative_mce") or k.endswith(("/ce", "/relative_ce")))
+        }
         if run.data and reference.data and run.data != reference.data:
             other_data.append(run.name)
             continue
         if not set(cells) <= set(ref_cells):
             lacking.append(run.name)
             continue
-        run.metrics = {
-            k: v
-            for k, v in run.metrics.items()
-            if not (k in ("shift/mce", "shift/relative_mce") or k.endswith(("/ce", "/relative_ce")))
-        }
         run.metrics.update(
             corruption_errors(
                 cells, ref_cells, run.metrics.get("test/acc"), reference.metrics.get("test/acc")

@@ -181,13 +181,21 @@ def test_replicates_are_summarised_over_seeds(
     _, rows = replicate_table(fts, keys, ["test/acc"])
     assert sum(row[3].endswith(" (1 run)") for row in rows) == 1
     # A purifier set or not splits settings, though its path is not a setting.
+    ft1 = _write_run(tmp_path / "ft1", {"run": {"seed": 1}}, {})
+    ft2 = _write_run(tmp_path / "ft2", {"run": {"seed": 2}}, {})
+    den = _write_run(tmp_path / "den", {"denoiser": {"unet": "tiny"}}, {})
     evals = [
-        Run("a", "a", {"classifier.run": "x/1", "purifier.run": ""}, {"test/acc": 0.5}),
-        Run("b", "b", {"classifier.run": "x/2", "purifier.run": ""}, {"test/acc": 0.7}),
-        Run("c", "c", {"classifier.run": "x/1", "purifier.run": "d"}, {"test/acc": 0.4}),
+        Run("a", "a", {"classifier.run": str(ft1), "purifier.run": ""}, {"test/acc": 0.5}),
+        Run("b", "b", {"classifier.run": str(ft2), "purifier.run": ""}, {"test/acc": 0.7}),
+        Run("c", "c", {"classifier.run": str(ft1), "purifier.run": str(den)}, {"test/acc": 0.4}),
     ]
     keys = differing_keys(evals)
     assert [len(g) for _, g in replicate_groups(evals, keys)] == [2, 1]
+    # Upstream runs that cannot be read here: their settings were not compared, so runs on
+    # different ones are not replicates.
+    elsewhere = [Run(r.name, r.source, r.config | {"classifier.run": f"/gone/{r.name}"},
+                     r.metrics) for r in evals[:2]]  # fmt: skip
+    assert replicate_table(elsewhere, differing_keys(elsewhere), ["test/acc"]) is None
     assert replicate_table(evals[:1] + evals[2:], keys, ["test/acc"]) is None  # no replicates
     written = compare(evals, tmp_path / "out")
     md = written["markdown"].read_text()
@@ -454,17 +462,21 @@ def test_corruption_errors_against_a_reference_run(tmp_path: Path) -> None:
     # Halved errors -> CE 0.5; a stale mCE against another reference is replaced.
     half = {k: 1 - (1 - v) / 2 for k, v in grid.items()}
     better = Run("better", "r/better", {"classifier.run": "b"}, {**half, "shift/mce": 9.0})
-    other = Run("other", "r/other", {"classifier.run": "c"}, {"shift/frost/1/acc": 0.5})
+    other = Run("other", "r/other", {"classifier.run": "c"},
+                {"shift/frost/1/acc": 0.5, "shift/mce": 0.9, "shift/frost/ce": 0.9})  # fmt: skip
     trained = Run("ft", "r/ft", {"subset.fraction": 0.1}, {"test/acc": 0.9})  # no grid
-    digits = Run("digits", "r/d", {"classifier.run": "d"}, dict(grid), data="digits")
+    # Another data set or size: no errors, and none left from the run's own reference.
+    digits = Run("digits", "r/d", {"classifier.run": "d"}, grid | {"shift/mce": 0.5},
+                 data="digits at 8 px")  # fmt: skip
     runs = [same, better, other, trained, digits]
-    (ref / "report.json").write_text(json.dumps({"meta": {"data_config": {"name": "cifar10"}}}))
+    config = {"name": "cifar10", "image_size": 32}
+    (ref / "report.json").write_text(json.dumps({"meta": {"data_config": config}}))
     reference = load_run(ref)
-    assert reference.data == "cifar10"
+    assert reference.data == "cifar10 at 32 px"
     notes = add_corruption_errors(runs, reference)
     assert notes == [
         "No corruption errors for digits: evaluated on other data than the reference "
-        "supervised (cifar10).",
+        "supervised (cifar10 at 32 px).",
         "No corruption errors for other: the reference supervised was not evaluated on every "
         "cell of their grids.",
     ]
@@ -475,6 +487,7 @@ def test_corruption_errors_against_a_reference_run(tmp_path: Path) -> None:
     assert better.metrics["shift/mce"] == pytest.approx(0.5)
     assert "shift/relative_mce" not in better.metrics  # it has no clean accuracy
     assert "shift/mce" not in other.metrics and "shift/mce" not in trained.metrics
+    assert "shift/frost/ce" not in other.metrics  # against another reference: gone
 
     written = compare([same, better], tmp_path / "out", ce_reference=ref)
     md = written["markdown"].read_text()
