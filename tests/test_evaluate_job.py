@@ -855,8 +855,16 @@ def test_corruption_errors_against_a_reference_evaluation(
     (other / "metrics.json").write_text(json.dumps(ref_metrics))
     (other / "report.json").write_text(json.dumps(report_json))
     bad = tiny_cfg(*off, f"shift.ce_reference={other}", run_dir=tmp_path / "bad")
-    with pytest.raises(ConfigError, match="evaluated 'cifar10', this evaluation 'digits'"):
+    with pytest.raises(
+        ConfigError, match="evaluated 'cifar10' at 8 px, this evaluation 'digits' at 8"
+    ):
         evaluate(bad)
+    # The same dataset split otherwise: said in a note.
+    report_json["meta"]["data_config"] |= {"name": "digits", "seed": 5}
+    (other / "report.json").write_text(json.dumps(report_json))
+    split = tiny_cfg(*off, f"shift.ce_reference={other}", run_dir=tmp_path / "base")
+    evaluate(split)
+    assert any("(seed 5 there, 0 here)" in note for note in _report(split)["notes"])
 
 
 def _fake_svhn(root: Path, n: int) -> np.ndarray:

@@ -227,7 +227,8 @@ class OODSection:
     # image of a <folder>/<class>/<image> tree). The root defaults to the evaluation data's;
     # eval.download fetches a torchvision set. Resized to the evaluation size; metrics under
     # ood/<name>/ (an image folder: ood/<folder name>/, ood/<parent>_test/ for a .../test
-    # folder). E.g. [svhn, cifar100] for CIFAR-10.
+    # folder). E.g. [svhn, cifar100] for CIFAR-10 (not stl10: 9 of its 10 classes are
+    # CIFAR-10's).
     datasets: list[str] = field(default_factory=list)
     # Images of each dataset, a seeded subset; 0 = as many as evaluation images.
     num_images: int = 0

@@ -727,6 +727,11 @@ def _outside_sets(
         idx = _subset(len(images), n, int(cfg.run.seed) + _SEED_OOD)
         what = f"{name} test split" if name != "imagefolder" else "the image folder"
         desc = f"{what} ({root}), {len(idx)} of {len(images)} images at {size} px"
+        if {name, data["name"]} == {"cifar10", "stl10"}:
+            desc += (
+                f" (it shares 9 of its 10 classes with {data['name']}: mostly images of the "
+                "classifier's own classes, not OOD)"
+            )
         out[set_name] = (np.ascontiguousarray(images[idx]), desc)
     return out
 
@@ -890,9 +895,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     natural = _natural_sets(cfg, class_names, int(data["image_size"]))
     ce_reference = None
     if corruptions and cfg.shift.ce_reference:
-        ce_reference = load_ce_reference(
-            cfg.shift.ce_reference, corruptions, severities, str(data["name"])
-        )
+        ce_reference = load_ce_reference(cfg.shift.ce_reference, corruptions, severities, data)
 
     run_dir = _run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -1355,15 +1358,16 @@ def _shift_section(
 
 
 def load_ce_reference(
-    path: str | Path, corruptions: Sequence[str], severities: Sequence[int], data_name: str
+    path: str | Path, corruptions: Sequence[str], severities: Sequence[int], data: dict[str, Any]
 ) -> dict[str, Any]:
     """The reference evaluation of ``shift.ce_reference`` (a run directory or its
     metrics.json): its cell accuracies on this grid (``cells``), clean accuracy (``clean``,
-    None when it did not run), data name and image count where its report.json says them.
+    None when it did not run), image count, and how its data differ from ``data`` (this
+    evaluation's description) where its report.json says (``differences``: split settings).
 
     Raises:
         FileNotFoundError: No metrics.json there.
-        ConfigError: It lacks cells of this grid, or it evaluated other data.
+        ConfigError: It lacks cells of this grid, or it evaluated another dataset or size.
     """
     given = Path(path)
     file = given / "metrics.json" if given.is_dir() else given
@@ -1393,13 +1397,22 @@ def load_ce_reference(
             meta = json.loads(report_file.read_text()).get("meta", {})
         except json.JSONDecodeError:
             meta = {}
-    ref_data = (meta.get("data_config") or {}).get("name")
-    if ref_data is not None and ref_data != data_name:
-        raise ConfigError(
-            f"shift.ce_reference: {file.parent} evaluated {ref_data!r}, this evaluation "
-            f"{data_name!r}; corruption errors compare models on the same data"
-        )
+    ref_data = meta.get("data_config") or {}
+    for key in ("name", "image_size"):
+        if key in ref_data and ref_data[key] != data.get(key):
+            raise ConfigError(
+                f"shift.ce_reference: {file.parent} evaluated {ref_data.get('name')!r} at "
+                f"{ref_data.get('image_size')} px, this evaluation {data.get('name')!r} at "
+                f"{data.get('image_size')} px; corruption errors compare models on the same data"
+            )
+    # The split (which images are evaluated) may still differ: said in a note.
+    differences = [
+        f"{key} {ref_data[key]!r} there, {data.get(key)!r} here"
+        for key in ("seed", "val_fraction", "root")
+        if key in ref_data and ref_data[key] != data.get(key)
+    ]
     return {
+        "differences": differences,
         "run": str(file.parent),
         "cells": {key: cells[key] for key in cells if key[0] in corruptions},
         "clean": metrics.get("test/acc"),
@@ -1436,13 +1449,18 @@ def _ce_section(
             "evaluation and the reference (clean.enabled)."
         )
     else:
-        flat = [c for c in corruptions if c not in undefined]
-        flat = [c for c in flat if f"shift/{c}/relative_ce" not in errors]
+        flat = [c for c in corruptions if f"shift/{c}/relative_ce" not in errors]
         if flat:
             notes.append(
                 f"Relative corruption error undefined for {', '.join(flat)}: the reference "
                 "lost no accuracy there relative to its clean accuracy; no relative mCE."
             )
+    if reference["differences"]:
+        notes.append(
+            "The corruption-error reference evaluated the same dataset split otherwise ("
+            + "; ".join(reference["differences"])
+            + "): its errors may be over other images."
+        )
     n, ref_n = metrics.get("shift/n"), reference["images"]
     if n is not None and ref_n is not None and int(n) != int(ref_n):
         notes.append(
