@@ -5,7 +5,7 @@
 #   <runs>/denoiser          denoiser training, side by side  (denoiser.sbatch)
 #   <runs>/finetune/<line>   one fine-tuning per sweep line   (finetune_array.sbatch), after pretraining
 #   <runs>/baseline/<line>   with --baseline: the supervised baseline per sweep line, from random
-#                            weights                          (finetune_array.sbatch), at once
+#                            weights on the encoder's data    (finetune_array.sbatch), after pretraining
 #   <runs>/evaluate/<line>[-purified]
 #                            each classifier bare, and behind the purifier once the denoiser is
 #                            trained                          (evaluate.sbatch), after its fine-tuning
@@ -27,9 +27,10 @@
 #   --evaluate ARGS      evaluation preset and overrides for every evaluation
 #   --purify ARGS        extra overrides of the purified evaluations (purifier.*)
 #   --baseline ARGS      a supervised baseline: fine-tuning preset and overrides of a backbone
-#                        from random weights (e.g. supervised_cifar10), one per distinct sweep
-#                        line without its mode= and run.dir= words, each evaluated like the
-#                        other classifiers (<runs>/evaluate/baseline-<line>[-purified])
+#                        from random weights (e.g. supervised_cifar10), on the encoder's data
+#                        and split (data.like), one per distinct sweep line without its mode=,
+#                        run.dir= and encoder.run= words, each evaluated like the other
+#                        classifiers (<runs>/evaluate/baseline-<line>[-purified])
 #   --purify-shards K    split each purified evaluation's attacks over a K-task array
 #                        (adv.shards=K, one block of the attacked images per task), then one
 #                        more job merges the blocks and writes the report
@@ -129,7 +130,7 @@ n_lines=$(grep -c . <<<"$lines" || true)
 # (ssl_robust.pipelines.chain.baseline_line).
 baseline_lines="$(while IFS= read -r line; do
     words=()
-    for word in $line; do case "$word" in mode=* | run.dir=*) ;; *) words+=("$word") ;; esac done
+    for word in $line; do case "$word" in mode=* | run.dir=* | encoder.run=*) ;; *) words+=("$word") ;; esac done
     echo "${words[*]:-run.seed=0}"
 done <<<"$lines" | awk '!seen[$0]++')"
 if [ "$dry_run" = 1 ]; then
@@ -242,11 +243,12 @@ while IFS= read -r line; do
     evaluations "$name" "$classifier" "afterok:${finetune_job}_$i"
 done <"$sweep_copy"
 
-# --- the supervised baseline: from random weights, needing nothing, evaluated alike -------------
+# --- the supervised baseline: from random weights on the encoder's data and split, evaluated alike
 if [ "$have_baseline" = 1 ]; then
     split "$baseline"
     export SWEEP="$baseline_copy" SWEEP_DIR="$RUNS/baseline" SWEEP_SHOWN="$RUNS/baseline_sweep.txt"
-    submit --array="1-$(grep -c . "$baseline_copy")" "$here/finetune_array.sbatch" "${_words[@]}"
+    submit --array="1-$(grep -c . "$baseline_copy")" "${after_encoder[@]}" \
+        "$here/finetune_array.sbatch" "${_words[@]}" "data.name=''" "data.like=$encoder"
     unset SWEEP SWEEP_DIR
     baseline_job="$JOB"
     record baseline "$JOB"

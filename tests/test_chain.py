@@ -96,7 +96,7 @@ def test_a_supervised_baseline_runs_every_distinct_line_and_is_evaluated_alike(
         "subset.fraction=0.1 run.seed=0",
         "mode=full subset.fraction=0.1  run.seed=0",  # the same baseline: run once
         "subset.fraction=1.0 run.dir=elsewhere/full",
-        "mode=full",
+        "mode=full encoder.run=runs/other",
     ]
     assert [baseline_line(ln) for ln in lines] == [
         "subset.fraction=0.1 run.seed=0", "subset.fraction=0.1 run.seed=0",
@@ -118,10 +118,12 @@ def test_a_supervised_baseline_runs_every_distinct_line_and_is_evaluated_alike(
         "baseline:run.seed_0",
     ]  # fmt: skip
     first = by["baseline:subset.fraction_0.1_run.seed_0"]
-    assert first.after == []  # needs no pretraining
+    assert first.after == ["pretrain"]  # it trains on the encoder's data and split
     assert _args(first) == [
         "supervised_cifar10",
         "trainer.max_epochs=100",
+        "data.name=''",
+        f"data.like={runs}/pretrain",
         "subset.fraction=0.1",
         "run.seed=0",
         f"run.dir={runs}/baseline/subset.fraction_0.1_run.seed_0",
@@ -166,13 +168,15 @@ def test_plan_matches_the_slurm_pipeline_dry_run(tmp_path: Path) -> None:
     slurm = [args for _, template, _, args in jobs if template != "finetune_array.sbatch"]
     local = [_args(s) for s in steps if not s.name.startswith(("finetune:", "baseline:"))]
     assert local == slurm
-    # The baseline's array: its own lines file, nothing to wait for.
+    # The baseline's array: its own lines file, after pretraining like the fine-tunings.
     arrays = [
         (opts, args) for _, template, opts, args in jobs if template == "finetune_array.sbatch"
     ]
-    assert len(arrays) == 2 and "dependency" not in arrays[1][0]
+    assert len(arrays) == 2 and arrays[1][0]["dependency"] == arrays[0][0]["dependency"]
     assert arrays[1][0]["array"] == "1-2"  # 3 lines, two of them one baseline
-    assert arrays[1][1] == ["supervised_cifar10", "data.root=/data"]
+    assert arrays[1][1] == [
+        "supervised_cifar10", "data.root=/data", "data.name=''", f"data.like={runs}/pretrain"
+    ]  # fmt: skip
     # The array's tasks name their run directories as run_name does (the shell's `tr`).
     for line in sweep_lines(tmp_path / "sweep.txt"):
         shell = subprocess.run(
@@ -327,8 +331,8 @@ def test_every_phase_config_is_checked_before_anything_runs(tmp_path: Path) -> N
     assert check_steps(plan_chain(tmp_path / "r", pretrain="", evaluate="quick")) == []
     # A baseline's encoder and data are checked too.
     for baseline, match in [
-        ("encoder.backbone=convnet", "set data.name"),
-        ("encoder.backbone=resnet7 data=digits", "encoder.backbone: unknown backbone 'resnet7'"),
+        ("encoder.backbone=convnet encoder.run=x", "set one"),
+        ("encoder.backbone=resnet7", "encoder.backbone: unknown backbone 'resnet7'"),
     ]:
         steps = plan_chain(tmp_path / "r", pretrain="", baseline=baseline)
         (error,) = check_steps(steps)

@@ -362,9 +362,44 @@ def test_random_weights_bad_requests_fail_before_writing(
     cfg = load_config(FinetuneConfig, [*TINY, *SCRATCH, f"run.dir={run}"], job="finetune")
     with pytest.raises(ValueError, match=r"encoder\.run="):
         finetune(cfg)
+    # Another width of the same backbone in the same run directory is refused too.
+    scratch = tmp_path / "scratch"
+    args = [*TINY, *SCRATCH, f"run.dir={scratch}", "trainer.max_epochs=1"]
+    finetune(load_config(FinetuneConfig, args, job="finetune"))
+    with pytest.raises(ValueError, match=r"encoder\.width=8, not 16"):
+        finetune(load_config(FinetuneConfig, [*args, "encoder.width=16"], job="finetune"))
+    # Default folders name the backbone, a convnet's width and the data.
     cfg = load_config(FinetuneConfig, ["supervised_cifar10", "subset.fraction=0.1"], job="finetune")
     assert default_run_dir(cfg, SubsetSpec(0.1)) == Path(
-        "runs/finetune-full-10pct-seed0-scratch-resnet18_cifar"
+        "runs/finetune-full-10pct-seed0-scratch-resnet18_cifar-cifar10"
     )
     cfg.encoder.backbone = "tv:resnet18"
-    assert default_run_dir(cfg, SubsetSpec(0.1)).name.endswith("scratch-tv-resnet18")
+    assert default_run_dir(cfg, SubsetSpec(0.1)).name.endswith("scratch-tv-resnet18-cifar10")
+    cfg.encoder.backbone, cfg.data.name, cfg.data.like = "convnet", "", "runs/c10/pretrain"
+    assert default_run_dir(cfg, SubsetSpec(0.1)).name.endswith("scratch-convnet-w32-pretrain")
+    bad = load_config(FinetuneConfig, [*TINY, *SCRATCH, "data.like=x"], job="finetune")
+    with pytest.raises(ConfigError, match=r"data\.like='x' takes the data of a pretraining run"):
+        finetune(bad)
+
+
+def test_a_baseline_like_a_pretraining_run_sees_its_data_and_split(
+    tiny_pretrain_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    pre = tmp_path / "pretrain"
+    pretrain(tiny_pretrain_cfg("run.seed=3", run_dir=pre))
+    # Whatever data the baseline's own arguments name, data.like takes the pretraining run's.
+    args = [*TINY, "encoder.backbone=convnet", "encoder.width=4", "mode=full", "data.name=''",
+            f"data.like={pre}", "trainer.max_epochs=1"]  # fmt: skip
+    finetune(load_config(FinetuneConfig, [*args, f"run.dir={tmp_path / 'b'}"], job="finetune"))
+    info = json.loads((tmp_path / "b" / "classifier.json").read_text())
+    ssl = finetune(ft_cfg(pre, tmp_path / "ssl", "trainer.max_epochs=1"))
+    ssl_info = json.loads((tmp_path / "ssl" / "classifier.json").read_text())
+    for key in ("name", "image_size", "seed", "val_fraction", "root"):
+        assert info["data"][key] == ssl_info["data"][key], key
+    assert info["data"]["seed"] == 3 and info["data"]["image_size"] == 8
+    # The same labeled images as the encoder's fine-tuning with the same subset seed.
+    assert np.array_equal(np.load(tmp_path / "b" / "subset.npy"),
+                          np.load(tmp_path / "ssl" / "subset.npy"))  # fmt: skip
+    assert "test/acc" in ssl
+    with pytest.raises(FileNotFoundError, match=r"data\.like: no run config in"):
+        finetune(load_config(FinetuneConfig, [*args[:-2], f"data.like={tmp_path}"], job="finetune"))

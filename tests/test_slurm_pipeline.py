@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -48,7 +49,7 @@ def _dry_run(
     jobs = []
     for line in res.stdout.splitlines():
         words = line.split("   # job ")
-        command, job = words[0].split(), int(words[1])
+        command, job = shlex.split(words[0]), int(words[1])  # the words as sbatch gets them
         start = command.index("sbatch") + 1
         template = next(i for i, w in enumerate(command) if w.endswith(".sbatch"))
         options = dict(w[2:].split("=", 1) for w in command[start:template])

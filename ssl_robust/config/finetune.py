@@ -30,7 +30,8 @@ class EncoderSourceConfig:
     # ... or, instead, a backbone from random weights (model.backbone's names: resnet18_cifar,
     # convnet, tv:<name>, timm:<name>) trained on the labeled subset alone: the supervised
     # baseline with mode=full (optim.encoder_lr_mult=1), a probe on random features with
-    # mode=linear. Needs data.name; normalisation is the dataset's own unless data.mean/std.
+    # mode=linear. Needs data.name or data.like; normalisation is the dataset's own unless
+    # data.mean/std.
     backbone: str = ""
     # Width of a `convnet` backbone.
     width: int = 32
@@ -46,6 +47,11 @@ class FinetuneDataConfig(DataConfig):
     # Seed of the train/evaluation split (datasets without a test split); -1 takes the
     # pretraining run's run.seed, so the evaluation images are ones the encoder never saw.
     split_seed: int = -1
+    # With encoder.backbone (no encoder run): a pretraining run whose data to use as the
+    # fine-tunings of its encoder do (name, root, image size, split and its seed), so that a
+    # supervised baseline sees the same images; needs data.name "". The chain's --baseline
+    # sets it.
+    like: str = ""
     batch_size: int = 64
 
 

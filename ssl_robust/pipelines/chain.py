@@ -81,10 +81,11 @@ def sweep_lines(path: Path | None) -> list[str]:
 
 
 def baseline_line(line: str) -> str:
-    """A sweep line as the supervised baseline runs it: without its ``mode=`` and ``run.dir=``
-    words (the baseline's own arguments say how it trains, and it has its own folder), split
-    on whitespace as the shell splits it; ``run.seed=0`` when nothing is left."""
-    words = [w for w in line.split() if not w.startswith(("mode=", "run.dir="))]
+    """A sweep line as the supervised baseline runs it: without its ``mode=``, ``run.dir=``
+    and ``encoder.run=`` words (the baseline's own arguments say how it trains, it has its own
+    folder and no encoder), split on whitespace as the shell splits it; ``run.seed=0`` when
+    nothing is left."""
+    words = [w for w in line.split() if not w.startswith(("mode=", "run.dir=", "encoder.run="))]
     return " ".join(words) or "run.seed=0"
 
 
@@ -121,7 +122,8 @@ def plan_chain(
         purify: Extra overrides of the purified evaluations.
         baseline: Fine-tuning preset and overrides of a supervised baseline (a backbone from
             random weights, e.g. ``supervised_cifar10``), run for every distinct
-            :func:`baseline_line` of the sweep and evaluated like the other classifiers.
+            :func:`baseline_line` of the sweep on the encoder's data and split (``data.like``;
+            so after pretraining) and evaluated like the other classifiers.
 
     Raises:
         ValueError: Both or neither of ``pretrain`` / ``encoder``; both ``denoiser`` and
@@ -219,8 +221,10 @@ def plan_chain(
         for line in dict.fromkeys(baseline_line(ln) for ln in lines):
             name = run_name(line)
             classifier = runs / "baseline" / name
-            argv = [*shlex.split(baseline), *line.split(), f"run.dir={classifier}"]
-            steps.append(Step(f"baseline:{name}", _script("finetune", *argv)))
+            # The encoder's data and split (data.like), whatever data the baseline's preset names.
+            same_data = ["data.name=''", f"data.like={encoder}"]
+            argv = [*shlex.split(baseline), *same_data, *line.split(), f"run.dir={classifier}"]
+            steps.append(Step(f"baseline:{name}", _script("finetune", *argv), list(needs_encoder)))
             evaluations(f"baseline-{name}", classifier, [f"baseline:{name}"])
     steps.append(
         Step("compare", _script("compare", str(runs), "--out", str(runs / "compare")), evals, True)

@@ -95,10 +95,17 @@ def resolve_data(
 ) -> dict[str, Any]:
     """The data description (``DATA_KEYS``): the encoder's pretraining data unless
     ``data.name`` is set; the split seed of the pretraining run unless ``data.split_seed`` is.
-    Without an encoder run (``encoder_dir`` and ``meta`` None: random weights), ``data.name``
-    must be set, and empty ``mean``/``std`` take the dataset's own statistics."""
+    Without an encoder run (``encoder_dir`` and ``meta`` None: random weights), the data are
+    ``data.name``'s or, with ``data.like``, that pretraining run's, and empty ``mean``/``std``
+    take the dataset's own statistics."""
     d = cfg.data
-    pre_path = encoder_dir / "config.yaml" if encoder_dir is not None else None
+    source = encoder_dir if encoder_dir is not None else Path(d.like) if d.like else None
+    pre_path = source / "config.yaml" if source is not None else None
+    if encoder_dir is None and pre_path is not None and not pre_path.is_file():
+        raise FileNotFoundError(
+            f"data.like: no run config in {str(source)!r} (expected config.yaml of a "
+            "pretraining run)"
+        )
     pre = OmegaConf.load(pre_path) if pre_path is not None and pre_path.is_file() else None
     inherited = ("root", "download", "image_size", "val_fraction", "in_memory", "skip_bad_images")
     if d.name:
@@ -146,8 +153,12 @@ def default_run_dir(cfg: DictConfig, spec: SubsetSpec) -> Path:
     encoder run (the encoder's name keeps sweeps over several encoders apart)."""
     if cfg.run.dir:
         return Path(cfg.run.dir)
-    if not cfg.encoder.run:  # random weights: runs/...-scratch-<backbone>
-        name = "scratch-" + str(cfg.encoder.backbone).replace(":", "-").replace("/", "-")
+    if not cfg.encoder.run:  # random weights: runs/...-scratch-<backbone>[-w<width>]-<data>
+        e = cfg.encoder
+        name = "scratch-" + str(e.backbone).replace(":", "-").replace("/", "-")
+        if e.backbone == "convnet":
+            name += f"-w{e.width}"
+        name += "-" + (cfg.data.name or Path(cfg.data.like).name)
         return Path("runs") / f"finetune-{cfg.mode}-{spec.label}-seed{cfg.run.seed}-{name}"
     enc = Path(cfg.encoder.run)
     return enc.parent / f"finetune-{cfg.mode}-{spec.label}-seed{cfg.run.seed}-{enc.name}"
@@ -159,12 +170,17 @@ def _check_same_job(run_dir: Path, cfg: DictConfig) -> None:
     if not path.is_file():
         return
     old = OmegaConf.load(path)
-    keys = (("mode", cfg.mode), ("encoder.run", cfg.encoder.run))
-    for key, new in (*keys, ("encoder.backbone", cfg.encoder.backbone)):
-        before = OmegaConf.select(old, key, default="" if key == "encoder.backbone" else None)
+    keys = [("mode", cfg.mode), ("encoder.run", cfg.encoder.run)]
+    keys.append(("encoder.backbone", cfg.encoder.backbone))
+    if cfg.encoder.backbone:  # random weights: their shape and data too
+        keys += [(k, OmegaConf.select(cfg, k)) for k in ("encoder.width", "data.name", "data.like")]
+    # Keys an older run's config may lack: their values then.
+    defaults = {"encoder.backbone": "", "encoder.width": 32, "data.like": ""}
+    for key, new in keys:
+        before = OmegaConf.select(old, key, default=defaults.get(key))
         same = (
             Path(str(before)).resolve() == Path(new).resolve()
-            if key == "encoder.run" and before and new
+            if key in ("encoder.run", "data.like") and before and new
             else before == new
         )
         if not same:
@@ -413,11 +429,18 @@ def check_config(cfg: DictConfig) -> None:
             "(or encoder.backbone=<name> to train a backbone from random weights, the "
             "supervised baseline)"
         )
+    if cfg.data.like and (e.run or cfg.data.name):
+        raise ConfigError(
+            f"data.like={cfg.data.like!r} takes the data of a pretraining run for "
+            "encoder.backbone, with data.name empty; an encoder run brings its own data, and "
+            "data.name names other data"
+        )
     if e.backbone:
-        if not cfg.data.name:
+        if not cfg.data.name and not cfg.data.like:
             raise ConfigError(
                 "encoder.backbone trains from random weights, so there is no pretraining run to "
-                f"take the data from: set data.name (one of {list(CHOICES['data.name'][1:])})"
+                f"take the data from: set data.name (one of {list(CHOICES['data.name'][1:])}) "
+                "or data.like (a pretraining run whose data to use)"
             )
         _random_backbone(cfg)
 
