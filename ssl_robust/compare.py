@@ -462,7 +462,8 @@ REPLICATES_NOTE = (
 
 CI_NOTE = (
     "[low, high]: the 95% interval over the images an accuracy was measured on (Wilson; for "
-    "the corruption means, +-1.96 standard errors of each image's accuracy over the grid)."
+    "the corruption means, +-1.96 standard errors of each image's accuracy over the grid; for "
+    "an ECE or AUROC, the bootstrap interval the evaluation recorded)."
 )
 
 

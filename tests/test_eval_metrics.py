@@ -9,6 +9,7 @@ import torch
 
 from ssl_robust.evaluate.metrics import (
     accuracy,
+    bootstrap_interval,
     brier,
     calibration_report,
     confusion_matrix,
@@ -297,3 +298,26 @@ def test_grid_accuracies_reads_only_the_cells() -> None:
         "test/acc": 0.9,
     }
     assert grid_accuracies(metrics) == {("fog", 1): 0.5, ("zoom_blur", 5): 0.25}
+
+
+def test_bootstrap_interval_of_a_mean_and_of_grouped_draws() -> None:
+    # The mean of n standard normals: the interval is about mean +- 1.96 / sqrt(n).
+    x = torch.randn(1, 2000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    low, high = bootstrap_interval(lambda v: v.mean().item(), [(x,)], resamples=1000, seed=1)
+    mean, half = x.mean().item(), 1.96 * x.std().item() / 2000**0.5
+    assert low == pytest.approx(mean - half, abs=0.15 * half)
+    assert high == pytest.approx(mean + half, abs=0.15 * half)
+    # Five identical draws of each image are one sample, not five: the same interval as one
+    # draw (the images are resampled with all their draws, by the same random indices).
+    five = x.expand(5, -1)
+    assert bootstrap_interval(lambda v: v.mean().item(), [(five,)], 1000, seed=1) == (
+        pytest.approx((low, high))
+    )
+    # Two sides resampled apart; a side's tensors together (labels with their logits).
+    labels = torch.arange(10).expand(1, 10)
+    same = bootstrap_interval(
+        lambda a, b: float((a == b).double().mean()), [(labels, labels.clone())], 50
+    )
+    assert same == (1.0, 1.0)
+    with pytest.raises(ValueError, match="share their"):
+        bootstrap_interval(lambda a, b: 0.0, [(labels, labels[:, :5])])

@@ -136,6 +136,7 @@ def test_job_end_to_end_writes_the_documented_report(
         calib_sets=["clean", "shift"],
         ood_sets=["noise_gaussian", "noise_blobs", "shift_s5"],
         perf=True,
+        bootstrap=True,
     )
     assert set(m) == expected
     assert all(describe_metric(k) is not None for k in m)
@@ -487,7 +488,9 @@ def test_clean_accuracy_over_several_purifications(
     n = int(m["test/n"])
     # draws purifications of every image, ddim UNet calls each; the classifier alone needs none.
     assert unet_calls[0] == draws * n * ddim
-    expected = expected_metric_keys(purified=True, clean_draws=draws, calib_sets=["clean"])
+    expected = expected_metric_keys(
+        purified=True, clean_draws=draws, calib_sets=["clean"], bootstrap=True
+    )
     assert set(m) == expected and all(describe_metric(k) is not None for k in m)
     assert m["test/draws"] == draws and m["test/acc_std"] > 0  # the draws differ
     assert m["test/acc_worst"] <= m["test/acc"] <= 1.0
@@ -538,6 +541,7 @@ def test_corruption_accuracy_over_several_purifications(
         corruptions=corruptions,
         severities=severities,
         calib_sets=["clean", "shift"],
+        bootstrap=True,
     )
     assert set(m) == expected and all(describe_metric(k) is not None for k in m)
     assert m["shift/draws"] == draws and m["shift/mean_acc_std"] > 0  # the draws differ
@@ -1000,7 +1004,7 @@ def test_natural_shift_sets_are_scored_through_the_pipeline(
     calibrated = evaluate(tiny_cfg(*on, f"natural.sets=[{pair},{tree}]"))
     sets = ["clean", "natural_digits.1", "natural_scans_test"]
     assert set(calibrated) == expected_metric_keys(
-        natural_sets=["digits.1", "scans_test"], calib_sets=sets
+        natural_sets=["digits.1", "scans_test"], calib_sets=sets, bootstrap=True
     )
     with torch.no_grad():
         dark_logits = clf(torch.from_numpy(dark).permute(0, 3, 1, 2).float() / 255)

@@ -177,6 +177,7 @@ def test_every_template_documents_some_key_and_the_most_specific_wins() -> None:
         cert_radii=[0.0, 0.5],
         ce_reference=True,
         natural_sets=["cifar10.1_v6"],
+        bootstrap=True,
     )
     used = {describe_metric(k) for k in keys}
     assert None not in used
@@ -239,8 +240,8 @@ def test_write_report_from_a_hand_made_dict(tmp_path: Path) -> None:
         "| ship | 0 | – | – | – |",
         "| linf | large_eps | yes |",
         "EOT 20 gradient draws per step",
-        "| shift | 47.50 | 0.2500 | 0.4000 | 0.1500 |",
-        "| noise_gaussian | energy | 93.00 | 30.00 |",
+        "| shift | 47.50 | 0.2500 | – | 0.4000 | 0.1500 |",  # no bootstrap interval recorded
+        "| noise_gaussian | energy | 93.00 | – | 30.00 |",
         "| purifier (5 NFE) + classifier | 40.00 | 300.0 |",
         "throughput batch 256 (img/s)",
         "Sehwag2021 ResNet-18",

@@ -81,6 +81,9 @@ class EvalSection:
     # attacked under every threat; plots/corruption_examples.png: the first one under every
     # corruption and severity), with the pipeline's predictions; 0..16, 0 = no figures.
     examples: int = 8
+    # Bootstrap resamples of the images behind the 95% intervals of the ECEs and the OOD
+    # AUROCs (a purifier's draws of one image resampled together); 0 = no such intervals.
+    bootstrap: int = 200
 
 
 @dataclass

@@ -123,9 +123,15 @@ METRIC_DOCS: dict[str, str] = {
     "calib/{set}/nll": "Mean negative log-likelihood.",
     "calib/{set}/brier": "Multi-class Brier score.",
     "calib/{set}/acc": "Accuracy of the calibration set.",
+    "calib/{set}/ece_low": "Lower end of the ECE's 95% bootstrap interval over the images "
+    "(eval.bootstrap resamples).",
+    "calib/{set}/ece_high": "Upper end of the ECE's 95% bootstrap interval over the images.",
     "ood/{set}/{score}/auroc": "AUROC, in-distribution as positives (behind a stochastic "
     "purifier, the scores of every purification pooled on each side).",
     "ood/{set}/{score}/fpr95": "False-positive rate at 95% true-positive rate.",
+    "ood/{set}/{score}/auroc_low": "Lower end of the AUROC's 95% bootstrap interval over the "
+    "images of both sets (eval.bootstrap resamples).",
+    "ood/{set}/{score}/auroc_high": "Upper end of the AUROC's 95% bootstrap interval.",
     "perf/latency_ms": "Classifier latency at batch 1, median ms.",
     "perf/throughput_ips": "Classifier throughput at perf.batch_size, images/s.",
     "perf/purified_latency_ms": "Purifier + classifier latency at batch 1, median ms.",
@@ -217,6 +223,7 @@ def expected_metric_keys(
     cert_radii: Sequence[float] = (),
     ce_reference: bool = False,
     natural_sets: Sequence[str] = (),
+    bootstrap: bool = False,
 ) -> set[str]:
     """Every metric name a report of this shape holds.
 
@@ -238,6 +245,7 @@ def expected_metric_keys(
         ce_reference: Corruption errors against a reference were computed (with ``clean``,
             the relative ones too), and all were defined.
         natural_sets: Names of the natural-shift sets evaluated.
+        bootstrap: The ECEs and AUROCs have bootstrap intervals (eval.bootstrap > 0).
     """
     keys: set[str] = {"perf/eval_wall_s"}
     if clean:
@@ -288,8 +296,10 @@ def expected_metric_keys(
         }
         keys |= {"cert/nfe_per_image", "cert/wall_s"}
         keys |= {f"cert/radius/{r:g}/acc" for r in cert_radii}
-    keys |= {f"calib/{s}/{m}" for s in calib_sets for m in ("ece", "nll", "brier", "acc")}
-    keys |= {f"ood/{s}/{sc}/{m}" for s in ood_sets for sc in OOD_SCORES for m in ("auroc", "fpr95")}
+    calib = ["ece", "nll", "brier", "acc", *(["ece_low", "ece_high"] if bootstrap else [])]
+    keys |= {f"calib/{s}/{m}" for s in calib_sets for m in calib}
+    ood = ["auroc", "fpr95", *(["auroc_low", "auroc_high"] if bootstrap else [])]
+    keys |= {f"ood/{s}/{sc}/{m}" for s in ood_sets for sc in OOD_SCORES for m in ood}
     if perf:
         keys |= {"perf/latency_ms", "perf/throughput_ips", "perf/batch_size"}
         if purified:
@@ -630,25 +640,37 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
     calib_sets = [s for s in report.get("reliability") or ("clean", "shift")]
     calib_sets = [s for s in calib_sets if f"calib/{s}/ece" in m]
     if calib_sets:
+
+        def ece_ci(s: str) -> str:
+            low, high = m.get(f"calib/{s}/ece_low"), m.get(f"calib/{s}/ece_high")
+            return "–" if low is None or high is None else f"{low:.4f}–{high:.4f}"
+
         tables["calib"] = Table(
             "Calibration",
-            ["set", "acc (%)", "ECE", "NLL", "Brier"],
+            ["set", "acc (%)", "ECE", "ECE 95% CI", "NLL", "Brier"],
             [
                 [
                     s,
                     m[f"calib/{s}/acc"],
                     m[f"calib/{s}/ece"],
+                    ece_ci(s),
                     m[f"calib/{s}/nll"],
                     m[f"calib/{s}/brier"],
                 ]
                 for s in calib_sets
             ],
-            ["str", "pct", "f4", "f4", "f4"],
+            ["str", "pct", "f4", "str", "f4", "f4"],
         )
 
     ood_sets = report.get("meta", {}).get("ood_sets", [])
     ood_rows = [
-        [s, score, m[f"ood/{s}/{score}/auroc"], m[f"ood/{s}/{score}/fpr95"]]
+        [
+            s,
+            score,
+            m[f"ood/{s}/{score}/auroc"],
+            _ci95(m, f"ood/{s}/{score}/auroc"),
+            m[f"ood/{s}/{score}/fpr95"],
+        ]
         for s in ood_sets
         for score in OOD_SCORES
         if f"ood/{s}/{score}/auroc" in m
@@ -656,9 +678,9 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
     if ood_rows:
         tables["ood"] = Table(
             "OOD detection (in-distribution = positives)",
-            ["set", "score", "AUROC (%)", "FPR@95 (%)"],
+            ["set", "score", "AUROC (%)", "AUROC 95% CI", "FPR@95 (%)"],
             ood_rows,
-            ["str", "str", "pct", "pct"],
+            ["str", "str", "pct", "str", "pct"],
         )
 
     if "perf/latency_ms" in m:

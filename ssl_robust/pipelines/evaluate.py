@@ -69,9 +69,11 @@ from ssl_robust.evaluate.corruptions import (
 from ssl_robust.evaluate.examples import perturbation_image
 from ssl_robust.evaluate.latency import measure_latency
 from ssl_robust.evaluate.metrics import (
+    bootstrap_interval,
     calibration_report,
     confusion_matrix,
     corruption_errors,
+    ece,
     grid_accuracies,
     per_class_accuracy,
     reliability_bins,
@@ -80,6 +82,7 @@ from ssl_robust.evaluate.metrics import (
 )
 from ssl_robust.evaluate.ood import (
     NOISE_KINDS,
+    auroc,
     energy_score,
     held_out_class_split,
     msp_score,
@@ -101,7 +104,7 @@ from ssl_robust.purify.unet import load_denoiser
 # Offsets of the per-section random streams from run.seed, so that switching one section off
 # does not change the numbers of another.
 _SEED_CLEAN, _SEED_SHIFT, _SEED_ADV, _SEED_OOD, _SEED_PERF, _SEED_EXAMPLES = 1, 2, 3, 4, 5, 6
-_SEED_CERT, _SEED_NATURAL = 7, 8
+_SEED_CERT, _SEED_NATURAL, _SEED_BOOTSTRAP = 7, 8, 9
 # Adversarial examples each PGD unit keeps for the report's figures (eval.examples shows up to
 # this many, so changing it never recomputes an attack).
 MAX_EXAMPLES = 16
@@ -182,6 +185,7 @@ def check_config(cfg: DictConfig) -> None:
     need(cfg.clean.draws >= 1, f"clean.draws must be >= 1, got {cfg.clean.draws}")
     need(cfg.shift.draws >= 1, f"shift.draws must be >= 1, got {cfg.shift.draws}")
     need(cfg.eval.max_images >= 0, f"eval.max_images must be >= 0, got {cfg.eval.max_images}")
+    need(cfg.eval.bootstrap >= 0, f"eval.bootstrap must be >= 0, got {cfg.eval.bootstrap}")
     need(
         0 <= cfg.eval.examples <= MAX_EXAMPLES,
         f"eval.examples must be in 0..{MAX_EXAMPLES}, got {cfg.eval.examples}",
@@ -1088,17 +1092,28 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     reliability: dict[str, Any] = {}
     if cfg.calib.enabled:
         meta["calib_bins"] = int(cfg.calib.n_bins)
-        sets: list[tuple[str, Tensor, Tensor]] = []
+        sets: list[tuple[str, Tensor, Tensor]] = []  # (draws, N, classes) logits, (N,) labels
         if draw_logits is not None:
-            sets.append(("clean", *_pooled(draw_logits, y)))
+            sets.append(("clean", draw_logits, y))
         if shift_logits is not None and shift_labels is not None:
-            sets.append(("shift", *_pooled(shift_logits, shift_labels)))
+            sets.append(("shift", shift_logits, shift_labels))
         for name, (n_logits, n_labels) in natural_logits.items():
-            sets.append((f"natural_{name}", *_pooled(n_logits, n_labels)))
-        for name, logits, labels_t in sets:
-            for k, v in calibration_report(logits, labels_t, cfg.calib.n_bins).items():
+            sets.append((f"natural_{name}", n_logits, n_labels))
+        n_bins = int(cfg.calib.n_bins)
+        for name, per_draw, labels_1d in sets:
+            logits, labels_t = _pooled(per_draw, labels_1d)
+            for k, v in calibration_report(logits, labels_t, n_bins).items():
                 metrics[f"calib/{name}/{k}"] = v
-            bins = reliability_bins(logits.softmax(1), labels_t, cfg.calib.n_bins)
+            if cfg.eval.bootstrap > 0:
+                low, high = bootstrap_interval(
+                    lambda lg, lb: ece(lg.float().softmax(1), lb, n_bins),
+                    [(per_draw, labels_1d.expand(per_draw.shape[:2]))],
+                    int(cfg.eval.bootstrap),
+                    seed + _SEED_BOOTSTRAP,
+                    bounds=(0.0, 1.0),
+                )
+                metrics[f"calib/{name}/ece_low"], metrics[f"calib/{name}/ece_high"] = low, high
+            bins = reliability_bins(logits.softmax(1), labels_t, n_bins)
             reliability[name] = {k: v.tolist() for k, v in bins.items()}
     report["reliability"] = reliability
 
@@ -1224,7 +1239,8 @@ def _in_summary(key: str) -> bool:
         return False
     if key.startswith("adv/sanity/") and not key.endswith("/passed"):
         return False
-    return not key.endswith(("calls_per_image", "/steps", "/eot", "/rescore_draws", "/n"))
+    ends = ("calls_per_image", "/steps", "/eot", "/rescore_draws", "/n", "_low", "_high")
+    return not key.endswith(ends)
 
 
 def _shift_section(
@@ -2126,36 +2142,44 @@ def _ood_section(
     _, h, w, c = image_shape
     n_noise = int(o.num_noise) or len(y)
     draws = clean_logits.shape[0]
-    clean = clean_logits.flatten(0, 1)
-    sets: dict[str, tuple[Tensor, Tensor]] = {}  # name -> (in-distribution, OOD) logits
+    # name -> (in-distribution, OOD) logits, each (draws, images, classes)
+    sets: dict[str, tuple[Tensor, Tensor]] = {}
     gen = torch.Generator().manual_seed(seed + _SEED_OOD)
     model.reseed(seed + _SEED_OOD, device)
     for kind in o.noise_kinds:
         noise = noise_images(n_noise, (c, h, w), kind, generator=gen)
         outs = [_predict(model, noise, cfg.eval.batch_size, device) for _ in range(draws)]
-        sets[f"noise_{kind}"] = (clean, torch.cat(outs))
+        sets[f"noise_{kind}"] = (clean_logits, torch.stack(outs))
     if o.held_out_classes:
         in_mask, out_mask = held_out_class_split(y, list(o.held_out_classes))
         if in_mask.any() and out_mask.any():
-            sets["held_out"] = (
-                clean_logits[:, in_mask].flatten(0, 1),
-                clean_logits[:, out_mask].flatten(0, 1),
-            )
+            sets["held_out"] = (clean_logits[:, in_mask], clean_logits[:, out_mask])
         else:
             report["notes"].append("OOD held-out set skipped: a side of the split is empty.")
     if o.shift and shift_logits is not None:
         top = max(int(s) for s in cfg.shift.severities)
-        sets[f"shift_s{top}"] = (clean, shift_logits.flatten(0, 1))
+        sets[f"shift_s{top}"] = (clean_logits, shift_logits)
     for name, logits in outside_logits.items():
-        sets[name] = (clean, logits.flatten(0, 1))
+        sets[name] = (clean_logits, logits)
     hist: dict[str, dict[str, Any]] = {}
     for name, (l_in, l_out) in sets.items():
         hist[name] = {}
         for score in OOD_SCORES:
-            s_in, s_out = scores[score](l_in), scores[score](l_out)
-            for k, v in ood_metrics(s_in, s_out).items():
-                metrics[f"ood/{name}/{score}/{k}"] = v
-            hist[name][score] = _ood_hist(s_in, s_out, score)
+            # Scores per (draw, image); the metrics pool the draws.
+            s_in = scores[score](l_in.flatten(0, 1)).view(l_in.shape[:2])
+            s_out = scores[score](l_out.flatten(0, 1)).view(l_out.shape[:2])
+            key = f"ood/{name}/{score}/"
+            for k, v in ood_metrics(s_in.flatten(), s_out.flatten()).items():
+                metrics[key + k] = v
+            if cfg.eval.bootstrap > 0:
+                metrics[key + "auroc_low"], metrics[key + "auroc_high"] = bootstrap_interval(
+                    auroc,
+                    [(s_in,), (s_out,)],
+                    int(cfg.eval.bootstrap),
+                    seed + _SEED_BOOTSTRAP,
+                    bounds=(0.0, 1.0),
+                )
+            hist[name][score] = _ood_hist(s_in.flatten(), s_out.flatten(), score)
     report["meta"]["ood_sets"] = list(sets)
     report["ood_hist"] = hist
 
