@@ -355,7 +355,7 @@ def table(
     short = {
         k: short_paths([str(c[k]) for c in active.values() if c.get(k)])
         for k in keys
-        if k.endswith(".run")
+        if _is_upstream(k)
     }
 
     def setting(run: Run, key: str) -> str:
@@ -387,8 +387,13 @@ def short_paths(paths: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _is_upstream(key: str) -> bool:
+    """A key naming another run directory (``classifier.run``; ``data.like``: whose data)."""
+    return key.endswith(".run") or key == "data.like"
+
+
 def _is_seed_or_path(key: str) -> bool:
-    return key == "run.seed" or key.endswith(".run")
+    return key == "run.seed" or _is_upstream(key)
 
 
 def replicate_groups(
@@ -404,7 +409,7 @@ def replicate_groups(
         setting.
     """
     setting = [k for k in keys if not _is_seed_or_path(k)]
-    paths = [k for k in keys if k.endswith(".run")]
+    paths = [k for k in keys if _is_upstream(k)]
     groups: dict[str, tuple[dict[str, Any], list[Run]]] = {}
 
     def upstream(run: Run, key: str) -> Any:

@@ -21,6 +21,7 @@ from ssl_robust.compare import (
     curve_data,
     differing_keys,
     find_runs,
+    flatten,
     job_of,
     load_run,
     replicate_groups,
@@ -534,3 +535,18 @@ def test_upstream_runs_show_by_the_end_of_their_paths() -> None:
             enumerate(paths[:2])]  # fmt: skip
     _, rows = table(runs, ["classifier.run"], ["test/acc"])
     assert [row[1] for row in rows] == ["baseline/a", "finetune/a"]
+
+
+def test_baselines_of_replicate_chains_are_replicates(tmp_path: Path) -> None:
+    # Two chains (seeds 0 and 1): each baseline takes its data from its own pretraining run.
+    runs = []
+    for seed in (0, 1):
+        pre = _write_run(tmp_path / f"c{seed}" / "pretrain", {"run": {"seed": seed}}, {})
+        base = {"encoder": {"run": "", "backbone": "convnet"}, "data": {"like": str(pre)},
+                "run": {"seed": seed}}  # fmt: skip
+        runs.append(Run(f"b{seed}", f"b{seed}", flatten(base, "."), {"test/acc": 0.5 + seed / 10}))
+    keys = differing_keys(runs)
+    assert keys == ["data.like", "run.seed"]
+    assert [len(g) for _, g in replicate_groups(runs, keys)] == [2]
+    _, rows = table(runs, keys, ["test/acc"])
+    assert [row[1] for row in rows] == ["c0/pretrain", "c1/pretrain"]

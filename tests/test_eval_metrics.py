@@ -321,3 +321,15 @@ def test_bootstrap_interval_of_a_mean_and_of_grouped_draws() -> None:
     assert same == (1.0, 1.0)
     with pytest.raises(ValueError, match="share their"):
         bootstrap_interval(lambda a, b: 0.0, [(labels, labels[:, :5])])
+
+
+def test_a_bootstrap_interval_holds_its_estimate() -> None:
+    # Confidence 0.5 everywhere, half of the images right: ECE 0, every resample's ECE > 0. The
+    # bias correction would put the whole interval below 0; it is widened to hold the estimate.
+    probs = torch.full((1, 200, 2), 0.5)
+    labels = torch.tensor([0, 1] * 100)[None]
+    estimate = ece(probs[0], labels[0])
+    low, high = bootstrap_interval(
+        lambda p, y: ece(p, y), [(probs, labels)], 100, bounds=(0.0, 1.0)
+    )
+    assert estimate == pytest.approx(0.0, abs=1e-7) and low <= estimate <= high

@@ -1030,3 +1030,23 @@ def test_natural_shift_sets_are_scored_through_the_pipeline(
         with pytest.raises(error, match=match):
             evaluate(bad)
         assert not (tmp_path / "bad").exists()
+
+
+def test_the_shift_sets_corruptions_of_an_image_are_grouped_for_the_bootstrap() -> None:
+    from ssl_robust.pipelines.evaluate import _by_image
+
+    # 2 draws, 3 corruptions of the same 4 images one after another, 5 classes.
+    logits = torch.arange(2 * 12 * 5, dtype=torch.float32).view(2, 12, 5)
+    labels = torch.tensor([0, 1, 2, 3] * 3)
+    grouped, image_labels = _by_image(logits, labels, 3)
+    assert grouped.shape == (6, 4, 5) and image_labels is not None
+    assert torch.equal(image_labels, torch.tensor([0, 1, 2, 3]))
+    # Row (draw d, corruption c) holds that corruption's images in order.
+    assert torch.equal(grouped[1 * 3 + 2], logits[1, 8:12])
+    # The same (prediction, label) pairs: pooled metrics do not change.
+    assert sorted(grouped.flatten(0, 1)[:, 0].tolist()) == sorted(
+        logits.flatten(0, 1)[:, 0].tolist()
+    )
+    # Corruptions over other images (a folder's own labels) stay as they are.
+    other = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0, 0, 1, 2, 3])
+    assert _by_image(logits, other, 3)[0] is logits and _by_image(logits, labels, 5)[0] is logits

@@ -376,7 +376,7 @@ def test_random_weights_bad_requests_fail_before_writing(
     cfg.encoder.backbone = "tv:resnet18"
     assert default_run_dir(cfg, SubsetSpec(0.1)).name.endswith("scratch-tv-resnet18-cifar10")
     cfg.encoder.backbone, cfg.data.name, cfg.data.like = "convnet", "", "runs/c10/pretrain"
-    assert default_run_dir(cfg, SubsetSpec(0.1)).name.endswith("scratch-convnet-w32-pretrain")
+    assert default_run_dir(cfg, SubsetSpec(0.1)).name.endswith("scratch-convnet-w32-c10-pretrain")
     bad = load_config(FinetuneConfig, [*TINY, *SCRATCH, "data.like=x"], job="finetune")
     with pytest.raises(ConfigError, match=r"data\.like='x' takes the data of a pretraining run"):
         finetune(bad)
@@ -401,5 +401,19 @@ def test_a_baseline_like_a_pretraining_run_sees_its_data_and_split(
     assert np.array_equal(np.load(tmp_path / "b" / "subset.npy"),
                           np.load(tmp_path / "ssl" / "subset.npy"))  # fmt: skip
     assert "test/acc" in ssl
-    with pytest.raises(FileNotFoundError, match=r"data\.like: no run config in"):
+    with pytest.raises(FileNotFoundError, match=r"data\.like: no run in"):
         finetune(load_config(FinetuneConfig, [*args[:-2], f"data.like={tmp_path}"], job="finetune"))
+
+
+def test_a_baseline_like_an_exported_encoder_sees_its_data(
+    random_encoder: Path, tmp_path: Path
+) -> None:
+    """An export without config.yaml (encoder.json names the data), as for its fine-tunings."""
+    args = [*TINY, "encoder.backbone=convnet", "encoder.width=4", "mode=full", "data.name=''",
+            f"data.like={random_encoder}", "trainer.max_epochs=1"]  # fmt: skip
+    args.append(f"run.dir={tmp_path / 'b'}")
+    finetune(load_config(FinetuneConfig, args, job="finetune"))
+    info = json.loads((tmp_path / "b" / "classifier.json").read_text())
+    assert (info["data"]["name"], info["data"]["image_size"]) == ("digits", 8)
+    # Normalised with the data's own statistics, not the unrelated encoder's.
+    assert info["encoder"]["mean"] != [0.3] * 3

@@ -267,7 +267,7 @@ def bootstrap_interval(
 ) -> tuple[float, float]:
     """Basic (reverse-percentile) bootstrap interval over the images of a statistic of one or
     more image sets: ``2 t - q_high`` to ``2 t - q_low``, with t the statistic of the data and
-    q the quantiles of its resampled values, clipped to ``bounds``.
+    q the quantiles of its resampled values, widened to hold t and clipped to ``bounds``.
 
     The basic interval, not the percentile one, because an ECE is biased upwards and resampling
     (which duplicates images) biases it further: the percentile interval would sit above the
@@ -306,6 +306,9 @@ def bootstrap_interval(
     tail = (1 - level) / 2
     q_low, q_high = np.quantile(np.asarray(values, dtype=np.float64), [tail, 1 - tail])
     low, high = 2 * estimate - q_high, 2 * estimate - q_low
+    # Widened to hold the estimate: where the bias correction moves the whole interval past it
+    # (an ECE near 0), the report should not show an estimate outside its own interval.
+    low, high = min(low, estimate), max(high, estimate)
     return float(max(bounds[0], low)), float(min(bounds[1], high))
 
 

@@ -419,7 +419,9 @@ def _summary_rows(report: dict[str, Any]) -> list[list[str]]:
             add(f"certified accuracy, L2 radius {r:g}", key)
     for name in report.get("reliability") or ("clean", "shift"):
         if f"calib/{name}/ece" in m:
-            rows.append([f"ECE, {name}", f"{m[f'calib/{name}/ece']:.4f}", "–"])
+            low, high = m.get(f"calib/{name}/ece_low"), m.get(f"calib/{name}/ece_high")
+            ci = "–" if low is None or high is None else f"{low:.4f}–{high:.4f}"
+            rows.append([f"ECE, {name}", f"{m[f'calib/{name}/ece']:.4f}", ci])
     aurocs = {
         s: m[f"ood/{s}/msp/auroc"] for s in meta.get("ood_sets", []) if f"ood/{s}/msp/auroc" in m
     }

@@ -43,6 +43,14 @@ def export_encoder(encoder: Encoder, meta: EncoderMeta, folder: str | Path) -> P
     return weights
 
 
+def load_encoder_meta(folder: str | Path) -> EncoderMeta:
+    """The description of an exported encoder (``encoder.json``), without its weights."""
+    info = Path(folder) / "encoder.json"
+    if not info.is_file():
+        raise FileNotFoundError(f"no encoder.json in {str(folder)!r}")
+    return EncoderMeta(**json.loads(info.read_text()))
+
+
 def load_encoder(folder: str | Path) -> tuple[Encoder, EncoderMeta]:
     """Rebuild an exported encoder from a run directory (or the folder holding the files)."""
     folder = Path(folder)
@@ -52,7 +60,7 @@ def load_encoder(folder: str | Path) -> tuple[Encoder, EncoderMeta]:
             f"no exported encoder in {str(folder)!r}: expected encoder.json and "
             f"encoder.safetensors (written at the end of pretraining)"
         )
-    meta = EncoderMeta(**json.loads(info.read_text()))
+    meta = load_encoder_meta(folder)
     encoder = build_backbone(meta.backbone, meta.width)
     encoder.load_state_dict(load_file(str(weights)))
     return encoder, meta

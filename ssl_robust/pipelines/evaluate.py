@@ -1096,7 +1096,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         if draw_logits is not None:
             sets.append(("clean", draw_logits, y))
         if shift_logits is not None and shift_labels is not None:
-            sets.append(("shift", shift_logits, shift_labels))
+            # The corruptions of one image are not independent samples: for the bootstrap
+            # they join its draws (the pooled metrics are the same either way).
+            by_image, image_labels = _by_image(shift_logits, shift_labels, len(corruptions))
+            assert image_labels is not None
+            sets.append(("shift", by_image, image_labels))
         for name, (n_logits, n_labels) in natural_logits.items():
             sets.append((f"natural_{name}", n_logits, n_labels))
         n_bins = int(cfg.calib.n_bins)
@@ -1160,6 +1164,24 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         extra["Sanity checks"] = "all passed" if not failed else "FAILED: " + ", ".join(failed)
     print_summary(f"evaluate {meta['title']}", run_dir, shown, extra)
     return metrics
+
+
+def _by_image(logits: Tensor, labels: Tensor | None, groups: int) -> tuple[Tensor, Tensor | None]:
+    """The shift set's logits (draws, groups x N, classes), its ``groups`` corruptions one after
+    another over the same N images, as (draws x groups, N, classes): an image's corrupted
+    versions with its draws, so that a bootstrap resamples images, not (corruption, image)
+    pairs; labels (groups x N,) -> (N,). Unchanged where the corruptions do not share images
+    (the labels differ between them, or N is not a whole number)."""
+    d, m = logits.shape[:2]
+    if groups <= 1 or m % groups:
+        return logits, labels
+    n = m // groups
+    if labels is not None:
+        per_group = labels.view(groups, n)
+        if not bool((per_group == per_group[0]).all()):
+            return logits, labels
+        labels = per_group[0]
+    return logits.reshape(d, groups, n, *logits.shape[2:]).flatten(0, 1), labels
 
 
 def _pooled(draws: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -2158,7 +2180,8 @@ def _ood_section(
             report["notes"].append("OOD held-out set skipped: a side of the split is empty.")
     if o.shift and shift_logits is not None:
         top = max(int(s) for s in cfg.shift.severities)
-        sets[f"shift_s{top}"] = (clean_logits, shift_logits)
+        corrupted, _ = _by_image(shift_logits, None, len(cfg.shift.corruptions))
+        sets[f"shift_s{top}"] = (clean_logits, corrupted)
     for name, logits in outside_logits.items():
         sets[name] = (clean_logits, logits)
     hist: dict[str, dict[str, Any]] = {}

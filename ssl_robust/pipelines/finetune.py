@@ -53,7 +53,7 @@ from ssl_robust.launch.trainer import (
     write_json,
 )
 from ssl_robust.models.backbones import Encoder, build_backbone
-from ssl_robust.models.export import EncoderMeta, load_encoder
+from ssl_robust.models.export import EncoderMeta, load_encoder, load_encoder_meta
 from ssl_robust.pipelines.common import console, final_metrics, print_summary, write_curves
 
 if TYPE_CHECKING:
@@ -99,13 +99,18 @@ def resolve_data(
     ``data.name``'s or, with ``data.like``, that pretraining run's, and empty ``mean``/``std``
     take the dataset's own statistics."""
     d = cfg.data
-    source = encoder_dir if encoder_dir is not None else Path(d.like) if d.like else None
+    source = encoder_dir
+    means_meta = meta  # whose normalisation the inputs keep: the encoder's, not data.like's
+    if encoder_dir is None and d.like and not d.name:
+        source = Path(d.like)
+        if not (source / "config.yaml").is_file() and not (source / "encoder.json").is_file():
+            raise FileNotFoundError(
+                f"data.like: no run in {str(source)!r} (expected the config.yaml or the "
+                "encoder.json of a pretraining run)"
+            )
+        if meta is None and (source / "encoder.json").is_file():
+            meta = load_encoder_meta(source)  # only to name its data, as for its encoder
     pre_path = source / "config.yaml" if source is not None else None
-    if encoder_dir is None and pre_path is not None and not pre_path.is_file():
-        raise FileNotFoundError(
-            f"data.like: no run config in {str(source)!r} (expected config.yaml of a "
-            "pretraining run)"
-        )
     pre = OmegaConf.load(pre_path) if pre_path is not None and pre_path.is_file() else None
     inherited = ("root", "download", "image_size", "val_fraction", "in_memory", "skip_bad_images")
     if d.name:
@@ -113,13 +118,13 @@ def resolve_data(
     elif pre is not None and "data" in pre:
         out = {"name": pre.data.name, **{k: pre.data.get(k, d[k]) for k in inherited}}
     else:
-        assert meta is not None, "data.name is required without an encoder run"
-        name = meta.extra.get("dataset")
+        name = meta.extra.get("dataset") if meta is not None else None
         if not name:
             raise ValueError(
-                f"cannot tell which data the encoder in {str(encoder_dir)!r} was pretrained on "
-                f"(no config.yaml, no dataset in encoder.json); set data.name"
+                f"cannot tell which data the run in {str(source)!r} was pretrained on "
+                f"(no data in its config.yaml, no dataset in its encoder.json); set data.name"
             )
+        assert meta is not None
         out = {"name": str(name), **{k: d[k] for k in inherited}}
         out["image_size"] = d.image_size or meta.image_size
     if d.split_seed >= 0:
@@ -127,8 +132,8 @@ def resolve_data(
     else:
         out["seed"] = int(pre.run.seed) if pre is not None and "run" in pre else 0
     # The encoder saw inputs normalised with its own statistics; keep them unless overridden.
-    out["mean"] = [float(v) for v in (d.mean or (meta.mean if meta else []))]
-    out["std"] = [float(v) for v in (d.std or (meta.std if meta else []))]
+    out["mean"] = [float(v) for v in (d.mean or (means_meta.mean if means_meta else []))]
+    out["std"] = [float(v) for v in (d.std or (means_meta.std if means_meta else []))]
     return out
 
 
@@ -158,7 +163,8 @@ def default_run_dir(cfg: DictConfig, spec: SubsetSpec) -> Path:
         name = "scratch-" + str(e.backbone).replace(":", "-").replace("/", "-")
         if e.backbone == "convnet":
             name += f"-w{e.width}"
-        name += "-" + (cfg.data.name or Path(cfg.data.like).name)
+        like = Path(cfg.data.like)
+        name += "-" + (cfg.data.name or f"{like.resolve().parent.name}-{like.name}")
         return Path("runs") / f"finetune-{cfg.mode}-{spec.label}-seed{cfg.run.seed}-{name}"
     enc = Path(cfg.encoder.run)
     return enc.parent / f"finetune-{cfg.mode}-{spec.label}-seed{cfg.run.seed}-{enc.name}"
@@ -172,8 +178,9 @@ def _check_same_job(run_dir: Path, cfg: DictConfig) -> None:
     old = OmegaConf.load(path)
     keys = [("mode", cfg.mode), ("encoder.run", cfg.encoder.run)]
     keys.append(("encoder.backbone", cfg.encoder.backbone))
-    if cfg.encoder.backbone:  # random weights: their shape and data too
-        keys += [(k, OmegaConf.select(cfg, k)) for k in ("encoder.width", "data.name", "data.like")]
+    if cfg.encoder.backbone:  # random weights: their data and (a convnet's) width too
+        shape = ["encoder.width"] if cfg.encoder.backbone == "convnet" else []
+        keys += [(k, OmegaConf.select(cfg, k)) for k in (*shape, "data.name", "data.like")]
     # Keys an older run's config may lack: their values then.
     defaults = {"encoder.backbone": "", "encoder.width": 32, "data.like": ""}
     for key, new in keys:
