@@ -319,8 +319,16 @@ def test_bootstrap_interval_of_a_mean_and_of_grouped_draws() -> None:
         lambda a, b: float((a == b).double().mean()), [(labels, labels.clone())], 50
     )
     assert same == (1.0, 1.0)
-    with pytest.raises(ValueError, match="share their"):
+    with pytest.raises(ValueError, match="share their images"):
         bootstrap_interval(lambda a, b: 0.0, [(labels, labels[:, :5])])
+    # One side with other draws per image (an image's clean score and its corrupted ones):
+    # resampled by the same images, so the difference of means is that of the paired data.
+    clean = torch.randn(1, 500, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    corrupted = (clean - 1.0).expand(3, -1)  # every corruption lowers each image by exactly 1
+    paired = bootstrap_interval(lambda a, b: (a.mean() - b.mean()).item(), [(clean, corrupted)])
+    assert paired == pytest.approx((1.0, 1.0))
+    apart = bootstrap_interval(lambda a, b: (a.mean() - b.mean()).item(), [(clean,), (corrupted,)])
+    assert apart[1] - apart[0] > 0.1  # unpaired: the images' own spread
 
 
 def test_a_bootstrap_interval_holds_its_estimate() -> None:

@@ -273,11 +273,12 @@ def bootstrap_interval(
     (which duplicates images) biases it further: the percentile interval would sit above the
     estimate, the basic one corrects that shift (Davison & Hinkley 1997, Sec. 5.2).
 
-    Each side is a group of tensors shaped (draws, images, ...) whose images are resampled
-    together, with replacement (a purifier's draws of one image stay together: they are not
-    independent samples); the sides are resampled independently (an in-distribution set and
-    an OOD set). ``statistic`` gets every tensor with its draws and images flattened, side
-    after side, in order.
+    Each side is a group of tensors shaped (draws, images, ...), the draws may differ between
+    them, whose images are resampled together, with replacement (a purifier's draws of one
+    image stay together: they are not independent samples; so do an image's clean and
+    corrupted scores, put in one side); the sides are resampled independently (an
+    in-distribution set and an OOD set of other images). ``statistic`` gets every tensor with
+    its draws and images flattened, side after side, in order.
 
     Args:
         statistic: E.g. ``lambda s_in, s_out: auroc(s_in, s_out)``.
@@ -291,8 +292,8 @@ def bootstrap_interval(
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
     for side in sides:
-        if len({tuple(t.shape[:2]) for t in side}) != 1:
-            raise ValueError("the tensors of a side must share their (draws, images) shape")
+        if len({t.shape[1] for t in side}) != 1:
+            raise ValueError("the tensors of a side must share their images (dimension 1)")
     estimate = statistic(*[t.flatten(0, 1) for side in sides for t in side])
     gen = torch.Generator().manual_seed(seed)
     values = []

@@ -2195,12 +2195,12 @@ def _ood_section(
             for k, v in ood_metrics(s_in.flatten(), s_out.flatten()).items():
                 metrics[key + k] = v
             if cfg.eval.bootstrap > 0:
+                # The corrupted set holds the clean images' corruptions: one side, so that an
+                # image's clean and corrupted scores are resampled together.
+                paired = name.startswith("shift_s") and s_in.shape[1] == s_out.shape[1]
+                sides = [(s_in, s_out)] if paired else [(s_in,), (s_out,)]
                 metrics[key + "auroc_low"], metrics[key + "auroc_high"] = bootstrap_interval(
-                    auroc,
-                    [(s_in,), (s_out,)],
-                    int(cfg.eval.bootstrap),
-                    seed + _SEED_BOOTSTRAP,
-                    bounds=(0.0, 1.0),
+                    auroc, sides, int(cfg.eval.bootstrap), seed + _SEED_BOOTSTRAP, bounds=(0.0, 1.0)
                 )
             hist[name][score] = _ood_hist(s_in.flatten(), s_out.flatten(), score)
     report["meta"]["ood_sets"] = list(sets)
