@@ -385,6 +385,18 @@ def _compact(values: Any) -> str:
     return json.dumps(short(values), separators=(", ", ": "))
 
 
+def _calib_sets(report: dict[str, Any]) -> list[str]:
+    """The calibration sets the report holds an ECE for, in the order they ran."""
+    m = report.get("metrics", {})
+    return [s for s in report.get("reliability") or ("clean", "shift") if f"calib/{s}/ece" in m]
+
+
+def _ece_ci(m: dict[str, float], name: str) -> str:
+    """A calibration set's ECE bootstrap interval, as the ECE is shown; "–" without one."""
+    low, high = m.get(f"calib/{name}/ece_low"), m.get(f"calib/{name}/ece_high")
+    return "–" if low is None or high is None else f"{low:.4f}–{high:.4f}"
+
+
 def _summary_rows(report: dict[str, Any]) -> list[list[str]]:
     """The headline numbers of every section that ran, one row each: (measure, value, 95% CI
     over the images where there is one)."""
@@ -417,11 +429,8 @@ def _summary_rows(report: dict[str, Any]) -> list[list[str]]:
     for r, key in certified_radii(m):
         if r > 0:
             add(f"certified accuracy, L2 radius {r:g}", key)
-    for name in report.get("reliability") or ("clean", "shift"):
-        if f"calib/{name}/ece" in m:
-            low, high = m.get(f"calib/{name}/ece_low"), m.get(f"calib/{name}/ece_high")
-            ci = "–" if low is None or high is None else f"{low:.4f}–{high:.4f}"
-            rows.append([f"ECE, {name}", f"{m[f'calib/{name}/ece']:.4f}", ci])
+    for name in _calib_sets(report):
+        rows.append([f"ECE, {name}", f"{m[f'calib/{name}/ece']:.4f}", _ece_ci(m, name)])
     aurocs = {
         s: m[f"ood/{s}/msp/auroc"] for s in meta.get("ood_sets", []) if f"ood/{s}/msp/auroc" in m
     }
@@ -639,14 +648,8 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
             ["str", "str", "str", "str"],
         )
 
-    calib_sets = [s for s in report.get("reliability") or ("clean", "shift")]
-    calib_sets = [s for s in calib_sets if f"calib/{s}/ece" in m]
+    calib_sets = _calib_sets(report)
     if calib_sets:
-
-        def ece_ci(s: str) -> str:
-            low, high = m.get(f"calib/{s}/ece_low"), m.get(f"calib/{s}/ece_high")
-            return "–" if low is None or high is None else f"{low:.4f}–{high:.4f}"
-
         tables["calib"] = Table(
             "Calibration",
             ["set", "acc (%)", "ECE", "ECE 95% CI", "NLL", "Brier"],
@@ -655,7 +658,7 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
                     s,
                     m[f"calib/{s}/acc"],
                     m[f"calib/{s}/ece"],
-                    ece_ci(s),
+                    _ece_ci(m, s),
                     m[f"calib/{s}/nll"],
                     m[f"calib/{s}/brier"],
                 ]
@@ -992,18 +995,23 @@ def _plot_corruption_error(report: dict[str, Any], path: Path) -> Path | None:
     return save_figure(fig, path, dpi=_DPI)
 
 
+def _panels(n: int, width: float, height: float) -> tuple[Any, list[Any]]:
+    """A figure of ``n`` panels of ``width`` x ``height`` inches, in rows of at most four, and
+    its first ``n`` axes (the rest hidden)."""
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = pyplot().subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
 def _plot_reliability(report: dict[str, Any], path: Path) -> Path | None:
     bins_by_set: dict[str, dict[str, list[Any]]] = report.get("reliability", {})
     if not bins_by_set:
         return None
-    plt = pyplot()
-    n = len(bins_by_set)
-    cols = min(n, 4)  # rows of at most four panels
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
-    for ax in axes.flat[n:]:
-        ax.set_visible(False)
-    for ax, (name, bins) in zip(axes.flat, bins_by_set.items()):
+    fig, axes = _panels(len(bins_by_set), 4.0, 4.0)
+    for ax, (name, bins) in zip(axes, bins_by_set.items()):
         # Empty bins (count 0) have no accuracy or confidence: draw nothing there.
         full = [i for i, c in enumerate(bins["count"]) if c]
         lower = [bins["lower"][i] for i in full]
@@ -1087,14 +1095,9 @@ def _plot_ood(report: dict[str, Any], path: Path) -> Path | None:
     hists: dict[str, dict[str, dict[str, list[float]]]] = report.get("ood_hist", {})
     if not hists:
         return None
-    plt = pyplot()
     sets = list(hists)
-    cols = min(4, len(sets))  # rows of at most four panels
-    rows = math.ceil(len(sets) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.5 * rows), squeeze=False)
-    for ax in axes.flat[len(sets) :]:
-        ax.set_visible(False)
-    for ax, name in zip(axes.flat, sets):
+    fig, axes = _panels(len(sets), 4.0, 3.5)
+    for ax, name in zip(axes, sets):
         h = hists[name].get("msp") or next(iter(hists[name].values()))
         edges = h["edges"]
         widths = [b - a for a, b in itertools.pairwise(edges)]

@@ -653,27 +653,51 @@ def _natural_section(
     bar: Progress,
     cache: UnitStore,
 ) -> dict[str, tuple[Tensor, Tensor]]:
-    """Accuracy of the pipeline on each natural-shift set: one unit each, over ``draws``
-    purifications, from a stream of its own. Returns each set's logits (draws, M, classes) and
-    labels, for calibration."""
+    """Accuracy of the pipeline on each natural-shift set (:func:`_set_logits`, units
+    ``natural/<set>``). Returns each set's logits (draws, M, classes) and labels, for
+    calibration."""
+    images = {name: v[0] for name, v in sets.items()}
+    seed = int(cfg.run.seed) + _SEED_NATURAL
+    logits = _set_logits(images, "natural", seed, model, draws, cfg, device, bar, cache)
     out = {}
-    task = bar.add_task("natural shift", total=len(sets))
-    for name, (images, labels, _) in sets.items():
-        unit = f"natural/{name}"
-        stored = cache.get(unit)
-        bar.update(task, description=f"natural {name}" + (f" {RESTORED}" if stored else ""))
-        if stored is not None:
-            logits = stored[1]["logits"]
-        else:
-            x = _nchw(images)
-            model.reseed(_corruption_seed(int(cfg.run.seed) + _SEED_NATURAL, name, 0), device)
-            bs = int(cfg.eval.batch_size)
-            logits = torch.stack([_predict(model, x, bs, device) for _ in range(draws)])
-            cache.put(unit, {}, {"logits": logits})
+    for name, (_, labels, _) in sets.items():
         y = torch.from_numpy(labels)
-        metrics[f"natural/{name}/acc"] = (logits.argmax(2) == y).float().mean().item()
+        metrics[f"natural/{name}/acc"] = (logits[name].argmax(2) == y).float().mean().item()
         metrics[f"natural/{name}/n"] = float(len(y))
-        out[name] = (logits, y)
+        out[name] = (logits[name], y)
+    return out
+
+
+def _set_logits(
+    images: dict[str, np.ndarray],
+    kind: str,
+    seed: int,
+    model: Pipeline,
+    draws: int,
+    cfg: DictConfig,
+    device: torch.device,
+    bar: Progress,
+    cache: UnitStore,
+) -> dict[str, Tensor]:
+    """The pipeline's logits (draws, M, classes) on each named set of uint8 (M, H, W, 3)
+    images: one unit ``<kind>/<name>`` each, over ``draws`` purifications from a stream of its
+    own (``seed`` and the name), read back from ``cache`` when stored."""
+    out: dict[str, Tensor] = {}
+    if not images:
+        return out
+    task = bar.add_task(f"{kind} sets", total=len(images))
+    for name, pixels in images.items():
+        unit = f"{kind}/{name}"
+        stored = cache.get(unit)
+        bar.update(task, description=f"{kind} {name}" + (f" {RESTORED}" if stored else ""))
+        if stored is not None:
+            out[name] = stored[1]["logits"]
+        else:
+            x = _nchw(pixels)
+            model.reseed(_corruption_seed(seed, name, 0), device)
+            bs = int(cfg.eval.batch_size)
+            out[name] = torch.stack([_predict(model, x, bs, device) for _ in range(draws)])
+            cache.put(unit, {}, {"logits": out[name]})
         bar.advance(task)
     return out
 
@@ -1060,11 +1084,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         if cfg.cert.enabled:
             _cert_section(cfg, model, x_u8, y, device, metrics, report, bar, cache)
         # -- outside OOD datasets through the pipeline --------------------------------------
-        outside_logits = (
-            _outside_logits(outside, model, clean_draws, cfg, device, bar, cache)
-            if draw_logits is not None
-            else {}
-        )
+        outside_logits: dict[str, Tensor] = {}
+        if draw_logits is not None:
+            outside_images = {name: v[0] for name, v in outside.items()}
+            outside_logits = _set_logits(
+                outside_images, "ood", seed + _SEED_OOD, model, clean_draws, cfg, device, bar, cache
+            )
     if ce_reference is not None:
         _ce_section(ce_reference, metrics, meta, notes)
     if cache.done:
@@ -2108,37 +2133,6 @@ def _cert_section(
 def _rows_json(rows: list[ImageRow]) -> list[dict[str, Any]]:
     """A figure's rows as the report records them: name and predictions (None: unclassified)."""
     return [{"name": r.name, "preds": None if r.preds is None else r.preds.tolist()} for r in rows]
-
-
-def _outside_logits(
-    outside: dict[str, tuple[np.ndarray, str]],
-    model: Pipeline,
-    draws: int,
-    cfg: DictConfig,
-    device: torch.device,
-    bar: Progress,
-    cache: UnitStore,
-) -> dict[str, Tensor]:
-    """The pipeline's logits (draws, M, classes) on each outside OOD dataset: one unit each,
-    purified as many times as the clean images, from a stream of its own."""
-    if not outside:
-        return {}
-    out = {}
-    task = bar.add_task("OOD datasets", total=len(outside))
-    for name, (images, _) in outside.items():
-        unit = f"ood/{name}"
-        stored = cache.get(unit)
-        bar.update(task, description=f"OOD {name}" + (f" {RESTORED}" if stored else ""))
-        if stored is not None:
-            out[name] = stored[1]["logits"]
-        else:
-            x = _nchw(images)
-            model.reseed(_corruption_seed(int(cfg.run.seed) + _SEED_OOD, name, 0), device)
-            bs = int(cfg.eval.batch_size)
-            out[name] = torch.stack([_predict(model, x, bs, device) for _ in range(draws)])
-            cache.put(unit, {}, {"logits": out[name]})
-        bar.advance(task)
-    return out
 
 
 def _ood_section(
