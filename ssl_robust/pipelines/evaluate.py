@@ -918,12 +918,17 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     threats = _threats(cfg) if cfg.adv.enabled else []
     corruptions = list(cfg.shift.corruptions) if cfg.shift.enabled else []
     severities = sorted({int(s) for s in cfg.shift.severities}) if cfg.shift.enabled else []
-    outside = _outside_sets(cfg, data, len(labels))
-    class_names = [str(c) for c in clf_meta.get("classes") or range(num_classes)]
-    natural = _natural_sets(cfg, class_names, int(data["image_size"]))
+    worker = bool(cfg.adv.enabled) and int(cfg.adv.shard) >= 1  # one block of the attacks only
+    # The report's own inputs (a worker writes no report: the merging run loads them).
+    outside: dict[str, tuple[np.ndarray, str]] = {}
+    natural: dict[str, tuple[np.ndarray, np.ndarray, str]] = {}
     ce_reference = None
-    if corruptions and cfg.shift.ce_reference:
-        ce_reference = load_ce_reference(cfg.shift.ce_reference, corruptions, severities, data)
+    if not worker:
+        outside = _outside_sets(cfg, data, len(labels))
+        class_names = [str(c) for c in clf_meta.get("classes") or range(num_classes)]
+        natural = _natural_sets(cfg, class_names, int(data["image_size"]))
+        if corruptions and cfg.shift.ce_reference:
+            ce_reference = load_ce_reference(cfg.shift.ce_reference, corruptions, severities, data)
 
     run_dir = _run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -942,7 +947,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     stochastic = model.stochastic
 
     # -- finished units of an earlier, interrupted run -----------------------------------------
-    worker = bool(cfg.adv.enabled) and int(cfg.adv.shard) >= 1  # one block of the attacks only
     if corruptions and cfg.shift.cifar_c_dir and cfg.shift.write_cifar_c and not worker:
         # Before the units are keyed: the cells read from the folder are keyed by its files.
         write_cifar_c(
