@@ -143,15 +143,20 @@ def load_run(folder: str | Path, follow_upstream: bool = True) -> Run:
     return Run(name=folder.name, source=str(folder), config=config, metrics=metrics, data=data)
 
 
+def upstream_dir(value: str, folder: Path) -> Path:
+    """The run directory a run in ``folder`` names by ``value``: as given, or relative to
+    ``folder`` when it is not a directory from here."""
+    path = Path(value)
+    return folder / value if not path.is_absolute() and not path.is_dir() else path
+
+
 def _with_upstream(config: dict[str, Any], folder: Path, seen: set[Path]) -> dict[str, Any]:
     """Fill keys this run does not set from the configs of the runs it names by path."""
     merged = dict(config)
     for key, value in config.items():
         if not (key.endswith(".run") and isinstance(value, str) and value):
             continue
-        upstream = Path(value)
-        if not upstream.is_absolute() and not upstream.is_dir():
-            upstream = folder / value
+        upstream = upstream_dir(value, folder)
         if not upstream.is_dir() or upstream.resolve() in seen:
             continue
         seen.add(upstream.resolve())
@@ -418,10 +423,8 @@ def replicate_groups(
         value = run.config.get(key)
         if not value:
             return False
-        folder = Path(str(value))
-        if not folder.is_absolute() and not folder.is_dir():
-            folder = Path(run.source) / folder
-        return True if (folder / "config.yaml").is_file() else str(value)
+        readable = (upstream_dir(str(value), Path(run.source)) / "config.yaml").is_file()
+        return True if readable else str(value)
 
     for run in runs:
         active = _active_config(run)
