@@ -14,7 +14,10 @@ from ssl_robust.evaluate.metrics import (
     calibration_report,
     confusion_matrix,
     corruption_errors,
+    cross_fit_temperatures,
     ece,
+    fit_temperature,
+    fold_of,
     grid_accuracies,
     interval_bars,
     nll,
@@ -341,3 +344,66 @@ def test_a_bootstrap_interval_holds_its_estimate() -> None:
         lambda p, y: ece(p, y), [(probs, labels)], 100, bounds=(0.0, 1.0)
     )
     assert estimate == pytest.approx(0.0, abs=1e-7) and low <= estimate <= high
+
+
+def _nll_at(logits: torch.Tensor, labels: torch.Tensor, t: float) -> float:
+    return torch.nn.functional.cross_entropy(logits.double() / t, labels).item()
+
+
+def test_fit_temperature_recovers_the_temperature_labels_were_drawn_at() -> None:
+    # Labels drawn from softmax(z / 2.5): the NLL's minimiser is 2.5 up to sampling noise.
+    gen = torch.Generator().manual_seed(0)
+    z = 3 * torch.randn(40_000, 6, generator=gen)
+    labels = torch.multinomial((z / 2.5).softmax(1), 1, generator=gen).squeeze(1)
+    assert fit_temperature(z, labels) == pytest.approx(2.5, rel=0.03)
+    # Scaling the logits scales the temperature.
+    assert fit_temperature(4 * z, labels) == pytest.approx(4 * fit_temperature(z, labels))
+
+
+def test_fit_temperature_is_the_nll_minimum_of_a_grid_search() -> None:
+    gen = torch.Generator().manual_seed(1)
+    z = 2 * torch.randn(500, 4, generator=gen)
+    labels = torch.randint(4, (500,), generator=gen)
+    labels[:250] = z[:250].argmax(1)  # half right: a temperature between the bounds
+    t = fit_temperature(z, labels)
+    grid = torch.logspace(-2, 2, 4001, dtype=torch.float64)  # steps of 0.23 %
+    best = min(grid.tolist(), key=lambda g: _nll_at(z, labels, g))
+    assert t == pytest.approx(best, rel=3e-3)
+    assert _nll_at(z, labels, t) <= min(_nll_at(z, labels, g) for g in (t * 0.99, t * 1.01))
+
+
+def test_fit_temperature_at_the_bounds_and_on_constant_logits() -> None:
+    z = torch.tensor([[5.0, 0.0], [0.0, 5.0]] * 10)
+    right = z.argmax(1)
+    assert fit_temperature(z, right) == 0.01  # every prediction right: T -> 0, clipped
+    assert fit_temperature(z, right, bounds=(0.5, 3.0)) == 0.5
+    assert fit_temperature(z, 1 - right) == 100.0  # every prediction wrong: T -> infinity
+    assert fit_temperature(torch.zeros(8, 3), torch.arange(8) % 3) == 1.0
+    with pytest.raises(ValueError, match="bounds"):
+        fit_temperature(z, right, bounds=(2.0, 1.0))
+
+
+def test_cross_fit_temperatures_fit_each_fold_on_the_others() -> None:
+    gen = torch.Generator().manual_seed(2)
+    draws = 3 * torch.randn(2, 60, 5, generator=gen)  # two purifications of 60 images
+    labels = torch.randint(5, (60,), generator=gen)
+    labels[:40] = draws[0, :40].argmax(1)
+    temps, fits = cross_fit_temperatures(draws, labels, folds=3, seed=7)
+    fold = fold_of(60, 3, seed=7)
+    assert torch.bincount(fold).tolist() == [20, 20, 20]
+    assert torch.equal(fold, fold_of(60, 3, seed=7)) and not torch.equal(fold, fold_of(60, 3, 8))
+    for k in range(3):
+        rest = fold != k
+        # The reference: the other folds' images, every draw of each pooled.
+        pooled = torch.cat([draws[0, rest], draws[1, rest]])
+        expected = fit_temperature(pooled, labels[rest].repeat(2))
+        assert fits[k] == pytest.approx(expected)
+        assert torch.all(temps[fold == k] == fits[k])
+    assert len(set(fits)) == 3  # the folds differ
+    # One draw (N, K) is the same as (1, N, K).
+    one, _ = cross_fit_temperatures(draws[0], labels, folds=2)
+    assert torch.equal(one, cross_fit_temperatures(draws[:1], labels, folds=2)[0])
+    with pytest.raises(ValueError, match="folds must be >= 2"):
+        cross_fit_temperatures(draws, labels, folds=1)
+    with pytest.raises(ValueError, match="cannot be split into 40 folds"):
+        cross_fit_temperatures(draws, labels, folds=40)

@@ -20,7 +20,12 @@ from ssl_robust.config import ConfigError, EvaluateConfig, load_config
 from ssl_robust.data.datasets import DataError, build_splits
 from ssl_robust.evaluate.attacks import sanity_attack_costs
 from ssl_robust.evaluate.cifar_c import write_cifar_c
-from ssl_robust.evaluate.metrics import calibration_report, wilson_interval
+from ssl_robust.evaluate.metrics import (
+    calibration_report,
+    fit_temperature,
+    fold_of,
+    wilson_interval,
+)
 from ssl_robust.evaluate.ood import energy_score, msp_score, ood_metrics
 from ssl_robust.evaluate.report import describe_metric, expected_metric_keys
 from ssl_robust.evaluate.store import UNIT_SUFFIX, read_unit
@@ -137,6 +142,7 @@ def test_job_end_to_end_writes_the_documented_report(
         ood_sets=["noise_gaussian", "noise_blobs", "shift_s5"],
         perf=True,
         bootstrap=True,
+        temperature=True,
     )
     assert set(m) == expected
     assert all(describe_metric(k) is not None for k in m)
@@ -489,7 +495,7 @@ def test_clean_accuracy_over_several_purifications(
     # draws purifications of every image, ddim UNet calls each; the classifier alone needs none.
     assert unet_calls[0] == draws * n * ddim
     expected = expected_metric_keys(
-        purified=True, clean_draws=draws, calib_sets=["clean"], bootstrap=True
+        purified=True, clean_draws=draws, calib_sets=["clean"], bootstrap=True, temperature=True
     )
     assert set(m) == expected and all(describe_metric(k) is not None for k in m)
     assert m["test/draws"] == draws and m["test/acc_std"] > 0  # the draws differ
@@ -510,6 +516,20 @@ def test_clean_accuracy_over_several_purifications(
     pooled = calibration_report(logits.flatten(0, 1), y.repeat(draws), 15)
     assert m["calib/clean/ece"] == pytest.approx(pooled["ece"], rel=1e-5)
     assert m["calib/clean/acc"] == pytest.approx(m["test/acc"])
+    # Temperature scaling: one temperature fit on every draw of every image; each image scored
+    # with the one fit on the other fold's images and draws (cross-fitting).
+    assert m["calib/temperature"] == pytest.approx(
+        fit_temperature(logits.flatten(0, 1), y.repeat(draws))
+    )
+    fold = fold_of(n, 2, int(several.run.seed) + 10)
+    temps = torch.empty(n)
+    for k in (0, 1):
+        rest = fold != k
+        temps[fold == k] = fit_temperature(logits[:, rest].flatten(0, 1), y[rest].repeat(draws))
+    scaled = calibration_report((logits / temps[None, :, None]).flatten(0, 1), y.repeat(draws), 15)
+    for k in ("ece", "nll", "brier"):
+        assert m[f"calib/clean/ts_{k}"] == pytest.approx(scaled[k], rel=1e-4)
+    assert m["calib/clean/ts_nll"] < m["calib/clean/nll"]  # the pipeline was miscalibrated
     notes = " ".join(_report(several)["notes"])
     assert f"clean accuracy is the mean over {draws} purifications" in notes
     md = (Path(several.run.dir) / "report.md").read_text()
@@ -542,6 +562,7 @@ def test_corruption_accuracy_over_several_purifications(
         severities=severities,
         calib_sets=["clean", "shift"],
         bootstrap=True,
+        temperature=True,
     )
     assert set(m) == expected and all(describe_metric(k) is not None for k in m)
     assert m["shift/draws"] == draws and m["shift/mean_acc_std"] > 0  # the draws differ
@@ -1004,12 +1025,17 @@ def test_natural_shift_sets_are_scored_through_the_pipeline(
     calibrated = evaluate(tiny_cfg(*on, f"natural.sets=[{pair},{tree}]"))
     sets = ["clean", "natural_digits.1", "natural_scans_test"]
     assert set(calibrated) == expected_metric_keys(
-        natural_sets=["digits.1", "scans_test"], calib_sets=sets, bootstrap=True
+        natural_sets=["digits.1", "scans_test"], calib_sets=sets, bootstrap=True, temperature=True
     )
     with torch.no_grad():
         dark_logits = clf(torch.from_numpy(dark).permute(0, 3, 1, 2).float() / 255)
     want = calibration_report(dark_logits, torch.from_numpy(labels), 15)
     assert calibrated["calib/natural_digits.1/ece"] == pytest.approx(want["ece"], abs=1e-6)
+    # After temperature scaling: other images, so the temperature of every clean image.
+    t = calibrated["calib/temperature"]
+    scaled = calibration_report(dark_logits / t, torch.from_numpy(labels), 15)
+    assert calibrated["calib/natural_digits.1/ts_ece"] == pytest.approx(scaled["ece"], abs=1e-6)
+    assert calibrated["calib/natural_digits.1/ts_nll"] == pytest.approx(scaled["nll"], rel=1e-5)
     md = (Path(cfg.run.dir) / "report.md").read_text()
     assert "| natural_scans_test |" in md and "![reliability](plots/reliability.png)" in md
 

@@ -178,6 +178,7 @@ def test_every_template_documents_some_key_and_the_most_specific_wins() -> None:
         ce_reference=True,
         natural_sets=["cifar10.1_v6"],
         bootstrap=True,
+        temperature=True,
     )
     used = {describe_metric(k) for k in keys}
     assert None not in used
@@ -406,3 +407,37 @@ def test_a_failing_plot_warns_and_the_report_is_still_written(
     assert "reliability" not in paths and "shift_severity" in paths
     md = paths["markdown"].read_text()
     assert "## Calibration" in md and "plots/reliability.png" not in md
+
+
+def test_temperature_scaled_calibration_gets_its_columns_text_summary_and_curve(
+    tmp_path: Path,
+) -> None:
+    report = hand_made_report()
+    plain = make_plots(report, tmp_path / "a")["reliability"]
+    m = report["metrics"]
+    m["calib/temperature"] = 1.8
+    for s, (ece, low, high) in {"clean": (0.012, 0.0, 0.03), "shift": (0.19, 0.15, 0.22)}.items():
+        m.update({f"calib/{s}/ts_ece": ece, f"calib/{s}/ts_nll": 0.35, f"calib/{s}/ts_brier": 0.14})
+        m[f"calib/{s}/ts_ece_low"], m[f"calib/{s}/ts_ece_high"] = low, high
+    report["meta"]["calib_temperature"] = {"folds": 2, "fold_fits": [1.75, 1.85]}
+    report["reliability_scaled"] = {"clean": _bins(), "shift": _bins()}
+    keys = expected_metric_keys(calib_sets=["clean", "shift"], temperature=True, bootstrap=True)
+    assert {k for k in keys if "/ts_" in k or k == "calib/temperature"} <= set(m)
+    md = render_markdown(report)
+    for needle in (
+        "| set | acc (%) | ECE | ECE 95% CI | NLL | Brier | ECE (T) | ECE (T) 95% CI | NLL (T) |",
+        "| shift | 47.50 | 0.2500 | – | 0.4000 | 0.1500 | 0.1900 | 0.1500–0.2200 | 0.3500 |",
+        "| ECE after temperature scaling, shift | 0.1900 | 0.1500–0.2200 |",
+        "T = 1.800 on all of them",
+        "seeded 2-fold split (1.750, 1.850)",
+        "need not hold under shift (Ovadia et al. 2019)",
+    ):
+        assert needle in md, needle
+    scaled = make_plots(report, tmp_path / "b")["reliability"]
+
+    def green(path: Path) -> int:  # matplotlib's C2, the scaled curve
+        with Image.open(path) as img:
+            colors = img.convert("RGB").getcolors(1 << 20) or []
+        return sum(n for n, c in colors if c == (44, 160, 44))
+
+    assert green(scaled) > green(plain) + 50

@@ -210,6 +210,12 @@ class CalibSection:
     enabled: bool = True
     # Equal-width confidence bins of the ECE and the reliability diagram.
     n_bins: int = 15
+    # Temperature scaling (Guo et al. 2017): one temperature, fit by NLL on the clean images,
+    # rescales every set's logits, and each set's ECE, NLL and Brier are reported again after
+    # it. An image is scored with the temperature fit on the other folds of a seeded split
+    # (cross-fitting), so no label calibrates its own prediction.
+    temperature: bool = True
+    temperature_folds: int = 2
 
 
 @dataclass

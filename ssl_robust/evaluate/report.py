@@ -126,6 +126,15 @@ METRIC_DOCS: dict[str, str] = {
     "calib/{set}/ece_low": "Lower end of the ECE's 95% bootstrap interval over the images "
     "(eval.bootstrap resamples).",
     "calib/{set}/ece_high": "Upper end of the ECE's 95% bootstrap interval over the images.",
+    "calib/temperature": "Temperature fit by NLL on every clean image's logits (Guo et al. "
+    "2017; calib.temperature).",
+    "calib/{set}/ts_ece": "ECE after temperature scaling; each image of the clean set (and of "
+    "the shift set, the same images) scaled by the temperature fit on the other folds "
+    "(calib.temperature_folds), the other sets by calib/temperature.",
+    "calib/{set}/ts_nll": "NLL after temperature scaling.",
+    "calib/{set}/ts_brier": "Brier score after temperature scaling.",
+    "calib/{set}/ts_ece_low": "Lower end of the temperature-scaled ECE's 95% bootstrap interval.",
+    "calib/{set}/ts_ece_high": "Upper end of the temperature-scaled ECE's 95% bootstrap interval.",
     "ood/{set}/{score}/auroc": "AUROC, in-distribution as positives (behind a stochastic "
     "purifier, the scores of every purification pooled on each side).",
     "ood/{set}/{score}/fpr95": "False-positive rate at 95% true-positive rate.",
@@ -224,6 +233,7 @@ def expected_metric_keys(
     ce_reference: bool = False,
     natural_sets: Sequence[str] = (),
     bootstrap: bool = False,
+    temperature: bool = False,
 ) -> set[str]:
     """Every metric name a report of this shape holds.
 
@@ -246,6 +256,7 @@ def expected_metric_keys(
             the relative ones too), and all were defined.
         natural_sets: Names of the natural-shift sets evaluated.
         bootstrap: The ECEs and AUROCs have bootstrap intervals (eval.bootstrap > 0).
+        temperature: The calibration sets were scored after temperature scaling too.
     """
     keys: set[str] = {"perf/eval_wall_s"}
     if clean:
@@ -298,6 +309,11 @@ def expected_metric_keys(
         keys |= {f"cert/radius/{r:g}/acc" for r in cert_radii}
     calib = ["ece", "nll", "brier", "acc", *(["ece_low", "ece_high"] if bootstrap else [])]
     keys |= {f"calib/{s}/{m}" for s in calib_sets for m in calib}
+    if temperature and calib_sets:
+        keys.add("calib/temperature")
+        scaled = ["ts_ece", "ts_nll", "ts_brier"]
+        scaled += ["ts_ece_low", "ts_ece_high"] if bootstrap else []
+        keys |= {f"calib/{s}/{m}" for s in calib_sets for m in scaled}
     ood = ["auroc", "fpr95", *(["auroc_low", "auroc_high"] if bootstrap else [])]
     keys |= {f"ood/{s}/{sc}/{m}" for s in ood_sets for sc in OOD_SCORES for m in ood}
     if perf:
@@ -391,9 +407,10 @@ def _calib_sets(report: dict[str, Any]) -> list[str]:
     return [s for s in report.get("reliability") or ("clean", "shift") if f"calib/{s}/ece" in m]
 
 
-def _ece_ci(m: dict[str, float], name: str) -> str:
-    """A calibration set's ECE bootstrap interval, as the ECE is shown; "–" without one."""
-    low, high = m.get(f"calib/{name}/ece_low"), m.get(f"calib/{name}/ece_high")
+def _ece_ci(m: dict[str, float], name: str, prefix: str = "") -> str:
+    """A calibration set's ECE bootstrap interval, as the ECE is shown (``prefix`` "ts_": after
+    temperature scaling); "–" without one."""
+    low, high = m.get(f"calib/{name}/{prefix}ece_low"), m.get(f"calib/{name}/{prefix}ece_high")
     return "–" if low is None or high is None else f"{low:.4f}–{high:.4f}"
 
 
@@ -431,6 +448,16 @@ def _summary_rows(report: dict[str, Any]) -> list[list[str]]:
             add(f"certified accuracy, L2 radius {r:g}", key)
     for name in _calib_sets(report):
         rows.append([f"ECE, {name}", f"{m[f'calib/{name}/ece']:.4f}", _ece_ci(m, name)])
+    if "calib/temperature" in m:
+        for name in _calib_sets(report):
+            if f"calib/{name}/ts_ece" in m:
+                rows.append(
+                    [
+                        f"ECE after temperature scaling, {name}",
+                        f"{m[f'calib/{name}/ts_ece']:.4f}",
+                        _ece_ci(m, name, "ts_"),
+                    ]
+                )
     aurocs = {
         s: m[f"ood/{s}/msp/auroc"] for s in meta.get("ood_sets", []) if f"ood/{s}/msp/auroc" in m
     }
@@ -650,9 +677,11 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
 
     calib_sets = _calib_sets(report)
     if calib_sets:
+        scaled = "calib/temperature" in m
         tables["calib"] = Table(
-            "Calibration",
-            ["set", "acc (%)", "ECE", "ECE 95% CI", "NLL", "Brier"],
+            "Calibration" + (" (T: after temperature scaling)" if scaled else ""),
+            ["set", "acc (%)", "ECE", "ECE 95% CI", "NLL", "Brier"]
+            + (["ECE (T)", "ECE (T) 95% CI", "NLL (T)", "Brier (T)"] if scaled else []),
             [
                 [
                     s,
@@ -662,9 +691,19 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
                     m[f"calib/{s}/nll"],
                     m[f"calib/{s}/brier"],
                 ]
+                + (
+                    [
+                        m.get(f"calib/{s}/ts_ece"),
+                        _ece_ci(m, s, "ts_"),
+                        m.get(f"calib/{s}/ts_nll"),
+                        m.get(f"calib/{s}/ts_brier"),
+                    ]
+                    if scaled
+                    else []
+                )
                 for s in calib_sets
             ],
-            ["str", "pct", "f4", "str", "f4", "f4"],
+            ["str", "pct", "f4", "str", "f4", "f4"] + (["f4", "str", "f4", "f4"] if scaled else []),
         )
 
     ood_sets = report.get("meta", {}).get("ood_sets", [])
@@ -846,13 +885,33 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
         ["calib"],
         f"ECE with {meta.get('calib_bins', 15)} equal-width confidence bins; NLL; multi-class "
         "Brier score. The shift set "
-        f"pools {meta.get('calib_shift_set', 'the highest-severity corruptions')}.",
+        f"pools {meta.get('calib_shift_set', 'the highest-severity corruptions')}."
+        + _temperature_text(report),
         "reliability",
     )
     section("Out-of-distribution detection", ["ood"], _ood_text(report), "ood_hist")
     section("Latency and throughput", ["perf"])
     out += ["## Anchors for context (CIFAR-10; RobustBench entries)", "", _anchors_md(), ""]
     return "\n".join(out)
+
+
+def _temperature_text(report: dict[str, Any]) -> str:
+    """How the temperature-scaled calibration was measured; "" when it was not."""
+    t = report.get("metrics", {}).get("calib/temperature")
+    if t is None:
+        return ""
+    fit = report.get("meta", {}).get("calib_temperature") or {}
+    folds = fit.get("folds", 2)
+    fits = ", ".join(f"{v:.3f}" for v in fit.get("fold_fits", []))
+    return (
+        f" Temperature scaling (Guo et al. 2017) divides the logits by one temperature fit by "
+        f"NLL on the clean images: T = {t:.3f} on all of them. The clean images, and the shift "
+        f"set's when they are the same images, are scored by cross-fitting: each with the T fit "
+        f"on the other folds of a seeded {folds}-fold split ({fits}), so that no label "
+        "calibrates its own prediction; the other sets with T. A temperature fit on clean data "
+        "need not hold under shift (Ovadia et al. 2019): compare the ECE (T) of the shifted sets "
+        "with the clean one's. The reliability diagrams draw the scaled bins as a line."
+    )
 
 
 def _ce_text(report: dict[str, Any]) -> str:
@@ -1030,6 +1089,18 @@ def _plot_reliability(report: dict[str, Any], path: Path) -> Path | None:
             label="gap to confidence",
         )
         ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+        scaled = (report.get("reliability_scaled") or {}).get(name)
+        if scaled is not None:
+            used = [i for i, c in enumerate(scaled["count"]) if c]
+            ts_ece = report.get("metrics", {}).get(f"calib/{name}/ts_ece")
+            ax.plot(
+                [scaled["confidence"][i] for i in used],
+                [scaled["accuracy"][i] for i in used],
+                "o-",
+                color="C2",
+                markersize=3,
+                label="temperature-scaled" + (f", ECE {ts_ece:.3f}" if ts_ece is not None else ""),
+            )
         ece = report.get("metrics", {}).get(f"calib/{name}/ece")
         ax.set_title(f"{name}" + (f" (ECE {ece:.3f})" if ece is not None else ""))
         ax.set_xlabel("confidence")

@@ -73,7 +73,9 @@ from ssl_robust.evaluate.metrics import (
     calibration_report,
     confusion_matrix,
     corruption_errors,
+    cross_fit_temperatures,
     ece,
+    fit_temperature,
     grid_accuracies,
     per_class_accuracy,
     reliability_bins,
@@ -104,7 +106,7 @@ from ssl_robust.purify.unet import load_denoiser
 # Offsets of the per-section random streams from run.seed, so that switching one section off
 # does not change the numbers of another.
 _SEED_CLEAN, _SEED_SHIFT, _SEED_ADV, _SEED_OOD, _SEED_PERF, _SEED_EXAMPLES = 1, 2, 3, 4, 5, 6
-_SEED_CERT, _SEED_NATURAL, _SEED_BOOTSTRAP = 7, 8, 9
+_SEED_CERT, _SEED_NATURAL, _SEED_BOOTSTRAP, _SEED_TEMPERATURE = 7, 8, 9, 10
 # Adversarial examples each PGD unit keeps for the report's figures (eval.examples shows up to
 # this many, so changing it never recomputes an attack).
 MAX_EXAMPLES = 16
@@ -301,6 +303,10 @@ def check_config(cfg: DictConfig) -> None:
             f"cert.radii must hold radii >= 0, got {list(c.radii)}",
         )
     need(cfg.calib.n_bins >= 1, f"calib.n_bins must be >= 1, got {cfg.calib.n_bins}")
+    need(
+        cfg.calib.temperature_folds >= 2,
+        f"calib.temperature_folds must be >= 2, got {cfg.calib.temperature_folds}",
+    )
     need(
         cfg.natural.max_images >= 0,
         f"natural.max_images must be >= 0, got {cfg.natural.max_images}",
@@ -1119,6 +1125,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     # calibration of the randomised pipeline is that of (prediction, label) pairs drawn over
     # images and purifier noise alike (NLL, Brier and accuracy are then the means over draws).
     reliability: dict[str, Any] = {}
+    reliability_scaled: dict[str, Any] = {}  # after temperature scaling
     if cfg.calib.enabled:
         meta["calib_bins"] = int(cfg.calib.n_bins)
         sets: list[tuple[str, Tensor, Tensor]] = []  # (draws, N, classes) logits, (N,) labels
@@ -1132,23 +1139,21 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             sets.append(("shift", by_image, image_labels))
         for name, (n_logits, n_labels) in natural_logits.items():
             sets.append((f"natural_{name}", n_logits, n_labels))
-        n_bins = int(cfg.calib.n_bins)
+        temps: dict[str, Tensor] = {}
+        if cfg.calib.temperature and draw_logits is not None:
+            temps = _temperatures(cfg, sets, draw_logits, y, metrics, meta, notes)
         for name, per_draw, labels_1d in sets:
-            logits, labels_t = _pooled(per_draw, labels_1d)
-            for k, v in calibration_report(logits, labels_t, n_bins).items():
-                metrics[f"calib/{name}/{k}"] = v
-            if cfg.eval.bootstrap > 0:
-                low, high = bootstrap_interval(
-                    lambda lg, lb: ece(lg.float().softmax(1), lb, n_bins),
-                    [(per_draw, labels_1d.expand(per_draw.shape[:2]))],
-                    int(cfg.eval.bootstrap),
-                    seed + _SEED_BOOTSTRAP,
-                    bounds=(0.0, 1.0),
+            reliability[name] = _calibration(
+                cfg, f"calib/{name}/", per_draw, labels_1d, seed, metrics
+            )
+            if name in temps:
+                scaled = per_draw.float() / temps[name].to(per_draw.device).float()[None, :, None]
+                reliability_scaled[name] = _calibration(
+                    cfg, f"calib/{name}/ts_", scaled, labels_1d, seed, metrics
                 )
-                metrics[f"calib/{name}/ece_low"], metrics[f"calib/{name}/ece_high"] = low, high
-            bins = reliability_bins(logits.softmax(1), labels_t, n_bins)
-            reliability[name] = {k: v.tolist() for k, v in bins.items()}
     report["reliability"] = reliability
+    if reliability_scaled:
+        report["reliability_scaled"] = reliability_scaled
 
     # -- per class -------------------------------------------------------------------------------
     # Which classes a shift hurts: accuracy per class, clean and on the calibration's shift set.
@@ -1193,6 +1198,69 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         extra["Sanity checks"] = "all passed" if not failed else "FAILED: " + ", ".join(failed)
     print_summary(f"evaluate {meta['title']}", run_dir, shown, extra)
     return metrics
+
+
+def _calibration(
+    cfg: DictConfig, prefix: str, per_draw: Tensor, labels: Tensor, seed: int, metrics: dict
+) -> dict[str, list[float]]:
+    """ECE (with its bootstrap interval), NLL and Brier score of a calibration set's logits
+    (draws, N, classes), pooled over the draws, as ``<prefix>ece`` etc. in ``metrics``; the
+    accuracy too, unless they are temperature-scaled (``ts_``: a temperature changes no
+    prediction). Returns the set's reliability bins."""
+    n_bins = int(cfg.calib.n_bins)
+    logits, labels_t = _pooled(per_draw, labels)
+    for k, v in calibration_report(logits, labels_t, n_bins).items():
+        if not (k == "acc" and prefix.endswith("ts_")):
+            metrics[f"{prefix}{k}"] = v
+    if cfg.eval.bootstrap > 0:
+        low, high = bootstrap_interval(
+            lambda lg, lb: ece(lg.float().softmax(1), lb, n_bins),
+            [(per_draw, labels.expand(per_draw.shape[:2]))],
+            int(cfg.eval.bootstrap),
+            seed + _SEED_BOOTSTRAP,
+            bounds=(0.0, 1.0),
+        )
+        metrics[f"{prefix}ece_low"], metrics[f"{prefix}ece_high"] = low, high
+    bins = reliability_bins(logits.float().softmax(1), labels_t, n_bins)
+    return {k: v.tolist() for k, v in bins.items()}
+
+
+def _temperatures(
+    cfg: DictConfig,
+    sets: Sequence[tuple[str, Tensor, Tensor]],
+    clean: Tensor,
+    y: Tensor,
+    metrics: dict[str, float],
+    meta: dict[str, Any],
+    notes: list[str],
+) -> dict[str, Tensor]:
+    """Temperature scaling fit on the clean logits ``clean`` (draws, N, classes): per
+    calibration set, the temperature of each of its images (N,).
+
+    The clean images, and the shift set's when they are the same images (generated
+    corruptions), get the temperature fit on the other folds (cross-fitting); the other sets
+    (natural shift: other images) the one fit on every clean image, reported as
+    ``calib/temperature``."""
+    folds = int(cfg.calib.temperature_folds)
+    if len(y) < 2 * folds:
+        notes.append(
+            f"Temperature scaling skipped: {len(y)} clean images cannot be split into {folds} "
+            "folds of at least 2 (calib.temperature_folds)."
+        )
+        return {}
+    seed = int(cfg.run.seed) + _SEED_TEMPERATURE
+    per_image, fits = cross_fit_temperatures(clean, y, folds, seed)
+    t_all = fit_temperature(*_pooled(clean, y))
+    metrics["calib/temperature"] = t_all
+    meta["calib_temperature"] = {"folds": folds, "fold_fits": fits}
+    out: dict[str, Tensor] = {}
+    for name, per_draw, labels in sets:
+        same_images = per_draw.shape[1] == len(y) and bool(torch.equal(labels.cpu(), y.cpu()))
+        if name == "clean" or (name == "shift" and same_images):
+            out[name] = per_image
+        else:
+            out[name] = torch.full((per_draw.shape[1],), t_all, dtype=torch.float64)
+    return out
 
 
 def _by_image(logits: Tensor, labels: Tensor | None, groups: int) -> tuple[Tensor, Tensor | None]:
