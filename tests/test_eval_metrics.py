@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -24,6 +25,9 @@ from ssl_robust.evaluate.metrics import (
     normal_interval,
     per_class_accuracy,
     reliability_bins,
+    risk_coverage,
+    selective_curves,
+    selective_report,
     standard_error,
     wilson_interval,
 )
@@ -407,3 +411,52 @@ def test_cross_fit_temperatures_fit_each_fold_on_the_others() -> None:
         cross_fit_temperatures(draws, labels, folds=1)
     with pytest.raises(ValueError, match="cannot be split into 40 folds"):
         cross_fit_temperatures(draws, labels, folds=40)
+
+
+def test_risk_coverage_known_answer_and_selective_report() -> None:
+    # Confidences 0.9 > 0.8 > 0.7 > 0.6, the second wrong: risks 0, 1/2, 1/3, 1/4.
+    conf = torch.tensor([0.7, 0.9, 0.6, 0.8])
+    correct = torch.tensor([True, True, True, False])
+    coverage, risk = risk_coverage(conf, correct)
+    assert coverage.tolist() == [0.25, 0.5, 0.75, 1.0]
+    assert risk.tolist() == pytest.approx([0, 1 / 2, 1 / 3, 1 / 4])
+    best = risk_coverage(correct.double(), correct)[1]  # the error last
+    assert best.tolist() == pytest.approx([0, 0, 0, 1 / 4])
+    r = selective_report(risk, best)
+    assert r["aurc"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 4) / 4)
+    assert r["eaurc"] == pytest.approx((1 / 2 + 1 / 3) / 4)
+    assert r["risk_c50"] == pytest.approx(1 / 2) and r["risk_c80"] == pytest.approx(1 / 4)
+    # From logits: the same ranking through the top softmax probability.
+    logits = torch.stack([conf.log(), (1 - conf).log()], 1)  # class 0 predicted throughout
+    labels = torch.where(correct, 0, 1)
+    risk2, best2 = selective_curves(logits, labels)
+    assert torch.allclose(risk2, risk) and torch.allclose(best2, best)
+    # Errors ranked last: no excess.
+    assert selective_report(best, best)["eaurc"] == 0.0
+
+
+def test_risk_coverage_averages_over_the_orders_of_tied_confidences() -> None:
+    gen = torch.Generator().manual_seed(3)
+    conf = torch.randint(3, (7,), generator=gen).float()  # three values: many ties
+    correct = torch.rand(7, generator=gen) > 0.4
+    _, risk = risk_coverage(conf, correct)
+    # The reference: every order that sorts the confidences, each as likely.
+    curves = []
+    for perm in itertools.permutations(range(7)):
+        p = list(perm)
+        if all(conf[p[i]] >= conf[p[i + 1]] for i in range(6)):
+            err = (~correct[p]).double().cumsum(0)
+            curves.append(err / torch.arange(1, 8, dtype=torch.float64))
+    assert torch.allclose(risk, torch.stack(curves).mean(0), atol=1e-12)
+    # One confidence for all: the overall error at every coverage.
+    flat = risk_coverage(torch.ones(7), correct)[1]
+    assert torch.allclose(flat, torch.full((7,), (~correct).double().mean().item()).double())
+
+
+def test_selective_report_coverage_cuts_in_whole_predictions() -> None:
+    # 15 predictions: 80 % is 12 of them (0.8 * 15 is 12.000000000000002 in floats).
+    risk = torch.arange(1, 16, dtype=torch.float64)
+    r = selective_report(risk, torch.zeros(15))
+    assert r["risk_c80"] == 12 and r["risk_c50"] == 8
+    with pytest.raises(ValueError, match="expected confidence"):
+        risk_coverage(torch.ones(3), torch.ones(4))

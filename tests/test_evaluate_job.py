@@ -530,6 +530,12 @@ def test_clean_accuracy_over_several_purifications(
     for k in ("ece", "nll", "brier"):
         assert m[f"calib/clean/ts_{k}"] == pytest.approx(scaled[k], rel=1e-4)
     assert m["calib/clean/ts_nll"] < m["calib/clean/nll"]  # the pipeline was miscalibrated
+    # Selective prediction over the pooled draws, against a plain sort.
+    conf, pred = logits.flatten(0, 1).softmax(1).max(1)
+    wrong = (pred != y.repeat(draws)).double()[conf.argsort(descending=True)]
+    risk = wrong.cumsum(0) / torch.arange(1, len(wrong) + 1)
+    assert m["selective/clean/aurc"] == pytest.approx(risk.mean().item(), rel=1e-6)
+    assert 0 < m["selective/clean/eaurc"] < m["selective/clean/aurc"]
     notes = " ".join(_report(several)["notes"])
     assert f"clean accuracy is the mean over {draws} purifications" in notes
     md = (Path(several.run.dir) / "report.md").read_text()

@@ -88,6 +88,10 @@ def hand_made_report() -> dict[str, Any]:
                 f"calib/{s}/ece": ece,
                 f"calib/{s}/nll": 0.4,
                 f"calib/{s}/brier": 0.15,
+                f"selective/{s}/aurc": (1 - acc) / 2,
+                f"selective/{s}/eaurc": (1 - acc) / 4,
+                f"selective/{s}/risk_c80": (1 - acc) * 0.6,
+                f"selective/{s}/risk_c50": (1 - acc) * 0.3,
             }
         )
     for s in ("noise_gaussian", "shift_s5"):
@@ -133,6 +137,14 @@ def hand_made_report() -> dict[str, Any]:
             }
         },
         "reliability": {"clean": _bins(), "shift": _bins()},
+        "risk_coverage": {
+            s: {
+                "coverage": [0.25, 0.5, 0.75, 1.0],
+                "risk": [err / 4, err / 3, err / 2, err],
+                "best": [0.0, 0.0, 0.0, err],
+            }
+            for s, err in (("clean", 0.1), ("shift", 0.525))
+        },
         "per_class": {
             "classes": ["cat", "dog", "ship"],
             "images": [40, 60, 0],
@@ -211,6 +223,7 @@ def test_write_report_from_a_hand_made_dict(tmp_path: Path) -> None:
         "markdown",
         "shift_severity",
         "reliability",
+        "risk_coverage",
         "robust_eps",
         "ood_hist",
     }
@@ -246,7 +259,10 @@ def test_write_report_from_a_hand_made_dict(tmp_path: Path) -> None:
         "| purifier (5 NFE) + classifier | 40.00 | 300.0 |",
         "throughput batch 256 (img/s)",
         "Sehwag2021 ResNet-18",
-        "![reliability](plots/reliability.png)",
+        "![reliability](plots/reliability.png)\n\n![risk_coverage](plots/risk_coverage.png)",
+        "| set | error (%) | AURC | E-AURC | error at 80% coverage (%) | at 50% (%) |",
+        "| shift | 52.50 | 0.2625 | 0.1313 | 31.50 | 15.75 |",
+        "E-AURC its excess over the best ranking",
         # The headline numbers first, with their intervals over the images.
         "## Summary\n\n| measure | value | 95% CI |",
         "| clean accuracy | 90.00% | 82.6–94.5 |",
@@ -257,7 +273,7 @@ def test_write_report_from_a_hand_made_dict(tmp_path: Path) -> None:
         "| attack sanity checks | FAILED: linf/black_box | – |",
     ):
         assert needle in md, needle
-    for name in ("shift_severity", "reliability", "robust_eps", "ood_hist"):
+    for name in ("shift_severity", "reliability", "risk_coverage", "robust_eps", "ood_hist"):
         path = tmp_path / "plots" / f"{name}.png"
         assert path == paths[name] and path.stat().st_size > 10_000
         with Image.open(path) as img:

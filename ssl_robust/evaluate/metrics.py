@@ -1,6 +1,6 @@
 """Accuracy and calibration metrics: ECE, NLL, multi-class Brier score, reliability bins,
-temperature scaling, and the uncertainty of an accuracy measured on few images (Wilson
-interval).
+temperature scaling, selective prediction (risk-coverage), and the uncertainty of an accuracy
+measured on few images (Wilson interval).
 
 Definitions: ECE with 15 equal-width bins over the top-1 confidence
 (Guo et al. 2017, Eq. 3) computed by torchmetrics from probabilities; NLL; and the
@@ -397,6 +397,63 @@ def reliability_bins(probs: Tensor, labels: Tensor, n_bins: int = 15) -> dict[st
         "confidence": conf_sum / count,  # 0 / 0 = NaN marks empty bins
         "accuracy": acc_sum / count,
         "count": count,
+    }
+
+
+def risk_coverage(confidence: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
+    """Selective classification (Geifman & El-Yaniv 2017): answer only the k most confident of
+    N predictions. Returns the coverage k / N and the risk (the error rate among those k) for
+    k = 1..N. Tied confidences are taken in random order: a tied prediction adds its group's
+    mean error, so the curve does not depend on how a sort breaks ties (one constant
+    confidence gives the overall error rate at every coverage).
+
+    Args:
+        confidence: (N,) scores, higher = more confident (e.g. the top softmax probability).
+        correct: (N,) whether each prediction is right (bool or 0/1).
+    """
+    if confidence.dim() != 1 or correct.shape != confidence.shape or confidence.numel() == 0:
+        raise ValueError(
+            f"expected confidence (N,) and correct (N,), N >= 1, got {tuple(confidence.shape)} "
+            f"and {tuple(correct.shape)}"
+        )
+    err = 1 - correct.double()
+    _, inverse, counts = torch.unique(
+        confidence.double(), sorted=True, return_inverse=True, return_counts=True
+    )  # distinct values ascending
+    groups = len(counts)
+    group_err = torch.zeros(groups, dtype=torch.float64).scatter_add_(0, inverse, err)
+    group_err, counts = group_err.flip(0), counts.flip(0)  # most confident first
+    err_before = group_err.cumsum(0) - group_err
+    n_before = counts.cumsum(0) - counts
+    g = torch.repeat_interleave(torch.arange(groups), counts)  # each rank's group
+    k = torch.arange(1, len(err) + 1, dtype=torch.float64)
+    expected_errors = err_before[g] + (k - n_before[g]) * group_err[g] / counts[g]
+    return k / len(err), expected_errors / k
+
+
+def selective_curves(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The risk at k = 1..N (:func:`risk_coverage`) of predictions ranked by their top softmax
+    probability, and that of the best ranking of the same predictions (every right one
+    first): two (N,) tensors."""
+    _check_scores(logits, labels)
+    confidence, pred = logits.float().softmax(1).max(1)
+    correct = pred == labels
+    return risk_coverage(confidence, correct)[1], risk_coverage(correct.double(), correct)[1]
+
+
+def selective_report(risk: Tensor, best: Tensor) -> dict[str, float]:
+    """Selective prediction from :func:`selective_curves`: ``aurc``, the area under the
+    risk-coverage curve (the mean risk over k = 1..N); ``eaurc``, its excess over the best
+    ranking (Geifman et al. 2019), which removes the part set by the accuracy alone; and
+    ``risk_c50``, ``risk_c80``: the error rate of the 50 % and 80 % most confident
+    predictions."""
+    n = len(risk)
+    return {
+        "aurc": float(risk.mean()),
+        "eaurc": float(risk.mean() - best.mean()),
+        # The ceil(c N) most confident, in integers: 0.8 * 15 is 12.000000000000002 in floats.
+        "risk_c50": float(risk[max(1, -(-5 * n // 10)) - 1]),
+        "risk_c80": float(risk[max(1, -(-8 * n // 10)) - 1]),
     }
 
 

@@ -6,7 +6,9 @@ A report is a plain dict, so it can be written, read back and re-rendered withou
 - ``meta``: what was evaluated and how (runs, data, grid, threat models, attack protocol);
 - ``sanity``: the sanity checks per norm, ``{"passed": bool, "values": ...}``;
 - ``cert``: each certified image's radius and whether the smoothed classifier was right;
-- ``reliability``: reliability-diagram bins per calibration set;
+- ``reliability``: reliability-diagram bins per calibration set (``reliability_scaled``: after
+  temperature scaling);
+- ``risk_coverage``: per calibration set, its risk-coverage curve and the best ranking's;
 - ``ood_hist``: score histograms (in-distribution vs each OOD set);
 - ``notes``: protocol deviations and skipped parts, in words.
 
@@ -126,6 +128,13 @@ METRIC_DOCS: dict[str, str] = {
     "calib/{set}/ece_low": "Lower end of the ECE's 95% bootstrap interval over the images "
     "(eval.bootstrap resamples).",
     "calib/{set}/ece_high": "Upper end of the ECE's 95% bootstrap interval over the images.",
+    "selective/{set}/aurc": "Area under the risk-coverage curve of a calibration set: the error "
+    "rate among the k most confident predictions (top softmax probability), averaged over k "
+    "(Geifman & El-Yaniv 2017; lower is better).",
+    "selective/{set}/eaurc": "Excess AURC: the AURC less that of the best ranking of the same "
+    "predictions (every right one first); 0 when confidence orders errors last.",
+    "selective/{set}/risk_c50": "Error rate of the 50% most confident predictions.",
+    "selective/{set}/risk_c80": "Error rate of the 80% most confident predictions.",
     "calib/temperature": "Temperature fit by NLL on every clean image's logits (Guo et al. "
     "2017; calib.temperature).",
     "calib/{set}/ts_ece": "ECE after temperature scaling; each image of the clean set (and of "
@@ -309,6 +318,9 @@ def expected_metric_keys(
         keys |= {f"cert/radius/{r:g}/acc" for r in cert_radii}
     calib = ["ece", "nll", "brier", "acc", *(["ece_low", "ece_high"] if bootstrap else [])]
     keys |= {f"calib/{s}/{m}" for s in calib_sets for m in calib}
+    keys |= {
+        f"selective/{s}/{m}" for s in calib_sets for m in ("aurc", "eaurc", "risk_c50", "risk_c80")
+    }
     if temperature and calib_sets:
         keys.add("calib/temperature")
         scaled = ["ts_ece", "ts_nll", "ts_brier"]
@@ -706,6 +718,25 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
             ["str", "pct", "f4", "str", "f4", "f4"] + (["f4", "str", "f4", "f4"] if scaled else []),
         )
 
+    selective = [s for s in calib_sets if f"selective/{s}/aurc" in m]
+    if selective:
+        tables["selective"] = Table(
+            "Selective prediction (by the top softmax probability)",
+            ["set", "error (%)", "AURC", "E-AURC", "error at 80% coverage (%)", "at 50% (%)"],
+            [
+                [
+                    s,
+                    1 - m[f"calib/{s}/acc"],
+                    m[f"selective/{s}/aurc"],
+                    m[f"selective/{s}/eaurc"],
+                    m[f"selective/{s}/risk_c80"],
+                    m[f"selective/{s}/risk_c50"],
+                ]
+                for s in selective
+            ],
+            ["str", "pct", "f4", "f4", "pct", "pct"],
+        )
+
     ood_sets = report.get("meta", {}).get("ood_sets", [])
     ood_rows = [
         [
@@ -793,7 +824,9 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
     if notes:
         out += ["## Notes", "", *[f"- {n}" for n in notes], ""]
 
-    def section(title: str, keys: Sequence[str], text: str = "", plot: str = "") -> None:
+    def section(
+        title: str, keys: Sequence[str], text: str = "", plot: str | Sequence[str] = ""
+    ) -> None:
         present = [k for k in keys if k in tables]
         if not present:
             return
@@ -805,8 +838,9 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
             if len(present) > 1 or k not in ("clean",):
                 out.extend([f"**{t.title}**", ""])
             out.extend([_markdown_table(t), ""])
-        if plot and plot in plots:
-            out.extend([f"![{plot}]({plots[plot]})", ""])
+        for name in [plot] if isinstance(plot, str) else plot:
+            if name and name in plots:
+                out.extend([f"![{name}]({plots[name]})", ""])
 
     section(
         "Clean accuracy",
@@ -882,12 +916,13 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
     )
     section(
         "Calibration",
-        ["calib"],
+        ["calib", "selective"],
         f"ECE with {meta.get('calib_bins', 15)} equal-width confidence bins; NLL; multi-class "
         "Brier score. The shift set "
         f"pools {meta.get('calib_shift_set', 'the highest-severity corruptions')}."
-        + _temperature_text(report),
-        "reliability",
+        + _temperature_text(report)
+        + _selective_text(report),
+        ["reliability", "risk_coverage"],
     )
     section("Out-of-distribution detection", ["ood"], _ood_text(report), "ood_hist")
     section("Latency and throughput", ["perf"])
@@ -911,6 +946,19 @@ def _temperature_text(report: dict[str, Any]) -> str:
         "calibrates its own prediction; the other sets with T. A temperature fit on clean data "
         "need not hold under shift (Ovadia et al. 2019): compare the ECE (T) of the shifted sets "
         "with the clean one's. The reliability diagrams draw the scaled bins as a line."
+    )
+
+
+def _selective_text(report: dict[str, Any]) -> str:
+    """What the selective-prediction table shows; "" without one."""
+    if not report.get("risk_coverage"):
+        return ""
+    return (
+        " Selective prediction: answering only the most confident predictions, the error rate "
+        "among those kept (the risk) against the fraction kept (the coverage; Geifman & "
+        "El-Yaniv 2017). AURC is the area under that curve; E-AURC its excess over the best "
+        "ranking of the same predictions, which puts every error last (0 = confidence ranks "
+        "every error below every right answer), so it compares sets of different accuracy."
     )
 
 
@@ -1111,6 +1159,30 @@ def _plot_reliability(report: dict[str, Any], path: Path) -> Path | None:
     return save_figure(fig, path, dpi=_DPI)
 
 
+def _plot_risk_coverage(report: dict[str, Any], path: Path) -> Path | None:
+    """Risk against coverage per calibration set, with the best ranking's curve dotted."""
+    curves: dict[str, dict[str, list[float]]] = report.get("risk_coverage") or {}
+    if not curves:
+        return None
+    m = report.get("metrics", {})
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    for i, (name, c) in enumerate(curves.items()):
+        color = f"C{i % 10}"
+        aurc = m.get(f"selective/{name}/aurc")
+        label = name + (f" (AURC {aurc:.3f})" if aurc is not None else "")
+        ax.plot(c["coverage"], [100 * r for r in c["risk"]], color=color, label=label)
+        ax.plot(c["coverage"], [100 * r for r in c["best"]], ":", color=color, linewidth=1)
+    ax.plot([], [], "k:", linewidth=1, label="best ranking (errors last)")
+    ax.set_xlabel("coverage (fraction of predictions kept, most confident first)")
+    ax.set_ylabel("error among those kept (%)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    return save_figure(fig, path, dpi=_DPI)
+
+
 def _plot_robust(report: dict[str, Any], path: Path) -> Path | None:
     m = report.get("metrics", {})
     threats = [t for t in _threats(report) if f"adv/{t['name']}/acc" in m]
@@ -1252,6 +1324,7 @@ _PLOTTERS = {
     "corruption_error": _plot_corruption_error,
     "confusion": _plot_confusion,
     "reliability": _plot_reliability,
+    "risk_coverage": _plot_risk_coverage,
     "robust_eps": _plot_robust,
     "certified": _plot_certified,
     "ood_hist": _plot_ood,

@@ -79,6 +79,8 @@ from ssl_robust.evaluate.metrics import (
     grid_accuracies,
     per_class_accuracy,
     reliability_bins,
+    selective_curves,
+    selective_report,
     standard_error,
     wilson_interval,
 )
@@ -1126,6 +1128,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     # images and purifier noise alike (NLL, Brier and accuracy are then the means over draws).
     reliability: dict[str, Any] = {}
     reliability_scaled: dict[str, Any] = {}  # after temperature scaling
+    risk_curves: dict[str, Any] = {}  # selective prediction
     if cfg.calib.enabled:
         meta["calib_bins"] = int(cfg.calib.n_bins)
         sets: list[tuple[str, Tensor, Tensor]] = []  # (draws, N, classes) logits, (N,) labels
@@ -1146,6 +1149,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             reliability[name] = _calibration(
                 cfg, f"calib/{name}/", per_draw, labels_1d, seed, metrics
             )
+            risk_curves[name] = _selective(name, per_draw, labels_1d, metrics)
             if name in temps:
                 scaled = per_draw.float() / temps[name].to(per_draw.device).float()[None, :, None]
                 reliability_scaled[name] = _calibration(
@@ -1154,6 +1158,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     report["reliability"] = reliability
     if reliability_scaled:
         report["reliability_scaled"] = reliability_scaled
+    if risk_curves:
+        report["risk_coverage"] = risk_curves
 
     # -- per class -------------------------------------------------------------------------------
     # Which classes a shift hurts: accuracy per class, clean and on the calibration's shift set.
@@ -1223,6 +1229,25 @@ def _calibration(
         metrics[f"{prefix}ece_low"], metrics[f"{prefix}ece_high"] = low, high
     bins = reliability_bins(logits.float().softmax(1), labels_t, n_bins)
     return {k: v.tolist() for k, v in bins.items()}
+
+
+def _selective(
+    name: str, per_draw: Tensor, labels: Tensor, metrics: dict[str, float], points: int = 100
+) -> dict[str, list[float]]:
+    """Selective prediction on a calibration set's logits (draws, N, classes), pooled over the
+    draws: ``selective/<name>/aurc`` etc. in ``metrics``; returns its risk-coverage curve, and
+    that of the best ranking of the same predictions, at ``points`` coverages."""
+    risk, best = selective_curves(*_pooled(per_draw, labels))
+    for k, v in selective_report(risk, best).items():
+        metrics[f"selective/{name}/{k}"] = v
+    n = len(risk)
+    coverage = [(i + 1) / points for i in range(points)]
+    at = [max(1, -(-(i + 1) * n // points)) - 1 for i in range(points)]  # ceil, in integers
+    return {
+        "coverage": coverage,
+        "risk": risk[at].tolist(),
+        "best": best[at].tolist(),
+    }
 
 
 def _temperatures(
