@@ -17,6 +17,7 @@ from ssl_robust.data.datasets import (
     build_splits,
     load_digits_source,
     load_image_folder,
+    load_labeled_set,
     stratified_split,
 )
 from ssl_robust.data.transforms import (
@@ -25,6 +26,7 @@ from ssl_robust.data.transforms import (
     gpu_view_transforms,
     view_transform,
 )
+from ssl_robust.pipelines.evaluate import natural_set_names
 
 
 def _tree(root: Path, classes: dict[str, int], size: int = 12, mode: str = "RGB") -> Path:
@@ -324,3 +326,46 @@ def test_workers_are_capped_at_the_usable_cpus_with_one_warning(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per process
         assert datamodule.worker_options(8)["num_workers"] == 2
+
+
+def test_labeled_sets_read_cifar10_2_npz_archives(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    classes = [str(k) for k in range(10)]
+    split = {}
+    for name, n in (("train", 12), ("test", 8)):
+        images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, n)
+        split[name] = (images, labels)
+        # CIFAR-10.2's keys: the names and keywords are string arrays beside the data.
+        np.savez(
+            tmp_path / f"cifar102_{name}.npz",
+            images=images,
+            labels=labels,
+            label_names=np.array(["airplane"] * 10),
+            keywords=np.array(["kw"] * n),
+        )
+    # A folder holding the pair: its test file; or the file itself.
+    for path in (tmp_path, tmp_path / "cifar102_test.npz"):
+        images, labels = load_labeled_set(path, classes, 32)
+        assert np.array_equal(images, split["test"][0])
+        assert np.array_equal(labels, split["test"][1]) and labels.dtype == np.int64
+    small, _ = load_labeled_set(tmp_path / "cifar102_train.npz", classes, 16)
+    assert small.shape == (12, 16, 16, 3)  # resized to the evaluation size
+    assert natural_set_names([str(tmp_path / "cifar102_test.npz")]) == {
+        "cifar102_test": str(tmp_path / "cifar102_test.npz")
+    }
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    np.savez(bad / "a.npz", images=split["test"][0])
+    with pytest.raises(DataError, match=r"has no labels array; it holds \['images'\]"):
+        load_labeled_set(bad / "a.npz", classes, 32)
+    np.savez(bad / "b.npz", images=split["test"][0], labels=split["test"][1])
+    with pytest.raises(DataError, match=r"holds several data files \(\['a.npz', 'b.npz'\]\)"):
+        load_labeled_set(bad, classes, 32)
+    (bad / "c.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match=r"is not a readable \.npz archive"):
+        load_labeled_set(bad / "c.npz", classes, 32)
+    np.savez(bad / "d.npz", images=split["test"][0], labels=split["test"][1] + 5)
+    with pytest.raises(DataError, match=r"d.npz\[labels\]' holds labels \d+..1\d; the classifier"):
+        load_labeled_set(bad / "d.npz", classes, 32)

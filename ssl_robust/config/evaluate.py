@@ -131,9 +131,11 @@ class ShiftSection:
 @dataclass
 class NaturalSection:
     # Labeled test sets of the classifier's classes under natural distribution shift, e.g.
-    # CIFAR-10.1 (Recht et al. 2018) for CIFAR-10: each a <name>_data.npy file beside
-    # <name>_labels.npy (CIFAR-10.1's layout), a folder holding one such pair, or a
-    # <folder>/<class>/<image> tree whose class folders carry the classifier's class names.
+    # CIFAR-10.1 (Recht et al. 2018) or CIFAR-10.2 (Lu et al. 2020) for CIFAR-10: each a
+    # <name>_data.npy file beside <name>_labels.npy (CIFAR-10.1's layout), a .npz file with
+    # images and labels (CIFAR-10.2's), a folder holding one of those, or a
+    # <folder>/<class>/<image> tree whose class folders carry the classifier's class names
+    # (e.g. CINIC-10's test split).
     # Resized to the evaluation size; accuracy (over clean.draws purifications) under
     # natural/<name>/acc.
     sets: list[str] = field(default_factory=list)

@@ -451,6 +451,38 @@ def load_image_folder(
     return source
 
 
+def _npz_files(folder: Path) -> list[Path]:
+    """The ``.npz`` files of a folder; of CIFAR-10.2's train and test pair, the test one."""
+    files = sorted(folder.glob("*.npz"))
+    tests = [f for f in files if f.stem.endswith("_test")]
+    return tests if len(files) > 1 and len(tests) == 1 else files
+
+
+def _read_labeled_arrays(data: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """Images and labels of a ``<name>_data.npy`` file (labels beside it) or of a ``.npz``
+    holding ``images`` and ``labels``; and where the labels came from, for errors. Read
+    without pickle: CIFAR-10.2's other keys (lists of names) are never loaded."""
+    if data.suffix == ".npz":
+        try:
+            with np.load(data, allow_pickle=False) as archive:
+                missing = [k for k in ("images", "labels") if k not in archive.files]
+                if missing:
+                    raise DataError(
+                        f"{str(data)!r} has no {' or '.join(missing)} array; it holds "
+                        f"{archive.files} (expected CIFAR-10.2's layout: images, labels)"
+                    )
+                images, labels = archive["images"], archive["labels"]
+        except (OSError, ValueError) as err:
+            raise DataError(f"{str(data)!r} is not a readable .npz archive: {err}") from err
+        return images, labels.astype(np.int64).ravel(), f"{data}[labels]"
+    if not data.name.endswith("_data.npy"):
+        raise DataError(f"{str(data)!r}: expected a <name>_data.npy file, a .npz file or a folder")
+    labels_file = data.with_name(data.name.removesuffix("_data.npy") + "_labels.npy")
+    if not labels_file.is_file():
+        raise DataError(f"{str(data)!r} has no labels file beside it ({labels_file.name})")
+    return np.load(data), np.load(labels_file).astype(np.int64).ravel(), str(labels_file)
+
+
 def load_labeled_set(
     path: str | Path, classes: Sequence[str], image_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -459,9 +491,11 @@ def load_labeled_set(
     ``classes``.
 
     ``path`` is a ``<name>_data.npy`` file (uint8 (N, H, W, 3)) beside ``<name>_labels.npy``
-    (CIFAR-10.1's layout, labels in the class order of ``classes``), a folder holding one such
-    pair, or a ``<folder>/<class>/<image>`` tree whose class folders are named like ``classes``
-    (decoded once, cached in ``<folder>/.cache``). Resized (bicubic) when the size differs.
+    (CIFAR-10.1's layout, labels in the class order of ``classes``), a ``.npz`` file holding
+    ``images`` and ``labels`` arrays (CIFAR-10.2's layout), a folder holding one such pair or
+    file (CIFAR-10.2's test file beside its train file), or a ``<folder>/<class>/<image>``
+    tree whose class folders are named like ``classes`` (decoded once, cached in
+    ``<folder>/.cache``). Resized (bicubic) when the size differs.
 
     Raises:
         DataError: Nothing readable there, labels outside ``classes``, class folders of other
@@ -470,20 +504,14 @@ def load_labeled_set(
     path = Path(path)
     data = path if path.is_file() else None
     if data is None and path.is_dir():
-        pairs = sorted(path.glob("*_data.npy"))
+        pairs = sorted(path.glob("*_data.npy")) or _npz_files(path)
         if len(pairs) > 1:
             raise DataError(
                 f"{str(path)!r} holds several data files ({[p.name for p in pairs]}); name one"
             )
         data = pairs[0] if pairs else None
     if data is not None:
-        if not data.name.endswith("_data.npy"):
-            raise DataError(f"{str(data)!r}: expected a <name>_data.npy file or a folder")
-        labels_file = data.with_name(data.name.removesuffix("_data.npy") + "_labels.npy")
-        if not labels_file.is_file():
-            raise DataError(f"{str(data)!r} has no labels file beside it ({labels_file.name})")
-        images = np.load(data)
-        labels = np.load(labels_file).astype(np.int64).ravel()
+        images, labels, labels_file = _read_labeled_arrays(data)
         if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
             raise DataError(
                 f"{str(data)!r} holds {images.dtype} {images.shape}; expected uint8 (N, H, W, 3)"
@@ -492,7 +520,7 @@ def load_labeled_set(
             raise DataError(f"{len(images)} images but {len(labels)} labels in {str(path)!r}")
         if labels.size and not 0 <= labels.min() <= labels.max() < len(classes):
             raise DataError(
-                f"{str(labels_file)!r} holds labels {labels.min()}..{labels.max()}; the "
+                f"{labels_file!r} holds labels {labels.min()}..{labels.max()}; the "
                 f"classifier has classes 0..{len(classes) - 1}"
             )
         source = ArraySource(images, labels, list(classes))

@@ -609,11 +609,13 @@ _SPLIT_NAMES = ("train", "test", "val", "valid", "validation", "images")
 def _folder_label(path: str) -> str:
     """A data folder's name for metric keys: its own, after its parent's when it names a split
     (``.../cifar10-jpeg/test`` -> ``cifar10-jpeg_test``); ``<name>`` for a ``<name>_data.npy``
-    file."""
+    or ``<name>.npz`` file."""
     folder = Path(path).resolve()
     label = folder.name
     if label.endswith("_data.npy"):
         label = label.removesuffix("_data.npy")
+    elif label.endswith(".npz"):
+        label = label.removesuffix(".npz")
     elif label.lower() in _SPLIT_NAMES:
         label = f"{folder.parent.name}_{label}"
     return re.sub(r"[^A-Za-z0-9._-]", "_", label) or "data"
@@ -631,7 +633,8 @@ def natural_set_names(paths: Sequence[str]) -> dict[str, str]:
         if name in names:
             raise ConfigError(
                 f"natural.sets: {names[name]!r} and {path!r} would both be named {name!r}; "
-                "give each set once (named by its folder, or its <name>_data.npy file)"
+                "give each set once (named by its folder, or its <name>_data.npy or <name>.npz "
+                "file)"
             )
         names[name] = path
     return names
