@@ -15,6 +15,7 @@ import pytest
 import torch
 from omegaconf import DictConfig
 from PIL import Image
+from safetensors.torch import save_file
 
 from ssl_robust.config import ConfigError, EvaluateConfig, load_config
 from ssl_robust.data.datasets import DataError, build_splits
@@ -183,6 +184,25 @@ def test_job_end_to_end_writes_the_documented_report(
     assert m["shift/group/digital/acc"] == pytest.approx(
         (m["shift/contrast/1/acc"] + m["shift/contrast/5/acc"]) / 2
     )
+    # Calibration per severity: each cell's ECE from its stored logits, averaged over the
+    # corruptions; after temperature scaling with each image's cross-fitted temperature.
+    fold = fold_of(359, 2, int(cfg.run.seed) + 10)
+    clean_logits = _unit(cfg, "clean")[1]["logits"][0]
+    y = _val_labels()
+    temps = torch.empty(359)
+    for k in (0, 1):
+        temps[fold == k] = fit_temperature(clean_logits[fold != k], y[fold != k])
+    for sev in (1, 5):
+        raw, scaled = [], []
+        for c in GRID:
+            logits = _unit(cfg, f"shift/{c}/{sev}")[1]["logits"]  # (N, classes): one draw
+            raw.append(calibration_report(logits, y, 15)["ece"])
+            scaled.append(calibration_report(logits / temps[:, None], y, 15)["ece"])
+        assert m[f"calib/severity/{sev}/ece"] == pytest.approx(np.mean(raw), abs=1e-6)
+        assert m[f"calib/severity/{sev}/ts_ece"] == pytest.approx(np.mean(scaled), abs=1e-6)
+    contrast = [_unit(cfg, f"shift/contrast/{s}")[1]["logits"] for s in (1, 5)]
+    want = [calibration_report(logits, y, 15)["ece"] for logits in contrast]
+    assert report["calib_severity"]["ece"]["contrast"] == pytest.approx(want, abs=1e-6)
     assert m["adv/linf_128/acc"] <= 0.05  # half the [0, 1] box
     assert m["adv/linf_128/acc"] <= m["adv/linf_8/acc"] <= m["adv/linf_8/clean_acc"]
     assert m["adv/l2_0.5/acc"] <= m["adv/l2_0.5/clean_acc"]
@@ -616,6 +636,25 @@ def test_corruption_accuracy_over_several_purifications(
     again = evaluate(tiny_cfg(*purifier, *only_shift, f"shift.draws={draws}", "run.resume=true"))
     assert unet_calls[0] == calls
     assert again == pytest.approx({**m, "perf/eval_wall_s": again["perf/eval_wall_s"]})
+    # Stores from before every cell kept its logits: the calibration per severity is skipped
+    # (and says so); nothing is recomputed, every other number is the same.
+    for c in corruptions:
+        path = Path(several.run.dir) / "partial" / f"shift/{c}/1{UNIT_SUFFIX}"
+        read = read_unit(path)
+        assert read is not None
+        key, data, tensors = read
+        save_file(
+            {"hits": tensors["hits"]}, str(path), metadata={"key": key, "data": json.dumps(data)}
+        )
+    old = evaluate(tiny_cfg(*purifier, *only_shift, f"shift.draws={draws}", "run.resume=true"))
+    assert unet_calls[0] == calls
+    per_severity = {k for k in m if k.startswith("calib/severity/")}
+    assert per_severity and not per_severity & set(old)
+    assert old == pytest.approx(
+        {k: v for k, v in again.items() if k not in per_severity}
+        | {"perf/eval_wall_s": old["perf/eval_wall_s"]}
+    )
+    assert "Calibration per severity skipped" in " ".join(_report(several)["notes"])
 
     # A deterministic pipeline ignores shift.draws; zero draws is an error.
     plain = evaluate(tiny_cfg(*only_shift, "shift.draws=4", run_dir=tmp_path / "plain"))

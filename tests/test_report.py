@@ -94,6 +94,7 @@ def hand_made_report() -> dict[str, Any]:
                 f"selective/{s}/risk_c50": (1 - acc) * 0.3,
             }
         )
+    m["calib/severity/1/ece"], m["calib/severity/5/ece"] = 0.08, 0.25
     for s in ("noise_gaussian", "shift_s5"):
         for score in ("msp", "energy"):
             m[f"ood/{s}/{score}/auroc"], m[f"ood/{s}/{score}/fpr95"] = 0.93, 0.3
@@ -137,6 +138,10 @@ def hand_made_report() -> dict[str, Any]:
             }
         },
         "reliability": {"clean": _bins(), "shift": _bins()},
+        "calib_severity": {
+            "severities": SEVERITIES,
+            "ece": {c: [0.06 + 0.04 * i, 0.2 + 0.1 * i] for i, c in enumerate(GRID)},
+        },
         "risk_coverage": {
             s: {
                 "coverage": [0.25, 0.5, 0.75, 1.0],
@@ -183,7 +188,7 @@ def test_every_template_documents_some_key_and_the_most_specific_wins() -> None:
         threats=["linf_8"],
         autoattack=True,
         sanity_norms=["l2"],
-        calib_sets=["clean"],
+        calib_sets=["clean", "shift"],
         ood_sets=["held_out"],
         perf=True,
         cert_radii=[0.0, 0.5],
@@ -223,6 +228,7 @@ def test_write_report_from_a_hand_made_dict(tmp_path: Path) -> None:
         "markdown",
         "shift_severity",
         "reliability",
+        "calib_severity",
         "risk_coverage",
         "robust_eps",
         "ood_hist",
@@ -259,7 +265,10 @@ def test_write_report_from_a_hand_made_dict(tmp_path: Path) -> None:
         "| purifier (5 NFE) + classifier | 40.00 | 300.0 |",
         "throughput batch 256 (img/s)",
         "Sehwag2021 ResNet-18",
-        "![reliability](plots/reliability.png)\n\n![risk_coverage](plots/risk_coverage.png)",
+        "| images | acc (%) | ECE |\n| --- | ---: | ---: |\n| clean | 90.00 | 0.0300 |\n"
+        "| severity 1 | 82.50 | 0.0800 |\n| severity 5 | 47.50 | 0.2500 |",
+        "![reliability](plots/reliability.png)\n\n![calib_severity](plots/calib_severity.png)"
+        "\n\n![risk_coverage](plots/risk_coverage.png)",
         "| set | error (%) | AURC | E-AURC | error at 80% coverage (%) | at 50% (%) |",
         "| shift | 52.50 | 0.2625 | 0.1313 | 31.50 | 15.75 |",
         "E-AURC its excess over the best ranking",
@@ -273,7 +282,14 @@ def test_write_report_from_a_hand_made_dict(tmp_path: Path) -> None:
         "| attack sanity checks | FAILED: linf/black_box | – |",
     ):
         assert needle in md, needle
-    for name in ("shift_severity", "reliability", "risk_coverage", "robust_eps", "ood_hist"):
+    for name in (
+        "shift_severity",
+        "reliability",
+        "calib_severity",
+        "risk_coverage",
+        "robust_eps",
+        "ood_hist",
+    ):
         path = tmp_path / "plots" / f"{name}.png"
         assert path == paths[name] and path.stat().st_size > 10_000
         with Image.open(path) as img:

@@ -8,6 +8,7 @@ A report is a plain dict, so it can be written, read back and re-rendered withou
 - ``cert``: each certified image's radius and whether the smoothed classifier was right;
 - ``reliability``: reliability-diagram bins per calibration set (``reliability_scaled``: after
   temperature scaling);
+- ``calib_severity``: every corruption cell's ECE (and after temperature scaling) by severity;
 - ``risk_coverage``: per calibration set, its risk-coverage curve and the best ranking's;
 - ``ood_hist``: score histograms (in-distribution vs each OOD set);
 - ``notes``: protocol deviations and skipped parts, in words.
@@ -135,6 +136,10 @@ METRIC_DOCS: dict[str, str] = {
     "predictions (every right one first); 0 when confidence orders errors last.",
     "selective/{set}/risk_c50": "Error rate of the 50% most confident predictions.",
     "selective/{set}/risk_c80": "Error rate of the 80% most confident predictions.",
+    "calib/severity/{severity}/ece": "ECE of each corruption cell at a severity (purifications "
+    "pooled), averaged over the grid's corruptions.",
+    "calib/severity/{severity}/ts_ece": "The same after temperature scaling (calib/temperature; "
+    "cross-fitted per image where the cells hold the clean images).",
     "calib/temperature": "Temperature fit by NLL on every clean image's logits (Guo et al. "
     "2017; calib.temperature).",
     "calib/{set}/ts_ece": "ECE after temperature scaling; each image of the clean set (and of "
@@ -321,6 +326,9 @@ def expected_metric_keys(
     keys |= {
         f"selective/{s}/{m}" for s in calib_sets for m in ("aurc", "eaurc", "risk_c50", "risk_c80")
     }
+    if "shift" in calib_sets and corruptions:
+        per_severity = ["ece", "ts_ece"] if temperature else ["ece"]
+        keys |= {f"calib/severity/{s}/{m}" for s in severities for m in per_severity}
     if temperature and calib_sets:
         keys.add("calib/temperature")
         scaled = ["ts_ece", "ts_nll", "ts_brier"]
@@ -718,6 +726,29 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
             ["str", "pct", "f4", "str", "f4", "f4"] + (["f4", "str", "f4", "f4"] if scaled else []),
         )
 
+    by_severity = report.get("calib_severity") or {}
+    if by_severity and "calib/clean/ece" in m:
+        scaled = "ts_ece" in by_severity
+        rows = [
+            ["clean", m.get("test/acc", m["calib/clean/acc"]), m["calib/clean/ece"]]
+            + ([m.get("calib/clean/ts_ece")] if scaled else [])
+        ]
+        for sev in by_severity["severities"]:
+            rows.append(
+                [
+                    f"severity {sev}",
+                    m.get(f"shift/severity/{sev}/acc"),
+                    m[f"calib/severity/{sev}/ece"],
+                ]
+                + ([m.get(f"calib/severity/{sev}/ts_ece")] if scaled else [])
+            )
+        tables["calib_severity"] = Table(
+            "Calibration as the shift grows (ECE: mean over the corruptions)",
+            ["images", "acc (%)", "ECE"] + (["ECE (T)"] if scaled else []),
+            rows,
+            ["str", "pct", "f4"] + (["f4"] if scaled else []),
+        )
+
     selective = [s for s in calib_sets if f"selective/{s}/aurc" in m]
     if selective:
         tables["selective"] = Table(
@@ -916,13 +947,13 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
     )
     section(
         "Calibration",
-        ["calib", "selective"],
+        ["calib", "calib_severity", "selective"],
         f"ECE with {meta.get('calib_bins', 15)} equal-width confidence bins; NLL; multi-class "
         "Brier score. The shift set "
         f"pools {meta.get('calib_shift_set', 'the highest-severity corruptions')}."
         + _temperature_text(report)
         + _selective_text(report),
-        ["reliability", "risk_coverage"],
+        ["reliability", "calib_severity", "risk_coverage"],
     )
     section("Out-of-distribution detection", ["ood"], _ood_text(report), "ood_hist")
     section("Latency and throughput", ["perf"])
@@ -1159,6 +1190,46 @@ def _plot_reliability(report: dict[str, Any], path: Path) -> Path | None:
     return save_figure(fig, path, dpi=_DPI)
 
 
+def _plot_calib_severity(report: dict[str, Any], path: Path) -> Path | None:
+    """ECE against severity, a box over the corruptions at each, before and after temperature
+    scaling; the clean ECE at severity 0 (Ovadia et al. 2019, Fig. 2)."""
+    data = report.get("calib_severity") or {}
+    m = report.get("metrics", {})
+    if not data or "calib/clean/ece" not in m:
+        return None
+    severities = list(data["severities"])
+    kinds = [("ece", "before", "C0")]
+    if "ts_ece" in data:
+        kinds.append(("ts_ece", "after temperature scaling", "C2"))
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    width = 0.35 if len(kinds) > 1 else 0.5
+    for j, (key, label, color) in enumerate(kinds):
+        offset = (j - (len(kinds) - 1) / 2) * width
+        per_severity = [[cells[i] for cells in data[key].values()] for i in range(len(severities))]
+        clean = m.get(f"calib/clean/{key}")
+        if clean is not None:
+            ax.plot([offset], [clean], "D", color=color, markersize=6)
+        ax.boxplot(
+            per_severity,
+            positions=[s + offset for s in severities],
+            widths=width * 0.9,
+            patch_artist=True,
+            boxprops={"facecolor": color, "alpha": 0.5},
+            medianprops={"color": "k"},
+            manage_ticks=False,
+        )
+        ax.plot([], [], "s", color=color, alpha=0.5, label=label)
+    ax.set_xticks([0, *severities])
+    ax.set_xticklabels(["clean", *[str(s) for s in severities]])
+    ax.set_xlabel("corruption severity (box: the corruptions of the grid)")
+    ax.set_ylabel("ECE")
+    ax.set_ylim(bottom=0)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    return save_figure(fig, path, dpi=_DPI)
+
+
 def _plot_risk_coverage(report: dict[str, Any], path: Path) -> Path | None:
     """Risk against coverage per calibration set, with the best ranking's curve dotted."""
     curves: dict[str, dict[str, list[float]]] = report.get("risk_coverage") or {}
@@ -1324,6 +1395,7 @@ _PLOTTERS = {
     "corruption_error": _plot_corruption_error,
     "confusion": _plot_confusion,
     "reliability": _plot_reliability,
+    "calib_severity": _plot_calib_severity,
     "risk_coverage": _plot_risk_coverage,
     "robust_eps": _plot_robust,
     "certified": _plot_certified,

@@ -1064,10 +1064,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     shift_logits: Tensor | None = None  # (draws, M, classes)
     shift_labels: Tensor | None = None
+    shift_cells: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
     with _progress(cfg.eval.progress) as bar:
         # -- corruptions -------------------------------------------------------------------
         if corruptions:
-            shift_logits, shift_labels = _shift_section(
+            shift_logits, shift_labels, shift_cells = _shift_section(
                 cfg,
                 model,
                 images,
@@ -1158,6 +1159,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 reliability_scaled[name] = _calibration(
                     cfg, f"calib/{name}/ts_", scaled, labels_1d, seed, metrics
                 )
+        if shift_cells:
+            _severity_calibration(
+                cfg, shift_cells, corruptions, severities, y, temps.get("clean"), metrics, report,
+                notes,
+            )  # fmt: skip
     report["reliability"] = reliability
     if reliability_scaled:
         report["reliability_scaled"] = reliability_scaled
@@ -1232,6 +1238,60 @@ def _calibration(
         metrics[f"{prefix}ece_low"], metrics[f"{prefix}ece_high"] = low, high
     bins = reliability_bins(logits.float().softmax(1), labels_t, n_bins)
     return {k: v.tolist() for k, v in bins.items()}
+
+
+def _severity_calibration(
+    cfg: DictConfig,
+    cells: dict[tuple[str, int], tuple[Tensor, Tensor]],
+    corruptions: Sequence[str],
+    severities: Sequence[int],
+    y: Tensor,
+    clean_temps: Tensor | None,
+    metrics: dict[str, float],
+    report: dict[str, Any],
+    notes: list[str],
+) -> None:
+    """ECE of every corruption cell (draws pooled), before and after temperature scaling, as
+    the mean over the corruptions per severity (``calib/severity/<s>/ece``, ``ts_ece``) and
+    every cell's values in ``report["calib_severity"]`` for the plot: how calibration decays
+    as the shift grows, and how much of that a temperature fit on clean data undoes (Ovadia
+    et al. 2019, Fig. 2). A cell of the same images as the clean set is scaled by each image's
+    cross-fitted temperature (``clean_temps``), another by ``calib/temperature``."""
+    if not all((c, s) in cells for c in corruptions for s in severities):
+        notes.append(
+            "Calibration per severity skipped: the stored corruption cells of an earlier run "
+            "kept the logits of the highest severity only."
+        )
+        return
+    n_bins = int(cfg.calib.n_bins)
+    t_all = metrics.get("calib/temperature")
+    out: dict[str, Any] = {"severities": list(severities), "ece": {}, "ts_ece": {}}
+    for c in corruptions:
+        out["ece"][c], out["ts_ece"][c] = [], []
+        for sev in severities:
+            per_draw, labels = cells[c, sev]
+            logits, labels_t = _pooled(per_draw.float(), labels)
+            out["ece"][c].append(ece(logits.softmax(1), labels_t, n_bins))
+            if t_all is None:
+                continue
+            if (
+                clean_temps is not None
+                and per_draw.shape[1] == len(y)
+                and torch.equal(labels.cpu(), y.cpu())
+            ):
+                temps = clean_temps.to(per_draw.device).float()
+            else:
+                temps = torch.full((per_draw.shape[1],), float(t_all), device=per_draw.device)
+            scaled, _ = _pooled(per_draw.float() / temps[None, :, None], labels)
+            out["ts_ece"][c].append(ece(scaled.softmax(1), labels_t, n_bins))
+    for i, sev in enumerate(severities):
+        metrics[f"calib/severity/{sev}/ece"] = float(np.mean([v[i] for v in out["ece"].values()]))
+        if t_all is not None:
+            values = [v[i] for v in out["ts_ece"].values()]
+            metrics[f"calib/severity/{sev}/ts_ece"] = float(np.mean(values))
+    if t_all is None:
+        del out["ts_ece"]
+    report["calib_severity"] = out
 
 
 def _selective(
@@ -1404,9 +1464,11 @@ def _shift_section(
     notes: list[str],
     bar: Progress,
     cache: UnitStore,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, dict[tuple[str, int], tuple[Tensor, Tensor]]]:
     """Accuracy over the corruption grid; returns the highest-severity cells' logits of every
-    draw, (draws, M, classes), and their labels (M,), the corruptions one after another.
+    draw, (draws, M, classes), and their labels (M,), the corruptions one after another; and
+    by (corruption, severity) every cell's logits (draws, N, classes) and labels that are
+    kept (all of them, except in stores written before every cell kept its logits).
 
     Each cell is one unit of ``cache``, and draws the purifier's noise from its own stream,
     seeded by (run.seed, corruption, severity), so that a cell computed after a resume sees
@@ -1437,6 +1499,7 @@ def _shift_section(
     # Per image: the fraction of draws that classified it right, per cell (None in stores
     # written before these were kept); they give the grid means' intervals over the images.
     cell_hits: dict[tuple[str, int], Tensor | None] = {}
+    cells: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}  # logits (draws, N, K), labels
     numbers: dict[str, Any]  # a cell's stored numbers
     kept: dict[str, Tensor]  # and tensors
     logits: Tensor | None
@@ -1476,17 +1539,20 @@ def _shift_section(
                 numbers["acc"] = float(np.mean(accs))
                 if draws > 1:
                     numbers["accs"] = accs
-                kept = {"logits": logits, "labels": y_c} if sev == top else {}
-                kept["hits"] = hits
+                # Every cell's logits: calibration per severity (the top one's also pool into
+                # the shift set of the calibration and OOD sections).
+                kept = {"logits": logits, "labels": y_c, "hits": hits}
                 cache.put(unit, numbers, kept)
             cell_accs[c, sev] = accs
             cell_hits[c, sev] = hits
             metrics[f"shift/{c}/{sev}/acc"] = float(np.mean(accs))
             if "folder_images" in numbers:
                 folder_sizes.append(int(numbers["folder_images"]))
+            if logits is not None and y_c is not None:
+                cells[c, sev] = (logits if logits.dim() == 3 else logits[None], y_c)
             if sev == top:
                 assert logits is not None and y_c is not None
-                pooled_logits.append(logits if logits.dim() == 3 else logits[None])
+                pooled_logits.append(cells[c, sev][0])
                 pooled_labels.append(y_c)
             bar.advance(task)
     if folder_sizes and folder_sizes[0] != len(images):
@@ -1517,7 +1583,7 @@ def _shift_section(
             f"Corruption grid: {len(corruptions)} corruptions x {len(severities)} severities, "
             "not the full 15 x 5 CIFAR-10-C benchmark; means are over this grid."
         )
-    return torch.cat(pooled_logits, dim=1), torch.cat(pooled_labels)
+    return torch.cat(pooled_logits, dim=1), torch.cat(pooled_labels), cells
 
 
 def load_ce_reference(
