@@ -651,6 +651,63 @@ def plot_severity(runs: Sequence[Run], labels: Mapping[str, str], path: Path) ->
     return save_figure(fig, path, dpi=120)
 
 
+def calibration_severity_data(
+    runs: Sequence[Run],
+) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """What :func:`plot_calibration_severity` draws: ``run source -> {"ece": (severities,
+    ECEs), "ts_ece": ...}`` of the evaluation runs with a per-severity ECE
+    (``calib/severity/<s>/ece``; ``ts_ece`` after temperature scaling, where recorded),
+    severity 0 being the clean ECE when the run has it."""
+    out: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+    for run in runs:
+        m = run.metrics
+        lines: dict[str, tuple[list[int], list[float]]] = {}
+        for kind in ("ece", "ts_ece"):
+            levels = sorted(
+                int(k.split("/")[2])
+                for k in m
+                if k.startswith("calib/severity/") and k.endswith(f"/{kind}") and k.count("/") == 3
+            )
+            if not levels:
+                continue
+            points = [(s, m[f"calib/severity/{s}/{kind}"]) for s in levels]
+            if f"calib/clean/{kind}" in m:
+                points.insert(0, (0, m[f"calib/clean/{kind}"]))
+            lines[kind] = ([x for x, _ in points], [y for _, y in points])
+        if lines:
+            out[run.source] = lines
+    return out
+
+
+def plot_calibration_severity(
+    runs: Sequence[Run], labels: Mapping[str, str], path: Path
+) -> Path | None:
+    """ECE against corruption severity (0 = clean), one colour per evaluation run, dashed
+    after temperature scaling: whose calibration holds as the shift grows. ``None`` if no run
+    has per-severity ECEs."""
+    data = calibration_severity_data(runs)
+    if not data:
+        return None
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
+    for i, (source, lines) in enumerate(
+        sorted(data.items(), key=lambda item: labels.get(item[0], item[0]))
+    ):
+        color = f"C{i % 10}"
+        for kind, style, extra in (("ece", "-o", ""), ("ts_ece", "--s", ", temperature-scaled")):
+            if kind in lines:
+                xs, ys = lines[kind]
+                label = labels.get(source, source) + extra
+                ax.plot(xs, ys, style, color=color, markersize=4, label=label)
+    ax.set_xlabel("corruption severity (0 = clean)")
+    ax.set_ylabel("ECE (mean over the corruptions)")
+    ax.set_xticks(sorted({x for lines in data.values() for xs, _ in lines.values() for x in xs}))
+    ax.set_ylim(bottom=0)
+    ax.set_title("calibration as the shift grows (dashed: temperature-scaled)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6 if len(data) > 3 else 8)
+    return save_figure(fig, path, dpi=120)
+
+
 def certified_data(runs: Sequence[Run]) -> dict[str, tuple[list[float], list[float]]]:
     """What :func:`plot_certified` draws: ``run source -> (radii, certified accuracies)`` of
     the evaluation runs that certified (``cert/radius/<r>/acc``)."""
@@ -906,7 +963,8 @@ def compare(
 
     Returns:
         What was written, by kind: ``markdown``, ``html``, and ``plot_accuracy_vs_fraction`` /
-        ``plot_accuracy_vs_severity`` / ``plot_certified_accuracy`` / ``plot_clean_vs_robust`` /
+        ``plot_accuracy_vs_severity`` / ``plot_calibration_vs_severity`` /
+        ``plot_certified_accuracy`` / ``plot_clean_vs_robust`` /
         ``plot_robust_vs_nfe`` /
         ``plot_training_curves`` when the runs have what those plots need.
 
@@ -986,6 +1044,10 @@ def compare(
     plot = plot_severity(runs, labels, out / "accuracy_vs_severity.png")
     if plot:
         written["plot_accuracy_vs_severity"] = plot
+    # How each pipeline's calibration decays with the severity, before and after scaling.
+    plot = plot_calibration_severity(runs, labels, out / "calibration_vs_severity.png")
+    if plot:
+        written["plot_calibration_vs_severity"] = plot
     # Certified accuracy against the radius, per certified pipeline.
     plot = plot_certified(runs, labels, out / "certified_accuracy.png")
     if plot:

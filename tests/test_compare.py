@@ -16,6 +16,7 @@ from PIL import Image
 from ssl_robust.compare import (
     Run,
     add_corruption_errors,
+    calibration_severity_data,
     certified_data,
     compare,
     curve_data,
@@ -550,3 +551,22 @@ def test_baselines_of_replicate_chains_are_replicates(tmp_path: Path) -> None:
     assert [len(g) for _, g in replicate_groups(runs, keys)] == [2]
     _, rows = table(runs, keys, ["test/acc"])
     assert [row[1] for row in rows] == ["c0/pretrain", "c1/pretrain"]
+
+
+def test_calibration_against_severity_per_evaluation(tmp_path: Path) -> None:
+    scaled = {"calib/severity/1/ts_ece": 0.04, "calib/severity/5/ts_ece": 0.15}
+    m = {"calib/severity/1/ece": 0.05, "calib/severity/5/ece": 0.2, "calib/clean/ece": 0.03}
+    runs = [
+        Run("ts", "r/ts", {"purify.run": ""}, {**m, **scaled, "calib/clean/ts_ece": 0.02}),
+        # An older evaluation: no temperature scaling, no clean ECE, a cell is not a severity.
+        Run("old", "r/old", {"purify.run": "d"}, {"calib/severity/3/ece": 0.1, "calib/x/ece": 1}),
+        Run("pre", "r/pre", {"method.name": "simclr"}, {"val/knn_acc": 0.5}),  # not evaluated
+    ]
+    assert calibration_severity_data(runs) == {
+        "r/ts": {"ece": ([0, 1, 5], [0.03, 0.05, 0.2]), "ts_ece": ([0, 1, 5], [0.02, 0.04, 0.15])},
+        "r/old": {"ece": ([3], [0.1])},
+    }
+    written = compare(runs, tmp_path)
+    with Image.open(written["plot_calibration_vs_severity"]) as image:
+        assert image.format == "PNG" and image.size[0] > 300
+    assert "plot_calibration_vs_severity" not in compare(runs[2:], tmp_path / "none")

@@ -358,7 +358,9 @@ def test_labeled_sets_read_cifar10_2_npz_archives(tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
     np.savez(bad / "a.npz", images=split["test"][0])
-    with pytest.raises(DataError, match=r"has no labels array; it holds \['images'\]"):
+    with pytest.raises(
+        DataError, match=r"^'[^']*a\.npz' has no labels array; it holds \['images'\]"
+    ):
         load_labeled_set(bad / "a.npz", classes, 32)
     np.savez(bad / "b.npz", images=split["test"][0], labels=split["test"][1])
     with pytest.raises(DataError, match=r"holds several data files \(\['a.npz', 'b.npz'\]\)"):
@@ -369,3 +371,14 @@ def test_labeled_sets_read_cifar10_2_npz_archives(tmp_path: Path) -> None:
     np.savez(bad / "d.npz", images=split["test"][0], labels=split["test"][1] + 5)
     with pytest.raises(DataError, match=r"d.npz\[labels\]' holds labels \d+..1\d; the classifier"):
         load_labeled_set(bad / "d.npz", classes, 32)
+    np.savez(bad / "e.npz", images=split["test"][0], labels=np.array(["cat"] * 8))
+    with pytest.raises(DataError, match=r"holds <U3 labels; expected integer class indices"):
+        load_labeled_set(bad / "e.npz", classes, 32)
+    # A class tree stays a tree whatever lies beside its class folders.
+    tree = tmp_path / "tree"
+    for k in (0, 1):
+        (tree / str(k)).mkdir(parents=True)
+        Image.fromarray(split["test"][0][k]).save(tree / str(k) / "a.png")
+    np.savez(tree / "embeddings.npz", x=np.zeros(3))
+    images, labels = load_labeled_set(tree, classes, 32)
+    assert labels.tolist() == [0, 1] and np.array_equal(images, split["test"][0][:2])

@@ -383,6 +383,7 @@ def test_fit_temperature_at_the_bounds_and_on_constant_logits() -> None:
     assert fit_temperature(z, right, bounds=(0.5, 3.0)) == 0.5
     assert fit_temperature(z, 1 - right) == 100.0  # every prediction wrong: T -> infinity
     assert fit_temperature(torch.zeros(8, 3), torch.arange(8) % 3) == 1.0
+    assert fit_temperature(torch.full((8, 3), 12345.678), torch.arange(8) % 3) == 1.0
     with pytest.raises(ValueError, match="bounds"):
         fit_temperature(z, right, bounds=(2.0, 1.0))
 
@@ -433,6 +434,12 @@ def test_risk_coverage_known_answer_and_selective_report() -> None:
     assert torch.allclose(risk2, risk) and torch.allclose(best2, best)
     # Errors ranked last: no excess.
     assert selective_report(best, best)["eaurc"] == 0.0
+    # Confident predictions keep their order: in float32 the top probability of each of
+    # these is exactly 1, in float64 log-probabilities they differ.
+    gaps = torch.tensor([30.0, 25.0, 20.0, 18.0])
+    assert (torch.stack([gaps, torch.zeros(4)], 1).softmax(1)[:, 0] == 1).all()
+    risk3, _ = selective_curves(torch.stack([gaps, torch.zeros(4)], 1), torch.tensor([1, 0, 0, 0]))
+    assert risk3.tolist() == pytest.approx([1, 1 / 2, 1 / 3, 1 / 4])
 
 
 def test_risk_coverage_averages_over_the_orders_of_tied_confidences() -> None:

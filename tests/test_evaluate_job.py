@@ -560,6 +560,13 @@ def test_clean_accuracy_over_several_purifications(
     assert f"clean accuracy is the mean over {draws} purifications" in notes
     md = (Path(several.run.dir) / "report.md").read_text()
     assert f"mean of {draws} purifications" in md
+    # On four images, one wrong: the fold whose other images are all right fits a temperature
+    # at the bound of its range, and the report says so.
+    few = tiny_cfg(*only_clean, "calib.enabled=true", "eval.max_images=4", run_dir=tmp_path / "few")
+    assert evaluate(few)["test/acc"] == 0.75
+    report = _report(few)
+    assert 0.01 in report["meta"]["calib_temperature"]["fold_fits"]
+    assert "a fit reached the bound of its range [0.01, 100]" in " ".join(report["notes"])
     # A deterministic pipeline ignores clean.draws.
     plain = evaluate(tiny_cfg(*only_clean, "clean.draws=4", run_dir=tmp_path / "plain"))
     assert "test/draws" not in plain
@@ -622,6 +629,21 @@ def test_corruption_accuracy_over_several_purifications(
     assert m1["shift/mean_acc"] != m["shift/mean_acc"]  # more draws, another estimate
     # Calibration on the top severity pools every draw of every corruption.
     assert m["calib/shift/acc"] == pytest.approx(np.mean([accs[c, top] for c in corruptions]))
+    # After temperature scaling: the shift set holds the clean images, so each is scaled by its
+    # cross-fitted temperature (fit on the other fold's clean images), never by one its own
+    # label helped fit.
+    y = _val_labels()
+    clean = _unit(several, "clean")[1]["logits"]  # (1, n, classes)
+    fold = fold_of(n, 2, int(several.run.seed) + 10)
+    temps = torch.empty(n)
+    for k in (0, 1):
+        temps[fold == k] = fit_temperature(clean[0, fold != k], y[fold != k])
+    cells = torch.cat([_unit(several, f"shift/{c}/{top}")[1]["logits"] for c in corruptions])
+    scaled = calibration_report(
+        (cells / temps[None, :, None]).flatten(0, 1), y.repeat(len(cells)), 15
+    )
+    for k in ("ece", "nll", "brier"):
+        assert m[f"calib/shift/ts_{k}"] == pytest.approx(scaled[k], rel=1e-4)
     notes = " ".join(_report(several)["notes"])
     assert f"corruption accuracy is the mean over {draws} purifications" in notes
     assert (

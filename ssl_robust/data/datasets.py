@@ -452,10 +452,16 @@ def load_image_folder(
 
 
 def _npz_files(folder: Path) -> list[Path]:
-    """The ``.npz`` files of a folder; of CIFAR-10.2's train and test pair, the test one."""
+    """The ``.npz`` files of a folder without class folders (one with them is a class tree,
+    whatever else lies beside them); of a ``<name>_train`` and ``<name>_test`` pair (CIFAR-10.2's
+    layout), the test one."""
+    if any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir()):
+        return []
     files = sorted(folder.glob("*.npz"))
-    tests = [f for f in files if f.stem.endswith("_test")]
-    return tests if len(files) > 1 and len(tests) == 1 else files
+    stems = {f.stem for f in files}
+    if len(files) == 2 and any(s.endswith("_test") and s[:-5] + "_train" in stems for s in stems):
+        return [f for f in files if f.stem.endswith("_test")]
+    return files
 
 
 def _read_labeled_arrays(data: Path) -> tuple[np.ndarray, np.ndarray, str]:
@@ -465,22 +471,49 @@ def _read_labeled_arrays(data: Path) -> tuple[np.ndarray, np.ndarray, str]:
     if data.suffix == ".npz":
         try:
             with np.load(data, allow_pickle=False) as archive:
-                missing = [k for k in ("images", "labels") if k not in archive.files]
-                if missing:
-                    raise DataError(
-                        f"{str(data)!r} has no {' or '.join(missing)} array; it holds "
-                        f"{archive.files} (expected CIFAR-10.2's layout: images, labels)"
-                    )
-                images, labels = archive["images"], archive["labels"]
+                keys = list(archive.files)
+                arrays = {k: archive[k] for k in ("images", "labels") if k in keys}
         except (OSError, ValueError) as err:
             raise DataError(f"{str(data)!r} is not a readable .npz archive: {err}") from err
-        return images, labels.astype(np.int64).ravel(), f"{data}[labels]"
+        missing = [k for k in ("images", "labels") if k not in arrays]
+        if missing:
+            raise DataError(
+                f"{str(data)!r} has no {' or '.join(missing)} array; it holds {keys} "
+                "(expected CIFAR-10.2's layout: images, labels)"
+            )
+        if not np.issubdtype(arrays["labels"].dtype, np.integer):
+            raise DataError(
+                f"{str(data)!r} holds {arrays['labels'].dtype} labels; expected integer class "
+                "indices"
+            )
+        return arrays["images"], arrays["labels"].astype(np.int64).ravel(), f"{data}[labels]"
     if not data.name.endswith("_data.npy"):
         raise DataError(f"{str(data)!r}: expected a <name>_data.npy file, a .npz file or a folder")
     labels_file = data.with_name(data.name.removesuffix("_data.npy") + "_labels.npy")
     if not labels_file.is_file():
         raise DataError(f"{str(data)!r} has no labels file beside it ({labels_file.name})")
     return np.load(data), np.load(labels_file).astype(np.int64).ravel(), str(labels_file)
+
+
+def labeled_set_file(path: str | Path) -> Path | None:
+    """The array file a labeled set's ``path`` names (:func:`load_labeled_set`): the file
+    itself, or the one ``<name>_data.npy`` or ``.npz`` file of a folder; None for a class
+    tree or nothing.
+
+    Raises:
+        DataError: A folder with several candidate files.
+    """
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        return None
+    files = sorted(path.glob("*_data.npy")) or _npz_files(path)
+    if len(files) > 1:
+        raise DataError(
+            f"{str(path)!r} holds several data files ({[p.name for p in files]}); name one"
+        )
+    return files[0] if files else None
 
 
 def load_labeled_set(
@@ -502,14 +535,7 @@ def load_labeled_set(
             names.
     """
     path = Path(path)
-    data = path if path.is_file() else None
-    if data is None and path.is_dir():
-        pairs = sorted(path.glob("*_data.npy")) or _npz_files(path)
-        if len(pairs) > 1:
-            raise DataError(
-                f"{str(path)!r} holds several data files ({[p.name for p in pairs]}); name one"
-            )
-        data = pairs[0] if pairs else None
+    data = labeled_set_file(path)
     if data is not None:
         images, labels, labels_file = _read_labeled_arrays(data)
         if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:

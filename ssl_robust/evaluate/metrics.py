@@ -416,9 +416,9 @@ def risk_coverage(confidence: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:
             f"expected confidence (N,) and correct (N,), N >= 1, got {tuple(confidence.shape)} "
             f"and {tuple(correct.shape)}"
         )
-    err = 1 - correct.double()
+    err = 1 - correct.detach().cpu().double()
     _, inverse, counts = torch.unique(
-        confidence.double(), sorted=True, return_inverse=True, return_counts=True
+        confidence.detach().cpu().double(), sorted=True, return_inverse=True, return_counts=True
     )  # distinct values ascending
     groups = len(counts)
     group_err = torch.zeros(groups, dtype=torch.float64).scatter_add_(0, inverse, err)
@@ -436,8 +436,11 @@ def selective_curves(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     probability, and that of the best ranking of the same predictions (every right one
     first): two (N,) tensors."""
     _check_scores(logits, labels)
-    confidence, pred = logits.float().softmax(1).max(1)
-    correct = pred == labels
+    # Ranked by the top log-probability in float64: in float32 the top probability of every
+    # prediction whose logit leads by more than ~17 rounds to exactly 1, and those would tie.
+    log_probs = logits.detach().cpu().double().log_softmax(1)
+    confidence, pred = log_probs.max(1)
+    correct = pred == labels.cpu()
     return risk_coverage(confidence, correct)[1], risk_coverage(correct.double(), correct)[1]
 
 
@@ -457,8 +460,11 @@ def selective_report(risk: Tensor, best: Tensor) -> dict[str, float]:
     }
 
 
+TEMPERATURE_BOUNDS = (0.01, 100.0)
+
+
 def fit_temperature(
-    logits: Tensor, labels: Tensor, bounds: tuple[float, float] = (0.01, 100.0)
+    logits: Tensor, labels: Tensor, bounds: tuple[float, float] = TEMPERATURE_BOUNDS
 ) -> float:
     """The temperature T minimising the mean NLL of softmax(logits / T): temperature scaling
     (Guo et al. 2017, Sec. 4.2), which rescales confidence without changing a prediction.
@@ -485,10 +491,10 @@ def fit_temperature(
         zb = z * math.exp(log_b)
         return float(((zb.softmax(1) * z).sum(1) - z_true).mean())
 
+    if bool((z == z[:, :1]).all()):  # every T gives the uniform distribution
+        return 1.0
     lo, hi = -math.log(bounds[1]), -math.log(bounds[0])  # log b over [1 / high, 1 / low]
     at_lo, at_hi = slope(lo), slope(hi)
-    if abs(at_lo) < 1e-12 and abs(at_hi) < 1e-12:
-        return 1.0
     if at_lo >= 0:
         return bounds[1]
     if at_hi <= 0:

@@ -39,6 +39,7 @@ from ssl_robust.data.datasets import (
     OUTSIDE_DATASETS,
     ArraySource,
     build_splits,
+    labeled_set_file,
     load_labeled_set,
     load_outside_images,
 )
@@ -69,6 +70,7 @@ from ssl_robust.evaluate.corruptions import (
 from ssl_robust.evaluate.examples import perturbation_image
 from ssl_robust.evaluate.latency import measure_latency
 from ssl_robust.evaluate.metrics import (
+    TEMPERATURE_BOUNDS,
     bootstrap_interval,
     calibration_report,
     confusion_matrix,
@@ -649,7 +651,9 @@ def _natural_sets(
     for name, path in natural_set_names([str(p) for p in cfg.natural.sets]).items():
         images, labels = load_labeled_set(path, classes, image_size)
         idx = _subset(len(images), int(cfg.natural.max_images), int(cfg.run.seed) + _SEED_NATURAL)
-        desc = f"{path}, {len(idx)} of {len(images)} images at {image_size} px"
+        data = labeled_set_file(path)
+        where = f"{data}" if data is not None and Path(path).is_dir() else str(path)
+        desc = f"{where}, {len(idx)} of {len(images)} images at {image_size} px"
         out[name] = (np.ascontiguousarray(images[idx]), labels[idx], desc)
     return out
 
@@ -1304,6 +1308,7 @@ def _selective(
     for k, v in selective_report(risk, best).items():
         metrics[f"selective/{name}/{k}"] = v
     n = len(risk)
+    points = min(points, n)  # fewer predictions: every one of them
     coverage = [(i + 1) / points for i in range(points)]
     at = [max(1, -(-(i + 1) * n // points)) - 1 for i in range(points)]  # ceil, in integers
     return {
@@ -1339,6 +1344,15 @@ def _temperatures(
     seed = int(cfg.run.seed) + _SEED_TEMPERATURE
     per_image, fits = cross_fit_temperatures(clean, y, folds, seed)
     t_all = fit_temperature(*_pooled(clean, y))
+    low, high = TEMPERATURE_BOUNDS
+    if any(t in (low, high) for t in [*fits, t_all]):
+        notes.append(
+            f"Temperature scaling: a fit reached the bound of its range [{low:g}, {high:g}] "
+            f"(all images: {t_all:.3g}; folds: {', '.join(f'{t:.3g}' for t in fits)}), e.g. "
+            "every prediction of the images it was fit on was right; the scaled numbers of "
+            "its images are then those of an extreme temperature. More images "
+            "(eval.max_images) give a steadier fit."
+        )
     metrics["calib/temperature"] = t_all
     meta["calib_temperature"] = {"folds": folds, "fold_fits": fits}
     out: dict[str, Tensor] = {}
@@ -1445,6 +1459,11 @@ def _in_summary(key: str) -> bool:
     if parts[0] == "shift" and len(parts) == 3 and parts[2] in ("ce", "relative_ce"):
         return False
     if key.startswith("adv/sanity/") and not key.endswith("/passed"):
+        return False
+    # Calibration: the ECE before and after scaling; selective prediction: the E-AURC.
+    if parts[0] == "calib" and parts[-1] in ("nll", "brier", "ts_nll", "ts_brier", "acc"):
+        return False
+    if parts[0] == "selective" and parts[-1] != "eaurc":
         return False
     ends = ("calls_per_image", "/steps", "/eot", "/rescore_draws", "/n", "_low", "_high")
     return not key.endswith(ends)
