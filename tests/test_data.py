@@ -344,7 +344,9 @@ def test_labeled_sets_read_cifar10_2_npz_archives(tmp_path: Path) -> None:
             label_names=np.array(["airplane"] * 10),
             keywords=np.array(["kw"] * n),
         )
-    # A folder holding the pair: its test file; or the file itself.
+    # A folder holding the pair (and what unzipping on a Mac leaves): its test file; or the
+    # file itself.
+    (tmp_path / "__MACOSX").mkdir()
     for path in (tmp_path, tmp_path / "cifar102_test.npz"):
         images, labels = load_labeled_set(path, classes, 32)
         assert np.array_equal(images, split["test"][0])
@@ -363,8 +365,14 @@ def test_labeled_sets_read_cifar10_2_npz_archives(tmp_path: Path) -> None:
     ):
         load_labeled_set(bad / "a.npz", classes, 32)
     np.savez(bad / "b.npz", images=split["test"][0], labels=split["test"][1])
-    with pytest.raises(DataError, match=r"holds several data files \(\['a.npz', 'b.npz'\]\)"):
+    assert np.array_equal(load_labeled_set(bad, classes, 32)[1], split["test"][1])  # b.npz
+    np.savez(bad / "f.npz", images=split["test"][0], labels=split["test"][1])
+    with pytest.raises(DataError, match=r"holds several data files \(\['b.npz', 'f.npz'\]\)"):
         load_labeled_set(bad, classes, 32)
+    np.save(bad / "g.npy", split["test"][0])
+    (bad / "g.npy").rename(bad / "g.npz")
+    with pytest.raises(DataError, match=r"g\.npz' is not a readable \.npz archive: it holds"):
+        load_labeled_set(bad / "g.npz", classes, 32)
     (bad / "c.npz").write_bytes(b"not a zip")
     with pytest.raises(DataError, match=r"is not a readable \.npz archive"):
         load_labeled_set(bad / "c.npz", classes, 32)

@@ -658,8 +658,9 @@ def test_corruption_accuracy_over_several_purifications(
     again = evaluate(tiny_cfg(*purifier, *only_shift, f"shift.draws={draws}", "run.resume=true"))
     assert unet_calls[0] == calls
     assert again == pytest.approx({**m, "perf/eval_wall_s": again["perf/eval_wall_s"]})
-    # Stores from before every cell kept its logits: the calibration per severity is skipped
-    # (and says so); nothing is recomputed, every other number is the same.
+    # Stores from before every cell kept its logits: severity 1 is left out of the calibration
+    # per severity (and the report says how to compute it); nothing is recomputed, every
+    # other number is the same.
     for c in corruptions:
         path = Path(several.run.dir) / "partial" / f"shift/{c}/1{UNIT_SUFFIX}"
         read = read_unit(path)
@@ -670,13 +671,16 @@ def test_corruption_accuracy_over_several_purifications(
         )
     old = evaluate(tiny_cfg(*purifier, *only_shift, f"shift.draws={draws}", "run.resume=true"))
     assert unet_calls[0] == calls
-    per_severity = {k for k in m if k.startswith("calib/severity/")}
-    assert per_severity and not per_severity & set(old)
+    severity_1 = {k for k in m if k.startswith("calib/severity/1/")}
+    assert severity_1 and not severity_1 & set(old) and "calib/severity/5/ts_ece" in old
     assert old == pytest.approx(
-        {k: v for k, v in again.items() if k not in per_severity}
+        {k: v for k, v in again.items() if k not in severity_1}
         | {"perf/eval_wall_s": old["perf/eval_wall_s"]}
     )
-    assert "Calibration per severity skipped" in " ".join(_report(several)["notes"])
+    notes = " ".join(_report(several)["notes"])
+    assert "Calibration per severity left out for severities [1]" in notes
+    assert "(or rerun with run.resume=false) to compute them" in notes
+    assert _report(several)["calib_severity"]["severities"] == [5]
 
     # A deterministic pipeline ignores shift.draws; zero draws is an error.
     plain = evaluate(tiny_cfg(*only_shift, "shift.draws=4", run_dir=tmp_path / "plain"))

@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import random
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -451,13 +452,20 @@ def load_image_folder(
     return source
 
 
+def _is_labeled_npz(path: Path) -> bool:
+    """Whether a ``.npz`` archive holds ``images`` and ``labels`` arrays (read lazily)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {"images", "labels"} <= set(archive.files)
+    except (OSError, ValueError, TypeError, AttributeError, zipfile.BadZipFile):
+        return False
+
+
 def _npz_files(folder: Path) -> list[Path]:
-    """The ``.npz`` files of a folder without class folders (one with them is a class tree,
-    whatever else lies beside them); of a ``<name>_train`` and ``<name>_test`` pair (CIFAR-10.2's
-    layout), the test one."""
-    if any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir()):
-        return []
-    files = sorted(folder.glob("*.npz"))
+    """The ``.npz`` archives of a folder that hold ``images`` and ``labels`` (others, say
+    embeddings beside a class tree, are not labeled sets); of a ``<name>_train`` and
+    ``<name>_test`` pair (CIFAR-10.2's layout), the test one."""
+    files = [f for f in sorted(folder.glob("*.npz")) if _is_labeled_npz(f)]
     stems = {f.stem for f in files}
     if len(files) == 2 and any(s.endswith("_test") and s[:-5] + "_train" in stems for s in stems):
         return [f for f in files if f.stem.endswith("_test")]
@@ -470,10 +478,13 @@ def _read_labeled_arrays(data: Path) -> tuple[np.ndarray, np.ndarray, str]:
     without pickle: CIFAR-10.2's other keys (lists of names) are never loaded."""
     if data.suffix == ".npz":
         try:
-            with np.load(data, allow_pickle=False) as archive:
+            archive = np.load(data, allow_pickle=False)
+            if not isinstance(archive, np.lib.npyio.NpzFile):  # e.g. a renamed .npy file
+                raise ValueError(f"it holds a single {type(archive).__name__}, not an archive")
+            with archive:
                 keys = list(archive.files)
                 arrays = {k: archive[k] for k in ("images", "labels") if k in keys}
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, zipfile.BadZipFile) as err:
             raise DataError(f"{str(data)!r} is not a readable .npz archive: {err}") from err
         missing = [k for k in ("images", "labels") if k not in arrays]
         if missing:

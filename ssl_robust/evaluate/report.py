@@ -953,6 +953,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
         "Brier score. The shift set "
         f"pools {meta.get('calib_shift_set', 'the highest-severity corruptions')}."
         + _temperature_text(report)
+        + _severity_text(report)
         + _selective_text(report),
         ["reliability", "calib_severity", "risk_coverage"],
     )
@@ -978,6 +979,17 @@ def _temperature_text(report: dict[str, Any]) -> str:
         "calibrates its own prediction; the other sets with T. A temperature fit on clean data "
         "need not hold under shift (Ovadia et al. 2019): compare the ECE (T) of the shifted sets "
         "with the clean one's. The reliability diagrams draw the scaled bins as a line."
+    )
+
+
+def _severity_text(report: dict[str, Any]) -> str:
+    """What the calibration-by-severity table averages; "" without one."""
+    if not report.get("calib_severity"):
+        return ""
+    return (
+        " The table by severity averages each corruption's own ECE over the corruptions (the "
+        "shift row above pools the predictions of all of them instead, so the two differ "
+        "a little); its ECE (T) scales each image as above."
     )
 
 
@@ -1207,10 +1219,16 @@ def _plot_calib_severity(report: dict[str, Any], path: Path) -> Path | None:
     width = 0.35 if len(kinds) > 1 else 0.5
     for j, (key, label, color) in enumerate(kinds):
         offset = (j - (len(kinds) - 1) / 2) * width
-        per_severity = [[cells[i] for cells in data[key].values()] for i in range(len(severities))]
+        # A cell's ECE may be missing (NaN written as null): the box is over the others.
+        per_severity = [
+            [v for v in (cells[i] for cells in data[key].values()) if v is not None]
+            for i in range(len(severities))
+        ]
         clean = m.get(f"calib/clean/{key}")
         if clean is not None:
             ax.plot([offset], [clean], "D", color=color, markersize=6)
+        for s, values in zip(severities, per_severity):  # every corruption's own ECE
+            ax.plot([s + offset] * len(values), values, ".", color=color, markersize=4)
         ax.boxplot(
             per_severity,
             positions=[s + offset for s in severities],

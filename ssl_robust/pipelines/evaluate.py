@@ -17,6 +17,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -515,10 +516,12 @@ def _unit_specs(
     ones when ``bare``),
     ``shift/<corruption>/<severity>`` (one cell of the grid, over ``shift_draws``
     purifications; the top severity also keeps the logits of every draw for calibration and
-    OOD), ``adv/<threat>/pgd``, ``adv/<threat>/autoattack`` and
-    ``adv/sanity/<norm>``, ``ood/<set>`` (the logits of an outside OOD dataset over
-    ``clean_draws`` purifications; ``outside`` maps each set to the digest of its images),
-    ``natural/<set>`` (likewise, a labeled natural-shift set; ``natural``: images and labels).
+    OOD, and with calibration on every cell keeps them, for its calibration per severity; a
+    cell stored without them is not recomputed for that), ``adv/<threat>/pgd``,
+    ``adv/<threat>/autoattack`` and ``adv/sanity/<norm>``, ``ood/<set>`` (the logits of an
+    outside OOD dataset over ``clean_draws`` purifications; ``outside`` maps each set to the
+    digest of its images), ``natural/<set>`` (likewise, a labeled natural-shift set;
+    ``natural``: images and labels).
     """
     specs: dict[str, dict[str, Any]] = {}
     if clean:
@@ -991,6 +994,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         outside={k: _images_digest(v[0]) for k, v in outside.items()} if need_clean else {},
         natural={k: _images_digest(v[0], v[1]) for k, v in natural.items()},
     )
+    if worker:  # its PGD blocks only: reading the other units' tensors would be wasted
+        specs = {k: v for k, v in specs.items() if k.startswith("adv/") and "/pgd" in k}
     cache = UnitStore(
         run_dir / "partial", fingerprint, specs, resume=bool(cfg.run.resume), describe=_unit_kind
     )
@@ -1066,13 +1071,22 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             )
         )
 
+    # Temperature scaling, fit on the clean logits before the corruption cells, so that each
+    # cell's calibration is computed as it finishes (its logits need not stay in memory).
+    temperature: _Temperature | None = None
+    if cfg.calib.enabled and cfg.calib.temperature and draw_logits is not None:
+        temperature = _fit_temperature(cfg, draw_logits, y, metrics, meta, notes)
+    cell_eces: dict[tuple[str, int], tuple[float, float | None]] = {}
+
+    def on_cell(c: str, sev: int, per_draw: Tensor, labels: Tensor) -> None:
+        cell_eces[c, sev] = _cell_ece(cfg, per_draw, labels, y, temperature)
+
     shift_logits: Tensor | None = None  # (draws, M, classes)
     shift_labels: Tensor | None = None
-    shift_cells: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
     with _progress(cfg.eval.progress) as bar:
         # -- corruptions -------------------------------------------------------------------
         if corruptions:
-            shift_logits, shift_labels, shift_cells = _shift_section(
+            shift_logits, shift_labels = _shift_section(
                 cfg,
                 model,
                 images,
@@ -1086,6 +1100,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 notes,
                 bar,
                 cache,
+                on_cell if cfg.calib.enabled else None,
             )
         # -- natural distribution shift -----------------------------------------------------
         natural_logits: dict[str, tuple[Tensor, Tensor]] = {}
@@ -1150,24 +1165,23 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             sets.append(("shift", by_image, image_labels))
         for name, (n_logits, n_labels) in natural_logits.items():
             sets.append((f"natural_{name}", n_logits, n_labels))
-        temps: dict[str, Tensor] = {}
-        if cfg.calib.temperature and draw_logits is not None:
-            temps = _temperatures(cfg, sets, draw_logits, y, metrics, meta, notes)
         for name, per_draw, labels_1d in sets:
             reliability[name] = _calibration(
                 cfg, f"calib/{name}/", per_draw, labels_1d, seed, metrics
             )
             risk_curves[name] = _selective(name, per_draw, labels_1d, metrics)
-            if name in temps:
-                scaled = per_draw.float() / temps[name].to(per_draw.device).float()[None, :, None]
+            if temperature is not None:
+                # Cross-fitted on the clean images, and on the shift set when it holds them.
+                same = name in ("clean", "shift")
+                t = temperature.of(per_draw.shape[1], labels_1d, y, same).to(per_draw.device)
+                scaled = per_draw.float() / t.float()[None, :, None]
                 reliability_scaled[name] = _calibration(
                     cfg, f"calib/{name}/ts_", scaled, labels_1d, seed, metrics
                 )
-        if shift_cells:
+        if corruptions:
             _severity_calibration(
-                cfg, shift_cells, corruptions, severities, y, temps.get("clean"), metrics, report,
-                notes,
-            )  # fmt: skip
+                cell_eces, corruptions, severities, run_dir, metrics, report, notes
+            )
     report["reliability"] = reliability
     if reliability_scaled:
         report["reliability_scaled"] = reliability_scaled
@@ -1245,56 +1259,43 @@ def _calibration(
 
 
 def _severity_calibration(
-    cfg: DictConfig,
-    cells: dict[tuple[str, int], tuple[Tensor, Tensor]],
+    cell_eces: dict[tuple[str, int], tuple[float, float | None]],
     corruptions: Sequence[str],
     severities: Sequence[int],
-    y: Tensor,
-    clean_temps: Tensor | None,
+    run_dir: Path,
     metrics: dict[str, float],
     report: dict[str, Any],
     notes: list[str],
 ) -> None:
-    """ECE of every corruption cell (draws pooled), before and after temperature scaling, as
-    the mean over the corruptions per severity (``calib/severity/<s>/ece``, ``ts_ece``) and
-    every cell's values in ``report["calib_severity"]`` for the plot: how calibration decays
-    as the shift grows, and how much of that a temperature fit on clean data undoes (Ovadia
-    et al. 2019, Fig. 2). A cell of the same images as the clean set is scaled by each image's
-    cross-fitted temperature (``clean_temps``), another by ``calib/temperature``."""
-    if not all((c, s) in cells for c in corruptions for s in severities):
+    """The corruption cells' ECEs (:func:`_cell_ece`) as the mean over the corruptions per
+    severity (``calib/severity/<s>/ece``, ``ts_ece``), and every cell's in
+    ``report["calib_severity"]`` for the plot: how calibration decays as the shift grows, and
+    how much of that a temperature fit on clean data undoes (Ovadia et al. 2019, Fig. 2). A
+    severity some of whose cells came from a store without their logits is left out, with a
+    note."""
+    complete = [s for s in severities if all((c, s) in cell_eces for c in corruptions)]
+    if len(complete) < len(severities):
+        missing = [s for s in severities if s not in complete]
         notes.append(
-            "Calibration per severity skipped: the stored corruption cells of an earlier run "
-            "kept the logits of the highest severity only."
+            f"Calibration per severity left out for severities {missing}: their stored "
+            "corruption cells (from an earlier run, or one with calib.enabled=false) kept no "
+            f"logits. Delete {run_dir / 'partial' / 'shift'} (or rerun with run.resume=false) "
+            "to compute them."
         )
+    if not complete:
         return
-    n_bins = int(cfg.calib.n_bins)
-    t_all = metrics.get("calib/temperature")
-    out: dict[str, Any] = {"severities": list(severities), "ece": {}, "ts_ece": {}}
-    for c in corruptions:
-        out["ece"][c], out["ts_ece"][c] = [], []
-        for sev in severities:
-            per_draw, labels = cells[c, sev]
-            logits, labels_t = _pooled(per_draw.float(), labels)
-            out["ece"][c].append(ece(logits.softmax(1), labels_t, n_bins))
-            if t_all is None:
-                continue
-            if (
-                clean_temps is not None
-                and per_draw.shape[1] == len(y)
-                and torch.equal(labels.cpu(), y.cpu())
-            ):
-                temps = clean_temps.to(per_draw.device).float()
-            else:
-                temps = torch.full((per_draw.shape[1],), float(t_all), device=per_draw.device)
-            scaled, _ = _pooled(per_draw.float() / temps[None, :, None], labels)
-            out["ts_ece"][c].append(ece(scaled.softmax(1), labels_t, n_bins))
-    for i, sev in enumerate(severities):
+    scaled = all(cell_eces[c, s][1] is not None for c in corruptions for s in complete)
+    out: dict[str, Any] = {
+        "severities": complete,
+        "ece": {c: [cell_eces[c, s][0] for s in complete] for c in corruptions},
+    }
+    if scaled:
+        out["ts_ece"] = {c: [cell_eces[c, s][1] for s in complete] for c in corruptions}
+    for i, sev in enumerate(complete):
         metrics[f"calib/severity/{sev}/ece"] = float(np.mean([v[i] for v in out["ece"].values()]))
-        if t_all is not None:
+        if scaled:
             values = [v[i] for v in out["ts_ece"].values()]
             metrics[f"calib/severity/{sev}/ts_ece"] = float(np.mean(values))
-    if t_all is None:
-        del out["ts_ece"]
     report["calib_severity"] = out
 
 
@@ -1318,29 +1319,40 @@ def _selective(
     }
 
 
-def _temperatures(
+@dataclass
+class _Temperature:
+    """Temperature scaling fit on the clean images: ``per_image`` (N,), each clean image's
+    cross-fitted temperature (fit on the other folds), and ``overall``, fit on all of them."""
+
+    per_image: Tensor
+    overall: float
+
+    def of(self, n: int, labels: Tensor, y: Tensor, same_images: bool) -> Tensor:
+        """The temperatures (n,) of a set's images: cross-fitted when the set may hold the
+        clean images (``same_images``) and does (same count and labels), else ``overall``."""
+        if same_images and n == len(y) and bool(torch.equal(labels.cpu(), y.cpu())):
+            return self.per_image
+        return torch.full((n,), self.overall, dtype=torch.float64)
+
+
+def _fit_temperature(
     cfg: DictConfig,
-    sets: Sequence[tuple[str, Tensor, Tensor]],
     clean: Tensor,
     y: Tensor,
     metrics: dict[str, float],
     meta: dict[str, Any],
     notes: list[str],
-) -> dict[str, Tensor]:
-    """Temperature scaling fit on the clean logits ``clean`` (draws, N, classes): per
-    calibration set, the temperature of each of its images (N,).
-
-    The clean images, and the shift set's when they are the same images (generated
-    corruptions), get the temperature fit on the other folds (cross-fitting); the other sets
-    (natural shift: other images) the one fit on every clean image, reported as
-    ``calib/temperature``."""
+) -> _Temperature | None:
+    """Temperature scaling fit on the clean logits ``clean`` (draws, N, classes), reported as
+    ``calib/temperature`` (all images) and the fold fits in ``meta``; None (with a note) when
+    the images are too few for the folds."""
     folds = int(cfg.calib.temperature_folds)
     if len(y) < 2 * folds:
         notes.append(
             f"Temperature scaling skipped: {len(y)} clean images cannot be split into {folds} "
             "folds of at least 2 (calib.temperature_folds)."
         )
-        return {}
+        return None
     seed = int(cfg.run.seed) + _SEED_TEMPERATURE
     per_image, fits = cross_fit_temperatures(clean, y, folds, seed)
     t_all = fit_temperature(*_pooled(clean, y))
@@ -1348,21 +1360,30 @@ def _temperatures(
     if any(t in (low, high) for t in [*fits, t_all]):
         notes.append(
             f"Temperature scaling: a fit reached the bound of its range [{low:g}, {high:g}] "
-            f"(all images: {t_all:.3g}; folds: {', '.join(f'{t:.3g}' for t in fits)}), e.g. "
-            "every prediction of the images it was fit on was right; the scaled numbers of "
-            "its images are then those of an extreme temperature. More images "
-            "(eval.max_images) give a steadier fit."
+            f"(all images: {t_all:.3g}; folds: {', '.join(f'{t:.3g}' for t in fits)}): every "
+            f"prediction of the images it was fit on right ({low:g}) or wrong ({high:g}). The "
+            "scaled numbers of the images it scores are those of an extreme temperature; more "
+            "images (eval.max_images) give a steadier fit."
         )
     metrics["calib/temperature"] = t_all
     meta["calib_temperature"] = {"folds": folds, "fold_fits": fits}
-    out: dict[str, Tensor] = {}
-    for name, per_draw, labels in sets:
-        same_images = per_draw.shape[1] == len(y) and bool(torch.equal(labels.cpu(), y.cpu()))
-        if name == "clean" or (name == "shift" and same_images):
-            out[name] = per_image
-        else:
-            out[name] = torch.full((per_draw.shape[1],), t_all, dtype=torch.float64)
-    return out
+    return _Temperature(per_image, t_all)
+
+
+def _cell_ece(
+    cfg: DictConfig, per_draw: Tensor, labels: Tensor, y: Tensor, temp: _Temperature | None
+) -> tuple[float, float | None]:
+    """A corruption cell's ECE (draws pooled), and after temperature scaling (None without
+    it); a cell of the clean images scales each by its cross-fitted temperature."""
+    n_bins = int(cfg.calib.n_bins)
+    per_draw = per_draw.float()
+    logits, labels_t = _pooled(per_draw, labels)
+    raw = ece(logits.softmax(1), labels_t, n_bins)
+    if temp is None:
+        return raw, None
+    t = temp.of(per_draw.shape[1], labels, y, same_images=True).to(per_draw.device).float()
+    scaled, _ = _pooled(per_draw / t[None, :, None], labels)
+    return raw, ece(scaled.softmax(1), labels_t, n_bins)
 
 
 def _by_image(logits: Tensor, labels: Tensor | None, groups: int) -> tuple[Tensor, Tensor | None]:
@@ -1483,11 +1504,13 @@ def _shift_section(
     notes: list[str],
     bar: Progress,
     cache: UnitStore,
-) -> tuple[Tensor, Tensor, dict[tuple[str, int], tuple[Tensor, Tensor]]]:
+    on_cell: Callable[[str, int, Tensor, Tensor], None] | None = None,
+) -> tuple[Tensor, Tensor]:
     """Accuracy over the corruption grid; returns the highest-severity cells' logits of every
-    draw, (draws, M, classes), and their labels (M,), the corruptions one after another; and
-    by (corruption, severity) every cell's logits (draws, N, classes) and labels that are
-    kept (all of them, except in stores written before every cell kept its logits).
+    draw, (draws, M, classes), and their labels (M,), the corruptions one after another.
+    With ``on_cell``, every cell keeps its logits in its stored unit (else the top severity
+    only), and ``on_cell(corruption, severity, logits (draws, N, classes), labels)`` is called
+    with each cell's that has them (computed, or read from a store that kept them).
 
     Each cell is one unit of ``cache``, and draws the purifier's noise from its own stream,
     seeded by (run.seed, corruption, severity), so that a cell computed after a resume sees
@@ -1518,7 +1541,6 @@ def _shift_section(
     # Per image: the fraction of draws that classified it right, per cell (None in stores
     # written before these were kept); they give the grid means' intervals over the images.
     cell_hits: dict[tuple[str, int], Tensor | None] = {}
-    cells: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}  # logits (draws, N, K), labels
     numbers: dict[str, Any]  # a cell's stored numbers
     kept: dict[str, Tensor]  # and tensors
     logits: Tensor | None
@@ -1558,9 +1580,11 @@ def _shift_section(
                 numbers["acc"] = float(np.mean(accs))
                 if draws > 1:
                     numbers["accs"] = accs
-                # Every cell's logits: calibration per severity (the top one's also pool into
-                # the shift set of the calibration and OOD sections).
-                kept = {"logits": logits, "labels": y_c, "hits": hits}
+                # The top severity's logits pool into the shift set of the calibration and
+                # OOD sections; with on_cell, every cell's feed the calibration per severity.
+                keep = sev == top or on_cell is not None
+                kept = {"logits": logits, "labels": y_c} if keep else {}
+                kept["hits"] = hits
                 cache.put(unit, numbers, kept)
             cell_accs[c, sev] = accs
             cell_hits[c, sev] = hits
@@ -1568,11 +1592,12 @@ def _shift_section(
             if "folder_images" in numbers:
                 folder_sizes.append(int(numbers["folder_images"]))
             if logits is not None and y_c is not None:
-                cells[c, sev] = (logits if logits.dim() == 3 else logits[None], y_c)
-            if sev == top:
-                assert logits is not None and y_c is not None
-                pooled_logits.append(cells[c, sev][0])
-                pooled_labels.append(y_c)
+                per_draw = logits if logits.dim() == 3 else logits[None]
+                if on_cell is not None:
+                    on_cell(c, sev, per_draw, y_c)
+                if sev == top:
+                    pooled_logits.append(per_draw)
+                    pooled_labels.append(y_c)
             bar.advance(task)
     if folder_sizes and folder_sizes[0] != len(images):
         notes.append(
@@ -1602,7 +1627,7 @@ def _shift_section(
             f"Corruption grid: {len(corruptions)} corruptions x {len(severities)} severities, "
             "not the full 15 x 5 CIFAR-10-C benchmark; means are over this grid."
         )
-    return torch.cat(pooled_logits, dim=1), torch.cat(pooled_labels), cells
+    return torch.cat(pooled_logits, dim=1), torch.cat(pooled_labels)
 
 
 def load_ce_reference(
