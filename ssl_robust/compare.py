@@ -53,6 +53,7 @@ CURVE_METRICS = ("val/knn_acc", "val/acc", "val/loss")
 # The metrics shown by default when present: the hierarchical names every phase writes.
 DEFAULT_METRICS = (
     "val/knn_acc",
+    "val/knn_acc_shift",
     "test/acc",
     "test/acc_purified",
     "shift/mean_acc",

@@ -81,13 +81,14 @@ def test_offline_pretraining_runs_compare(pretrain_runs: dict[str, Path], tmp_pa
     md = written["markdown"].read_text()
     # Only the key that differs is a column (the run dirs are ignored), with the metric.
     header = md.splitlines()[2]
-    assert header == "| run | method.name | val/knn_acc |"
+    assert header == "| run | method.name | val/knn_acc | val/knn_acc_shift |"
     out = tmp_path / "out"
     for method, run in pretrain_runs.items():
-        knn = json.loads((run / "metrics.json").read_text())["val/knn_acc"]
+        final = json.loads((run / "metrics.json").read_text())
+        knn, shift = final["val/knn_acc"], final["val/knn_acc_shift"]
         # The run's name links to its training curves, relative to the comparison.
         link = os.path.relpath(run / "curves.png", out)
-        assert f"| [{run.name}]({link}) | {method} | {knn:.4g} |" in md
+        assert f"| [{run.name}]({link}) | {method} | {knn:.4g} | {shift:.4g} |" in md
         assert (out / link).is_file()
         assert f"<a href='{link}'>{run.name}</a>" in written["html"].read_text()
     assert "<td>byol</td>" in written["html"].read_text()
@@ -240,7 +241,7 @@ def test_runs_of_several_phases_compare_within_their_phase(
     # Each phase's columns are the keys that differ within it, not every key of every schema.
     headers = [s.splitlines()[2] for s in sections]
     assert headers == [
-        "| run | method.name | val/knn_acc |",
+        "| run | method.name | val/knn_acc | val/knn_acc_shift |",
         "| run | val/loss |",
         "| run | subset.fraction | test/acc | val/loss |",
     ]

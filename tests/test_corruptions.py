@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ssl_robust.evaluate import corruptions as C
 from ssl_robust.evaluate.corruptions import (
@@ -846,3 +847,43 @@ def test_photo_frost_cuda_matches_cpu(tmp_path: Path) -> None:
         cpu = corrupt(x, "frost", severity, gen(0), frost_textures=textures)
         cuda = corrupt(x.cuda(), "frost", severity, gen(0), frost_textures=textures).cpu()
         assert (cuda - cpu).abs().max() <= 1e-5
+
+
+def test_corrupted_source_is_a_seeded_shifted_twin() -> None:
+    from ssl_robust.data.datasets import ArraySource, ImageSource
+    from ssl_robust.evaluate.corruptions import corrupted_source
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
+    source = ArraySource(images, np.arange(40) % 4, ["a", "b", "c", "d"])
+    # One deterministic corruption: every image is exactly that corruption, rounded.
+    twin = corrupted_source(source, 3, seed=1, names=["contrast"], batch_size=7)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    want = (corrupt(x, "contrast", 3) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(twin.images, want)
+    assert np.array_equal(twin.labels, source.labels) and twin.classes == source.classes
+    # Several: each image under one of them, the same for the same seed, another for another.
+    names = ["gaussian_noise", "contrast", "brightness"]
+    a = corrupted_source(source, 5, seed=1, names=names)
+    assert np.array_equal(a.images, corrupted_source(source, 5, seed=1, names=names).images)
+    assert not np.array_equal(a.images, corrupted_source(source, 5, seed=2, names=names).images)
+    contrast = corrupt(x, "contrast", 5)
+    as_contrast = (contrast * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    picked = [bool(np.array_equal(a.images[i], as_contrast[i])) for i in range(40)]
+    assert 5 < sum(picked) < 25  # about a third under contrast
+    # A seeded subset; a source read image by image gives the same twin.
+    small = corrupted_source(source, 5, seed=1, names=names, max_images=10)
+    assert len(small) == 10 and set(small.labels) <= set(source.labels)
+
+    class Lazy(ImageSource):
+        classes = source.classes
+        labels = source.labels
+
+        def load(self, index: int) -> Image.Image:
+            return Image.fromarray(images[index])
+
+    assert np.array_equal(corrupted_source(Lazy(), 5, seed=1, names=names).images, a.images)
+    with pytest.raises(ValueError, match="unknown corruptions \\['fogg'\\]; choose from"):
+        corrupted_source(source, 3, names=["fogg"])
+    with pytest.raises(ValueError, match="severity"):
+        corrupted_source(source, 0)

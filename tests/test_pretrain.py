@@ -17,9 +17,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_robust.config import ConfigError
+from ssl_robust.data.transforms import eval_transform
+from ssl_robust.evaluate.corruptions import corrupted_source
 from ssl_robust.launch.curves import read_history
+from ssl_robust.methods.monitor import knn_accuracy_counts
 from ssl_robust.models.export import load_encoder
 from ssl_robust.pipelines import pretrain
+from ssl_robust.pipelines.common import build_data
 from tests.callbacks import CheckpointMidEpoch, StopAfterEpoch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +82,31 @@ def test_pretrain_writes_the_run_directory(
     }
     for k, v in enc.state_dict().items():
         torch.testing.assert_close(v, state[k])
+
+    # The last validation's kNN accuracies, clean and on the corrupted twin of the val split,
+    # recomputed from the exported encoder: features of the bank (the labeled train split)
+    # and of each query set, cosine kNN (k=20, T=0.1).
+    splits = build_data(cfg, run, with_unlabeled=True)
+    info = splits.info
+    transform = eval_transform(info.image_size, tuple(info.mean), tuple(info.std))
+
+    def features(source: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.stack([transform(source.load(i)) for i in range(len(source))])
+        with torch.no_grad():
+            return enc.eval()(x), torch.as_tensor(source.labels)
+
+    bank, bank_labels = features(splits.train)
+    shifted = corrupted_source(splits.val, 3, seed=int(cfg.run.seed), max_images=10000)
+    assert len(shifted) == len(splits.val)
+    assert not np.array_equal(shifted.images, splits.val.images)  # type: ignore[attr-defined]
+    for key, source in (("val/knn_acc", splits.val), ("val/knn_acc_shift", shifted)):
+        query, labels = features(source)
+        right = knn_accuracy_counts(query, labels, bank, bank_labels, 10, k=20, t=0.1)
+        assert saved[key] == pytest.approx(int(right) / len(labels), abs=1.5 / len(labels))
+    # Drawn beside the clean one; off with monitor.shift_severity=0.
+    assert "val/online_acc_shift" in saved
+    off = pretrain(tiny_pretrain_cfg("monitor.shift_severity=0", run_dir=tmp_path / "off"))
+    assert not any(k.endswith("_shift") for k in off)
 
 
 @pytest.mark.parametrize(

@@ -225,7 +225,8 @@ class _Keys(Dataset):
 
 
 class SSLDataModule(pl.LightningDataModule):
-    """Two augmented views for training; bank + val splits for kNN / online-probe monitoring."""
+    """Two augmented views for training; bank + val splits (and a shifted twin of val) for kNN /
+    online-probe monitoring."""
 
     def __init__(
         self,
@@ -241,6 +242,7 @@ class SSLDataModule(pl.LightningDataModule):
         augment: str = "cpu",
         view_hook: nn.Module | None = None,
         bank: ImageSource | None = None,
+        val_shift: ImageSource | None = None,
     ) -> None:
         """Args:
         train_transform: for ``augment="cpu"`` a PIL transform returning the list of views;
@@ -248,6 +250,7 @@ class SSLDataModule(pl.LightningDataModule):
         view_hook: ``hook(views, generator) -> views`` applied on the device to train batches.
         bank: the labeled images of the kNN feature bank (default: ``train``, which may also
             hold unlabeled images, label -1, that the online probe ignores).
+        val_shift: a shifted twin of ``val`` (e.g. corrupted), scored as validation loader 2.
         """
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -275,6 +278,7 @@ class SSLDataModule(pl.LightningDataModule):
         self.augment = augment
         self.view_hook = view_hook
         self.bank_source = bank if bank is not None else train
+        self.val_shift_source = val_shift
         if (self.bank_source.labels < 0).any():
             raise ValueError("the kNN bank needs labeled images; pass the labeled split as bank")
         self._device_images: torch.Tensor | None = None
@@ -317,10 +321,14 @@ class SSLDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         bank = TransformDataset(self.bank_source, self.eval_transform)
         val = TransformDataset(self.val_source, self.eval_transform)
-        return [
+        loaders = [
             eval_loader(bank, self.eval_batch_size, self.num_workers),
             eval_loader(val, self.eval_batch_size, self.num_workers),
         ]
+        if self.val_shift_source is not None:
+            shifted = TransformDataset(self.val_shift_source, self.eval_transform)
+            loaders.append(eval_loader(shifted, self.eval_batch_size, self.num_workers))
+        return loaders
 
     def images_on(self, device: torch.device) -> torch.Tensor:
         """The training images as one uint8 (N, C, H, W) tensor on ``device`` (uploaded once,

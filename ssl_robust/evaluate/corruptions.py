@@ -1217,3 +1217,57 @@ def corrupt(
     if name == "frost":
         return frost(x, severity, generator, textures=frost_textures)
     return fn(x, severity, generator)
+
+
+def corrupted_source(
+    source: Any,
+    severity: int,
+    seed: int = 0,
+    max_images: int = 0,
+    names: Sequence[str] | None = None,
+    batch_size: int = 256,
+) -> Any:
+    """A copy of a labeled image source (``ImageSource``) with every image under one
+    corruption at ``severity``, the corruption picked per image at random (seeded) from
+    ``names`` (default: the 15 CIFAR-10-C corruptions, procedural frost): a shifted twin of a
+    validation split, made once, in memory (an ``ArraySource`` of uint8 images).
+
+    Args:
+        source: The images (any ``ImageSource``; read once).
+        severity: 1..5.
+        seed: Picks the images (with ``max_images``), their corruptions and the corruptions'
+            own randomness.
+        max_images: A seeded subset of this many images (0: all).
+        names: The corruptions to pick from.
+        batch_size: Images corrupted at a time.
+    """
+    import numpy as np
+
+    from ssl_robust.data.datasets import ArraySource
+
+    _check_severity(severity)
+    names = list(names or CORRUPTIONS)
+    unknown = [n for n in names if n not in CORRUPTIONS and n not in EXTRA_CORRUPTIONS]
+    if unknown:
+        raise ValueError(f"unknown corruptions {unknown}; choose from {list(CORRUPTIONS)}")
+    rng = np.random.default_rng([seed, severity])
+    n = len(source)
+    index = np.arange(n)
+    if 0 < max_images < n:
+        index = np.sort(rng.choice(n, max_images, replace=False))
+    if hasattr(source, "images"):
+        images = np.asarray(source.images)[index]
+    else:
+        images = np.stack([np.asarray(source.load(int(i)).convert("RGB")) for i in index])
+    labels = np.asarray(source.labels)[index]
+    picks = rng.integers(len(names), size=len(index))
+    out = images.copy()
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    for k, name in enumerate(names):  # a corruption at a time, over its images
+        chosen = np.flatnonzero(picks == k)
+        for start in range(0, len(chosen), batch_size):
+            part = chosen[start : start + batch_size]
+            x = torch.from_numpy(images[part]).permute(0, 3, 1, 2).float() / 255
+            y = corrupt(x, name, severity, generator)
+            out[part] = (y * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    return ArraySource(out, labels, list(source.classes))

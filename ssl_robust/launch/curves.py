@@ -112,12 +112,14 @@ def read_history(run_dir: str | Path, x: str = "step") -> dict[str, tuple[np.nda
 
 
 def _panel(name: str) -> str:
-    """Metrics drawn together: the learning rates of every parameter group, and the
-    denoiser's per-timestep validation errors."""
+    """Metrics drawn together: the learning rates of every parameter group, the denoiser's
+    per-timestep validation errors, and a val metric with its shifted twin's."""
     if name.startswith("lr-"):
         return "learning rate"
     if re.fullmatch(r"val/mse_t\d+-\d+", name):
         return "val/mse by timestep"
+    if name.startswith("val/") and name.endswith("_shift"):  # beside the clean val metric
+        return name.removesuffix("_shift")
     return name
 
 

@@ -42,7 +42,8 @@ class OnlineMonitor(nn.Module):
     Usage inside a LightningModule:
         training: ``loss, acc = monitor.probe_step(features, labels)``
         validation loader 0: ``monitor.add_to_bank(features, labels)``
-        validation loader 1: ``stats = monitor.evaluate(features, labels, all_gather)``
+        validation loader 1 (and 2, a shifted twin of it):
+            ``stats = monitor.evaluate(features, labels, all_gather)``
     """
 
     def __init__(
@@ -131,10 +132,13 @@ def monitor_validation_step(
     labels: torch.Tensor,
     dataloader_idx: int,
 ) -> None:
-    """Validation loader 0 fills the kNN bank; loader 1 scores the val split and logs."""
+    """Validation loader 0 fills the kNN bank; loader 1 scores the val split and logs; loader
+    2, when there is one, scores its shifted twin (``val/knn_acc_shift``, ...)."""
     if dataloader_idx == 0:
         monitor.add_to_bank(features, labels)
         return
     gather = module.all_gather if module.trainer.world_size > 1 else None
     stats = monitor.evaluate(features, labels, gather)  # type: ignore[arg-type]
+    if dataloader_idx == 2:
+        stats = {f"{k}_shift": v for k, v in stats.items()}
     module.log_dict(stats, batch_size=len(labels), sync_dist=True, add_dataloader_idx=False)

@@ -120,10 +120,22 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
             train_transform = [t.compile_apply() for t in train_transform]
     else:
         train_transform = view_transform(cfg.method.name, views)
+    val_shift = None
+    if cfg.monitor.shift_severity > 0:
+        from ssl_robust.evaluate.corruptions import corrupted_source
+
+        # Made once, before training, the same on every rank (seeded).
+        val_shift = corrupted_source(
+            splits.val,
+            int(cfg.monitor.shift_severity),
+            seed=int(cfg.run.seed),
+            max_images=int(cfg.monitor.shift_max_images),
+        )
     datamodule = SSLDataModule(
         train=splits.unsupervised_train(),
         val=splits.val,
         bank=splits.train,
+        val_shift=val_shift,
         train_transform=train_transform,
         eval_transform=eval_transform(info.image_size, tuple(info.mean), tuple(info.std)),
         batch_size=cfg.data.batch_size,
