@@ -851,39 +851,51 @@ def test_photo_frost_cuda_matches_cpu(tmp_path: Path) -> None:
 
 def test_corrupted_source_is_a_seeded_shifted_twin() -> None:
     from ssl_robust.data.datasets import ArraySource, ImageSource
-    from ssl_robust.evaluate.corruptions import corrupted_source
+    from ssl_robust.evaluate.corruptions import CorruptedSource, corrupted_source
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8)
     source = ArraySource(images, np.arange(40) % 4, ["a", "b", "c", "d"])
     # One deterministic corruption: every image is exactly that corruption, rounded.
-    twin = corrupted_source(source, 3, seed=1, names=["contrast"], batch_size=7)
+    twin = corrupted_source(source, 3, seed=1, names=["contrast"])
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     want = (corrupt(x, "contrast", 3) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    assert np.array_equal(twin.images, want)
+    assert isinstance(twin, ArraySource) and np.array_equal(twin.images, want)
     assert np.array_equal(twin.labels, source.labels) and twin.classes == source.classes
-    # Several: each image under one of them, the same for the same seed, another for another.
+    # Several: spread evenly, each image under one; the same for the same seed, not another.
     names = ["gaussian_noise", "contrast", "brightness"]
     a = corrupted_source(source, 5, seed=1, names=names)
     assert np.array_equal(a.images, corrupted_source(source, 5, seed=1, names=names).images)
     assert not np.array_equal(a.images, corrupted_source(source, 5, seed=2, names=names).images)
-    contrast = corrupt(x, "contrast", 5)
-    as_contrast = (contrast * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    as_contrast = (corrupt(x, "contrast", 5) * 255).round().byte().permute(0, 2, 3, 1).numpy()
     picked = [bool(np.array_equal(a.images[i], as_contrast[i])) for i in range(40)]
-    assert 5 < sum(picked) < 25  # about a third under contrast
-    # A seeded subset; a source read image by image gives the same twin.
-    small = corrupted_source(source, 5, seed=1, names=names, max_images=10)
-    assert len(small) == 10 and set(small.labels) <= set(source.labels)
+    assert sum(picked) in (13, 14)  # 40 images over 3 corruptions
+    # The in-memory twin is the lazy one, made once.
+    lazy_twin = CorruptedSource(source, 5, seed=1, names=names)
+    assert all(np.array_equal(np.asarray(lazy_twin.load(i)), a.images[i]) for i in range(40))
 
+    # A source read image by image is corrupted as it is read, at the size its images come
+    # in, into the same images.
     class Lazy(ImageSource):
         classes = source.classes
         labels = source.labels
 
-        def load(self, index: int) -> Image.Image:
-            return Image.fromarray(images[index])
+        def load(self, index: int) -> Image.Image:  # every third image larger
+            image = Image.fromarray(images[index])
+            return image.resize((24, 24)) if index % 3 == 0 else image
 
-    assert np.array_equal(corrupted_source(Lazy(), 5, seed=1, names=names).images, a.images)
+    lazy = corrupted_source(Lazy(), 5, seed=1, names=names)
+    assert isinstance(lazy, CorruptedSource) and len(lazy) == 40
+    for i in range(40):
+        got, label = lazy[i]
+        assert label == i % 4
+        if i % 3:
+            assert np.array_equal(np.asarray(got), a.images[i])
+        else:
+            assert got.size == (24, 24)
     with pytest.raises(ValueError, match="unknown corruptions \\['fogg'\\]; choose from"):
         corrupted_source(source, 3, names=["fogg"])
+    with pytest.raises(ValueError, match="no corruptions given"):
+        corrupted_source(source, 3, names=[])
     with pytest.raises(ValueError, match="severity"):
         corrupted_source(source, 0)

@@ -229,3 +229,17 @@ def test_a_failed_drawing_does_not_stop_training(
         TrainingCurves(tmp_path, every_s=-1)
     with pytest.raises(ValueError, match="max_share must be in"):
         TrainingCurves(tmp_path, max_share=0)
+
+
+def test_a_shifted_val_metric_is_drawn_beside_its_clean_one() -> None:
+    steps = np.arange(3)
+    history = {
+        "val/knn_acc": (steps, np.array([0.5, 0.6, 0.7])),
+        "val/knn_acc_shift": (steps, np.array([0.4, 0.45, 0.5])),
+        "val/online_acc_shift": (steps, np.array([0.3, 0.35, 0.4])),  # its clean one constant
+        "val/online_acc": (steps, np.array([0.5, 0.5, 0.5])),
+    }
+    assert curves._panels(history) == {
+        "val/knn_acc": ["val/knn_acc", "val/knn_acc_shift"],
+        "val/online_acc": ["val/online_acc_shift"],  # labelled: not what the title names
+    }

@@ -96,8 +96,8 @@ def test_pretrain_writes_the_run_directory(
             return enc.eval()(x), torch.as_tensor(source.labels)
 
     bank, bank_labels = features(splits.train)
-    shifted = corrupted_source(splits.val, 3, seed=int(cfg.run.seed), max_images=10000)
-    assert len(shifted) == len(splits.val)
+    shifted = corrupted_source(splits.val, int(cfg.monitor.shift_severity), seed=0)
+    assert len(shifted) == len(splits.val) and cfg.monitor.shift_severity == 3
     assert not np.array_equal(shifted.images, splits.val.images)  # type: ignore[attr-defined]
     for key, source in (("val/knn_acc", splits.val), ("val/knn_acc_shift", shifted)):
         query, labels = features(source)

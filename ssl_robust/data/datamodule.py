@@ -2,8 +2,8 @@
 
 Batches the methods see, whatever produces the views:
 - train: ``(views, labels)`` with ``views`` a list of two ``(B, C, S, S)`` float tensors;
-- val loader 0 (the kNN feature bank: train images) and val loader 1 (the val split):
-  ``(images, labels)``.
+- val loader 0 (the kNN feature bank: train images), val loader 1 (the val split) and, when
+  given, val loader 2 (a shifted twin of the val split): ``(images, labels)``.
 
 Two ways to make the views, chosen by ``augment``:
 - ``"cpu"``: lightly's PIL transforms in DataLoader workers (any dataset);

@@ -1219,55 +1219,81 @@ def corrupt(
     return fn(x, severity, generator)
 
 
-def corrupted_source(
-    source: Any,
-    severity: int,
-    seed: int = 0,
-    max_images: int = 0,
-    names: Sequence[str] | None = None,
-    batch_size: int = 256,
-) -> Any:
-    """A copy of a labeled image source (``ImageSource``) with every image under one
-    corruption at ``severity``, the corruption picked per image at random (seeded) from
-    ``names`` (default: the 15 CIFAR-10-C corruptions, procedural frost): a shifted twin of a
-    validation split, made once, in memory (an ``ArraySource`` of uint8 images).
+def _corruption_picks(n: int, k: int, seed: int, severity: int) -> Any:
+    """Which of ``k`` corruptions each of ``n`` images gets: balanced (counts differ by at most
+    one), in a seeded random order."""
+    import numpy as np
 
-    Args:
-        source: The images (any ``ImageSource``; read once).
-        severity: 1..5.
-        seed: Picks the images (with ``max_images``), their corruptions and the corruptions'
-            own randomness.
-        max_images: A seeded subset of this many images (0: all).
-        names: The corruptions to pick from.
-        batch_size: Images corrupted at a time.
+    rng = np.random.default_rng([seed, severity])
+    return rng.permutation(np.resize(np.arange(k), n))
+
+
+def corrupted_source(
+    source: Any, severity: int, seed: int = 0, names: Sequence[str] | None = None
+) -> Any:
+    """A shifted twin of a labeled image source (``ImageSource``), e.g. of a validation split:
+    each image under one corruption at ``severity``, the corruptions spread evenly over the
+    images in a seeded order (default: the 15 CIFAR-10-C ones, procedural frost).
+
+    Image i of the twin is a pure function of (image i, ``seed``, ``severity``): its
+    corruption draws from a generator seeded by those, so the twin is the same on every rank
+    and after every restart, whichever way it is read. An in-memory source (an
+    ``ArraySource``) gets an in-memory twin, made once; any other is corrupted as it is read
+    (:class:`CorruptedSource`), at the size its images come in.
+
+    Raises:
+        ValueError: An unknown corruption, no corruption, a severity outside 1..5.
     """
     import numpy as np
 
     from ssl_robust.data.datasets import ArraySource
 
-    _check_severity(severity)
-    names = list(names or CORRUPTIONS)
-    unknown = [n for n in names if n not in CORRUPTIONS and n not in EXTRA_CORRUPTIONS]
-    if unknown:
-        raise ValueError(f"unknown corruptions {unknown}; choose from {list(CORRUPTIONS)}")
-    rng = np.random.default_rng([seed, severity])
-    n = len(source)
-    index = np.arange(n)
-    if 0 < max_images < n:
-        index = np.sort(rng.choice(n, max_images, replace=False))
-    if hasattr(source, "images"):
-        images = np.asarray(source.images)[index]
-    else:
-        images = np.stack([np.asarray(source.load(int(i)).convert("RGB")) for i in index])
-    labels = np.asarray(source.labels)[index]
-    picks = rng.integers(len(names), size=len(index))
-    out = images.copy()
-    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    for k, name in enumerate(names):  # a corruption at a time, over its images
-        chosen = np.flatnonzero(picks == k)
-        for start in range(0, len(chosen), batch_size):
-            part = chosen[start : start + batch_size]
-            x = torch.from_numpy(images[part]).permute(0, 3, 1, 2).float() / 255
-            y = corrupt(x, name, severity, generator)
-            out[part] = (y * 255).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-    return ArraySource(out, labels, list(source.classes))
+    twin = CorruptedSource(source, severity, seed, names)
+    if not isinstance(source, ArraySource):
+        return twin
+    images = np.empty_like(source.images)
+    for i in range(len(twin)):
+        images[i] = np.asarray(twin.load(i))
+    return ArraySource(images, np.asarray(source.labels), list(source.classes))
+
+
+class CorruptedSource:
+    """The images of ``source``, each corrupted as it is loaded (see :func:`corrupted_source`);
+    an ``ImageSource`` (``load``, ``labels``, ``classes``, items ``(PIL image, label)``)."""
+
+    def __init__(
+        self, source: Any, severity: int, seed: int = 0, names: Sequence[str] | None = None
+    ) -> None:
+        _check_severity(severity)
+        names = list(CORRUPTIONS) if names is None else list(names)
+        if not names:
+            raise ValueError(f"no corruptions given; choose from {list(CORRUPTIONS)}")
+        known = [*CORRUPTIONS, *EXTRA_CORRUPTIONS]
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(f"unknown corruptions {unknown}; choose from {known}")
+        self.source = source
+        self.severity = severity
+        self.seed = seed
+        self.names = names
+        self.labels = source.labels
+        self.classes = list(source.classes)
+        self.picks = _corruption_picks(len(source), len(names), seed, severity)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> Any:
+        import numpy as np
+        from PIL import Image
+
+        image = np.asarray(self.source.load(index).convert("RGB"))
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        state = np.random.SeedSequence([self.seed, self.severity, index]).generate_state(1)
+        generator = torch.Generator().manual_seed(int(state[0]))
+        y = corrupt(x, self.names[int(self.picks[index])], self.severity, generator)[0]
+        out = (y * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        return Image.fromarray(out)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.load(index), int(self.labels[index])

@@ -166,7 +166,8 @@ def plot_training_curves(run_dir: str | Path, title: str | None = None) -> Path 
     for ax, (panel, names) in zip(axes.flat, panels.items(), strict=False):
         for name in names:
             steps, values = history[name]
-            label = name.removeprefix("lr-") if len(names) > 1 else None
+            # Labelled when the panel holds several, or one not named by the panel's title.
+            label = name.removeprefix("lr-") if len(names) > 1 or name != panel else None
             if len(values) >= 50 and _noisy(values):
                 window = max(5, len(values) // 25)
                 kernel = np.ones(window) / window
@@ -183,7 +184,7 @@ def plot_training_curves(run_dir: str | Path, title: str | None = None) -> Path 
             positive = all((history[n][1] > 0).all() for n in names)
             if positive and max(history[n][1].max() / history[n][1].min() for n in names) > 20:
                 ax.set_yscale("log")
-        if len(names) > 1:
+        if len(names) > 1 or names[0] != panel:
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
