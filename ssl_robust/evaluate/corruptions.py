@@ -1287,7 +1287,7 @@ class CorruptedSource:
         import numpy as np
         from PIL import Image
 
-        image = np.asarray(self.source.load(index).convert("RGB"))
+        image = np.array(self.source.load(index).convert("RGB"))  # writable, for torch
         x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
         state = np.random.SeedSequence([self.seed, self.severity, index]).generate_state(1)
         generator = torch.Generator().manual_seed(int(state[0]))
