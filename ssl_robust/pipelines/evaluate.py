@@ -1173,8 +1173,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             if temperature is not None:
                 # Cross-fitted on the clean images, and on the shift set when it holds them.
                 same = name in ("clean", "shift")
-                t = temperature.of(per_draw.shape[1], labels_1d, y, same).to(per_draw.device)
-                scaled = per_draw.float() / t.float()[None, :, None]
+                scaled = temperature.scale(per_draw, labels_1d, y, same)
                 reliability_scaled[name] = _calibration(
                     cfg, f"calib/{name}/ts_", scaled, labels_1d, seed, metrics
                 )
@@ -1327,12 +1326,16 @@ class _Temperature:
     per_image: Tensor
     overall: float
 
-    def of(self, n: int, labels: Tensor, y: Tensor, same_images: bool) -> Tensor:
-        """The temperatures (n,) of a set's images: cross-fitted when the set may hold the
-        clean images (``same_images``) and does (same count and labels), else ``overall``."""
+    def scale(self, per_draw: Tensor, labels: Tensor, y: Tensor, same_images: bool) -> Tensor:
+        """A set's logits (draws, n, classes) divided by its images' temperatures (float32):
+        cross-fitted when the set may hold the clean images (``same_images``) and does (same
+        count and labels as the clean ``y``), else ``overall``."""
+        n = per_draw.shape[1]
         if same_images and n == len(y) and bool(torch.equal(labels.cpu(), y.cpu())):
-            return self.per_image
-        return torch.full((n,), self.overall, dtype=torch.float64)
+            t = self.per_image
+        else:
+            t = torch.full((n,), self.overall, dtype=torch.float64)
+        return per_draw.float() / t.to(per_draw.device).float()[None, :, None]
 
 
 def _fit_temperature(
@@ -1381,8 +1384,7 @@ def _cell_ece(
     raw = ece(logits.softmax(1), labels_t, n_bins)
     if temp is None:
         return raw, None
-    t = temp.of(per_draw.shape[1], labels, y, same_images=True).to(per_draw.device).float()
-    scaled, _ = _pooled(per_draw / t[None, :, None], labels)
+    scaled, _ = _pooled(temp.scale(per_draw, labels, y, same_images=True), labels)
     return raw, ece(scaled.softmax(1), labels_t, n_bins)
 
 
