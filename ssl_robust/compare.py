@@ -617,23 +617,34 @@ def severity_key(level: int) -> str:
     return "test/acc" if level == 0 else f"shift/severity/{level}/acc"
 
 
+def _severity_line(
+    metrics: Mapping[str, float], section: str, name: str, clean_key: str
+) -> tuple[list[int], list[float]] | None:
+    """The points (severities, values) of ``<section>/severity/<s>/<name>``, severity 0 being
+    ``metrics[clean_key]`` when present; None without a per-severity value."""
+    prefix = f"{section}/severity/"
+    levels = sorted(
+        int(k.split("/")[2])
+        for k in metrics
+        if k.startswith(prefix) and k.endswith(f"/{name}") and k.count("/") == 3
+    )
+    if not levels:
+        return None
+    points = [(s, metrics[f"{prefix}{s}/{name}"]) for s in levels]
+    if clean_key in metrics:
+        points.insert(0, (0, metrics[clean_key]))
+    return [x for x, _ in points], [y for _, y in points]
+
+
 def severity_data(runs: Sequence[Run]) -> dict[str, tuple[list[int], list[float]]]:
     """What :func:`plot_severity` draws: ``run source -> (severities, accuracies)`` of the
     evaluation runs with a per-severity corruption accuracy, severity 0 being the clean
     accuracy when the run has it."""
     out: dict[str, tuple[list[int], list[float]]] = {}
     for run in runs:
-        levels = sorted(
-            int(k.split("/")[2])
-            for k in run.metrics
-            if k.startswith("shift/severity/") and k.endswith("/acc") and k.count("/") == 3
-        )
-        if not levels:
-            continue
-        if "test/acc" in run.metrics:
-            levels.insert(0, 0)
-        points = [(s, run.metrics[severity_key(s)]) for s in levels]
-        out[run.source] = ([x for x, _ in points], [y for _, y in points])
+        line = _severity_line(run.metrics, "shift", "acc", severity_key(0))
+        if line is not None:
+            out[run.source] = line
     return out
 
 
@@ -661,20 +672,11 @@ def calibration_severity_data(
     severity 0 being the clean ECE when the run has it."""
     out: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
     for run in runs:
-        m = run.metrics
-        lines: dict[str, tuple[list[int], list[float]]] = {}
+        lines = {}
         for kind in ("ece", "ts_ece"):
-            levels = sorted(
-                int(k.split("/")[2])
-                for k in m
-                if k.startswith("calib/severity/") and k.endswith(f"/{kind}") and k.count("/") == 3
-            )
-            if not levels:
-                continue
-            points = [(s, m[f"calib/severity/{s}/{kind}"]) for s in levels]
-            if f"calib/clean/{kind}" in m:
-                points.insert(0, (0, m[f"calib/clean/{kind}"]))
-            lines[kind] = ([x for x, _ in points], [y for _, y in points])
+            line = _severity_line(run.metrics, "calib", kind, f"calib/clean/{kind}")
+            if line is not None:
+                lines[kind] = line
         if lines:
             out[run.source] = lines
     return out
