@@ -1253,7 +1253,7 @@ def corrupted_source(
         return twin
     images = np.empty_like(source.images)
     for i in range(len(twin)):
-        images[i] = np.asarray(twin.load(i))
+        images[i] = twin.array(i)
     return ArraySource(images, np.asarray(source.labels), list(source.classes))
 
 
@@ -1284,16 +1284,20 @@ class CorruptedSource:
         return len(self.labels)
 
     def load(self, index: int) -> Any:
-        import numpy as np
         from PIL import Image
+
+        return Image.fromarray(self.array(index))
+
+    def array(self, index: int) -> Any:
+        """Image ``index``, corrupted, as a uint8 (H, W, 3) array."""
+        import numpy as np
 
         image = np.array(self.source.load(index).convert("RGB"))  # writable, for torch
         x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
         state = np.random.SeedSequence([self.seed, self.severity, index]).generate_state(1)
         generator = torch.Generator().manual_seed(int(state[0]))
         y = corrupt(x, self.names[int(self.picks[index])], self.severity, generator)[0]
-        out = (y * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-        return Image.fromarray(out)
+        return (y * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         return self.load(index), int(self.labels[index])
