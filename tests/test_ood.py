@@ -10,8 +10,11 @@ import torch
 from ssl_robust.evaluate.ood import (
     auroc,
     energy_score,
+    fit_mahalanobis,
     fpr_at_tpr,
     held_out_class_split,
+    knn_score,
+    mahalanobis_score,
     msp_score,
     noise_images,
     ood_metrics,
@@ -130,3 +133,74 @@ def test_held_out_class_split():
     assert torch.equal(in_mask, ~out_mask)
     with pytest.raises(ValueError, match="at least one"):
         held_out_class_split(labels, [])
+
+
+def test_knn_score_is_the_negative_distance_to_the_kth_nearest_unit_feature():
+    gen = torch.Generator().manual_seed(0)
+    bank, feats = torch.randn(40, 6, generator=gen), torch.randn(25, 6, generator=gen)
+    unit_bank = bank / bank.norm(dim=1, keepdim=True)
+    for k in (1, 3, 40):
+        expected = []
+        for f in feats:
+            d = sorted(float((f / f.norm() - b).norm()) for b in unit_bank)
+            expected.append(-d[k - 1])
+        # Chunked like a large evaluation: chunk boundaries change nothing.
+        got = knn_score(bank, feats, k, chunk=7)
+        torch.testing.assert_close(got, torch.tensor(expected), atol=1e-6, rtol=0)
+    # Only directions count (Sun et al. normalise): rescaling either side changes nothing.
+    torch.testing.assert_close(knn_score(5 * bank, feats * 0.1, 2), knn_score(bank, feats, 2))
+    # A bank feature scores 0 (its own nearest neighbour at distance 0).
+    assert knn_score(bank, bank[:4], 1).abs().max() < 1e-6
+    with pytest.raises(ValueError, match=r"k must be in 1\.\.40"):
+        knn_score(bank, feats, 41)
+    with pytest.raises(ValueError, match="share D"):
+        knn_score(bank, feats[:, :5], 1)
+
+
+def test_mahalanobis_matches_the_shared_covariance_gaussian_fit():
+    from sklearn.covariance import LedoitWolf
+
+    gen = torch.Generator().manual_seed(0)
+    d, per_class = 4, 2000
+    centres = torch.tensor([[0.0, 0, 0, 0], [4, 0, 0, 0], [0, 4, 0, 0]])
+    labels = torch.arange(3).repeat_interleave(per_class)
+    mix = torch.tensor([[1.0, 0.5, 0, 0], [0, 1, 0, 0], [0, 0, 2, 0], [0, 0, 0, 0.5]])
+    feats = centres[labels] + torch.randn(len(labels), d, generator=gen) @ mix
+    means, precision = fit_mahalanobis(feats, labels)
+    # Reference: per-class means, and Ledoit-Wolf on the class-centred features.
+    ref_means = torch.stack([feats[labels == c].double().mean(0) for c in range(3)])
+    torch.testing.assert_close(means, ref_means)
+    centred = (feats.double() - ref_means[labels]).numpy()
+    lw = LedoitWolf(assume_centered=True).fit(centred)
+    torch.testing.assert_close(precision, torch.from_numpy(lw.precision_))
+    # With many samples per dimension the shrinkage is small: close to the true covariance.
+    covariance = torch.linalg.inv(precision)
+    torch.testing.assert_close(covariance, (mix.T @ mix).double(), atol=0.1, rtol=0.05)
+    # The score: minus the smallest quadratic form over the classes, by an explicit loop.
+    queries = torch.randn(9, d, generator=gen) * 3
+    expected = [
+        -min(float((q.double() - m) @ precision @ (q.double() - m)) for m in means)
+        for q in queries
+    ]
+    got = mahalanobis_score(queries, means, precision)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float32))
+    # A far-away cluster scores far below the training clusters.
+    far = torch.randn(50, d, generator=gen) + torch.tensor([0.0, 0, 12, 0])
+    inside = mahalanobis_score(feats, means, precision)
+    outside = mahalanobis_score(far, means, precision)
+    assert auroc(inside, outside) > 0.99
+
+
+def test_mahalanobis_handles_fewer_features_than_dimensions():
+    # A 1% labeled subset with 512-d features: the sample covariance is singular, the
+    # shrunk one is not, and the scores are finite.
+    gen = torch.Generator().manual_seed(1)
+    feats, labels = torch.randn(20, 64, generator=gen), torch.arange(20) % 4
+    means, precision = fit_mahalanobis(feats, labels)
+    assert means.shape == (4, 64) and torch.isfinite(precision).all()
+    # Labels need not be 0..C-1: a subset whose classes are [2, 7].
+    m2, _ = fit_mahalanobis(feats[:6], torch.tensor([7, 2, 7, 2, 7, 2]))
+    torch.testing.assert_close(m2[0], feats[[1, 3, 5]].double().mean(0))
+    assert torch.isfinite(mahalanobis_score(torch.randn(5, 64), means, precision)).all()
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_mahalanobis(feats[:1], labels[:1])

@@ -1,7 +1,10 @@
 """Out-of-distribution detection: scores, metrics and local OOD sets.
 
 Scores are "higher = more in-distribution"; the metrics treat the in-distribution set as
-the positive class. OOD sets are made locally, without downloads: synthetic
+the positive class. Logit scores (MSP, energy) read the classifier's output; feature scores
+(kNN distance, Mahalanobis) read its encoder's features against a bank of training features,
+which a self-supervised encoder supplies without labels (kNN) or with the labeled subset's
+class means (Mahalanobis). OOD sets are made locally, without downloads: synthetic
 noise (Hendrycks et al. 2019, Outlier Exposure, App. B) and held-out classes; corrupted
 images from ``corruptions`` can be passed as any other tensor set.
 """
@@ -15,6 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 NOISE_KINDS = ("gaussian", "uniform", "blobs")
+# Scores of the classifier's logits and of its encoder's features (against a bank).
+LOGIT_SCORES = ("msp", "energy")
+FEATURE_SCORES = ("knn", "mahalanobis")
 
 
 def msp_score(logits: Tensor) -> Tensor:
@@ -32,6 +38,70 @@ def energy_score(logits: Tensor, T: float = 1.0) -> Tensor:
     if T <= 0:
         raise ValueError(f"T must be > 0, got {T}")
     return T * torch.logsumexp(logits / T, dim=1)
+
+
+def knn_score(bank: Tensor, features: Tensor, k: int, chunk: int = 1024) -> Tensor:
+    """Negative distance to the k-th nearest bank feature, both L2-normalised (Sun et al.
+    2022, "Out-of-distribution detection with deep nearest neighbors"), (N, D) -> (N,).
+
+    Args:
+        bank: In-distribution (training) features (M, D).
+        features: Features to score (N, D).
+        k: Which neighbour (1 = the nearest); at most M.
+        chunk: Rows of ``features`` per distance matrix, bounding memory at chunk x M.
+    """
+    if bank.dim() != 2 or features.dim() != 2 or bank.shape[1] != features.shape[1]:
+        raise ValueError(
+            f"bank (M, D) and features (N, D) must share D, got {tuple(bank.shape)} and "
+            f"{tuple(features.shape)}"
+        )
+    if not 1 <= k <= bank.shape[0]:
+        raise ValueError(f"k must be in 1..{bank.shape[0]} (the bank's size), got {k}")
+    b = F.normalize(bank.double(), dim=1)
+    out = []
+    for start in range(0, features.shape[0], chunk):
+        f = F.normalize(features[start : start + chunk].double(), dim=1)
+        # |f - b|^2 = 2 - 2 f.b for unit vectors; clamped against rounding below zero.
+        d2 = (2 - 2 * f @ b.T).clamp_min(0)
+        out.append(-d2.kthvalue(k, dim=1).values.sqrt())
+    return torch.cat(out).float() if out else features.new_zeros(0)
+
+
+def fit_mahalanobis(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Class means (C, D) and the precision (D, D) of one covariance shared by the classes
+    (Lee et al. 2018, Eq. 1), from labeled training features (N, D) and labels (N,).
+
+    The covariance of the class-centred features is the Ledoit-Wolf shrinkage estimate
+    (scikit-learn's ``LedoitWolf``): with fewer features than dimensions (a 1% labeled
+    subset, 512-d features) the sample covariance is singular, and the shrinkage picks its
+    own amount. Classes without a feature get no mean and are never the nearest.
+    """
+    from sklearn.covariance import LedoitWolf
+
+    if features.dim() != 2 or labels.shape != (features.shape[0],):
+        raise ValueError(
+            f"features (N, D) and labels (N,) expected, got {tuple(features.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    if features.shape[0] < 2:
+        raise ValueError(f"at least 2 features are needed, got {features.shape[0]}")
+    f = features.double()
+    classes = torch.unique(labels)
+    means = torch.stack([f[labels == c].mean(0) for c in classes])
+    centred = f - means[torch.searchsorted(classes, labels)]
+    lw = LedoitWolf(assume_centered=True).fit(centred.numpy())
+    return means, torch.from_numpy(lw.precision_)
+
+
+def mahalanobis_score(features: Tensor, means: Tensor, precision: Tensor) -> Tensor:
+    """Negative Mahalanobis distance (squared) to the nearest class mean under a shared
+    precision (Lee et al. 2018, Eq. 2, without input preprocessing), (N, D) -> (N,)."""
+    f = features.double()
+    p = precision.double()
+    # (f - mu)^T P (f - mu) = f^T P f - 2 f^T P mu + mu^T P mu, for every class at once.
+    fp = f @ p
+    d2 = (fp * f).sum(1, keepdim=True) - 2 * fp @ means.T + ((means @ p) * means).sum(1)
+    return -d2.amin(dim=1).float()
 
 
 def _check_scores(scores_in: Tensor, scores_out: Tensor) -> tuple[Tensor, Tensor]:
