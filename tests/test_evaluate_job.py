@@ -27,8 +27,16 @@ from ssl_robust.evaluate.metrics import (
     fold_of,
     wilson_interval,
 )
-from ssl_robust.evaluate.ood import energy_score, msp_score, ood_metrics
-from ssl_robust.evaluate.report import describe_metric, expected_metric_keys
+from ssl_robust.evaluate.ood import (
+    energy_score,
+    fit_mahalanobis,
+    knn_score,
+    mahalanobis_score,
+    msp_score,
+    ood_metrics,
+)
+from ssl_robust.evaluate.report import OOD_SCORES, describe_metric, expected_metric_keys
+from ssl_robust.finetune.export import load_classifier
 from ssl_robust.evaluate.store import UNIT_SUFFIX, read_unit
 from ssl_robust.pipelines.evaluate import evaluate
 from tests.eval_runs import DATA, tiny_denoiser, train_digits_classifier
@@ -144,6 +152,7 @@ def test_job_end_to_end_writes_the_documented_report(
         perf=True,
         bootstrap=True,
         temperature=True,
+        ood_scores=OOD_SCORES,
     )
     assert set(m) == expected
     assert all(describe_metric(k) is not None for k in m)
@@ -214,6 +223,36 @@ def test_job_end_to_end_writes_the_documented_report(
     assert m["adv/linf_8/nfe_per_image"] == 6
     assert m["ood/noise_blobs/msp/auroc"] > 0.6
     assert m["perf/latency_ms"] > 0 and m["perf/throughput_ips"] > 0
+
+    # OOD feature scores. The bank: the encoder's features of the training images (this run
+    # records no labeled subset: the whole train split), stored with their labels.
+    classifier = load_classifier(cfg.classifier.run)[0].eval()
+    train = build_splits(**DATA).train
+    bank_numbers, bank = _unit(cfg, "features/bank")
+    assert torch.equal(bank["labels"], torch.from_numpy(train.labels))
+    with torch.no_grad():
+        x_train = torch.from_numpy(train.images).permute(0, 3, 1, 2).float() / 255
+        torch.testing.assert_close(bank["features"], classifier.features(x_train))
+        # The clean pass kept the features its logits came from.
+        clean = _unit(cfg, "clean")[1]
+        torch.testing.assert_close(classifier.head(clean["features"]), clean["logits"][0])
+    # The scores of the top-severity set, recomputed from the stored features: kNN at Sun et
+    # al.'s ratio (1438 bank images: k = 1) and Mahalanobis from the labeled bank.
+    shifted = torch.cat([_unit(cfg, f"shift/{c}/5")[1]["features"] for c in GRID])
+    assert report["meta"]["ood_knn_k"] == 1
+    means, precision = fit_mahalanobis(bank["features"], bank["labels"])
+    scorers = {
+        "knn": lambda f: knn_score(bank["features"], f, 1),
+        "mahalanobis": lambda f: mahalanobis_score(f, means, precision),
+    }
+    for score, scorer in scorers.items():
+        expected = ood_metrics(scorer(clean["features"]), scorer(shifted))
+        for k, v in expected.items():
+            assert m[f"ood/shift_s5/{score}/{k}"] == pytest.approx(v, abs=1e-6), (score, k)
+        assert m[f"ood/noise_blobs/{score}/auroc"] > 0.9, score
+    md_text = (run / "report.md").read_text()
+    assert "against a bank of 1438 of the whole train split (1438 images; the" in md_text
+    assert "| noise_blobs | knn |" in md_text and "| shift_s5 | mahalanobis |" in md_text
 
     # The sanity checks ran and are reported (a trained CNN passes them).
     for norm in ("linf", "l2"):

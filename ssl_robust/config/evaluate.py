@@ -243,6 +243,21 @@ class OODSection:
     datasets: list[str] = field(default_factory=list)
     # Images of each dataset, a seeded subset; 0 = as many as evaluation images.
     num_images: int = 0
+    # Scores of the encoder's features (the classifier's input to its head, after the purifier)
+    # against a bank of training features passed through the same pipeline, beside the logit
+    # scores (msp, energy): knn (minus the distance to the k-th nearest L2-normalised bank
+    # feature; Sun et al. 2022) and mahalanobis (minus the distance to the nearest class mean
+    # under one shared, Ledoit-Wolf-shrunk covariance; Lee et al. 2018). Behind a stochastic
+    # purifier each image's features are those of its first purification. Empty: logit
+    # scores only, and no bank pass.
+    feature_scores: list[str] = field(default_factory=lambda: ["knn", "mahalanobis"])
+    # The bank: the images the classifier was fine-tuned on (subset.npy of its run; the
+    # whole train split for a run without one), less any held-out classes, a seeded subset of
+    # bank_size; 0 = all of them.
+    bank_size: int = 5000
+    # Which neighbour the kNN score measures; 0 = Sun et al.'s ratio of 50 per 50,000 bank
+    # images (at least 1).
+    knn_k: int = 0
 
 
 @dataclass

@@ -34,6 +34,7 @@ import numpy as np
 
 from ssl_robust.evaluate.corruptions import CORRUPTION_GROUPS
 from ssl_robust.evaluate.metrics import accuracy_interval, certified_radii, interval_bars
+from ssl_robust.evaluate.ood import FEATURE_SCORES, LOGIT_SCORES
 from ssl_robust.files import private_tmp
 from ssl_robust.plotting import pyplot, save_figure
 
@@ -165,7 +166,8 @@ METRIC_DOCS: dict[str, str] = {
     "perf/eval_wall_s": "Wall time of the whole evaluation, seconds.",
 }
 
-OOD_SCORES = ("msp", "energy")
+# Logit scores, then feature scores (ood.feature_scores).
+OOD_SCORES = (*LOGIT_SCORES, *FEATURE_SCORES)
 SANITY_CHECKS = (
     "eps_monotone",
     "large_eps",
@@ -249,6 +251,7 @@ def expected_metric_keys(
     natural_sets: Sequence[str] = (),
     bootstrap: bool = False,
     temperature: bool = False,
+    ood_scores: Sequence[str] = LOGIT_SCORES,
 ) -> set[str]:
     """Every metric name a report of this shape holds.
 
@@ -272,6 +275,8 @@ def expected_metric_keys(
         natural_sets: Names of the natural-shift sets evaluated.
         bootstrap: The ECEs and AUROCs have bootstrap intervals (eval.bootstrap > 0).
         temperature: The calibration sets were scored after temperature scaling too.
+        ood_scores: The OOD scores of every OOD set (the logit scores, and the feature scores
+            of ``ood.feature_scores``).
     """
     keys: set[str] = {"perf/eval_wall_s"}
     if clean:
@@ -336,7 +341,7 @@ def expected_metric_keys(
         scaled += ["ts_ece_low", "ts_ece_high"] if bootstrap else []
         keys |= {f"calib/{s}/{m}" for s in calib_sets for m in scaled}
     ood = ["auroc", "fpr95", *(["auroc_low", "auroc_high"] if bootstrap else [])]
-    keys |= {f"ood/{s}/{sc}/{m}" for s in ood_sets for sc in OOD_SCORES for m in ood}
+    keys |= {f"ood/{s}/{sc}/{m}" for s in ood_sets for sc in ood_scores for m in ood}
     if perf:
         keys |= {"perf/latency_ms", "perf/throughput_ips", "perf/batch_size"}
         if purified:
@@ -1050,9 +1055,24 @@ def _ood_text(report: dict[str, Any]) -> str:
     m = report.get("metrics", {})
     text = (
         "Scores: msp, the largest softmax probability (Hendrycks & Gimpel 2017); energy, the "
-        "logsumexp of the logits (Liu et al. 2020). Both should be higher on the in-distribution "
-        "test images; an AUROC of 50% is chance."
+        "logsumexp of the logits (Liu et al. 2020)"
     )
+    meta = report.get("meta", {})
+    described = {
+        "knn": "knn, minus the distance to the k-th nearest normalised bank feature, "
+        f"k = {meta.get('ood_knn_k')} (Sun et al. 2022)",
+        "mahalanobis": "mahalanobis, minus the squared Mahalanobis distance to the nearest "
+        "class mean under one shared covariance (Lee et al. 2018)",
+    }
+    feature_scores = [described[f] for f in meta.get("ood_feature_scores", []) if f in described]
+    if feature_scores:
+        text += (
+            f"; on the encoder's features, against a bank of {meta.get('ood_bank')} passed "
+            "through the same pipeline: " + "; ".join(feature_scores)
+        )
+    text += ". Each should be higher on the in-distribution test images; an AUROC of 50% is chance."
+    if meta.get("stochastic") and feature_scores:
+        text += " The feature scores use each image's first purification."
     outside = report.get("meta", {}).get("ood_datasets") or {}
     if outside:
         text += " Outside datasets: " + "; ".join(f"{k}, {v}" for k, v in outside.items()) + "."

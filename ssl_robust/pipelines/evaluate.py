@@ -39,11 +39,14 @@ from ssl_robust.config import ConfigError, save_config, to_dict
 from ssl_robust.data.datasets import (
     OUTSIDE_DATASETS,
     ArraySource,
+    ImageSource,
+    Splits,
     build_splits,
     labeled_set_file,
     load_labeled_set,
     load_outside_images,
 )
+from ssl_robust.data.subsets import SUBSET_FILE, check_indices
 from ssl_robust.evaluate.attacks import (
     autoattack,
     robust_accuracy,
@@ -88,18 +91,23 @@ from ssl_robust.evaluate.metrics import (
     wilson_interval,
 )
 from ssl_robust.evaluate.ood import (
+    FEATURE_SCORES,
     NOISE_KINDS,
     auroc,
     energy_score,
+    fit_mahalanobis,
     held_out_class_split,
+    knn_score,
+    mahalanobis_score,
     msp_score,
     noise_images,
     ood_metrics,
 )
-from ssl_robust.evaluate.report import OOD_SCORES, group_of, log_to_wandb, threat_name, write_report
+from ssl_robust.evaluate.report import group_of, log_to_wandb, threat_name, write_report
 from ssl_robust.evaluate.smoothing import ABSTAIN, certified_accuracy, certify
 from ssl_robust.evaluate.store import UnitStore, file_stamp, weights_sha256
 from ssl_robust.finetune.export import load_classifier
+from ssl_robust.finetune.features import source_images
 from ssl_robust.finetune.model import Classifier
 from ssl_robust.launch.progress import RESTORED, progress_bar
 from ssl_robust.launch.trainer import wandb_run_id, write_json
@@ -147,11 +155,16 @@ class Pipeline(nn.Module):
     def reseed(self, seed: int, device: torch.device) -> None:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def embed(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits (B, K) and the encoder's features (B, D) of one pass: one purification."""
         self.calls += x.shape[0]
         if self.purifier is not None:
             x = self.purifier(x, None if self.purifier.fixed_noise else self.generator)
-        return self.classifier(x)  # (B, K)
+        features = self.classifier.features(x)
+        return self.classifier.head(features), features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.embed(x)[0]  # (B, K)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +339,14 @@ def check_config(cfg: DictConfig) -> None:
             )
         need(o.num_noise >= 0, f"ood.num_noise must be >= 0, got {o.num_noise}")
         need(o.num_images >= 0, f"ood.num_images must be >= 0, got {o.num_images}")
+        for score in o.feature_scores:
+            need(
+                score in FEATURE_SCORES,
+                f"unknown score {score!r} in ood.feature_scores; choose from "
+                f"{list(FEATURE_SCORES)}",
+            )
+        need(o.bank_size >= 0, f"ood.bank_size must be >= 0, got {o.bank_size}")
+        need(o.knn_k >= 0, f"ood.knn_k must be >= 0 (0 = by the bank's size), got {o.knn_k}")
         ood_set_names([str(spec) for spec in o.datasets])
     f = cfg.perf
     if f.enabled:
@@ -355,8 +376,11 @@ def _subset(n: int, cap: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n)[:cap])
 
 
-def _eval_data(cfg: DictConfig, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, dict]:
-    """The evaluation split as uint8 (N, H, W, 3) images and labels, and its description."""
+def _eval_data(
+    cfg: DictConfig, meta: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray, dict, Splits]:
+    """The evaluation split as uint8 (N, H, W, 3) images and labels, its description, and the
+    splits it came from."""
     data = dict(meta.get("data") or {})
     if cfg.eval.data != "auto":
         data["name"] = cfg.eval.data
@@ -389,7 +413,35 @@ def _eval_data(cfg: DictConfig, meta: dict[str, Any]) -> tuple[np.ndarray, np.nd
     labels = np.asarray(val.labels, dtype=np.int64)
     idx = _subset(len(images), cfg.eval.max_images, cfg.run.seed)
     data["image_size"] = splits.info.image_size
-    return np.ascontiguousarray(images[idx]), labels[idx], data
+    return np.ascontiguousarray(images[idx]), labels[idx], data, splits
+
+
+def _bank_images(
+    cfg: DictConfig, train: ImageSource, held_out: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """The OOD feature bank: uint8 (M, H, W, 3) images and labels of the train split that the
+    classifier was fine-tuned on (its run's ``subset.npy``; the whole split without one), less
+    the held-out classes, a seeded subset of ``ood.bank_size``; and their description."""
+    path = Path(cfg.classifier.run) / SUBSET_FILE
+    labels = np.asarray(train.labels, dtype=np.int64)
+    if path.is_file():
+        idx = np.load(path)
+        check_indices(idx, len(labels))
+        what = f"the classifier's {len(idx)} fine-tuning images ({SUBSET_FILE})"
+    else:
+        idx = np.arange(len(labels))
+        what = f"the whole train split ({len(idx)} images; the classifier run has no {SUBSET_FILE})"
+    if held_out:
+        idx = idx[~np.isin(labels[idx], list(held_out))]
+        what += ", less the held-out classes"
+    if len(idx) < 2:
+        raise ConfigError(
+            f"the OOD feature bank would hold {len(idx)} image(s) ({what}); set "
+            "ood.feature_scores=[] to score the logits only"
+        )
+    idx = idx[_subset(len(idx), int(cfg.ood.bank_size), int(cfg.run.seed) + _SEED_OOD)]
+    images = source_images(train.subset(idx))
+    return np.ascontiguousarray(images), labels[idx], f"{len(idx)} of {what}"
 
 
 def _build_purifier(cfg: DictConfig, image_size: int) -> tuple[Purifier | None, dict[str, Any]]:
@@ -508,6 +560,7 @@ def _unit_specs(
     stochastic: bool,
     outside: dict[str, str] | None = None,
     natural: dict[str, str] | None = None,
+    bank: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every unit of expensive work the config asks for: its name (also the relative path of
     its file, after the metric names) and the settings it depends on beyond the fingerprint.
@@ -521,13 +574,21 @@ def _unit_specs(
     ``adv/<threat>/autoattack`` and ``adv/sanity/<norm>``, ``ood/<set>`` (the logits of an
     outside OOD dataset over ``clean_draws`` purifications; ``outside`` maps each set to the
     digest of its images), ``natural/<set>`` (likewise, a labeled natural-shift set;
-    ``natural``: images and labels).
+    ``natural``: images and labels), ``features/bank`` (the OOD feature scores' bank: the
+    features of the training images whose digest is ``bank``).
+
+    With ``bank``, the units that feed the OOD section (the clean pass, the top-severity cells
+    when ``ood.shift``, the outside sets) also keep the encoder's features of their first
+    draw.
     """
     specs: dict[str, dict[str, Any]] = {}
+    features = {"features": True} if bank is not None else {}
     if clean:
-        specs["clean"] = {"bare": bare, "draws": clean_draws}
+        specs["clean"] = {"bare": bare, "draws": clean_draws, **features}
+    if bank is not None:
+        specs["features/bank"] = {"images": bank}
     for name, digest in (outside or {}).items():
-        specs[f"ood/{name}"] = {"images": digest, "draws": clean_draws}
+        specs[f"ood/{name}"] = {"images": digest, "draws": clean_draws, **features}
     for name, digest in (natural or {}).items():
         specs[f"natural/{name}"] = {"images": digest, "draws": clean_draws}
     s = cfg.shift
@@ -557,6 +618,8 @@ def _unit_specs(
             }
             if shift_draws > 1:  # only then: stores written before draws existed stay valid
                 specs[f"shift/{c}/{sev}"]["draws"] = shift_draws
+            if top and cfg.ood.shift:
+                specs[f"shift/{c}/{sev}"].update(features)
     a = cfg.adv
     eot, draws = _attack_budget(cfg, stochastic)
     attack = {
@@ -676,7 +739,7 @@ def _natural_section(
     calibration."""
     images = {name: v[0] for name, v in sets.items()}
     seed = int(cfg.run.seed) + _SEED_NATURAL
-    logits = _set_logits(images, "natural", seed, model, draws, cfg, device, bar, cache)
+    logits, _ = _set_logits(images, "natural", seed, model, draws, cfg, device, bar, cache)
     out = {}
     for name, (_, labels, _) in sets.items():
         y = torch.from_numpy(labels)
@@ -696,28 +759,70 @@ def _set_logits(
     device: torch.device,
     bar: Progress,
     cache: UnitStore,
-) -> dict[str, Tensor]:
+    features: bool = False,
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The pipeline's logits (draws, M, classes) on each named set of uint8 (M, H, W, 3)
     images: one unit ``<kind>/<name>`` each, over ``draws`` purifications from a stream of its
-    own (``seed`` and the name), read back from ``cache`` when stored."""
+    own (``seed`` and the name), read back from ``cache`` when stored; and with ``features``,
+    the encoder's features (M, D) of each set's first draw."""
     out: dict[str, Tensor] = {}
+    feats: dict[str, Tensor] = {}
     if not images:
-        return out
+        return out, feats
     task = bar.add_task(f"{kind} sets", total=len(images))
     for name, pixels in images.items():
         unit = f"{kind}/{name}"
         stored = cache.get(unit)
         bar.update(task, description=f"{kind} {name}" + (f" {RESTORED}" if stored else ""))
+        f: Tensor | None
         if stored is not None:
-            out[name] = stored[1]["logits"]
+            out[name], f = stored[1]["logits"], stored[1].get("features")
         else:
-            x = _nchw(pixels)
             model.reseed(_corruption_seed(seed, name, 0), device)
             bs = int(cfg.eval.batch_size)
-            out[name] = torch.stack([_predict(model, x, bs, device) for _ in range(draws)])
-            cache.put(unit, {}, {"logits": out[name]})
+            out[name], f = _predict_draws(model, _nchw(pixels), draws, bs, device, features)
+            cache.put(unit, {}, {"logits": out[name]} | ({"features": f} if f is not None else {}))
+        if features and f is not None:
+            feats[name] = f
         bar.advance(task)
-    return out
+    return out, feats
+
+
+def _bank_features(
+    bank_set: tuple[np.ndarray, np.ndarray, str],
+    model: Pipeline,
+    cfg: DictConfig,
+    device: torch.device,
+    bar: Progress,
+    cache: UnitStore,
+) -> tuple[Tensor, Tensor]:
+    """The OOD feature bank's features (M, D) through the whole pipeline (one purification
+    each, as the evaluation images' features), and its labels (M,); unit ``features/bank``."""
+    stored = cache.get("features/bank")
+    task = bar.add_task("OOD feature bank" + (f" {RESTORED}" if stored else ""), total=1)
+    if stored is not None:
+        feats, labels = stored[1]["features"], stored[1]["labels"]
+    else:
+        images, labels_np, _ = bank_set
+        model.reseed(_corruption_seed(int(cfg.run.seed) + _SEED_OOD, "bank", 0), device)
+        bs = int(cfg.eval.batch_size)
+        _, f = _predict_draws(model, _nchw(images), 1, bs, device, features=True)
+        assert f is not None
+        feats, labels = f, torch.from_numpy(labels_np)
+        cache.put("features/bank", {}, {"features": feats, "labels": labels})
+    bar.advance(task)
+    return feats, labels
+
+
+@dataclass
+class _OODFeatures:
+    """Encoder features of the OOD section's sets, each image's first draw, and the bank."""
+
+    bank: Tensor  # (M, D)
+    bank_labels: Tensor  # (M,)
+    clean: Tensor  # (N, D)
+    shift: Tensor | None  # (corruptions x N, D), the top severity; None without it
+    outside: dict[str, Tensor]  # by outside set
 
 
 def ood_set_names(specs: Sequence[str]) -> dict[str, tuple[str, str]]:
@@ -803,6 +908,8 @@ def _unit_kind(unit: str) -> str:
         return "OOD datasets"
     if unit.startswith("natural/"):
         return "natural-shift sets"
+    if unit == "features/bank":
+        return "OOD feature bank"
     if "/pgd/shard-" in unit:
         return "PGD shards"
     return "AutoAttack threats" if unit.endswith("/autoattack") else "PGD threats"
@@ -818,14 +925,39 @@ def _to_float(u8: Tensor, device: torch.device) -> Tensor:
 
 
 @torch.no_grad()
-def _predict(model: nn.Module, images: Tensor, batch_size: int, device: torch.device) -> Tensor:
-    """Logits (N, K) on the CPU for uint8 (N, 3, H, W) or float [0, 1] images."""
-    out = []
+def _on_device(images: Tensor, batch_size: int, device: torch.device) -> Iterator[Tensor]:
+    """Batches of uint8 (N, 3, H, W) or float [0, 1] images as float [0, 1] on ``device``."""
     for start in range(0, images.shape[0], batch_size):
         batch = images[start : start + batch_size]
-        x = _to_float(batch, device) if batch.dtype == torch.uint8 else batch.to(device)
-        out.append(model(x).float().cpu())
-    return torch.cat(out)
+        yield _to_float(batch, device) if batch.dtype == torch.uint8 else batch.to(device)
+
+
+def _predict(model: nn.Module, images: Tensor, batch_size: int, device: torch.device) -> Tensor:
+    """Logits (N, K) on the CPU for uint8 (N, 3, H, W) or float [0, 1] images."""
+    return torch.cat([model(x).float().cpu() for x in _on_device(images, batch_size, device)])
+
+
+def _predict_draws(
+    model: Pipeline,
+    images: Tensor,
+    draws: int,
+    batch_size: int,
+    device: torch.device,
+    features: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Logits (draws, N, K) of ``draws`` passes over the images (purifications, behind a
+    stochastic purifier) and, with ``features``, the encoder's features (N, D) of the first
+    pass: the same noise draws as without them."""
+    if not features:
+        logits = [_predict(model, images, batch_size, device) for _ in range(draws)]
+        return torch.stack(logits), None
+    outs, feats = [], []
+    for x in _on_device(images, batch_size, device):
+        out, f = model.embed(x)
+        outs.append(out.float().cpu())
+        feats.append(f.float().cpu())
+    rest = [_predict(model, images, batch_size, device) for _ in range(draws - 1)]
+    return torch.stack([torch.cat(outs), *rest]), torch.cat(feats)
 
 
 def _nchw(images_nhwc: np.ndarray) -> Tensor:
@@ -919,7 +1051,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     check_config(cfg)
     device = _device(cfg.eval.device)
     classifier, clf_meta = load_classifier(cfg.classifier.run)
-    images, labels, data = _eval_data(cfg, clf_meta)
+    images, labels, data, splits = _eval_data(cfg, clf_meta)
     purifier, denoiser_desc = _build_purifier(cfg, int(data["image_size"]))
     num_classes = classifier.num_classes
     held_out = list(cfg.ood.held_out_classes) if cfg.ood.enabled else []
@@ -940,9 +1072,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     # The report's own inputs (a worker writes no report: the merging run loads them).
     outside: dict[str, tuple[np.ndarray, str]] = {}
     natural: dict[str, tuple[np.ndarray, np.ndarray, str]] = {}
+    bank_set: tuple[np.ndarray, np.ndarray, str] | None = None
     ce_reference = None
     if not worker:
         outside = _outside_sets(cfg, data, len(labels))
+        if cfg.ood.enabled and cfg.ood.feature_scores:
+            bank_set = _bank_images(cfg, splits.train, held_out)
         class_names = [str(c) for c in clf_meta.get("classes") or range(num_classes)]
         natural = _natural_sets(cfg, class_names, int(data["image_size"]))
         if corruptions and cfg.shift.ce_reference:
@@ -993,6 +1128,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         stochastic=stochastic,
         outside={k: _images_digest(v[0]) for k, v in outside.items()} if need_clean else {},
         natural={k: _images_digest(v[0], v[1]) for k, v in natural.items()},
+        bank=_images_digest(bank_set[0], bank_set[1]) if bank_set is not None else None,
     )
     if worker:  # its PGD blocks only: reading the other units' tensors would be wasted
         specs = {k: v for k, v in specs.items() if k.startswith("adv/") and "/pgd" in k}
@@ -1030,19 +1166,22 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     # -- clean -----------------------------------------------------------------------------
     draw_logits: Tensor | None = None  # (draws, N, classes)
     bare: Tensor | None = None
+    feats = bank_set is not None  # the OOD feature scores' units keep their features
+    clean_feats: Tensor | None = None  # (N, D), the first draw's
     if need_clean:
         stored = cache.get("clean")
         if stored is not None:
             draw_logits, bare = stored[1]["logits"], stored[1].get("bare")
+            clean_feats = stored[1].get("features")
         else:
             # One stream for all draws: the unit is stored whole, so a resume replays it.
             model.reseed(seed + _SEED_CLEAN, device)
-            draw_logits = torch.stack(
-                [_predict(model, x_u8, bs, device) for _ in range(clean_draws)]
-            )
+            draw_logits, clean_feats = _predict_draws(model, x_u8, clean_draws, bs, device, feats)
             if specs["clean"]["bare"]:
                 bare = _predict(model.classifier, x_u8, bs, device)
             kept = {"logits": draw_logits} | ({"bare": bare} if bare is not None else {})
+            if clean_feats is not None:
+                kept["features"] = clean_feats
             cache.put("clean", {}, kept)
     if cfg.clean.enabled:
         assert draw_logits is not None
@@ -1083,10 +1222,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     shift_logits: Tensor | None = None  # (draws, M, classes)
     shift_labels: Tensor | None = None
+    shift_feats: Tensor | None = None  # (M, D)
     with _progress(cfg.eval.progress) as bar:
         # -- corruptions -------------------------------------------------------------------
         if corruptions:
-            shift_logits, shift_labels = _shift_section(
+            shift_logits, shift_labels, shift_feats = _shift_section(
                 cfg,
                 model,
                 images,
@@ -1101,6 +1241,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                 bar,
                 cache,
                 on_cell if cfg.calib.enabled else None,
+                feats and bool(cfg.ood.shift),
             )
         # -- natural distribution shift -----------------------------------------------------
         natural_logits: dict[str, tuple[Tensor, Tensor]] = {}
@@ -1120,11 +1261,19 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             _cert_section(cfg, model, x_u8, y, device, metrics, report, bar, cache)
         # -- outside OOD datasets through the pipeline --------------------------------------
         outside_logits: dict[str, Tensor] = {}
+        outside_feats: dict[str, Tensor] = {}
         if draw_logits is not None:
             outside_images = {name: v[0] for name, v in outside.items()}
-            outside_logits = _set_logits(
-                outside_images, "ood", seed + _SEED_OOD, model, clean_draws, cfg, device, bar, cache
-            )
+            outside_logits, outside_feats = _set_logits(
+                outside_images, "ood", seed + _SEED_OOD, model, clean_draws, cfg, device, bar,
+                cache, feats,
+            )  # fmt: skip
+        # -- the OOD feature scores' bank ---------------------------------------------------
+        ood_feats: _OODFeatures | None = None
+        if bank_set is not None and clean_feats is not None:
+            meta["ood_bank"] = bank_set[2]
+            bank, bank_labels = _bank_features(bank_set, model, cfg, device, bar, cache)
+            ood_feats = _OODFeatures(bank, bank_labels, clean_feats, shift_feats, outside_feats)
     if ce_reference is not None:
         _ce_section(ce_reference, metrics, meta, notes)
     if cache.done:
@@ -1204,8 +1353,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.ood.enabled and draw_logits is not None:
         meta["ood_datasets"] = {k: v[1] for k, v in outside.items()}
         _ood_section(
-            cfg, model, draw_logits, y, shift_logits, outside_logits, images.shape, device, report
-        )
+            cfg, model, draw_logits, y, shift_logits, outside_logits, ood_feats, images.shape,
+            device, report,
+        )  # fmt: skip
 
     # -- latency -------------------------------------------------------------------------------
     if cfg.perf.enabled:
@@ -1507,9 +1657,11 @@ def _shift_section(
     bar: Progress,
     cache: UnitStore,
     on_cell: Callable[[str, int, Tensor, Tensor], None] | None = None,
-) -> tuple[Tensor, Tensor]:
+    features: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Accuracy over the corruption grid; returns the highest-severity cells' logits of every
-    draw, (draws, M, classes), and their labels (M,), the corruptions one after another.
+    draw, (draws, M, classes), and their labels (M,), the corruptions one after another, and
+    with ``features`` their first draw's encoder features (M, D) (else None).
     With ``on_cell``, every cell keeps its logits in its stored unit (else the top severity
     only), and ``on_cell(corruption, severity, logits (draws, N, classes), labels)`` is called
     with each cell's that has them (computed, or read from a store that kept them).
@@ -1538,6 +1690,7 @@ def _shift_section(
     top = max(severities)
     pooled_logits: list[Tensor] = []
     pooled_labels: list[Tensor] = []
+    pooled_feats: list[Tensor] = []
     folder_sizes: list[int] = []  # images per severity in the folder, per cell
     cell_accs: dict[tuple[str, int], list[float]] = {}  # per draw
     # Per image: the fraction of draws that classified it right, per cell (None in stores
@@ -1557,6 +1710,7 @@ def _shift_section(
                 accs = [float(a) for a in numbers.get("accs", [numbers["acc"]])]
                 logits, y_c = kept.get("logits"), kept.get("labels")
                 hits = kept.get("hits")
+                feats = kept.get("features")
             else:
                 bar.update(task, description=f"{c} s{sev}")
                 numbers = {}
@@ -1572,7 +1726,12 @@ def _shift_section(
                     y_c = y
                 # One stream for all draws: the first is the one-draw run's purification.
                 model.reseed(_corruption_seed(seed + _SEED_SHIFT, c, sev), device)
-                outs = [_predict(model, x_c, cfg.eval.batch_size, device) for _ in range(draws)]
+                # The OOD feature scores need the top cells' features.
+                with_feats = features and sev == top
+                stacked, feats = _predict_draws(
+                    model, x_c, draws, cfg.eval.batch_size, device, with_feats
+                )
+                outs = list(stacked)
                 correct = torch.stack([(out.argmax(1) == y_c).float() for out in outs])
                 accs = correct.mean(1).tolist()
                 hits = correct.mean(0)
@@ -1587,6 +1746,8 @@ def _shift_section(
                 keep = sev == top or on_cell is not None
                 kept = {"logits": logits, "labels": y_c} if keep else {}
                 kept["hits"] = hits
+                if feats is not None:
+                    kept["features"] = feats
                 cache.put(unit, numbers, kept)
             cell_accs[c, sev] = accs
             cell_hits[c, sev] = hits
@@ -1600,6 +1761,8 @@ def _shift_section(
                 if sev == top:
                     pooled_logits.append(per_draw)
                     pooled_labels.append(y_c)
+                    if feats is not None:
+                        pooled_feats.append(feats)
             bar.advance(task)
     if folder_sizes and folder_sizes[0] != len(images):
         notes.append(
@@ -1629,7 +1792,13 @@ def _shift_section(
             f"Corruption grid: {len(corruptions)} corruptions x {len(severities)} severities, "
             "not the full 15 x 5 CIFAR-10-C benchmark; means are over this grid."
         )
-    return torch.cat(pooled_logits, dim=1), torch.cat(pooled_labels)
+    # Features of every top cell, or none (a cell stored before they were kept lacks them).
+    every = features and len(pooled_feats) == len(pooled_logits)
+    return (
+        torch.cat(pooled_logits, dim=1),
+        torch.cat(pooled_labels),
+        torch.cat(pooled_feats) if every else None,
+    )
 
 
 def load_ce_reference(
@@ -2354,6 +2523,7 @@ def _ood_section(
     y: Tensor,
     shift_logits: Tensor | None,
     outside_logits: dict[str, Tensor],
+    features: _OODFeatures | None,
     image_shape: tuple[int, ...],
     device: torch.device,
     report: dict[str, Any],
@@ -2362,41 +2532,66 @@ def _ood_section(
     as many times as the clean images), the held-out classes, the top-severity corruptions
     (shift_logits, (draws, M, classes)) and the outside datasets (``outside_logits``, by set).
     Behind a stochastic purifier, the scores of every draw are pooled on each side: the AUROC
-    of the randomised detector."""
+    of the randomised detector. With ``features``, the feature scores of ``ood.feature_scores``
+    score each set's first draw against the bank."""
     o = cfg.ood
     seed = int(cfg.run.seed)
     metrics = report["metrics"]
-    scores = {"msp": msp_score, "energy": energy_score}
     _, h, w, c = image_shape
     n_noise = int(o.num_noise) or len(y)
     draws = clean_logits.shape[0]
-    # name -> (in-distribution, OOD) logits, each (draws, images, classes)
+    # name -> (in-distribution, OOD) logits, each (draws, images, classes), and features,
+    # each (images, D) (None: not computed)
     sets: dict[str, tuple[Tensor, Tensor]] = {}
+    set_feats: dict[str, tuple[Tensor, Tensor] | None] = {}
+    f_clean = features.clean if features is not None else None
     gen = torch.Generator().manual_seed(seed + _SEED_OOD)
     model.reseed(seed + _SEED_OOD, device)
     for kind in o.noise_kinds:
         noise = noise_images(n_noise, (c, h, w), kind, generator=gen)
-        outs = [_predict(model, noise, cfg.eval.batch_size, device) for _ in range(draws)]
-        sets[f"noise_{kind}"] = (clean_logits, torch.stack(outs))
+        bs = int(cfg.eval.batch_size)
+        logits, f = _predict_draws(model, noise, draws, bs, device, features is not None)
+        sets[f"noise_{kind}"] = (clean_logits, logits)
+        set_feats[f"noise_{kind}"] = (f_clean, f) if f_clean is not None and f is not None else None
     if o.held_out_classes:
         in_mask, out_mask = held_out_class_split(y, list(o.held_out_classes))
         if in_mask.any() and out_mask.any():
             sets["held_out"] = (clean_logits[:, in_mask], clean_logits[:, out_mask])
+            held = (f_clean[in_mask], f_clean[out_mask]) if f_clean is not None else None
+            set_feats["held_out"] = held
         else:
             report["notes"].append("OOD held-out set skipped: a side of the split is empty.")
     if o.shift and shift_logits is not None:
         top = max(int(s) for s in cfg.shift.severities)
         corrupted, _ = _by_image(shift_logits, None, len(cfg.shift.corruptions))
         sets[f"shift_s{top}"] = (clean_logits, corrupted)
+        f_shift = features.shift if features is not None else None
+        set_feats[f"shift_s{top}"] = (
+            (f_clean, f_shift) if f_clean is not None and f_shift is not None else None
+        )
     for name, logits in outside_logits.items():
         sets[name] = (clean_logits, logits)
+        f_out = features.outside.get(name) if features is not None else None
+        set_feats[name] = (f_clean, f_out) if f_clean is not None and f_out is not None else None
+    feature_scores = _feature_scorers(cfg, features, report) if features is not None else {}
     hist: dict[str, dict[str, Any]] = {}
     for name, (l_in, l_out) in sets.items():
         hist[name] = {}
-        for score in OOD_SCORES:
+        per_score: dict[str, tuple[Tensor, Tensor]] = {}
+        for score, fn in _LOGIT_SCORERS.items():
             # Scores per (draw, image); the metrics pool the draws.
-            s_in = scores[score](l_in.flatten(0, 1)).view(l_in.shape[:2])
-            s_out = scores[score](l_out.flatten(0, 1)).view(l_out.shape[:2])
+            s_in = fn(l_in.flatten(0, 1)).view(l_in.shape[:2])
+            s_out = fn(l_out.flatten(0, 1)).view(l_out.shape[:2])
+            per_score[score] = (s_in, s_out)
+        pair = set_feats.get(name)
+        if pair is not None:
+            for score, scorer in feature_scores.items():
+                # One draw: (1, images), the corruptions of an image beside each other.
+                s_in, s_out = scorer(pair[0])[None], scorer(pair[1])[None]
+                if name.startswith("shift_s"):
+                    s_out, _ = _by_image(s_out, None, len(cfg.shift.corruptions))
+                per_score[score] = (s_in, s_out)
+        for score, (s_in, s_out) in per_score.items():
             key = f"ood/{name}/{score}/"
             for k, v in ood_metrics(s_in.flatten(), s_out.flatten()).items():
                 metrics[key + k] = v
@@ -2411,6 +2606,37 @@ def _ood_section(
             hist[name][score] = _ood_hist(s_in.flatten(), s_out.flatten(), score)
     report["meta"]["ood_sets"] = list(sets)
     report["ood_hist"] = hist
+
+
+# The OOD section's logit scores (``ood.LOGIT_SCORES``), by name.
+_LOGIT_SCORERS: dict[str, Callable[[Tensor], Tensor]] = {"msp": msp_score, "energy": energy_score}
+
+
+def knn_neighbour(k: int, bank_size: int) -> int:
+    """The kNN score's neighbour: ``k``, or for 0 Sun et al.'s ratio of 50 per 50,000 bank
+    images (at least 1); never beyond the bank."""
+    return min(bank_size, k if k > 0 else max(1, round(50 * bank_size / 50_000)))
+
+
+def _feature_scorers(
+    cfg: DictConfig, features: _OODFeatures, report: dict[str, Any]
+) -> dict[str, Callable[[Tensor], Tensor]]:
+    """The feature scores of ``ood.feature_scores``, each fitted to the bank: features (M, D)
+    -> scores (M,), higher = more in-distribution."""
+    out: dict[str, Callable[[Tensor], Tensor]] = {}
+    bank, bank_labels = features.bank, features.bank_labels
+    report["meta"]["ood_feature_scores"] = list(cfg.ood.feature_scores)
+    for score in cfg.ood.feature_scores:
+        if score == "knn":
+            k = knn_neighbour(int(cfg.ood.knn_k), len(bank))
+            report["meta"]["ood_knn_k"] = k
+            out["knn"] = functools.partial(knn_score, bank, k=k)
+        elif score == "mahalanobis":
+            means, precision = fit_mahalanobis(bank, bank_labels)
+            out["mahalanobis"] = functools.partial(
+                mahalanobis_score, means=means, precision=precision
+            )
+    return out
 
 
 def _perf_section(
