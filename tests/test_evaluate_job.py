@@ -36,8 +36,8 @@ from ssl_robust.evaluate.ood import (
     ood_metrics,
 )
 from ssl_robust.evaluate.report import OOD_SCORES, describe_metric, expected_metric_keys
-from ssl_robust.finetune.export import load_classifier
 from ssl_robust.evaluate.store import UNIT_SUFFIX, read_unit
+from ssl_robust.finetune.export import load_classifier
 from ssl_robust.pipelines.evaluate import evaluate
 from tests.eval_runs import DATA, tiny_denoiser, train_digits_classifier
 
@@ -228,7 +228,7 @@ def test_job_end_to_end_writes_the_documented_report(
     # records no labeled subset: the whole train split), stored with their labels.
     classifier = load_classifier(cfg.classifier.run)[0].eval()
     train = build_splits(**DATA).train
-    bank_numbers, bank = _unit(cfg, "features/bank")
+    bank = _unit(cfg, "features/bank")[1]
     assert torch.equal(bank["labels"], torch.from_numpy(train.labels))
     with torch.no_grad():
         x_train = torch.from_numpy(train.images).permute(0, 3, 1, 2).float() / 255
@@ -742,8 +742,10 @@ def test_ood_pools_every_purification(
     cfg = tiny_cfg(*purifier, *only_ood, *ood, f"clean.draws={draws}")
     m = evaluate(cfg)
     n = int(m["test/n"])
-    # The clean images and both noise sets, each purified draws times.
-    assert unet_calls[0] == draws * (n + 2 * n_noise) * ddim
+    # The clean images and both noise sets, each purified draws times, and the feature scores'
+    # bank once: the training images less the held-out class 0.
+    bank = int((build_splits(**DATA).train.labels != 0).sum())
+    assert unet_calls[0] == draws * (n + 2 * n_noise) * ddim + bank * ddim
     # The held-out set's scores pool both draws on each side.
     logits = _unit(cfg, "clean")[1]["logits"]  # (draws, n, classes)
     y = _val_labels()
@@ -757,7 +759,7 @@ def test_ood_pools_every_purification(
     # One draw: the noise sets are purified once, and the numbers are another estimate.
     calls = unet_calls[0]
     m1 = evaluate(tiny_cfg(*purifier, *only_ood, *ood, run_dir=tmp_path / "one"))
-    assert unet_calls[0] - calls == (n + 2 * n_noise) * ddim
+    assert unet_calls[0] - calls == (n + 2 * n_noise + bank) * ddim
     assert m1["ood/noise_gaussian/msp/auroc"] != m["ood/noise_gaussian/msp/auroc"]
 
 
@@ -1015,6 +1017,70 @@ def _fake_svhn(root: Path, n: int) -> np.ndarray:
     return x.transpose(3, 0, 1, 2)
 
 
+def test_ood_feature_bank_is_the_classifier_fine_tuning_subset(
+    tiny_cfg: Callable[..., DictConfig], classifier_run: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    # A classifier run that records its labeled subset (subset.npy, as fine-tuning writes).
+    run = tmp_path / "with-subset"
+    shutil.copytree(classifier_run, run)
+    train_labels = build_splits(**DATA).train.labels
+    subset = np.sort(np.random.default_rng(0).permutation(len(train_labels))[:300])
+    np.save(run / "subset.npy", subset)
+    off = [f"{s}.enabled=false" for s in ("shift", "adv", "calib", "perf")]
+    ood = ["ood.noise_kinds=[gaussian]", "ood.held_out_classes=[3]", "ood.bank_size=100"]
+    cfg = tiny_cfg(*off, *ood, f"classifier.run={run}", run_dir=tmp_path / "eval")
+    m = evaluate(cfg)
+    # The bank: 100 of the subset's images outside the held-out class, a seeded draw.
+    kept = subset[train_labels[subset] != 3]
+    drawn = np.sort(np.random.default_rng(int(cfg.run.seed) + 4).permutation(len(kept))[:100])
+    bank = _unit(cfg, "features/bank")[1]
+    assert torch.equal(bank["labels"], torch.from_numpy(train_labels[kept[drawn]]))
+    clf = load_classifier(run)[0].eval()
+    images = build_splits(**DATA).train.images[kept[drawn]]
+    with torch.no_grad():
+        want = clf.features(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
+    torch.testing.assert_close(bank["features"], want)
+    report = _report(cfg)
+    assert report["meta"]["ood_bank"] == (
+        "100 of the classifier's 300 fine-tuning images (subset.npy), less the held-out classes"
+    )
+    assert report["meta"]["ood_knn_k"] == 1  # 50 per 50,000 bank images, at least 1
+    # The held-out set's feature scores: the clean features of class 3 against the others.
+    clean = _unit(cfg, "clean")[1]["features"]
+    y = _val_labels()
+    scores = knn_score(bank["features"], clean, 1)
+    expected = ood_metrics(scores[y != 3], scores[y == 3])
+    assert m["ood/held_out/knn/auroc"] == pytest.approx(expected["auroc"], abs=1e-6)
+    # An explicit k, and the logit scores only.
+    k3 = evaluate(tiny_cfg(*off, *ood, f"classifier.run={run}", "ood.knn_k=3"))
+    assert _report(tiny_cfg())["meta"]["ood_knn_k"] == 3
+    assert k3["ood/held_out/knn/auroc"] != m["ood/held_out/knn/auroc"]
+    logit_only = tiny_cfg(*off, *ood, "ood.feature_scores=[]", run_dir=tmp_path / "logits")
+    plain = evaluate(logit_only)
+    assert not any("/knn/" in k or "/mahalanobis/" in k for k in plain)
+    assert not (Path(logit_only.run.dir) / "partial" / "features").exists()
+    assert "features" not in _unit(logit_only, "clean")[1]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("ood.feature_scores=[odin]", r"unknown score 'odin' in ood.feature_scores; choose from"),
+        ("ood.bank_size=-1", r"ood.bank_size must be >= 0"),
+        ("ood.knn_k=-2", r"ood.knn_k must be >= 0"),
+    ],
+)
+def test_bad_ood_feature_settings_are_refused(
+    tiny_cfg: Callable[..., DictConfig], override: str, message: str, tmp_path: Path
+) -> None:
+    cfg = tiny_cfg(override, run_dir=tmp_path / "bad")
+    with pytest.raises(ConfigError, match=message):
+        evaluate(cfg)
+    assert not Path(cfg.run.dir).exists()  # refused before anything is written
+
+
 def test_outside_datasets_are_ood_sets(
     tiny_cfg: Callable[..., DictConfig],
     classifier_run: Path,
@@ -1062,11 +1128,16 @@ def test_outside_datasets_are_ood_sets(
     assert m["ood/svhn/msp/auroc"] == pytest.approx(want["auroc"], abs=1e-6)
     assert m["ood/svhn/msp/fpr95"] == pytest.approx(want["fpr95"], abs=1e-6)
     assert {"ood/letters/energy/auroc", "ood/letters/msp/fpr95"} <= set(m)
+    # The outside set's unit keeps the encoder features its feature scores read.
+    with torch.no_grad():
+        want_feats = clf.features(torch.from_numpy(small).permute(0, 3, 1, 2).float() / 255)
+    torch.testing.assert_close(_unit(cfg, "ood/svhn")[1]["features"], want_feats)
+    assert {"ood/svhn/knn/auroc", "ood/letters/mahalanobis/fpr95"} <= set(m)
     md = (Path(cfg.run.dir) / "report.md").read_text()
     assert "Outside datasets: svhn, svhn test split (" in md
     # A rerun reads the sets' logits back; fewer images make another unit.
     again = evaluate(cfg)
-    assert any(n.startswith("Resumed: 3 of 3 units") for n in _report(cfg)["notes"])
+    assert any(n.startswith("Resumed: 4 of 4 units") for n in _report(cfg)["notes"])
     assert again["ood/svhn/msp/auroc"] == m["ood/svhn/msp/auroc"]
     fewer = evaluate(tiny_cfg(*off, sets, "ood.noise_kinds=[gaussian]", "ood.num_images=10"))
     assert "10 of 40 images" in _report(cfg)["meta"]["ood_datasets"]["svhn"]

@@ -61,6 +61,7 @@ UNITS = [
     "adv/l2_0.5/pgd",
     "adv/sanity/linf",
     "adv/sanity/l2",
+    "features/bank",  # the OOD feature scores' bank, computed last
 ]
 
 
@@ -178,7 +179,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_numbers(
         evaluate_counted(cfg, monkeypatch, fail={"robust_accuracy": 2})
     assert (
         "resuming evaluation: 1/1 clean pass, 2/4 corruption cells, 0/2 PGD threats, "
-        f"0/2 sanity-check norms already done in {run / 'partial'}"
+        f"0/2 sanity-check norms, 0/1 OOD feature bank already done in {run / 'partial'}"
     ) in capsys.readouterr().out
     second = _stamps(run)
     assert sorted(second) == sorted([*UNITS[:5], "adv/linf_8/pgd"])
@@ -199,7 +200,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_numbers(
     assert report["sanity"] == ref_report["sanity"]
     assert report["reliability"] == ref_report["reliability"]
     assert report["ood_hist"] == ref_report["ood_hist"]
-    assert "Resumed: 6 of 9 units of work" in " ".join(report["notes"])
+    assert "Resumed: 6 of 10 units of work" in " ".join(report["notes"])
 
     # partial/ is kept: one more rerun computes nothing and gives the same numbers.
     again, calls = evaluate_counted(cfg, monkeypatch)

@@ -179,8 +179,7 @@ def test_mahalanobis_matches_the_shared_covariance_gaussian_fit():
     # The score: minus the smallest quadratic form over the classes, by an explicit loop.
     queries = torch.randn(9, d, generator=gen) * 3
     expected = [
-        -min(float((q.double() - m) @ precision @ (q.double() - m)) for m in means)
-        for q in queries
+        -min(float((q.double() - m) @ precision @ (q.double() - m)) for m in means) for q in queries
     ]
     got = mahalanobis_score(queries, means, precision)
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float32))

@@ -585,8 +585,6 @@ def _unit_specs(
     features = {"features": True} if bank is not None else {}
     if clean:
         specs["clean"] = {"bare": bare, "draws": clean_draws, **features}
-    if bank is not None:
-        specs["features/bank"] = {"images": bank}
     for name, digest in (outside or {}).items():
         specs[f"ood/{name}"] = {"images": digest, "draws": clean_draws, **features}
     for name, digest in (natural or {}).items():
@@ -662,6 +660,8 @@ def _unit_specs(
                 "queries": int(a.sanity_queries),
                 "tol": float(a.sanity_tol),
             }
+    if bank is not None:
+        specs["features/bank"] = {"images": bank}
     return specs
 
 
