@@ -1344,23 +1344,43 @@ def _plot_robust(report: dict[str, Any], path: Path) -> Path | None:
     return save_figure(fig, path, dpi=_DPI)
 
 
+_SCORE_AXIS = {
+    "msp": "max softmax probability",
+    "energy": "energy (logsumexp of the logits)",
+    "knn": "minus the distance to the k-th nearest bank feature",
+    "mahalanobis": "minus the squared Mahalanobis distance",
+}
+
+
 def _plot_ood(report: dict[str, Any], path: Path) -> Path | None:
+    """Score histograms, in-distribution against each OOD set (columns): MSP, and under it the
+    kNN feature score when it was computed."""
     hists: dict[str, dict[str, dict[str, list[float]]]] = report.get("ood_hist", {})
     if not hists:
         return None
     sets = list(hists)
-    fig, axes = _panels(len(sets), 4.0, 3.5)
-    for ax, name in zip(axes, sets):
-        h = hists[name].get("msp") or next(iter(hists[name].values()))
-        edges = h["edges"]
-        widths = [b - a for a, b in itertools.pairwise(edges)]
-        ax.bar(edges[:-1], h["in"], width=widths, align="edge", alpha=0.6, label="in-dist.")
-        ax.bar(edges[:-1], h["out"], width=widths, align="edge", alpha=0.6, label=name)
-        auroc = report.get("metrics", {}).get(f"ood/{name}/msp/auroc")
-        ax.set_title(f"MSP: {name}" + (f" (AUROC {auroc:.3f})" if auroc is not None else ""))
-        ax.set_xlabel("max softmax probability")
-        ax.set_ylabel("fraction")
-        ax.legend()
+    scores = ["msp"] + (["knn"] if any("knn" in h for h in hists.values()) else [])
+    plt = pyplot()
+    fig, grid = plt.subplots(
+        len(scores), len(sets), figsize=(4.0 * len(sets), 3.5 * len(scores)), squeeze=False
+    )
+    m = report.get("metrics", {})
+    for row, score in zip(grid, scores):
+        for ax, name in zip(row, sets):
+            h = hists[name].get(score)
+            if h is None:
+                ax.set_visible(False)
+                continue
+            edges = h["edges"]
+            widths = [b - a for a, b in itertools.pairwise(edges)]
+            ax.bar(edges[:-1], h["in"], width=widths, align="edge", alpha=0.6, label="in-dist.")
+            ax.bar(edges[:-1], h["out"], width=widths, align="edge", alpha=0.6, label=name)
+            auroc = m.get(f"ood/{name}/{score}/auroc")
+            title = f"{score}: {name}" + (f" (AUROC {auroc:.3f})" if auroc is not None else "")
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel(_SCORE_AXIS.get(score, score), fontsize=8)
+            ax.set_ylabel("fraction")
+            ax.legend(fontsize=7)
     return save_figure(fig, path, dpi=_DPI)
 
 
