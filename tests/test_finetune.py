@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from ssl_robust.config import ConfigError, FinetuneConfig, load_config
 from ssl_robust.config.finetune import CHOICES
-from ssl_robust.data.datasets import build_splits
+from ssl_robust.data.datasets import ArraySource, build_splits
+from ssl_robust.evaluate.corruptions import corrupted_source
 from ssl_robust.finetune import features as features_mod
 from ssl_robust.finetune.export import load_classifier
 from ssl_robust.models.backbones import build_backbone
@@ -54,16 +55,20 @@ def random_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _accuracy(classifier: torch.nn.Module, data: dict[str, Any]) -> float:
-    """Accuracy of an exported classifier on the evaluation split rebuilt from its JSON."""
+def _accuracy(
+    classifier: torch.nn.Module, data: dict[str, Any], images: ArraySource | None = None
+) -> float:
+    """Accuracy of an exported classifier on the evaluation split rebuilt from its JSON (or
+    on ``images``)."""
     splits = build_splits(
         data["name"], data["root"], image_size=data["image_size"],
         val_fraction=data["val_fraction"], seed=data["seed"],
     )  # fmt: skip
-    x = torch.from_numpy(splits.val.images).permute(0, 3, 1, 2).float() / 255
+    source = images if images is not None else splits.val
+    x = torch.from_numpy(source.images).permute(0, 3, 1, 2).float() / 255
     with torch.no_grad():
         pred = classifier.eval()(x).argmax(1)
-    return float((pred == torch.from_numpy(splits.val.labels)).float().mean())
+    return float((pred == torch.from_numpy(source.labels)).float().mean())
 
 
 def test_linear_probe_caches_features_learns_and_exports(
@@ -85,9 +90,10 @@ def test_linear_probe_caches_features_learns_and_exports(
 
     run = tmp_path / "ft"
     metrics = finetune(ft_cfg(enc_run, run, "trainer.max_epochs=30"))
-    assert len(calls) == 2  # train and evaluation splits, once each
-    cache = list((enc_run / "features").glob("*.pt"))
-    assert len(cache) == 1
+    # Train and evaluation splits, once each, and the evaluation split's shifted twin.
+    assert len(calls) == 3
+    cache = sorted((enc_run / "features").glob("*.pt"), key=lambda p: p.name.endswith("shift.pt"))
+    assert len(cache) == 2 and cache[1].name.endswith("-val-shift.pt")
     mtime = cache[0].stat().st_mtime_ns
     for name in ("config.yaml", "subset.npy", "subset.json", "metrics.json", "classifier.json"):
         assert (run / name).is_file(), name
@@ -106,10 +112,17 @@ def test_linear_probe_caches_features_learns_and_exports(
     assert info["classes"] == [str(d) for d in range(10)] and info["mode"] == "linear"
     assert info["data"]["seed"] == 0 and info["data"]["image_size"] == 8
     assert _accuracy(clf, info["data"]) == pytest.approx(metrics["test/acc"], abs=1.5 / 359)
+    # The last validation on the shifted twin (each image under one of the 15 corruptions at
+    # severity 3) is the exported classifier's accuracy on it.
+    twin = corrupted_source(build_splits("digits", "data", image_size=8).val, 3, seed=0)
+    assert _accuracy(clf, info["data"], twin) == pytest.approx(
+        metrics["val/acc_shift"], abs=1.5 / 359
+    )
+    assert metrics["val/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
 
-    # Another seed (another subset, another run) reuses the cached features.
+    # Another seed (another subset, another run) reuses the cached features, the twin's too.
     other = finetune(ft_cfg(enc_run, tmp_path / "ft-seed1", "run.seed=1", "trainer.max_epochs=30"))
-    assert len(calls) == 2 and cache[0].stat().st_mtime_ns == mtime
+    assert len(calls) == 3 and cache[0].stat().st_mtime_ns == mtime
     assert not np.array_equal(
         np.load(run / "subset.npy"), np.load(tmp_path / "ft-seed1/subset.npy")
     )
@@ -132,7 +145,7 @@ def test_full_finetune_changes_the_encoder_and_resumes(
     ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 8 and metrics["epochs"] == 2
     assert metrics["optim/encoder_lr"] == pytest.approx(0.005)
-    for key in ("train/loss", "val/acc", "test/acc"):
+    for key in ("train/loss", "val/acc", "val/acc_shift", "test/acc"):
         assert key in metrics
     clf, info = load_classifier(run)
     assert info["mode"] == "full" and info["subset"]["size"] == 100
@@ -140,6 +153,15 @@ def test_full_finetune_changes_the_encoder_and_resumes(
     after = clf.encoder.state_dict()
     assert any(not torch.equal(after[k], before[k]) for k in before if after[k].is_floating_point())
     assert _accuracy(clf, info["data"]) == pytest.approx(metrics["test/acc"], abs=1.5 / 359)
+    twin = corrupted_source(build_splits("digits", "data", image_size=8).val, 3, seed=0)
+    assert _accuracy(clf, info["data"], twin) == pytest.approx(
+        metrics["val/acc_shift"], abs=1.5 / 359
+    )
+    # Without the twin: clean validation only.
+    plain = finetune(
+        ft_cfg(random_encoder, tmp_path / "plain", *common, "data.val_shift_severity=0")
+    )
+    assert "val/acc" in plain and "val/acc_shift" not in plain
 
 
 def test_full_finetune_fast_dev_run(random_encoder: Path, tmp_path: Path) -> None:
@@ -332,7 +354,7 @@ def test_a_backbone_trained_from_random_weights_is_the_supervised_baseline(
     runs = [tmp_path / "rand-a", tmp_path / "rand-b"]
     for run in runs:
         finetune(cfg(run, "trainer.max_epochs=2"))
-        assert len(list((run / "features").glob("*.pt"))) == 1
+        assert len(list((run / "features").glob("*.pt"))) == 2  # the splits and the twin
     a, b = (load_classifier(r)[0].encoder.state_dict() for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
     other = finetune(cfg(tmp_path / "rand-c", "trainer.max_epochs=2", "run.seed=1"))

@@ -53,6 +53,11 @@ class FinetuneDataConfig(DataConfig):
     # sets it.
     like: str = ""
     batch_size: int = 64
+    # The validation also on a shifted twin of the evaluation split (val/acc_shift, beside
+    # val/acc): each image under one of the 15 CIFAR-10-C corruptions at this severity, spread
+    # evenly in the fixed order of the pretraining monitor's twin, so that runs compare; how a
+    # fine-tuning trades robustness for accuracy as it trains. 0 = off.
+    val_shift_severity: int = 3
 
 
 @dataclass
@@ -142,6 +147,7 @@ RANGES: dict[str, Range] = {
     "subset.fraction": FRACTION,
     "subset.per_class": at_least(0, "0 = use subset.fraction"),
     "encoder.width": at_least(1),
+    "data.val_shift_severity": ((lambda v: 0 <= v <= 5), "in 0..5; 0 = off"),
     "augment.crop_padding": at_least(0),
     "augment.hflip_prob": PROBABILITY,
     "augment.gaussian_noise": at_least(0, "0 = none"),

@@ -124,10 +124,36 @@ def load_or_compute_features(
             )
     tr = extract_features(features, source_images(train), batch_size, device)
     ev = extract_features(features, source_images(evaluation), batch_size, device)
+    _save(path, {"train": tr, "train_labels": train_labels, "eval": ev, "eval_labels": eval_labels})
+    return FeatureSet(tr, train_labels, ev, eval_labels, path, computed=True)
+
+
+def load_or_compute_split_features(
+    features: Callable[[torch.Tensor], torch.Tensor],
+    labels: np.ndarray,
+    source: Callable[[], ImageSource],
+    cache_dir: str | Path,
+    key: str,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, bool]:
+    """Features (K, D) of one more split with these labels (e.g. a shifted twin of the
+    evaluation split), from ``cache_dir/<key>.pt`` when present, and whether they were
+    computed. ``source()`` makes the split's images only when they are computed."""
+    path = Path(cache_dir) / f"{key}.pt"
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if path.is_file():
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if torch.equal(blob["labels"], y):
+            return blob["features"], False
+    feats = extract_features(features, source_images(source()), batch_size, device)
+    labels_t = y
+    _save(path, {"features": feats, "labels": labels_t})
+    return feats, True
+
+
+def _save(path: Path, blob: dict[str, torch.Tensor]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = private_tmp(path)
-    torch.save(
-        {"train": tr, "train_labels": train_labels, "eval": ev, "eval_labels": eval_labels}, tmp
-    )
+    torch.save(blob, tmp)
     os.replace(tmp, path)  # atomic: concurrent sweep jobs never read a torn file
-    return FeatureSet(tr, train_labels, ev, eval_labels, path, computed=True)

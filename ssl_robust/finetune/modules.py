@@ -73,21 +73,29 @@ class _Classification(pl.LightningModule):
     cross-entropy and accuracy of ``self(inputs)``, logged as ``<stage>/loss`` and
     ``<stage>/acc`` (epoch means). Subclasses define ``forward`` and the optimiser."""
 
-    def _step(self, batch: Any, stage: str) -> Tensor:
+    def _step(self, batch: Any, stage: str, suffix: str = "") -> Tensor:
         inputs, labels = batch[0], batch[1]
         logits = self(inputs)  # (B, K)
         loss = F.cross_entropy(logits, labels)
         acc = (logits.argmax(1) == labels).float().mean()
         n = labels.shape[0]
-        self.log(f"{stage}/loss", loss, batch_size=n, on_epoch=True, on_step=False)
-        self.log(f"{stage}/acc", acc, batch_size=n, on_epoch=True, on_step=False)
+        for name, value in (("loss", loss), ("acc", acc)):
+            self.log(
+                f"{stage}/{name}{suffix}",
+                value,
+                batch_size=n,
+                on_epoch=True,
+                on_step=False,
+                add_dataloader_idx=False,
+            )
         return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._step(batch, "train")
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._step(batch, "val")
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        # Loader 1, when there is one: the shifted twin of the evaluation split.
+        self._step(batch, "val", "_shift" if dataloader_idx == 1 else "")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._step(batch, "test")

@@ -14,6 +14,7 @@ diffusion purifier too (``test/acc_purified``), and export ``classifier.safetens
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -34,10 +35,12 @@ from ssl_robust.config.finetune import CHOICES
 from ssl_robust.data.datamodule import EpochSeededSampler, eval_loader, usable_workers
 from ssl_robust.data.datasets import ImageSource, Splits, TransformDataset, build_splits
 from ssl_robust.data.subsets import SubsetSpec, assert_disjoint, load_or_draw_subset
+from ssl_robust.evaluate.cifar_c import params_hash
 from ssl_robust.finetune.export import save_classifier
 from ssl_robust.finetune.features import (
     feature_key,
     load_or_compute_features,
+    load_or_compute_split_features,
     source_images,
     weights_digest,
 )
@@ -235,6 +238,14 @@ def _image_loader(source: ImageSource, batch_size: int, num_workers: int) -> Dat
     return eval_loader(TransformDataset(source, T.ToTensor()), batch_size, num_workers)
 
 
+def _val_shift(job: _Job) -> ImageSource:
+    """The shifted twin of the evaluation split (``data.val_shift_severity``): the pretraining
+    monitor's, each image under one of the 15 corruptions, the same for every run."""
+    from ssl_robust.evaluate.corruptions import corrupted_source
+
+    return corrupted_source(job.splits.val, int(job.cfg.data.val_shift_severity), seed=0)
+
+
 def _trainer(job: _Job, callbacks: Sequence[Callback]) -> pl.Trainer:
     cfg = job.cfg
     config = to_dict(cfg)
@@ -282,7 +293,6 @@ def run_linear(
         clf.features, job.splits.train, job.splits.val, cache, key,
         cfg.data.eval_batch_size, job.device,
     )  # fmt: skip
-    metrics["perf/features_s"] = time.perf_counter() - start
     clf.cpu()
     x = feats.train[job.subset]  # (M, D)
     y = feats.train_labels[job.subset]  # (M,)
@@ -317,8 +327,24 @@ def run_linear(
     eval_features = eval_loader(
         TensorDataset(feats.eval, feats.eval_labels), cfg.data.eval_batch_size
     )
+    val_loaders = [eval_features]
+    severity = int(cfg.data.val_shift_severity)
+    if severity:
+        # The twin's features, cached beside the splits' (keyed by the corruption parameters
+        # too); its images are made only when they are not cached.
+        clf.to(job.device)
+        shift_key = hashlib.sha1(f"{key} {params_hash()} {severity}".encode()).hexdigest()[:20]
+        shifted, _ = load_or_compute_split_features(
+            clf.features, feats.eval_labels.numpy(), lambda: _val_shift(job), cache,
+            f"{shift_key}-val-shift", cfg.data.eval_batch_size, job.device,
+        )  # fmt: skip
+        clf.cpu()
+        val_loaders.append(
+            eval_loader(TensorDataset(shifted, feats.eval_labels), cfg.data.eval_batch_size)
+        )
+    metrics["perf/features_s"] = time.perf_counter() - start
     trainer = _trainer(job, callbacks)
-    _fit(trainer, probe, train_loader, eval_features, job, metrics)
+    _fit(trainer, probe, train_loader, val_loaders, job, metrics)
     trainer.test(probe, dataloaders=eval_features, verbose=False)
     metrics.update(final_metrics(trainer))
     metrics.update(probe.derived)
@@ -366,6 +392,11 @@ def run_full(
         num_workers=usable_workers(cfg.data.num_workers),
     )
     eval_images = _image_loader(job.splits.val, cfg.data.eval_batch_size, cfg.data.num_workers)
+    val_loaders = [eval_images]
+    if cfg.data.val_shift_severity:
+        val_loaders.append(
+            _image_loader(_val_shift(job), cfg.data.eval_batch_size, cfg.data.num_workers)
+        )
     module = FineTuner(
         job.classifier,
         lr=o.lr,
@@ -376,7 +407,7 @@ def run_full(
         warmup_epochs=o.warmup_epochs,
     )
     trainer = _trainer(job, callbacks)
-    _fit(trainer, module, train_loader, eval_images, job, metrics)
+    _fit(trainer, module, train_loader, val_loaders, job, metrics)
     metrics.update(module.derived)
     _test_purified(trainer, job, clean=True, metrics=metrics)
     return trainer, {}
@@ -393,7 +424,7 @@ def _fit(
     trainer: pl.Trainer,
     module: pl.LightningModule,
     train_loader: DataLoader,
-    eval_loader: DataLoader,
+    val_loaders: list[DataLoader],
     job: _Job,
     metrics: dict[str, float],
 ) -> None:
@@ -401,7 +432,7 @@ def _fit(
     if ckpt and trainer.is_global_zero:
         console.print(f"Resuming from {ckpt}", soft_wrap=True)
     start = time.perf_counter()
-    trainer.fit(module, train_loader, eval_loader, ckpt_path=ckpt)
+    trainer.fit(module, train_loader, val_loaders, ckpt_path=ckpt)
     metrics["perf/fit_time_s"] = time.perf_counter() - start
     metrics["epochs"] = float(trainer.current_epoch)
     metrics.update(final_metrics(trainer))
