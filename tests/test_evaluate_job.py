@@ -33,6 +33,7 @@ from ssl_robust.evaluate.ood import (
     knn_score,
     mahalanobis_score,
     msp_score,
+    noise_images,
     ood_metrics,
 )
 from ssl_robust.evaluate.report import OOD_SCORES, describe_metric, expected_metric_keys
@@ -756,6 +757,16 @@ def test_ood_pools_every_purification(
             assert m[f"ood/held_out/{score}/{k}"] == pytest.approx(v, abs=1e-6)
     notes = " ".join(_report(cfg)["notes"])
     assert f"OOD pools the predictions of every purification made (clean {draws} times" in notes
+    # Collecting the features leaves the purifications, and so every logit score, unchanged.
+    logits_only = evaluate(
+        tiny_cfg(
+            *purifier, *only_ood, *ood, f"clean.draws={draws}", "ood.feature_scores=[]",
+            run_dir=tmp_path / "logits-only",
+        )
+    )  # fmt: skip
+    assert {k: v for k, v in m.items() if "/msp/" in k or "/energy/" in k} == {
+        k: v for k, v in logits_only.items() if k.startswith("ood/")
+    }
     # One draw: the noise sets are purified once, and the numbers are another estimate.
     calls = unet_calls[0]
     m1 = evaluate(tiny_cfg(*purifier, *only_ood, *ood, run_dir=tmp_path / "one"))
@@ -1032,16 +1043,24 @@ def test_ood_feature_bank_is_the_classifier_fine_tuning_subset(
     ood = ["ood.noise_kinds=[gaussian]", "ood.held_out_classes=[3]", "ood.bank_size=100"]
     cfg = tiny_cfg(*off, *ood, f"classifier.run={run}", run_dir=tmp_path / "eval")
     m = evaluate(cfg)
-    # The bank: 100 of the subset's images outside the held-out class, a seeded draw.
+    # The bank: 100 of the subset's images outside the held-out class, shared out between the
+    # 9 other classes as evenly as they allow (11 or 12 each), each the image of its features.
     kept = subset[train_labels[subset] != 3]
-    drawn = np.sort(np.random.default_rng(int(cfg.run.seed) + 4).permutation(len(kept))[:100])
     bank = _unit(cfg, "features/bank")[1]
-    assert torch.equal(bank["labels"], torch.from_numpy(train_labels[kept[drawn]]))
+    counts = np.bincount(bank["labels"].numpy(), minlength=10)
+    assert counts.sum() == 100 and counts[3] == 0
+    assert sorted(counts[np.arange(10) != 3]) == [11] * 8 + [12]
     clf = load_classifier(run)[0].eval()
-    images = build_splits(**DATA).train.images[kept[drawn]]
+    train_images = build_splits(**DATA).train.images
     with torch.no_grad():
-        want = clf.features(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255)
-    torch.testing.assert_close(bank["features"], want)
+        kept_feats = clf.features(
+            torch.from_numpy(train_images[kept]).permute(0, 3, 1, 2).float() / 255
+        )
+    # Every bank row is the features and label of one distinct kept image.
+    match = torch.cdist(bank["features"], kept_feats).argmin(1)
+    assert len(set(match.tolist())) == 100
+    torch.testing.assert_close(bank["features"], kept_feats[match])
+    assert torch.equal(bank["labels"], torch.from_numpy(train_labels[kept[match.numpy()]]))
     report = _report(cfg)
     assert report["meta"]["ood_bank"] == (
         "100 of the classifier's 300 fine-tuning images (subset.npy), less the held-out classes"
@@ -1053,6 +1072,25 @@ def test_ood_feature_bank_is_the_classifier_fine_tuning_subset(
     scores = knn_score(bank["features"], clean, 1)
     expected = ood_metrics(scores[y != 3], scores[y == 3])
     assert m["ood/held_out/knn/auroc"] == pytest.approx(expected["auroc"], abs=1e-6)
+    # The other sets' in-distribution side leaves the held-out class out too, for the logit
+    # scores as for the feature scores: its images are OOD for this classifier. Known answer:
+    # the noise set remade from its seed, scored by the classifier itself.
+    n_noise = int(cfg.ood.num_noise)  # the tiny preset's
+    noise = noise_images(n_noise, (3, 8, 8), "gaussian", generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        noise_feats = clf.features(noise)
+        clean_logits = _unit(cfg, "clean")[1]["logits"][0]
+    outside = {
+        "knn": knn_score(bank["features"], noise_feats, 1),
+        "msp": msp_score(clf.head(noise_feats)),
+    }
+    inside = {"knn": scores, "msp": msp_score(clean_logits)}
+    for score in ("knn", "msp"):
+        want = ood_metrics(inside[score][y != 3], outside[score])
+        assert m[f"ood/noise_gaussian/{score}/auroc"] == pytest.approx(want["auroc"], abs=1e-6)
+        everyone = ood_metrics(inside[score], outside[score])["auroc"]
+        assert m[f"ood/noise_gaussian/{score}/auroc"] != pytest.approx(everyone, abs=1e-6)
+    assert report["meta"]["ood_sets"] == ["noise_gaussian", "held_out"]
     # An explicit k, and the logit scores only.
     k3 = evaluate(tiny_cfg(*off, *ood, f"classifier.run={run}", "ood.knn_k=3"))
     assert _report(tiny_cfg())["meta"]["ood_knn_k"] == 3
@@ -1063,12 +1101,26 @@ def test_ood_feature_bank_is_the_classifier_fine_tuning_subset(
     assert not (Path(logit_only.run.dir) / "partial" / "features").exists()
     assert "features" not in _unit(logit_only, "clean")[1]
 
+    # A subset drawn from another train split (its subset.json says so) is refused before
+    # anything is written: its indices would pick other images for the bank.
+    record = json.loads((run / "subset.json").read_text()) if (run / "subset.json").exists() else {}
+    (run / "subset.json").write_text(
+        json.dumps({**record, "num_train": 5000, "train_labels_sha1": "0" * 16})
+    )
+    elsewhere = tiny_cfg(*off, f"classifier.run={run}", run_dir=tmp_path / "elsewhere")
+    with pytest.raises(
+        ConfigError, match=r"subset.npy indexes another train split .*\(5000 images then, 1438 now"
+    ):
+        evaluate(elsewhere)
+    assert not Path(elsewhere.run.dir).exists()
+
 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
         ("ood.feature_scores=[odin]", r"unknown score 'odin' in ood.feature_scores; choose from"),
-        ("ood.bank_size=-1", r"ood.bank_size must be >= 0"),
+        ("ood.bank_size=-1", r"ood.bank_size must be 0 \(all\) or >= 2, got -1"),
+        ("ood.bank_size=1", r"ood.bank_size must be 0 \(all\) or >= 2, got 1"),
         ("ood.knn_k=-2", r"ood.knn_k must be >= 0"),
     ],
 )

@@ -183,6 +183,7 @@ def test_mahalanobis_matches_the_shared_covariance_gaussian_fit():
     ]
     got = mahalanobis_score(queries, means, precision)
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float32))
+    torch.testing.assert_close(mahalanobis_score(queries, means, precision, chunk=4), got)
     # A far-away cluster scores far below the training clusters.
     far = torch.randn(50, d, generator=gen) + torch.tensor([0.0, 0, 12, 0])
     inside = mahalanobis_score(feats, means, precision)

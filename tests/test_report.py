@@ -361,7 +361,18 @@ def test_ood_section_names_the_sets_scored_below_chance() -> None:
     report["metrics"]["ood/noise_gaussian/msp/auroc"] = 0.12
     report["metrics"]["ood/shift_s5/energy/auroc"] = 0.47
     md = render_markdown(report)
-    assert "Below chance: noise_gaussian (msp), shift_s5 (energy). The classifier" in md
+    assert "Below chance: noise_gaussian (msp), shift_s5 (energy). Those images score" in md
+    # Feature scores: described with their bank and k, and named when below chance.
+    assert "knn, minus" not in md
+    report["meta"] |= {"ood_feature_scores": ["knn"], "ood_bank": "40 images", "ood_knn_k": 3}
+    report["metrics"]["ood/noise_gaussian/knn/auroc"] = 0.3
+    report["metrics"]["ood/noise_gaussian/knn/fpr95"] = 0.9
+    md = render_markdown(report)
+    assert "against a bank of 40 images passed through the same pipeline: knn, minus the " in md
+    assert "k-th nearest normalised bank feature, k = 3 (Sun et al. 2022)" in md
+    assert "mahalanobis, minus" not in md
+    assert "Below chance: noise_gaussian (msp), noise_gaussian (knn), shift_s5" in md
+    assert "| noise_gaussian | knn | 30.00 |" in md
 
 
 def test_severity_plot_shades_the_means_interval_where_it_was_recorded(tmp_path: Path) -> None:

@@ -93,15 +93,23 @@ def fit_mahalanobis(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
     return means, torch.from_numpy(lw.precision_)
 
 
-def mahalanobis_score(features: Tensor, means: Tensor, precision: Tensor) -> Tensor:
+def mahalanobis_score(
+    features: Tensor, means: Tensor, precision: Tensor, chunk: int = 4096
+) -> Tensor:
     """Negative Mahalanobis distance (squared) to the nearest class mean under a shared
-    precision (Lee et al. 2018, Eq. 2, without input preprocessing), (N, D) -> (N,)."""
-    f = features.double()
+    precision (Lee et al. 2018, Eq. 2, without input preprocessing), (N, D) -> (N,); ``chunk``
+    rows at a time, bounding memory at chunk x D."""
     p = precision.double()
-    # (f - mu)^T P (f - mu) = f^T P f - 2 f^T P mu + mu^T P mu, for every class at once.
-    fp = f @ p
-    d2 = (fp * f).sum(1, keepdim=True) - 2 * fp @ means.T + ((means @ p) * means).sum(1)
-    return -d2.amin(dim=1).float()
+    mu = means.double()
+    mu_term = ((mu @ p) * mu).sum(1)  # (C,)
+    out = []
+    for start in range(0, features.shape[0], chunk):
+        f = features[start : start + chunk].double()
+        # (f - mu)^T P (f - mu) = f^T P f - 2 f^T P mu + mu^T P mu, for every class at once.
+        fp = f @ p
+        d2 = (fp * f).sum(1, keepdim=True) - 2 * fp @ mu.T + mu_term
+        out.append(-d2.amin(dim=1).float())
+    return torch.cat(out) if out else features.new_zeros(0)
 
 
 def _check_scores(scores_in: Tensor, scores_out: Tensor) -> tuple[Tensor, Tensor]:

@@ -1084,8 +1084,9 @@ def _ood_text(report: dict[str, Any]) -> str:
     ]
     if below:
         text += (
-            f" Below chance: {', '.join(below)}. The classifier is more confident on those images "
-            "than on its own test images, so that score would flag the test images first."
+            f" Below chance: {', '.join(below)}. Those images score as more in-distribution than "
+            "the test images themselves (for msp and energy: the classifier is more confident on "
+            "them), so that score would flag the test images first."
         )
     return text
 
@@ -1361,8 +1362,9 @@ def _plot_ood(report: dict[str, Any], path: Path) -> Path | None:
     sets = list(hists)
     scores = ["msp"] + (["knn"] if any("knn" in h for h in hists.values()) else [])
     plt = pyplot()
+    width = min(4.0, 24.0 / len(sets))  # many sets: narrower panels, not a wider figure
     fig, grid = plt.subplots(
-        len(scores), len(sets), figsize=(4.0 * len(sets), 3.5 * len(scores)), squeeze=False
+        len(scores), len(sets), figsize=(width * len(sets), 3.5 * len(scores)), squeeze=False
     )
     m = report.get("metrics", {})
     for row, score in zip(grid, scores):

@@ -46,7 +46,7 @@ from ssl_robust.data.datasets import (
     load_labeled_set,
     load_outside_images,
 )
-from ssl_robust.data.subsets import SUBSET_FILE, check_indices
+from ssl_robust.data.subsets import SPEC_FILE, SUBSET_FILE, check_indices, labels_digest
 from ssl_robust.evaluate.attacks import (
     autoattack,
     robust_accuracy,
@@ -345,7 +345,10 @@ def check_config(cfg: DictConfig) -> None:
                 f"unknown score {score!r} in ood.feature_scores; choose from "
                 f"{list(FEATURE_SCORES)}",
             )
-        need(o.bank_size >= 0, f"ood.bank_size must be >= 0, got {o.bank_size}")
+        need(
+            o.bank_size == 0 or o.bank_size >= 2,
+            f"ood.bank_size must be 0 (all) or >= 2, got {o.bank_size}",
+        )
         need(o.knn_k >= 0, f"ood.knn_k must be >= 0 (0 = by the bank's size), got {o.knn_k}")
         ood_set_names([str(spec) for spec in o.datasets])
     f = cfg.perf
@@ -416,6 +419,23 @@ def _eval_data(
     return np.ascontiguousarray(images[idx]), labels[idx], data, splits
 
 
+def _balanced(labels: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """Sorted positions of a seeded subset of ``cap`` labels (all when cap is 0 or >= N) that
+    shares them out between the classes as evenly as they allow: the round-robin of each
+    class's shuffled positions, so a small bank still holds every class."""
+    n = len(labels)
+    if cap <= 0 or cap >= n:
+        return np.arange(n)
+    order = np.random.default_rng(seed).permutation(n)
+    rank = np.empty(n, dtype=np.int64)  # each position's place among its class, shuffled
+    for c in np.unique(labels):
+        members = order[labels[order] == c]
+        rank[members] = np.arange(len(members))
+    place = np.empty(n, dtype=np.int64)
+    place[order] = np.arange(n)
+    return np.sort(np.lexsort((place, rank))[:cap])
+
+
 def _bank_images(
     cfg: DictConfig, train: ImageSource, held_out: Sequence[int]
 ) -> tuple[np.ndarray, np.ndarray, str]:
@@ -426,6 +446,15 @@ def _bank_images(
     labels = np.asarray(train.labels, dtype=np.int64)
     if path.is_file():
         idx = np.load(path)
+        record = path.with_name(SPEC_FILE)
+        saved = json.loads(record.read_text()) if record.is_file() else {}
+        if saved.get("train_labels_sha1", labels_digest(labels)) != labels_digest(labels):
+            raise ConfigError(
+                f"{path} indexes another train split than the one rebuilt here "
+                f"({saved.get('num_train')} images then, {len(labels)} now: eval.data or "
+                "eval.data_root points elsewhere); the OOD feature bank would hold other "
+                "images. Evaluate on the classifier's own data, or set ood.feature_scores=[]"
+            )
         check_indices(idx, len(labels))
         what = f"the classifier's {len(idx)} fine-tuning images ({SUBSET_FILE})"
     else:
@@ -434,12 +463,12 @@ def _bank_images(
     if held_out:
         idx = idx[~np.isin(labels[idx], list(held_out))]
         what += ", less the held-out classes"
+    idx = idx[_balanced(labels[idx], int(cfg.ood.bank_size), int(cfg.run.seed) + _SEED_OOD)]
     if len(idx) < 2:
         raise ConfigError(
             f"the OOD feature bank would hold {len(idx)} image(s) ({what}); set "
             "ood.feature_scores=[] to score the logits only"
         )
-    idx = idx[_subset(len(idx), int(cfg.ood.bank_size), int(cfg.run.seed) + _SEED_OOD)]
     images = source_images(train.subset(idx))
     return np.ascontiguousarray(images), labels[idx], f"{len(idx)} of {what}"
 
@@ -924,7 +953,6 @@ def _to_float(u8: Tensor, device: torch.device) -> Tensor:
     return u8.to(device).float() / 255.0  # (B, 3, H, W) in [0, 1]
 
 
-@torch.no_grad()
 def _on_device(images: Tensor, batch_size: int, device: torch.device) -> Iterator[Tensor]:
     """Batches of uint8 (N, 3, H, W) or float [0, 1] images as float [0, 1] on ``device``."""
     for start in range(0, images.shape[0], batch_size):
@@ -932,11 +960,13 @@ def _on_device(images: Tensor, batch_size: int, device: torch.device) -> Iterato
         yield _to_float(batch, device) if batch.dtype == torch.uint8 else batch.to(device)
 
 
+@torch.no_grad()
 def _predict(model: nn.Module, images: Tensor, batch_size: int, device: torch.device) -> Tensor:
     """Logits (N, K) on the CPU for uint8 (N, 3, H, W) or float [0, 1] images."""
     return torch.cat([model(x).float().cpu() for x in _on_device(images, batch_size, device)])
 
 
+@torch.no_grad()
 def _predict_draws(
     model: Pipeline,
     images: Tensor,
@@ -2540,59 +2570,63 @@ def _ood_section(
     _, h, w, c = image_shape
     n_noise = int(o.num_noise) or len(y)
     draws = clean_logits.shape[0]
-    # name -> (in-distribution, OOD) logits, each (draws, images, classes), and features,
-    # each (images, D) (None: not computed)
-    sets: dict[str, tuple[Tensor, Tensor]] = {}
-    set_feats: dict[str, tuple[Tensor, Tensor] | None] = {}
-    f_clean = features.clean if features is not None else None
-    gen = torch.Generator().manual_seed(seed + _SEED_OOD)
-    model.reseed(seed + _SEED_OOD, device)
-    for kind in o.noise_kinds:
-        noise = noise_images(n_noise, (c, h, w), kind, generator=gen)
-        bs = int(cfg.eval.batch_size)
-        logits, f = _predict_draws(model, noise, draws, bs, device, features is not None)
-        sets[f"noise_{kind}"] = (clean_logits, logits)
-        set_feats[f"noise_{kind}"] = (f_clean, f) if f_clean is not None and f is not None else None
+    feature_scorers = _feature_scorers(cfg, features, report) if features is not None else {}
+
+    def score(logits: Tensor, feats: Tensor | None) -> dict[str, Tensor]:
+        """Every score of a set, by name: (draws, images) for the logit scores, (1, images)
+        for the feature scores (one draw; none without the set's features)."""
+        out = {
+            k: fn(logits.flatten(0, 1)).view(logits.shape[:2]) for k, fn in _LOGIT_SCORERS.items()
+        }
+        if feats is not None:
+            out |= {k: fn(feats)[None] for k, fn in feature_scorers.items()}
+        return out
+
+    def images(scores: dict[str, Tensor], mask: Tensor) -> dict[str, Tensor]:
+        return {k: v[:, mask] for k, v in scores.items()}
+
+    clean = score(clean_logits, features.clean if features is not None else None)
+    # The in-distribution side of every set: the clean images, less the held-out classes (the
+    # classifier was fine-tuned without them, so their images are OOD, not in-distribution).
+    inside_mask = torch.ones(len(y), dtype=torch.bool)
+    # name -> (in-distribution, OOD) scores, by score name
+    sets: dict[str, tuple[dict[str, Tensor], dict[str, Tensor]]] = {}
     if o.held_out_classes:
         in_mask, out_mask = held_out_class_split(y, list(o.held_out_classes))
         if in_mask.any() and out_mask.any():
-            sets["held_out"] = (clean_logits[:, in_mask], clean_logits[:, out_mask])
-            held = (f_clean[in_mask], f_clean[out_mask]) if f_clean is not None else None
-            set_feats["held_out"] = held
+            inside_mask = in_mask
+            sets["held_out"] = (images(clean, in_mask), images(clean, out_mask))
         else:
             report["notes"].append("OOD held-out set skipped: a side of the split is empty.")
+    inside = images(clean, inside_mask)
+    noise_sets: dict[str, tuple[dict[str, Tensor], dict[str, Tensor]]] = {}
+    gen = torch.Generator().manual_seed(seed + _SEED_OOD)
+    model.reseed(seed + _SEED_OOD, device)
+    bs = int(cfg.eval.batch_size)
+    for kind in o.noise_kinds:
+        noise = noise_images(n_noise, (c, h, w), kind, generator=gen)
+        logits, f = _predict_draws(model, noise, draws, bs, device, features is not None)
+        noise_sets[f"noise_{kind}"] = (inside, score(logits, f))
+    sets = noise_sets | sets  # the noise sets first, as the report has always listed them
     if o.shift and shift_logits is not None:
         top = max(int(s) for s in cfg.shift.severities)
-        corrupted, _ = _by_image(shift_logits, None, len(cfg.shift.corruptions))
-        sets[f"shift_s{top}"] = (clean_logits, corrupted)
-        f_shift = features.shift if features is not None else None
-        set_feats[f"shift_s{top}"] = (
-            (f_clean, f_shift) if f_clean is not None and f_shift is not None else None
-        )
+        shifted = score(shift_logits, features.shift if features is not None else None)
+        # (draws, corruptions x N) -> (draws x corruptions, N): an image's corruptions beside
+        # each other, so the bootstrap resamples images (less the held-out classes).
+        by_image = {
+            k: _by_image(v, None, len(cfg.shift.corruptions))[0] for k, v in shifted.items()
+        }
+        same = all(v.shape[1] == len(y) for v in by_image.values())
+        sets[f"shift_s{top}"] = (inside, images(by_image, inside_mask) if same else by_image)
     for name, logits in outside_logits.items():
-        sets[name] = (clean_logits, logits)
         f_out = features.outside.get(name) if features is not None else None
-        set_feats[name] = (f_clean, f_out) if f_clean is not None and f_out is not None else None
-    feature_scores = _feature_scorers(cfg, features, report) if features is not None else {}
+        sets[name] = (inside, score(logits, f_out))
     hist: dict[str, dict[str, Any]] = {}
-    for name, (l_in, l_out) in sets.items():
+    for name, (scores_in, scores_out) in sets.items():
         hist[name] = {}
-        per_score: dict[str, tuple[Tensor, Tensor]] = {}
-        for score, fn in _LOGIT_SCORERS.items():
-            # Scores per (draw, image); the metrics pool the draws.
-            s_in = fn(l_in.flatten(0, 1)).view(l_in.shape[:2])
-            s_out = fn(l_out.flatten(0, 1)).view(l_out.shape[:2])
-            per_score[score] = (s_in, s_out)
-        pair = set_feats.get(name)
-        if pair is not None:
-            for score, scorer in feature_scores.items():
-                # One draw: (1, images), the corruptions of an image beside each other.
-                s_in, s_out = scorer(pair[0])[None], scorer(pair[1])[None]
-                if name.startswith("shift_s"):
-                    s_out, _ = _by_image(s_out, None, len(cfg.shift.corruptions))
-                per_score[score] = (s_in, s_out)
-        for score, (s_in, s_out) in per_score.items():
-            key = f"ood/{name}/{score}/"
+        for score_name, s_out in scores_out.items():
+            s_in = scores_in[score_name]  # scores per (draw, image); the metrics pool the draws
+            key = f"ood/{name}/{score_name}/"
             for k, v in ood_metrics(s_in.flatten(), s_out.flatten()).items():
                 metrics[key + k] = v
             if cfg.eval.bootstrap > 0:
@@ -2603,7 +2637,7 @@ def _ood_section(
                 metrics[key + "auroc_low"], metrics[key + "auroc_high"] = bootstrap_interval(
                     auroc, sides, int(cfg.eval.bootstrap), seed + _SEED_BOOTSTRAP, bounds=(0.0, 1.0)
                 )
-            hist[name][score] = _ood_hist(s_in.flatten(), s_out.flatten(), score)
+            hist[name][score_name] = _ood_hist(s_in.flatten(), s_out.flatten(), score_name)
     report["meta"]["ood_sets"] = list(sets)
     report["ood_hist"] = hist
 
