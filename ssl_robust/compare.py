@@ -54,6 +54,7 @@ CURVE_METRICS = ("val/knn_acc", "val/acc", "val/loss")
 DEFAULT_METRICS = (
     "val/knn_acc",
     "val/knn_acc_shift",
+    "val/acc_shift",
     "test/acc",
     "test/acc_purified",
     "shift/mean_acc",

@@ -225,7 +225,11 @@ def test_runs_of_several_phases_compare_within_their_phase(
         ft = _write_run(
             root / f"ft-{fraction}",
             {"encoder": {"run": str(pretrain_runs["simclr"])}, "subset": {"fraction": fraction}},
-            {"test/acc": 0.5 + fraction / 4, "val/loss": 1.0 - fraction / 2},
+            {
+                "test/acc": 0.5 + fraction / 4,
+                "val/acc_shift": 0.4 + fraction / 4,
+                "val/loss": 1.0 - fraction / 2,
+            },
         )
         _log_curve(ft, "val/loss", [2.0, 1.0 - fraction / 2])
         fts.append(ft)
@@ -243,9 +247,11 @@ def test_runs_of_several_phases_compare_within_their_phase(
     assert headers == [
         "| run | method.name | val/knn_acc | val/knn_acc_shift |",
         "| run | val/loss |",
-        "| run | subset.fraction | test/acc | val/loss |",
+        "| run | subset.fraction | val/acc_shift | test/acc | val/loss |",
     ]
-    assert "| [ft-0.1](../runs/ft-0.1) | 0.1 | 0.525 | 0.95 |" in md  # no curves: the folder
+    assert (
+        "| [ft-0.1](../runs/ft-0.1) | 0.1 | 0.425 | 0.525 | 0.95 |" in md
+    )  # no curves: the folder
     assert written["html"].read_text().count("<table>") == 3
     # The fine-tuning runs' accuracy against the fraction.
     assert "plot_accuracy_vs_fraction" in written
