@@ -254,6 +254,12 @@ def test_job_end_to_end_writes_the_documented_report(
     md_text = (run / "report.md").read_text()
     assert "against a bank of 1438 of the whole train split (1438 images; the" in md_text
     assert "| noise_blobs | knn |" in md_text and "| shift_s5 | mahalanobis |" in md_text
+    # The summary's OOD rows: MSP's mean and worst set, and kNN's beside it.
+    aurocs = [m[f"ood/{s}/knn/auroc"] for s in ("noise_gaussian", "noise_blobs", "shift_s5")]
+    assert (
+        f"| OOD AUROC (knn), mean of 3 sets / worst (shift_s5) | {100 * np.mean(aurocs):.2f}% / "
+        f"{100 * min(aurocs):.2f}% |"
+    ) in md_text
 
     # The sanity checks ran and are reported (a trained CNN passes them).
     for norm in ("linf", "l2"):

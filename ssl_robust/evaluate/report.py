@@ -484,18 +484,22 @@ def _summary_rows(report: dict[str, Any]) -> list[list[str]]:
                         _ece_ci(m, name, "ts_"),
                     ]
                 )
-    aurocs = {
-        s: m[f"ood/{s}/msp/auroc"] for s in meta.get("ood_sets", []) if f"ood/{s}/msp/auroc" in m
-    }
-    if aurocs:
-        worst = min(aurocs, key=lambda s: aurocs[s])
-        rows.append(
-            [
-                f"OOD AUROC (msp), mean of {len(aurocs)} sets / worst ({worst})",
-                f"{100 * float(np.mean(list(aurocs.values()))):.2f}% / {100 * aurocs[worst]:.2f}%",
-                "–",
-            ]
-        )
+    for score in ("msp", "knn"):  # the usual logit score, and the feature score beside it
+        aurocs = {
+            s: m[f"ood/{s}/{score}/auroc"]
+            for s in meta.get("ood_sets", [])
+            if f"ood/{s}/{score}/auroc" in m
+        }
+        if aurocs:
+            worst = min(aurocs, key=lambda s: aurocs[s])
+            mean = float(np.mean(list(aurocs.values())))
+            rows.append(
+                [
+                    f"OOD AUROC ({score}), mean of {len(aurocs)} sets / worst ({worst})",
+                    f"{100 * mean:.2f}% / {100 * aurocs[worst]:.2f}%",
+                    "–",
+                ]
+            )
     sanity: dict[str, dict[str, dict[str, Any]]] = report.get("sanity", {})
     if sanity:
         failed = [f"{n}/{c}" for n, checks in sanity.items() for c, r in checks.items()
