@@ -24,6 +24,7 @@ from ssl_robust.evaluate.metrics import (
     nll,
     normal_interval,
     per_class_accuracy,
+    refit_scaled_ece,
     reliability_bins,
     risk_coverage,
     selective_curves,
@@ -412,6 +413,39 @@ def test_cross_fit_temperatures_fit_each_fold_on_the_others() -> None:
         cross_fit_temperatures(draws, labels, folds=1)
     with pytest.raises(ValueError, match="cannot be split into 40 folds"):
         cross_fit_temperatures(draws, labels, folds=40)
+
+
+def test_refit_scaled_ece_is_the_cross_fitted_ece_and_varies_with_the_resample() -> None:
+    gen = torch.Generator().manual_seed(3)
+    logits = 4 * torch.randn(80, 5, generator=gen)
+    labels = torch.randint(5, (80,), generator=gen)
+    labels[:50] = logits[:50].argmax(1)
+    fold = fold_of(80, 2, seed=1)
+    # On the clean images themselves: the ECE after cross-fitted temperature scaling.
+    temps, _ = cross_fit_temperatures(logits, labels, folds=2, seed=1)
+    want = ece((logits / temps[:, None]).softmax(1), labels)
+    got = refit_scaled_ece(logits, labels, fold, logits, labels, fold)
+    assert got == pytest.approx(want, abs=1e-6)
+    # Fold -1: another set scaled by the temperature of every clean image.
+    other = 2 * torch.randn(30, 5, generator=gen)
+    other_labels = torch.randint(5, (30,), generator=gen)
+    t_all = fit_temperature(logits, labels)
+    overall = refit_scaled_ece(other, other_labels, torch.full((30,), -1), logits, labels, fold)
+    assert overall == pytest.approx(ece((other / t_all).softmax(1), other_labels), abs=1e-6)
+    # A bootstrap resample of the clean images refits the temperature: another ECE than the
+    # fixed temperature gives on the same resample.
+    idx = torch.randint(80, (80,), generator=torch.Generator().manual_seed(0))
+    refit = refit_scaled_ece(
+        other, other_labels, torch.full((30,), -1), logits[idx], labels[idx], fold[idx]
+    )
+    assert fit_temperature(logits[idx], labels[idx]) != pytest.approx(t_all)
+    assert refit != pytest.approx(overall, abs=1e-9)
+    # A resample holding one fold only has nothing to fit that fold on: it stays unscaled.
+    ones = fold == 0
+    alone = refit_scaled_ece(
+        logits[ones], labels[ones], fold[ones], logits[ones], labels[ones], fold[ones]
+    )
+    assert alone == pytest.approx(ece(logits[ones].softmax(1), labels[ones]), abs=1e-6)
 
 
 def test_risk_coverage_known_answer_and_selective_report() -> None:

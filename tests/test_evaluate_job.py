@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -22,9 +23,11 @@ from ssl_robust.data.datasets import DataError, build_splits
 from ssl_robust.evaluate.attacks import sanity_attack_costs
 from ssl_robust.evaluate.cifar_c import write_cifar_c
 from ssl_robust.evaluate.metrics import (
+    bootstrap_interval,
     calibration_report,
     fit_temperature,
     fold_of,
+    refit_scaled_ece,
     wilson_interval,
 )
 from ssl_robust.evaluate.ood import (
@@ -210,6 +213,21 @@ def test_job_end_to_end_writes_the_documented_report(
             scaled.append(calibration_report(logits / temps[:, None], y, 15)["ece"])
         assert m[f"calib/severity/{sev}/ece"] == pytest.approx(np.mean(raw), abs=1e-6)
         assert m[f"calib/severity/{sev}/ts_ece"] == pytest.approx(np.mean(scaled), abs=1e-6)
+    # The scaled ECE's interval refits the temperatures in every bootstrap resample: the
+    # statistic of a reference, resampling an image's fold, clean and scaled logits together.
+    shape = (1, 359)
+    clean_side = (clean_logits[None], y.expand(shape), fold.expand(shape))
+    low, high = bootstrap_interval(
+        functools.partial(refit_scaled_ece, n_bins=15),
+        [(*clean_side, *clean_side)],
+        int(cfg.eval.bootstrap),
+        int(cfg.run.seed) + 9,
+        bounds=(0.0, 1.0),
+    )
+    assert (m["calib/clean/ts_ece_low"], m["calib/clean/ts_ece_high"]) == pytest.approx(
+        (low, high), abs=1e-6
+    )
+    assert low <= m["calib/clean/ts_ece"] <= high
     contrast = [_unit(cfg, f"shift/contrast/{s}")[1]["logits"] for s in (1, 5)]
     want = [calibration_report(logits, y, 15)["ece"] for logits in contrast]
     assert report["calib_severity"]["ece"]["contrast"] == pytest.approx(want, abs=1e-6)

@@ -552,6 +552,30 @@ def cross_fit_temperatures(
     return temps, fits
 
 
+def refit_scaled_ece(
+    logits: Tensor,
+    labels: Tensor,
+    folds: Tensor,
+    clean_logits: Tensor,
+    clean_labels: Tensor,
+    clean_folds: Tensor,
+    n_bins: int = 15,
+) -> float:
+    """ECE of predictions (N, K) after temperature scaling fit afresh on clean predictions
+    (M, K): a row of fold k >= 0 is scaled by the temperature fit on the clean rows of the
+    other folds (cross-fitting), a row of fold -1 by the one fit on every clean row. Refitting
+    inside each bootstrap resample puts the fit's own uncertainty into the interval of a
+    temperature-scaled ECE (:func:`bootstrap_interval`). A fold with no clean rows of other
+    folds to fit on (a resample of a few images may draw one fold only) stays unscaled."""
+    temps = torch.empty(len(labels), dtype=torch.float64)
+    for k in torch.unique(folds).tolist():
+        rest = clean_folds != k if k >= 0 else torch.ones_like(clean_folds, dtype=torch.bool)
+        fit = bool(rest.any())
+        temps[folds == k] = fit_temperature(clean_logits[rest], clean_labels[rest]) if fit else 1.0
+    scaled = logits.double() / temps[:, None].to(logits.device)
+    return ece(scaled.float().softmax(1), labels, n_bins)
+
+
 def calibration_report(logits: Tensor, labels: Tensor, n_bins: int = 15) -> dict[str, float]:
     """``{"ece", "nll", "brier", "acc"}`` of logits (N, K) against labels (N,)."""
     _check_scores(logits, labels)

@@ -82,8 +82,10 @@ from ssl_robust.evaluate.metrics import (
     cross_fit_temperatures,
     ece,
     fit_temperature,
+    fold_of,
     grid_accuracies,
     per_class_accuracy,
+    refit_scaled_ece,
     reliability_bins,
     selective_curves,
     selective_report,
@@ -1248,7 +1250,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     cell_eces: dict[tuple[str, int], tuple[float, float | None]] = {}
 
     def on_cell(c: str, sev: int, per_draw: Tensor, labels: Tensor) -> None:
-        cell_eces[c, sev] = _cell_ece(cfg, per_draw, labels, y, temperature)
+        cell_eces[c, sev] = _cell_ece(cfg, per_draw, labels, temperature)
 
     shift_logits: Tensor | None = None  # (draws, M, classes)
     shift_labels: Tensor | None = None
@@ -1352,10 +1354,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             if temperature is not None:
                 # Cross-fitted on the clean images, and on the shift set when it holds them.
                 same = name in ("clean", "shift")
-                scaled = temperature.scale(per_draw, labels_1d, y, same)
+                scaled = temperature.scale(per_draw, labels_1d, same)
                 reliability_scaled[name] = _calibration(
-                    cfg, f"calib/{name}/ts_", scaled, labels_1d, seed, metrics
-                )
+                    cfg, f"calib/{name}/ts_", scaled, labels_1d, seed, metrics,
+                    refit=temperature.bootstrap_sides(per_draw, labels_1d, same),
+                )  # fmt: skip
         if corruptions:
             _severity_calibration(
                 cell_eces, corruptions, severities, run_dir, metrics, report, notes
@@ -1413,24 +1416,35 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def _calibration(
-    cfg: DictConfig, prefix: str, per_draw: Tensor, labels: Tensor, seed: int, metrics: dict
+    cfg: DictConfig,
+    prefix: str,
+    per_draw: Tensor,
+    labels: Tensor,
+    seed: int,
+    metrics: dict,
+    refit: list[tuple[Tensor, ...]] | None = None,
 ) -> dict[str, list[float]]:
     """ECE (with its bootstrap interval), NLL and Brier score of a calibration set's logits
     (draws, N, classes), pooled over the draws, as ``<prefix>ece`` etc. in ``metrics``; the
     accuracy too, unless they are temperature-scaled (``ts_``: a temperature changes no
-    prediction). Returns the set's reliability bins."""
+    prediction). With ``refit`` (temperature-scaled logits: ``_Temperature.bootstrap_sides``),
+    each bootstrap resample refits the temperatures on its clean images. Returns the set's
+    reliability bins."""
     n_bins = int(cfg.calib.n_bins)
     logits, labels_t = _pooled(per_draw, labels)
     for k, v in calibration_report(logits, labels_t, n_bins).items():
         if not (k == "acc" and prefix.endswith("ts_")):
             metrics[f"{prefix}{k}"] = v
     if cfg.eval.bootstrap > 0:
+        statistic: Callable[..., float]
+        if refit is not None:
+            sides = refit
+            statistic = functools.partial(refit_scaled_ece, n_bins=n_bins)
+        else:
+            sides = [(per_draw, labels.expand(per_draw.shape[:2]))]
+            statistic = lambda lg, lb: ece(lg.float().softmax(1), lb, n_bins)  # noqa: E731
         low, high = bootstrap_interval(
-            lambda lg, lb: ece(lg.float().softmax(1), lb, n_bins),
-            [(per_draw, labels.expand(per_draw.shape[:2]))],
-            int(cfg.eval.bootstrap),
-            seed + _SEED_BOOTSTRAP,
-            bounds=(0.0, 1.0),
+            statistic, sides, int(cfg.eval.bootstrap), seed + _SEED_BOOTSTRAP, bounds=(0.0, 1.0)
         )
         metrics[f"{prefix}ece_low"], metrics[f"{prefix}ece_high"] = low, high
     bins = reliability_bins(logits.float().softmax(1), labels_t, n_bins)
@@ -1505,17 +1519,40 @@ class _Temperature:
 
     per_image: Tensor
     overall: float
+    fold: Tensor  # (N,) each clean image's fold
+    clean: Tensor  # (draws, N, classes) the logits the temperatures were fit on
+    y: Tensor  # (N,) their labels
 
-    def scale(self, per_draw: Tensor, labels: Tensor, y: Tensor, same_images: bool) -> Tensor:
-        """A set's logits (draws, n, classes) divided by its images' temperatures (float32):
-        cross-fitted when the set may hold the clean images (``same_images``) and does (same
-        count and labels as the clean ``y``), else ``overall``."""
+    def _holds_clean(self, per_draw: Tensor, labels: Tensor, same_images: bool) -> bool:
+        """Whether a set that may hold the clean images (``same_images``) does: the same
+        count and labels."""
         n = per_draw.shape[1]
-        if same_images and n == len(y) and bool(torch.equal(labels.cpu(), y.cpu())):
+        return same_images and n == len(self.y) and bool(torch.equal(labels.cpu(), self.y.cpu()))
+
+    def scale(self, per_draw: Tensor, labels: Tensor, same_images: bool) -> Tensor:
+        """A set's logits (draws, n, classes) divided by its images' temperatures (float32):
+        cross-fitted when it holds the clean images, else ``overall``."""
+        n = per_draw.shape[1]
+        if self._holds_clean(per_draw, labels, same_images):
             t = self.per_image
         else:
             t = torch.full((n,), self.overall, dtype=torch.float64)
         return per_draw.float() / t.to(per_draw.device).float()[None, :, None]
+
+    def bootstrap_sides(
+        self, per_draw: Tensor, labels: Tensor, same_images: bool
+    ) -> list[tuple[Tensor, ...]]:
+        """The bootstrap sides of a set's scaled ECE that refits the temperatures in every
+        resample (the arguments of ``refit_scaled_ece``, each (draws, images)): one side with
+        the clean images when the set holds them (an image's fold, its clean and its scaled
+        logits resampled together), else the set and the clean images as two sides."""
+        d, n = per_draw.shape[:2]
+        shape = self.clean.shape[:2]
+        clean = (self.clean, self.y.expand(shape), self.fold.expand(shape))
+        if self._holds_clean(per_draw, labels, same_images):
+            return [(per_draw, labels.expand(d, n), self.fold.expand(d, n), *clean)]
+        overall = torch.full((d, n), -1, dtype=torch.long)
+        return [(per_draw, labels.expand(d, n), overall), clean]
 
 
 def _fit_temperature(
@@ -1550,11 +1587,11 @@ def _fit_temperature(
         )
     metrics["calib/temperature"] = t_all
     meta["calib_temperature"] = {"folds": folds, "fold_fits": fits}
-    return _Temperature(per_image, t_all)
+    return _Temperature(per_image, t_all, fold_of(len(y), folds, seed), clean, y)
 
 
 def _cell_ece(
-    cfg: DictConfig, per_draw: Tensor, labels: Tensor, y: Tensor, temp: _Temperature | None
+    cfg: DictConfig, per_draw: Tensor, labels: Tensor, temp: _Temperature | None
 ) -> tuple[float, float | None]:
     """A corruption cell's ECE (draws pooled), and after temperature scaling (None without
     it); a cell of the clean images scales each by its cross-fitted temperature."""
@@ -1564,7 +1601,7 @@ def _cell_ece(
     raw = ece(logits.softmax(1), labels_t, n_bins)
     if temp is None:
         return raw, None
-    scaled, _ = _pooled(temp.scale(per_draw, labels, y, same_images=True), labels)
+    scaled, _ = _pooled(temp.scale(per_draw, labels, same_images=True), labels)
     return raw, ece(scaled.softmax(1), labels_t, n_bins)
 
 
