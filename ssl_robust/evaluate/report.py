@@ -146,7 +146,8 @@ METRIC_DOCS: dict[str, str] = {
     "calib/{set}/ts_ece": "ECE after temperature scaling; each image of the clean set (and of "
     "the shift set when it holds the same images) scaled by the temperature fit on the other "
     "folds (calib.temperature_folds), the other sets by calib/temperature. Its bootstrap "
-    "interval holds the temperatures fixed.",
+    "interval refits the temperatures on each resample's clean images, so it holds the "
+    "fit's own uncertainty.",
     "calib/{set}/ts_nll": "NLL after temperature scaling.",
     "calib/{set}/ts_brier": "Brier score after temperature scaling.",
     "calib/{set}/ts_ece_low": "Lower end of the temperature-scaled ECE's 95% bootstrap interval.",
