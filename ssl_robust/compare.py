@@ -58,6 +58,7 @@ DEFAULT_METRICS = (
     "test/acc",
     "test/acc_purified",
     "shift/mean_acc",
+    "shift/effective_robustness",
     "shift/mce",
     "adv/linf_8/acc",
     "adv/l2_0.5/acc",
@@ -291,7 +292,8 @@ def run_labels(runs: Sequence[Run]) -> dict[str, str]:
 
 def select_metrics(runs: Sequence[Run], metrics: Sequence[str] | None = None) -> list[str]:
     """The metric columns: those asked for, else the default ones present in any run (and the
-    accuracy on every natural-shift set, after the clean accuracy)."""
+    accuracy on every natural-shift set, with its effective robustness where computed, after
+    the clean accuracy)."""
     present = {k for r in runs for k in r.metrics}
     if metrics:
         missing = [m for m in metrics if m not in present]
@@ -300,7 +302,10 @@ def select_metrics(runs: Sequence[Run], metrics: Sequence[str] | None = None) ->
         return list(metrics)
     chosen = [m for m in DEFAULT_METRICS if m in present]
     # Natural-shift sets are named by the user: each one's accuracy, after the clean one's.
-    natural = sorted(m for m in present if m.startswith("natural/") and m.endswith("/acc"))
+    natural = []
+    for acc in sorted(m for m in present if m.startswith("natural/") and m.endswith("/acc")):
+        er = acc.removesuffix("/acc") + "/effective_robustness"
+        natural += [acc, er] if er in present else [acc]
     if natural:
         at = chosen.index("test/acc") + 1 if "test/acc" in chosen else 0
         chosen[at:at] = natural
@@ -950,6 +955,123 @@ def add_corruption_errors(runs: Sequence[Run], reference: Run) -> list[str]:
     return notes
 
 
+# Evaluations needed on one data and one shift to fit the line of shifted against clean
+# accuracy that effective robustness is measured from: two fix any line exactly.
+MIN_LINE_RUNS = 3
+
+
+def _effective_key(measure: str) -> str:
+    """``shift/mean_acc`` -> ``shift/effective_robustness``; ``natural/<set>/acc`` ->
+    ``natural/<set>/effective_robustness``."""
+    return measure.rsplit("/", 1)[0].removesuffix("/mean") + "/effective_robustness"
+
+
+def accuracy_line_data(
+    runs: Sequence[Run],
+) -> dict[tuple[str, str], list[tuple[str, float, float]]]:
+    """The evaluations' (run source, clean accuracy, shifted accuracy) points by (data, shift
+    measure): ``shift/mean_acc`` and each ``natural/<set>/acc`` against ``test/acc``. Only
+    groups of at least :data:`MIN_LINE_RUNS` runs with two distinct clean accuracies, the
+    runs of each group evaluated on the same data (their ``data`` label)."""
+    out: dict[tuple[str, str], list[tuple[str, float, float]]] = {}
+    for run in runs:
+        clean = run.metrics.get("test/acc")
+        if clean is None:
+            continue
+        for key, value in run.metrics.items():
+            parts = key.split("/")
+            natural = len(parts) == 3 and parts[0] == "natural" and parts[2] == "acc"
+            if key == "shift/mean_acc" or natural:
+                out.setdefault((run.data, key), []).append((run.source, clean, value))
+    return {
+        group: sorted(points)
+        for group, points in sorted(out.items())
+        if len(points) >= MIN_LINE_RUNS and len({c for _, c, _ in points}) > 1
+    }
+
+
+def add_effective_robustness(
+    runs: Sequence[Run],
+) -> dict[tuple[str, str], tuple[float, float]]:
+    """Set each evaluation's effective robustness (Taori et al. 2020) on every shift measure
+    of :func:`accuracy_line_data`: its shifted accuracy above the probit-linear fit of shifted
+    against clean accuracy through the compared evaluations on the same data
+    (``metrics.fit_accuracy_line``), as ``shift/effective_robustness`` and
+    ``natural/<set>/effective_robustness``. Returns the fitted lines by (data, measure)."""
+    from ssl_robust.evaluate.metrics import effective_robustness, fit_accuracy_line
+
+    by_source = {r.source: r for r in runs}
+    lines = {}
+    for (data, measure), points in accuracy_line_data(runs).items():
+        _, clean, shifted = (list(v) for v in zip(*points, strict=True))
+        line = fit_accuracy_line(clean, shifted)
+        lines[data, measure] = line
+        for (source, _, _), er in zip(
+            points, effective_robustness(clean, shifted, line), strict=True
+        ):
+            by_source[source].metrics[_effective_key(measure)] = float(er)
+    return lines
+
+
+def plot_accuracy_on_the_line(
+    runs: Sequence[Run],
+    labels: Mapping[str, str],
+    lines: Mapping[tuple[str, str], tuple[float, float]],
+    path: Path,
+) -> Path | None:
+    """Shifted against clean accuracy on probit axes, a panel per (data, shift measure), a
+    point per evaluated pipeline, with the line fitted through them (solid) and y = x
+    (dotted): a point above the line is robust beyond its clean accuracy (Miller et al. 2021,
+    "Accuracy on the line"). ``None`` without a fitted line."""
+    from ssl_robust.evaluate.metrics import probit
+
+    data = accuracy_line_data(runs)
+    groups = [g for g in data if g in lines]
+    if not groups:
+        return None
+    sources = sorted({s for g in groups for s, _, _ in data[g]}, key=lambda s: labels.get(s, s))
+    colors = {s: f"C{i % 10}" for i, s in enumerate(sources)}
+    markers = {s: "os^vDP*Xhp"[(i // 10) % 10] for i, s in enumerate(sources)}
+    fig, axes = pyplot().subplots(
+        1, len(groups), figsize=(4.6 * len(groups) + 2.4, 4.4), squeeze=False
+    )
+    ticks = np.array([0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
+    for ax, group in zip(axes[0], groups, strict=True):
+        points = data[group]
+        clean = np.array([c for _, c, _ in points])
+        shifted = np.array([v for _, _, v in points])
+        for source, c, v in points:
+            ax.plot(probit([c]), probit([v]), marker=markers[source], color=colors[source],
+                    linestyle="none", label=labels.get(source, source))  # fmt: skip
+        slope, intercept = lines[group]
+        lo = float(min(probit(clean).min(), probit(shifted).min())) - 0.3
+        hi = float(max(probit(clean).max(), probit(shifted).max())) + 0.3
+        xs = np.linspace(lo, hi, 50)
+        ax.plot(xs, slope * xs + intercept, "-", color="0.3", linewidth=1,
+                label="fit (probit-linear)")  # fmt: skip
+        ax.plot(xs, xs, ":", color="0.6", linewidth=1, label="y = x")
+        shown = ticks[(probit(ticks) >= lo) & (probit(ticks) <= hi)]
+        ax.set_xticks(probit(shown))
+        ax.set_xticklabels([f"{100 * t:g}" for t in shown])
+        ax.set_yticks(probit(shown))
+        ax.set_yticklabels([f"{100 * t:g}" for t in shown])
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        data_name, measure = group
+        ax.set_xlabel("clean accuracy (%, probit scale)")
+        ax.set_ylabel(f"{measure} (%, probit scale)")
+        ax.set_title(f"{measure} vs clean" + (f" ({data_name})" if data_name else ""), fontsize=9)
+        ax.grid(alpha=0.3)
+    handles, names = [], []
+    for ax in axes[0]:
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            if name not in names:
+                handles.append(handle)
+                names.append(name)
+    fig.legend(handles, names, loc="center right", fontsize=6 if len(names) > 6 else 8)
+    return save_figure(fig, path, dpi=120, rect=(0, 0, 1 - 2.4 / (4.6 * len(groups) + 2.4), 1))
+
+
 def compare(
     sources: Sequence[str | Path] | Sequence[Run],
     out_dir: str | Path,
@@ -968,7 +1090,7 @@ def compare(
     Returns:
         What was written, by kind: ``markdown``, ``html``, and ``plot_accuracy_vs_fraction`` /
         ``plot_accuracy_vs_severity`` / ``plot_calibration_vs_severity`` /
-        ``plot_certified_accuracy`` / ``plot_clean_vs_robust`` /
+        ``plot_certified_accuracy`` / ``plot_clean_vs_robust`` / ``plot_accuracy_on_the_line`` /
         ``plot_robust_vs_nfe`` /
         ``plot_training_curves`` when the runs have what those plots need.
 
@@ -986,6 +1108,15 @@ def compare(
         notes += add_corruption_errors(runs, reference)
         notes.append(
             f"CE, mCE: corruption errors against {reference.name} (1 = its error; lower is better)."
+        )
+    # Effective robustness against the line through the compared evaluations.
+    lines = add_effective_robustness(runs)
+    if lines:
+        notes.append(
+            "Effective robustness: accuracy under shift above the line fitted through the "
+            "compared evaluations on the same data, shifted against clean accuracy in probit "
+            "space (Taori et al. 2020; Miller et al. 2021); > 0 is robustness beyond what the "
+            "clean accuracy predicts among these pipelines."
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -1060,6 +1191,10 @@ def compare(
     plot = plot_tradeoff(runs, labels, out / "clean_vs_robust.png")
     if plot:
         written["plot_clean_vs_robust"] = plot
+    # Shifted against clean accuracy, and the line effective robustness is measured from.
+    plot = plot_accuracy_on_the_line(runs, labels, lines, out / "accuracy_on_the_line.png")
+    if plot:
+        written["plot_accuracy_on_the_line"] = plot
     # Validation curves of the training runs, side by side.
     plot = plot_curves(runs, labels, out / "training_curves.png")
     if plot:

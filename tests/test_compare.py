@@ -15,7 +15,9 @@ from PIL import Image
 
 from ssl_robust.compare import (
     Run,
+    accuracy_line_data,
     add_corruption_errors,
+    add_effective_robustness,
     calibration_severity_data,
     certified_data,
     compare,
@@ -531,6 +533,80 @@ def test_clean_against_robust_accuracy_per_threat(tmp_path: Path) -> None:
     with Image.open(written["plot_clean_vs_robust"]) as image:
         assert image.format == "PNG" and image.size[0] > 500
     assert "plot_clean_vs_robust" not in compare(runs[:1], tmp_path / "one")
+
+
+def test_effective_robustness_above_the_line_through_the_compared_evaluations(
+    tmp_path: Path,
+) -> None:
+    from scipy.stats import norm
+
+    # Three pipelines exactly on the probit line y = 0.8 x - 0.4, one 5 points above it.
+    def on_line(clean: float) -> float:
+        return float(norm.cdf(0.8 * norm.ppf(clean) - 0.4))
+
+    cleans = {"a": 0.6, "b": 0.75, "c": 0.9}
+    runs = [
+        Run(k, f"r/{k}", {"classifier.run": k}, {"test/acc": c, "shift/mean_acc": on_line(c)})
+        for k, c in cleans.items()
+    ]
+    robust = Run("d", "r/d", {"classifier.run": "d"},
+                 {"test/acc": 0.8, "shift/mean_acc": on_line(0.8) + 0.05})  # fmt: skip
+    # On other data: a group of its own, too small for a line.
+    digits = Run("e", "r/e", {"classifier.run": "e"},
+                 {"test/acc": 0.99, "shift/mean_acc": 0.5}, data="digits at 8 px")  # fmt: skip
+    everything = [*runs, robust, digits]
+    data = accuracy_line_data(everything)
+    assert list(data) == [("", "shift/mean_acc")] and len(data["", "shift/mean_acc"]) == 4
+    lines = add_effective_robustness(everything)
+    # The fit: the least-squares line through all four points (the robust one pulls it up).
+    from ssl_robust.evaluate.metrics import fit_accuracy_line, probit
+
+    xs = [0.6, 0.75, 0.9, 0.8]
+    ys = [on_line(0.6), on_line(0.75), on_line(0.9), on_line(0.8) + 0.05]
+    slope, intercept = lines["", "shift/mean_acc"]
+    assert (slope, intercept) == pytest.approx(fit_accuracy_line(xs, ys))
+    ers = {r.name: r.metrics["shift/effective_robustness"] for r in [*runs, robust]}
+    for run in [*runs, robust]:
+        predicted = norm.cdf(slope * probit([run.metrics["test/acc"]])[0] + intercept)
+        assert ers[run.name] == pytest.approx(run.metrics["shift/mean_acc"] - predicted)
+    assert max(ers, key=lambda k: ers[k]) == "d" and ers["d"] > 0.03
+    assert "shift/effective_robustness" not in digits.metrics
+    # The comparison shows it as a column (a natural-shift set's beside its accuracy),
+    # explains it, and draws the line.
+    for i, run in enumerate([*runs, robust]):
+        run.metrics["natural/c101/acc"] = run.metrics["test/acc"] - 0.05 - 0.01 * i
+    written = compare([*runs, robust], tmp_path / "out")
+    md = written["markdown"].read_text()
+    assert md.splitlines()[2] == (
+        "| run | classifier.run | test/acc | natural/c101/acc | "
+        "natural/c101/effective_robustness | shift/mean_acc | shift/effective_robustness |"
+    )
+    assert "Effective robustness: accuracy under shift above the line" in md
+    with Image.open(written["plot_accuracy_on_the_line"]) as image:
+        assert image.format == "PNG" and image.size[0] > 500
+    # Two evaluations fix any line exactly: no effective robustness, no plot.
+    two = [Run(r.name, r.source, r.config, dict(r.metrics)) for r in runs[:2]]
+    assert add_effective_robustness(two) == {}
+    assert "plot_accuracy_on_the_line" not in compare(two, tmp_path / "two")
+
+
+def test_accuracy_line_fit_known_answer_and_errors() -> None:
+    from scipy.stats import norm
+
+    from ssl_robust.evaluate.metrics import effective_robustness, fit_accuracy_line, probit
+
+    clean = [0.3, 0.5, 0.7, 0.95]
+    shifted = [float(norm.cdf(1.2 * norm.ppf(c) + 0.1)) for c in clean]
+    line = fit_accuracy_line(clean, shifted)
+    assert line == pytest.approx((1.2, 0.1))
+    assert effective_robustness(clean, shifted, line) == pytest.approx([0, 0, 0, 0], abs=1e-9)
+    assert effective_robustness([0.5], [0.6], line)[0] == pytest.approx(0.6 - norm.cdf(0.1))
+    # Accuracies of 0 and 1 are clipped, not infinite.
+    assert probit([0.0, 1.0]) == pytest.approx([norm.ppf(1e-4), norm.ppf(1 - 1e-4)])
+    with pytest.raises(ValueError, match="clean accuracies are all the same"):
+        fit_accuracy_line([0.5, 0.5], [0.3, 0.4])
+    with pytest.raises(ValueError, match="at least 2"):
+        fit_accuracy_line([0.5], [0.3])
 
 
 def test_upstream_runs_show_by_the_end_of_their_paths() -> None:

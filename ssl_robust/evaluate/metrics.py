@@ -586,3 +586,46 @@ def calibration_report(logits: Tensor, labels: Tensor, n_bins: int = 15) -> dict
         "brier": brier(probs, labels),
         "acc": accuracy(logits, labels),
     }
+
+
+# Accuracies are clipped this far inside (0, 1) before the probit: an accuracy of 0 or 1 has
+# no finite probit, and one image in ten thousand is below what any evaluation here resolves.
+PROBIT_CLIP = 1e-4
+
+
+def probit(accuracy: Sequence[float] | np.ndarray) -> np.ndarray:
+    """The inverse standard-normal CDF of accuracies, clipped to [PROBIT_CLIP, 1 - PROBIT_CLIP]."""
+    from scipy.stats import norm
+
+    acc = np.clip(np.asarray(accuracy, dtype=np.float64), PROBIT_CLIP, 1 - PROBIT_CLIP)
+    return np.asarray(norm.ppf(acc), dtype=np.float64)
+
+
+def fit_accuracy_line(clean: Sequence[float], shifted: Sequence[float]) -> tuple[float, float]:
+    """Slope and intercept of the least-squares line through (probit(clean), probit(shifted)):
+    the linear trend of shifted against clean accuracy that models share in probit space
+    ("accuracy on the line", Miller et al. 2021). Needs two distinct clean accuracies."""
+    x, y = probit(clean), probit(shifted)
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(
+            f"need as many clean as shifted accuracies, at least 2, got {len(x)}, {len(y)}"
+        )
+    if np.ptp(x) == 0:
+        raise ValueError("the clean accuracies are all the same: no line through them")
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(slope), float(intercept)
+
+
+def effective_robustness(
+    clean: Sequence[float] | np.ndarray,
+    shifted: Sequence[float] | np.ndarray,
+    line: tuple[float, float],
+) -> np.ndarray:
+    """Accuracy under shift above what the line (:func:`fit_accuracy_line`) predicts from the
+    clean accuracy, in accuracy units (Taori et al. 2020): > 0 is robustness beyond what the
+    clean accuracy alone buys."""
+    from scipy.stats import norm
+
+    slope, intercept = line
+    predicted = norm.cdf(slope * probit(clean) + intercept)
+    return np.asarray(shifted, dtype=np.float64) - predicted
