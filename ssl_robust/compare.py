@@ -13,6 +13,7 @@ method and label fraction.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import math
@@ -963,26 +964,50 @@ MIN_LINE_RUNS = 3
 def _effective_key(measure: str) -> str:
     """``shift/mean_acc`` -> ``shift/effective_robustness``; ``natural/<set>/acc`` ->
     ``natural/<set>/effective_robustness``."""
-    return measure.rsplit("/", 1)[0].removesuffix("/mean") + "/effective_robustness"
+    if measure == "shift/mean_acc":
+        return "shift/effective_robustness"
+    return measure.removesuffix("/acc") + "/effective_robustness"
+
+
+def _grid_label(metrics: dict[str, float]) -> str:
+    """The corruption grid behind ``shift/mean_acc``: ``<corruptions> x <severities> grid``
+    and a digest of its cells, so that means over different grids are never compared; ""
+    when the run lists no cells."""
+    from ssl_robust.evaluate.metrics import grid_accuracies
+
+    cells = grid_accuracies(metrics)
+    if not cells:
+        return ""
+    corruptions = {c for c, _ in cells}
+    severities = {s for _, s in cells}
+    digest = hashlib.sha1(repr(sorted(cells)).encode()).hexdigest()[:6]
+    return f"{len(corruptions)} x {len(severities)} grid {digest}"
 
 
 def accuracy_line_data(
     runs: Sequence[Run],
 ) -> dict[tuple[str, str], list[tuple[str, float, float]]]:
-    """The evaluations' (run source, clean accuracy, shifted accuracy) points by (data, shift
-    measure): ``shift/mean_acc`` and each ``natural/<set>/acc`` against ``test/acc``. Only
-    groups of at least :data:`MIN_LINE_RUNS` runs with two distinct clean accuracies, the
-    runs of each group evaluated on the same data (their ``data`` label)."""
+    """The evaluations' (run source, clean accuracy, shifted accuracy) points by (group,
+    shift measure): ``shift/mean_acc`` and each ``natural/<set>/acc`` against ``test/acc``.
+    A group holds the runs evaluated on the same data (their ``data`` label) and, for
+    ``shift/mean_acc``, over the same corruption grid (whose label ends the group's name).
+    Only groups of at least :data:`MIN_LINE_RUNS` runs with two distinct clean accuracies; a
+    run listed twice counts once."""
     out: dict[tuple[str, str], list[tuple[str, float, float]]] = {}
+    seen: set[str] = set()
     for run in runs:
         clean = run.metrics.get("test/acc")
-        if clean is None:
+        if clean is None or run.source in seen:
             continue
+        seen.add(run.source)
         for key, value in run.metrics.items():
             parts = key.split("/")
             natural = len(parts) == 3 and parts[0] == "natural" and parts[2] == "acc"
             if key == "shift/mean_acc" or natural:
-                out.setdefault((run.data, key), []).append((run.source, clean, value))
+                group = run.data
+                if not natural:
+                    group = ", ".join(g for g in (run.data, _grid_label(run.metrics)) if g)
+                out.setdefault((group, key), []).append((run.source, clean, value))
     return {
         group: sorted(points)
         for group, points in sorted(out.items())
@@ -995,21 +1020,28 @@ def add_effective_robustness(
 ) -> dict[tuple[str, str], tuple[float, float]]:
     """Set each evaluation's effective robustness (Taori et al. 2020) on every shift measure
     of :func:`accuracy_line_data`: its shifted accuracy above the probit-linear fit of shifted
-    against clean accuracy through the compared evaluations on the same data
+    against clean accuracy through the compared evaluations of its group
     (``metrics.fit_accuracy_line``), as ``shift/effective_robustness`` and
-    ``natural/<set>/effective_robustness``. Returns the fitted lines by (data, measure)."""
+    ``natural/<set>/effective_robustness``, replacing any set before. The line holds every
+    compared evaluation, the scored one included: with few runs the values lean towards 0.
+    Returns the fitted lines by (group, measure)."""
     from ssl_robust.evaluate.metrics import effective_robustness, fit_accuracy_line
 
-    by_source = {r.source: r for r in runs}
+    by_source: dict[str, list[Run]] = {}
+    for run in runs:
+        run.metrics = {
+            k: v for k, v in run.metrics.items() if not k.endswith("/effective_robustness")
+        }
+        by_source.setdefault(run.source, []).append(run)
     lines = {}
-    for (data, measure), points in accuracy_line_data(runs).items():
+    for (group, measure), points in accuracy_line_data(runs).items():
         _, clean, shifted = (list(v) for v in zip(*points, strict=True))
         line = fit_accuracy_line(clean, shifted)
-        lines[data, measure] = line
-        for (source, _, _), er in zip(
-            points, effective_robustness(clean, shifted, line), strict=True
-        ):
-            by_source[source].metrics[_effective_key(measure)] = float(er)
+        lines[group, measure] = line
+        ers = effective_robustness(clean, shifted, line)
+        for (source, _, _), er in zip(points, ers, strict=True):
+            for run in by_source[source]:
+                run.metrics[_effective_key(measure)] = float(er)
     return lines
 
 
@@ -1057,10 +1089,10 @@ def plot_accuracy_on_the_line(
         ax.set_yticklabels([f"{100 * t:g}" for t in shown])
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
-        data_name, measure = group
+        name, measure = group
         ax.set_xlabel("clean accuracy (%, probit scale)")
         ax.set_ylabel(f"{measure} (%, probit scale)")
-        ax.set_title(f"{measure} vs clean" + (f" ({data_name})" if data_name else ""), fontsize=9)
+        ax.set_title(f"{measure} vs clean" + (f"\n({name})" if name else ""), fontsize=9)
         ax.grid(alpha=0.3)
     handles, names = [], []
     for ax in axes[0]:

@@ -551,13 +551,22 @@ def test_effective_robustness_above_the_line_through_the_compared_evaluations(
     ]
     robust = Run("d", "r/d", {"classifier.run": "d"},
                  {"test/acc": 0.8, "shift/mean_acc": on_line(0.8) + 0.05})  # fmt: skip
-    # On other data: a group of its own, too small for a line.
+    # On other data, or over another corruption grid: groups of their own, too small for a
+    # line; a stale value from an earlier comparison goes.
     digits = Run("e", "r/e", {"classifier.run": "e"},
                  {"test/acc": 0.99, "shift/mean_acc": 0.5}, data="digits at 8 px")  # fmt: skip
-    everything = [*runs, robust, digits]
+    frost = Run("f", "r/f", {"classifier.run": "f"}, {"test/acc": 0.7, "shift/mean_acc": 0.6,
+                "shift/frost/3/acc": 0.6, "shift/effective_robustness": 9.0})  # fmt: skip
+    # The same evaluation listed twice counts once, and both copies get its value.
+    twice = Run("d", "r/d", {"classifier.run": "d"}, dict(robust.metrics))
+    everything = [*runs, robust, digits, frost, twice]
     data = accuracy_line_data(everything)
     assert list(data) == [("", "shift/mean_acc")] and len(data["", "shift/mean_acc"]) == 4
     lines = add_effective_robustness(everything)
+    assert "shift/effective_robustness" not in frost.metrics
+    assert (
+        twice.metrics["shift/effective_robustness"] == robust.metrics["shift/effective_robustness"]
+    )
     # The fit: the least-squares line through all four points (the robust one pulls it up).
     from ssl_robust.evaluate.metrics import fit_accuracy_line, probit
 

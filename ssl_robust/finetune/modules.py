@@ -87,6 +87,9 @@ class _Classification(pl.LightningModule):
                 on_epoch=True,
                 on_step=False,
                 add_dataloader_idx=False,
+                # Under DDP each rank sees a shard of the evaluation split: the epoch means of
+                # validation and test are over every rank's images.
+                sync_dist=stage != "train",
             )
         return loss
 
