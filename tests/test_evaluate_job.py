@@ -1279,7 +1279,8 @@ def test_natural_shift_sets_are_scored_through_the_pipeline(
     # Calibration on each set too, from the stored logits: the darker digits' ECE is the
     # classifier's own on them.
     on = [o for o in off if not o.startswith("calib")]
-    calibrated = evaluate(tiny_cfg(*on, f"natural.sets=[{pair},{tree}]"))
+    cal_cfg = tiny_cfg(*on, f"natural.sets=[{pair},{tree}]")
+    calibrated = evaluate(cal_cfg)
     sets = ["clean", "natural_digits.1", "natural_scans_test"]
     assert set(calibrated) == expected_metric_keys(
         natural_sets=["digits.1", "scans_test"], calib_sets=sets, bootstrap=True, temperature=True
@@ -1293,6 +1294,29 @@ def test_natural_shift_sets_are_scored_through_the_pipeline(
     scaled = calibration_report(dark_logits / t, torch.from_numpy(labels), 15)
     assert calibrated["calib/natural_digits.1/ts_ece"] == pytest.approx(scaled["ece"], abs=1e-6)
     assert calibrated["calib/natural_digits.1/ts_nll"] == pytest.approx(scaled["nll"], rel=1e-5)
+    # Its interval refits the temperature on each resample of the clean images, resampled
+    # apart from the set's own (other images).
+    clean_logits = _unit(cal_cfg, "clean")[1]["logits"]  # (1, N, classes)
+    n_clean = clean_logits.shape[1]
+    y = _val_labels()
+    assert len(y) == n_clean  # the whole evaluation split
+    fold = fold_of(n_clean, 2, int(cal_cfg.run.seed) + 10)
+    n_dark = len(labels)
+    low, high = bootstrap_interval(
+        functools.partial(refit_scaled_ece, n_bins=15),
+        [
+            (dark_logits[None], torch.from_numpy(labels)[None], torch.full((1, n_dark), -1)),
+            (clean_logits, y[None], fold[None]),
+        ],
+        int(cal_cfg.eval.bootstrap),
+        int(cal_cfg.run.seed) + 9,
+        bounds=(0.0, 1.0),
+    )
+    got = (
+        calibrated["calib/natural_digits.1/ts_ece_low"],
+        calibrated["calib/natural_digits.1/ts_ece_high"],
+    )
+    assert got == pytest.approx((low, high), abs=1e-6)
     md = (Path(cfg.run.dir) / "report.md").read_text()
     assert "| natural_scans_test |" in md and "![reliability](plots/reliability.png)" in md
 
