@@ -65,6 +65,8 @@ DEFAULT_METRICS = (
     "adv/l2_0.5/acc",
     "cert/radius/0.5/acc",
     "calib/clean/ece",
+    "ood/mean/msp/auroc",
+    "ood/mean/knn/auroc",
     "purify/nfe",
     "val/loss",
 )

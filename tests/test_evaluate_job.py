@@ -274,6 +274,7 @@ def test_job_end_to_end_writes_the_documented_report(
     assert "| noise_blobs | knn |" in md_text and "| shift_s5 | mahalanobis |" in md_text
     # The summary's OOD rows: MSP's mean and worst set, and kNN's beside it.
     aurocs = [m[f"ood/{s}/knn/auroc"] for s in ("noise_gaussian", "noise_blobs", "shift_s5")]
+    assert m["ood/mean/knn/auroc"] == pytest.approx(np.mean(aurocs))
     assert (
         f"| OOD AUROC (knn), mean of 3 sets / worst (shift_s5) | {100 * np.mean(aurocs):.2f}% / "
         f"{100 * min(aurocs):.2f}% |"
@@ -1233,7 +1234,8 @@ def test_outside_datasets_are_ood_sets(
         ("[imagefolder]", ConfigError, "imagefolder needs its folder"),
         (f"[svhn@{tmp_path / 'nope'}]", DataError, "svhn not found under"),
         (f"[svhn,svhn@{tmp_path}]", ConfigError, "two OOD sets would be named 'svhn'"),
-        ("[imagefolder@/x/held_out]", ConfigError, "two OOD sets would be named 'held_out'"),
+        ("[imagefolder@/x/held_out]", ConfigError, "would be the OOD set 'held_out', a name"),
+        ("[imagefolder@/x/mean]", ConfigError, r"the OOD set 'mean', a name the section keeps"),
     ]:
         bad = tiny_cfg(*off, f"ood.datasets={value}", run_dir=tmp_path / "bad")
         with pytest.raises(error, match=match):

@@ -152,6 +152,9 @@ METRIC_DOCS: dict[str, str] = {
     "calib/{set}/ts_brier": "Brier score after temperature scaling.",
     "calib/{set}/ts_ece_low": "Lower end of the temperature-scaled ECE's 95% bootstrap interval.",
     "calib/{set}/ts_ece_high": "Upper end of the temperature-scaled ECE's 95% bootstrap interval.",
+    "ood/mean/{score}/auroc": "Mean of a score's AUROC over the run's OOD sets (the sets "
+    "depend on the config: compare runs evaluated alike).",
+    "ood/mean/{score}/fpr95": "Mean of a score's FPR@95 over the run's OOD sets.",
     "ood/{set}/{score}/auroc": "AUROC, in-distribution as positives (behind a stochastic "
     "purifier, the scores of every purification pooled on each side).",
     "ood/{set}/{score}/fpr95": "False-positive rate at 95% true-positive rate.",
@@ -343,6 +346,8 @@ def expected_metric_keys(
         keys |= {f"calib/{s}/{m}" for s in calib_sets for m in scaled}
     ood = ["auroc", "fpr95", *(["auroc_low", "auroc_high"] if bootstrap else [])]
     keys |= {f"ood/{s}/{sc}/{m}" for s in ood_sets for sc in ood_scores for m in ood}
+    if ood_sets:
+        keys |= {f"ood/mean/{sc}/{m}" for sc in ood_scores for m in ("auroc", "fpr95")}
     if perf:
         keys |= {"perf/latency_ms", "perf/throughput_ips", "perf/batch_size"}
         if purified:

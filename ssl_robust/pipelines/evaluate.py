@@ -697,7 +697,8 @@ def _unit_specs(
 
 
 # The OOD sets the section makes itself; an outside dataset may not take these names.
-_OWN_OOD_SETS = ("held_out", *(f"noise_{k}" for k in NOISE_KINDS))
+# Names an outside OOD set may not take: the section's own sets, and "mean" (ood/mean/...).
+_OWN_OOD_SETS = ("held_out", "mean", *(f"noise_{k}" for k in NOISE_KINDS))
 
 
 # Folder names that say which split, not which data: an image folder so named is called after
@@ -877,7 +878,13 @@ def ood_set_names(specs: Sequence[str]) -> dict[str, tuple[str, str]]:
         if name == "imagefolder" and not root:
             raise ConfigError("ood.datasets: imagefolder needs its folder, as imagefolder@<folder>")
         set_name = _folder_label(root) if name == "imagefolder" else name
-        if set_name in sets or set_name in _OWN_OOD_SETS or set_name.startswith("shift_s"):
+        if set_name in _OWN_OOD_SETS or set_name.startswith("shift_s"):
+            raise ConfigError(
+                f"ood.datasets: {spec!r} would be the OOD set {set_name!r}, a name the section "
+                f"keeps for its own sets and means ({', '.join(_OWN_OOD_SETS)}, shift_s<k>); "
+                "rename the folder"
+            )
+        if set_name in sets:
             raise ConfigError(
                 f"ood.datasets: two OOD sets would be named {set_name!r} (from {spec!r}); "
                 "give each dataset once (image folders are named by their folder)"
@@ -1705,6 +1712,8 @@ def _in_summary(key: str) -> bool:
         return False
     if parts[0] == "selective" and parts[-1] != "eaurc":
         return False
+    if parts[0] == "ood":  # each score's mean AUROC over the sets (the report has each set)
+        return parts[1] == "mean" and parts[-1] == "auroc"
     ends = ("calls_per_image", "/steps", "/eot", "/rescore_draws", "/n", "_low", "_high")
     return not key.endswith(ends)
 
@@ -2675,6 +2684,12 @@ def _ood_section(
                     auroc, sides, int(cfg.eval.bootstrap), seed + _SEED_BOOTSTRAP, bounds=(0.0, 1.0)
                 )
             hist[name][score_name] = _ood_hist(s_in.flatten(), s_out.flatten(), score_name)
+    # Each score's mean over the sets it scored: one number per detector to compare runs by.
+    for score_name in dict.fromkeys(k for _, out in sets.values() for k in out):
+        for k in ("auroc", "fpr95"):
+            values = [metrics[f"ood/{name}/{score_name}/{k}"] for name in sets
+                      if f"ood/{name}/{score_name}/{k}" in metrics]  # fmt: skip
+            metrics[f"ood/mean/{score_name}/{k}"] = float(np.mean(values))
     report["meta"]["ood_sets"] = list(sets)
     report["ood_hist"] = hist
 
