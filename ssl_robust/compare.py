@@ -751,6 +751,19 @@ def plot_certified(runs: Sequence[Run], labels: Mapping[str, str], path: Path) -
     return save_figure(fig, path, dpi=120)
 
 
+def _save_with_side_legend(fig: Any, axes: Sequence[Any], path: Path) -> Path:
+    """Save a row of 4.6-inch panels with one legend entry per label over all of them, in a
+    2.4-inch column beside them."""
+    handles, names = [], []
+    for ax in axes:
+        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+            if name not in names:
+                handles.append(handle)
+                names.append(name)
+    fig.legend(handles, names, loc="center right", fontsize=6 if len(names) > 6 else 8)
+    return save_figure(fig, path, dpi=120, rect=(0, 0, 1 - 2.4 / (4.6 * len(axes) + 2.4), 1))
+
+
 def tradeoff_data(runs: Sequence[Run]) -> dict[str, list[tuple[str, float, float]]]:
     """What :func:`plot_tradeoff` draws: per threat (``linf_8``), the (run source, clean
     accuracy, robust accuracy) of every evaluation that has both; threats held by fewer than
@@ -801,14 +814,7 @@ def plot_tradeoff(runs: Sequence[Run], labels: Mapping[str, str], path: Path) ->
         ax.set_ylabel(f"robust accuracy, {threat} (%)")
         ax.set_title(f"{threat}: clean vs robust (95% CI)", fontsize=10)
         ax.grid(alpha=0.3)
-    handles, names = [], []
-    for ax in axes[0]:  # one legend entry per pipeline, beside the panels
-        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
-            if name not in names:
-                handles.append(handle)
-                names.append(name)
-    fig.legend(handles, names, loc="center right", fontsize=6 if len(names) > 6 else 8)
-    return save_figure(fig, path, dpi=120, rect=(0, 0, 1 - 2.4 / (4.6 * len(data) + 2.4), 1))
+    return _save_with_side_legend(fig, axes[0], path)
 
 
 def _accuracy_lines(
@@ -1096,14 +1102,7 @@ def plot_accuracy_on_the_line(
         ax.set_ylabel(f"{measure} (%, probit scale)")
         ax.set_title(f"{measure} vs clean" + (f"\n({name})" if name else ""), fontsize=9)
         ax.grid(alpha=0.3)
-    handles, names = [], []
-    for ax in axes[0]:
-        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
-            if name not in names:
-                handles.append(handle)
-                names.append(name)
-    fig.legend(handles, names, loc="center right", fontsize=6 if len(names) > 6 else 8)
-    return save_figure(fig, path, dpi=120, rect=(0, 0, 1 - 2.4 / (4.6 * len(groups) + 2.4), 1))
+    return _save_with_side_legend(fig, axes[0], path)
 
 
 def compare(
