@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ssl_robust.evaluate.ood import (
+    aupr,
     auroc,
     energy_score,
     fit_mahalanobis,
@@ -91,6 +92,29 @@ def test_fpr_at_tpr_hand_examples():
     assert metrics["auroc"] == pytest.approx(brute_force_auroc(s_in, s_out))
     with pytest.raises(ValueError, match="tpr"):
         fpr_at_tpr(s_in, s_out, tpr=0.0)
+
+
+def test_aupr_hand_example_and_scikit_learn_reference():
+    # Positives 3 and 1, negative 2: thresholds 3 (P 1/1, R 1/2), 2 (P 1/2, R 1/2),
+    # 1 (P 2/3, R 1): AP = 1/2 * 1 + 0 * 1/2 + 1/2 * 2/3.
+    assert aupr(torch.tensor([3.0, 1.0]), torch.tensor([2.0])) == pytest.approx(0.5 + 1 / 3)
+    assert aupr(torch.tensor([5.0, 4.0]), torch.tensor([1.0, 0.0])) == 1.0
+    # Against scikit-learn's average precision, ties included, both directions.
+    from sklearn.metrics import average_precision_score
+
+    gen = torch.Generator().manual_seed(0)
+    s_in = torch.randint(0, 8, (60,), generator=gen).double()
+    s_out = torch.randint(0, 6, (45,), generator=gen).double()
+    y = [1] * 60 + [0] * 45
+    scores = torch.cat([s_in, s_out]).numpy()
+    metrics = ood_metrics(s_in, s_out)
+    assert metrics["aupr_in"] == pytest.approx(average_precision_score(y, scores))
+    assert metrics["aupr_out"] == pytest.approx(
+        average_precision_score([1 - v for v in y], -scores)
+    )
+    # Chance: the positives' share.
+    flat = aupr(torch.ones(30), torch.ones(70))
+    assert flat == pytest.approx(0.3)
 
 
 def test_score_validation():

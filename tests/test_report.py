@@ -98,6 +98,7 @@ def hand_made_report() -> dict[str, Any]:
     for s in ("noise_gaussian", "shift_s5"):
         for score in ("msp", "energy"):
             m[f"ood/{s}/{score}/auroc"], m[f"ood/{s}/{score}/fpr95"] = 0.93, 0.3
+            m[f"ood/{s}/{score}/aupr_in"], m[f"ood/{s}/{score}/aupr_out"] = 0.95, 0.9
     for score in ("msp", "energy"):
         m[f"ood/mean/{score}/auroc"], m[f"ood/mean/{score}/fpr95"] = 0.93, 0.3
     m.update(

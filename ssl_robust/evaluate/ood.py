@@ -166,9 +166,36 @@ def fpr_at_tpr(scores_in: Tensor, scores_out: Tensor, tpr: float = 0.95) -> floa
     return (s_out >= threshold).double().mean().item()
 
 
+def aupr(scores_pos: Tensor, scores_neg: Tensor) -> float:
+    """Area under the precision-recall curve of the first set as positives, as average
+    precision: sum over the distinct thresholds, from the highest, of the recall gained times
+    the precision there (tied scores enter together; scikit-learn's
+    ``average_precision_score``).
+
+    Args:
+        scores_pos: Scores of the positives (m,), higher = more positive.
+        scores_neg: Scores of the negatives (n,).
+    """
+    s_pos, s_neg = _check_scores(scores_pos, scores_neg)
+    m = s_pos.numel()
+    values, inverse = torch.unique(torch.cat([s_pos, s_neg]), sorted=True, return_inverse=True)
+    pos = torch.bincount(inverse[:m], minlength=len(values)).flip(0).cumsum(0).double()
+    neg = torch.bincount(inverse[m:], minlength=len(values)).flip(0).cumsum(0).double()
+    precision, recall = pos / (pos + neg), pos / m
+    gained = recall - torch.cat([recall.new_zeros(1), recall[:-1]])
+    return float((gained * precision).sum())
+
+
 def ood_metrics(scores_in: Tensor, scores_out: Tensor) -> dict[str, float]:
-    """``{"auroc", "fpr95"}`` for one in-distribution / OOD pair of score sets."""
-    return {"auroc": auroc(scores_in, scores_out), "fpr95": fpr_at_tpr(scores_in, scores_out)}
+    """``{"auroc", "fpr95", "aupr_in", "aupr_out"}`` for one in-distribution / OOD pair of
+    score sets: AUPR with the in-distribution samples as positives, and with the OOD ones
+    (scores negated) as positives (Hendrycks & Gimpel 2017)."""
+    return {
+        "auroc": auroc(scores_in, scores_out),
+        "fpr95": fpr_at_tpr(scores_in, scores_out),
+        "aupr_in": aupr(scores_in, scores_out),
+        "aupr_out": aupr(-scores_out, -scores_in),
+    }
 
 
 def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:

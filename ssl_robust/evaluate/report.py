@@ -158,6 +158,9 @@ METRIC_DOCS: dict[str, str] = {
     "ood/{set}/{score}/auroc": "AUROC, in-distribution as positives (behind a stochastic "
     "purifier, the scores of every purification pooled on each side).",
     "ood/{set}/{score}/fpr95": "False-positive rate at 95% true-positive rate.",
+    "ood/{set}/{score}/aupr_in": "Area under the precision-recall curve (average precision), "
+    "in-distribution as positives; chance is their share of the images.",
+    "ood/{set}/{score}/aupr_out": "The same with the OOD images as positives (scores negated).",
     "ood/{set}/{score}/auroc_low": "Lower end of the AUROC's 95% bootstrap interval over the "
     "images of both sets (eval.bootstrap resamples).",
     "ood/{set}/{score}/auroc_high": "Upper end of the AUROC's 95% bootstrap interval.",
@@ -344,7 +347,8 @@ def expected_metric_keys(
         scaled = ["ts_ece", "ts_nll", "ts_brier"]
         scaled += ["ts_ece_low", "ts_ece_high"] if bootstrap else []
         keys |= {f"calib/{s}/{m}" for s in calib_sets for m in scaled}
-    ood = ["auroc", "fpr95", *(["auroc_low", "auroc_high"] if bootstrap else [])]
+    ood = ["auroc", "fpr95", "aupr_in", "aupr_out"]
+    ood += ["auroc_low", "auroc_high"] if bootstrap else []
     keys |= {f"ood/{s}/{sc}/{m}" for s in ood_sets for sc in ood_scores for m in ood}
     if ood_sets:
         keys |= {f"ood/mean/{sc}/{m}" for sc in ood_scores for m in ("auroc", "fpr95")}
@@ -792,6 +796,8 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
             m[f"ood/{s}/{score}/auroc"],
             _ci95(m, f"ood/{s}/{score}/auroc"),
             m[f"ood/{s}/{score}/fpr95"],
+            m.get(f"ood/{s}/{score}/aupr_in"),  # reports written before AUPR: "–"
+            m.get(f"ood/{s}/{score}/aupr_out"),
         ]
         for s in ood_sets
         for score in OOD_SCORES
@@ -800,9 +806,17 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
     if ood_rows:
         tables["ood"] = Table(
             "OOD detection (in-distribution = positives)",
-            ["set", "score", "AUROC (%)", "AUROC 95% CI", "FPR@95 (%)"],
+            [
+                "set",
+                "score",
+                "AUROC (%)",
+                "AUROC 95% CI",
+                "FPR@95 (%)",
+                "AUPR-In (%)",
+                "AUPR-Out (%)",
+            ],
             ood_rows,
-            ["str", "str", "pct", "str", "pct"],
+            ["str", "str", "pct", "str", "pct", "pct", "pct"],
         )
 
     if "perf/latency_ms" in m:
