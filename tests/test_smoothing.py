@@ -15,6 +15,7 @@ from ssl_robust.evaluate.smoothing import (
     certify,
     lower_confidence_bound,
     sample_counts,
+    top_classes,
 )
 
 
@@ -72,6 +73,32 @@ def test_certify_recovers_the_distance_to_a_linear_boundary() -> None:
         density = math.exp(-t * t / 2) / math.sqrt(2 * math.pi)
         slack = sigma * (3.09 + 3) * math.sqrt(p * (1 - p) / n) / density
         assert abs(d) - slack < r <= abs(d), (r, d, slack)
+
+
+def test_guessing_draws_of_several_images_share_a_call() -> None:
+    # A base classifier that answers with the image's first pixel (0, 1 or 2) as its class,
+    # except on every fourth call row: class 2 (noise that flips some draws).
+    calls: list[int] = []
+
+    def noisy_predict(b: torch.Tensor) -> torch.Tensor:
+        calls.append(len(b))
+        cls = b.flatten(1)[:, 0].long()
+        cls[::4] = 2
+        return torch.eye(3)[cls]
+
+    x = torch.tensor([0.0, 1.0, 2.0, 1.0, 0.0]).view(5, 1, 1, 1).expand(5, 1, 2, 2)
+    assert top_classes(noisy_predict, x, 8, 3).tolist() == [0, 1, 2, 1, 0]
+    assert calls == [40]
+    # certify: n0 = 8 draws of 4 images per call of 32, then n = 64 per image in calls of 32.
+    calls.clear()
+    pred, _ = certify(noisy_predict, x, 3, 0.25, n0=8, n=64, alpha=0.01, batch_size=32)
+    assert calls == [32, 32, 32, 32, 32, 32, 32, 32, 32, 8, 32, 32]
+    # Each image's true class wins its 64 draws (3 of 4 rows), so the class is certified.
+    assert pred.tolist() == [0, 1, 2, 1, 0]
+    # More guessing draws than a call holds: one image at a time, over several calls.
+    calls.clear()
+    certify(noisy_predict, x[:1], 3, 0.25, n0=40, n=32, alpha=0.01, batch_size=32)
+    assert calls == [32, 8, 32]
 
 
 def test_sample_counts_and_certified_accuracy() -> None:

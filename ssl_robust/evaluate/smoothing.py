@@ -28,6 +28,7 @@ __all__ = [
     "certify",
     "lower_confidence_bound",
     "sample_counts",
+    "top_classes",
 ]
 
 ABSTAIN = -1
@@ -74,6 +75,31 @@ def sample_counts(
     return counts
 
 
+@torch.no_grad()
+def top_classes(
+    noisy_predict: Callable[[Tensor], Tensor],
+    x: Tensor,
+    num: int,
+    num_classes: int,
+) -> Tensor:
+    """The class that wins most often over ``num`` noisy predictions of each image (ties: the
+    lowest class), every image's draws in one call: ``len(x) * num`` rows.
+
+    Args:
+        noisy_predict: As in :func:`sample_counts`.
+        x: Images (N, C, H, W).
+        num: Noise draws per image.
+        num_classes: K.
+
+    Returns:
+        Classes (N,).
+    """
+    pred = noisy_predict(x.repeat_interleave(num, dim=0)).argmax(1).cpu()
+    image = torch.arange(len(x)).repeat_interleave(num)
+    counts = torch.bincount(image * num_classes + pred, minlength=len(x) * num_classes)
+    return counts.view(len(x), num_classes).argmax(1)
+
+
 def certify(
     noisy_predict: Callable[[Tensor], Tensor],
     x: Tensor,
@@ -102,6 +128,10 @@ def certify(
     Returns:
         ``pred`` (N,): the smoothed classifier's class, or :data:`ABSTAIN`; ``radius`` (N,):
         the certified L2 radius on [0, 1] images (0 where it abstains).
+
+    The ``n0`` guessing draws of several images share a call (as many images as fit in
+    ``batch_size``): with the usual n0 = 100 against batches of 1000, one call instead of ten
+    small ones. Every draw is still independent, so the guarantee is unchanged.
     """
     from scipy.stats import norm
 
@@ -112,8 +142,17 @@ def certify(
     if not 0 < alpha < 0.5:
         raise ValueError(f"alpha must be in (0, 0.5), got {alpha}")
     preds, radii = [], []
-    for image in x:
-        guess = int(sample_counts(noisy_predict, image, n0, num_classes, batch_size).argmax())
+    per_call = max(1, batch_size // n0)  # images whose guessing draws fit in one call
+    guesses = torch.empty(0, dtype=torch.long)
+    for i, image in enumerate(x):
+        if i % per_call == 0:
+            chunk = x[i : i + per_call]
+            if n0 <= batch_size:
+                guesses = top_classes(noisy_predict, chunk, n0, num_classes)
+            else:  # one image's guessing draws take several calls
+                guesses = sample_counts(noisy_predict, image, n0, num_classes, batch_size)
+                guesses = guesses.argmax().view(1)
+        guess = int(guesses[i % per_call])
         k = int(sample_counts(noisy_predict, image, n, num_classes, batch_size)[guess])
         p_lower = lower_confidence_bound(k, n, alpha)
         if p_lower > 0.5:

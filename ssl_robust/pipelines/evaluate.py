@@ -681,6 +681,9 @@ def _unit_specs(
             k: float(c[k]) if k in ("sigma", "alpha") else int(c[k])
             for k in ("sigma", "n0", "samples", "alpha", "max_images", "batch_size")
         }
+        # The guessing draws of several images share a call (other noise than one image's
+        # calls): certificates stored before are recomputed.
+        specs["cert"]["guesses"] = "batched"
     if a.sanity_checks:
         for norm in dict.fromkeys(t["norm"] for t in threats):
             specs[f"adv/sanity/{norm}"] = {
