@@ -40,15 +40,28 @@ def energy_score(logits: Tensor, T: float = 1.0) -> Tensor:
     return T * torch.logsumexp(logits / T, dim=1)
 
 
-def knn_score(bank: Tensor, features: Tensor, k: int, chunk: int = 1024) -> Tensor:
+def knn_score(
+    bank: Tensor,
+    features: Tensor,
+    k: int,
+    chunk: int = 1024,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """Negative distance to the k-th nearest bank feature, both L2-normalised (Sun et al.
-    2022, "Out-of-distribution detection with deep nearest neighbors"), (N, D) -> (N,).
+    2022, "Out-of-distribution detection with deep nearest neighbors"), (N, D) -> (N,) on the
+    CPU.
+
+    The neighbours are found in float32, on ``device`` (default: the features'): 15
+    corruptions of 10,000 images against a bank of 5,000 is 4e11 multiply-adds, minutes in
+    float64 on a few CPU cores. The distance to the one found is then taken in float64 (the
+    float32 expansion would lose a near-duplicate's distance of 0 in rounding).
 
     Args:
         bank: In-distribution (training) features (M, D).
         features: Features to score (N, D).
         k: Which neighbour (1 = the nearest); at most M.
         chunk: Rows of ``features`` per distance matrix, bounding memory at chunk x M.
+        device: Where to compute.
     """
     if bank.dim() != 2 or features.dim() != 2 or bank.shape[1] != features.shape[1]:
         raise ValueError(
@@ -57,14 +70,17 @@ def knn_score(bank: Tensor, features: Tensor, k: int, chunk: int = 1024) -> Tens
         )
     if not 1 <= k <= bank.shape[0]:
         raise ValueError(f"k must be in 1..{bank.shape[0]} (the bank's size), got {k}")
-    b = F.normalize(bank.double(), dim=1)
+    device = features.device if device is None else device
+    b64 = F.normalize(bank.to(device, torch.float64), dim=1)
+    b32 = b64.float()
     out = []
     for start in range(0, features.shape[0], chunk):
-        f = F.normalize(features[start : start + chunk].double(), dim=1)
-        # |f - b|^2 = 2 - 2 f.b for unit vectors; clamped against rounding below zero.
-        d2 = (2 - 2 * f @ b.T).clamp_min(0)
-        out.append(-d2.kthvalue(k, dim=1).values.sqrt())
-    return torch.cat(out).float() if out else features.new_zeros(0)
+        f64 = F.normalize(features[start : start + chunk].to(device, torch.float64), dim=1)
+        # |f - b|^2 = 2 - 2 f.b for unit vectors, to rank the bank.
+        d2 = 2 - 2 * f64.float() @ b32.T
+        nearest = d2.kthvalue(k, dim=1).indices
+        out.append(-(f64 - b64[nearest]).norm(dim=1).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def fit_mahalanobis(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -94,22 +110,28 @@ def fit_mahalanobis(features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def mahalanobis_score(
-    features: Tensor, means: Tensor, precision: Tensor, chunk: int = 4096
+    features: Tensor,
+    means: Tensor,
+    precision: Tensor,
+    chunk: int = 4096,
+    device: torch.device | str | None = None,
 ) -> Tensor:
     """Negative Mahalanobis distance (squared) to the nearest class mean under a shared
-    precision (Lee et al. 2018, Eq. 2, without input preprocessing), (N, D) -> (N,); ``chunk``
-    rows at a time, bounding memory at chunk x D."""
-    p = precision.double()
-    mu = means.double()
+    precision (Lee et al. 2018, Eq. 2, without input preprocessing), (N, D) -> (N,) on the
+    CPU; ``chunk`` rows at a time (memory: chunk x D), in float64 (the expansion below
+    cancels large terms) on ``device`` (default: the features')."""
+    device = features.device if device is None else device
+    p = precision.to(device, torch.float64)
+    mu = means.to(device, torch.float64)
     mu_term = ((mu @ p) * mu).sum(1)  # (C,)
     out = []
     for start in range(0, features.shape[0], chunk):
-        f = features[start : start + chunk].double()
+        f = features[start : start + chunk].to(device, torch.float64)
         # (f - mu)^T P (f - mu) = f^T P f - 2 f^T P mu + mu^T P mu, for every class at once.
         fp = f @ p
         d2 = (fp * f).sum(1, keepdim=True) - 2 * fp @ mu.T + mu_term
-        out.append(-d2.amin(dim=1).float())
-    return torch.cat(out) if out else features.new_zeros(0)
+        out.append(-d2.amin(dim=1).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def _check_scores(scores_in: Tensor, scores_out: Tensor) -> tuple[Tensor, Tensor]:

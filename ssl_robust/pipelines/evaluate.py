@@ -2619,7 +2619,9 @@ def _ood_section(
     _, h, w, c = image_shape
     n_noise = int(o.num_noise) or len(y)
     draws = clean_logits.shape[0]
-    feature_scorers = _feature_scorers(cfg, features, report) if features is not None else {}
+    feature_scorers = (
+        _feature_scorers(cfg, features, report, device) if features is not None else {}
+    )
 
     def score(logits: Tensor, feats: Tensor | None) -> dict[str, Tensor]:
         """Every score of a set, by name: (draws, images) for the logit scores, (1, images)
@@ -2708,10 +2710,10 @@ def knn_neighbour(k: int, bank_size: int) -> int:
 
 
 def _feature_scorers(
-    cfg: DictConfig, features: _OODFeatures, report: dict[str, Any]
+    cfg: DictConfig, features: _OODFeatures, report: dict[str, Any], device: torch.device
 ) -> dict[str, Callable[[Tensor], Tensor]]:
     """The feature scores of ``ood.feature_scores``, each fitted to the bank: features (M, D)
-    -> scores (M,), higher = more in-distribution."""
+    -> scores (M,), higher = more in-distribution, computed on ``device``."""
     out: dict[str, Callable[[Tensor], Tensor]] = {}
     bank, bank_labels = features.bank, features.bank_labels
     report["meta"]["ood_feature_scores"] = list(cfg.ood.feature_scores)
@@ -2719,11 +2721,11 @@ def _feature_scorers(
         if score == "knn":
             k = knn_neighbour(int(cfg.ood.knn_k), len(bank))
             report["meta"]["ood_knn_k"] = k
-            out["knn"] = functools.partial(knn_score, bank, k=k)
+            out["knn"] = functools.partial(knn_score, bank, k=k, device=device)
         elif score == "mahalanobis":
             means, precision = fit_mahalanobis(bank, bank_labels)
             out["mahalanobis"] = functools.partial(
-                mahalanobis_score, means=means, precision=precision
+                mahalanobis_score, means=means, precision=precision, device=device
             )
     return out
 
