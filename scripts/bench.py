@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """The project's speed in one place: pretraining pipeline vs lightly and the compute floor,
-purification per sampler vs raw UNet calls, corruption generation vs the CPU reference.
+purification per sampler vs raw UNet calls, corruption generation vs the CPU reference, the
+OOD feature scores vs a float64 reference.
 
     python scripts/bench.py --json runs/bench/all.json             # full run (GPU if present)
     python scripts/bench.py --smoke                                # tiny CPU run for CI
@@ -15,9 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import corruption_bench, pretrain_bench, purify_bench  # noqa: E402
+from benchmarks import corruption_bench, ood_bench, pretrain_bench, purify_bench  # noqa: E402
 
-PARTS = ("pretrain", "purify", "corruptions")
+PARTS = ("pretrain", "purify", "corruptions", "ood")
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(
@@ -32,6 +33,7 @@ if __name__ == "__main__":
         "pretrain": pretrain_bench.main,
         "purify": purify_bench.main,
         "corruptions": corruption_bench.main,
+        "ood": ood_bench.main,
     }
     results = {}
     for part in PARTS:

@@ -43,6 +43,9 @@ def test_device_session_rehearsal_runs_every_benchmark_and_summarises(tmp_path: 
     }
     assert data["corruptions"] and all(r["ours_img_s"] > 0 for r in data["corruptions"])
     assert all(r["images_per_s"] > 0 for r in data["purify"])
+    # The OOD feature scores: ours (float32 ranking, float64 distance) give the float64
+    # reference's scores.
+    assert data["ood"]["knn_max_abs_diff"] < 1e-5 and data["ood"]["knn_speedup"] > 0
     log = (out / "session.log").read_text()
     assert "b/a =" in log and "b/c =" in log
     assert "GPU tests exit 0" in log  # the CUDA-only tests ran (all skipped on a CPU)
