@@ -157,6 +157,7 @@ def test_job_end_to_end_writes_the_documented_report(
         bootstrap=True,
         temperature=True,
         ood_scores=OOD_SCORES,
+        knn_sets=["clean", "shift"],
     )
     assert set(m) == expected
     assert all(describe_metric(k) is not None for k in m)
@@ -269,7 +270,23 @@ def test_job_end_to_end_writes_the_documented_report(
         for k, v in expected.items():
             assert m[f"ood/shift_s5/{score}/{k}"] == pytest.approx(v, abs=1e-6), (score, k)
         assert m[f"ood/noise_blobs/{score}/auroc"] > 0.9, score
+
+    # The representation's kNN accuracy against the labeled bank, by a plain reference: the
+    # 200 most cosine-similar bank features vote with weight exp(similarity / 0.1).
+    def weighted_knn(query: torch.Tensor, labels: torch.Tensor) -> float:
+        sims = (
+            torch.nn.functional.normalize(query, dim=1)
+            @ torch.nn.functional.normalize(bank["features"], dim=1).T
+        )
+        top, idx = sims.topk(200, dim=1)
+        votes = torch.zeros(len(query), 10).scatter_add_(1, bank["labels"][idx], (top / 0.1).exp())
+        return (votes.argmax(1) == labels).double().mean().item()
+
+    assert m["repr/knn_acc"] == pytest.approx(weighted_knn(clean["features"], y), abs=1e-9)
+    assert m["repr/shift/knn_acc"] == pytest.approx(weighted_knn(shifted, y.repeat(2)), abs=1e-9)
     md_text = (run / "report.md").read_text()
+    assert "## Representation" in md_text
+    assert f"| clean | {100 * m['repr/knn_acc']:.2f} | {100 * m['test/acc']:.2f} |" in md_text
     assert "against a bank of 1438 of the whole train split (1438 images; the" in md_text
     assert "| noise_blobs | knn |" in md_text and "| shift_s5 | mahalanobis |" in md_text
     # The summary's OOD rows: MSP's mean and worst set, and kNN's beside it.

@@ -199,6 +199,7 @@ def test_every_template_documents_some_key_and_the_most_specific_wins() -> None:
         natural_sets=["cifar10.1_v6"],
         bootstrap=True,
         temperature=True,
+        knn_sets=["clean", "shift"],
     )
     used = {describe_metric(k) for k in keys}
     assert None not in used

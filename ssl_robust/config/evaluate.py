@@ -249,9 +249,10 @@ class OODSection:
     # feature; Sun et al. 2022) and mahalanobis (minus the distance to the nearest class mean
     # under one shared, Ledoit-Wolf-shrunk covariance; Lee et al. 2018). Behind a stochastic
     # purifier each image's features are those of its first purification. Empty: logit
-    # scores only, and no bank pass. The clean pass, the top-severity cells and the outside
-    # sets keep their features in their stored units: switching this between empty and not
-    # recomputes those units on a resumed run.
+    # scores only, and no bank pass. The labeled bank also gives the representation's kNN
+    # accuracy (repr/knn_acc, repr/shift/knn_acc). The clean pass, the top-severity cells and
+    # the outside sets keep their features in their stored units: switching this between
+    # empty and not recomputes those units on a resumed run.
     feature_scores: list[str] = field(default_factory=lambda: ["knn", "mahalanobis"])
     # The bank: the images the classifier was fine-tuned on (subset.npy of its run; the
     # whole train split for a run without one), less any held-out classes; a seeded subset of

@@ -152,6 +152,9 @@ METRIC_DOCS: dict[str, str] = {
     "calib/{set}/ts_brier": "Brier score after temperature scaling.",
     "calib/{set}/ts_ece_low": "Lower end of the temperature-scaled ECE's 95% bootstrap interval.",
     "calib/{set}/ts_ece_high": "Upper end of the temperature-scaled ECE's 95% bootstrap interval.",
+    "repr/knn_acc": "Weighted-kNN accuracy (k = 200, t = 0.1) of the encoder's features of the "
+    "clean images against the labeled bank of the OOD feature scores (ood.feature_scores).",
+    "repr/shift/knn_acc": "The same on the top-severity corruptions, pooled.",
     "ood/mean/{score}/auroc": "Mean of a score's AUROC over the run's OOD sets (the sets "
     "depend on the config: compare runs evaluated alike).",
     "ood/mean/{score}/fpr95": "Mean of a score's FPR@95 over the run's OOD sets.",
@@ -259,6 +262,7 @@ def expected_metric_keys(
     bootstrap: bool = False,
     temperature: bool = False,
     ood_scores: Sequence[str] = LOGIT_SCORES,
+    knn_sets: Sequence[str] = (),
 ) -> set[str]:
     """Every metric name a report of this shape holds.
 
@@ -284,6 +288,8 @@ def expected_metric_keys(
         temperature: The calibration sets were scored after temperature scaling too.
         ood_scores: The OOD scores of every OOD set (the logit scores, and the feature scores
             of ``ood.feature_scores``).
+        knn_sets: The sets the representation's kNN accuracy was measured on (``clean``,
+            ``shift``; with the feature scores' bank).
     """
     keys: set[str] = {"perf/eval_wall_s"}
     if clean:
@@ -352,6 +358,7 @@ def expected_metric_keys(
     keys |= {f"ood/{s}/{sc}/{m}" for s in ood_sets for sc in ood_scores for m in ood}
     if ood_sets:
         keys |= {f"ood/mean/{sc}/{m}" for sc in ood_scores for m in ("auroc", "fpr95")}
+    keys |= {"repr/knn_acc" if s == "clean" else f"repr/{s}/knn_acc" for s in knn_sets}
     if perf:
         keys |= {"perf/latency_ms", "perf/throughput_ips", "perf/batch_size"}
         if purified:
@@ -615,6 +622,21 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
                 ce_rows,
                 ["str", "pct", "pct"],
             )
+
+    if "repr/knn_acc" in m:
+        top = (report.get("meta", {}).get("grid") or {}).get("severities") or [5]
+        head_shift = m.get(f"shift/severity/{max(top)}/acc")
+        repr_rows = [["clean", m["repr/knn_acc"], m.get("test/acc")]]
+        if "repr/shift/knn_acc" in m:
+            repr_rows.append(
+                [f"corruptions, severity {max(top)}", m["repr/shift/knn_acc"], head_shift]
+            )
+        tables["repr"] = Table(
+            "kNN on the encoder's features vs the classifier's head (%)",
+            ["set", "kNN", "head"],
+            repr_rows,
+            ["str", "pct", "pct"],
+        )
 
     natural = [k.split("/")[1] for k in m if k.startswith("natural/") and k.endswith("/acc")]
     if natural:
@@ -953,6 +975,16 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
         + ("; the purifier's draws are pooled." if meta.get("stochastic") else ".")
         + " The confusion matrices show where each true class's images go (% of its row).",
         "confusion",
+    )
+    knn = meta.get("repr_knn") or {}
+    section(
+        "Representation",
+        ["repr"],
+        f"A weighted kNN classifier (k = {knn.get('k')}, votes exp(cosine / {knn.get('t')}); "
+        "Wu et al. 2018, as the pretraining monitor) on the encoder's features against the "
+        f"{knn.get('bank')} labeled images of the OOD feature bank, beside the classifier's "
+        "own head on the same images: a shift that costs the head more than the kNN is one "
+        "the representation weathers better than the head fitted on it.",
     )
     attack = meta.get("attack") or {}
     protocol = ""

@@ -36,6 +36,27 @@ def knn_accuracy_counts(
     return (pred[:, 0] == query_labels).sum()
 
 
+def knn_accuracy(
+    query: torch.Tensor,
+    query_labels: torch.Tensor,
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 200,
+    t: float = 0.1,
+    chunk: int = 1024,
+) -> float:
+    """The weighted-kNN accuracy (:func:`knn_accuracy_counts`) of every query, ``chunk`` of
+    them at a time (memory: chunk x bank size)."""
+    if len(query) == 0:
+        raise ValueError("no query features")
+    correct = 0
+    for i in range(0, len(query), chunk):
+        q, labels = query[i : i + chunk], query_labels[i : i + chunk]
+        correct += int(knn_accuracy_counts(q, labels, bank, bank_labels, num_classes, k, t))
+    return correct / len(query)
+
+
 class OnlineMonitor(nn.Module):
     """A linear probe trained on detached features, and a kNN feature bank.
 

@@ -113,6 +113,7 @@ from ssl_robust.finetune.features import source_images
 from ssl_robust.finetune.model import Classifier
 from ssl_robust.launch.progress import RESTORED, progress_bar
 from ssl_robust.launch.trainer import wandb_run_id, write_json
+from ssl_robust.methods.monitor import knn_accuracy
 from ssl_robust.pipelines.common import console, print_summary
 from ssl_robust.plotting import ImageRow, plot_image_grid
 from ssl_robust.purify.purifier import Purifier
@@ -1392,6 +1393,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         report["per_class"] = per_class
         report["confusion"] = confusion
 
+    # -- the representation: kNN on the encoder's features ---------------------------------------
+    if ood_feats is not None:
+        _representation_section(cfg, ood_feats, y, shift_labels, num_classes, metrics, meta)
+
     # -- OOD -----------------------------------------------------------------------------------
     if cfg.ood.enabled and draw_logits is not None:
         meta["ood_datasets"] = {k: v[1] for k, v in outside.items()}
@@ -2593,6 +2598,35 @@ def _cert_section(
 def _rows_json(rows: list[ImageRow]) -> list[dict[str, Any]]:
     """A figure's rows as the report records them: name and predictions (None: unclassified)."""
     return [{"name": r.name, "preds": None if r.preds is None else r.preds.tolist()} for r in rows]
+
+
+# The weighted kNN of the pretraining monitor (Wu et al. 2018): the 200 nearest bank features
+# by cosine similarity vote with weight exp(similarity / 0.1).
+REPR_KNN_K, REPR_KNN_T = 200, 0.1
+
+
+def _representation_section(
+    cfg: DictConfig,
+    features: _OODFeatures,
+    y: Tensor,
+    shift_labels: Tensor | None,
+    num_classes: int,
+    metrics: dict[str, float],
+    meta: dict[str, Any],
+) -> None:
+    """Accuracy of a kNN classifier on the encoder's features against the labeled bank, on the
+    clean images (``repr/knn_acc``) and on the top-severity corruptions (``repr/shift/knn_acc``):
+    beside the head's accuracy, whether a shift costs the representation or the linear head."""
+    bank, bank_labels = features.bank, features.bank_labels
+    k = min(REPR_KNN_K, len(bank))
+    meta["repr_knn"] = {"k": k, "t": REPR_KNN_T, "bank": len(bank)}
+
+    def acc(query: Tensor, labels: Tensor) -> float:
+        return knn_accuracy(query, labels, bank, bank_labels, num_classes, k, REPR_KNN_T)
+
+    metrics["repr/knn_acc"] = acc(features.clean, y)
+    if features.shift is not None and shift_labels is not None:
+        metrics["repr/shift/knn_acc"] = acc(features.shift, shift_labels)
 
 
 def _ood_section(
