@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ssl_robust.evaluate.ood import (
     aupr,
@@ -175,6 +176,18 @@ def test_knn_score_is_the_negative_distance_to_the_kth_nearest_unit_feature():
     torch.testing.assert_close(knn_score(5 * bank, feats * 0.1, 2), knn_score(bank, feats, 2))
     # A bank feature scores 0 (its own nearest neighbour at distance 0).
     assert knn_score(bank, bank[:4], 1).abs().max() < 1e-6
+    # Near-duplicates 1e-4 apart, below what float32 ranks reliably: the float64 distances.
+    queries = torch.randn(20, 64, generator=gen)
+    near = torch.cat([queries + 1e-4 * torch.randn(20, 64, generator=gen) for _ in range(3)])
+    dup_bank = torch.cat([near, torch.randn(200, 64, generator=gen)])
+    for k in (1, 2, 3):
+        exact = (
+            torch.cdist(F.normalize(queries.double(), dim=1), F.normalize(dup_bank.double(), dim=1))
+            .kthvalue(k, dim=1)
+            .values
+        )
+        got = knn_score(dup_bank, queries, k)
+        torch.testing.assert_close(got.double(), -exact, atol=1e-9, rtol=1e-6)
     with pytest.raises(ValueError, match=r"k must be in 1\.\.40"):
         knn_score(bank, feats, 41)
     with pytest.raises(ValueError, match="share D"):

@@ -152,9 +152,11 @@ METRIC_DOCS: dict[str, str] = {
     "calib/{set}/ts_brier": "Brier score after temperature scaling.",
     "calib/{set}/ts_ece_low": "Lower end of the temperature-scaled ECE's 95% bootstrap interval.",
     "calib/{set}/ts_ece_high": "Upper end of the temperature-scaled ECE's 95% bootstrap interval.",
-    "repr/knn_acc": "Weighted-kNN accuracy (k = 200, t = 0.1) of the encoder's features of the "
-    "clean images against the labeled bank of the OOD feature scores (ood.feature_scores).",
-    "repr/shift/knn_acc": "The same on the top-severity corruptions, pooled.",
+    "repr/knn_acc": "Weighted-kNN accuracy (k = 200, or the bank's size when smaller; t = 0.1) "
+    "of the encoder's features of the clean images (each one's first purification) against "
+    "the labeled bank of the OOD feature scores (ood.feature_scores). Images of held-out "
+    "classes count, and are never right (the bank has none of them).",
+    "repr/shift/knn_acc": "The same on the top-severity corruptions, pooled (with ood.shift).",
     "ood/mean/{score}/auroc": "Mean of a score's AUROC over the run's OOD sets (the sets "
     "depend on the config: compare runs evaluated alike).",
     "ood/mean/{score}/fpr95": "Mean of a score's FPR@95 over the run's OOD sets.",

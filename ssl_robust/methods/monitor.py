@@ -45,14 +45,18 @@ def knn_accuracy(
     k: int = 200,
     t: float = 0.1,
     chunk: int = 1024,
+    device: torch.device | str | None = None,
 ) -> float:
     """The weighted-kNN accuracy (:func:`knn_accuracy_counts`) of every query, ``chunk`` of
-    them at a time (memory: chunk x bank size)."""
+    them at a time (memory: chunk x bank size), on ``device`` (default: the queries')."""
     if len(query) == 0:
         raise ValueError("no query features")
+    device = query.device if device is None else device
+    bank, bank_labels = bank.to(device), bank_labels.to(device)
     correct = 0
     for i in range(0, len(query), chunk):
-        q, labels = query[i : i + chunk], query_labels[i : i + chunk]
+        q = query[i : i + chunk].to(device)
+        labels = query_labels[i : i + chunk].to(device)
         correct += int(knn_accuracy_counts(q, labels, bank, bank_labels, num_classes, k, t))
     return correct / len(query)
 

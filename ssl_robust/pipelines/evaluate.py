@@ -1395,7 +1395,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     # -- the representation: kNN on the encoder's features ---------------------------------------
     if ood_feats is not None:
-        _representation_section(cfg, ood_feats, y, shift_labels, num_classes, metrics, meta)
+        _representation_section(ood_feats, y, shift_labels, num_classes, metrics, meta, device)
 
     # -- OOD -----------------------------------------------------------------------------------
     if cfg.ood.enabled and draw_logits is not None:
@@ -2606,13 +2606,13 @@ REPR_KNN_K, REPR_KNN_T = 200, 0.1
 
 
 def _representation_section(
-    cfg: DictConfig,
     features: _OODFeatures,
     y: Tensor,
     shift_labels: Tensor | None,
     num_classes: int,
     metrics: dict[str, float],
     meta: dict[str, Any],
+    device: torch.device,
 ) -> None:
     """Accuracy of a kNN classifier on the encoder's features against the labeled bank, on the
     clean images (``repr/knn_acc``) and on the top-severity corruptions (``repr/shift/knn_acc``):
@@ -2622,7 +2622,9 @@ def _representation_section(
     meta["repr_knn"] = {"k": k, "t": REPR_KNN_T, "bank": len(bank)}
 
     def acc(query: Tensor, labels: Tensor) -> float:
-        return knn_accuracy(query, labels, bank, bank_labels, num_classes, k, REPR_KNN_T)
+        return knn_accuracy(
+            query, labels, bank, bank_labels, num_classes, k, REPR_KNN_T, device=device
+        )
 
     metrics["repr/knn_acc"] = acc(features.clean, y)
     if features.shift is not None and shift_labels is not None:
