@@ -67,6 +67,7 @@ DEFAULT_METRICS = (
     "calib/clean/ece",
     "ood/mean/msp/auroc",
     "ood/mean/knn/auroc",
+    "repr/shift/knn_acc",
     "purify/nfe",
     "val/loss",
 )

@@ -286,6 +286,11 @@ def test_job_end_to_end_writes_the_documented_report(
     assert m["repr/shift/knn_acc"] == pytest.approx(weighted_knn(shifted, y.repeat(2)), abs=1e-9)
     md_text = (run / "report.md").read_text()
     assert "## Representation" in md_text
+    summary_row = (
+        f"| kNN on the encoder's features, clean / top severity | "
+        f"{100 * m['repr/knn_acc']:.2f}% / {100 * m['repr/shift/knn_acc']:.2f}% |"
+    )
+    assert summary_row in md_text
     assert f"| clean | {100 * m['repr/knn_acc']:.2f} | {100 * m['test/acc']:.2f} |" in md_text
     assert "against a bank of 1438 of the whole train split (1438 images; the" in md_text
     assert "| noise_blobs | knn |" in md_text and "| shift_s5 | mahalanobis |" in md_text

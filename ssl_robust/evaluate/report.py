@@ -503,6 +503,16 @@ def _summary_rows(report: dict[str, Any]) -> list[list[str]]:
                         _ece_ci(m, name, "ts_"),
                     ]
                 )
+    if "repr/knn_acc" in m:
+        shifted = m.get("repr/shift/knn_acc")
+        rows.append(
+            [
+                "kNN on the encoder's features, clean / top severity",
+                f"{100 * m['repr/knn_acc']:.2f}%"
+                + (f" / {100 * shifted:.2f}%" if shifted is not None else ""),
+                "–",
+            ]
+        )
     for score in ("msp", "knn"):  # the usual logit score, and the feature score beside it
         aurocs = {
             s: m[f"ood/{s}/{score}/auroc"]
