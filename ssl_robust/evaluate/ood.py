@@ -12,14 +12,14 @@ images from ``corruptions`` can be passed as any other tensor set.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 NOISE_KINDS = ("gaussian", "uniform", "blobs")
-# Scores of the classifier's logits and of its encoder's features (against a bank).
-LOGIT_SCORES = ("msp", "energy")
+# Scores of the encoder's features (against a bank); the logit scores are LOGIT_SCORES below.
 FEATURE_SCORES = ("knn", "mahalanobis")
 
 
@@ -38,6 +38,11 @@ def energy_score(logits: Tensor, T: float = 1.0) -> Tensor:
     if T <= 0:
         raise ValueError(f"T must be > 0, got {T}")
     return T * torch.logsumexp(logits / T, dim=1)
+
+
+# The scores of the classifier's logits, by name, and their names.
+LOGIT_SCORERS: dict[str, Callable[[Tensor], Tensor]] = {"msp": msp_score, "energy": energy_score}
+LOGIT_SCORES = tuple(LOGIT_SCORERS)
 
 
 def knn_score(

@@ -147,8 +147,7 @@ def load_or_compute_split_features(
         if torch.equal(blob["labels"], y):
             return blob["features"], False
     feats = extract_features(features, source_images(source()), batch_size, device)
-    labels_t = y
-    _save(path, {"features": feats, "labels": labels_t})
+    _save(path, {"features": feats, "labels": y})
     return feats, True
 
 

@@ -94,14 +94,13 @@ from ssl_robust.evaluate.metrics import (
 )
 from ssl_robust.evaluate.ood import (
     FEATURE_SCORES,
+    LOGIT_SCORERS,
     NOISE_KINDS,
     auroc,
-    energy_score,
     fit_mahalanobis,
     held_out_class_split,
     knn_score,
     mahalanobis_score,
-    msp_score,
     noise_images,
     ood_metrics,
 )
@@ -700,7 +699,6 @@ def _unit_specs(
     return specs
 
 
-# The OOD sets the section makes itself; an outside dataset may not take these names.
 # Names an outside OOD set may not take: the section's own sets, and "mean" (ood/mean/...).
 _OWN_OOD_SETS = ("held_out", "mean", *(f"noise_{k}" for k in NOISE_KINDS))
 
@@ -818,7 +816,7 @@ def _set_logits(
             bs = int(cfg.eval.batch_size)
             out[name], f = _predict_draws(model, _nchw(pixels), draws, bs, device, features)
             cache.put(unit, {}, {"logits": out[name]} | ({"features": f} if f is not None else {}))
-        if features and f is not None:
+        if f is not None:
             feats[name] = f
         bar.advance(task)
     return out, feats
@@ -2663,7 +2661,7 @@ def _ood_section(
         """Every score of a set, by name: (draws, images) for the logit scores, (1, images)
         for the feature scores (one draw; none without the set's features)."""
         out = {
-            k: fn(logits.flatten(0, 1)).view(logits.shape[:2]) for k, fn in _LOGIT_SCORERS.items()
+            k: fn(logits.flatten(0, 1)).view(logits.shape[:2]) for k, fn in LOGIT_SCORERS.items()
         }
         if feats is not None:
             out |= {k: fn(feats)[None] for k, fn in feature_scorers.items()}
@@ -2733,10 +2731,6 @@ def _ood_section(
             metrics[f"ood/mean/{score_name}/{k}"] = float(np.mean(values))
     report["meta"]["ood_sets"] = list(sets)
     report["ood_hist"] = hist
-
-
-# The OOD section's logit scores (``ood.LOGIT_SCORES``), by name.
-_LOGIT_SCORERS: dict[str, Callable[[Tensor], Tensor]] = {"msp": msp_score, "energy": energy_score}
 
 
 def knn_neighbour(k: int, bank_size: int) -> int:
