@@ -293,6 +293,17 @@ def run_linear(
         clf.features, job.splits.train, job.splits.val, cache, key,
         cfg.data.eval_batch_size, job.device,
     )  # fmt: skip
+    shifted: torch.Tensor | None = None
+    severity = int(cfg.data.val_shift_severity)
+    if severity:
+        # The twin's features, cached beside the splits' (keyed by the corruption parameters
+        # too); its images are made only when they are not cached.
+        shift_key = hashlib.sha1(f"{key} {params_hash()} {severity}".encode()).hexdigest()[:20]
+        shifted, _ = load_or_compute_split_features(
+            clf.features, feats.eval_labels.numpy(), lambda: _val_shift(job), cache,
+            f"{shift_key}-val-shift", cfg.data.eval_batch_size, job.device,
+        )  # fmt: skip
+    metrics["perf/features_s"] = time.perf_counter() - start
     clf.cpu()
     x = feats.train[job.subset]  # (M, D)
     y = feats.train_labels[job.subset]  # (M,)
@@ -328,21 +339,10 @@ def run_linear(
         TensorDataset(feats.eval, feats.eval_labels), cfg.data.eval_batch_size
     )
     val_loaders = [eval_features]
-    severity = int(cfg.data.val_shift_severity)
-    if severity:
-        # The twin's features, cached beside the splits' (keyed by the corruption parameters
-        # too); its images are made only when they are not cached.
-        clf.to(job.device)
-        shift_key = hashlib.sha1(f"{key} {params_hash()} {severity}".encode()).hexdigest()[:20]
-        shifted, _ = load_or_compute_split_features(
-            clf.features, feats.eval_labels.numpy(), lambda: _val_shift(job), cache,
-            f"{shift_key}-val-shift", cfg.data.eval_batch_size, job.device,
-        )  # fmt: skip
-        clf.cpu()
+    if shifted is not None:
         val_loaders.append(
             eval_loader(TensorDataset(shifted, feats.eval_labels), cfg.data.eval_batch_size)
         )
-    metrics["perf/features_s"] = time.perf_counter() - start
     trainer = _trainer(job, callbacks)
     _fit(trainer, probe, train_loader, val_loaders, job, metrics)
     trainer.test(probe, dataloaders=eval_features, verbose=False)
