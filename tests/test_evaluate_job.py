@@ -93,11 +93,11 @@ def unet_calls() -> Iterator[list[int]]:
 
 
 def test_wide_interval_note_names_the_widest_interval_and_the_fix() -> None:
-    from ssl_robust.pipelines.evaluate import _wide_interval_note
+    from ssl_robust.pipelines.evaluate.units import wide_interval_note
 
     # 50 % on 1,000 images: +-3.1 points, below the 5-point bar; on 128 images +-8.5.
-    assert _wide_interval_note([0.5], 1000) == "" and _wide_interval_note([], 10) == ""
-    note = _wide_interval_note([0.05, 0.5], 128)
+    assert wide_interval_note([0.5], 1000) == "" and wide_interval_note([], 10) == ""
+    note = wide_interval_note([0.05, 0.5], 128)
     assert "on 128 images: its 95% interval reaches +-8.5 points" in note
     assert "adv.max_images" in note
 
@@ -848,11 +848,11 @@ def test_example_figures_show_what_the_pipeline_saw_and_predicted(
     assert len(ex["labels"]) == k
     # The attacked subset's first images, their adversarial examples kept by the PGD unit.
     from ssl_robust.finetune.export import load_classifier
-    from ssl_robust.pipelines.evaluate import _SEED_ADV, _subset
+    from ssl_robust.pipelines.evaluate.setup import SEED_ADV, seeded_subset
 
     clf = load_classifier(classifier_run)[0].eval()
     images, labels = _eval_images(cfg)
-    idx = _subset(len(labels), n_adv, int(cfg.run.seed) + _SEED_ADV)[:k]
+    idx = seeded_subset(len(labels), n_adv, int(cfg.run.seed) + SEED_ADV)[:k]
     x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float() / 255
     assert ex["labels"] == labels[idx].tolist()
     with torch.no_grad():
@@ -908,13 +908,9 @@ def test_certification_of_a_bare_and_a_purified_pipeline(
     denoiser_run: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import importlib
-
     from ssl_robust.evaluate.smoothing import certify
     from ssl_robust.finetune.export import load_classifier
-
-    # The module, not the function the package exports under the same name.
-    evaluate_mod = importlib.import_module("ssl_robust.pipelines.evaluate")
+    from ssl_robust.pipelines.evaluate import adversarial, setup
 
     off = [f"{s}.enabled=false" for s in ("clean", "shift", "adv", "calib", "ood", "perf")]
     n_img, n0, n = 6, 10, 300
@@ -935,9 +931,9 @@ def test_certification_of_a_bare_and_a_purified_pipeline(
     accs = [m[f"cert/radius/{r}/acc"] for r in ("0", "0.1", "0.25")]
     assert accs == sorted(accs, reverse=True) and accs[0] == m["cert/acc"] > 0
     # The job's numbers are CERTIFY's on the same images with the same noise stream.
-    seed = int(cfg.run.seed) + evaluate_mod._SEED_CERT
+    seed = int(cfg.run.seed) + setup.SEED_CERT
     images, labels = _eval_images(cfg)
-    idx = evaluate_mod._subset(len(labels), n_img, seed)
+    idx = setup.seeded_subset(len(labels), n_img, seed)
     x = torch.from_numpy(images[idx]).permute(0, 3, 1, 2).float() / 255
     clf = load_classifier(classifier_run)[0].eval()
     gen = torch.Generator().manual_seed(seed)
@@ -952,7 +948,7 @@ def test_certification_of_a_bare_and_a_purified_pipeline(
     assert "## Certified robustness (randomized smoothing)" in md
     assert "![certified](plots/certified.png)" in md and "| 0.25 |" in md
     # Other radii come from the stored radii: nothing is certified again.
-    monkeypatch.setattr(evaluate_mod, "certify", None)  # would fail if called
+    monkeypatch.setattr(adversarial, "certify", None)  # would fail if called
     again = evaluate(tiny_cfg(*off, *cert, "cert.sigma=0.25", "cert.radii=[0.5]"))
     assert again["cert/wall_s"] == m["cert/wall_s"] and "cert/radius/0.5/acc" in again
     monkeypatch.undo()
@@ -977,14 +973,12 @@ def test_certification_of_a_bare_and_a_purified_pipeline(
 def test_a_failing_example_figure_costs_nothing_but_the_figure(
     tiny_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import importlib
-
-    evaluate_mod = importlib.import_module("ssl_robust.pipelines.evaluate")
+    from ssl_robust.pipelines.evaluate import examples
 
     def broken(*args: Any, **kwargs: Any) -> Path:
         raise MemoryError("out of memory")
 
-    monkeypatch.setattr(evaluate_mod, "plot_image_grid", broken)
+    monkeypatch.setattr(examples, "plot_image_grid", broken)
     off = [f"{s}.enabled=false" for s in ("shift", "adv", "calib", "ood", "perf")]
     cfg = tiny_cfg(*off, "eval.examples=4")
     metrics = evaluate(cfg)
@@ -1364,12 +1358,12 @@ def test_natural_shift_sets_are_scored_through_the_pipeline(
 
 
 def test_the_shift_sets_corruptions_of_an_image_are_grouped_for_the_bootstrap() -> None:
-    from ssl_robust.pipelines.evaluate import _by_image
+    from ssl_robust.pipelines.evaluate.calibration import group_by_image
 
     # 2 draws, 3 corruptions of the same 4 images one after another, 5 classes.
     logits = torch.arange(2 * 12 * 5, dtype=torch.float32).view(2, 12, 5)
     labels = torch.tensor([0, 1, 2, 3] * 3)
-    grouped, image_labels = _by_image(logits, labels, 3)
+    grouped, image_labels = group_by_image(logits, labels, 3)
     assert grouped.shape == (6, 4, 5) and image_labels is not None
     assert torch.equal(image_labels, torch.tensor([0, 1, 2, 3]))
     # Row (draw d, corruption c) holds that corruption's images in order.
@@ -1380,4 +1374,7 @@ def test_the_shift_sets_corruptions_of_an_image_are_grouped_for_the_bootstrap() 
     )
     # Corruptions over other images (a folder's own labels) stay as they are.
     other = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0, 0, 1, 2, 3])
-    assert _by_image(logits, other, 3)[0] is logits and _by_image(logits, labels, 5)[0] is logits
+    assert (
+        group_by_image(logits, other, 3)[0] is logits
+        and group_by_image(logits, labels, 5)[0] is logits
+    )

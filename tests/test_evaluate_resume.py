@@ -49,8 +49,10 @@ PURIFIED = [
     "adv.sanity_linf_eps=[8]",
     "adv.sanity_l2_eps=[0.5]",
 ]
-# The module (``ssl_robust.pipelines.evaluate`` the attribute is the job function).
-job = importlib.import_module("ssl_robust.pipelines.evaluate")
+# The modules whose expensive calls are counted (the job's sections import them by name).
+shift_mod = importlib.import_module("ssl_robust.pipelines.evaluate.shift")
+adv_mod = importlib.import_module("ssl_robust.pipelines.evaluate.adversarial")
+job = importlib.import_module("ssl_robust.pipelines.evaluate.job")
 UNITS = [
     "clean",
     "shift/impulse_noise/1",
@@ -90,14 +92,18 @@ def _count(monkeypatch: pytest.MonkeyPatch, fail: dict[str, int] | None = None) 
     norm's sanity checks. ``fail`` maps one of those names to the call that raises."""
     fail = fail or {}
     calls = {}
-    for name in ("_generate", "robust_accuracy", "sanity_checks"):
-        calls[name] = Calls(getattr(job, name), fail.get(name))
-        monkeypatch.setattr(job, name, calls[name])
+    for name, module in (
+        ("generate", shift_mod),
+        ("robust_accuracy", adv_mod),
+        ("sanity_checks", adv_mod),
+    ):
+        calls[name] = Calls(getattr(module, name), fail.get(name))
+        monkeypatch.setattr(module, name, calls[name])
     return calls
 
 
 def _done(calls: dict[str, Calls]) -> tuple[int, int, int]:
-    return calls["_generate"].done, calls["robust_accuracy"].done, calls["sanity_checks"].done
+    return calls["generate"].done, calls["robust_accuracy"].done, calls["sanity_checks"].done
 
 
 def evaluate_counted(
@@ -168,7 +174,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_numbers(
 
     # 1. Preempted in the corruption grid, after two of its four cells.
     with pytest.raises(Preempted):
-        evaluate_counted(cfg, monkeypatch, fail={"_generate": 3})
+        evaluate_counted(cfg, monkeypatch, fail={"generate": 3})
     first = _stamps(run)
     assert sorted(first) == ["clean", "shift/impulse_noise/1", "shift/impulse_noise/5"]
     assert "resuming" not in capsys.readouterr().out
@@ -330,13 +336,13 @@ def test_autoattack_results_are_stored_per_threat(
     cfg = cfg_for("run", *overrides)
     # Preempted in AutoAttack, after the threat's PGD was stored.
     with monkeypatch.context() as m:
-        m.setattr(job, "autoattack", Calls(job.autoattack, fail_at=1))
+        m.setattr(adv_mod, "autoattack", Calls(adv_mod.autoattack, fail_at=1))
         with pytest.raises(Preempted):
             evaluate_counted(cfg, monkeypatch)
     assert sorted(_stamps(Path(cfg.run.dir))) == ["adv/linf_8/pgd"]
     with monkeypatch.context() as m:
-        aa = Calls(job.autoattack, fail_at=None)
-        m.setattr(job, "autoattack", aa)
+        aa = Calls(adv_mod.autoattack, fail_at=None)
+        m.setattr(adv_mod, "autoattack", aa)
         metrics, calls = evaluate_counted(cfg, monkeypatch)
     assert calls == (0, 0, 0) and aa.done == 1
     assert sorted(_stamps(Path(cfg.run.dir))) == ["adv/linf_8/autoattack", "adv/linf_8/pgd"]
@@ -410,7 +416,7 @@ def test_jobs_for_separate_sections_share_a_run_directory_at_the_same_time(
 
 
 def test_shard_blocks_and_their_merge() -> None:
-    blocks = [job.shard_block(10, i, 3) for i in (1, 2, 3)]
+    blocks = [adv_mod.shard_block(10, i, 3) for i in (1, 2, 3)]
     assert [list(range(10))[b] for b in blocks] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
     p = "adv/linf_8/"
     parts = [
@@ -421,7 +427,7 @@ def test_shard_blocks_and_their_merge() -> None:
          p + "attack_calls_per_image": 6.0, p + "pipeline_calls_per_image": 8.0,
          p + "nfe_per_image": 12.0, p + "wall_s": 1.0, p + "steps": 5.0},
     ]  # fmt: skip
-    merged = job.merge_pgd_shards(parts, p)
+    merged = adv_mod.merge_pgd_shards(parts, p)
     assert merged[p + "acc"] == pytest.approx(2 / 6) and merged[p + "acc_worst"] == 1 / 6
     assert merged[p + "clean_acc"] == pytest.approx(5 / 6) and merged[p + "n"] == 6
     assert merged[p + "wall_s"] == 3.0 and merged[p + "steps"] == 5.0

@@ -278,6 +278,7 @@ def test_evaluate_array_attacks_one_block_per_task_and_a_last_run_merges(
     import importlib
 
     from ssl_robust.config import EvaluateConfig, load_config
+    from ssl_robust.pipelines.evaluate import evaluate
     from tests.eval_runs import train_digits_classifier
 
     classifier = train_digits_classifier(tmp_path / "ft", steps=60)
@@ -321,7 +322,7 @@ def test_evaluate_array_attacks_one_block_per_task_and_a_last_run_merges(
     assert shards == ["shard-1-of-2.safetensors", "shard-2-of-2.safetensors"]
     assert not (run_dir / "report.json").exists()  # the tasks only store their blocks
     # The merging run attacks nothing.
-    job_mod = importlib.import_module("ssl_robust.pipelines.evaluate")
-    monkeypatch.setattr(job_mod, "robust_accuracy", None)
-    metrics = job_mod.evaluate(load_config(EvaluateConfig, args, job="evaluate"))
+    adv_mod = importlib.import_module("ssl_robust.pipelines.evaluate.adversarial")
+    monkeypatch.setattr(adv_mod, "robust_accuracy", None)
+    metrics = evaluate(load_config(EvaluateConfig, args, job="evaluate"))
     assert metrics["adv/linf_8/n"] == 12 and (run_dir / "report.md").is_file()
