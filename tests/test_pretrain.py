@@ -176,8 +176,18 @@ def test_no_resume_starts_over(tiny_pretrain_cfg: Callable[..., DictConfig]) -> 
         def on_train_epoch_start(self, trainer: pl.Trainer, module: Any) -> None:
             seen.append(trainer.current_epoch)
 
-    pretrain(tiny_pretrain_cfg("trainer.max_epochs=1", "run.resume=false"), callbacks=[Epochs()])
+    run = Path(cfg.run.dir)
+    (run / "hpc_ckpt_3.ckpt").write_bytes(b"an earlier run's")  # Lightning would load it
+    assert "val/knn_acc_shift" in json.loads((run / "metrics.json").read_text())
+    fresh = tiny_pretrain_cfg(
+        "trainer.max_epochs=1", "run.resume=false", "monitor.shift_severity=0"
+    )
+    metrics = pretrain(fresh, callbacks=[Epochs()])
     assert seen == [0]
+    assert not list(run.glob("hpc_ckpt_*"))
+    # Nothing of the replaced run's numbers: it validated on a shifted twin, this one does not.
+    assert not [k for k in metrics if "shift" in k]
+    assert not [k for k in json.loads((run / "metrics.json").read_text()) if "shift" in k]
 
 
 def test_wandb_offline_keeps_run_id_across_resume(
@@ -338,3 +348,55 @@ def test_a_warm_up_longer_than_the_run_is_cut_with_a_warning(
     with pytest.warns(UserWarning, match=r"warmup_epochs=5 is at least the whole run .*cut to 2 "):
         metrics = pretrain(cfg)
     assert metrics["optim/warmup_steps"] == 2 and metrics["optim/total_steps"] == 3
+
+
+def test_batches_done_this_epoch_counts_whole_accumulation_windows() -> None:
+    from types import SimpleNamespace
+
+    from ssl_robust.data.datamodule import batches_done_this_epoch
+
+    # 5 batches an epoch, 2 per step: steps after batches 2, 4 and 5, so 3 steps an epoch.
+    def done(step: int, epoch: int) -> int:
+        trainer = SimpleNamespace(
+            num_training_batches=5, accumulate_grad_batches=2, global_step=step, current_epoch=epoch
+        )
+        return batches_done_this_epoch(trainer)  # type: ignore[arg-type]
+
+    assert [done(s, 0) for s in range(4)] == [0, 2, 4, 0]
+    assert [done(s, 1) for s in range(3, 7)] == [0, 2, 4, 0]  # a fresh epoch 1 skips nothing
+    assert done(7, 2) == 2
+    one = SimpleNamespace(
+        num_training_batches=3, accumulate_grad_batches=1, global_step=4, current_epoch=1
+    )
+    assert batches_done_this_epoch(one) == 1  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_gradient_accumulation_trains_every_batch_and_steps_the_target_once(
+    method: str, tiny_pretrain_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ssl_robust.methods.byol as byol
+
+    updates: list[int] = []
+    real = byol.update_momentum
+
+    def counted(model: Any, model_ema: Any, m: float) -> None:
+        updates.append(1)
+        real(model, model_ema, m)
+
+    monkeypatch.setattr(byol, "update_momentum", counted)
+    batches: list[tuple[int, int]] = []
+
+    class Batches(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, m: Any, b: Any, i: int) -> None:
+            batches.append((trainer.current_epoch, i))
+
+    # 3 batches an epoch, 2 per step: 2 steps an epoch, the second after one batch.
+    metrics = pretrain(
+        tiny_pretrain_cfg(f"method={method}", "trainer.accumulate_grad_batches=2"),
+        callbacks=[Batches()],
+    )
+    assert batches == [(e, i) for e in range(2) for i in range(3)]
+    assert metrics["optim/total_steps"] == 4
+    if method == "byol":  # backbone and projection head, once per optimiser step
+        assert len(updates) == 2 * 4

@@ -16,6 +16,7 @@ The methods do not know which path ran.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -118,8 +119,12 @@ def batches_done_this_epoch(trainer: pl.Trainer | None) -> int:
     epoch counters, which every checkpoint holds."""
     if trainer is None or not isinstance(trainer.num_training_batches, int):
         return 0
-    n = trainer.num_training_batches
-    done = trainer.global_step * trainer.accumulate_grad_batches - trainer.current_epoch * n
+    n, acc = trainer.num_training_batches, trainer.accumulate_grad_batches
+    # Lightning steps after every `acc` batches and after an epoch's last batch: ceil(n / acc)
+    # steps an epoch. A checkpoint holds whole steps only (the gradients of a window cut short
+    # are lost), so the batches done are those of the steps done this epoch.
+    steps_per_epoch = math.ceil(n / acc)
+    done = (trainer.global_step - trainer.current_epoch * steps_per_epoch) * acc
     return done if 0 < done < n else 0
 
 

@@ -72,8 +72,12 @@ class BYOL(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         tau = self.momentum()
-        update_momentum(self.backbone, self.backbone_momentum, m=tau)
-        update_momentum(self.projection_head, self.projection_head_momentum, m=tau)
+        # Once per optimiser step, at the first batch of its accumulation window (Lightning
+        # starts a window every `accumulate_grad_batches` batches of an epoch): a target
+        # pulled towards unchanged online weights k times would move by tau^k instead of tau.
+        if batch_idx % self.trainer.accumulate_grad_batches == 0:
+            update_momentum(self.backbone, self.backbone_momentum, m=tau)
+            update_momentum(self.projection_head, self.projection_head_momentum, m=tau)
         views, labels = batch
         loss, features = self.ssl_loss(views)
         probe_loss, probe_acc = self.monitor.probe_step(features, labels)
