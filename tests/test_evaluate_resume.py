@@ -373,6 +373,29 @@ def test_unit_store_round_trip_staleness_and_messages(tmp_path: Path) -> None:
     assert fresh.discarded and not folder.exists() and fresh.get("shift/fog/1") is None
 
 
+def test_a_fresh_start_discards_only_its_own_units_when_told(tmp_path: Path) -> None:
+    """PGD shard tasks share partial/: run.resume=false in one must not delete the others'."""
+    from ssl_robust.evaluate.store import UnitStore
+
+    folder = tmp_path / "partial"
+    units = [f"adv/linf_8/pgd/shard-{i}-of-2" for i in (1, 2)] + ["clean"]
+    specs = {u: {"unit": u} for u in units}
+    store = UnitStore(folder, {"seed": 0}, specs, resume=True)
+    for u in units:
+        store.put(u, {"acc": 0.5})
+    fresh = UnitStore(folder, {"seed": 0}, specs, resume=False, discard=[units[0]])
+    assert fresh.discarded and fresh.get(units[0]) is None
+    assert fresh.get(units[1]) == ({"acc": 0.5}, {}) and fresh.get("clean") is not None
+
+
+def test_a_requeued_slurm_job_resumes_even_when_started_with_resume_false() -> None:
+    from ssl_robust.launch.trainer import resume_requested
+
+    assert resume_requested(True, {}) and not resume_requested(False, {})
+    assert not resume_requested(False, {"SLURM_RESTART_COUNT": "0"})
+    assert resume_requested(False, {"SLURM_RESTART_COUNT": "2"})
+
+
 @pytest.mark.slow
 def test_jobs_for_separate_sections_share_a_run_directory_at_the_same_time(
     cfg_for: Callable[..., DictConfig],

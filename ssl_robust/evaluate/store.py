@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,8 @@ class UnitStore:
         resume: False discards the folder first: everything is recomputed (and stored again).
         describe: Names the kind of a unit for the resume message (e.g. "corruption cells");
             units are counted per kind.
+        discard: With ``resume`` false, the units to discard instead of the whole folder: when
+            other processes store their own units in it (the PGD shards of an array job).
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class UnitStore:
         specs: dict[str, dict[str, Any]],
         resume: bool,
         describe: Callable[[str], str] = lambda unit: "units",
+        discard: Iterable[str] | None = None,
     ) -> None:
         self.folder = folder
         self.describe = describe
@@ -106,8 +109,11 @@ class UnitStore:
         self.stale: list[str] = []
         self.unreadable: list[str] = []
         self.discarded = not resume and folder.exists()
-        if self.discarded:
+        if self.discarded and discard is None:
             shutil.rmtree(folder)
+        elif self.discarded and discard is not None:
+            for unit in discard:
+                self._path(unit).unlink(missing_ok=True)
         if folder.exists():  # temp files of writes that a kill interrupted, an hour ago or more
             # (younger ones may be another process's write in progress into the same folder)
             stale = time.time() - STALE_TMP_S

@@ -8,6 +8,7 @@ import os
 import time
 import uuid
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -234,9 +235,25 @@ def build_loggers(
     return loggers
 
 
+def resume_requested(resume: bool, env: Mapping[str, str] | None = None) -> bool:
+    """``run.resume``, except in a requeued SLURM job (``SLURM_RESTART_COUNT`` > 0), which always
+    resumes: its command line is the first start's, and ``run.resume=false`` there asked for a
+    fresh start of the job, not for every requeued piece to start over again."""
+    env = os.environ if env is None else env
+    return resume or int(env.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
 def resume_checkpoint(run_dir: Path, resume: bool) -> str | None:
-    """The newest of ``checkpoints/last.ckpt`` and a SLURM ``hpc_ckpt_*.ckpt``, if resuming."""
-    if not resume:
+    """The newest of ``checkpoints/last.ckpt`` and a SLURM ``hpc_ckpt_*.ckpt``, if resuming
+    (:func:`resume_requested`).
+
+    A fresh start (``resume`` false, not a requeued job) deletes the run directory's
+    checkpoints, so that neither a later rerun nor Lightning's own SLURM auto-resume (which
+    loads any ``hpc_ckpt_*.ckpt`` when no checkpoint is given) continues the run it replaces.
+    """
+    if not resume_requested(resume):
+        for old in [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]:
+            old.unlink(missing_ok=True)  # every rank deletes before its own fit starts
         return None
     candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
     existing = [p for p in candidates if p.is_file()]

@@ -103,10 +103,11 @@ def fit_resumable(
 ) -> tuple[dict[str, float], float]:
     """Fit, resuming from the run directory's newest checkpoint when ``resume``.
 
-    Returns the run's metrics (those of an earlier ``metrics.json`` updated by this fit's, so
-    a finished run rerun keeps its numbers; ``<best_metric>_best`` from the best-checkpoint
-    callback; ``epochs``; ``perf/train_images_per_s``, the median over this fit's epochs after
-    the first) and the seconds ``fit`` took.
+    Returns the run's metrics (when it resumed, those of an earlier ``metrics.json`` updated
+    by this fit's, so a finished run rerun keeps its numbers; a fresh start keeps none;
+    ``<best_metric>_best`` from the best-checkpoint callback; ``epochs``;
+    ``perf/train_images_per_s``, the median over this fit's epochs after the first) and the
+    seconds ``fit`` took.
     """
     ckpt = resume_checkpoint(run_dir, resume)
     if ckpt and trainer.is_global_zero:
@@ -114,7 +115,7 @@ def fit_resumable(
     start = time.perf_counter()
     trainer.fit(module, ckpt_path=ckpt, **fit_kwargs)
     elapsed = time.perf_counter() - start
-    metrics = read_json(run_dir / "metrics.json")
+    metrics = read_json(run_dir / "metrics.json") if ckpt else {}
     metrics.update(final_metrics(trainer))
     if best_metric is not None:
         best = next(

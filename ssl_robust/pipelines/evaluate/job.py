@@ -20,7 +20,7 @@ from ssl_robust.evaluate.metrics import confusion_matrix, per_class_accuracy
 from ssl_robust.evaluate.report import log_to_wandb, write_report
 from ssl_robust.evaluate.store import UnitStore
 from ssl_robust.finetune.export import load_classifier
-from ssl_robust.launch.trainer import wandb_run_id, write_json
+from ssl_robust.launch.trainer import resume_requested, wandb_run_id, write_json
 from ssl_robust.pipelines.common import console, print_summary
 from ssl_robust.pipelines.evaluate.adversarial import adv_section, cert_section, shard_worker
 from ssl_robust.pipelines.evaluate.calibration import (
@@ -186,8 +186,19 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     )
     if worker:  # its PGD blocks only: reading the other units' tensors would be wasted
         specs = {k: v for k, v in specs.items() if k.startswith("adv/") and "/pgd" in k}
+    discard = None  # run.resume=false: the whole partial/ folder
+    if int(cfg.adv.shards) > 1 and cfg.adv.enabled:
+        # The PGD shards are the array tasks' own: each discards its own block only, and the
+        # merging run keeps them all (it is started after them, to merge them).
+        own = f"/shard-{int(cfg.adv.shard)}-of-"
+        discard = [k for k in specs if (own in k if worker else "/shard-" not in k)]
     cache = UnitStore(
-        run_dir / "partial", fingerprint, specs, resume=bool(cfg.run.resume), describe=unit_kind
+        run_dir / "partial",
+        fingerprint,
+        specs,
+        resume=resume_requested(bool(cfg.run.resume)),
+        describe=unit_kind,
+        discard=discard,
     )
     for line in cache.messages():
         console.print(line, markup=False, highlight=False, soft_wrap=True)
