@@ -18,7 +18,9 @@ class RunConfig:
     # Seeds everything random: weights, data order, views, splits and subsets.
     seed: int = 0
     # Rerunning with the same directory continues where it stopped: training jobs from
-    # checkpoints/last.ckpt, evaluation from the finished units in partial/. false: start over.
+    # checkpoints/last.ckpt, evaluation from the finished units in partial/. false: start over
+    # (the old checkpoints, stored units and metrics are deleted); a requeued SLURM job of a
+    # run started with false still resumes what its first piece began.
     resume: bool = True
 
 
