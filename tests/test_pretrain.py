@@ -400,3 +400,20 @@ def test_gradient_accumulation_trains_every_batch_and_steps_the_target_once(
     assert metrics["optim/total_steps"] == 4
     if method == "byol":  # backbone and projection head, once per optimiser step
         assert len(updates) == 2 * 4
+
+
+def test_the_last_epoch_is_validated_whatever_the_interval(
+    tiny_pretrain_cfg: Callable[..., DictConfig],
+) -> None:
+    validated: list[int] = []
+
+    class Validations(pl.Callback):
+        def on_validation_epoch_end(self, trainer: pl.Trainer, m: Any) -> None:
+            if not trainer.sanity_checking:
+                validated.append(trainer.current_epoch)
+
+    cfg = tiny_pretrain_cfg("trainer.max_epochs=3", "monitor.every_n_epochs=2")
+    metrics = pretrain(cfg, callbacks=[Validations()])
+    assert validated == [1, 2]  # every second epoch, and the last (the exported weights')
+    epochs, knn = read_history(Path(cfg.run.dir), x="epoch")["val/knn_acc"]
+    assert list(epochs) == [2, 3] and metrics["val/knn_acc"] == pytest.approx(knn[-1])

@@ -93,6 +93,16 @@ class ConfigInCheckpoint(Callback):
         checkpoint["ssl_robust_config"] = self.config
 
 
+class ValidateLastEpoch(Callback):
+    """Validates after the last training epoch too, whatever ``check_val_every_n_epoch``, so
+    the run's final metrics (``val/knn_acc`` in ``metrics.json``) are those of the weights it
+    exports, not of an earlier epoch's. Lightning reads the interval at every epoch's end."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.max_epochs is not None and trainer.current_epoch == trainer.max_epochs - 1:
+            trainer.check_val_every_n_epoch = 1
+
+
 class TrainingCurves(pl.Callback):
     """Keep ``<run_dir>/curves.png`` current while a fit runs, so a long run's progress can be
     looked at (and a crashed or preempted run keeps its curves up to its last logged step).

@@ -21,6 +21,7 @@ from ssl_robust.data.transforms import (
 from ssl_robust.launch.figures import ViewsFigure
 from ssl_robust.launch.trainer import (
     ConfigInCheckpoint,
+    ValidateLastEpoch,
     build_loggers,
     build_trainer,
     checkpoint_callbacks,
@@ -171,6 +172,7 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
         callbacks=[
             *checkpoint_callbacks(run_dir, monitor="val/knn_acc"),
             ConfigInCheckpoint(config),
+            ValidateLastEpoch(),
             *figures,
             *callbacks,
         ],
