@@ -102,6 +102,8 @@ def test_a_supervised_baseline_runs_every_distinct_line_and_is_evaluated_alike(
         "subset.fraction=0.1 run.seed=0", "subset.fraction=0.1 run.seed=0",
         "subset.fraction=1.0", "run.seed=0",
     ]  # fmt: skip
+    # A quoted value stays one word, as in the fine-tuning line.
+    assert baseline_line("mode=full 'optim.lr=0.1' \"run.tag=a b\"") == "optim.lr=0.1 'run.tag=a b'"
     steps = plan_chain(
         runs,
         pretrain="simclr_cifar10",

@@ -83,10 +83,12 @@ def sweep_lines(path: Path | None) -> list[str]:
 def baseline_line(line: str) -> str:
     """A sweep line as the supervised baseline runs it: without its ``mode=``, ``run.dir=``
     and ``encoder.run=`` words (the baseline's own arguments say how it trains, it has its own
-    folder and no encoder), split on whitespace as the shell splits it; ``run.seed=0`` when
-    nothing is left."""
-    words = [w for w in line.split() if not w.startswith(("mode=", "run.dir=", "encoder.run="))]
-    return " ".join(words) or "run.seed=0"
+    folder and no encoder), split and quoted again as the shell does (as the fine-tuning line
+    is); ``run.seed=0`` when nothing is left."""
+    words = [
+        w for w in shlex.split(line) if not w.startswith(("mode=", "run.dir=", "encoder.run="))
+    ]
+    return shlex.join(words) or "run.seed=0"
 
 
 def _script(name: str, *args: str) -> list[str]:
@@ -223,7 +225,7 @@ def plan_chain(
             classifier = runs / "baseline" / name
             # The encoder's data and split (data.like), whatever data the baseline's preset names.
             same_data = ["data.name=''", f"data.like={encoder}"]
-            argv = [*shlex.split(baseline), *same_data, *line.split(), f"run.dir={classifier}"]
+            argv = [*shlex.split(baseline), *same_data, *shlex.split(line), f"run.dir={classifier}"]
             steps.append(Step(f"baseline:{name}", _script("finetune", *argv), list(needs_encoder)))
             evaluations(f"baseline-{name}", classifier, [f"baseline:{name}"])
     steps.append(
