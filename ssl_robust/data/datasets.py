@@ -26,6 +26,8 @@ from PIL import Image, UnidentifiedImageError
 from rich.progress import track
 from torch.utils.data import Dataset
 
+from ssl_robust.files import private_tmp
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 # Per-channel statistics of the training images (used when the config gives none).
@@ -410,22 +412,60 @@ def _check_files(
     return good, pixels
 
 
+def _native_size(files: list[Path]) -> int:
+    """The longer side of the first readable image among ``files`` (0 if none is)."""
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                return max(img.size)
+        except _UNREADABLE:
+            continue
+    return 0
+
+
 def load_image_folder(
     root: str | Path,
     image_size: int,
     in_memory: bool,
     skip_bad: bool,
     cache_dir: str | Path | None = None,
+    classes: Sequence[str] | None = None,
 ) -> ImageSource:
     """An ImageFolder tree, decoded once into a uint8 array when ``in_memory``.
 
-    The decoded array is cached as ``.npz`` in ``cache_dir`` keyed by the file list, sizes and
-    modification times, so later runs skip decoding.
+    Args:
+        root: The tree, ``root/<class>/<image>``.
+        image_size: Side the images are resized to; 0 takes the longer side of the tree's
+            first readable image (in memory; lazily read files keep their own size).
+        in_memory: Decode every image now into one array (else read files lazily).
+        skip_bad: Skip unreadable files (reporting how many) instead of raising.
+        cache_dir: Where the decoded array is cached as ``.npz``, keyed by the file list,
+            sizes, modification times, the image size and the class list, so later runs skip
+            decoding.
+        classes: The class list the labels index, e.g. the train tree's for a test tree:
+            labels follow the folder names (a tree may lack classes of the list). Default:
+            the tree's own sorted folder names.
+
+    Raises:
+        DataError: Missing or empty folders, unreadable files (without ``skip_bad``), or class
+            folders that ``classes`` does not hold.
     """
-    files, labels, classes = scan_image_folder(root)
+    files, labels, found = scan_image_folder(root)
+    if classes is None:
+        names = found
+    else:
+        names = [str(c) for c in classes]
+        index = {c: i for i, c in enumerate(names)}
+        unknown = [c for c in found if c not in index]
+        if unknown:
+            raise DataError(
+                f"class folder(s) {unknown} of {str(root)!r} are not among the classes "
+                f"{names} (the train tree's); a test tree may lack classes of the train tree "
+                "but hold no others"
+            )
+        labels = np.asarray([index[c] for c in found], dtype=np.int64)[labels]
     if in_memory and not image_size:
-        with Image.open(files[0]) as first:
-            image_size = max(first.size)
+        image_size = _native_size(files)
     cache: Path | None = None
     if in_memory and cache_dir is not None:
         h = hashlib.sha1()
@@ -433,23 +473,43 @@ def load_image_folder(
             st = f.stat()
             h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}".encode())
         h.update(f"{image_size}|{skip_bad}".encode())
+        if names != found:  # labels remapped to another class list: another array
+            h.update(json.dumps(names).encode())
         cache = Path(cache_dir) / f"imagefolder-{h.hexdigest()[:16]}.npz"
-        if cache.is_file():
-            with np.load(cache) as z:
-                return ArraySource(z["images"], z["labels"], json.loads(str(z["classes"])))
+        cached = _read_cache(cache, names)
+        if cached is not None:
+            return cached
     good, pixels = _check_files(files, skip_bad, image_size, decode=in_memory)
     if not in_memory:
-        return FileSource([files[i] for i in good], labels[good], classes, image_size)
-    source = ArraySource(np.stack(pixels), labels[good], classes)
+        return FileSource([files[i] for i in good], labels[good], names, image_size)
+    source = ArraySource(np.stack(pixels), labels[good], names)
     if cache is not None:
+        tmp = private_tmp(cache)  # this process's own: every DDP rank may write the cache
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.stem + ".tmp.npz")
-            np.savez(tmp, images=source.images, labels=source.labels, classes=json.dumps(classes))
+            with open(tmp, "wb") as fh:
+                np.savez(fh, images=source.images, labels=source.labels, classes=json.dumps(names))
             os.replace(tmp, cache)
         except OSError as err:  # a read-only dataset folder: decode again next time
             print(f"Could not cache decoded images in {str(cache.parent)!r}: {err}")
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
     return source
+
+
+def _read_cache(cache: Path, classes: list[str]) -> ArraySource | None:
+    """A cached decoded tree, or None when there is none, it is unreadable or it was saved
+    for another class list (then it is decoded again and rewritten)."""
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            if json.loads(str(z["classes"])) != classes:
+                return None
+            return ArraySource(z["images"], z["labels"], classes)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
 
 
 def _is_labeled_npz(path: Path) -> bool:
@@ -648,7 +708,14 @@ def build_splits(
             train = load_image_folder(
                 rootp / "train", image_size, in_memory, skip_bad_images, cache_dir
             )
-            val = load_image_folder(val_dir, image_size, in_memory, skip_bad_images, cache_dir)
+            # The test tree in the train tree's terms: its classes (labels follow the folder
+            # names, whatever folders either tree lacks) and, with image_size 0, its size.
+            val_size = image_size
+            if not val_size and isinstance(train, ArraySource):
+                val_size = train.images.shape[1]
+            val = load_image_folder(
+                val_dir, val_size, in_memory, skip_bad_images, cache_dir, classes=train.classes
+            )
         else:
             tree = load_image_folder(rootp, image_size, in_memory, skip_bad_images, cache_dir)
             tr_idx, va_idx = stratified_split(tree.labels, val_fraction, seed)

@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
+
+from ssl_robust.files import private_tmp
 
 SUBSET_FILE = "subset.npy"
 SPEC_FILE = "subset.json"
@@ -59,16 +64,44 @@ class SubsetSpec:
         return f"{round(self.fraction * 100, 6):g}pct"
 
 
+def fraction_share(fraction: float, n: int) -> int:
+    """Images a fraction selects of a class of ``n``: ``fraction * n`` rounded half up.
+
+    Half up, not Python's ``round`` (half to even: 0.5 -> 0, 2.5 -> 2, 3.5 -> 4), so that a
+    share of exactly one half always counts. The product is first rounded to 9 decimals, so
+    that a half that binary floating point lands just below (``0.29 * 50`` and the like)
+    still rounds up.
+    """
+    return math.floor(round(fraction * n, 9) + 0.5)
+
+
+def smallest_fraction(n: int) -> str:
+    """The smallest ``subset.fraction`` that selects an image of a class of ``n``, as text:
+    ``1 / (2n)`` rounded up to 4 significant digits (so that the text itself selects one)."""
+    exact = Decimal(1) / Decimal(2 * n)
+    for digits in range(4, 20):
+        step = Decimal(1).scaleb(exact.adjusted() - digits + 1)
+        text = format(exact.quantize(step, rounding=ROUND_CEILING).normalize(), "f")
+        if fraction_share(float(text), n) >= 1:
+            return text
+    return format(exact, "f")
+
+
 def class_counts(
     labels: np.ndarray, spec: SubsetSpec, classes: list[str] | None = None
 ) -> dict[int, int]:
-    """Images to draw from each class present in ``labels``.
+    """Images to draw from each class present in ``labels``: ``spec.per_class``, or
+    ``spec.fraction`` of the class rounded half up (:func:`fraction_share`).
 
     Raises:
-        ValueError: A class has fewer images than requested, or a fraction selects none of it.
+        ValueError: A class has fewer images than requested, or a fraction selects none of a
+            class (naming the smallest such class and the smallest fraction that selects an
+            image of every class).
     """
     out: dict[int, int] = {}
-    for c, n in zip(*np.unique(labels, return_counts=True)):
+    empty: list[tuple[int, int]] = []  # (n, class) of the classes the fraction misses
+    present = np.unique(labels, return_counts=True)
+    for c, n in zip(*present):
         name = repr(classes[int(c)]) if classes else str(int(c))
         if spec.per_class:
             k = spec.per_class
@@ -78,14 +111,21 @@ def class_counts(
                     f"ask for at most {n} per class or use subset.fraction"
                 )
         else:
-            k = round(spec.fraction * int(n))
+            k = fraction_share(spec.fraction, int(n))
             if k < 1:
-                raise ValueError(
-                    f"subset.fraction={spec.fraction} selects no image of class {name} "
-                    f"({n} train images); use a fraction >= {1 / (2 * int(n)):.3g} or "
-                    f"subset.per_class"
-                )
+                empty.append((int(n), int(c)))
         out[int(c)] = int(k)
+    if empty:
+        n, c = min(empty)
+        name = repr(classes[c]) if classes else str(c)
+        n_min = int(present[1].min())
+        raise ValueError(
+            f"subset.fraction={spec.fraction} selects no image of class {name} ({n} train "
+            f"images); use subset.fraction >= {smallest_fraction(n_min)} (about 1/{2 * n_min}, "
+            f"the smallest that selects an image of every class: each class gives "
+            f"fraction x its images, rounded half up, and the smallest has {n_min}) or "
+            f"subset.per_class"
+        )
     return out
 
 
@@ -154,8 +194,11 @@ def load_or_draw_subset(
     folder = Path(folder)
     npy, desc = folder / SUBSET_FILE, folder / SPEC_FILE
     record = subset_record(spec, labels, data or {})
-    if npy.is_file():
-        saved = json.loads(desc.read_text()) if desc.is_file() else {}
+    # The record is written first and the indices last, so a complete subset is an .npy with
+    # its .json; an .npy alone is a write that stopped between the two, drawn anew here (as
+    # a .json alone is: nothing was saved for it yet).
+    if npy.is_file() and desc.is_file():
+        saved = json.loads(desc.read_text())
         if saved != record:
             diff = {k: (saved.get(k), record[k]) for k in record if saved.get(k) != record.get(k)}
             raise ValueError(
@@ -167,13 +210,27 @@ def load_or_draw_subset(
         return indices
     indices = draw_subset(labels, spec, classes)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (SUBSET_FILE + ".tmp.npy")
-    np.save(tmp, indices)
-    os.replace(tmp, npy)
-    tmp_desc = desc.with_suffix(".json.tmp")
-    tmp_desc.write_text(json.dumps(record, indent=2, sort_keys=True))
-    os.replace(tmp_desc, desc)
+    # Every rank of a multi-process run draws at once: each writes through its own temp file
+    # and renames it into place, and since the draws are identical, whichever rename lands
+    # last leaves the same files.
+    # An .npy left alone (by a crash) goes first: a crash after the new .json must not pair
+    # that .json with the old indices.
+    text = json.dumps(record, indent=2, sort_keys=True)
+    npy.unlink(missing_ok=True)
+    _write_replace(desc, lambda fh: fh.write(text.encode()))
+    _write_replace(npy, lambda fh: np.save(fh, indices))
     return indices
+
+
+def _write_replace(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write ``path`` through this process's temp file and rename it into place."""
+    tmp = private_tmp(path)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def check_indices(indices: np.ndarray, num_train: int) -> None:
