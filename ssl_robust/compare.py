@@ -8,7 +8,10 @@ A run directory is any folder with ``metrics.json`` (training phases) or ``repor
 (evaluation) next to its ``config.yaml``. Run directories name their inputs by path
 (``encoder.run``, ``classifier.run``, ``denoiser.run``, ...); keys of those upstream configs
 that a run does not set itself are filled in from them, so an evaluation run still knows its
-method and label fraction.
+method and label fraction. Those filled-in keys hide an upstream setting that the run sets
+too (a fine-tuning's own ``trainer.max_epochs`` hides its encoder's); the settings of every
+upstream run are therefore also kept apart, each under the sections that lead to it
+(``encoder>trainer.max_epochs``, :func:`upstream_settings`), for telling replicates apart.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from urllib.parse import quote
 import numpy as np
 from omegaconf import OmegaConf
 
+from ssl_robust.files import private_tmp
 from ssl_robust.launch.curves import read_history
 from ssl_robust.plotting import pyplot, save_figure
 
@@ -42,6 +46,8 @@ IGNORED_KEYS = (
     "eval.progress",
     "data.root",
     "data.num_workers",  # loader processes: the data is the same whatever their number
+    "eval.data_root",  # where the evaluation data lies, like data.root
+    "linear.cache_dir",  # where a linear probe's features are cached
 )
 # Sections a setting switches off: their keys did not act in that run.
 _INACTIVE_WHEN = {
@@ -69,8 +75,17 @@ DEFAULT_METRICS = (
     "ood/mean/knn/auroc",
     "repr/shift/knn_acc",
     "purify/nfe",
+    "perf/purifier_nfe",
     "val/loss",
 )
+# Denoiser evaluations per purified image: an evaluation's (written by its perf section) and a
+# fine-tuning's (its purified test pass). Only evaluations are attacked: the robust accuracy is
+# drawn against the first.
+NFE_METRICS = ("perf/purifier_nfe", "purify/nfe")
+# Joins the sections that lead to an upstream run to one of its settings:
+# ``encoder>trainer.max_epochs`` is the ``trainer.max_epochs`` of the run ``encoder.run`` names,
+# ``classifier>encoder>method.name`` one step further up.
+UPSTREAM_SEP = ">"
 
 
 @dataclass
@@ -83,6 +98,8 @@ class Run:
         config: Dotted keys (``subset.fraction``) to values, upstream keys filled in.
         metrics: Hierarchical metric names (``shift/mean_acc``) to floats.
         data: The data an evaluation ran on (:func:`data_label`), "" when unknown.
+        upstream: The settings of the runs it builds on (:func:`upstream_settings`), read when
+            the run directory was loaded; None: read from ``config``'s paths when needed.
     """
 
     name: str
@@ -90,6 +107,7 @@ class Run:
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     data: str = ""
+    upstream: dict[str, Any] | None = None
 
 
 def flatten(tree: Any, sep: str, prefix: str = "") -> dict[str, Any]:
@@ -139,15 +157,29 @@ def load_run(folder: str | Path, follow_upstream: bool = True) -> Run:
     for path in files:
         if path.is_file():
             content = json.loads(path.read_text())
-            # report.json may nest sections; metric names are '/'-joined like everywhere else.
-            metrics.update(_numeric(flatten(content, "/")))
+            # An evaluation's report.json keeps its numbers under "metrics" (beside meta, per-class
+            # tables, histograms: not metrics); another may nest sections. Names are '/'-joined.
+            numbers = content.get("metrics") if isinstance(content, dict) else None
+            metrics.update(
+                _numeric(flatten(numbers if isinstance(numbers, dict) else content, "/"))
+            )
             meta = content.get("meta") if isinstance(content, dict) else None
             if isinstance(meta, dict) and meta.get("data_config"):
                 data = data_label(meta["data_config"])
     config = _read_config(folder)
+    upstream = None
     if follow_upstream:
+        # From the run's own paths: a path it inherits is relative to another folder.
+        upstream = upstream_settings(config, folder)
         config = _with_upstream(config, folder, seen={folder.resolve()})
-    return Run(name=folder.name, source=str(folder), config=config, metrics=metrics, data=data)
+    return Run(
+        name=folder.name,
+        source=str(folder),
+        config=config,
+        metrics=metrics,
+        data=data,
+        upstream=upstream,
+    )
 
 
 def upstream_dir(value: str, folder: Path) -> Path:
@@ -172,6 +204,83 @@ def _with_upstream(config: dict[str, Any], folder: Path, seen: set[Path]) -> dic
             if not k.startswith("run.") and k not in merged:
                 merged[k] = v
     return merged
+
+
+def _is_ignored(key: str, ignore: Sequence[str] = IGNORED_KEYS) -> bool:
+    return any(key == i or (i.endswith(".") and key.startswith(i)) for i in ignore)
+
+
+def upstream_settings(
+    config: Mapping[str, Any], folder: Path, prefix: str = "", seen: frozenset[Path] = frozenset()
+) -> dict[str, Any]:
+    """The settings of the runs that a run (in ``folder``, with its own ``config``) names by
+    path (:func:`_is_upstream`), recursively: each key of an upstream run's config under the
+    sections that lead to it (``encoder>trainer.max_epochs``, ``classifier>encoder>method.name``;
+    :data:`UPSTREAM_SEP`), without its ``run.*`` keys (its seed: seed variation upstream is seed
+    variation), its paths, :data:`IGNORED_KEYS` (where its data and caches lie) and the
+    sections it switched off. Each path key itself (``classifier.run``,
+    ``classifier>encoder.run``) stands for whether it is set: True for a readable run, "" for
+    none, and the path itself for a run that cannot be read here (runs copied from elsewhere:
+    their settings cannot be compared, so only the same run is alike)."""
+    seen = seen | {folder.resolve()}
+    out: dict[str, Any] = {}
+    for key, value in sorted(config.items()):
+        if not _is_upstream(key) or not isinstance(value, str):
+            continue
+        upstream = upstream_dir(value, folder) if value else None
+        if upstream is None or not (upstream / "config.yaml").is_file():
+            out[prefix + key] = value
+            continue
+        out[prefix + key] = True
+        if upstream.resolve() in seen:  # a cycle: its settings are already there
+            continue
+        own = _read_config(upstream)
+        name = prefix + key.removesuffix(".run") + UPSTREAM_SEP
+        for k, v in _active_config(Run("", "", own)).items():
+            if not (k.startswith("run.") or _is_upstream(k) or _is_ignored(k)):
+                out[name + k] = v
+        out.update(upstream_settings(own, upstream, name, seen))
+    return out
+
+
+def _upstream_of(run: Run) -> dict[str, Any]:
+    """``run.upstream``, or (a run not loaded from its directory) read from its config's
+    paths."""
+    if run.upstream is not None:
+        return run.upstream
+    return upstream_settings(run.config, Path(run.source))
+
+
+def _differing(settings: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Keys that take different values in the mappings that have them."""
+    out = []
+    for key in sorted({k for c in settings for k in c}):
+        values = {json.dumps(c[key], sort_keys=True, default=str) for c in settings if key in c}
+        if len(values) > 1:
+            out.append(key)
+    return out
+
+
+def upstream_keys(runs: Sequence[Run], shown: bool = True) -> list[str]:
+    """Keys of the runs' upstream settings (:func:`upstream_settings`) that take different
+    values in the runs that have them; ``shown``: less those that the runs' own (filled-in)
+    config tells apart as well (``classifier>subset.fraction`` beside the ``subset.fraction``
+    a run inherited unchanged), which say nothing more."""
+    settings = [_upstream_of(r) for r in runs]
+    keys = _differing(settings)
+    if not shown:
+        return keys
+
+    def repeated(key: str) -> bool:
+        own = key.rpartition(UPSTREAM_SEP)[2]
+        return bool(UPSTREAM_SEP in key) and all(
+            own in r.config
+            and json.dumps(r.config[own], default=str) == json.dumps(s[key], default=str)
+            for r, s in zip(runs, settings, strict=True)
+            if key in s
+        )
+
+    return [k for k in keys if not repeated(k)]
 
 
 def find_runs(roots: Iterable[str | Path]) -> list[Run]:
@@ -240,15 +349,7 @@ def differing_keys(runs: Sequence[Run], ignore: Sequence[str] = IGNORED_KEYS) ->
     that switched it off (``purifier.run``) already differs.
     """
     configs = [_active_config(r) for r in runs]
-    keys = sorted({k for c in configs for k in c})
-    out = []
-    for key in keys:
-        if any(key == i or (i.endswith(".") and key.startswith(i)) for i in ignore):
-            continue
-        values = {json.dumps(c[key], sort_keys=True, default=str) for c in configs if key in c}
-        if len(values) > 1:
-            out.append(key)
-    return out
+    return [k for k in _differing(configs) if not _is_ignored(k, ignore)]
 
 
 # The phases in pipeline order; a run's phase is told by a config key only that phase has
@@ -416,35 +517,40 @@ def replicate_groups(
     runs: Sequence[Run], keys: Sequence[str]
 ) -> list[tuple[dict[str, Any], list[Run]]]:
     """Runs of one setting: runs that differ only in ``run.seed`` and in which runs they build
-    on (``<section>.run``; whether one is set still counts, so a bare and a purified evaluation
-    stay apart, while the settings of upstream runs are compared through their inherited keys;
-    an upstream run that cannot be read here counts by its path).
+    on, where those runs' settings match too, recursively (:func:`upstream_settings`: whether
+    each is set, and all but their seeds and paths), so that fine-tunings of encoders
+    pretrained for 100 and for 800 epochs stay apart while those of replicate encoders (seeds
+    alone apart) are replicates too. An upstream run that cannot be read here counts by its
+    path.
 
     Returns:
-        Each setting (its values of the other differing ``keys``) with its runs, sorted by the
-        setting.
+        Each setting with its runs, sorted by the setting: the values of the other differing
+        ``keys`` and of the upstream settings that tell the groups apart (:func:`upstream_keys`,
+        e.g. ``encoder>trainer.max_epochs``).
     """
     setting = [k for k in keys if not _is_seed_or_path(k)]
-    paths = [k for k in keys if _is_upstream(k)]
+    upstream = {r.source: _upstream_of(r) for r in runs}
+    compared = upstream_keys(runs, shown=False)
+    shown = upstream_keys(runs)
     groups: dict[str, tuple[dict[str, Any], list[Run]]] = {}
-
-    def upstream(run: Run, key: str) -> Any:
-        # Whether it is set; the path itself where its run cannot be read here (runs copied from
-        # elsewhere), since then its settings were not compared: only the same run replicates.
-        value = run.config.get(key)
-        if not value:
-            return False
-        readable = (upstream_dir(str(value), Path(run.source)) / "config.yaml").is_file()
-        return True if readable else str(value)
-
     for run in runs:
         active = _active_config(run)
-        values = {k: active.get(k) for k in setting}
-        signature = {**values, **{k: upstream(run, k) for k in paths}}
+        own = upstream[run.source]
+        values = {k: active.get(k) for k in setting} | {k: own.get(k) for k in shown}
+        signature = [values, {k: own.get(k) for k in compared}]
         key = json.dumps(signature, sort_keys=True, default=str)
         groups.setdefault(key, (values, []))[1].append(run)
-    order = sorted(groups, key=lambda g: [_fmt(v) for v in groups[g][0].values()] + [g])
+    order = sorted(
+        groups, key=lambda g: [_fmt_setting(k, v) for k, v in groups[g][0].items()] + [g]
+    )
     return [groups[g] for g in order]
+
+
+def _fmt_setting(key: str, value: Any) -> str:
+    """A setting of a replicate group: an upstream run by whether it is set."""
+    if _is_upstream(key) and value is True:
+        return "set"
+    return _fmt(value)
 
 
 def replicate_table(
@@ -455,11 +561,11 @@ def replicate_table(
     groups = replicate_groups(runs, keys)
     if all(len(members) == 1 for _, members in groups):
         return None
-    setting = [k for k in keys if not _is_seed_or_path(k)]
+    setting = list(groups[0][0])
     header = [*setting, "runs", *metrics]
     rows = []
     for values, members in groups:
-        row = [_fmt(values[k]) for k in setting] + [str(len(members))]
+        row = [_fmt_setting(k, values[k]) for k in setting] + [str(len(members))]
         for metric in metrics:
             found = [r.metrics[metric] for r in members if metric in r.metrics]
             if not found:
@@ -474,8 +580,10 @@ def replicate_table(
 
 
 REPLICATES_NOTE = (
-    "Over replicates: runs that differ only in run.seed and in which runs they build on, one "
-    "row per setting; each metric as mean ± sample standard deviation over its runs."
+    "Over replicates: runs that differ only in run.seed and in which runs they build on, "
+    "where those runs differ only in their seeds too, one row per setting (a setting of an "
+    "upstream run as <section>>key: encoder>trainer.max_epochs); each metric as mean ± sample "
+    "standard deviation over its runs."
 )
 
 
@@ -555,47 +663,112 @@ def _value(run: Run, key: str) -> Any:
     return run.metrics[key] if key in run.metrics else run.config.get(key)
 
 
-def _series_label(run: Run, series: Sequence[str]) -> str:
+def _series_label(
+    run: Run, series: Sequence[str], upstream: Mapping[str, Any] | None = None
+) -> str:
     """``name=value, ...`` of the ``series`` config keys of ``run``, each by its last key part;
     ``<section>.name`` as the section (``method=byol``, as on the command line) and an upstream
-    ``<section>.run`` as the section and the run directory's name (``purifier=none``)."""
+    ``<section>.run`` as the section and the run directory's name (``purifier=none``).
+
+    With ``upstream`` (the run's :func:`upstream_settings`), a line over replicates: its
+    upstream runs by whether they are set (``purifier=set``; their paths differ between
+    replicates), and their settings (``encoder>max_epochs=800``) from there.
+    """
 
     active = _active_config(run)
 
-    def short(key: str) -> str:
-        section, _, last = key.rpartition(".")
-        value = active[key]
-        if section and last == "name":
-            return f"{section.rsplit('.', 1)[-1]}={value}"
+    def short(key: str, value: Any) -> str:
+        head, sep, own = key.rpartition(UPSTREAM_SEP)
+        section, _, last = own.rpartition(".")
         if section and last == "run":
-            return f"{section.rsplit('.', 1)[-1]}={Path(str(value)).name if value else 'none'}"
-        return f"{last}={value}"
+            name = Path(str(value)).name if isinstance(value, str) else "set"
+            return f"{head}{sep}{section.rsplit('.', 1)[-1]}={name if value else 'none'}"
+        if section and last == "name":
+            return f"{head}{sep}{section.rsplit('.', 1)[-1]}={value}"
+        return f"{head}{sep}{last}={value}"
 
-    # A key the run lacks or switched off says nothing about it.
-    return ", ".join(short(k) for k in series if k in active)
+    labels = []
+    for key in series:
+        where = upstream if upstream is not None and _is_upstream_setting(key) else active
+        # A key the run lacks or switched off says nothing about it.
+        if key in where:
+            labels.append(short(key, where[key]))
+    return ", ".join(labels)
+
+
+def _is_upstream_setting(key: str) -> bool:
+    """A key of :func:`upstream_settings`: an upstream run's setting or a path."""
+    return UPSTREAM_SEP in key or _is_upstream(key)
+
+
+def line_series(
+    runs: Sequence[Run], keys: Sequence[str], leave_out: Sequence[str] = ()
+) -> list[str]:
+    """The keys that tell the lines of :func:`line_data` apart: the differing ``keys`` other than
+    the seed, the upstream paths and ``leave_out`` (the x axis), and the upstream settings that
+    differ (:func:`upstream_keys`: whether a purifier is set, ``encoder>trainer.max_epochs``),
+    so that replicates share a line."""
+    own = [k for k in keys if not _is_seed_or_path(k) and k not in leave_out]
+    ups = [k for k in upstream_keys(runs) if k.rpartition(UPSTREAM_SEP)[2] not in leave_out]
+    return own + ups
+
+
+def line_data(
+    runs: Sequence[Run],
+    x: str | Sequence[str],
+    metrics: Sequence[str],
+    series: Sequence[str] | Callable[[Run], Sequence[str]],
+) -> dict[tuple[str, str], list[tuple[float, float, int]]]:
+    """What :func:`plot_lines` draws: ``(series label, metric) -> [(x, mean, runs)]`` by x, the
+    mean over the runs that share the label and x (replicate seeds).
+
+    ``x``: a config key or metric, or several metrics of which each run's first present is
+    taken. ``series``: the keys that label a line (:func:`line_series`), or those of each run;
+    upstream paths and settings in them are read as :func:`_series_label` with ``upstream``.
+    """
+    names = [x] if isinstance(x, str) else list(x)
+    found: dict[tuple[str, str], dict[float, list[float]]] = {}
+    for run in runs:
+        xv = next((_value(run, n) for n in names if _value(run, n) is not None), None)
+        if not isinstance(xv, int | float) or isinstance(xv, bool):
+            continue
+        keys = series(run) if callable(series) else series
+        upstream = _upstream_of(run) if any(map(_is_upstream_setting, keys)) else {}
+        label = _series_label(run, keys, upstream)
+        for metric in metrics:
+            if metric in run.metrics:
+                by_x = found.setdefault((label, metric), {})
+                by_x.setdefault(float(xv), []).append(run.metrics[metric])
+    return {
+        key: [(v, float(np.mean(by_x[v])), len(by_x[v])) for v in sorted(by_x)]
+        for key, by_x in sorted(found.items())
+    }
 
 
 def plot_lines(
     runs: Sequence[Run],
-    x: str,
+    x: str | Sequence[str],
     metrics: Sequence[str],
-    series: Sequence[str],
+    series: Sequence[str] | Callable[[Run], Sequence[str]],
     path: Path,
     title: str,
 ) -> Path | None:
-    """One line per (series value, metric) of ``metric`` against ``x`` (a config key or a
-    metric), averaged over runs that share both (e.g. seeds). ``None`` if nothing to plot."""
-    points: dict[tuple[str, str], dict[float, list[float]]] = {}
-    for run in runs:
-        xv = _value(run, x)
-        if not isinstance(xv, int | float) or isinstance(xv, bool):
-            continue
-        label = _series_label(run, series)
-        for metric in metrics:
-            if metric in run.metrics:
-                points.setdefault((label, metric), {}).setdefault(float(xv), []).append(
-                    run.metrics[metric]
-                )
+    """One line per (series value, metric) of ``metric`` against ``x`` (:func:`line_data`),
+    averaged over runs that share both (e.g. seeds). ``None`` if nothing to plot."""
+    xlabel = x if isinstance(x, str) else " / ".join(x)
+    return _draw_lines(
+        line_data(runs, x, metrics, series), xlabel, title, path, log_x=x == "subset.fraction"
+    )
+
+
+def _draw_lines(
+    points: Mapping[tuple[str, str], Sequence[tuple[float, float, int]]],
+    xlabel: str,
+    title: str,
+    path: Path,
+    log_x: bool = False,
+) -> Path | None:
+    """The lines of :func:`line_data`, labelled ``<series> <metric>``; None without any."""
     if not points:
         return None
     names = {key: f"{key[0]} {key[1]}".strip() for key in points}
@@ -605,13 +778,11 @@ def plot_lines(
         names = {k: textwrap.fill(v, 80, subsequent_indent="  ") for k, v in names.items()}
     lines = sum(name.count("\n") + 1 for name in names.values()) if below else 0
     fig, ax = pyplot().subplots(figsize=(7, 4 + 0.16 * lines))
-    for key, by_x in sorted(points.items()):
-        xs = sorted(by_x)
-        ys = [sum(by_x[v]) / len(by_x[v]) for v in xs]
-        ax.plot(xs, ys, marker="o", label=names[key])
-    ax.set_xlabel(x)
+    for key, line in points.items():
+        ax.plot([p[0] for p in line], [p[1] for p in line], marker="o", label=names[key])
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy")
-    if x in ("subset.fraction",):
+    if log_x:
         ax.set_xscale("log")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
@@ -1106,6 +1277,68 @@ def plot_accuracy_on_the_line(
     return _save_with_side_legend(fig, axes[0], path)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in its folder renamed over it: a reader
+    (or a crash mid-write) sees the old file or the new one, never half of one."""
+    tmp = private_tmp(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _nfe_settings(run: Run) -> set[str]:
+    """The purifier settings that ``run``'s NFE is a function of, or that its sampler ignores
+    (``Purifier.nfe``: ddpm runs t* steps, ddim ``ddim_steps``, oneshot one), left out of the
+    label of its line against the NFE: an evaluation's ``purifier`` section (its ``purify``
+    keys are its classifier's, filled in), a fine-tuning's ``purify``. A ddim's t* stays: it
+    moves the robust accuracy, not the NFE."""
+    section = "purifier" if job_of(run) == "evaluate" else "purify"
+    sampler = run.config.get(f"{section}.sampler")
+    names = {"ddim": ("ddim_steps",), "oneshot": ("ddim_steps",)}.get(
+        str(sampler), ("t_star", "sigma", "ddim_steps")
+    )
+    return {f"{section}.{name}" for name in names}
+
+
+def nfe_data(runs: Sequence[Run]) -> dict[tuple[str, str], list[tuple[float, float, int]]]:
+    """What :func:`plot_robust_vs_nfe` draws (:func:`line_data`): each attacked evaluation's
+    robust accuracies (``adv/<threat>/acc``) against its denoiser evaluations per image
+    (:data:`NFE_METRICS`), a line per setting over the replicate seeds and the runs they build
+    on, the settings the NFE is made of (:func:`_nfe_settings`) aside; empty without two
+    distinct NFEs."""
+    attacked = [
+        r for r in runs
+        if any(m.startswith("adv/") for m in r.metrics) and any(m in r.metrics for m in NFE_METRICS)
+    ]  # fmt: skip
+    nfes = {next(r.metrics[m] for m in NFE_METRICS if m in r.metrics) for r in attacked}
+    if len(nfes) < 2:
+        return {}
+    adv = sorted(
+        {
+            m
+            for r in attacked
+            for m in r.metrics
+            if m.startswith("adv/") and m.endswith("/acc") and m.count("/") == 2
+            and not m.startswith("adv/sanity/")
+        }
+    )  # fmt: skip
+    series = line_series(attacked, differing_keys(attacked))
+    return line_data(
+        attacked, NFE_METRICS, adv, lambda run: [k for k in series if k not in _nfe_settings(run)]
+    )
+
+
+def plot_robust_vs_nfe(runs: Sequence[Run], path: Path) -> Path | None:
+    """Robust accuracy against the purifier's network evaluations per image (:func:`nfe_data`):
+    what robustness each step of the sampler buys. ``None`` without two distinct NFEs."""
+    return _draw_lines(
+        nfe_data(runs), "denoiser evaluations per image (NFE)",
+        "robust accuracy vs the purifier's NFE", path,
+    )  # fmt: skip
+
+
 def compare(
     sources: Sequence[str | Path] | Sequence[Run],
     out_dir: str | Path,
@@ -1189,8 +1422,8 @@ def compare(
     if shown:
         notes.insert(0, CI_NOTE)
     md += [note + "\n" for note in notes]
-    written["markdown"].write_text("\n".join(md))
-    written["html"].write_text(to_html(sections, title, " ".join(notes), links))
+    write_text_atomic(written["markdown"], "\n".join(md))
+    write_text_atomic(written["html"], to_html(sections, title, " ".join(notes), links))
 
     # Clean vs corruption accuracy per method (and whatever else differs) against label
     # fraction: from the evaluations when they vary it, else from the fine-tuning runs.
@@ -1200,7 +1433,8 @@ def compare(
         keys = keys_by_job.get(job, [])
         acc = [m for m in ("test/acc", "shift/mean_acc") if any(m in r.metrics for r in members)]
         if fraction in keys and acc:
-            series = [k for k in keys if k not in (fraction, "run.seed")]
+            # A line per setting, over the replicate seeds and the runs they build on.
+            series = line_series(members, keys, leave_out=(fraction,))
             plot = plot_lines(
                 members, fraction, acc, series, out / "accuracy_vs_fraction.png",
                 "clean (test/acc) and corrupted (shift/mean_acc) accuracy",
@@ -1234,17 +1468,7 @@ def compare(
     if plot:
         written["plot_training_curves"] = plot
     # Robust accuracy against the purifier's network evaluations.
-    attacked = [r for r in runs if any(m.startswith("adv/") for m in r.metrics)]
-    adv = sorted(
-        {m for r in attacked for m in r.metrics if m.startswith("adv/") and m.endswith("/acc")}
-    )
-    if adv and len({r.metrics.get("purify/nfe") for r in attacked} - {None}) > 1:
-        keys = differing_keys(attacked)
-        series = [k for k in keys if not k.startswith(("purify.", "run.seed"))]
-        plot = plot_lines(
-            attacked, "purify/nfe", adv, series, out / "robust_vs_nfe.png",
-            "robust accuracy vs NFE",
-        )  # fmt: skip
-        if plot:
-            written["plot_robust_vs_nfe"] = plot
+    plot = plot_robust_vs_nfe(runs, out / "robust_vs_nfe.png")
+    if plot:
+        written["plot_robust_vs_nfe"] = plot
     return written

@@ -26,7 +26,10 @@ from ssl_robust.compare import (
     find_runs,
     flatten,
     job_of,
+    line_data,
+    line_series,
     load_run,
+    nfe_data,
     replicate_groups,
     replicate_table,
     run_labels,
@@ -110,7 +113,15 @@ def test_offline_pretraining_runs_compare(pretrain_runs: dict[str, Path], tmp_pa
 
 
 def _evaluation_tree(root: Path, pretrain_runs: dict[str, Path]) -> None:
-    """Fine-tuning runs (2 methods x 2 fractions x 2 seeds) and one evaluation per run."""
+    """Fine-tuning runs (2 methods x 2 fractions x 2 seeds) and, per run, evaluations through
+    a DDIM purifier of 5 and 20 steps, written as the jobs write them: the evaluation's
+    ``purifier`` section in its config.yaml (config/evaluate.py) and its flat metrics.json
+    with ``perf/purifier_nfe`` (pipelines/evaluate/job.py)."""
+    den = _write_run(
+        root / "den",
+        {"run": {"seed": 0, "dir": str(root / "den")}, "denoiser": {"unet": "tiny"}},
+        {"val/loss": 0.03},
+    )
     clean = {"simclr": 0.80, "byol": 0.70}
     for method, enc in pretrain_runs.items():
         for fraction in (0.1, 1.0):
@@ -118,23 +129,26 @@ def _evaluation_tree(root: Path, pretrain_runs: dict[str, Path]) -> None:
                 name = f"{method}-{fraction}-{seed}"
                 ft = _write_run(
                     root / "ft" / name,
-                    {"run": {"seed": seed, "dir": str(root / "ft" / name)},
-                     "encoder": {"run": str(enc)}, "subset": {"fraction": fraction}},
+                    {"run": {"seed": seed, "dir": str(root / "ft" / name)}, "mode": "linear",
+                     "encoder": {"run": str(enc)}, "subset": {"fraction": fraction},
+                     "purify": {"run": "", "sampler": "ddpm", "t_star": 100}},
                     {"test/acc": clean[method] * (0.9 + 0.1 * fraction) + 0.01 * seed},
                 )  # fmt: skip
-                for nfe in (5, 20):
+                for steps in (5, 20):
+                    folder = root / "eval" / f"{name}-ddim{steps}"
+                    purifier = {"run": str(den), "sampler": "ddim", "t_star": 100,
+                                "ddim_steps": steps}  # fmt: skip
                     _write_run(
-                        root / "eval" / f"{name}-nfe{nfe}",
-                        {"classifier": {"run": str(ft)}, "purify": {"ddim_steps": nfe}},
+                        folder,
+                        {"run": {"seed": 0, "dir": str(folder)}, "classifier": {"run": str(ft)},
+                         "purifier": purifier, "perf": {"enabled": True}},
                         {
                             "test/acc": clean[method] * (0.9 + 0.1 * fraction),
-                            "shift": {"mean_acc": 0.5 * clean[method] * fraction},
-                            "adv": {"linf_8": {"acc": 0.01 * nfe}},
-                            "purify": {"nfe": float(nfe)},
-                            "label": "not a number",
+                            "shift/mean_acc": 0.5 * clean[method] * fraction,
+                            "adv/linf_8/acc": 0.01 * steps + 0.001 * seed,
+                            "perf/purifier_nfe": float(steps),
                         },
-                        name="report.json",
-                    )
+                    )  # fmt: skip
 
 
 def test_evaluation_runs_follow_upstream_and_plot(
@@ -143,15 +157,14 @@ def test_evaluation_runs_follow_upstream_and_plot(
     _evaluation_tree(tmp_path / "runs", pretrain_runs)
     evals = find_runs([tmp_path / "runs" / "eval"])
     assert len(evals) == 2 * 2 * 2 * 2
-    run = load_run(tmp_path / "runs" / "eval" / "byol-0.1-1-nfe20")
-    # report.json sections flattened to the hierarchical names; non-numbers dropped.
+    run = load_run(tmp_path / "runs" / "eval" / "byol-0.1-1-ddim20")
     assert run.metrics["shift/mean_acc"] == pytest.approx(0.5 * 0.7 * 0.1)
-    assert run.metrics["adv/linf_8/acc"] == pytest.approx(0.2) and "label" not in run.metrics
+    assert run.metrics["adv/linf_8/acc"] == pytest.approx(0.201)
     # Method from the pretraining run, fraction from the fine-tuning run; own keys win.
     assert run.config["method.name"] == "byol" and run.config["subset.fraction"] == 0.1
-    assert run.config["purify.ddim_steps"] == 20
+    assert run.config["purifier.ddim_steps"] == 20
     keys = differing_keys(evals)
-    assert {"method.name", "subset.fraction", "purify.ddim_steps"} <= set(keys)
+    assert {"method.name", "subset.fraction", "purifier.ddim_steps"} <= set(keys)
     assert not any(k.startswith("run.") for k in keys)  # seeds differ only upstream: not inherited
     assert "classifier.run" in keys and "encoder.run" in keys
 
@@ -163,6 +176,28 @@ def test_evaluation_runs_follow_upstream_and_plot(
     # Header, rule, runs; then the 8 settings over their 2 seeds each.
     assert len([line for line in md if line.startswith("| ")]) == 2 + 16 + 2 + 8
     assert "shift/mean_acc" in md[2] and "adv/linf_8/acc" in md[2]
+    assert md[2].endswith("| perf/purifier_nfe |")  # the NFE is a default column
+
+    # The lines drawn: one per method and fraction (the DDIM steps are the NFE axis), their two
+    # points each the mean over the two seeds of the fine-tuning the evaluation builds on.
+    lines = nfe_data(evals)
+    assert list(lines) == [
+        (f"method={m}, fraction={f}", "adv/linf_8/acc")
+        for m in ("byol", "simclr") for f in (0.1, 1.0)
+    ]  # fmt: skip
+    for points in lines.values():
+        assert points == [(5.0, pytest.approx(0.0505), 2), (20.0, pytest.approx(0.2005), 2)]
+    # Against the fraction: a line per method and DDIM steps and metric (not per run), each
+    # over both fractions and both seeds.
+    series = line_series(evals, keys, leave_out=("subset.fraction",))
+    assert series == ["method.name", "purifier.ddim_steps"]
+    by_fraction = line_data(evals, "subset.fraction", ["test/acc", "shift/mean_acc"], series)
+    assert len(by_fraction) == 2 * 2 * 2
+    assert {len(p) for p in by_fraction.values()} == {2}
+    assert {n for p in by_fraction.values() for _, _, n in p} == {2}
+    assert by_fraction["method=simclr, ddim_steps=5", "shift/mean_acc"] == [
+        (0.1, pytest.approx(0.04), 2), (1.0, pytest.approx(0.4), 2)
+    ]  # fmt: skip
 
 
 def test_replicates_are_summarised_over_seeds(
