@@ -64,9 +64,15 @@ _IDENTITY_KEYS = (
 _IDENTITY_DEFAULTS: dict[str, Any] = {"frost_textures": "procedural"}
 
 
+# Bump when a corruption's output changes for the same parameters and draws (2: glass blur
+# copies pixels as make_cifar_c.py does, instead of swapping them): caches made before are stale.
+IMPLEMENTATION = 2
+
+
 def params_hash() -> str:
-    """SHA-256 of the corruption parameter table, to tie a cache to the parameters."""
-    text = json.dumps(PARAMS, sort_keys=True)
+    """SHA-256 of the corruption parameter table and the implementation's version, to tie a
+    cache (a generated CIFAR-10-C folder, stored corruption cells, twin features) to both."""
+    text = json.dumps({"params": PARAMS, "implementation": IMPLEMENTATION}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

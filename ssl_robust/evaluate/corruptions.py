@@ -555,10 +555,11 @@ def defocus_blur(x: Tensor, severity: int, generator: torch.Generator | None = N
 
 @functools.lru_cache(maxsize=32)
 def _shuffle_waves(height: int, width: int, delta: int) -> tuple[Tensor, tuple[int, ...]]:
-    """Group glass blur's sequential swap steps into waves of independent steps.
+    """Group glass blur's sequential steps into waves of independent steps.
 
-    Step (h, w) swaps pixel (h, w) with (h + dy, w + dx), dy, dx in [-d, d - 1]; steps run
-    row by row from the bottom-right. Two steps touch a common pixel only when their rows
+    Step (h, w) copies pixel (h + dy, w + dx) into (h, w), dy, dx in [-d, d - 1] (see
+    :func:`_glass_shuffle`); steps run row by row from the bottom-right. Two steps touch a
+    common pixel only when their rows
     and columns both differ by less than 2d, so ordering them by the key
     ``2d * (rows done) + (columns done)`` keeps every touching pair in its original order
     while steps with equal keys touch disjoint pixels and can run at once: 88 waves
@@ -580,7 +581,12 @@ def _shuffle_waves(height: int, width: int, delta: int) -> tuple[Tensor, tuple[i
 
 
 def _glass_shuffle(x: Tensor, dy: Tensor, dx: Tensor, delta: int) -> Tensor:
-    """Glass blur's local pixel shuffle with explicit offsets.
+    """Glass blur's local pixel "swaps" with explicit offsets, as make_cifar_c.py runs them.
+
+    Its line ``x[h, w], x[h', w'] = x[h', w'], x[h, w]`` swaps nothing: on a numpy array
+    both right-hand sides are views, so pixel (h', w') is copied into (h, w) and then
+    (h', w') is given (h, w)'s new value, its own. Each step is therefore a copy, which is
+    what the released CIFAR-10-C (and ImageNet-C) glass blur holds, and what this does.
 
     Args:
         x: Images (B, C, H, W).
@@ -609,10 +615,7 @@ def _glass_shuffle(x: Tensor, dy: Tensor, dx: Tensor, delta: int) -> Tensor:
         q_all = base + qy * w + qx
         for p, q in zip(p_waves, q_all.split(sizes, dim=1)):
             q = q.reshape(-1)  # (B * n,)
-            vp = table.index_select(0, p)
-            vq = table.index_select(0, q)
-            table.index_copy_(0, p, vq)
-            table.index_copy_(0, q, vp)
+            table.index_copy_(0, p, table.index_select(0, q))
     return table.view(b, h, w, c).permute(0, 3, 1, 2).contiguous()
 
 
@@ -621,8 +624,9 @@ def glass_blur(x: Tensor, severity: int, generator: torch.Generator | None = Non
 
     As make_cifar_c.py: the first blur is truncated to uint8 (``np.uint8(... * 255)``)
     before the shuffle, and offsets come from ``np.random.randint(-d, d)``, i.e. from
-    [-d, d - 1] (for d = 1 pixels only move up/left). The sequential swaps are run as
-    waves of independent swaps, batched over images (see ``_shuffle_waves``).
+    [-d, d - 1] (for d = 1 pixels only move up/left), and each "swap" copies one pixel over
+    another (see ``_glass_shuffle``). The sequential steps are run as waves of independent
+    steps, batched over images (see ``_shuffle_waves``).
     """
     x, (sigma, delta, iterations) = _prepare(x, "glass_blur", severity)
     b, _, h, w = x.shape
