@@ -227,21 +227,6 @@ def ood_metrics(scores_in: Tensor, scores_out: Tensor) -> dict[str, float]:
     }
 
 
-def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur with reflect padding, (N, C, H, W) -> (N, C, H, W)."""
-    radius = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-(t**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()  # (2r + 1,)
-    c = x.shape[1]
-    kh = kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1)
-    kw = kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1)
-    # Reflect padding needs pad < size; fall back to replicate on tiny images.
-    mode = "reflect" if radius < min(x.shape[-2:]) else "replicate"
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode=mode), kh, groups=c)
-    return F.conv2d(F.pad(x, (radius, radius, 0, 0), mode=mode), kw, groups=c)
-
-
 def noise_images(
     n: int,
     shape: tuple[int, int, int],
@@ -252,8 +237,10 @@ def noise_images(
 
     - ``gaussian``: i.i.d. N(0.5, 1) per pixel, clipped to [0, 1].
     - ``uniform``: i.i.d. U[0, 1] per pixel.
-    - ``blobs``: Bernoulli(0.7) pixels, Gaussian-blurred (sigma 1), thresholded at 0.75:
-      binary amorphous shapes with sharp edges.
+    - ``blobs``: Bernoulli(0.7) values, Gaussian-blurred (sigma 1.5) across rows, columns
+      and channels alike, values below 0.75 set to 0: amorphous shapes with sharp edges. As
+      the paper's code (``gblur(x, sigma=1.5, multichannel=False)`` on an (H, W, C) array,
+      i.e. scipy's ``gaussian_filter`` with edge-replicating padding and 4-sigma kernels).
 
     Args:
         n: Number of images.
@@ -273,8 +260,18 @@ def noise_images(
         return (0.5 + torch.randn(size, generator=generator)).clamp(0.0, 1.0)
     if kind == "uniform":
         return torch.rand(size, generator=generator)
-    bits = (torch.rand(size, generator=generator) < 0.7).float()
-    return (_gaussian_blur(bits, sigma=1.0) > 0.75).float()
+    blurred = (torch.rand(size, generator=generator) < 0.7).float()
+    sigma = 1.5
+    radius = int(4 * sigma + 0.5)  # scipy's truncate=4
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(t**2) / (2 * sigma**2))
+    kernel = (kernel / kernel.sum()).view(1, 1, -1)  # (1, 1, 2r + 1)
+    for dim in (1, 2, 3):  # channels, rows, columns: one 3-D Gaussian
+        moved = blurred.movedim(dim, -1)
+        lines = moved.reshape(-1, 1, moved.shape[-1])  # (*, 1, L)
+        lines = F.conv1d(F.pad(lines, (radius, radius), mode="replicate"), kernel)
+        blurred = lines.reshape(moved.shape).movedim(-1, dim)
+    return torch.where(blurred < 0.75, 0.0, blurred).clamp(0.0, 1.0)
 
 
 def held_out_class_split(labels: Tensor, held_out_classes: list[int]) -> tuple[Tensor, Tensor]:
