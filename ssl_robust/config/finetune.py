@@ -95,7 +95,8 @@ class AugmentConfig:
 class FinetuneOptimConfig:
     # SGD with momentum; linear warmup then cosine decay to 0 over the trainer's total steps.
     lr: float = 0.1
-    # Full fine-tuning: the encoder's learning rate is lr * encoder_lr_mult.
+    # Full fine-tuning: the encoder's learning rate is lr * encoder_lr_mult; 0 freezes the
+    # encoder, its BatchNorm statistics included (it stays in eval mode).
     encoder_lr_mult: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False

@@ -208,6 +208,24 @@ class FineTuner(_Classification):
         self.lr, self.encoder_lr, self.momentum = lr, encoder_lr, momentum
         self.weight_decay, self.nesterov, self.warmup_epochs = weight_decay, nesterov, warmup_epochs
         self.derived: dict[str, float] = {}
+        if self.frozen_encoder:
+            classifier.encoder.requires_grad_(False)
+            classifier.encoder.eval()
+
+    @property
+    def frozen_encoder(self) -> bool:
+        """``encoder_lr == 0``: the encoder is not trained at all, its BatchNorm statistics
+        included (it stays in eval mode, as for a linear probe)."""
+        return self.encoder_lr == 0
+
+    def train(self, mode: bool = True) -> FineTuner:
+        # Lightning switches the whole module to train mode each epoch (and back after each
+        # validation); a frozen encoder stays in eval mode, or its BatchNorm running
+        # statistics would follow the labeled subset.
+        super().train(mode)
+        if self.frozen_encoder:
+            self.classifier.encoder.eval()
+        return self
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(x)  # (B, K)
@@ -220,6 +238,8 @@ class FineTuner(_Classification):
         ):
             decay = [p for p in module.parameters() if p.requires_grad and p.ndim > 1]
             no_decay = [p for p in module.parameters() if p.requires_grad and p.ndim <= 1]
+            if not decay and not no_decay:
+                continue  # a frozen encoder: nothing to optimise
             groups.append({"name": name, "params": decay, "lr": lr})
             groups.append(
                 {"name": f"{name}_no_decay", "params": no_decay, "lr": lr, "weight_decay": 0.0}
@@ -257,17 +277,38 @@ class ClassifierTest(pl.LightningModule):
         self.seed = seed
         self.clean = clean
         self._generator: torch.Generator | None = None
+        self._counts: dict[str, Tensor] = {}
 
     def on_test_start(self) -> None:
         self._generator = torch.Generator(device=self.device).manual_seed(self.seed)
 
+    def on_test_epoch_start(self) -> None:
+        # (correct, seen) per metric on this rank; summed over ranks at the end.
+        self._counts = {}
+
+    def _count(self, name: str, logits: Tensor, labels: Tensor) -> None:
+        correct = (logits.argmax(1) == labels).sum()
+        counts = torch.stack([correct, correct.new_tensor(labels.shape[0])]).double()
+        self._counts[name] = self._counts.get(name, torch.zeros_like(counts)) + counts
+
     def test_step(self, batch: Any, batch_idx: int) -> None:
         x, labels = batch[0], batch[1]
-        n = labels.shape[0]
         if self.clean:
-            acc = (self.classifier(x).argmax(1) == labels).float().mean()
-            self.log("test/acc", acc, batch_size=n)
+            self._count("test/acc", self.classifier(x), labels)
         if self.purifier is not None:
             purified = self.purifier(x, self._generator)  # (B, C, H, W) in [0, 1]
-            acc_p = (self.classifier(purified).argmax(1) == labels).float().mean()
-            self.log("test/acc_purified", acc_p, batch_size=n)
+            self._count("test/acc_purified", self.classifier(purified), labels)
+
+    def on_test_epoch_end(self) -> None:
+        # Under DDP each rank tests a shard of the split: the accuracy is the share of correct
+        # predictions over every rank's images (exact but for the few images the distributed
+        # sampler repeats to give every rank as many), not rank 0's share.
+        names = ["test/acc"] if self.clean else []
+        if self.purifier is not None:
+            names.append("test/acc_purified")
+        for name in names:
+            empty = torch.zeros(2, dtype=torch.float64, device=self.device)
+            counts = self._counts.get(name, empty)
+            total = self.trainer.strategy.reduce(counts, reduce_op="sum")
+            acc = total[0] / total[1].clamp(min=1)
+            self.log(name, acc.float(), sync_dist=False)

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,14 +28,20 @@ import torch
 import torchvision.transforms as T
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.transforms.v2 import GaussianNoise
 
 from ssl_robust.config import ConfigError, save_config, to_dict
 from ssl_robust.config.finetune import CHOICES
-from ssl_robust.data.datamodule import EpochSeededSampler, eval_loader, usable_workers
+from ssl_robust.data.datamodule import (
+    EpochSeededSampler,
+    ResumableDataLoader,
+    batches_done_this_epoch,
+    eval_loader,
+    usable_workers,
+)
 from ssl_robust.data.datasets import ImageSource, Splits, TransformDataset, build_splits
-from ssl_robust.data.subsets import SubsetSpec, assert_disjoint, load_or_draw_subset
+from ssl_robust.data.subsets import SPEC_FILE, SubsetSpec, assert_disjoint, load_or_draw_subset
 from ssl_robust.evaluate.cifar_c import params_hash
 from ssl_robust.finetune.export import save_classifier
 from ssl_robust.finetune.features import (
@@ -46,6 +53,7 @@ from ssl_robust.finetune.features import (
 )
 from ssl_robust.finetune.model import Classifier
 from ssl_robust.finetune.modules import ClassifierTest, FineTuner, LinearProbe
+from ssl_robust.launch.distributed import detect_launch
 from ssl_robust.launch.trainer import (
     ConfigInCheckpoint,
     build_loggers,
@@ -91,6 +99,7 @@ class _Job:
     subset: torch.Tensor  # (M,) indices into the train split
     purifier: Purifier | None
     device: torch.device
+    resume_from: str | None = None  # the checkpoint this run continues, if any
 
 
 def resolve_data(
@@ -200,10 +209,158 @@ def _check_same_job(run_dir: Path, cfg: DictConfig) -> None:
             )
 
 
-def _device(accelerator: str) -> torch.device:
+# The config sections that determine a checkpoint's weights and the metrics recorded with them,
+# per mode (the probe has no augmentation, full fine-tuning no linear.*): a run resumes a
+# checkpoint only if these hold the same values as in the run that wrote it. Each section is
+# compared whole, so that a key added later is compared too, except for _NOT_TRAINING: where
+# files live, how many processes on which devices, logging. The encoder and the mode are
+# checked by _check_same_job, the data and the labeled subset against subset.json.
+_TRAINING_SECTIONS = {
+    "full": ("data", "optim", "augment", "trainer"),
+    "linear": ("data", "optim", "linear", "trainer"),
+}
+_NOT_TRAINING = frozenset(
+    {
+        # The data's identity is checked (resolved) against subset.json; the rest is I/O.
+        "data.name", "data.root", "data.download", "data.image_size", "data.val_fraction",
+        "data.in_memory", "data.skip_bad_images", "data.mean", "data.std", "data.split_seed",
+        "data.like", "data.eval_batch_size", "data.num_workers", "data.augment",
+        "data.compile_views",
+        "linear.cache_dir",
+        "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
+        "trainer.pg_timeout_s", "trainer.sync_batchnorm", "trainer.auto_requeue",
+        "trainer.channels_last", "trainer.log_every_n_steps", "trainer.deterministic",
+        "trainer.cudnn_benchmark", "trainer.progress_bar", "trainer.curves_every_s",
+        "trainer.fast_dev_run",
+    }
+)  # fmt: skip
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def training_settings(config: Mapping[str, Any], with_subset: bool = True) -> dict[str, Any]:
+    """The flattened keys of a fine-tuning config (plain data) that a resumed run must share
+    with the run that wrote the checkpoint; with ``with_subset`` also ``run.seed`` and
+    ``subset.*`` (otherwise checked against ``subset.json``)."""
+    flat = _flatten(config)
+    sections = _TRAINING_SECTIONS.get(str(config.get("mode")), ())
+    if with_subset:
+        sections = (*sections, "subset")
+    out = {
+        k: v
+        for k, v in flat.items()
+        if k.split(".")[0] in sections
+        and k not in _NOT_TRAINING
+        and not (config.get("mode") == "linear" and k == "optim.encoder_lr_mult")
+    }
+    if with_subset and "run.seed" in flat:
+        out["run.seed"] = flat["run.seed"]
+    return out
+
+
+def _checkpoint_config(ckpt: str, run_dir: Path) -> dict[str, Any] | None:
+    """The config a checkpoint was written with (``ConfigInCheckpoint``), else the run
+    directory's ``config.yaml`` (checkpoints without it); None when neither is there."""
+    blob = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    config = blob.get("ssl_robust_config") if isinstance(blob, dict) else None
+    if isinstance(config, Mapping):
+        return dict(config)
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        loaded = OmegaConf.to_container(OmegaConf.load(path))
+        return loaded if isinstance(loaded, dict) else None  # type: ignore[return-value]
+    return None
+
+
+def _check_same_training(run_dir: Path, cfg: DictConfig, ckpt: str | None) -> None:
+    """A run that would resume ``ckpt`` must ask for the training that wrote it: with other
+    hyperparameters it would silently continue (or, finished, just re-export) the old run.
+
+    Raises:
+        ValueError: Naming each differing key, old -> new, and the ways out.
+    """
+    if ckpt is None:
+        return
+    old = _checkpoint_config(ckpt, run_dir)
+    if old is None:
+        return
+    # Without subset.json the subset's request is compared here; with it, by its own check.
+    with_subset = not (run_dir / SPEC_FILE).is_file()
+    before = training_settings(old, with_subset)
+    now = training_settings(to_dict(cfg), with_subset)
+    # A key an older run's config lacks cannot be compared.
+    diff = {k: (before[k], v) for k, v in now.items() if k in before and before[k] != v}
+    if diff:
+        changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ValueError(
+            f"{str(run_dir)!r} holds a fine-tuning checkpoint ({Path(ckpt).name}) trained with "
+            f"other settings ({changes}); resuming it would ignore them. Use run.resume=false "
+            "to train anew in this directory, or another run.dir"
+        )
+
+
+def _local_rank(env: Mapping[str, str] | None = None) -> int:
+    """This process's rank on its node, read before the Trainer exists: torchrun's and
+    Lightning's launcher's ``LOCAL_RANK``, or SLURM's ``SLURM_LOCALID`` under ``srun``."""
+    env = os.environ if env is None else env
+    if "LOCAL_RANK" in env:
+        return int(env["LOCAL_RANK"])
+    if detect_launch(env).launcher == "slurm":
+        return int(env.get("SLURM_LOCALID", "0"))
+    return 0
+
+
+def _device(accelerator: str, env: Mapping[str, str] | None = None) -> torch.device:
+    """Where this process computes before the Trainer exists (the linear probe's features):
+    its own GPU, ``cuda:<local rank>``, so that the ranks of a node do not all share cuda:0."""
     if accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", _local_rank(env) % max(1, torch.cuda.device_count()))
     return torch.device("cpu")
+
+
+class _Rows(Dataset):
+    """Rows of feature and label tensors keyed by ``(epoch, index)``, the keys of
+    :class:`EpochSeededSampler`: ``(features[index], labels[index])``."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features[key[1]], self.labels[key[1]]
+
+
+def _train_loader(
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    trainer: pl.Trainer,
+    drop_last: bool,
+    num_workers: int = 0,
+) -> ResumableDataLoader:
+    """The training loader of both modes: batches in an order seeded by ``(seed, epoch)`` (the
+    dataset is keyed by ``(epoch, index)``), and a run resumed from a mid-epoch checkpoint
+    (SLURM preemption) starts at the first batch ``trainer`` has not trained on. A resumed run
+    therefore sees the same batches as an uninterrupted one."""
+    sampler = EpochSeededSampler(len(dataset), seed)  # type: ignore[arg-type]
+    sampler.skip_batches = lambda: batches_done_this_epoch(trainer)
+    return ResumableDataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=usable_workers(num_workers),
+    )
 
 
 def build_purifier(p: DictConfig, image_size: int) -> Purifier | None:
@@ -324,12 +481,12 @@ def run_linear(
         feat_mean=mean,
         feat_std=std,
     )
-    bs = cfg.data.batch_size
-    train_loader = DataLoader(
-        TensorDataset(x, y),
-        batch_size=bs,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(cfg.run.seed),
+    trainer = _trainer(job, callbacks)
+    train_loader = _train_loader(
+        _Rows(x, y),
+        cfg.data.batch_size,
+        cfg.run.seed,
+        trainer,
         # Every labeled image every epoch: a linear layer takes a last batch of any size (with
         # 1 % of CIFAR-10's labels and batch 256, dropping it would skip 244 of 500 images).
         drop_last=False,
@@ -343,7 +500,6 @@ def run_linear(
         val_loaders.append(
             eval_loader(TensorDataset(shifted, feats.eval_labels), cfg.data.eval_batch_size)
         )
-    trainer = _trainer(job, callbacks)
     _fit(trainer, probe, train_loader, val_loaders, job, metrics)
     trainer.test(probe, dataloaders=eval_features, verbose=False)
     metrics.update(final_metrics(trainer))
@@ -380,16 +536,19 @@ def run_full(
     train_source = job.splits.train.subset(job.subset.numpy())
     train_ds = TransformDataset(train_source, T.Compose(steps), seed=cfg.run.seed)
     bs = cfg.data.batch_size
-    train_loader = DataLoader(
+    trainer = _trainer(job, callbacks)
+    # (seed, epoch)-ordered batches and per-sample seeded crops: a resumed run, from the end of
+    # an epoch or from the middle of one, sees the same images in the same order as an
+    # uninterrupted one.
+    train_loader = _train_loader(
         train_ds,
-        batch_size=bs,
-        # (seed, epoch)-ordered batches and per-sample seeded crops: a resumed run sees the
-        # same images in the same order as an uninterrupted one.
-        sampler=EpochSeededSampler(len(train_ds), cfg.run.seed),
+        bs,
+        cfg.run.seed,
+        trainer,
         # BatchNorm in train mode cannot take a batch of one: drop a last batch only then, so a
         # small labeled subset is not cut (1 % of CIFAR-10 at batch 256: 256 + 244 images).
         drop_last=_last_batch_of_one(len(train_ds), bs, cfg.trainer),
-        num_workers=usable_workers(cfg.data.num_workers),
+        num_workers=cfg.data.num_workers,
     )
     eval_images = _image_loader(job.splits.val, cfg.data.eval_batch_size, cfg.data.num_workers)
     val_loaders = [eval_images]
@@ -406,11 +565,19 @@ def run_full(
         nesterov=o.nesterov,
         warmup_epochs=o.warmup_epochs,
     )
-    trainer = _trainer(job, callbacks)
     _fit(trainer, module, train_loader, val_loaders, job, metrics)
     metrics.update(module.derived)
     _test_purified(trainer, job, clean=True, metrics=metrics)
     return trainer, {}
+
+
+def _carried_metrics(run_dir: Path) -> dict[str, float]:
+    """What a resumed run keeps of the ``metrics.json`` of the run it continues (e.g. the
+    training metrics of a finished run, which a rerun does not train again): all but the test
+    pass's, which every run measures anew. The new run's own metrics overwrite these."""
+    old = read_json(run_dir / "metrics.json")
+    test_keys = ("test/", "purify/", "perf/test_purified_s")
+    return {k: v for k, v in old.items() if not k.startswith(test_keys)}
 
 
 def _last_batch_of_one(n: int, batch_size: int, trainer_cfg: DictConfig) -> bool:
@@ -428,7 +595,7 @@ def _fit(
     job: _Job,
     metrics: dict[str, float],
 ) -> None:
-    ckpt = resume_checkpoint(job.run_dir, job.cfg.run.resume)
+    ckpt = job.resume_from
     if ckpt and trainer.is_global_zero:
         console.print(f"Resuming from {ckpt}", soft_wrap=True)
     start = time.perf_counter()
@@ -517,11 +684,15 @@ def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
     Writes into the run directory: ``config.yaml``, ``subset.npy`` + ``subset.json``,
     ``checkpoints/last.ckpt``, ``logs/version_<k>/metrics.csv``, ``metrics.json`` and
     ``classifier.safetensors`` + ``classifier.json``. Rerunning with the same run directory
-    reuses the subset and resumes from the newest checkpoint.
+    reuses the subset and resumes from the newest checkpoint (also one written mid-epoch on
+    SLURM preemption: the run then ends with the weights of an uninterrupted one), provided
+    the training settings (:func:`training_settings`) are the checkpoint's; ``run.resume=false``
+    starts anew, and ``metrics.json`` then holds only the new run's metrics.
 
     Raises:
         ValueError: Unknown mode, bad subset request, a subset or run directory that belongs
-            to another request, overlapping splits.
+            to another request, a checkpoint to resume trained with other settings,
+            overlapping splits.
         FileNotFoundError: ``encoder.run`` (or ``purify.run``) holds no export.
     """
     # Cheap checks first: nothing is loaded or written before the request is known valid.
@@ -546,6 +717,9 @@ def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
         )
     run_dir = default_run_dir(cfg, spec)
     _check_same_job(run_dir, cfg)
+    # The checkpoint a resuming run would continue (looked up without side effects: a fresh
+    # start's clearing of old checkpoints waits until the request is known valid).
+    _check_same_training(run_dir, cfg, resume_checkpoint(run_dir, True) if cfg.run.resume else None)
     purifier = build_purifier(cfg.purify, splits.info.image_size)
     classifier = Classifier(encoder, splits.info.num_classes, data["mean"], data["std"])
 
@@ -553,6 +727,7 @@ def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
         run_dir, splits.train.labels, spec, data=data, classes=splits.train.classes
     )
     assert_disjoint(source_images(splits.train.subset(indices)), source_images(splits.val))
+    resume_from = resume_checkpoint(run_dir, cfg.run.resume)
     job = _Job(
         cfg=cfg,
         run_dir=run_dir,
@@ -564,10 +739,11 @@ def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
         subset=torch.from_numpy(indices),
         purifier=purifier,
         device=_device(cfg.trainer.accelerator),
+        resume_from=resume_from,
     )
     save_config(cfg, run_dir / "config.yaml")
 
-    metrics = read_json(run_dir / "metrics.json")
+    metrics = _carried_metrics(run_dir) if resume_from else {}
     metrics["subset/size"] = float(len(indices))
     trainer, extra = MODES[cfg.mode](job, callbacks, metrics)
 
