@@ -77,6 +77,23 @@ def test_fast_dev_run_logs_train_and_bucketed_val_metrics() -> None:
     assert 0.3 < metrics["val/loss"].item() < 3.0
 
 
+def test_the_forward_process_stays_float32_under_bf16_true() -> None:
+    """precision=bf16-true casts the module to bf16: the noise schedule must not follow (in
+    bf16, abar rounds to 1 for t < 10 and the smallest noise levels vanish)."""
+    m = module().to(torch.bfloat16)  # what Lightning's bf16-true does to the module
+    seen: list[torch.Tensor] = []
+    m.unet.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    x = blobs(8, seed=1)
+    t = torch.tensor([0, 1, 5, 9, 20, 50, 100, 999])
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    m._noise_loss(x.to(torch.bfloat16), t, noise)
+    expected = make_scheduler().add_noise(x.to(torch.bfloat16).float() * 2 - 1, noise, t)
+    assert seen[0].dtype == torch.bfloat16
+    # Only the final rounding of x_t to bf16 (relative 2^-8) separates the two.
+    torch.testing.assert_close(seen[0].float(), expected, rtol=2**-7, atol=1e-3)
+    assert (seen[0][0].float() - (x[0].to(torch.bfloat16).float() * 2 - 1)).abs().max() > 0.01
+
+
 def test_validation_is_deterministic() -> None:
     model = module()
     tr = trainer()

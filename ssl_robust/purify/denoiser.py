@@ -62,8 +62,6 @@ class DenoiserModule(pl.LightningModule):
         seed: Seed of the training noise; None draws it from the global RNG.
     """
 
-    alphas_cumprod: Tensor  # (T,) buffer
-
     def __init__(
         self,
         unet: UNet2DModel,
@@ -103,9 +101,10 @@ class DenoiserModule(pl.LightningModule):
         self.num_timestep_buckets = num_timestep_buckets
         self.seed = seed
         self.num_train_timesteps = num_train_timesteps
-        self.register_buffer(
-            "alphas_cumprod", scheduler.alphas_cumprod.detach().float().clone(), persistent=False
-        )
+        # Not a buffer: precision=bf16-true casts every floating buffer to bf16, which rounds
+        # abar to 1 for t < 10 (no noise at all) and is off by up to a third below t = 50,
+        # the levels purification and denoised views use. Kept in float32, copied per device.
+        self._alphas_cumprod = scheduler.alphas_cumprod.detach().float().clone()  # (T,)
         self.ema = EMAModel(self.unet.parameters(), decay=ema_decay)
         # Bucket b covers diffusers timesteps [edges[b], edges[b + 1]).
         self._bucket_edges = [
@@ -117,11 +116,14 @@ class DenoiserModule(pl.LightningModule):
     # ----------------------------------------------------------------------------- training
 
     def _noise_loss(self, x: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """Per-image MSE between the true and predicted noise, (B,)."""
-        x0 = x * 2 - 1  # (B, C, H, W) in [-1, 1]
-        abar = self.alphas_cumprod[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        """Per-image MSE between the true and predicted noise, (B,). The forward process runs
+        in float32 whatever the module's precision; the UNet gets x_t in the images' dtype."""
+        if self._alphas_cumprod.device != x.device:
+            self._alphas_cumprod = self._alphas_cumprod.to(x.device)
+        x0 = x.float() * 2 - 1  # (B, C, H, W) in [-1, 1]
+        abar = self._alphas_cumprod[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
         x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise  # Ho et al. eq. 4
-        eps = self.unet(x_t, t).sample
+        eps = self.unet(x_t.to(x.dtype), t).sample
         return F.mse_loss(eps.float(), noise, reduction="none").flatten(1).mean(1)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -133,7 +135,7 @@ class DenoiserModule(pl.LightningModule):
             generator = torch.Generator(device=x.device).manual_seed(int(state[0]) >> 1)
         shape = (x.shape[0],)
         t = torch.randint(0, self.num_train_timesteps, shape, generator=generator, device=x.device)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = torch.randn(x.shape, generator=generator, device=x.device)  # float32
         loss = self._noise_loss(x, t, noise).mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -196,7 +198,7 @@ class DenoiserModule(pl.LightningModule):
         lo, width = edges[bucket], edges[bucket + 1] - edges[bucket]  # (B,) each
         u = torch.rand(b, generator=generator, device=x.device)
         t = lo + (u * width).long().clamp(max=width - 1)  # (B,) uniform within the bucket
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = torch.randn(x.shape, generator=generator, device=x.device)  # float32
         mse = self._noise_loss(x, t, noise).double()  # (B,)
         self._val_sum.index_add_(0, bucket, mse)
         self._val_count.index_add_(0, bucket, torch.ones_like(mse))
