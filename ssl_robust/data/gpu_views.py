@@ -71,7 +71,9 @@ def _uniforms(
     """U[0, 1) float64 draws on ``device`` from ``generator`` (which may live elsewhere)."""
     draw_device = generator.device if generator is not None else device
     u = torch.rand(shape, generator=generator, device=draw_device, dtype=torch.float64)
-    return u.to(device, non_blocking=True)
+    # Non-blocking only towards an accelerator: a copy to the CPU may otherwise return before
+    # its data has arrived.
+    return u.to(device, non_blocking=torch.device(device).type != "cpu")
 
 
 # ---------------------------------------------------------------------------------------------
