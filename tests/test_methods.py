@@ -226,3 +226,23 @@ def test_probe_step_ignores_unlabeled_images_like_dropping_them() -> None:
     # Only unlabeled images: no loss and no accuracy, rather than NaN.
     loss, acc = monitor.probe_step(features, torch.full((8,), -1))
     assert loss.item() == 0.0 and acc.item() == 0.0
+
+
+@pytest.mark.parametrize("decay_all", [False, True])
+def test_norms_and_biases_decay_only_when_asked(decay_all: bool) -> None:
+    from types import SimpleNamespace
+
+    from ssl_robust.methods.optim import configure
+
+    backbone = build_backbone("convnet", width=4)
+    trainer = SimpleNamespace(
+        world_size=1, accumulate_grad_batches=1, estimated_stepping_batches=10, max_epochs=1
+    )
+    spec = OptimizerSpec(weight_decay=5e-4, decay_norm_bias=decay_all)
+    config, _ = configure(SimpleNamespace(trainer=trainer), spec, 16, [backbone], None)  # type: ignore[arg-type]
+    decay_of = {
+        id(p): g["weight_decay"] for g in config["optimizer"].param_groups for p in g["params"]
+    }
+    norm_bias = [p for p in backbone.parameters() if p.ndim <= 1]
+    assert norm_bias and all(decay_of[id(p)] == (5e-4 if decay_all else 0.0) for p in norm_bias)
+    assert all(decay_of[id(p)] == 5e-4 for p in backbone.parameters() if p.ndim > 1)

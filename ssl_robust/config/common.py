@@ -112,6 +112,9 @@ class OptimConfig:
     lr_scaling: str = "linear"
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    # Weight decay on norms and biases too. false (SimCLR's and LARS's practice) exempts them;
+    # lightly's CIFAR-10 benchmarks decay every parameter (true in the CIFAR presets).
+    decay_norm_bias: bool = False
     # Linear warm-up from 0, then cosine decay to 0 at the last step.
     warmup_epochs: float = 1.0
 

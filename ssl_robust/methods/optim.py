@@ -29,6 +29,8 @@ class OptimizerSpec:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 0.0
+    # Norms and biases decay too (lightly's CIFAR benchmarks); else they are exempt.
+    decay_norm_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -103,11 +105,15 @@ def configure(
     global_batch = batch_size_per_device * trainer.world_size * trainer.accumulate_grad_batches
     lr = scaled_lr(spec.base_lr, global_batch, spec.reference_batch, spec.lr_scaling)
     decay, no_decay = split_weight_decay(model_modules)
-    groups: list[dict[str, Any]] = [
-        {"name": "model", "params": decay},
-        # LARS (You et al. 2017) and SimCLR exclude norms and biases from decay and adaptation.
-        {"name": "model_no_decay", "params": no_decay, "weight_decay": 0.0},
-    ]
+    if spec.decay_norm_bias:  # one group, every parameter decayed (and adapted by LARS)
+        groups: list[dict[str, Any]] = [{"name": "model", "params": decay + no_decay}]
+    else:
+        groups = [
+            {"name": "model", "params": decay},
+            # LARS (You et al. 2017) and SimCLR exclude norms and biases from decay and
+            # adaptation.
+            {"name": "model_no_decay", "params": no_decay, "weight_decay": 0.0},
+        ]
     if probe is not None:
         groups.append(
             {"name": "online_probe", "params": list(probe.parameters()), "weight_decay": 0.0}

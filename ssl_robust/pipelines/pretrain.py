@@ -50,6 +50,7 @@ def build_method(cfg: DictConfig, backbone: Encoder, num_classes: int) -> pl.Lig
         momentum=o.momentum,
         weight_decay=o.weight_decay,
         warmup_epochs=o.warmup_epochs,
+        decay_norm_bias=o.decay_norm_bias,
     )
     common: dict[str, Any] = {
         "backbone": backbone,
