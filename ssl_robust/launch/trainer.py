@@ -60,13 +60,17 @@ class _DropLightningNoise(logging.Filter):
 
 
 def quiet_lightning() -> None:
-    """Keep Lightning's output to what concerns the run: no advert, and no deprecation warning
-    that Lightning's own pytree helper raises under this torch (nothing a user can act on)."""
+    """Keep Lightning's output to what concerns the run: no advert, no deprecation warning
+    that Lightning's own pytree helper raises under this torch (nothing a user can act on), and
+    not its warning that a mid-epoch resume's loader "is not resumable": every training loader
+    here is (:class:`~ssl_robust.data.datamodule.ResumableDataLoader`), by other means than
+    the ``state_dict`` Lightning looks for."""
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
         log = logging.getLogger(name)
         if not any(isinstance(f, _DropLightningNoise) for f in log.filters):
             log.addFilter(_DropLightningNoise())
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"You.re resuming from a checkpoint that ended")
 
 
 class ProgressBar(RichProgressBar):
