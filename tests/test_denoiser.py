@@ -118,6 +118,29 @@ def test_warmup_then_cosine_learning_rate() -> None:
     assert lrs[-1] == pytest.approx(1e-3 * 0.5 * (1 + torch.cos(torch.tensor(7 / 8 * torch.pi))))
 
 
+def test_warmup_then_constant_learning_rate_and_dropout() -> None:
+    lrs: list[float] = []
+
+    class RecordLR(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    torch.manual_seed(0)
+    unet = build_unet("tiny", SIZE, dropout=0.1)
+    model = DenoiserModule(unet, make_scheduler(), lr=1e-3, warmup_steps=4, lr_schedule="constant")
+    trainer(max_epochs=2, callbacks=[RecordLR()]).fit(model, loader(n=64, batch_size=16))
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3])  # Ho et al.
+    # Dropout acts in training only: the exported (eval-mode) UNet is deterministic.
+    assert unet.config["dropout"] == 0.1
+    x, t = blobs(2, seed=3) * 2 - 1, torch.tensor([10, 500])
+    unet.train()
+    assert not torch.equal(unet(x, t).sample, unet(x, t).sample)
+    unet.eval()
+    assert torch.equal(unet(x, t).sample, unet(x, t).sample)
+    with pytest.raises(ValueError, match=r"unknown lr_schedule 'linear'; choose from"):
+        DenoiserModule(build_unet("tiny", SIZE), make_scheduler(), lr_schedule="linear")
+
+
 def test_a_warm_up_longer_than_the_run_warns_how_far_the_rate_gets() -> None:
     model = module(lr=1e-3, warmup_steps=16)
     tr = trainer(max_epochs=1)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ssl_robust.config.common import (
     FRACTION,
+    MOMENTUM,
     UNIT,
     DataConfig,
     Range,
@@ -26,10 +27,14 @@ class DenoiserConfig:
     num_train_timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    # AdamW, linear warmup then cosine decay to 0 over the run (DDPM: 2e-4, warmup 5000).
+    # Dropout in the UNet's residual blocks (Ho et al. 2020, App. B: 0.1 on CIFAR-10).
+    dropout: float = 0.0
+    # AdamW, linear warmup, then (lr_schedule) cosine decay to 0 over the run, or constant
+    # (DDPM: 2e-4, warmup 5000, constant).
     lr: float = 2e-3
     weight_decay: float = 0.0
     warmup_steps: int = 50
+    lr_schedule: str = "cosine"
     # Upper bound of the EMA decay (ramped as (1 + n) / (10 + n)); DDPM uses 0.9999 over 800k
     # steps. The EMA weights are what the run exports.
     ema_decay: float = 0.995
@@ -79,6 +84,7 @@ class DenoiserJobConfig:
 # Kept equal to ssl_robust.purify.UNET_PRESETS and SAMPLERS by tests/test_train_denoiser.py.
 CHOICES: dict[str, tuple[str, ...]] = {
     "denoiser.unet": ("ddpm-cifar10", "small", "tiny"),
+    "denoiser.lr_schedule": ("constant", "cosine"),
     "samples.sampler": ("ddim", "ddpm"),
     "samples.purify_sampler": ("ddim", "ddpm", "oneshot"),
 }
@@ -90,6 +96,7 @@ RANGES: dict[str, Range] = {
     "denoiser.num_train_timesteps": at_least(1),
     "denoiser.beta_start": above(0),
     "denoiser.beta_end": FRACTION,
+    "denoiser.dropout": MOMENTUM,  # in [0, 1)
     "denoiser.lr": above(0),
     "denoiser.weight_decay": at_least(0),
     "denoiser.warmup_steps": at_least(0),

@@ -35,13 +35,14 @@ def build_denoiser(cfg: DictConfig, image_size: int, seed: int) -> DenoiserModul
     """The DDPM training module of the ``denoiser`` section for ``image_size`` RGB images."""
     d = cfg.denoiser
     scheduler = make_scheduler(d.num_train_timesteps, d.beta_start, d.beta_end)
-    unet = build_unet(d.unet, sample_size=image_size, in_channels=3)
+    unet = build_unet(d.unet, sample_size=image_size, in_channels=3, dropout=d.dropout)
     return DenoiserModule(
         unet,
         scheduler,
         lr=d.lr,
         weight_decay=d.weight_decay,
         warmup_steps=d.warmup_steps,
+        lr_schedule=d.lr_schedule,
         ema_decay=d.ema_decay,
         num_timestep_buckets=d.num_timestep_buckets,
         seed=seed,

@@ -21,6 +21,9 @@ from torchvision.utils import save_image
 
 from ssl_robust.purify.purifier import Purifier
 
+# After the warm-up: cosine decay to 0 at the last step, or the peak rate held (Ho et al. 2020).
+LR_SCHEDULES = ("constant", "cosine")
+
 
 def _images(batch: Any) -> Tensor:
     """The images of a ``(x, y)`` / ``[x, y]`` batch or of a bare ``x`` batch."""
@@ -55,8 +58,9 @@ class DenoiserModule(pl.LightningModule):
         scheduler: Noise schedule (only ``alphas_cumprod`` and its config are read).
         lr: Peak AdamW learning rate (DDPM's CIFAR-10 value is 2e-4).
         weight_decay: AdamW weight decay.
-        warmup_steps: Optimizer steps of linear warmup (DDPM uses 5000); cosine decay to 0 over
-            the remaining ``trainer.estimated_stepping_batches``.
+        warmup_steps: Optimizer steps of linear warmup (DDPM uses 5000).
+        lr_schedule: After the warmup, ``"cosine"`` decays to 0 over the remaining
+            ``trainer.estimated_stepping_batches``; ``"constant"`` holds ``lr`` (DDPM).
         ema_decay: Upper bound of the EMA decay (DDPM: 0.9999).
         num_timestep_buckets: Number of equal timestep ranges for the validation MSE.
         seed: Seed of the training noise; None draws it from the global RNG.
@@ -69,6 +73,7 @@ class DenoiserModule(pl.LightningModule):
         lr: float = 2e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 5000,
+        lr_schedule: str = "cosine",
         ema_decay: float = 0.9999,
         num_timestep_buckets: int = 10,
         seed: int | None = None,
@@ -81,6 +86,8 @@ class DenoiserModule(pl.LightningModule):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {lr_schedule!r}; choose from {LR_SCHEDULES}")
         if not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"ema_decay must be in [0, 1], got {ema_decay}")
         if not 1 <= num_timestep_buckets <= num_train_timesteps:
@@ -98,6 +105,7 @@ class DenoiserModule(pl.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
+        self.lr_schedule = lr_schedule
         self.num_timestep_buckets = num_timestep_buckets
         self.seed = seed
         self.num_train_timesteps = num_train_timesteps
@@ -162,7 +170,7 @@ class DenoiserModule(pl.LightningModule):
         # single source of the run length.
         total_steps = self.trainer.estimated_stepping_batches
         if not math.isfinite(total_steps):
-            raise ValueError("set max_steps or max_epochs: the cosine schedule needs a run length")
+            raise ValueError("set max_steps or max_epochs: the schedule needs a run length")
         total = int(total_steps)
         warmup = self.warmup_steps
         if warmup >= total:
@@ -174,6 +182,8 @@ class DenoiserModule(pl.LightningModule):
         def lr_lambda(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
+            if self.lr_schedule == "constant":
+                return 1.0
             progress = min(1.0, (step - warmup) / max(1, total - warmup))
             return 0.5 * (1 + math.cos(math.pi * progress))
 

@@ -58,13 +58,16 @@ UNET_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def build_unet(preset: str, sample_size: int, in_channels: int = 3) -> UNet2DModel:
+def build_unet(
+    preset: str, sample_size: int, in_channels: int = 3, dropout: float = 0.0
+) -> UNet2DModel:
     """Builds a freshly initialised epsilon-prediction UNet.
 
     Args:
         preset: A key of ``UNET_PRESETS``.
         sample_size: Image height and width the UNet is built for.
         in_channels: Image channels (the output has the same number).
+        dropout: Dropout probability in the residual blocks (active in train mode only).
 
     Returns:
         The UNet.
@@ -82,6 +85,7 @@ def build_unet(preset: str, sample_size: int, in_channels: int = 3) -> UNet2DMod
         sample_size=sample_size,
         in_channels=in_channels,
         out_channels=in_channels,
+        dropout=dropout,
         **UNET_PRESETS[preset],
     )
 
