@@ -103,7 +103,7 @@ if [ -n "$sweep" ]; then check+=(--sweep "$sweep"); fi
 if [ "$have_baseline" = 1 ]; then check+=(--baseline "$baseline"); fi
 py="${PYTHON:-python3}"
 if "$py" -c "import ssl_robust" 2>/dev/null; then
-    "$py" "$here/../scripts/chain.py" "$RUNS" "${check[@]}" --check >/dev/null || {
+    "$py" "$here/../scripts/chain.py" "$RUNS" ${check[@]+"${check[@]}"} --check >/dev/null || {
         echo "nothing submitted" >&2
         exit 2
     }
@@ -153,10 +153,10 @@ submit() { # submit <sbatch options> <template> <args...>: sets JOB to the new j
         JOB=$((JOB + 1))
         [ -z "${SWEEP:-}" ] || printf 'SWEEP=%q SWEEP_DIR=%q ' "$SWEEP_SHOWN" "$SWEEP_DIR"
         printf 'sbatch'
-        printf ' %q' "${common[@]}" "$@"
+        printf ' %q' ${common[@]+"${common[@]}"} "$@"
         printf '   # job %s\n' "$JOB"
     else
-        if ! JOB="$(sbatch --parsable "${common[@]}" "$@")"; then
+        if ! JOB="$(sbatch --parsable ${common[@]+"${common[@]}"} "$@")"; then
             local template
             for template in "$@"; do case "$template" in *.sbatch) break ;; esac done
             echo "error: sbatch refused $(basename "$template") (its message is above)" >&2
@@ -178,7 +178,7 @@ after_encoder=()
 if [ "$have_pretrain" = 1 ]; then
     encoder="$RUNS/pretrain"
     split "$pretrain"
-    submit "$here/pretrain.sbatch" "${_words[@]}" "run.dir=$encoder"
+    submit "$here/pretrain.sbatch" ${_words[@]+"${_words[@]}"} "run.dir=$encoder"
     record pretrain "$JOB"
     after_encoder=(--dependency="afterok:$JOB" --kill-on-invalid-dep=yes)
 fi
@@ -186,7 +186,7 @@ denoiser_job=""
 if [ "$have_denoiser" = 1 ]; then
     denoiser_run="$RUNS/denoiser"
     split "$denoiser"
-    submit "$here/denoiser.sbatch" "${_words[@]}" "run.dir=$denoiser_run"
+    submit "$here/denoiser.sbatch" ${_words[@]+"${_words[@]}"} "run.dir=$denoiser_run"
     denoiser_job="$JOB"
     record denoiser "$JOB"
 fi
@@ -195,38 +195,38 @@ fi
 split "$finetune"
 # sbatch passes the submitting environment on: SWEEP and SWEEP_DIR reach the array's tasks.
 export SWEEP="$sweep_copy" SWEEP_DIR="$RUNS/finetune" SWEEP_SHOWN="$RUNS/sweep.txt"
-submit --array="1-$n_lines" "${after_encoder[@]}" "$here/finetune_array.sbatch" \
-    "${_words[@]}" "encoder.run=$encoder"
+submit --array="1-$n_lines" ${after_encoder[@]+"${after_encoder[@]}"} "$here/finetune_array.sbatch" \
+    ${_words[@]+"${_words[@]}"} "encoder.run=$encoder"
 unset SWEEP SWEEP_DIR
 finetune_job="$JOB"
 record finetune "$JOB"
 
 # --- one evaluation per classifier, bare and purified ------------------------------------------
 split "$evaluate"
-eval_words=("${_words[@]}")
+eval_words=(${_words[@]+"${_words[@]}"})
 split "$purify"
-purify_words=("${_words[@]}")
+purify_words=(${_words[@]+"${_words[@]}"})
 eval_jobs=()
 evaluations() { # evaluations <name> <classifier run dir> <dependency>: bare, then purified
     local name="$1" classifier="$2" dep="$3"
     submit --dependency="$dep" --kill-on-invalid-dep=yes "$here/evaluate.sbatch" \
-        "${eval_words[@]}" "classifier.run=$classifier" "run.dir=$RUNS/evaluate/$name"
+        ${eval_words[@]+"${eval_words[@]}"} "classifier.run=$classifier" "run.dir=$RUNS/evaluate/$name"
     record "evaluate:$name" "$JOB"
     eval_jobs+=("$JOB")
     if [ -n "$denoiser_run" ]; then
         [ -z "$denoiser_job" ] || dep="$dep:$denoiser_job"
-        local purified=("${eval_words[@]}" "classifier.run=$classifier" "purifier.run=$denoiser_run"
-            "${purify_words[@]}")
+        local purified=(${eval_words[@]+"${eval_words[@]}"} "classifier.run=$classifier" "purifier.run=$denoiser_run"
+            ${purify_words[@]+"${purify_words[@]}"})
         if [ "$shards" -gt 1 ]; then
             # Task i attacks block i (evaluate.sbatch adds adv.shard=i); the merge waits for all.
             purified+=("adv.shards=$shards")
             submit --array="1-$shards" --dependency="$dep" --kill-on-invalid-dep=yes \
-                "$here/evaluate.sbatch" "${purified[@]}" "run.dir=$RUNS/evaluate/$name-purified"
+                "$here/evaluate.sbatch" ${purified[@]+"${purified[@]}"} "run.dir=$RUNS/evaluate/$name-purified"
             record "evaluate:$name-purified:shards" "$JOB"
             dep="afterok:$JOB"
         fi
         submit --dependency="$dep" --kill-on-invalid-dep=yes "$here/evaluate.sbatch" \
-            "${purified[@]}" "run.dir=$RUNS/evaluate/$name-purified"
+            ${purified[@]+"${purified[@]}"} "run.dir=$RUNS/evaluate/$name-purified"
         record "evaluate:$name-purified" "$JOB"
         eval_jobs+=("$JOB")
     fi
@@ -247,8 +247,8 @@ done <"$sweep_copy"
 if [ "$have_baseline" = 1 ]; then
     split "$baseline"
     export SWEEP="$baseline_copy" SWEEP_DIR="$RUNS/baseline" SWEEP_SHOWN="$RUNS/baseline_sweep.txt"
-    submit --array="1-$(grep -c . "$baseline_copy")" "${after_encoder[@]}" \
-        "$here/finetune_array.sbatch" "${_words[@]}" "data.name=''" "data.like=$encoder"
+    submit --array="1-$(grep -c . "$baseline_copy")" ${after_encoder[@]+"${after_encoder[@]}"} \
+        "$here/finetune_array.sbatch" ${_words[@]+"${_words[@]}"} "data.name=''" "data.like=$encoder"
     unset SWEEP SWEEP_DIR
     baseline_job="$JOB"
     record baseline "$JOB"
