@@ -258,11 +258,13 @@ def test_extending_a_finished_run_follows_the_new_schedule(
     assert lrs == pytest.approx(expected, rel=1e-4)
 
 
-@pytest.mark.parametrize("augment", ["cpu", "gpu"])
+@pytest.mark.parametrize(("augment", "workers"), [("cpu", 0), ("gpu", 0), ("cpu", 2)])
 def test_resume_from_a_mid_epoch_checkpoint_matches_uninterrupted_run(
-    augment: str, tiny_pretrain_cfg: Callable[..., DictConfig], tmp_path: Path
+    augment: str, workers: int, tiny_pretrain_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
-    common = ("trainer.max_epochs=2", f"data.augment={augment}", "data.num_workers=0")
+    # With workers, the loader's iterator (made before the resumed epoch is set) must not
+    # draw its first indices early.
+    common = ("trainer.max_epochs=2", f"data.augment={augment}", f"data.num_workers={workers}")
     full = pretrain(tiny_pretrain_cfg(*common, run_dir=tmp_path / "full"))
     part = tiny_pretrain_cfg(*common, run_dir=tmp_path / "part")
     with pytest.raises(SystemExit):

@@ -96,6 +96,22 @@ class _SkipFirst:
         return len(self.inner)  # type: ignore[arg-type]
 
 
+class _Deferred:
+    """An iterator made by ``make()`` at the first ``next``."""
+
+    def __init__(self, make: Callable[[], Iterator[Any]]) -> None:
+        self._make = make
+        self._it: Iterator[Any] | None = None
+
+    def __iter__(self) -> _Deferred:
+        return self
+
+    def __next__(self) -> Any:
+        if self._it is None:
+            self._it = self._make()
+        return next(self._it)
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader that starts a resumed epoch at the first batch not yet trained on.
 
@@ -103,6 +119,13 @@ class ResumableDataLoader(DataLoader):
     from the :class:`EpochSeededSampler` (also inside Lightning's DDP sampler wrapper, which keeps
     the original as ``.dataset._sampler``); Lightning re-creates this class unchanged for DDP.
     """
+
+    def __iter__(self) -> Any:
+        # Created at the first batch, not when Lightning asks for the iterator: on a resumed
+        # fit it does so before it sets the sampler's epoch and settles the restored counters,
+        # and worker processes draw their first indices as soon as the iterator exists (with
+        # num_workers > 0 a resumed epoch would otherwise replay epoch 0's order).
+        return _Deferred(super().__iter__)
 
     @property
     def _index_sampler(self) -> Any:
