@@ -419,3 +419,21 @@ def test_the_last_epoch_is_validated_whatever_the_interval(
     assert validated == [1, 2]  # every second epoch, and the last (the exported weights')
     epochs, knn = read_history(Path(cfg.run.dir), x="epoch")["val/knn_acc"]
     assert list(epochs) == [2, 3] and metrics["val/knn_acc"] == pytest.approx(knn[-1])
+
+
+def test_a_rerun_asking_for_another_training_is_refused_before_writing(
+    tiny_pretrain_cfg: Callable[..., DictConfig],
+) -> None:
+    cfg = tiny_pretrain_cfg("trainer.max_epochs=1")
+    pretrain(cfg)
+    run = Path(cfg.run.dir)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError) as err:
+        pretrain(tiny_pretrain_cfg("trainer.max_epochs=1", "method=byol", "model.width=8"))
+    msg = str(err.value)
+    assert "method.name: 'simclr' -> 'byol'" in msg and "model.width: 4 -> 8" in msg
+    assert "run.resume=false" in msg
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # Monitoring and I/O may change; a fresh start may change anything.
+    pretrain(tiny_pretrain_cfg("trainer.max_epochs=1", "data.num_workers=1", "monitor.knn_k=10"))
+    pretrain(tiny_pretrain_cfg("trainer.max_epochs=1", "method=byol", "run.resume=false"))

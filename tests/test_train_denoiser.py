@@ -356,3 +356,14 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_uninterrupted_run(
     a, b = last_ckpt(tmp_path / "full")["state_dict"], last_ckpt(tmp_path / "part")["state_dict"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_rerun_with_another_unet_is_refused_before_writing(
+    tiny_denoiser_cfg: Callable[..., DictConfig],
+) -> None:
+    cfg = tiny_denoiser_cfg("trainer.max_epochs=1")
+    train_denoiser(cfg)
+    config_yaml = (Path(cfg.run.dir) / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"denoiser.unet: 'tiny' -> 'small'.*run.resume=false"):
+        train_denoiser(tiny_denoiser_cfg("trainer.max_epochs=1", "denoiser.unet=small"))
+    assert (Path(cfg.run.dir) / "config.yaml").read_text() == config_yaml

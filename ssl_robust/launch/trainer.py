@@ -269,6 +269,11 @@ def resume_checkpoint(run_dir: Path, resume: bool) -> str | None:
         for old in [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]:
             old.unlink(missing_ok=True)  # every rank deletes before its own fit starts
         return None
+    return newest_checkpoint(run_dir)
+
+
+def newest_checkpoint(run_dir: Path) -> str | None:
+    """The newest of ``checkpoints/last.ckpt`` and a SLURM ``hpc_ckpt_*.ckpt``, if any."""
     candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
     existing = [p for p in candidates if p.is_file()]
     if not existing:

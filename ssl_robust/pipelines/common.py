@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from ssl_robust.config import ConfigError, to_dict
 from ssl_robust.data.datasets import Splits, build_splits
 from ssl_robust.launch.curves import plot_training_curves
 from ssl_robust.launch.perf import EpochThroughput, steady_throughput
-from ssl_robust.launch.trainer import read_json, resume_checkpoint
+from ssl_robust.launch.trainer import (
+    newest_checkpoint,
+    read_json,
+    resume_checkpoint,
+    resume_requested,
+)
 
 console = Console()
 
@@ -131,3 +138,60 @@ def fit_resumable(
     if throughput is not None and throughput.images_per_s:
         metrics["perf/train_images_per_s"] = steady_throughput(throughput.images_per_s)
     return metrics, elapsed
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config (plain data) as ``{"section.key": value}``."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def checkpoint_config(ckpt: str, run_dir: Path) -> dict[str, Any] | None:
+    """The config a checkpoint was written with (``ConfigInCheckpoint``), else the run
+    directory's ``config.yaml`` (checkpoints without it); None when neither is there."""
+    blob = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    config = blob.get("ssl_robust_config") if isinstance(blob, dict) else None
+    if isinstance(config, Mapping):
+        return dict(config)
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        loaded = OmegaConf.to_container(OmegaConf.load(path))
+        return loaded if isinstance(loaded, dict) else None  # type: ignore[return-value]
+    return None
+
+
+def check_resumable(
+    run_dir: Path,
+    cfg: DictConfig,
+    settings: Callable[[Mapping[str, Any]], dict[str, Any]],
+    job: str,
+) -> None:
+    """Before anything is written: a run that would resume the run directory's checkpoint must
+    ask for what that checkpoint was trained as (``settings``: the flattened keys that must
+    agree). Another method or width would crash loading the weights, and other
+    hyperparameters would be silently ignored or mixed into the old run.
+
+    Raises:
+        ConfigError: Naming each differing key, old -> new, and the ways out.
+    """
+    ckpt = newest_checkpoint(run_dir) if resume_requested(bool(cfg.run.resume)) else None
+    if ckpt is None:
+        return
+    old = checkpoint_config(ckpt, run_dir)
+    if old is None:
+        return
+    before, now = settings(old), settings(to_dict(cfg))
+    # A key an older run's config lacks cannot be compared.
+    diff = {k: (before[k], v) for k, v in now.items() if k in before and before[k] != v}
+    if diff:
+        changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise ConfigError(
+            f"{str(run_dir)!r} holds a {job} checkpoint ({Path(ckpt).name}) trained with other "
+            f"settings ({changes}); resuming it would ignore them. Use run.resume=false to "
+            "train anew in this directory, or another run.dir"
+        )

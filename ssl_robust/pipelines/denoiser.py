@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -20,8 +21,10 @@ from ssl_robust.launch.trainer import (
 )
 from ssl_robust.pipelines.common import (
     build_data,
+    check_resumable,
     console,
     fit_resumable,
+    flatten,
     print_summary,
     run_dir_for,
     write_curves,
@@ -29,6 +32,25 @@ from ssl_robust.pipelines.common import (
 from ssl_robust.purify.callbacks import SampleGrids
 from ssl_robust.purify.denoiser import DenoiserModule
 from ssl_robust.purify.unet import build_unet, make_scheduler, save_denoiser
+
+# What a resumed denoiser training must share with its checkpoint (trainer.* and samples.*
+# may change: a finished run can be extended).
+_RESUME_SECTIONS = ("denoiser", "data", "views")
+_RESUME_FREE = frozenset(
+    {
+        "data.root", "data.download", "data.num_workers", "data.eval_batch_size",
+        "data.in_memory", "data.cache_dir", "data.augment", "data.compile_views",
+    }
+)  # fmt: skip
+
+
+def resume_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened keys of a denoiser config that a resumed run must share."""
+    return {
+        k: v
+        for k, v in flatten(config).items()
+        if k.split(".")[0] in _RESUME_SECTIONS and k not in _RESUME_FREE
+    }
 
 
 def build_denoiser(cfg: DictConfig, image_size: int, seed: int) -> DenoiserModule:
@@ -62,6 +84,7 @@ def train_denoiser(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
 
     # Build everything that can fail on bad input before any file is written.
+    check_resumable(run_dir, cfg, resume_settings, "denoiser")
     splits = build_data(cfg, run_dir, with_unlabeled=True)
     info = splits.info
     datamodule = ImageDataModule(

@@ -65,7 +65,14 @@ from ssl_robust.launch.trainer import (
 )
 from ssl_robust.models.backbones import Encoder, build_backbone
 from ssl_robust.models.export import EncoderMeta, load_encoder, load_encoder_meta
-from ssl_robust.pipelines.common import console, final_metrics, print_summary, write_curves
+from ssl_robust.pipelines.common import (
+    checkpoint_config,
+    console,
+    final_metrics,
+    flatten,
+    print_summary,
+    write_curves,
+)
 
 if TYPE_CHECKING:
     from ssl_robust.purify.purifier import Purifier
@@ -236,21 +243,11 @@ _NOT_TRAINING = frozenset(
 )  # fmt: skip
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def training_settings(config: Mapping[str, Any], with_subset: bool = True) -> dict[str, Any]:
     """The flattened keys of a fine-tuning config (plain data) that a resumed run must share
     with the run that wrote the checkpoint; with ``with_subset`` also ``run.seed`` and
     ``subset.*`` (otherwise checked against ``subset.json``)."""
-    flat = _flatten(config)
+    flat = flatten(config)
     sections = _TRAINING_SECTIONS.get(str(config.get("mode")), ())
     if with_subset:
         sections = (*sections, "subset")
@@ -266,20 +263,6 @@ def training_settings(config: Mapping[str, Any], with_subset: bool = True) -> di
     return out
 
 
-def _checkpoint_config(ckpt: str, run_dir: Path) -> dict[str, Any] | None:
-    """The config a checkpoint was written with (``ConfigInCheckpoint``), else the run
-    directory's ``config.yaml`` (checkpoints without it); None when neither is there."""
-    blob = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-    config = blob.get("ssl_robust_config") if isinstance(blob, dict) else None
-    if isinstance(config, Mapping):
-        return dict(config)
-    path = run_dir / "config.yaml"
-    if path.is_file():
-        loaded = OmegaConf.to_container(OmegaConf.load(path))
-        return loaded if isinstance(loaded, dict) else None  # type: ignore[return-value]
-    return None
-
-
 def _check_same_training(run_dir: Path, cfg: DictConfig, ckpt: str | None) -> None:
     """A run that would resume ``ckpt`` must ask for the training that wrote it: with other
     hyperparameters it would silently continue (or, finished, just re-export) the old run.
@@ -289,7 +272,7 @@ def _check_same_training(run_dir: Path, cfg: DictConfig, ckpt: str | None) -> No
     """
     if ckpt is None:
         return
-    old = _checkpoint_config(ckpt, run_dir)
+    old = checkpoint_config(ckpt, run_dir)
     if old is None:
         return
     # Without subset.json the subset's request is compared here; with it, by its own check.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -33,11 +33,34 @@ from ssl_robust.models.backbones import Encoder, build_backbone
 from ssl_robust.models.export import EncoderMeta, export_encoder
 from ssl_robust.pipelines.common import (
     build_data,
+    check_resumable,
     fit_resumable,
+    flatten,
     print_summary,
     run_dir_for,
     write_curves,
 )
+
+# What a resumed pretraining must share with its checkpoint: the method, the encoder, the
+# data and views, the optimiser and the denoised views. trainer.* may change (a finished run
+# extended by trainer.max_epochs follows the new schedule), and so may monitoring and I/O.
+_RESUME_SECTIONS = ("method", "model", "data", "views", "optim", "denoise")
+_RESUME_FREE = frozenset(
+    {
+        "data.root", "data.download", "data.num_workers", "data.eval_batch_size",
+        "data.in_memory", "data.cache_dir", "data.augment", "data.compile_views",
+        "model.compile",
+    }
+)  # fmt: skip
+
+
+def resume_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened keys of a pretraining config that a resumed run must share."""
+    return {
+        k: v
+        for k, v in flatten(config).items()
+        if k.split(".")[0] in _RESUME_SECTIONS and k not in _RESUME_FREE
+    }
 
 
 def build_method(cfg: DictConfig, backbone: Encoder, num_classes: int) -> pl.LightningModule:
@@ -88,6 +111,7 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
             "data.compile_views=true compiles the batched device views, which only "
             f"data.augment=gpu uses; got data.augment={cfg.data.augment!r}"
         )
+    check_resumable(run_dir, cfg, resume_settings, "pretraining")
     backbone = build_backbone(cfg.model.backbone, cfg.model.width)
     splits = build_data(cfg, run_dir, with_unlabeled=True)
     info = splits.info
