@@ -212,6 +212,8 @@ def test_existing_runs_and_bad_arguments(tmp_path: Path) -> None:
         plan_chain(tmp_path / "r", pretrain="", encoder=enc)
     with pytest.raises(ValueError, match="not both"):
         plan_chain(tmp_path / "r", encoder=enc, denoiser="", denoiser_run=den)
+    with pytest.raises(ValueError, match="without a denoiser there are none"):
+        plan_chain(tmp_path / "r", encoder=enc, purify="purifier.sampler=ddim")
     with pytest.raises(FileNotFoundError, match="no sweep file"):
         sweep_lines(tmp_path / "none.txt")
     (tmp_path / "empty.txt").write_text("# nothing\n\n")

@@ -129,7 +129,8 @@ def plan_chain(
 
     Raises:
         ValueError: Both or neither of ``pretrain`` / ``encoder``; both ``denoiser`` and
-            ``denoiser_run``; an existing run that holds no encoder or denoiser.
+            ``denoiser_run``; ``purify`` without either; an existing run that holds no
+            encoder or denoiser.
     """
     if (pretrain is None) == (encoder is None):
         raise ValueError(
@@ -138,6 +139,11 @@ def plan_chain(
         )
     if denoiser is not None and denoiser_run is not None:
         raise ValueError("give denoiser or denoiser_run, not both")
+    if purify.strip() and denoiser is None and denoiser_run is None:
+        raise ValueError(
+            f"purify ({purify!r}) sets the purified evaluations, and without a denoiser there "
+            "are none: give denoiser (a preset to train) or denoiser_run (a trained one)"
+        )
     if encoder is not None and not (encoder / "encoder.safetensors").is_file():
         raise ValueError(
             f"no encoder in '{encoder}' (expected encoder.safetensors from a finished "
