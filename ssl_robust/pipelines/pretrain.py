@@ -210,7 +210,9 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
         trainer, method, run_dir, cfg.run.resume, "val/knn_acc", datamodule=datamodule
     )
     metrics.update(getattr(method, "derived", {}))
-    metrics["perf/fit_time_s"] = elapsed
+    # Summed over the run's pieces (a resumed run carries the earlier pieces' metrics), so a
+    # finished run rerun, which fits nothing, keeps its training time.
+    metrics["perf/fit_time_s"] = metrics.get("perf/fit_time_s", 0.0) + elapsed
     if trainer.is_global_zero and not cfg.trainer.fast_dev_run:
         write_json(run_dir / "metrics.json", metrics)
         meta = EncoderMeta(
@@ -237,7 +239,7 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
                     if (run_dir / "views.png").is_file()
                     else {}
                 ),
-                "Fit time": f"{elapsed:.1f} s",
+                "Fit time": f"{metrics['perf/fit_time_s']:.1f} s",
                 **write_curves(run_dir, f"{title} ({run_dir.name})"),
             },
         )
