@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from ssl_robust.config import ConfigError, EvaluateConfig, load_config
 from ssl_robust.data.datasets import DataError, build_splits
 from ssl_robust.evaluate.attacks import sanity_attack_costs
-from ssl_robust.evaluate.cifar_c import write_cifar_c
+from ssl_robust.evaluate.cifar_c import _corruption_seed, write_cifar_c
 from ssl_robust.evaluate.metrics import (
     bootstrap_interval,
     calibration_report,
@@ -43,6 +43,7 @@ from ssl_robust.evaluate.report import OOD_SCORES, describe_metric, expected_met
 from ssl_robust.evaluate.store import UNIT_SUFFIX, read_unit
 from ssl_robust.finetune.export import load_classifier
 from ssl_robust.pipelines.evaluate import evaluate
+from ssl_robust.pipelines.evaluate.setup import SEED_OOD
 from tests.eval_runs import DATA, tiny_denoiser, train_digits_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -444,6 +445,17 @@ def test_autoattack_runs_on_a_deterministic_pipeline(tiny_cfg: Callable[..., Dic
         ("adv.linf_eps=[0.0]", ConfigError, r"invalid eps 0.0 in adv.linf_eps"),
         ("adv.l2_eps=[0]", ConfigError, r"invalid eps 0.0 in adv.l2_eps"),
         ("ood.noise_kinds=[pink]", ConfigError, r"unknown noise kind 'pink'.*gaussian"),
+        # A repeated corruption would weigh twice in the severity means, once in the grid mean.
+        (
+            "shift.corruptions=[contrast,fog,contrast,fog,contrast]",
+            ConfigError,
+            r"shift\.corruptions names 'contrast', 'fog' more than once; give each corruption once",
+        ),
+        (
+            "ood.noise_kinds=[blobs,gaussian,blobs]",
+            ConfigError,
+            r"ood\.noise_kinds names 'blobs' more than once",
+        ),
         ("ood.held_out_classes=[12]", ConfigError, r"classes 0..9"),
         ("eval.examples=17", ConfigError, r"eval.examples must be in 0..16, got 17"),
     ],
@@ -896,6 +908,58 @@ def test_example_figures_show_what_the_pipeline_saw_and_predicted(
     assert "## Examples" not in (Path(cfg.run.dir) / "report.md").read_text()
 
 
+def test_example_rows_are_as_long_as_the_first_pgd_block(
+    tiny_cfg: Callable[..., DictConfig],
+) -> None:
+    # 8 attacked images in 4 PGD blocks: block 1 keeps the adversarial examples of 2 images,
+    # fewer than eval.examples, and every row shows those 2.
+    off = [f"{s}.enabled=false" for s in ("shift", "calib", "ood", "perf")]
+    cfg = tiny_cfg(
+        *off,
+        "eval.examples=4",
+        "adv.linf_eps=[8]",
+        "adv.l2_eps=[]",
+        "adv.steps=1",
+        "adv.max_images=8",
+        "adv.shards=4",
+        "adv.sanity_checks=false",
+    )
+    evaluate(cfg)
+    report = _report(cfg)
+    ex = report["figures"]["examples"]
+    assert [r["name"] for r in ex["rows"]] == ["clean", "linf 8/255", "perturbation"]
+    assert len(ex["labels"]) == 2
+    assert [len(r["preds"]) for r in ex["rows"] if r["preds"] is not None] == [2, 2]
+    note = (
+        "The example figure shows 2 of the eval.examples=4 images: the PGD attacks ran in "
+        "adv.shards=4 blocks, and the first holds only 2 of the attacked images."
+    )
+    assert note in report["notes"] and note in ex["text"]
+
+
+def test_each_noise_kind_draws_its_own_streams(
+    tiny_cfg: Callable[..., DictConfig], denoiser_run: Path, tmp_path: Path
+) -> None:
+    # Behind a stochastic purifier, so that both the noise images and their purifications
+    # would differ if the kinds shared a stream in list order.
+    only_ood = [f"{s}.enabled=false" for s in ("shift", "adv", "calib", "perf")]
+    common = [*_ddim_purifier(denoiser_run, 2), *only_ood, "ood.feature_scores=[]"]
+
+    def noise_metrics(kinds: str) -> dict[str, dict[str, float]]:
+        m = evaluate(tiny_cfg(*common, f"ood.noise_kinds={kinds}", run_dir=tmp_path / kinds))
+        return {
+            kind: {k: v for k, v in m.items() if k.startswith(f"ood/noise_{kind}/")}
+            for kind in ("gaussian", "blobs", "uniform")
+        }
+
+    both = noise_metrics("[gaussian,blobs]")
+    alone = noise_metrics("[blobs]")
+    swapped = noise_metrics("[uniform,blobs,gaussian]")
+    assert both["blobs"] and both["blobs"] == alone["blobs"] == swapped["blobs"]
+    assert both["gaussian"] and both["gaussian"] == swapped["gaussian"]
+    assert not alone["gaussian"] and swapped["uniform"]
+
+
 def _eval_images(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
     """The evaluation split the job reads for the digits classifier (eval.max_images = 0)."""
     val = build_splits(**DATA).val
@@ -1115,9 +1179,12 @@ def test_ood_feature_bank_is_the_classifier_fine_tuning_subset(
     assert m["ood/held_out/knn/auroc"] == pytest.approx(expected["auroc"], abs=1e-6)
     # The other sets' in-distribution side leaves the held-out class out too, for the logit
     # scores as for the feature scores: its images are OOD for this classifier. Known answer:
-    # the noise set remade from its seed, scored by the classifier itself.
+    # the noise set remade from its seed (its kind's own stream), scored by the classifier.
     n_noise = int(cfg.ood.num_noise)  # the tiny preset's
-    noise = noise_images(n_noise, (3, 8, 8), "gaussian", generator=torch.Generator().manual_seed(4))
+    seed = _corruption_seed(int(cfg.run.seed) + SEED_OOD, "noise_gaussian", 0)
+    noise = noise_images(
+        n_noise, (3, 8, 8), "gaussian", generator=torch.Generator().manual_seed(seed)
+    )
     with torch.no_grad():
         noise_feats = clf.features(noise)
         clean_logits = _unit(cfg, "clean")[1]["logits"][0]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -493,3 +494,46 @@ def test_sharded_attacks_run_as_separate_jobs_and_merge(
         job.evaluate(cfg_for("bad", "adv.shard=1"))
     with pytest.raises(ConfigError, match=r"but adv\.enabled=false"):
         job.evaluate(cfg_for("bad", "adv.enabled=false", "adv.shards=2", "adv.shard=1"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "attacked", "n"),
+    [
+        (["adv.max_images=3", "adv.shards=4"], 3, 128),
+        (["eval.max_images=5", "adv.max_images=0", "adv.shards=6"], 5, 5),
+        (["eval.max_images=5", "adv.max_images=16", "adv.shards=6", "adv.shard=6"], 5, 5),
+    ],
+)
+def test_more_shards_than_attacked_images_fail_before_any_work(
+    cfg_for: Callable[..., DictConfig],
+    monkeypatch: pytest.MonkeyPatch,
+    overrides: list[str],
+    attacked: int,
+    n: int,
+) -> None:
+    cfg = cfg_for("many", *overrides)
+    shards, cap = int(cfg.adv.shards), int(cfg.adv.max_images)
+    which = f"min(adv.max_images={cap}, {n} evaluation images)"
+    if cap == 0:
+        which = f"adv.max_images=0: all {n} evaluation images"
+    match = re.escape(
+        f"adv.shards={shards} splits the attacked images into more blocks than there are "
+        f"images: {attacked} are attacked ({which}), so some blocks would be empty; set "
+        f"adv.shards in 1..{attacked}"
+    )
+    with monkeypatch.context() as m:
+        calls = _count(m)
+        with pytest.raises(ConfigError, match=match):
+            job.evaluate(cfg)
+    assert _done(calls) == (0, 0, 0)
+    assert not Path(cfg.run.dir).exists()  # no config, no unit, no report
+
+
+def test_as_many_shards_as_attacked_images_run(
+    cfg_for: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    off = [f"{s}.enabled=false" for s in ("shift", "calib", "ood")]
+    cfg = cfg_for("edge", *off, "adv.l2_eps=[]", "adv.max_images=3", "adv.shards=3")
+    metrics, calls = evaluate_counted(cfg, monkeypatch)
+    assert calls == (0, 3, 1)  # a block of one image each, and the sanity checks
+    assert metrics["adv/linf_8/n"] == 3

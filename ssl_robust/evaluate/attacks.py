@@ -700,6 +700,7 @@ def sanity_checks(
     loss: str = "ce",
     generator: torch.Generator | None = None,
     on_attack: Callable[[int, str], None] | None = None,
+    random_start: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Sanity checks (Carlini et al. 2019) against gradient masking and weak attacks.
 
@@ -741,6 +742,9 @@ def sanity_checks(
         generator: Source of the shared random-start seed and of the black-box proposals.
         on_attack: Called as ``on_attack(i, what)`` before each attack (``i`` of them
             done), for progress; :func:`sanity_attack_costs` lists them with their costs.
+        random_start: Whether every PGD run starts from a random point of its ball (as the
+            attack being checked does). The step size is always PGD's default rule,
+            2.5 * eps / steps, so that it fits every radius and step count swept.
 
     Returns:
         Mapping from check name to ``{"passed": bool, "values": ...}``.
@@ -767,7 +771,16 @@ def sanity_checks(
         starting(f"PGD eps {eps:.4g}, {n_steps} steps, EOT {n_eot}")
         gen = torch.Generator().manual_seed(seed)
         x_adv = pgd(
-            model, x, y, norm=norm, eps=eps, steps=n_steps, eot=n_eot, generator=gen, loss=loss
+            model,
+            x,
+            y,
+            norm=norm,
+            eps=eps,
+            steps=n_steps,
+            eot=n_eot,
+            generator=gen,
+            loss=loss,
+            random_start=random_start,
         )
         return _acc(model, x_adv, y, rescore_draws)
 

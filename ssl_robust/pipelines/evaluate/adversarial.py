@@ -334,6 +334,12 @@ def adv_section(
         notes.append(wide)
     if not a.sanity_checks:
         return examples
+    if a.step_size > 0:
+        notes.append(
+            f"The sanity checks run PGD with the default step size (2.5 eps / steps at each "
+            f"radius and step count they sweep), not adv.step_size={a.step_size:g}: one fixed "
+            "step cannot fit radii up to the whole image box."
+        )
     sanity: dict[str, dict[str, dict[str, Any]]] = {}
     tol = float(a.sanity_tol)
     if tol == 0:
@@ -366,6 +372,7 @@ def adv_section(
                 loss=a.loss,
                 generator=torch.Generator().manual_seed(seed + SEED_ADV),
                 on_attack=functools.partial(attack_started, bar, attacks_task, costs),
+                random_start=bool(a.random_start),
             )
             bar.update(attacks_task, completed=sum(costs))
             bar.remove_task(attacks_task)

@@ -45,6 +45,14 @@ def examples_section(
     k = int(cfg.eval.examples)
     seed = int(cfg.run.seed)
     idx = attacked_indices(cfg, len(y))[:k]
+    # Each PGD unit keeps the adversarial examples of its block's first images: with the
+    # attacks in shards, block 1 may hold fewer than eval.examples, and every row shows as
+    # many images as the shortest.
+    kept = [len(adv_examples[t["name"]]) for t in threats if t["name"] in adv_examples]
+    short = min(kept, default=len(idx))
+    fewer = short < len(idx)
+    if fewer:
+        idx = idx[:short]
     x = to_float(x_u8[idx], device)
     labels = y[idx]
     classes = list(report["meta"].get("classes") or [])
@@ -91,6 +99,14 @@ def examples_section(
     ]
     if purifier is not None:
         words.append("purified: the purifier's output, what the classifier sees.")
+    if fewer:
+        note = (
+            f"The example figure shows {short} of the eval.examples={k} images: the PGD attacks "
+            f"ran in adv.shards={int(cfg.adv.shards)} blocks, and the first holds only "
+            f"{short} of the attacked images."
+        )
+        words.append(note)
+        report["notes"].append(note)
     if any(t["name"] in adv_examples for t in threats):
         words.append(
             "perturbation: the adversarial change (mid grey: none), scaled per image to its "

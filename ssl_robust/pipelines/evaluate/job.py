@@ -47,6 +47,7 @@ from ssl_robust.pipelines.evaluate.setup import (
     bank_images,
     build_purifier,
     check_config,
+    check_shards,
     eval_data,
     images_digest,
     natural_sets,
@@ -106,6 +107,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     device = resolve_device(cfg.eval.device)
     classifier, clf_meta = load_classifier(cfg.classifier.run)
     images, labels, data, splits = eval_data(cfg, clf_meta)
+    if len(labels) == 0:
+        raise ConfigError("the evaluation split is empty")
+    check_shards(cfg, len(labels))  # once the attacked images are known
     purifier, denoiser_desc = build_purifier(cfg, int(data["image_size"]))
     num_classes = classifier.num_classes
     held_out = list(cfg.ood.held_out_classes) if cfg.ood.enabled else []
@@ -147,8 +151,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     x_u8 = nchw(images)  # (N, 3, H, W) uint8 on the CPU
     y = torch.from_numpy(labels)
     n = len(y)
-    if n == 0:
-        raise ConfigError("the evaluation split is empty")
     metrics: dict[str, float] = {}
     notes: list[str] = []
     stochastic = model.stochastic

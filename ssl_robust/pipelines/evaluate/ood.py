@@ -174,10 +174,13 @@ def ood_section(
             report["notes"].append("OOD held-out set skipped: a side of the split is empty.")
     inside = images(clean, inside_mask)
     noise_sets: dict[str, tuple[dict[str, Tensor], dict[str, Tensor]]] = {}
-    gen = torch.Generator().manual_seed(seed + SEED_OOD)
-    model.reseed(seed + SEED_OOD, device)
     bs = int(cfg.eval.batch_size)
     for kind in o.noise_kinds:
+        # Streams of its own (images and purifications): a noise set's numbers do not depend
+        # on which kinds come before it.
+        kind_seed = _corruption_seed(seed + SEED_OOD, f"noise_{kind}", 0)
+        gen = torch.Generator().manual_seed(kind_seed)
+        model.reseed(kind_seed, device)
         noise = noise_images(n_noise, (c, h, w), kind, generator=gen)
         logits, f = predict_draws(model, noise, draws, bs, device, features is not None)
         noise_sets[f"noise_{kind}"] = (inside, score(logits, f))

@@ -154,6 +154,13 @@ def check_config(cfg: DictConfig) -> None:
                 name in valid,
                 f"unknown corruption {name!r} in shift.corruptions; choose from {valid}",
             )
+        twice = _repeated(s.corruptions)
+        need(
+            not twice,
+            f"shift.corruptions names {', '.join(map(repr, twice))} more than once; give each "
+            "corruption once (the grid means would count it twice in some means and once in "
+            "others)",
+        )
         need(len(s.severities) > 0, f"shift.severities is empty; choose from {list(SEVERITIES)}")
         for sev in s.severities:
             need(
@@ -268,6 +275,12 @@ def check_config(cfg: DictConfig) -> None:
                 kind in NOISE_KINDS,
                 f"unknown noise kind {kind!r} in ood.noise_kinds; choose from {list(NOISE_KINDS)}",
             )
+        twice = _repeated(o.noise_kinds)
+        need(
+            not twice,
+            f"ood.noise_kinds names {', '.join(map(repr, twice))} more than once; give each "
+            "noise kind once",
+        )
         need(o.num_noise >= 0, f"ood.num_noise must be >= 0, got {o.num_noise}")
         need(o.num_images >= 0, f"ood.num_images must be >= 0, got {o.num_images}")
         for score in o.feature_scores:
@@ -286,6 +299,41 @@ def check_config(cfg: DictConfig) -> None:
     if f.enabled:
         need(f.batch_size >= 1, f"perf.batch_size must be >= 1, got {f.batch_size}")
         need(f.warmup >= 0 and f.iters >= 1, "perf.warmup must be >= 0 and perf.iters >= 1")
+
+
+def _repeated(values: Sequence[Any]) -> list[Any]:
+    """The values that occur more than once, in order of their first repeat."""
+    seen: set[Any] = set()
+    twice: dict[Any, None] = {}
+    for v in values:
+        if v in seen:
+            twice[v] = None
+        seen.add(v)
+    return list(twice)
+
+
+def attacked_count(cfg: DictConfig, n: int) -> int:
+    """How many of the n evaluation images the attacks take (``adv.max_images``, 0: all)."""
+    cap = int(cfg.adv.max_images)
+    return n if cap <= 0 else min(cap, n)
+
+
+def check_shards(cfg: DictConfig, n: int) -> None:
+    """Once the n evaluation images are known: every PGD block of ``adv.shards`` holds an
+    attacked image. Raises ConfigError (before anything is written) otherwise."""
+    if not cfg.adv.enabled:
+        return
+    attacked = attacked_count(cfg, n)
+    shards, cap = int(cfg.adv.shards), int(cfg.adv.max_images)
+    if shards > attacked:
+        which = f"min(adv.max_images={cap}, {n} evaluation images)"
+        if cap <= 0:
+            which = f"adv.max_images=0: all {n} evaluation images"
+        raise ConfigError(
+            f"adv.shards={shards} splits the attacked images into more blocks than there are "
+            f"images: {attacked} are attacked ({which}), so some blocks would be empty; set "
+            f"adv.shards in 1..{attacked}"
+        )
 
 
 def resolve_device(name: str) -> torch.device:

@@ -21,7 +21,6 @@ from rich.progress import (
 )
 from torch import Tensor, nn
 
-from ssl_robust.config import to_dict
 from ssl_robust.evaluate.cifar_c import _corruption_seed, frost_identity, params_hash
 from ssl_robust.evaluate.corruptions import corrupt
 from ssl_robust.evaluate.metrics import wilson_interval
@@ -29,6 +28,7 @@ from ssl_robust.evaluate.store import file_stamp, weights_sha256
 from ssl_robust.launch.progress import progress_bar
 from ssl_robust.pipelines.common import console
 from ssl_robust.pipelines.evaluate.setup import Pipeline, attack_budget, autoattack_skip
+from ssl_robust.purify.purifier import Purifier
 
 # ---------------------------------------------------------------------------------------------
 # Resume: the finished units of work, one file each
@@ -60,9 +60,8 @@ def run_fingerprint(
     data.update(np.ascontiguousarray(images).data)
     data.update(np.ascontiguousarray(labels).data)
     purifier = None
-    if cfg.purifier.run:
-        settings = {k: v for k, v in to_dict(cfg.purifier).items() if k != "run"}
-        purifier = {**settings, **denoiser_desc}
+    if model.purifier is not None:
+        purifier = {**purifier_settings(model.purifier), **denoiser_desc}
     return {
         "format": _PARTIAL_FORMAT,
         "weights": weights_sha256(model),
@@ -73,6 +72,27 @@ def run_fingerprint(
         "device": device.type,
         "batch_size": int(cfg.eval.batch_size),
     }
+
+
+def purifier_settings(purifier: Purifier) -> dict[str, Any]:
+    """The settings of the built purifier that its outputs depend on, for the fingerprint:
+    the resolved t* (also when ``purifier.sigma`` chose it), the sampler, DDIM's steps (for
+    DDIM only), frozen or fresh noise and the UNet's precision. Not what leaves every number
+    as it is: gradient checkpointing, the ``t_star`` that ``sigma`` overrides, the DDIM steps
+    of another sampler, and everything at t* = 0 (the purifier is then the identity). The
+    noise seed of ``fixed_noise`` is ``run.seed``, in the fingerprint already; the variance
+    type and clipping come from the scheduler's config, hashed beside these."""
+    if purifier.t_star == 0:
+        return {"t_star": 0}
+    settings: dict[str, Any] = {
+        "t_star": int(purifier.t_star),
+        "sampler": str(purifier.sampler),
+        "fixed_noise": bool(purifier.fixed_noise),
+        "dtype": "bfloat16" if purifier.dtype == torch.bfloat16 else "float32",
+    }
+    if purifier.sampler == "ddim":
+        settings["ddim_steps"] = int(purifier.ddim_steps)
+    return settings
 
 
 def unit_specs(
@@ -182,11 +202,22 @@ def unit_specs(
         # calls): certificates stored before are recomputed.
         specs["cert"]["guesses"] = "batched"
     if a.sanity_checks:
+        # What attacks.sanity_checks is given, no more: the checks run PGD with the default
+        # step rule at every radius (adv.step_size is not theirs). Their images are the first
+        # of the attacked subset, which adv.max_images chooses.
+        sanity = {
+            "steps": int(a.steps),
+            "random_start": bool(a.random_start),
+            "loss": str(a.loss),
+            "eot": eot,
+            "rescore_draws": draws,
+            "max_images": int(a.max_images),
+        }
         for norm in dict.fromkeys(t["norm"] for t in threats):
             specs[f"adv/sanity/{norm}"] = {
                 "norm": norm,
                 "eps_grid": list(a.sanity_linf_eps if norm == "linf" else a.sanity_l2_eps),
-                "attack": attack,
+                "attack": sanity,
                 "images": int(a.sanity_images),
                 "queries": int(a.sanity_queries),
                 "tol": float(a.sanity_tol),
