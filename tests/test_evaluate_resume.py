@@ -537,3 +537,42 @@ def test_as_many_shards_as_attacked_images_run(
     metrics, calls = evaluate_counted(cfg, monkeypatch)
     assert calls == (0, 3, 1)  # a block of one image each, and the sanity checks
     assert metrics["adv/linf_8/n"] == 3
+
+
+def test_sigusr1_under_slurm_requeues_and_stops_keeping_the_finished_units(
+    cfg_for: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import signal
+
+    from ssl_robust.launch.distributed import SlurmRequeue
+
+    off = ["adv.enabled=false", "ood.enabled=false", "calib.enabled=false", "perf.enabled=false"]
+    cfg = cfg_for("sig", *off)
+    requeued: list[bool] = []
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setattr(
+        SlurmRequeue, "_requeue", staticmethod(lambda: requeued.append(True) or True)
+    )
+    real = shift_mod.generate
+    cells = []
+
+    def signalled(*args: Any, **kwargs: Any) -> Any:
+        cells.append(1)
+        if len(cells) == 3:  # SLURM's warning, 90 s before the time limit, in the third cell
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shift_mod, "generate", signalled)
+    before = signal.getsignal(signal.SIGUSR1)
+    with pytest.raises(SystemExit) as stop:
+        job.evaluate(cfg)
+    assert stop.value.code == 0 and requeued == [True]
+    assert signal.getsignal(signal.SIGUSR1) == before  # the handler is the job's only
+    done = sorted(_stamps(Path(cfg.run.dir)))
+    assert "clean" in done and 2 <= len([u for u in done if u.startswith("shift/")]) < 4
+    # The requeued job computes only what is missing.
+    monkeypatch.setattr(shift_mod, "generate", real)
+    monkeypatch.delenv("SLURM_JOB_ID")
+    metrics, (generated, _, _) = evaluate_counted(cfg, monkeypatch)
+    assert generated == 4 - (len(done) - 1) and "shift/mean_acc" in metrics

@@ -12,7 +12,8 @@ import os
 import re
 import signal
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -284,6 +285,33 @@ class SlurmRequeue(pl.Callback):
         if done.returncode != 0:
             print(f"scontrol requeue {job_id} failed: {done.stderr.strip()}", flush=True)
         return done.returncode == 0
+
+
+@contextmanager
+def requeue_on_signal(signum: int = signal.SIGUSR1) -> Iterator[None]:
+    """For a job without a Trainer (the evaluation), under SLURM: on ``SIGUSR1`` requeue the
+    job and stop at once (``SystemExit(0)``).
+
+    Such a job stores each finished unit of work as it goes, atomically, so stopping between
+    two Python bytecodes loses only the unit in progress, which the requeued job computes
+    again. When the requeue fails the job works on (and is ended at its time limit). Outside
+    SLURM nothing is installed: the signal keeps its default action.
+    """
+    if "SLURM_JOB_ID" not in os.environ:
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if SlurmRequeue._requeue():
+            print("SIGUSR1: requeued the job; stopping (finished units are stored)", flush=True)
+            raise SystemExit(0)
+        print("SIGUSR1: the requeue failed; working on", flush=True)
+
+    previous = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
 
 
 @rank_zero_only
