@@ -62,7 +62,8 @@ def test_group_shorthand_selects_by_name() -> None:
 def test_typo_names_key_and_valid_choices() -> None:
     with pytest.raises(
         ConfigError,
-        match=r"unknown config key 'optim.lrr'; valid keys under 'optim': base_lr, decay_norm_bias, lr_scaling",
+        match=r"unknown config key 'optim.lrr'; valid keys under 'optim': "
+        r"base_lr, decay_norm_bias, lr_scaling",
     ):
         load_config(PretrainConfig, ["optim.lrr=0.1"])
     with pytest.raises(

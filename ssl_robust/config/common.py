@@ -241,6 +241,8 @@ _BATCHES: Range = (_batch_limit, "a fraction in (0, 1] or a number of batches")
 # (a division by zero, a warm-up longer than the run, a convolution of width 0) or silently do
 # something else (zero epochs and an untrained export).
 COMMON_RANGES: dict[str, Range] = {
+    # numpy's and Lightning's seeds (a negative one fails deep inside seed_everything).
+    "run.seed": ((lambda v: 0 <= v < 2**32), "in 0..4294967295"),
     "trainer.max_epochs": at_least(1),
     "trainer.devices": at_least(1),
     "trainer.num_nodes": at_least(1),
@@ -256,6 +258,8 @@ COMMON_RANGES: dict[str, Range] = {
     "data.batch_size": at_least(1),
     "data.eval_batch_size": at_least(1),
     "data.val_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    # A zero std divides by zero in the normalisation (every image becomes inf/nan).
+    "data.std": ((lambda v: all(x > 0 for x in v)), "each > 0; [] = the dataset's own"),
     "views.min_scale": FRACTION,
     "views.hf_prob": PROBABILITY,
     "views.cj_prob": PROBABILITY,
@@ -268,7 +272,11 @@ COMMON_RANGES: dict[str, Range] = {
     "method.proj_out_dim": at_least(1),
     "method.pred_hidden_dim": at_least(1),
     "method.base_tau": UNIT,
+    # OnlineMonitor refuses knn_k < 1 and knn_t <= 0 only when the job has started.
+    "monitor.knn_k": at_least(1),
+    "monitor.knn_t": above(0),
     "monitor.every_n_epochs": at_least(1),
     "monitor.views_figure": at_least(0, "0 = no figure"),
     "monitor.shift_severity": ((lambda v: 0 <= v <= 5), "in 0..5; 0 = off"),
+    "wandb.init_timeout_s": above(0),
 }
