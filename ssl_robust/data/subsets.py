@@ -213,10 +213,7 @@ def load_or_draw_subset(
     # Every rank of a multi-process run draws at once: each writes through its own temp file
     # and renames it into place, and since the draws are identical, whichever rename lands
     # last leaves the same files.
-    # An .npy left alone (by a crash) goes first: a crash after the new .json must not pair
-    # that .json with the old indices.
     text = json.dumps(record, indent=2, sort_keys=True)
-    npy.unlink(missing_ok=True)
     _write_replace(desc, lambda fh: fh.write(text.encode()))
     _write_replace(npy, lambda fh: np.save(fh, indices))
     return indices

@@ -151,6 +151,16 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def settings_of(
+    config: Mapping[str, Any], sections: tuple[str, ...], free: frozenset[str]
+) -> dict[str, Any]:
+    """The flattened keys of ``config`` in ``sections``, less those in ``free``: what a
+    resumed run must share with its checkpoint (:func:`check_resumable`)."""
+    return {
+        k: v for k, v in flatten(config).items() if k.split(".")[0] in sections and k not in free
+    }
+
+
 def checkpoint_config(ckpt: str, run_dir: Path) -> dict[str, Any] | None:
     """The config a checkpoint was written with (``ConfigInCheckpoint``), else the run
     directory's ``config.yaml`` (checkpoints without it); None when neither is there."""

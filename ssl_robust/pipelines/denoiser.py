@@ -24,9 +24,9 @@ from ssl_robust.pipelines.common import (
     check_resumable,
     console,
     fit_resumable,
-    flatten,
     print_summary,
     run_dir_for,
+    settings_of,
     write_curves,
 )
 from ssl_robust.purify.callbacks import SampleGrids
@@ -46,11 +46,7 @@ _RESUME_FREE = frozenset(
 
 def resume_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """The flattened keys of a denoiser config that a resumed run must share."""
-    return {
-        k: v
-        for k, v in flatten(config).items()
-        if k.split(".")[0] in _RESUME_SECTIONS and k not in _RESUME_FREE
-    }
+    return settings_of(config, _RESUME_SECTIONS, _RESUME_FREE)
 
 
 def build_denoiser(cfg: DictConfig, image_size: int, seed: int) -> DenoiserModule:

@@ -66,7 +66,7 @@ from ssl_robust.launch.trainer import (
 from ssl_robust.models.backbones import Encoder, build_backbone
 from ssl_robust.models.export import EncoderMeta, load_encoder, load_encoder_meta
 from ssl_robust.pipelines.common import (
-    checkpoint_config,
+    check_resumable,
     console,
     final_metrics,
     flatten,
@@ -261,33 +261,6 @@ def training_settings(config: Mapping[str, Any], with_subset: bool = True) -> di
     if with_subset and "run.seed" in flat:
         out["run.seed"] = flat["run.seed"]
     return out
-
-
-def _check_same_training(run_dir: Path, cfg: DictConfig, ckpt: str | None) -> None:
-    """A run that would resume ``ckpt`` must ask for the training that wrote it: with other
-    hyperparameters it would silently continue (or, finished, just re-export) the old run.
-
-    Raises:
-        ValueError: Naming each differing key, old -> new, and the ways out.
-    """
-    if ckpt is None:
-        return
-    old = checkpoint_config(ckpt, run_dir)
-    if old is None:
-        return
-    # Without subset.json the subset's request is compared here; with it, by its own check.
-    with_subset = not (run_dir / SPEC_FILE).is_file()
-    before = training_settings(old, with_subset)
-    now = training_settings(to_dict(cfg), with_subset)
-    # A key an older run's config lacks cannot be compared.
-    diff = {k: (before[k], v) for k, v in now.items() if k in before and before[k] != v}
-    if diff:
-        changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items()))
-        raise ValueError(
-            f"{str(run_dir)!r} holds a fine-tuning checkpoint ({Path(ckpt).name}) trained with "
-            f"other settings ({changes}); resuming it would ignore them. Use run.resume=false "
-            "to train anew in this directory, or another run.dir"
-        )
 
 
 def _local_rank(env: Mapping[str, str] | None = None) -> int:
@@ -701,9 +674,10 @@ def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
         )
     run_dir = default_run_dir(cfg, spec)
     _check_same_job(run_dir, cfg)
-    # The checkpoint a resuming run would continue (looked up without side effects: a fresh
-    # start's clearing of old checkpoints waits until the request is known valid).
-    _check_same_training(run_dir, cfg, resume_checkpoint(run_dir, True) if cfg.run.resume else None)
+    # A run that would resume must ask for the training its checkpoint holds. Without
+    # subset.json the subset's request is compared here; with it, by its own check.
+    with_subset = not (run_dir / SPEC_FILE).is_file()
+    check_resumable(run_dir, cfg, lambda c: training_settings(c, with_subset), "fine-tuning")
     purifier = build_purifier(cfg.purify, splits.info.image_size)
     classifier = Classifier(encoder, splits.info.num_classes, data["mean"], data["std"])
 

@@ -35,9 +35,9 @@ from ssl_robust.pipelines.common import (
     build_data,
     check_resumable,
     fit_resumable,
-    flatten,
     print_summary,
     run_dir_for,
+    settings_of,
     write_curves,
 )
 
@@ -56,11 +56,7 @@ _RESUME_FREE = frozenset(
 
 def resume_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """The flattened keys of a pretraining config that a resumed run must share."""
-    return {
-        k: v
-        for k, v in flatten(config).items()
-        if k.split(".")[0] in _RESUME_SECTIONS and k not in _RESUME_FREE
-    }
+    return settings_of(config, _RESUME_SECTIONS, _RESUME_FREE)
 
 
 def build_method(cfg: DictConfig, backbone: Encoder, num_classes: int) -> pl.LightningModule:
