@@ -25,3 +25,16 @@ def test_classifier_normalises_inside_and_round_trips(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded.eval()(x), clf(x), rtol=0, atol=0)
     with pytest.raises(FileNotFoundError, match="no exported classifier"):
         load_classifier(tmp_path / "missing")
+
+
+def test_a_classifier_with_its_own_normalisation_round_trips(tmp_path: Path) -> None:
+    """data.mean/std may override the encoder's, with one value for every channel."""
+    torch.manual_seed(0)
+    enc = build_backbone("convnet", width=4)
+    clf = Classifier(enc, 3, mean=[0.5], std=[0.25]).eval()
+    meta = EncoderMeta("convnet", 4, enc.feat_dim, 8, [0.1, 0.2, 0.3], [0.3, 0.3, 0.3], 3)
+    save_classifier(clf, meta, tmp_path)
+    loaded, info = load_classifier(tmp_path)
+    x = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(loaded.eval()(x), clf(x), rtol=0, atol=0)
+    assert info["encoder"]["mean"] == [0.5] and info["encoder"]["std"] == [0.25]  # as applied

@@ -31,7 +31,16 @@ def save_classifier(
     state = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
     save_file(state, str(weights.with_suffix(".tmp")))
     os.replace(weights.with_suffix(".tmp"), weights)
-    meta = {"encoder": asdict(encoder_meta), "num_classes": classifier.num_classes, **info}
+    # The normalisation the classifier applies (data.mean/std may override the encoder's).
+    applied = {
+        "mean": classifier.mean.flatten().tolist(),
+        "std": classifier.std.flatten().tolist(),
+    }
+    meta = {
+        "encoder": asdict(encoder_meta) | applied,
+        "num_classes": classifier.num_classes,
+        **info,
+    }
     desc = folder / "classifier.json"
     desc.with_suffix(".tmp").write_text(json.dumps(meta, indent=2))
     os.replace(desc.with_suffix(".tmp"), desc)
@@ -50,6 +59,10 @@ def load_classifier(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
     meta = json.loads(desc.read_text())
     enc_meta = EncoderMeta(**meta["encoder"])
     encoder = build_backbone(enc_meta.backbone, enc_meta.width)
-    classifier = Classifier(encoder, int(meta["num_classes"]), enc_meta.mean, enc_meta.std)
-    classifier.load_state_dict(load_file(str(weights)))
+    state = load_file(str(weights))
+    # Built with the stored normalisation, whose length (1 or 3 values) the buffers take.
+    mean = state["mean"].flatten().tolist() if "mean" in state else enc_meta.mean
+    std = state["std"].flatten().tolist() if "std" in state else enc_meta.std
+    classifier = Classifier(encoder, int(meta["num_classes"]), mean, std)
+    classifier.load_state_dict(state)
     return classifier, meta
