@@ -436,7 +436,7 @@ def load_image_folder(
     Args:
         root: The tree, ``root/<class>/<image>``.
         image_size: Side the images are resized to; 0 takes the longer side of the tree's
-            first readable image (in memory; lazily read files keep their own size).
+            first readable image (decoded now or read lazily alike).
         in_memory: Decode every image now into one array (else read files lazily).
         skip_bad: Skip unreadable files (reporting how many) instead of raising.
         cache_dir: Where the decoded array is cached as ``.npz``, keyed by the file list,
@@ -464,7 +464,7 @@ def load_image_folder(
                 "but hold no others"
             )
         labels = np.asarray([index[c] for c in found], dtype=np.int64)[labels]
-    if in_memory and not image_size:
+    if not image_size:  # lazily read files are resized to it too: one size per tree
         image_size = _native_size(files)
     cache: Path | None = None
     if in_memory and cache_dir is not None:
@@ -710,9 +710,7 @@ def build_splits(
             )
             # The test tree in the train tree's terms: its classes (labels follow the folder
             # names, whatever folders either tree lacks) and, with image_size 0, its size.
-            val_size = image_size
-            if not val_size and isinstance(train, ArraySource):
-                val_size = train.images.shape[1]
+            val_size = image_size or _source_size(train)
             val = load_image_folder(
                 val_dir, val_size, in_memory, skip_bad_images, cache_dir, classes=train.classes
             )
@@ -720,7 +718,7 @@ def build_splits(
             tree = load_image_folder(rootp, image_size, in_memory, skip_bad_images, cache_dir)
             tr_idx, va_idx = stratified_split(tree.labels, val_fraction, seed)
             train, val = tree.subset(tr_idx), tree.subset(va_idx)
-        size = image_size or (train.images.shape[1] if isinstance(train, ArraySource) else 224)
+        size = image_size or _source_size(train)
         stats = _array_stats(train.images) if isinstance(train, ArraySource) else IMAGENET_NORMALIZE
     info = DatasetInfo(
         name=name,
@@ -730,6 +728,13 @@ def build_splits(
         std=list(std) if std else stats["std"],
     )
     return Splits(train=train, val=val, info=info, unlabeled=unlabeled)
+
+
+def _source_size(source: ImageSource) -> int:
+    """The side an ImageFolder source's images come at (decoded, or resized when read)."""
+    if isinstance(source, ArraySource):
+        return int(source.images.shape[1])
+    return int(getattr(source, "size", 0))
 
 
 def _resize_array(source: ArraySource, size: int) -> ArraySource:
