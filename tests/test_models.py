@@ -33,15 +33,26 @@ def test_cifar_stem_keeps_resolution() -> None:
         ("convnet", 64),
         ("tv:resnet18", 512),
         ("tv:mobilenet_v3_small", 576),
+        ("tv:convnext_tiny", 768),  # its head's LayerNorm and Flatten stay
+        ("tv:googlenet", 1024),  # no auxiliary heads (their tuple in training)
         ("timm:resnet10t", 512),
     ],
 )
 def test_backbones_report_feature_dim(name: str, feat_dim: int) -> None:
     enc = build_backbone(name, width=16)
     assert enc.feat_dim == feat_dim
-    enc.eval()
     with torch.no_grad():
-        assert enc(torch.randn(2, 3, 32, 32)).shape == (2, feat_dim)
+        assert enc.train()(torch.randn(2, 3, 32, 32)).shape == (2, feat_dim)
+        assert enc.eval()(torch.randn(2, 3, 32, 32)).shape == (2, feat_dim)
+
+
+def test_a_torchvision_head_with_pooling_keeps_it() -> None:
+    # MaxViT's classifier pools, flattens and normalises before its Linear layers.
+    enc = build_backbone("tv:maxvit_t").eval()
+    with torch.no_grad():
+        assert enc(torch.randn(1, 3, 224, 224)).shape == (1, enc.feat_dim) == (1, 512)
+    with pytest.raises(ValueError, match=r"'squeezenet1_0' has no Linear classifier head"):
+        build_backbone("tv:squeezenet1_0")
 
 
 def test_cifar_stem_is_the_only_stem_surgery() -> None:
@@ -76,3 +87,20 @@ def test_export_round_trip(tmp_path: Path) -> None:
     assert torch.equal(enc(x), loaded(x))
     with pytest.raises(FileNotFoundError, match="no exported encoder"):
         load_encoder(tmp_path / "nothing")
+
+
+def test_exported_metadata_is_checked_on_load(tmp_path: Path) -> None:
+    import json
+
+    enc = build_backbone("convnet", width=4)
+    meta = EncoderMeta("convnet", 4, enc.feat_dim, 8, [0.5] * 3, [0.25] * 3)
+    export_encoder(torch.compile(enc), meta, tmp_path)  # no "_orig_mod." in the file
+    loaded, _ = load_encoder(tmp_path)
+    torch.testing.assert_close(loaded.state_dict(), enc.state_dict())
+    info = tmp_path / "encoder.json"
+    info.write_text(json.dumps(json.loads(info.read_text()) | {"feat_dim": 999}))
+    with pytest.raises(ValueError, match="says feat_dim 999"):
+        load_encoder(tmp_path)
+    info.write_text(json.dumps(json.loads(info.read_text()) | {"width": 8, "feat_dim": 64}))
+    with pytest.raises(ValueError, match=r"do not fit the backbone.*'convnet', width 8"):
+        load_encoder(tmp_path)

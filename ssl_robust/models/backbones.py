@@ -84,12 +84,30 @@ def build_backbone(name: str, width: int = 32) -> Encoder:
         available = torchvision.models.list_models(module=torchvision.models)
         if tv_name not in available:
             raise ValueError(f"unknown torchvision model {tv_name!r}; e.g. {available[:8]} ...")
-        model = torchvision.models.get_model(tv_name, weights=None)
-        head_name = next(h for h in ("fc", "classifier", "head", "heads") if hasattr(model, h))
-        head = getattr(model, head_name)
-        # The whole head is dropped, so the features are what its first Linear layer reads.
-        linear = next(m for m in head.modules() if isinstance(m, nn.Linear))
-        setattr(model, head_name, nn.Identity())
+        # GoogLeNet and Inception v3 return a tuple with their auxiliary heads in training.
+        kwargs = {"aux_logits": False} if tv_name in ("googlenet", "inception_v3") else {}
+        model = torchvision.models.get_model(tv_name, weights=None, **kwargs)
+        head_name = next(
+            (h for h in ("fc", "classifier", "head", "heads") if hasattr(model, h)), None
+        )
+        head = getattr(model, head_name) if head_name else None
+        layers: list[nn.Module] = (
+            list(head.children()) if isinstance(head, nn.Sequential) else [head] if head else []
+        )
+        first = next((i for i, m in enumerate(layers) if isinstance(m, nn.Linear)), None)
+        if head_name is None or first is None:
+            raise ValueError(
+                f"torchvision model {tv_name!r} has no Linear classifier head to remove "
+                f"({head_name or 'no fc/classifier/head'}: {type(head).__name__}); use "
+                "another model or 'timm:<name>'"
+            )
+        # The head from its first Linear layer on goes; what comes before it stays (pooling,
+        # flattening and norms, e.g. MaxViT's and ConvNeXt's), dropout aside, so that the
+        # features are exactly what that Linear layer reads.
+        kept = [m for m in layers[:first] if not isinstance(m, nn.Dropout)]
+        setattr(model, head_name, nn.Sequential(*kept) if kept else nn.Identity())
+        linear = layers[first]
+        assert isinstance(linear, nn.Linear)
         return Encoder(model, linear.in_features, name)
     if name.startswith("timm:"):
         import timm

@@ -33,7 +33,11 @@ def export_encoder(encoder: Encoder, meta: EncoderMeta, folder: str | Path) -> P
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "encoder.safetensors"
-    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    # Without torch.compile's wrapper prefix: the weights load into a plain encoder.
+    state = {
+        k.replace("_orig_mod.", ""): v.detach().cpu().contiguous()
+        for k, v in encoder.state_dict().items()
+    }
     tmp = weights.with_suffix(".tmp")
     save_file(state, str(tmp))
     os.replace(tmp, weights)
@@ -62,5 +66,16 @@ def load_encoder(folder: str | Path) -> tuple[Encoder, EncoderMeta]:
         )
     meta = load_encoder_meta(folder)
     encoder = build_backbone(meta.backbone, meta.width)
-    encoder.load_state_dict(load_file(str(weights)))
+    try:
+        encoder.load_state_dict(load_file(str(weights)))
+    except RuntimeError as err:
+        raise ValueError(
+            f"the weights in {str(weights)!r} do not fit the backbone encoder.json names "
+            f"({meta.backbone!r}, width {meta.width}): {str(err).splitlines()[0]}"
+        ) from None
+    if encoder.feat_dim != meta.feat_dim or meta.image_size < 1:
+        raise ValueError(
+            f"encoder.json in {str(folder)!r} says feat_dim {meta.feat_dim} and image size "
+            f"{meta.image_size}, but {meta.backbone!r} has feat_dim {encoder.feat_dim}"
+        )
     return encoder, meta
