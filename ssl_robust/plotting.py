@@ -12,7 +12,7 @@ write a finished figure, and a grid of images for the figures that show data rat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,10 +43,10 @@ def save_figure(
     The file is written next to ``path`` and then renamed over it, so a crash mid-write keeps
     the previous figure.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout(rect=rect)
     tmp = private_tmp(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.tight_layout(rect=rect)
         # The format named: the temp file's suffix is not the figure's.
         fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or None)
         tmp.replace(path)
@@ -115,11 +115,31 @@ def plot_image_grid(
         return _short(names[c] if 0 <= c < len(names) else str(c))
 
     tops = list(column_titles) if column_titles is not None else [name_of(int(c)) for c in labels]
+    if len(tops) < k:
+        raise ValueError(f"{len(tops)} column titles for {k} columns")
     plt = pyplot()
     fig, axes = plt.subplots(
         len(rows), k, figsize=(0.95 * k + 1.3, 1.05 * len(rows) + (0.4 if title else 0.1)),
         squeeze=False,
     )  # fmt: skip
+    try:
+        _draw_rows(axes, rows, k, tops, labels, name_of)
+    except BaseException:
+        plt.close(fig)  # save_figure closes it otherwise
+        raise
+    if title:
+        fig.suptitle(title, fontsize=8)
+    return save_figure(fig, path, dpi=dpi)
+
+
+def _draw_rows(
+    axes: Any,
+    rows: Sequence[ImageRow],
+    k: int,
+    tops: list[str],
+    labels: Any,
+    name_of: Callable[[int], str],
+) -> None:
     for i, row in enumerate(rows):
         for j in range(k):
             ax = axes[i][j]
@@ -139,6 +159,3 @@ def plot_image_grid(
                 pred = int(row.preds[j])
                 right = pred == int(labels[j])
                 ax.set_xlabel(name_of(pred), fontsize=7, color=_CORRECT if right else _WRONG)
-    if title:
-        fig.suptitle(title, fontsize=8)
-    return save_figure(fig, path, dpi=dpi)

@@ -67,3 +67,17 @@ def test_drawn_once_on_rank_zero_of_a_fresh_run_and_never_fatal(tmp_path: Path) 
         broken.on_train_batch_start(fresh, None, ("not", "a batch"), 0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="n must be >= 1"):
         ViewsFigure(tmp_path / "x.png", MEAN, STD, n=0)
+
+
+def test_a_failing_image_grid_leaves_no_figure_open(tmp_path: Path) -> None:
+    from ssl_robust.plotting import ImageRow, plot_image_grid, pyplot
+
+    plt = pyplot()
+    before = set(plt.get_fignums())
+    bad = ImageRow("two channels", torch.rand(2, 2, 4, 4))  # neither grey nor RGB
+    labels = torch.tensor([0, 1])
+    with pytest.raises(TypeError):
+        plot_image_grid([bad], labels, ["a", "b"], tmp_path / "grid.png")
+    with pytest.raises(ValueError, match="1 column titles for 2 columns"):
+        plot_image_grid([bad], labels, ["a", "b"], tmp_path / "g.png", column_titles=["x"])
+    assert set(plt.get_fignums()) == before and not (tmp_path / "grid.png").exists()
