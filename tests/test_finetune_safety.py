@@ -344,3 +344,22 @@ def test_the_test_accuracy_under_ddp_is_over_every_ranks_images(
     n = len(val.labels)
     padded = n + n % 2
     assert correct / padded <= stored["test/acc"] <= (correct + padded - n) / padded
+
+
+def test_full_fine_tuning_trains_channels_last_when_asked(
+    random_encoder: Path, tmp_path: Path
+) -> None:
+    formats: list[bool] = []
+
+    class Format(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, m: Any, b: Any, i: int) -> None:
+            conv = next(p for p in m.parameters() if p.ndim == 4)
+            formats.append(conv.is_contiguous(memory_format=torch.channels_last))
+
+    common = ("mode=full", "trainer.max_epochs=1")
+    cl = ft_cfg(random_encoder, tmp_path / "cl", *common, "trainer.channels_last=true")
+    finetune(cl, callbacks=[Format()])
+    assert formats and all(formats)
+    formats.clear()
+    finetune(ft_cfg(random_encoder, tmp_path / "nchw", *common), callbacks=[Format()])
+    assert formats and not any(formats)

@@ -521,6 +521,8 @@ def run_full(
         nesterov=o.nesterov,
         warmup_epochs=o.warmup_epochs,
     )
+    if cfg.trainer.channels_last:
+        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     _fit(trainer, module, train_loader, val_loaders, job, metrics)
     metrics.update(module.derived)
     _test_purified(trainer, job, clean=True, metrics=metrics)
