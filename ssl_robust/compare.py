@@ -48,6 +48,20 @@ IGNORED_KEYS = (
     "data.num_workers",  # loader processes: the data is the same whatever their number
     "eval.data_root",  # where the evaluation data lies, like data.root
     "linear.cache_dir",  # where a linear probe's features are cached
+    # How the work was run, not what it computed: downloads, caches, loaders, logging,
+    # collectives, compilation, devices (a run is the same experiment on a CPU or a GPU).
+    "data.download",
+    "data.in_memory",
+    "data.eval_batch_size",
+    "data.compile_views",
+    "model.compile",
+    "trainer.log_every_n_steps",
+    "trainer.pg_timeout_s",
+    "trainer.auto_requeue",
+    "trainer.cudnn_benchmark",
+    "trainer.accelerator",
+    "eval.device",
+    "eval.batch_size",
 )
 # Sections a setting switches off: their keys did not act in that run.
 _INACTIVE_WHEN = {
@@ -218,10 +232,11 @@ def upstream_settings(
     sections that lead to it (``encoder>trainer.max_epochs``, ``classifier>encoder>method.name``;
     :data:`UPSTREAM_SEP`), without its ``run.*`` keys (its seed: seed variation upstream is seed
     variation), its paths, :data:`IGNORED_KEYS` (where its data and caches lie) and the
-    sections it switched off. Each path key itself (``classifier.run``,
-    ``classifier>encoder.run``) stands for whether it is set: True for a readable run, "" for
-    none, and the path itself for a run that cannot be read here (runs copied from elsewhere:
-    their settings cannot be compared, so only the same run is alike)."""
+    sections it switched off; of a ``data.like`` run, only its ``data.*`` keys. Each path key
+    itself (``classifier.run``, ``classifier>encoder.run``) stands for whether it is set: True
+    for a readable run, "" for none, and the path itself for a run that cannot be read here
+    (runs copied from elsewhere: their settings cannot be compared, so only the same run is
+    alike)."""
     seen = seen | {folder.resolve()}
     out: dict[str, Any] = {}
     for key, value in sorted(config.items()):
@@ -236,10 +251,14 @@ def upstream_settings(
             continue
         own = _read_config(upstream)
         name = prefix + key.removesuffix(".run") + UPSTREAM_SEP
+        data_only = key == "data.like"  # whose data and split: its other settings never acted
         for k, v in _active_config(Run("", "", own)).items():
+            if data_only and not k.startswith("data."):
+                continue
             if not (k.startswith("run.") or _is_upstream(k) or _is_ignored(k)):
                 out[name + k] = v
-        out.update(upstream_settings(own, upstream, name, seen))
+        if not data_only:
+            out.update(upstream_settings(own, upstream, name, seen))
     return out
 
 

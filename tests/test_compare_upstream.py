@@ -283,3 +283,32 @@ def test_an_evaluation_report_gives_its_metrics_only(tmp_path: Path) -> None:
     }
     folder = _write_run(tmp_path / "ev", {}, report, name="report.json")
     assert load_run(folder).metrics == {"test/acc": 0.5, "shift/mean_acc": 0.25}
+
+
+def test_upstream_io_settings_and_a_data_like_runs_method_do_not_split_replicates(
+    tmp_path: Path,
+) -> None:
+    pre = tmp_path / "pre"
+    # Seed replicates, of which only the first downloaded its data and kept it on disk.
+    encs = [
+        _pretrain(pre, f"s{s}", 100, 0.06, s, data={"download": s == 0, "in_memory": s > 0})
+        for s in range(3)
+    ]
+    fts = [
+        _finetune(tmp_path / "ft", f"f{s}", str(e), s, 0.4 + s / 100) for s, e in enumerate(encs)
+    ]
+    runs = find_runs([tmp_path / "ft"])
+    groups = replicate_groups(runs, differing_keys(runs))
+    assert [[r.name for r in g] for _, g in groups] == [["f0", "f1", "f2"]] and len(fts) == 3
+    # Supervised baselines on the data of a SimCLR and of a BYOL encoder (data.like): the
+    # encoders' methods never acted on them; their data did.
+    simclr = _pretrain(pre, "simclr", 100, 0.06, 0, data={"name": "cifar10"})
+    byol = _pretrain(pre, "byol", 100, 0.06, 1, method={"name": "byol"}, data={"name": "cifar10"})
+    c100 = _pretrain(pre, "c100", 100, 0.06, 0, data={"name": "cifar100"})
+    base = tmp_path / "base"
+    for name, like, seed in (("a", simclr, 0), ("b", byol, 1), ("c", c100, 0)):
+        _write_run(base / name, {"run": {"seed": seed}, "data": {"like": str(like)}},
+                   {"test/acc": 0.4})  # fmt: skip
+    runs = find_runs([base])
+    groups = replicate_groups(runs, differing_keys(runs))
+    assert [[r.name for r in g] for _, g in groups] == [["a", "b"], ["c"]]
