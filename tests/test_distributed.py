@@ -8,6 +8,7 @@ inside pytest would be pytest itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -301,3 +302,68 @@ def test_requeue_check_collective_runs_every_n_batches_across_ranks(
     assert len(calls) == expected  # one rank: every batch; several: batches 10 and 20
     with pytest.raises(ValueError, match="every_n_batches must be >= 1"):
         SlurmRequeue(every_n_batches=0)
+
+
+@pytest.mark.parametrize("signal_after", [3, 4, 5])  # mid-window, at a step, the epoch's end
+def test_a_requeue_under_gradient_accumulation_resumes_the_same_batches(
+    signal_after: int, tmp_path: Path
+) -> None:
+    """SIGUSR1 may come in the middle of an accumulation window: the checkpoint waits for the
+    window's step, so the resumed run trains exactly what an uninterrupted one would."""
+    import pytorch_lightning as pl
+    from torch import nn
+
+    from ssl_robust.data.datamodule import seeded_train_loader
+    from ssl_robust.launch.distributed import SlurmRequeue
+
+    class Keys(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 10  # 5 batches of 2: steps after batches 2, 4 and 5 (accumulating 2)
+
+        def __getitem__(self, key: tuple[int, int]) -> torch.Tensor:
+            return torch.tensor([float(key[1])])
+
+    class Data(pl.LightningDataModule):
+        def train_dataloader(self) -> torch.utils.data.DataLoader:
+            return seeded_train_loader(self, Keys(), 2, seed=0)
+
+    class Model(pl.LightningModule):
+        def __init__(self, seen: list[int]) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+            self.seen = seen
+
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            self.seen += batch.flatten().int().tolist()
+            return ((self.w - batch.mean()) ** 2).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class Signal(pl.Callback):  # the signal arrives during batch `signal_after`
+        def __init__(self, requeue: SlurmRequeue) -> None:
+            self.requeue, self.batches = requeue, 0
+
+        def on_train_batch_end(self, *args: object) -> None:
+            self.batches += 1
+            self.requeue.requested = self.requeue.requested or self.batches == signal_after
+
+    def fit(root: Path, callbacks: list[pl.Callback], ckpt: str | None = None) -> Model:
+        trainer = pl.Trainer(
+            max_epochs=2, accumulate_grad_batches=2, default_root_dir=root, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=callbacks)  # fmt: skip
+        model = Model(seen)
+        with contextlib.suppress(SystemExit):  # the requeued piece stops
+            trainer.fit(model, datamodule=Data(), ckpt_path=ckpt)
+        return model
+
+    seen: list[int] = []
+    full = fit(tmp_path / "full", [])
+    full_seen, seen = seen, []
+    requeue = SlurmRequeue()
+    requeue._requeue = staticmethod(lambda: True)  # type: ignore[method-assign]
+    fit(tmp_path / "part", [Signal(requeue), requeue])
+    (ckpt,) = (tmp_path / "part").glob("hpc_ckpt_*.ckpt")
+    resumed = fit(tmp_path / "part", [], str(ckpt))
+    assert seen == full_seen and torch.equal(resumed.w, full.w)

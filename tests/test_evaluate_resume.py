@@ -389,6 +389,18 @@ def test_a_fresh_start_discards_only_its_own_units_when_told(tmp_path: Path) -> 
     assert fresh.get(units[1]) == ({"acc": 0.5}, {}) and fresh.get("clean") is not None
 
 
+def test_a_fresh_start_deletes_the_replaced_runs_checkpoints_and_metrics(tmp_path: Path) -> None:
+    from ssl_robust.launch.trainer import resume_checkpoint
+
+    (tmp_path / "checkpoints").mkdir()
+    old = [tmp_path / "checkpoints" / "last.ckpt", tmp_path / "hpc_ckpt_2.ckpt"]
+    for f in [*old, tmp_path / "metrics.json", tmp_path / "config.yaml"]:
+        f.write_text("{}")
+    assert resume_checkpoint(tmp_path, True) == str(max(old, key=lambda p: p.stat().st_mtime_ns))
+    assert resume_checkpoint(tmp_path, False) is None
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["config.yaml"]
+
+
 def test_a_requeued_slurm_job_resumes_even_when_started_with_resume_false() -> None:
     from ssl_robust.launch.trainer import resume_requested
 

@@ -436,6 +436,8 @@ def test_a_rerun_asking_for_another_training_is_refused_before_writing(
     assert "method.name: 'simclr' -> 'byol'" in msg and "model.width: 4 -> 8" in msg
     assert "run.resume=false" in msg
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    with pytest.raises(ConfigError, match=r"run.seed: 0 -> 1"):  # another data order and views
+        pretrain(tiny_pretrain_cfg("trainer.max_epochs=1", "run.seed=1"))
     # Monitoring and I/O may change; a fresh start may change anything.
     pretrain(tiny_pretrain_cfg("trainer.max_epochs=1", "data.num_workers=1", "monitor.knn_k=10"))
     pretrain(tiny_pretrain_cfg("trainer.max_epochs=1", "method=byol", "run.resume=false"))

@@ -250,6 +250,12 @@ class SlurmRequeue(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        # Only where an optimiser step has just been taken: a checkpoint holds whole steps (the
+        # gradients of an accumulation window cut short are not in it), and the resumed run
+        # starts at the first batch after the last step (``batches_done_this_epoch``).
+        acc = trainer.accumulate_grad_batches
+        if (batch_idx + 1) % acc and batch_idx + 1 != trainer.num_training_batches:
+            return
         self._batches += 1
         if trainer.world_size > 1 and self._batches % self.every_n_batches:
             return

@@ -262,11 +262,14 @@ def resume_checkpoint(run_dir: Path, resume: bool) -> str | None:
     (:func:`resume_requested`).
 
     A fresh start (``resume`` false, not a requeued job) deletes the run directory's
-    checkpoints, so that neither a later rerun nor Lightning's own SLURM auto-resume (which
-    loads any ``hpc_ckpt_*.ckpt`` when no checkpoint is given) continues the run it replaces.
+    checkpoints and ``metrics.json``, so that neither a later rerun nor Lightning's own SLURM
+    auto-resume (which loads any ``hpc_ckpt_*.ckpt`` when no checkpoint is given) continues
+    the run it replaces.
     """
     if not resume_requested(resume):
-        for old in [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]:
+        replaced = [*run_dir.glob("checkpoints/*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+        # Its metrics too: a later resume of this run would carry them over as its own.
+        for old in [*replaced, run_dir / "metrics.json"]:
             old.unlink(missing_ok=True)  # every rank deletes before its own fit starts
         return None
     return newest_checkpoint(run_dir)

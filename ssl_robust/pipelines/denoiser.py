@@ -24,6 +24,7 @@ from ssl_robust.pipelines.common import (
     check_resumable,
     console,
     fit_resumable,
+    flatten,
     print_summary,
     run_dir_for,
     settings_of,
@@ -46,7 +47,9 @@ _RESUME_FREE = frozenset(
 
 def resume_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """The flattened keys of a denoiser config that a resumed run must share."""
-    return settings_of(config, _RESUME_SECTIONS, _RESUME_FREE)
+    # run.seed too: it orders the data and seeds the views (and the noise).
+    seed = {k: v for k, v in flatten(config).items() if k == "run.seed"}
+    return settings_of(config, _RESUME_SECTIONS, _RESUME_FREE) | seed
 
 
 def build_denoiser(cfg: DictConfig, image_size: int, seed: int) -> DenoiserModule:

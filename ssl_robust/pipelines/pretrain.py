@@ -35,6 +35,7 @@ from ssl_robust.pipelines.common import (
     build_data,
     check_resumable,
     fit_resumable,
+    flatten,
     print_summary,
     run_dir_for,
     settings_of,
@@ -56,7 +57,9 @@ _RESUME_FREE = frozenset(
 
 def resume_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """The flattened keys of a pretraining config that a resumed run must share."""
-    return settings_of(config, _RESUME_SECTIONS, _RESUME_FREE)
+    # run.seed too: it orders the data and seeds the views (and the noise).
+    seed = {k: v for k, v in flatten(config).items() if k == "run.seed"}
+    return settings_of(config, _RESUME_SECTIONS, _RESUME_FREE) | seed
 
 
 def build_method(cfg: DictConfig, backbone: Encoder, num_classes: int) -> pl.LightningModule:
