@@ -100,6 +100,27 @@ def test_unterminated_quote_in_a_text_list() -> None:
         load_config(PretrainConfig, ["wandb.tags=['a, b]"])
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("shift.corruptions=[fog,,snow]", r"an empty element in the list '\[fog,,snow\]'"),
+        ('wandb.tags=[a,"b"c]', r'cannot parse the element "b"c'),
+        ("wandb.tags=[a]]", r"cannot parse the element a\]"),
+        ("run.dir=runs/${b", r"cannot parse override 'run.dir=runs/\$\{b'"),
+    ],
+)
+def test_malformed_text_overrides_are_refused(override: str, message: str) -> None:
+    schema = EvaluateConfig if override.startswith("shift.") else PretrainConfig
+    with pytest.raises(ConfigError, match=message):
+        load_config(schema, [override])
+
+
+def test_blanks_around_a_text_value_are_the_command_lines() -> None:
+    cfg = load_config(PretrainConfig, ["method= byol", "run.dir= runs/x ", 'wandb.tags=[" a ",b]'])
+    assert cfg.method.name == "byol" and cfg.run.dir == "runs/x"
+    assert list(cfg.wandb.tags) == [" a ", "b"]  # quoted: kept
+
+
 def test_non_text_overrides_are_still_yaml() -> None:
     cfg = load_config(
         PretrainConfig,

@@ -263,6 +263,14 @@ def _split_text_list(key: str, text: str) -> list[str]:
     items.append("".join(buf))
     if not items[-1].strip():  # [] and a trailing comma, as YAML reads them
         items.pop()
+    if any(not item.strip() for item in items):
+        raise ConfigError(f"an empty element in the list {text!r} given to {key!r}")
+    for item in items:
+        word = item.strip()
+        quoted = word[:1] in "'\""
+        # Text after a closing quote, or a bracket left over ([a]]): quote such an element.
+        if (quoted and _unquote(word) == word) or (not quoted and any(c in word for c in "[]")):
+            raise ConfigError(f"cannot parse the element {word} of the list given to {key!r}")
     return [_unquote(item.strip()) for item in items]
 
 
@@ -278,7 +286,7 @@ def _parse_override(schema: DictConfig, item: str) -> DictConfig:
     hint = _field_type(schema, key)
     value: Any
     if hint is str:
-        value = _unquote(text)
+        value = _unquote(text.strip())  # surrounding blanks are the command line's, not the text
     elif _is_str_list(hint) and text.strip().startswith("[") and text.strip().endswith("]"):
         value = _split_text_list(key, text)
     else:
@@ -297,7 +305,10 @@ def _parse_override(schema: DictConfig, item: str) -> DictConfig:
         except OmegaConfBaseException as err:
             raise ConfigError(f"cannot parse override {item!r}: {err}") from None
     out = OmegaConf.create()
-    OmegaConf.update(out, key, value, merge=True)
+    try:
+        OmegaConf.update(out, key, value, merge=True)
+    except OmegaConfBaseException as err:  # e.g. a malformed ${...} interpolation
+        raise ConfigError(f"cannot parse override {item!r}: {err}") from None
     return out
 
 
