@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from ssl_robust.config import FinetuneConfig, load_config, to_dict
+from ssl_robust.config import ConfigError, FinetuneConfig, load_config, to_dict
 from ssl_robust.finetune.model import Classifier
 from ssl_robust.finetune.modules import ClassifierTest, FineTuner
 from ssl_robust.models.backbones import build_backbone
@@ -283,7 +283,7 @@ def test_the_test_accuracy_counts_images_not_batch_means() -> None:
 _DDP_DRIVER = """\
 import json, os, sys
 from pathlib import Path
-from ssl_robust.config import FinetuneConfig, load_config, to_dict
+from ssl_robust.config import ConfigError, FinetuneConfig, load_config, to_dict
 from ssl_robust.pipelines.finetune import finetune
 
 m = finetune(load_config(FinetuneConfig, sys.argv[2:], job="finetune"))
@@ -363,3 +363,25 @@ def test_full_fine_tuning_trains_channels_last_when_asked(
     formats.clear()
     finetune(ft_cfg(random_encoder, tmp_path / "nchw", *common), callbacks=[Format()])
     assert formats and not any(formats)
+
+
+def test_lazily_read_images_of_their_own_sizes_are_refused(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in "ab":
+            (tmp_path / "d" / split / cls).mkdir(parents=True)
+            for i, side in enumerate((9, 12)):
+                Image.new("RGB", (side, side)).save(tmp_path / "d" / split / cls / f"{i}.png")
+    args = [
+        *TINY,
+        "encoder.backbone=convnet",
+        "data.name=imagefolder",
+        f"data.root={tmp_path / 'd'}",
+        "data.in_memory=false",
+        "subset.per_class=1",
+        f"run.dir={tmp_path / 'run'}",
+    ]
+    with pytest.raises(ConfigError, match=r"give data\.image_size"):
+        finetune(load_config(FinetuneConfig, args, job="finetune"))
+    assert not (tmp_path / "run").exists()

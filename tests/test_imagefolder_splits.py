@@ -138,12 +138,3 @@ def test_an_unreadable_cache_is_decoded_again(tmp_path: Path) -> None:
     assert np.array_equal(again.images, first.images) and again.classes == ["a", "b"]
     with np.load(path) as z:  # and rewritten
         assert z["images"].shape == (4, 8, 8, 3)
-
-
-def test_lazily_read_trees_at_size_0_come_at_the_train_trees_size(tmp_path: Path) -> None:
-    _tree(tmp_path / "train", "ab", size=12)
-    _tree(tmp_path / "test", "ab", size=20)
-    s = build_splits("imagefolder", str(tmp_path), image_size=0, in_memory=False)
-    assert s.info.image_size == 12
-    assert {s.train.load(i).size for i in range(len(s.train.labels))} == {(12, 12)}
-    assert {s.val.load(i).size for i in range(len(s.val.labels))} == {(12, 12)}

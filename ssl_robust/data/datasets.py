@@ -436,7 +436,8 @@ def load_image_folder(
     Args:
         root: The tree, ``root/<class>/<image>``.
         image_size: Side the images are resized to; 0 takes the longer side of the tree's
-            first readable image (decoded now or read lazily alike).
+            first readable image when decoding (lazily read files keep their own sizes: the
+            transforms crop and resize them).
         in_memory: Decode every image now into one array (else read files lazily).
         skip_bad: Skip unreadable files (reporting how many) instead of raising.
         cache_dir: Where the decoded array is cached as ``.npz``, keyed by the file list,
@@ -464,7 +465,7 @@ def load_image_folder(
                 "but hold no others"
             )
         labels = np.asarray([index[c] for c in found], dtype=np.int64)[labels]
-    if not image_size:  # lazily read files are resized to it too: one size per tree
+    if in_memory and not image_size:
         image_size = _native_size(files)
     cache: Path | None = None
     if in_memory and cache_dir is not None:
@@ -710,7 +711,7 @@ def build_splits(
             )
             # The test tree in the train tree's terms: its classes (labels follow the folder
             # names, whatever folders either tree lacks) and, with image_size 0, its size.
-            val_size = image_size or _source_size(train)
+            val_size = image_size or (_source_size(train) if in_memory else 0)
             val = load_image_folder(
                 val_dir, val_size, in_memory, skip_bad_images, cache_dir, classes=train.classes
             )
@@ -734,7 +735,8 @@ def _source_size(source: ImageSource) -> int:
     """The side an ImageFolder source's images come at (decoded, or resized when read)."""
     if isinstance(source, ArraySource):
         return int(source.images.shape[1])
-    return int(getattr(source, "size", 0))
+    # Files read at their own sizes: the transforms' 224 px (ImageNet's) unless resized.
+    return int(getattr(source, "size", 0)) or 224
 
 
 def _resize_array(source: ArraySource, size: int) -> ArraySource:

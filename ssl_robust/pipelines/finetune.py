@@ -40,7 +40,13 @@ from ssl_robust.data.datamodule import (
     eval_loader,
     usable_workers,
 )
-from ssl_robust.data.datasets import ImageSource, Splits, TransformDataset, build_splits
+from ssl_robust.data.datasets import (
+    FileSource,
+    ImageSource,
+    Splits,
+    TransformDataset,
+    build_splits,
+)
 from ssl_robust.data.subsets import SPEC_FILE, SubsetSpec, assert_disjoint, load_or_draw_subset
 from ssl_robust.evaluate.cifar_c import params_hash
 from ssl_robust.finetune.export import save_classifier
@@ -661,6 +667,13 @@ def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
 
     data = resolve_data(cfg, encoder_dir, meta)
     splits = _build_splits(data)
+    if isinstance(splits.train, FileSource) and not splits.train.size:
+        # Files read at their own sizes cannot be batched unaugmented (nor corrupted with the
+        # 32 px parameters' scaling later): the classifier needs one input size.
+        raise ConfigError(
+            "fine-tuning reads images of one size: with data.in_memory=false give "
+            "data.image_size (e.g. 224) too"
+        )
     data["image_size"] = splits.info.image_size  # 0 ("native") resolved, for the evaluation
     if meta is None:  # random weights: described by what they will be trained on
         data["mean"], data["std"] = list(splits.info.mean), list(splits.info.std)
