@@ -61,3 +61,20 @@ def jobs() -> Iterator[list[int]]:
     submitted: list[int] = []
     yield submitted
     cancel_quietly(submitted)
+
+
+# The evaluation tests' runs, made once per test module (they take seconds).
+@pytest.fixture(scope="module")
+def classifier_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A digits classifier fine-tuned for 60 steps (tests/eval_runs.py)."""
+    from tests.eval_runs import train_digits_classifier
+
+    return train_digits_classifier(tmp_path_factory.mktemp("finetune-digits"), steps=60)
+
+
+@pytest.fixture(scope="module")
+def denoiser_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny 8 px denoiser (tests/eval_runs.py)."""
+    from tests.eval_runs import tiny_denoiser
+
+    return tiny_denoiser(tmp_path_factory.mktemp("denoiser"))

@@ -44,7 +44,7 @@ from ssl_robust.evaluate.store import UNIT_SUFFIX, read_unit
 from ssl_robust.finetune.export import load_classifier
 from ssl_robust.pipelines.evaluate import evaluate
 from ssl_robust.pipelines.evaluate.setup import SEED_OOD
-from tests.eval_runs import DATA, tiny_denoiser, train_digits_classifier
+from tests.eval_runs import DATA, train_digits_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ["impulse_noise", "contrast"]  # the tiny preset's grid, severities 1 and 5
@@ -52,12 +52,8 @@ GRID = ["impulse_noise", "contrast"]  # the tiny preset's grid, severities 1 and
 
 @pytest.fixture(scope="module")
 def classifier_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This module's own: trained longer than conftest's, for the accuracy checks."""
     return train_digits_classifier(tmp_path_factory.mktemp("finetune-digits"), steps=120)
-
-
-@pytest.fixture(scope="module")
-def denoiser_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_denoiser(tmp_path_factory.mktemp("denoiser"))
 
 
 @pytest.fixture

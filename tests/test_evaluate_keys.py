@@ -18,7 +18,6 @@ from ssl_robust.pipelines.evaluate.setup import threat_specs
 from ssl_robust.pipelines.evaluate.units import purifier_settings, unit_specs
 from ssl_robust.purify.purifier import Purifier, t_star_from_sigma
 from ssl_robust.purify.unet import load_denoiser
-from tests.eval_runs import tiny_denoiser, train_digits_classifier
 
 job = importlib.import_module("ssl_robust.pipelines.evaluate.job")
 adv_mod = importlib.import_module("ssl_robust.pipelines.evaluate.adversarial")
@@ -41,16 +40,6 @@ SMALL = [
     "adv.sanity_linf_eps=[8]",
 ]
 UNITS = ["clean", "adv/linf_8/pgd", "adv/sanity/linf"]
-
-
-@pytest.fixture(scope="module")
-def classifier_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_digits_classifier(tmp_path_factory.mktemp("finetune-digits"), steps=60)
-
-
-@pytest.fixture(scope="module")
-def denoiser_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_denoiser(tmp_path_factory.mktemp("denoiser"))
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from ssl_robust.config import ConfigError, EvaluateConfig, load_config
 from ssl_robust.evaluate.store import STALE_TMP_S, read_unit
 from ssl_robust.finetune.export import load_classifier, save_classifier
 from ssl_robust.models.export import EncoderMeta
-from tests.eval_runs import tiny_denoiser, train_digits_classifier
 
 # The tiny preset's 2 x 2 grid on 128 images, two threats (one per norm) and their sanity checks;
 # no latency section (timings only).
@@ -137,16 +136,6 @@ def _numbers(metrics: dict[str, float]) -> dict[str, float]:
 
 def _report(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "report.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def classifier_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_digits_classifier(tmp_path_factory.mktemp("finetune-digits"), steps=60)
-
-
-@pytest.fixture(scope="module")
-def denoiser_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_denoiser(tmp_path_factory.mktemp("denoiser"))
 
 
 @pytest.fixture
