@@ -4,11 +4,9 @@ evaluation's NFE, and the comparison written atomically."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 import ssl_robust.compare as compare_module
 from ssl_robust.compare import (
@@ -25,13 +23,7 @@ from ssl_robust.compare import (
     upstream_keys,
     upstream_settings,
 )
-
-
-def _write_run(folder: Path, config: dict, metrics: dict, name: str = "metrics.json") -> Path:
-    folder.mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create(config), folder / "config.yaml")
-    (folder / name).write_text(json.dumps(metrics))
-    return folder
+from tests.test_compare import _write_run
 
 
 def _pretrain(root: Path, name: str, epochs: int, lr: float, seed: int, **extra: dict) -> Path:
