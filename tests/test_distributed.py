@@ -294,7 +294,10 @@ def test_requeue_check_collective_runs_every_n_batches_across_ranks(
         return False
 
     trainer = SimpleNamespace(
-        world_size=world, strategy=SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision)
+        world_size=world,
+        strategy=SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision),
+        accumulate_grad_batches=1,
+        num_training_batches=100,
     )
     callback = SlurmRequeue(every_n_batches=10)
     for i in range(25):

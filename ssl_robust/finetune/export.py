@@ -8,12 +8,14 @@ split without the fine-tuning code or a training checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from ssl_robust.finetune.model import Classifier
 from ssl_robust.models.backbones import build_backbone
@@ -33,8 +35,8 @@ def save_classifier(
     os.replace(weights.with_suffix(".tmp"), weights)
     # The normalisation the classifier applies (data.mean/std may override the encoder's).
     applied = {
-        "mean": classifier.mean.flatten().tolist(),
-        "std": classifier.std.flatten().tolist(),
+        "mean": _applied(classifier.mean, encoder_meta.mean),
+        "std": _applied(classifier.std, encoder_meta.std),
     }
     meta = {
         "encoder": asdict(encoder_meta) | applied,
@@ -45,6 +47,16 @@ def save_classifier(
     desc.with_suffix(".tmp").write_text(json.dumps(meta, indent=2))
     os.replace(desc.with_suffix(".tmp"), desc)
     return weights
+
+
+def _applied(buffer: Tensor, declared: list[float]) -> list[float]:
+    """The values a normalisation buffer holds: ``declared`` when they are those (up to the
+    buffer's float32 rounding), else the buffer's own."""
+    values = buffer.flatten().tolist()
+    same = len(values) == len(declared) and all(
+        math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-7) for a, b in zip(values, declared)
+    )
+    return [float(v) for v in declared] if same else values
 
 
 def load_classifier(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
