@@ -277,8 +277,12 @@ def test_resume_from_a_mid_epoch_checkpoint_matches_uninterrupted_run(
         def on_train_batch_start(self, trainer: pl.Trainer, m: Any, b: Any, i: int) -> None:
             seen.append(trainer.global_step)
 
+    (hpc,) = Path(part.run.dir).glob("hpc_ckpt_*.ckpt")
+    before_s = torch.load(hpc, weights_only=False)["callbacks"]["FitClock"]["fit_s"]
     resumed = pretrain(part, callbacks=[Steps()])
     assert seen == [4, 5]  # only the two batches not yet trained on
+    # The fit time counts the first piece (up to its checkpoint) and the resumed one.
+    assert 0 < before_s < resumed["perf/fit_time_s"]
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "part")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)

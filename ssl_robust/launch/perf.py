@@ -48,6 +48,32 @@ def steady_throughput(per_epoch: Sequence[float]) -> float:
     return float(statistics.median(steady))
 
 
+class FitClock(pl.Callback):
+    """Seconds spent in ``fit`` over all the pieces of a run (``total_s``), kept in its
+    checkpoints: a resumed or requeued piece adds its own to those of the pieces before it (up
+    to their last checkpoint; what they trained after it is trained again and counted then)."""
+
+    def __init__(self) -> None:
+        self.before_s = 0.0  # the earlier pieces', restored from the checkpoint
+        self.total_s = 0.0
+        self._start: float | None = None
+
+    def _now_s(self) -> float:
+        return self.before_s + (time.perf_counter() - self._start if self._start else 0.0)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.total_s = self._now_s()
+
+    def state_dict(self) -> dict[str, float]:
+        return {"fit_s": self._now_s()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before_s = float(state_dict.get("fit_s", 0.0))
+
+
 class EpochThroughput(pl.Callback):
     """Logs ``perf/train_images_per_s`` and ``perf/epoch_s`` once per training epoch.
 

@@ -35,7 +35,7 @@ from ssl_robust.launch.distributed import (
     resolve_accelerator,
     use_sync_batchnorm,
 )
-from ssl_robust.launch.perf import EpochThroughput
+from ssl_robust.launch.perf import EpochThroughput, FitClock
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
@@ -340,7 +340,7 @@ def build_trainer(
     quiet_lightning()
     accelerator = resolve_accelerator(tcfg.accelerator)
     plugins = cluster_plugins()
-    all_callbacks = [*callbacks, ScaleSummary(), EpochThroughput()]
+    all_callbacks = [*callbacks, ScaleSummary(), EpochThroughput(), FitClock()]
     if plugins and tcfg.auto_requeue:
         all_callbacks.append(SlurmRequeue())
     if tcfg.progress_bar:

@@ -16,7 +16,7 @@ from rich.table import Table
 from ssl_robust.config import ConfigError, to_dict
 from ssl_robust.data.datasets import Splits, build_splits
 from ssl_robust.launch.curves import plot_training_curves
-from ssl_robust.launch.perf import EpochThroughput, steady_throughput
+from ssl_robust.launch.perf import EpochThroughput, FitClock, steady_throughput
 from ssl_robust.launch.trainer import (
     newest_checkpoint,
     read_json,
@@ -137,7 +137,17 @@ def fit_resumable(
     throughput = next((c for c in callbacks if isinstance(c, EpochThroughput)), None)
     if throughput is not None and throughput.images_per_s:
         metrics["perf/train_images_per_s"] = steady_throughput(throughput.images_per_s)
+    fit_time_s(trainer, metrics)
     return metrics, elapsed
+
+
+def fit_time_s(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    """``perf/fit_time_s``: the seconds in ``fit`` over all the run's pieces (:class:`FitClock`,
+    kept in the checkpoints), so a resumed, requeued or finished-and-rerun run counts them all."""
+    callbacks = getattr(trainer, "callbacks", [])
+    clock = next((c for c in callbacks if isinstance(c, FitClock)), None)
+    if clock is not None:
+        metrics["perf/fit_time_s"] = clock.total_s
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

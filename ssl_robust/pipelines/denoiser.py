@@ -161,7 +161,6 @@ def train_denoiser(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[
             * cfg.trainer.accumulate_grad_batches
             * trainer.world_size
         )
-        metrics["perf/fit_time_s"] = metrics.get("perf/fit_time_s", 0.0) + elapsed  # all pieces
         metrics["perf/train_images_per_s"] = images / elapsed
     if trainer.is_global_zero and not cfg.trainer.fast_dev_run:
         write_json(run_dir / "metrics.json", metrics)

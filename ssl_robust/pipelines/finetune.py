@@ -75,6 +75,7 @@ from ssl_robust.pipelines.common import (
     check_resumable,
     console,
     final_metrics,
+    fit_time_s,
     flatten,
     print_summary,
     write_curves,
@@ -562,10 +563,8 @@ def _fit(
     ckpt = job.resume_from
     if ckpt and trainer.is_global_zero:
         console.print(f"Resuming from {ckpt}", soft_wrap=True)
-    start = time.perf_counter()
     trainer.fit(module, train_loader, val_loaders, ckpt_path=ckpt)
-    # Summed over the run's pieces (a resumed run carries the earlier pieces' metrics).
-    metrics["perf/fit_time_s"] = metrics.get("perf/fit_time_s", 0.0) + time.perf_counter() - start
+    fit_time_s(trainer, metrics)  # over all the run's pieces
     metrics["epochs"] = float(trainer.current_epoch)
     metrics.update(final_metrics(trainer))
 

@@ -205,13 +205,10 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    metrics, elapsed = fit_resumable(
+    metrics, _ = fit_resumable(
         trainer, method, run_dir, cfg.run.resume, "val/knn_acc", datamodule=datamodule
     )
     metrics.update(getattr(method, "derived", {}))
-    # Summed over the run's pieces (a resumed run carries the earlier pieces' metrics), so a
-    # finished run rerun, which fits nothing, keeps its training time.
-    metrics["perf/fit_time_s"] = metrics.get("perf/fit_time_s", 0.0) + elapsed
     if trainer.is_global_zero and not cfg.trainer.fast_dev_run:
         write_json(run_dir / "metrics.json", metrics)
         meta = EncoderMeta(
