@@ -255,7 +255,7 @@ def upstream_settings(
         for k, v in _active_config(Run("", "", own)).items():
             if data_only and not k.startswith("data."):
                 continue
-            if not (k.startswith("run.") or _is_upstream(k) or _is_ignored(k)):
+            if not (k.startswith("run.") or _is_seed(k) or _is_upstream(k) or _is_ignored(k)):
                 out[name + k] = v
         if not data_only:
             out.update(upstream_settings(own, upstream, name, seen))
@@ -405,7 +405,7 @@ def run_labels(runs: Sequence[Run]) -> dict[str, str]:
     groups = by_job(runs)
     labels = {}
     for job, members in groups.items():
-        series = [k for k in differing_keys(members) if k != "run.seed"]
+        series = [k for k in differing_keys(members) if not _is_seed(k)]
         for run in members:
             label = _series_label(run, series)
             if not label or len(label) > _MAX_LABEL:
@@ -528,14 +528,24 @@ def _is_upstream(key: str) -> bool:
     return key.endswith(".run") or key == "data.like"
 
 
+# Seeds besides run.seed: of a fine-tuning's purifier noise, of its data split, of a
+# denoiser's sample grids. Runs apart only in seeds are replicates.
+_OTHER_SEEDS = ("purify.seed", "data.split_seed", "samples.seed")
+
+
+def _is_seed(key: str) -> bool:
+    return key == "run.seed" or key in _OTHER_SEEDS
+
+
 def _is_seed_or_path(key: str) -> bool:
-    return key == "run.seed" or _is_upstream(key)
+    return _is_seed(key) or _is_upstream(key)
 
 
 def replicate_groups(
     runs: Sequence[Run], keys: Sequence[str]
 ) -> list[tuple[dict[str, Any], list[Run]]]:
-    """Runs of one setting: runs that differ only in ``run.seed`` and in which runs they build
+    """Runs of one setting: runs that differ only in seeds (``run.seed``, and the purifier's,
+    the split's and the sample grids' seeds) and in which runs they build
     on, where those runs' settings match too, recursively (:func:`upstream_settings`: whether
     each is set, and all but their seeds and paths), so that fine-tunings of encoders
     pretrained for 100 and for 800 epochs stay apart while those of replicate encoders (seeds

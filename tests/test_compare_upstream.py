@@ -304,3 +304,15 @@ def test_upstream_io_settings_and_a_data_like_runs_method_do_not_split_replicate
     runs = find_runs([base])
     groups = replicate_groups(runs, differing_keys(runs))
     assert [[r.name for r in g] for _, g in groups] == [["a", "b"], ["c"]]
+
+
+def test_runs_apart_only_in_seeds_of_any_kind_are_replicates(tmp_path: Path) -> None:
+    ft = tmp_path / "ft"
+    for s in range(3):  # the run's seed, its purifier's noise and its split apart
+        config = {"run": {"seed": s}, "mode": "linear", "purify": {"seed": 10 + s},
+                  "data": {"split_seed": s}}  # fmt: skip
+        _write_run(ft / f"f{s}", config, {"test/acc": 0.5 + s / 100})
+    runs = find_runs([ft])
+    keys = differing_keys(runs)
+    assert keys == ["data.split_seed", "purify.seed", "run.seed"]
+    assert [[r.name for r in g] for _, g in replicate_groups(runs, keys)] == [["f0", "f1", "f2"]]
