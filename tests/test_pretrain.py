@@ -165,8 +165,10 @@ def test_rerunning_a_finished_run_does_not_retrain(
     for k in before:
         assert torch.equal(before[k], after[k])
     assert again["val/knn_acc"] == first["val/knn_acc"]
-    # The training time is the first run's (plus the rerun's near-nothing), not replaced by it.
-    assert first["perf/fit_time_s"] <= again["perf/fit_time_s"] < first["perf/fit_time_s"] + 2
+    # The training time is the first run's (up to its last checkpoint, plus the rerun's
+    # near-nothing), not replaced by the rerun's.
+    assert again["perf/fit_time_s"] == pytest.approx(first["perf/fit_time_s"], abs=2)
+    assert again["perf/fit_time_s"] > 0.5 * first["perf/fit_time_s"]
 
 
 def test_no_resume_starts_over(tiny_pretrain_cfg: Callable[..., DictConfig]) -> None:

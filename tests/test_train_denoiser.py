@@ -161,6 +161,8 @@ def test_rerun_of_a_finished_run_does_not_retrain(
     second = train_denoiser(cfg, callbacks=[start])
     assert start.step is None  # restored at the end: the training loop never started
     assert last_ckpt(run)["global_step"] == 6
+    # The same numbers; the fit time, counted up to the last checkpoint, plus the no-op rerun.
+    assert second.pop("perf/fit_time_s") == pytest.approx(first.pop("perf/fit_time_s"), abs=2)
     assert second == pytest.approx(first)
     assert (run / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
     assert {p.name: p.stat().st_mtime_ns for p in (run / "samples").glob("*.png")} == grids
