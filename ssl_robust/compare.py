@@ -32,37 +32,13 @@ from urllib.parse import quote
 import numpy as np
 from omegaconf import OmegaConf
 
+from ssl_robust.config.common import RUN_ONLY_KEYS
 from ssl_robust.files import private_tmp
 from ssl_robust.launch.curves import read_history
 from ssl_robust.plotting import pyplot, save_figure
 
 # Config keys that name a run and never explain a difference between results.
-IGNORED_KEYS = (
-    "run.dir",
-    "run.resume",
-    "wandb.",
-    "trainer.progress_bar",
-    "trainer.curves_every_s",
-    "eval.progress",
-    "data.root",
-    "data.num_workers",  # loader processes: the data is the same whatever their number
-    "eval.data_root",  # where the evaluation data lies, like data.root
-    "linear.cache_dir",  # where a linear probe's features are cached
-    # How the work was run, not what it computed: downloads, caches, loaders, logging,
-    # collectives, compilation, devices (a run is the same experiment on a CPU or a GPU).
-    "data.download",
-    "data.in_memory",
-    "data.eval_batch_size",
-    "data.compile_views",
-    "model.compile",
-    "trainer.log_every_n_steps",
-    "trainer.pg_timeout_s",
-    "trainer.auto_requeue",
-    "trainer.cudnn_benchmark",
-    "trainer.accelerator",
-    "eval.device",
-    "eval.batch_size",
-)
+IGNORED_KEYS = ("run.dir", "run.resume", "wandb.", *sorted(RUN_ONLY_KEYS))
 # Sections a setting switches off: their keys did not act in that run.
 _INACTIVE_WHEN = {
     ("mode", "linear"): ("augment.", "optim.encoder_lr_mult"),  # a probe on frozen features

@@ -201,6 +201,22 @@ class WandbConfig:
     init_timeout_s: int = 300
 
 
+# Keys that say how a run was run, not what it computed: where data and caches lie,
+# downloads, loader processes, logging and progress, collectives, compilation, devices (a run
+# is the same experiment on a CPU or a GPU). A resumed run may change them (pipelines'
+# resume checks), and they never explain a difference between results (compare).
+RUN_ONLY_KEYS = frozenset(
+    {
+        "data.root", "data.download", "data.num_workers", "data.eval_batch_size",
+        "data.in_memory", "data.compile_views", "model.compile", "linear.cache_dir",
+        "trainer.progress_bar", "trainer.curves_every_s", "trainer.log_every_n_steps",
+        "trainer.pg_timeout_s", "trainer.auto_requeue", "trainer.cudnn_benchmark",
+        "trainer.accelerator", "eval.progress", "eval.data_root", "eval.device",
+        "eval.batch_size",
+    }
+)  # fmt: skip
+
+
 # Closed sets of values of the shared sections, checked at load time (each job adds its own).
 # Registries (METHODS, datasets) have tests that keep these lists equal to the code.
 COMMON_CHOICES: dict[str, tuple[str, ...]] = {

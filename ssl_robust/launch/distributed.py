@@ -86,6 +86,17 @@ def is_global_zero(env: Mapping[str, str] | None = None) -> bool:
     return node == 0 and int(env.get("LOCAL_RANK", "0")) == 0
 
 
+def local_rank(env: Mapping[str, str] | None = None) -> int:
+    """This process's rank on its node, read before the Trainer exists: torchrun's and
+    Lightning's launcher's ``LOCAL_RANK``, or SLURM's ``SLURM_LOCALID`` under ``srun``."""
+    env = os.environ if env is None else env
+    if "LOCAL_RANK" in env:
+        return int(env["LOCAL_RANK"])
+    if detect_launch(env).launcher == "slurm":
+        return int(env.get("SLURM_LOCALID", "0"))
+    return 0
+
+
 def check_world_size(devices: int, num_nodes: int, env: Mapping[str, str] | None = None) -> Launch:
     """Fail fast when the launched processes cannot form ``devices x num_nodes`` ranks.
 

@@ -164,10 +164,13 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def settings_of(
     config: Mapping[str, Any], sections: tuple[str, ...], free: frozenset[str]
 ) -> dict[str, Any]:
-    """The flattened keys of ``config`` in ``sections``, less those in ``free``: what a
-    resumed run must share with its checkpoint (:func:`check_resumable`)."""
+    """The flattened keys of ``config`` in ``sections``, less those in ``free``, and
+    ``run.seed`` (it orders the data and seeds the views and noise): what a resumed run must
+    share with its checkpoint (:func:`check_resumable`)."""
     return {
-        k: v for k, v in flatten(config).items() if k.split(".")[0] in sections and k not in free
+        k: v
+        for k, v in flatten(config).items()
+        if k == "run.seed" or (k.split(".")[0] in sections and k not in free)
     }
 
 

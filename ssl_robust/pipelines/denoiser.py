@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback
 
 from ssl_robust.config import save_config, to_dict
+from ssl_robust.config.common import RUN_ONLY_KEYS
 from ssl_robust.data.images import ImageDataModule
 from ssl_robust.launch.trainer import (
     ConfigInCheckpoint,
@@ -24,7 +25,6 @@ from ssl_robust.pipelines.common import (
     check_resumable,
     console,
     fit_resumable,
-    flatten,
     print_summary,
     run_dir_for,
     settings_of,
@@ -37,19 +37,13 @@ from ssl_robust.purify.unet import build_unet, make_scheduler, save_denoiser
 # What a resumed denoiser training must share with its checkpoint (trainer.* and samples.*
 # may change: a finished run can be extended).
 _RESUME_SECTIONS = ("denoiser", "data", "views")
-_RESUME_FREE = frozenset(
-    {
-        "data.root", "data.download", "data.num_workers", "data.eval_batch_size",
-        "data.in_memory", "data.cache_dir", "data.augment", "data.compile_views",
-    }
-)  # fmt: skip
+# I/O, and the view path (the CPU and the device views follow the same distributions).
+_RESUME_FREE = RUN_ONLY_KEYS | {"data.augment"}
 
 
 def resume_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """The flattened keys of a denoiser config that a resumed run must share."""
-    # run.seed too: it orders the data and seeds the views (and the noise).
-    seed = {k: v for k, v in flatten(config).items() if k == "run.seed"}
-    return settings_of(config, _RESUME_SECTIONS, _RESUME_FREE) | seed
+    return settings_of(config, _RESUME_SECTIONS, _RESUME_FREE)
 
 
 def build_denoiser(cfg: DictConfig, image_size: int, seed: int) -> DenoiserModule:

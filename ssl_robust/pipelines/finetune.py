@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.transforms.v2 import GaussianNoise
 
 from ssl_robust.config import ConfigError, save_config, to_dict
+from ssl_robust.config.common import RUN_ONLY_KEYS
 from ssl_robust.config.finetune import CHOICES
 from ssl_robust.data.datamodule import (
     EpochSeededSampler,
@@ -59,7 +59,7 @@ from ssl_robust.finetune.features import (
 )
 from ssl_robust.finetune.model import Classifier
 from ssl_robust.finetune.modules import ClassifierTest, FineTuner, LinearProbe
-from ssl_robust.launch.distributed import detect_launch
+from ssl_robust.launch.distributed import local_rank
 from ssl_robust.launch.trainer import (
     ConfigInCheckpoint,
     build_loggers,
@@ -233,21 +233,14 @@ _TRAINING_SECTIONS = {
     "full": ("data", "optim", "augment", "trainer"),
     "linear": ("data", "optim", "linear", "trainer"),
 }
-_NOT_TRAINING = frozenset(
-    {
-        # The data's identity is checked (resolved) against subset.json; the rest is I/O.
-        "data.name", "data.root", "data.download", "data.image_size", "data.val_fraction",
-        "data.in_memory", "data.skip_bad_images", "data.mean", "data.std", "data.split_seed",
-        "data.like", "data.eval_batch_size", "data.num_workers", "data.augment",
-        "data.compile_views",
-        "linear.cache_dir",
-        "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy",
-        "trainer.pg_timeout_s", "trainer.sync_batchnorm", "trainer.auto_requeue",
-        "trainer.channels_last", "trainer.log_every_n_steps", "trainer.deterministic",
-        "trainer.cudnn_benchmark", "trainer.progress_bar", "trainer.curves_every_s",
-        "trainer.fast_dev_run",
-    }
-)  # fmt: skip
+_NOT_TRAINING = RUN_ONLY_KEYS | {
+    # The data's identity is checked (resolved) against subset.json.
+    "data.name", "data.image_size", "data.val_fraction", "data.skip_bad_images", "data.mean",
+    "data.std", "data.split_seed", "data.like", "data.augment",
+    # How many processes on which devices; memory layout; reproducibility switches.
+    "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.sync_batchnorm",
+    "trainer.channels_last", "trainer.deterministic", "trainer.fast_dev_run",
+}  # fmt: skip
 
 
 def training_settings(config: Mapping[str, Any], with_subset: bool = True) -> dict[str, Any]:
@@ -270,22 +263,11 @@ def training_settings(config: Mapping[str, Any], with_subset: bool = True) -> di
     return out
 
 
-def _local_rank(env: Mapping[str, str] | None = None) -> int:
-    """This process's rank on its node, read before the Trainer exists: torchrun's and
-    Lightning's launcher's ``LOCAL_RANK``, or SLURM's ``SLURM_LOCALID`` under ``srun``."""
-    env = os.environ if env is None else env
-    if "LOCAL_RANK" in env:
-        return int(env["LOCAL_RANK"])
-    if detect_launch(env).launcher == "slurm":
-        return int(env.get("SLURM_LOCALID", "0"))
-    return 0
-
-
 def _device(accelerator: str, env: Mapping[str, str] | None = None) -> torch.device:
     """Where this process computes before the Trainer exists (the linear probe's features):
     its own GPU, ``cuda:<local rank>``, so that the ranks of a node do not all share cuda:0."""
     if accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available():
-        return torch.device("cuda", _local_rank(env) % max(1, torch.cuda.device_count()))
+        return torch.device("cuda", local_rank(env) % max(1, torch.cuda.device_count()))
     return torch.device("cpu")
 
 

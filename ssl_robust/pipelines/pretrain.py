@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback
 
 from ssl_robust.config import ConfigError, save_config, to_dict
+from ssl_robust.config.common import RUN_ONLY_KEYS
 from ssl_robust.data.datamodule import SSLDataModule
 from ssl_robust.data.transforms import (
     ViewParams,
@@ -35,7 +36,6 @@ from ssl_robust.pipelines.common import (
     build_data,
     check_resumable,
     fit_resumable,
-    flatten,
     print_summary,
     run_dir_for,
     settings_of,
@@ -46,20 +46,13 @@ from ssl_robust.pipelines.common import (
 # data and views, the optimiser and the denoised views. trainer.* may change (a finished run
 # extended by trainer.max_epochs follows the new schedule), and so may monitoring and I/O.
 _RESUME_SECTIONS = ("method", "model", "data", "views", "optim", "denoise")
-_RESUME_FREE = frozenset(
-    {
-        "data.root", "data.download", "data.num_workers", "data.eval_batch_size",
-        "data.in_memory", "data.cache_dir", "data.augment", "data.compile_views",
-        "model.compile",
-    }
-)  # fmt: skip
+# I/O, and the view path (the CPU and the device views follow the same distributions).
+_RESUME_FREE = RUN_ONLY_KEYS | {"data.augment"}
 
 
 def resume_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """The flattened keys of a pretraining config that a resumed run must share."""
-    # run.seed too: it orders the data and seeds the views (and the noise).
-    seed = {k: v for k, v in flatten(config).items() if k == "run.seed"}
-    return settings_of(config, _RESUME_SECTIONS, _RESUME_FREE) | seed
+    return settings_of(config, _RESUME_SECTIONS, _RESUME_FREE)
 
 
 def build_method(cfg: DictConfig, backbone: Encoder, num_classes: int) -> pl.LightningModule:
