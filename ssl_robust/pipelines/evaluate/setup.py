@@ -154,13 +154,8 @@ def check_config(cfg: DictConfig) -> None:
                 name in valid,
                 f"unknown corruption {name!r} in shift.corruptions; choose from {valid}",
             )
-        twice = _repeated(s.corruptions)
-        need(
-            not twice,
-            f"shift.corruptions names {', '.join(map(repr, twice))} more than once; give each "
-            "corruption once (the grid means would count it twice in some means and once in "
-            "others)",
-        )
+        why = " (the grid means would count it twice in some means and once in others)"
+        need(*_once("shift.corruptions", s.corruptions, "corruption", why))
         need(len(s.severities) > 0, f"shift.severities is empty; choose from {list(SEVERITIES)}")
         for sev in s.severities:
             need(
@@ -275,12 +270,7 @@ def check_config(cfg: DictConfig) -> None:
                 kind in NOISE_KINDS,
                 f"unknown noise kind {kind!r} in ood.noise_kinds; choose from {list(NOISE_KINDS)}",
             )
-        twice = _repeated(o.noise_kinds)
-        need(
-            not twice,
-            f"ood.noise_kinds names {', '.join(map(repr, twice))} more than once; give each "
-            "noise kind once",
-        )
+        need(*_once("ood.noise_kinds", o.noise_kinds, "noise kind"))
         need(o.num_noise >= 0, f"ood.num_noise must be >= 0, got {o.num_noise}")
         need(o.num_images >= 0, f"ood.num_images must be >= 0, got {o.num_images}")
         for score in o.feature_scores:
@@ -301,15 +291,17 @@ def check_config(cfg: DictConfig) -> None:
         need(f.warmup >= 0 and f.iters >= 1, "perf.warmup must be >= 0 and perf.iters >= 1")
 
 
-def _repeated(values: Sequence[Any]) -> list[Any]:
-    """The values that occur more than once, in order of their first repeat."""
+def _once(key: str, values: Sequence[Any], noun: str, why: str = "") -> tuple[bool, str]:
+    """``(ok, message)`` for ``need``: whether ``key`` names each of its ``values`` once, and
+    the values it repeats (in order of their first repeat)."""
     seen: set[Any] = set()
     twice: dict[Any, None] = {}
     for v in values:
         if v in seen:
             twice[v] = None
         seen.add(v)
-    return list(twice)
+    names = ", ".join(map(repr, twice))
+    return not twice, f"{key} names {names} more than once; give each {noun} once{why}"
 
 
 def attacked_count(cfg: DictConfig, n: int) -> int:
