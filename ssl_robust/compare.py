@@ -33,7 +33,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from ssl_robust.config.common import RUN_ONLY_KEYS
-from ssl_robust.files import private_tmp
+from ssl_robust.files import write_text_atomic
 from ssl_robust.launch.curves import read_history
 from ssl_robust.plotting import pyplot, save_figure
 
@@ -1280,17 +1280,6 @@ def plot_accuracy_on_the_line(
         ax.set_title(f"{measure} vs clean" + (f"\n({name})" if name else ""), fontsize=9)
         ax.grid(alpha=0.3)
     return _save_with_side_legend(fig, axes[0], path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in its folder renamed over it: a reader
-    (or a crash mid-write) sees the old file or the new one, never half of one."""
-    tmp = private_tmp(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _nfe_settings(run: Run) -> set[str]:

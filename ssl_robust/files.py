@@ -14,9 +14,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["private_tmp"]
+__all__ = ["private_tmp", "write_text_atomic"]
 
 
 def private_tmp(path: Path) -> Path:
     """The temp file this process writes ``path`` through before renaming it into place."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through :func:`private_tmp` renamed over it: a reader (or a
+    crash mid-write) sees the old file or the new one, never half of one, and a failed write
+    leaves no temp file behind."""
+    tmp = private_tmp(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

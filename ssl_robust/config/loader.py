@@ -27,7 +27,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from ssl_robust.config import denoiser, evaluate, finetune, pretrain
 from ssl_robust.config.common import COMMON_CHOICES, COMMON_RANGES, ConfigError, Range
-from ssl_robust.files import private_tmp
+from ssl_robust.files import write_text_atomic
 
 T = TypeVar("T")
 
@@ -411,9 +411,7 @@ def save_config(cfg: DictConfig, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = private_tmp(path)
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, path)
+    write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def schema_keys(schema: type) -> list[str]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import re
 import warnings
 from collections.abc import Sequence
@@ -35,7 +34,7 @@ import numpy as np
 from ssl_robust.evaluate.corruptions import CORRUPTION_GROUPS
 from ssl_robust.evaluate.metrics import accuracy_interval, certified_radii, interval_bars
 from ssl_robust.evaluate.ood import FEATURE_SCORES, LOGIT_SCORES
-from ssl_robust.files import private_tmp
+from ssl_robust.files import write_text_atomic
 from ssl_robust.plotting import pyplot, save_figure
 
 __all__ = [
@@ -1563,12 +1562,6 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = private_tmp(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(report: dict[str, Any], folder: str | Path) -> dict[str, Path]:
     """Write ``report.json``, ``plots/*.png`` and ``report.md`` into ``folder``.
 
@@ -1579,7 +1572,7 @@ def write_report(report: dict[str, Any], folder: str | Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     report = _json_safe(report)
     paths: dict[str, Path] = {"json": folder / "report.json"}
-    _atomic_write(paths["json"], json.dumps(report, indent=2, sort_keys=False) + "\n")
+    write_text_atomic(paths["json"], json.dumps(report, indent=2, sort_keys=False) + "\n")
     plots = make_plots(report, folder / "plots")
     # Figures drawn by the job itself (their images are not in the report): kept while present.
     for name, figure in (report.get("figures") or {}).items():
@@ -1587,7 +1580,7 @@ def write_report(report: dict[str, Any], folder: str | Path) -> dict[str, Path]:
             plots[name] = folder / figure["path"]
     rel = {k: str(p.relative_to(folder)) for k, p in plots.items()}
     paths["markdown"] = folder / "report.md"
-    _atomic_write(paths["markdown"], render_markdown(report, rel))
+    write_text_atomic(paths["markdown"], render_markdown(report, rel))
     return {**paths, **plots}
 
 

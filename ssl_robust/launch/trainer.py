@@ -23,7 +23,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 
 from ssl_robust.config import TrainerConfig, WandbConfig
-from ssl_robust.files import private_tmp
+from ssl_robust.files import write_text_atomic
 from ssl_robust.launch import curves
 from ssl_robust.launch.distributed import (
     ScaleSummary,
@@ -42,9 +42,7 @@ def write_json(path: str | Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (temp file + rename): a crash never leaves a torn file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = private_tmp(path)
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -204,9 +202,7 @@ def wandb_run_id(run_dir: Path) -> str:
         return path.read_text().strip()
     run_id = uuid.uuid4().hex[:8]  # wandb's id alphabet: lowercase letters and digits
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = private_tmp(path)
-    tmp.write_text(run_id)
-    os.replace(tmp, path)
+    write_text_atomic(path, run_id)
     return run_id
 
 
