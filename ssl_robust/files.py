@@ -12,9 +12,11 @@ cache) never write through the same temp file.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
-__all__ = ["private_tmp", "write_text_atomic"]
+__all__ = ["private_tmp", "write_atomic", "write_text_atomic"]
 
 
 def private_tmp(path: Path) -> Path:
@@ -22,13 +24,19 @@ def private_tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through :func:`private_tmp` renamed over it: a reader (or a
-    crash mid-write) sees the old file or the new one, never half of one, and a failed write
-    leaves no temp file behind."""
+def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write ``path`` with ``write(file)`` through :func:`private_tmp`, renamed over it: a
+    reader (or a crash mid-write) sees the old file or the new one, never half of one, and a
+    failed write leaves no temp file behind."""
     tmp = private_tmp(path)
     try:
-        tmp.write_text(text)
+        with open(tmp, "wb") as fh:
+            write(fh)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """:func:`write_atomic` of ``text`` (UTF-8)."""
+    write_atomic(path, lambda fh: fh.write(text.encode()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -129,13 +130,13 @@ def test_the_writer_uses_temp_files_of_its_own_process(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     written: list[str] = []
-    real = subsets.os.replace
+    real = os.replace
 
     def recording(src: Any, dst: Any) -> None:
         written.append(f"{Path(src).name} -> {Path(dst).name}")
         real(src, dst)
 
-    monkeypatch.setattr(subsets.os, "replace", recording)
+    monkeypatch.setattr(os, "replace", recording)  # the writer's (ssl_robust.files) too
     load_or_draw_subset(tmp_path, LABELS, SPEC)
     pid = multiprocessing.current_process().pid
     assert written == [

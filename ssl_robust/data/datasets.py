@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from rich.progress import track
 from torch.utils.data import Dataset
 
-from ssl_robust.files import private_tmp
+from ssl_robust.files import write_atomic
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -485,17 +485,16 @@ def load_image_folder(
         return FileSource([files[i] for i in good], labels[good], names, image_size)
     source = ArraySource(np.stack(pixels), labels[good], names)
     if cache is not None:
-        tmp = private_tmp(cache)  # this process's own: every DDP rank may write the cache
-        try:
+        try:  # through this process's own temp file: every DDP rank may write the cache
             cache.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as fh:
-                np.savez(fh, images=source.images, labels=source.labels, classes=json.dumps(names))
-            os.replace(tmp, cache)
+            write_atomic(
+                cache,
+                lambda fh: np.savez(
+                    fh, images=source.images, labels=source.labels, classes=json.dumps(names)
+                ),
+            )
         except OSError as err:  # a read-only dataset folder: decode again next time
             print(f"Could not cache decoded images in {str(cache.parent)!r}: {err}")
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
     return source
 
 

@@ -16,16 +16,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from decimal import ROUND_CEILING, Decimal
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
-from ssl_robust.files import private_tmp
+from ssl_robust.files import write_atomic, write_text_atomic
 
 SUBSET_FILE = "subset.npy"
 SPEC_FILE = "subset.json"
@@ -213,21 +211,9 @@ def load_or_draw_subset(
     # Every rank of a multi-process run draws at once: each writes through its own temp file
     # and renames it into place, and since the draws are identical, whichever rename lands
     # last leaves the same files.
-    text = json.dumps(record, indent=2, sort_keys=True)
-    _write_replace(desc, lambda fh: fh.write(text.encode()))
-    _write_replace(npy, lambda fh: np.save(fh, indices))
+    write_text_atomic(desc, json.dumps(record, indent=2, sort_keys=True))
+    write_atomic(npy, lambda fh: np.save(fh, indices))
     return indices
-
-
-def _write_replace(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write ``path`` through this process's temp file and rename it into place."""
-    tmp = private_tmp(path)
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def check_indices(indices: np.ndarray, num_train: int) -> None:
