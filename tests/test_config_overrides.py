@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ssl_robust.cli import EXIT_USAGE, main
 from ssl_robust.config import (
@@ -19,6 +19,7 @@ from ssl_robust.config import (
     PretrainConfig,
     load_config,
 )
+from ssl_robust.pipelines.evaluate import check_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -355,3 +356,41 @@ def test_help_shows_the_new_ranges(capsys: pytest.CaptureFixture[str]) -> None:
     assert "  monitor.knn_t = 0.1   (> 0)\n" in out
     assert main("pretrain", ["--help", "run.seed"], pipeline=_never_run) == 0
     assert "  run.seed = 0   (in 0..4294967295)\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("override", "must_be"),
+    [
+        ("eval.examples=17", "in 0..16"),
+        ("eval.batch_size=0", ">= 1"),
+        ("clean.draws=0", ">= 1"),
+        ("adv.steps=0", ">= 1"),
+        ("adv.shards=0", ">= 1"),
+        ("cert.alpha=0.5", r"in \(0, 0.5\)"),
+        ("calib.temperature_folds=1", ">= 2"),
+        ("ood.bank_size=1", r"0 \(all\) or >= 2"),
+        ("perf.iters=0", ">= 1"),
+    ],
+)
+def test_evaluation_ranges_are_checked_when_the_config_loads(override: str, must_be: str) -> None:
+    """Before, the evaluation job checked these only when it started (and --help showed none);
+    a config built in code still meets the same check in the pipeline."""
+    key, value = override.split("=")
+    with pytest.raises(ConfigError, match=rf"invalid value {value} for '{key}': must be {must_be}"):
+        load_config(SCHEMAS["evaluate"], ["classifier.run=x", override], job="evaluate")
+    cfg = load_config(SCHEMAS["evaluate"], ["classifier.run=x"], job="evaluate")
+    OmegaConf.update(cfg, key, float(value) if "." in value else int(value))
+    with pytest.raises(ConfigError, match=rf"invalid value {value} for '{key}': must be {must_be}"):
+        check_config(cfg)
+
+
+def test_evaluation_ranges_accept_their_edges_and_show_in_help(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    edges = ["eval.examples=16", "eval.examples=0", "ood.bank_size=0", "ood.bank_size=2"]
+    for edge in edges:
+        check_config(load_config(SCHEMAS["evaluate"], ["classifier.run=x", edge], job="evaluate"))
+    assert main("evaluate", ["--help", "adv"], pipeline=_never_run) == 0
+    out = capsys.readouterr().out
+    assert "  adv.steps = 100   (>= 1)\n" in out
+    assert "  adv.shards = 1   (>= 1)\n" in out

@@ -1,15 +1,16 @@
 """The evaluation job's schema (clean, corruptions, attacks, calibration, OOD, latency).
 
 Every section can be switched off and shrunk, so CI runs a tiny grid with the same code that
-runs the full benchmark. Value sets that are lists (corruption names, eps lists) are checked by
-the pipeline before any work starts (``pipelines.evaluate.check_config``).
+runs the full benchmark. Closed value sets (CHOICES) and numeric ranges (RANGES) are checked
+when the config loads; lists (corruption names, eps lists) and settings that depend on each
+other are checked by the pipeline before any work starts (``pipelines.evaluate.check_config``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ssl_robust.config.common import RunConfig, WandbConfig
+from ssl_robust.config.common import Range, RunConfig, WandbConfig, at_least
 
 # The 15 CIFAR-10-C benchmark corruptions (Hendrycks & Dietterich 2019), in the paper's order.
 BENCHMARK_CORRUPTIONS = [
@@ -299,4 +300,51 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "purifier.dtype": ("bfloat16", "float32"),
     "adv.loss": ("ce", "margin"),
     "adv.autoattack_version": ("custom", "plus", "rand", "standard"),
+}
+
+# The most images an example figure shows (eval.examples); each PGD unit keeps this many
+# adversarial examples, so changing eval.examples never recomputes an attack.
+MAX_EXAMPLES = 16
+
+PROBABILITY_BELOW_HALF: Range = ((lambda v: 0 < v < 0.5), "in (0, 0.5)")
+
+# Numeric ranges of this job's own keys, checked when the config loads (with the shared ones)
+# and again by the pipeline (a config built in code skips the loader).
+RANGES: dict[str, Range] = {
+    "purifier.t_star": at_least(0),
+    "purifier.sigma": at_least(0, "0 = use purifier.t_star"),
+    "purifier.ddim_steps": at_least(1),
+    "eval.batch_size": at_least(1),
+    "eval.max_images": at_least(0, "0 = all"),
+    "eval.examples": ((lambda v: 0 <= v <= MAX_EXAMPLES), f"in 0..{MAX_EXAMPLES}; 0 = no figures"),
+    "eval.bootstrap": at_least(0, "0 = no intervals"),
+    "clean.draws": at_least(1),
+    "shift.batch_size": at_least(1),
+    "shift.draws": at_least(1),
+    "natural.max_images": at_least(0, "0 = all"),
+    "adv.steps": at_least(1),
+    "adv.step_size": at_least(0, "0 = 2.5 * eps / steps"),
+    "adv.eot": at_least(1),
+    "adv.rescore_draws": at_least(1),
+    "adv.max_images": at_least(0, "0 = all"),
+    "adv.shards": at_least(1),
+    "adv.shard": at_least(0, "0 = every block; i = block i of adv.shards"),
+    "adv.sanity_images": at_least(1),
+    "adv.sanity_queries": at_least(0, "0 = max(100, steps * eot)"),
+    "adv.sanity_tol": at_least(0, "0 = automatic"),
+    "cert.n0": at_least(1),
+    "cert.samples": at_least(1),
+    "cert.alpha": PROBABILITY_BELOW_HALF,
+    "cert.max_images": at_least(0, "0 = all"),
+    "cert.batch_size": at_least(1),
+    "cert.sigma": at_least(0, "0 behind a purifier"),
+    "calib.n_bins": at_least(1),
+    "calib.temperature_folds": at_least(2),
+    "ood.num_noise": at_least(0, "0 = as many as evaluation images"),
+    "ood.num_images": at_least(0, "0 = as many as evaluation images"),
+    "ood.bank_size": ((lambda v: v == 0 or v >= 2), "0 (all) or >= 2"),
+    "ood.knn_k": at_least(0, "0 = by the bank's size"),
+    "perf.batch_size": at_least(1),
+    "perf.warmup": at_least(0),
+    "perf.iters": at_least(1),
 }

@@ -48,12 +48,12 @@ _JOB_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
 
 
 # ... and the valid ranges of its numeric keys (shared + its own; the evaluation job checks its
-# value lists and ranges together when it starts, pipelines.evaluate.check_config).
+# value lists and dependent settings when it starts, pipelines.evaluate.check_config).
 _JOB_RANGES: dict[str, dict[str, Range]] = {
     "pretrain": pretrain.RANGES,
     "denoiser": denoiser.RANGES,
     "finetune": finetune.RANGES,
-    "evaluate": {},
+    "evaluate": evaluate.RANGES,
 }
 
 

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from rich.progress import Progress
 from torch import Tensor
 
+from ssl_robust.config.evaluate import MAX_EXAMPLES
 from ssl_robust.evaluate.attacks import (
     autoattack,
     robust_accuracy,
@@ -27,7 +28,6 @@ from ssl_robust.evaluate.store import UnitStore
 from ssl_robust.launch.progress import RESTORED
 from ssl_robust.pipelines.common import print_summary
 from ssl_robust.pipelines.evaluate.setup import (
-    MAX_EXAMPLES,
     MIN_EOT,
     MIN_STEPS,
     SEED_ADV,
