@@ -55,6 +55,14 @@ def main() -> int:
         "--purify", default="", metavar="ARGS", help="extra overrides of the purified evaluations"
     )
     parser.add_argument(
+        "--purify-shards",
+        type=int,
+        default=1,
+        metavar="K",
+        help="split each purified evaluation's attacks into K blocks (adv.shards=K; "
+        "slurm/pipeline.sh runs them as a K-task array)",
+    )
+    parser.add_argument(
         "--baseline",
         metavar="ARGS",
         help="a supervised baseline from random weights (fine-tuning preset and overrides, e.g. "
@@ -79,6 +87,7 @@ def main() -> int:
             lines=sweep_lines(args.sweep),
             evaluate=args.evaluate,
             purify=args.purify,
+            purify_shards=args.purify_shards,
             baseline=args.baseline,
         )
     except (ValueError, FileNotFoundError) as err:

@@ -90,12 +90,16 @@ if [ -n "$denoiser_run" ] && [ ! -f "$denoiser_run/unet/config.json" ] && [ ! -f
 fi
 if [ -n "$sweep" ] && [ ! -f "$sweep" ]; then die "no sweep file '$sweep'"; fi
 case "$shards" in '' | *[!0-9]* | 0) die "--purify-shards takes a number >= 1, got '$shards'" ;; esac
+if [ "$have_denoiser" = 0 ] && [ -z "$denoiser_run" ]; then
+    [ -z "$purify" ] || die "--purify sets the purified evaluations, and without --denoiser or --denoiser-run there are none"
+    [ "$shards" = 1 ] || die "--purify-shards splits the purified evaluations' attacks, and without --denoiser or --denoiser-run there are none"
+fi
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # Every phase's arguments are checked before anything is submitted (scripts/chain.py --check:
 # the same steps), so a typo in the evaluation's does not wait for hours of queue and training.
 # Skipped, with a warning, where this machine's Python cannot import the package.
-check=(--finetune "$finetune" --evaluate "$evaluate" --purify "$purify")
+check=(--finetune "$finetune" --evaluate "$evaluate" --purify "$purify" --purify-shards "$shards")
 if [ "$have_pretrain" = 1 ]; then check+=(--pretrain "$pretrain"); else check+=(--encoder "$encoder"); fi
 if [ "$have_denoiser" = 1 ]; then check+=(--denoiser "$denoiser"); fi
 if [ -n "$denoiser_run" ]; then check+=(--denoiser-run "$denoiser_run"); fi

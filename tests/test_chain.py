@@ -348,3 +348,30 @@ def test_every_phase_config_is_checked_before_anything_runs(tmp_path: Path) -> N
     )  # fmt: skip
     assert res.returncode == 2 and "subset.fraction" in res.stderr and "nothing ran" in res.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_purify_shards_are_checked_as_the_array_tasks_run_them(tmp_path: Path) -> None:
+    """slurm/pipeline.sh --purify-shards K submits K tasks with adv.shard=i: a setting that
+    makes them fail (attacks off, more blocks than attacked images) is refused before anything
+    is submitted, not after the fine-tuning."""
+    den = tmp_path / "den"
+    (den / "unet").mkdir(parents=True)
+    (den / "unet" / "config.json").write_text("{}")
+    plan = {"pretrain": "", "denoiser_run": den, "evaluate": "tiny"}
+    steps = plan_chain(tmp_path / "r", **plan, purify_shards=3)  # type: ignore[arg-type]
+    bare, purified = (s for s in steps if s.name.startswith("evaluate:"))
+    assert "adv.shards=3" in _args(purified) and not any("adv.shards" in a for a in _args(bare))
+    assert check_steps(steps) == []
+    (error,) = check_steps(
+        plan_chain(tmp_path / "r", **plan, purify="adv.enabled=false", purify_shards=3)  # type: ignore[arg-type]
+    )
+    assert error.startswith("evaluate:run.seed_0-purified: adv.shard=1 runs one block")
+    (error,) = check_steps(
+        plan_chain(tmp_path / "r", **plan, purify="adv.max_images=2", purify_shards=3)  # type: ignore[arg-type]
+    )
+    assert "adv.shards=3 splits the attacked images into more blocks than there are images" in error
+    assert "set adv.shards in 1..2" in error
+    with pytest.raises(ValueError, match=r"purify_shards \(3\) sets the purified evaluations"):
+        plan_chain(tmp_path / "r", pretrain="", purify_shards=3)
+    with pytest.raises(ValueError, match="purify_shards must be >= 1, got 0"):
+        plan_chain(tmp_path / "r", **plan, purify_shards=0)  # type: ignore[arg-type]

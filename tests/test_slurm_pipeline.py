@@ -304,3 +304,22 @@ def test_bad_phase_arguments_are_refused_before_anything_is_submitted(tmp_path: 
     assert "error: evaluate:run.seed_0: invalid eps -8.0 in adv.linf_eps" in res.stderr
     assert res.stderr.rstrip().endswith("nothing submitted")
     assert not runs.exists() and not (tmp_path / "submitted").exists()
+
+
+def test_purify_shards_that_the_array_tasks_would_refuse_are_refused_before_submitting(
+    tmp_path: Path,
+) -> None:
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PYTHON": sys.executable}
+    res = _pipeline(
+        str(runs), "--pretrain", "simclr_cifar10", "--denoiser", "ddpm_cifar10",
+        "--evaluate", "quick adv.max_images=2", "--purify-shards", "3", "--dry-run", env=env,
+    )  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert "error: evaluate:run.seed_0-purified: adv.shards=3 splits the attacked" in res.stderr
+    assert res.stderr.rstrip().endswith("nothing submitted") and not runs.exists()
+    # Without a denoiser there are no purified evaluations to split (before: silently ignored).
+    res = _pipeline(str(runs), "--pretrain", "x", "--purify-shards", "3", "--dry-run", env=env)
+    assert res.returncode == 2 and "--purify-shards splits the purified" in res.stderr
+    res = _pipeline(str(runs), "--pretrain", "x", "--purify", "purifier.t_star=5", env=env)
+    assert res.returncode == 2 and "--purify sets the purified evaluations" in res.stderr

@@ -106,6 +106,7 @@ def plan_chain(
     lines: Sequence[str] = ("run.seed=0",),
     evaluate: str = "",
     purify: str = "",
+    purify_shards: int = 1,
     baseline: str | None = None,
 ) -> list[Step]:
     """The steps of a chain, in an order that respects their prerequisites.
@@ -122,6 +123,9 @@ def plan_chain(
             wins).
         evaluate: Evaluation preset and overrides, for every evaluation.
         purify: Extra overrides of the purified evaluations.
+        purify_shards: Blocks the purified evaluations' attacks are split into
+            (``adv.shards``; slurm/pipeline.sh runs one array task per block, then the merge;
+            here one run does every block, with the same results).
         baseline: Fine-tuning preset and overrides of a supervised baseline (a backbone from
             random weights, e.g. ``supervised_cifar10``), run for every distinct
             :func:`baseline_line` of the sweep on the encoder's data and split (``data.like``;
@@ -129,8 +133,8 @@ def plan_chain(
 
     Raises:
         ValueError: Both or neither of ``pretrain`` / ``encoder``; both ``denoiser`` and
-            ``denoiser_run``; ``purify`` without either; an existing run that holds no
-            encoder or denoiser.
+            ``denoiser_run``; ``purify`` or ``purify_shards`` > 1 without either; an existing
+            run that holds no encoder or denoiser.
     """
     if (pretrain is None) == (encoder is None):
         raise ValueError(
@@ -139,11 +143,15 @@ def plan_chain(
         )
     if denoiser is not None and denoiser_run is not None:
         raise ValueError("give denoiser or denoiser_run, not both")
-    if purify.strip() and denoiser is None and denoiser_run is None:
-        raise ValueError(
-            f"purify ({purify!r}) sets the purified evaluations, and without a denoiser there "
-            "are none: give denoiser (a preset to train) or denoiser_run (a trained one)"
-        )
+    if purify_shards < 1:
+        raise ValueError(f"purify_shards must be >= 1, got {purify_shards}")
+    for what, given in (("purify", purify.strip()), ("purify_shards", purify_shards > 1)):
+        if given and denoiser is None and denoiser_run is None:
+            raise ValueError(
+                f"{what} ({purify if what == 'purify' else purify_shards!r}) sets the purified "
+                "evaluations, and without a denoiser there are none: give denoiser (a preset to "
+                "train) or denoiser_run (a trained one)"
+            )
     if encoder is not None and not (encoder / "encoder.safetensors").is_file():
         raise ValueError(
             f"no encoder in '{encoder}' (expected encoder.safetensors from a finished "
@@ -198,6 +206,7 @@ def plan_chain(
                         *common,
                         f"purifier.run={denoiser_run}",
                         *shlex.split(purify),
+                        *([f"adv.shards={purify_shards}"] if purify_shards > 1 else []),
                         f"run.dir={runs / 'evaluate' / f'{name}-purified'}",
                     ),
                     after=[*after, *needs_denoiser],
@@ -259,9 +268,17 @@ def check_steps(steps: Sequence[Step]) -> list[str]:
         try:
             cfg = load_config(SCHEMAS[job], step.argv[2:], job=job)
             if job == "evaluate":
-                from ssl_robust.pipelines.evaluate import check_config
+                from ssl_robust.pipelines.evaluate.setup import check_config, check_shards
 
                 check_config(cfg)
+                if cfg.adv.shards > 1:
+                    # As an array task of slurm/pipeline.sh runs it (one block), and whether
+                    # every block holds an attacked image (when adv.max_images caps them; the
+                    # evaluation set's size is known only when the job runs).
+                    shard = [*step.argv[2:], "adv.shard=1"]
+                    check_config(load_config(SCHEMAS[job], shard, job=job))
+                    if cfg.adv.max_images > 0:
+                        check_shards(cfg, int(cfg.adv.max_images))
             elif job == "finetune":
                 from ssl_robust.pipelines.finetune import check_config as check_finetune
 
