@@ -173,7 +173,12 @@ def test_full_finetune_fast_dev_run(random_encoder: Path, tmp_path: Path) -> Non
 
 
 def test_purifier_at_test_time(random_encoder: Path, tmp_path: Path) -> None:
-    from ssl_robust.purify.unet import build_unet, make_scheduler, save_denoiser
+    import torchvision.transforms as T
+
+    from ssl_robust.data.datamodule import eval_loader
+    from ssl_robust.data.datasets import TransformDataset
+    from ssl_robust.purify.purifier import Purifier, t_star_from_sigma
+    from ssl_robust.purify.unet import build_unet, load_denoiser, make_scheduler, save_denoiser
 
     torch.manual_seed(0)
     save_denoiser(build_unet("tiny", 8), make_scheduler(), tmp_path / "denoiser")
@@ -183,8 +188,28 @@ def test_purifier_at_test_time(random_encoder: Path, tmp_path: Path) -> None:
         "purify.sampler=oneshot", "purify.sigma=0.1",
     )  # fmt: skip
     metrics = finetune(cfg)
-    assert metrics["purify/nfe"] == 1 and 0 < metrics["purify/t_star"] < 1000
-    assert 0.0 <= metrics["test/acc_purified"] <= 1.0 and "test/acc" in metrics
+    # sigma = 0.1 on [0, 1] is 2 sigma = 0.2 on [-1, 1]: the step of the linear 1e-4..0.02
+    # schedule with sqrt((1 - abar) / abar) nearest 0.2.
+    unet, scheduler = load_denoiser(tmp_path / "denoiser")
+    assert t_star_from_sigma(scheduler.alphas_cumprod, 0.1) == 58
+    assert metrics["purify/nfe"] == 1 and metrics["purify/t_star"] == 58
+    # The purified accuracy, recomputed: the exported classifier on the evaluation split (in
+    # the evaluation loaders' order) through a one-shot purifier at sigma = 0.1 whose noise
+    # comes from one generator seeded with purify.seed.
+    clf = load_classifier(tmp_path / "ft")[0]
+    purifier = Purifier(unet.requires_grad_(False), scheduler, sigma=0.1, sampler="oneshot")
+    generator = torch.Generator().manual_seed(cfg.purify.seed)
+    val = build_splits("digits", "data", image_size=8).val
+    loader = eval_loader(TransformDataset(val, T.ToTensor()), cfg.data.eval_batch_size)
+    correct = clean = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += int((clf.eval()(purifier(x, generator)).argmax(1) == y).sum())
+            clean += int((clf(x).argmax(1) == y).sum())
+    assert metrics["test/acc_purified"] == pytest.approx(correct / len(val), abs=1e-6)
+    assert metrics["test/acc"] == pytest.approx(clean / len(val), abs=1e-6)
+    # The purified images are not the clean ones: the two accuracies differ (21 images).
+    assert abs(correct - clean) > 10, (correct, clean)
     bad = ft_cfg(
         random_encoder,
         tmp_path / "ft16",
