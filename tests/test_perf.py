@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import time
 import warnings
 from pathlib import Path
 
@@ -33,27 +32,50 @@ def test_steady_throughput_skips_the_warm_up_epoch() -> None:
     assert steady_throughput([]) == 0.0
 
 
-class _SlowValidation(pl.LightningModule):
-    """Linear regression whose validation sleeps, so its time is easy to tell apart."""
+class _FakeClock:
+    """Stands for the ``time`` module of :mod:`ssl_robust.launch.perf`: its ``perf_counter``
+    moves only when a step says so, so the callback's figures are known exactly."""
 
-    def __init__(self, val_sleep_s: float) -> None:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+class _TimedSteps(pl.LightningModule):
+    """Linear regression whose training steps take ``train_s`` and validation steps ``val_s``
+    seconds of a fake clock."""
+
+    def __init__(self, clock: _FakeClock, train_s: float, val_s: float) -> None:
         super().__init__()
         self.net = nn.Linear(4, 1)
-        self.val_sleep_s = val_sleep_s
+        self.clock = clock
+        self.train_s = train_s
+        self.val_s = val_s
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+        self.clock.now += self.train_s
         x, y = batch
         return nn.functional.mse_loss(self.net(x).squeeze(1), y)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
-        time.sleep(self.val_sleep_s)
+        self.clock.now += self.val_s
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_epoch_throughput_counts_samples_and_excludes_validation(tmp_path: Path) -> None:
-    n, batch, epochs, val_batches, sleep_s = 96, 16, 3, 2, 0.15
+def test_epoch_throughput_counts_samples_and_excludes_validation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ssl_robust.launch.perf as perf
+
+    # 100 samples in batches of 16: six full batches and a last one of 4.
+    n, batch, epochs, val_batches = 100, 16, 3, 2
+    train_s, val_s = 0.5, 4.0  # per step, on the fake clock (exact in binary)
+    clock = _FakeClock()
+    monkeypatch.setattr(perf, "time", clock)
     data = TensorDataset(torch.randn(n, 4), torch.randn(n))
     callback = EpochThroughput()
     trainer = pl.Trainer(
@@ -67,21 +89,19 @@ def test_epoch_throughput_counts_samples_and_excludes_validation(tmp_path: Path)
         limit_val_batches=val_batches,
     )
     trainer.fit(
-        _SlowValidation(sleep_s),
+        _TimedSteps(clock, train_s, val_s),
         DataLoader(data, batch_size=batch),
         DataLoader(data, batch_size=batch),
     )
-    assert len(callback.images_per_s) == epochs
+    steps = 7  # batches per epoch
+    # Every sample counted (the short last batch too), over the training steps' time only.
+    assert callback.images_per_s == [n / (steps * train_s)] * epochs
     rows = list(csv.DictReader((Path(trainer.logger.log_dir) / "metrics.csv").open()))
     logged = [r for r in rows if r.get("perf/train_images_per_s")]
-    assert len(logged) == epochs
-    for row, ips in zip(logged, callback.images_per_s, strict=True):
-        assert float(row["perf/train_images_per_s"]) == pytest.approx(ips, rel=1e-6)
-        epoch_s = float(row["perf/epoch_s"])
-        train_s = n / ips  # every sample of the epoch was counted
-        # The epoch includes the sleeping validation; the throughput does not.
-        assert epoch_s - train_s >= val_batches * sleep_s * 0.95
-        assert train_s < val_batches * sleep_s
+    assert [float(r["perf/train_images_per_s"]) for r in logged] == callback.images_per_s
+    # The epoch's time includes its validation.
+    assert [float(r["perf/epoch_s"]) for r in logged] == [steps * train_s + val_batches * val_s] * 3
+    assert [int(r["step"]) for r in logged] == [steps * (e + 1) for e in range(epochs)]
 
 
 @pytest.mark.parametrize(
