@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -326,24 +325,40 @@ def test_log_to_wandb_sends_tables_images_and_summary(tmp_path: Path) -> None:
     assert run.logged["adv/linf_8/acc"] == 0.12
 
 
-def test_latency_of_a_known_function() -> None:
+def test_latency_of_a_known_function(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ssl_robust.evaluate.latency as latency
+
+    class Clock:  # the module's ``time``: perf_counter moves only when ``fn`` runs
+        now = 50.0
+
+        def perf_counter(self) -> float:
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(latency, "time", clock)
+    # Two warm-up calls of 100 s (not timed), then five timed ones (exact in binary).
+    durations = iter([100.0, 100.0, 0.5, 0.125, 0.25, 0.375, 2.0])
     calls: list[int] = []
 
-    def slow(x: torch.Tensor) -> torch.Tensor:
+    def fn(x: torch.Tensor) -> torch.Tensor:
         calls.append(x.shape[0])
-        time.sleep(0.01)
+        clock.now += next(durations)
         return x
 
-    res = measure_latency(slow, torch.zeros(4, 3, 8, 8), warmup=2, iters=5)
+    res = measure_latency(fn, torch.zeros(4, 3, 8, 8), warmup=2, iters=5)
     assert calls == [4] * 7  # warm-up calls are made but not timed
-    assert 10.0 <= res["min_ms"] <= res["median_ms"] <= res["p90_ms"]
-    assert res["median_ms"] < 200  # generous: the CI machine is shared
-    assert res["images_per_s"] == pytest.approx(4 / (res["median_ms"] / 1e3))
-    assert res["batch_size"] == 4
+    assert res == {
+        "median_ms": 375.0,
+        "mean_ms": pytest.approx(650.0, rel=1e-12),
+        "min_ms": 125.0,
+        "p90_ms": 2000.0,  # the 5th of 5 (round(0.9 x 4) = 4)
+        "batch_size": 4.0,
+        "images_per_s": 4 / 0.375,
+    }
     with pytest.raises(ValueError, match="iters must be >= 1"):
-        measure_latency(slow, torch.zeros(1, 3, 8, 8), iters=0)
+        measure_latency(fn, torch.zeros(1, 3, 8, 8), iters=0)
     with pytest.raises(ValueError, match="non-empty batch"):
-        measure_latency(slow, torch.zeros(0, 3, 8, 8))
+        measure_latency(fn, torch.zeros(0, 3, 8, 8))
 
 
 def test_latency_runs_without_gradients() -> None:
