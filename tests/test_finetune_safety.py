@@ -219,19 +219,53 @@ def test_metrics_of_an_earlier_run_are_kept_only_by_a_resumed_run(
 
 
 def test_a_zero_encoder_learning_rate_freezes_the_encoder_and_its_batchnorm(
-    random_encoder: Path, tmp_path: Path
+    tmp_path: Path,
 ) -> None:
-    run = tmp_path / "frozen"
-    metrics = finetune(
-        ft_cfg(random_encoder, run, "mode=full", "trainer.max_epochs=2", "optim.encoder_lr_mult=0")
+    from ssl_robust.data.datasets import build_splits
+
+    initial: dict[str, torch.Tensor] = {}
+
+    class InitialHead(pl.Callback):
+        def on_train_start(self, trainer: pl.Trainer, module: Any) -> None:
+            initial.update({k: v.clone() for k, v in module.classifier.head.state_dict().items()})
+
+    # Random weights whose BatchNorm statistics are the digits' (as a pretrained encoder's
+    # are): its features vary from image to image at a scale a linear head can learn from.
+    torch.manual_seed(0)
+    enc = build_backbone("convnet", 4)
+    images = build_splits("digits", "data", image_size=8).train.images[:512]
+    x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.3) / 0.4
+    norms = [m for m in enc.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in norms:
+        m.momentum = None  # the cumulative mean: the statistics of the 512 images
+    with torch.no_grad():
+        enc.train()(x)
+    for m in norms:
+        m.momentum = 0.1
+    meta = EncoderMeta(
+        "convnet", 4, enc.feat_dim, 8, [0.3] * 3, [0.4] * 3, 10, {"dataset": "digits"}
     )
-    before = load_file(str(random_encoder / "encoder.safetensors"))
+    encoder_run = tmp_path / "pretrain-calibrated"
+    export_encoder(enc, meta, encoder_run)
+
+    run = tmp_path / "frozen"
+    args = ("mode=full", "trainer.max_epochs=3", "optim.encoder_lr_mult=0", "optim.lr=0.5")
+    metrics = finetune(
+        ft_cfg(encoder_run, run, *args, "augment.crop_padding=0"), callbacks=[InitialHead()]
+    )
+    before = load_file(str(encoder_run / "encoder.safetensors"))
     after = _weights(run)
     assert any("running_mean" in k for k in before)  # the encoder has BatchNorm statistics
     for k, v in before.items():
         assert torch.equal(after["encoder." + k], v), k
     assert metrics["optim/encoder_lr"] == 0.0
-    assert not torch.equal(after["head.weight"], torch.zeros_like(after["head.weight"]))
+    # The head alone trains: its exported weights are not those it started from (run.seed's),
+    # and on the frozen random features it beats chance (0.1) on the evaluation split (0.46
+    # measured).
+    assert initial["weight"].shape == after["head.weight"].shape == (10, 16)
+    for k in ("weight", "bias"):
+        assert (after["head." + k] - initial[k]).abs().max() > 0.05, k
+    assert metrics["test/acc"] > 0.3, metrics
 
 
 def test_a_frozen_encoder_stays_in_eval_mode() -> None:
