@@ -394,3 +394,22 @@ def test_evaluation_ranges_accept_their_edges_and_show_in_help(
     out = capsys.readouterr().out
     assert "  adv.steps = 100   (>= 1)\n" in out
     assert "  adv.shards = 1   (>= 1)\n" in out
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("samples.steps=2000", "samples.steps must be in [1, 1000] (denoiser.num_train_timesteps)"),
+        ("samples.t_star=1001", "samples.t_star must be in [0, 1000]"),
+        ("denoiser.beta_start=0.03", "denoiser.beta_start (0.03) must be <= denoiser.beta_end"),
+    ],
+)
+def test_denoiser_bounds_across_keys_are_config_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, message: str
+) -> None:
+    """Bounds that depend on another key exit 2 before any data is read (they raised a
+    ValueError after loading the data: exit 1)."""
+    run = tmp_path / "den"
+    assert main("denoiser", [override, f"run.dir={run}"]) == EXIT_USAGE
+    assert f"error: {message}" in capsys.readouterr().err
+    assert not run.exists()

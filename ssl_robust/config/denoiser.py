@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ssl_robust.config.common import (
-    FRACTION,
     MOMENTUM,
     UNIT,
     DataConfig,
@@ -95,7 +94,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 RANGES: dict[str, Range] = {
     "denoiser.num_train_timesteps": at_least(1),
     "denoiser.beta_start": above(0),
-    "denoiser.beta_end": FRACTION,
+    "denoiser.beta_end": ((lambda v: 0 < v < 1), "in (0, 1)"),
     "denoiser.dropout": MOMENTUM,  # in [0, 1)
     "denoiser.lr": above(0),
     "denoiser.weight_decay": at_least(0),

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback
 
-from ssl_robust.config import save_config, to_dict
+from ssl_robust.config import ConfigError, save_config, to_dict
 from ssl_robust.config.common import RUN_ONLY_KEYS
 from ssl_robust.data.images import ImageDataModule
 from ssl_robust.launch.trainer import (
@@ -64,6 +64,27 @@ def build_denoiser(cfg: DictConfig, image_size: int, seed: int) -> DenoiserModul
     )
 
 
+def check_config(cfg: DictConfig) -> None:
+    """Bounds that depend on another key (the loader checks each key's own range); raises
+    ConfigError (exit 2), before any data is read."""
+    d = cfg.denoiser
+    if d.beta_start > d.beta_end:
+        raise ConfigError(
+            f"denoiser.beta_start ({d.beta_start}) must be <= denoiser.beta_end ({d.beta_end})"
+        )
+    s, num_train_timesteps = cfg.samples, d.num_train_timesteps
+    if not 1 <= s.steps <= num_train_timesteps:
+        raise ConfigError(
+            f"samples.steps must be in [1, {num_train_timesteps}] (denoiser.num_train_timesteps), "
+            f"got {s.steps}"
+        )
+    if not 0 <= s.t_star <= num_train_timesteps:
+        raise ConfigError(
+            f"samples.t_star must be in [0, {num_train_timesteps}] "
+            f"(denoiser.num_train_timesteps), got {s.t_star}"
+        )
+
+
 def train_denoiser(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
     """Trains a DDPM denoiser for purification; returns the final metrics (as in metrics.json).
 
@@ -77,6 +98,7 @@ def train_denoiser(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
 
     # Build everything that can fail on bad input before any file is written.
+    check_config(cfg)
     check_resumable(run_dir, cfg, resume_settings, "denoiser")
     splits = build_data(cfg, run_dir, with_unlabeled=True)
     info = splits.info
@@ -94,16 +116,6 @@ def train_denoiser(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[
     if cfg.trainer.channels_last:
         module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     s, num_train_timesteps = cfg.samples, cfg.denoiser.num_train_timesteps
-    if not 1 <= s.steps <= num_train_timesteps:
-        raise ValueError(
-            f"samples.steps must be in [1, {num_train_timesteps}] (denoiser.num_train_timesteps), "
-            f"got {s.steps}"
-        )
-    if not 0 <= s.t_star <= num_train_timesteps:
-        raise ValueError(
-            f"samples.t_star must be in [0, {num_train_timesteps}] "
-            f"(denoiser.num_train_timesteps), got {s.t_star}"
-        )
     # DDIM purification from t* takes at most t* steps (distinct timesteps).
     purify_steps = max(1, min(s.steps, s.t_star))
     grids = SampleGrids(
@@ -143,19 +155,12 @@ def train_denoiser(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[
             + (f" ({purify_steps} steps)" if s.purify_sampler == "ddim" else ""),
             soft_wrap=True,
         )
-    metrics, elapsed = fit_resumable(
+    # perf/train_images_per_s: the training steps' median over the epochs after the first, as
+    # for pretraining (validation and the sample grids excluded).
+    metrics, _ = fit_resumable(
         trainer, module, run_dir, cfg.run.resume, "val/loss", datamodule=datamodule
     )
-    steps_done = 0 if grids.start_step is None else trainer.global_step - grids.start_step
     metrics["perf/unet_params"] = float(num_params)
-    if steps_done > 0:  # timings of the fit that trained (a finished run rerun keeps them)
-        images = (
-            steps_done
-            * cfg.data.batch_size
-            * cfg.trainer.accumulate_grad_batches
-            * trainer.world_size
-        )
-        metrics["perf/train_images_per_s"] = images / elapsed
     if trainer.is_global_zero and not cfg.trainer.fast_dev_run:
         write_json(run_dir / "metrics.json", metrics)
         save_denoiser(module.ema_unet(), module.noise_scheduler, run_dir)
