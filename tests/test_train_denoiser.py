@@ -149,20 +149,60 @@ def test_train_denoiser_writes_the_run_directory(
     assert latest == (samples / "epoch_0002_purify.png").read_bytes()
 
 
+class CountSteps(pl.Callback):
+    """Counts the training and validation batches a fit runs."""
+
+    def __init__(self) -> None:
+        self.train = 0
+        self.val = 0
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self.train += 1
+
+    def on_validation_batch_start(self, *args: object) -> None:
+        self.val += 1
+
+
+class TickingClock:
+    """Stands for the ``time`` module of :mod:`ssl_robust.launch.perf`: each read of
+    ``perf_counter`` is ``step_s`` later than the one before."""
+
+    def __init__(self, step_s: float) -> None:
+        self.step_s = step_s
+        self.reads = 0
+
+    def perf_counter(self) -> float:
+        self.reads += 1
+        return self.reads * self.step_s
+
+
 def test_rerun_of_a_finished_run_does_not_retrain(
-    tiny_denoiser_cfg: Callable[..., DictConfig],
+    tiny_denoiser_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import ssl_robust.launch.perf as perf
+
     cfg = tiny_denoiser_cfg()
     first = train_denoiser(cfg)
     run = Path(cfg.run.dir)
     weights = (run / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     grids = {p.name: p.stat().st_mtime_ns for p in (run / "samples").glob("*.png")}
-    start = RecordStartStep()
-    second = train_denoiser(cfg, callbacks=[start])
+    ckpts = {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").glob("*.ckpt")}
+    fit_s = last_ckpt(run)["callbacks"]["FitClock"]["fit_s"]  # the fit time up to it
+    # The rerun's fit lasts 7 s of a fake clock: read when the fit starts and when it ends,
+    # and by nothing else (an epoch or a checkpoint would read it too).
+    clock = TickingClock(7.0)
+    monkeypatch.setattr(perf, "time", clock)
+    start, steps = RecordStartStep(), CountSteps()
+    second = train_denoiser(cfg, callbacks=[start, steps])
     assert start.step is None  # restored at the end: the training loop never started
+    assert (steps.train, steps.val) == (0, 0)
     assert last_ckpt(run)["global_step"] == 6
-    # The same numbers; the fit time, counted up to the last checkpoint, plus the no-op rerun.
-    assert second.pop("perf/fit_time_s") == pytest.approx(first.pop("perf/fit_time_s"), abs=2)
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "checkpoints").glob("*.ckpt")} == ckpts
+    # The fit time kept in the checkpoint plus the rerun's own, exactly.
+    assert clock.reads == 2
+    assert second.pop("perf/fit_time_s") == fit_s + 7.0
+    assert 0 < fit_s <= first.pop("perf/fit_time_s")
+    # The same numbers, the same weights, no grid drawn again.
     assert second == pytest.approx(first)
     assert (run / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
     assert {p.name: p.stat().st_mtime_ns for p in (run / "samples").glob("*.png")} == grids
