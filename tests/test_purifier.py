@@ -247,11 +247,37 @@ def test_nfe_matches_counted_unet_calls(
     assert timesteps == [t - 1 for t in purifier.schedule]  # diffusers indices
 
 
-def test_bf16_autocast_runs_close_to_fp32(unet: UNet2DModel, scheduler: DDPMScheduler) -> None:
+def _unet_precision(unet: torch.nn.Module, run: Any) -> tuple[Any, list[tuple[bool, Any, Any]]]:
+    """``run()``'s result and, per UNet call, (autocast on, its dtype, the output's dtype)."""
+    calls: list[tuple[bool, Any, Any]] = []
+
+    def hook(module: torch.nn.Module, args: Any, out: Any) -> None:
+        on = torch.is_autocast_enabled("cpu")
+        calls.append((on, torch.get_autocast_dtype("cpu") if on else None, out.sample.dtype))
+
+    handle = unet.register_forward_hook(hook)
+    try:
+        return run(), calls
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=[s["sampler"] for s in SETTINGS])
+def test_bf16_autocast_runs_close_to_fp32(
+    unet: UNet2DModel, scheduler: DDPMScheduler, setting: dict[str, Any]
+) -> None:
     x = _images()
-    fp32 = Purifier(unet, scheduler, t_star=50, sampler="oneshot")(x, _gen(0))
-    bf16 = Purifier(unet, scheduler, t_star=50, sampler="oneshot", dtype=torch.bfloat16)(x, _gen(0))
+    fp32, calls32 = _unet_precision(unet, lambda: Purifier(unet, scheduler, **setting)(x, _gen(0)))
+    purifier = Purifier(unet, scheduler, dtype=torch.bfloat16, **setting)
+    bf16, calls16 = _unet_precision(unet, lambda: purifier(x, _gen(0)))
+    # Every UNet call of the bf16 purifier runs under bf16 autocast and returns bf16; the fp32
+    # purifier's calls run in fp32. The sampler around them stays fp32.
+    assert len(calls16) == len(calls32) == purifier.nfe
+    assert calls16 == [(True, torch.bfloat16, torch.bfloat16)] * purifier.nfe
+    assert calls32 == [(False, None, torch.float32)] * purifier.nfe
     assert bf16.dtype == torch.float32
+    # bf16 rounding changes the result, a little.
+    assert not torch.equal(bf16, fp32)
     assert (bf16 - fp32).abs().mean() < 0.02
 
 
