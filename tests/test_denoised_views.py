@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl
@@ -117,10 +118,25 @@ def test_matches_the_oneshot_purifier_at_a_fixed_step(unet: torch.nn.Module, t: 
 
 def test_steps_are_drawn_per_image_in_range(unet: torch.nn.Module) -> None:
     """t ~ U{t_min..t_max}: larger steps leave the output further from the input on average."""
+    steps: list[torch.Tensor] = []
+
+    def hook(module: torch.nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        steps.append(torch.as_tensor(args[1] if len(args) > 1 else kwargs["timestep"]).clone())
+
     views = [normalise(blobs(64, seed=1))] * 2
-    low = views_module(unet, t_min=1, t_max=2)(views, torch.Generator().manual_seed(0))[1]
-    high = views_module(unet, t_min=900, t_max=1000)(views, torch.Generator().manual_seed(0))[1]
-    assert (low - views[1]).abs().mean() < 0.2 * (high - views[1]).abs().mean()
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        low = views_module(unet, t_min=1, t_max=2)(views, torch.Generator().manual_seed(0))[1]
+        high = views_module(unet, t_min=900, t_max=1000)(views, torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    # One UNet call per view batch, conditioned per image on the diffusers index t - 1 of its
+    # own step t, t_min <= t <= t_max with both ends drawn.
+    assert len(steps) == 2 and all(s.shape == (64,) for s in steps)
+    assert set(steps[0].tolist()) == {0, 1}
+    assert steps[1].min() >= 899 and steps[1].max() <= 999
+    assert len(set(steps[1].tolist())) > 30
+    assert (low - views[1]).abs().mean() < 0.2 * (high[1] - views[1]).abs().mean()
 
 
 def test_unet_is_frozen_and_stays_in_eval(unet: torch.nn.Module) -> None:
@@ -130,10 +146,28 @@ def test_unet_is_frozen_and_stays_in_eval(unet: torch.nn.Module) -> None:
 
 
 def test_bf16_autocast_runs(unet: torch.nn.Module) -> None:
+    calls: list[tuple[bool, Any, Any]] = []
+
+    def hook(module: torch.nn.Module, args: Any, out: Any) -> None:
+        on = torch.is_autocast_enabled("cpu")
+        calls.append((on, torch.get_autocast_dtype("cpu") if on else None, out.sample.dtype))
+
     views = two_views()
-    ref = views_module(unet)(views, torch.Generator().manual_seed(0))[1]
-    out = views_module(unet, dtype=torch.bfloat16)(views, torch.Generator().manual_seed(0))[1]
+    handle = unet.register_forward_hook(hook)
+    try:
+        ref = views_module(unet)(views, torch.Generator().manual_seed(0))[1]
+        fp32_calls = calls[:]
+        calls.clear()
+        out = views_module(unet, dtype=torch.bfloat16)(views, torch.Generator().manual_seed(0))[1]
+    finally:
+        handle.remove()
+    # The UNet call of the bf16 module runs under bf16 autocast and returns bf16; the default
+    # module's runs in fp32. The views come back in their own dtype.
+    assert fp32_calls == [(False, None, torch.float32)]
+    assert calls == [(True, torch.bfloat16, torch.bfloat16)]
     assert out.dtype == torch.float32
+    # bf16 rounding changes the views, a little.
+    assert not torch.equal(out, ref)
     torch.testing.assert_close(out, ref, atol=0.1, rtol=0)
 
 
