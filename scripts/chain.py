@@ -66,7 +66,7 @@ def main() -> int:
         "--baseline",
         metavar="ARGS",
         help="a supervised baseline from random weights (fine-tuning preset and overrides, e.g. "
-        "supervised_cifar10), trained for every sweep line (its mode= and run.dir= words aside) "
+        "supervised_cifar10), trained for every sweep line (its mode=, run.dir= and encoder.run= words aside) "
         "and evaluated like the other classifiers",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the steps, run nothing")

@@ -130,7 +130,7 @@ else
 fi
 n_lines=$(grep -c . <<<"$lines" || true)
 [ "$n_lines" -ge 1 ] || die "the sweep file '$sweep' has no override lines"
-# The baseline's lines: each sweep line without its mode= and run.dir= words, once each
+# The baseline's lines: each sweep line without its mode=, run.dir= and encoder.run= words, once each
 # (ssl_robust.pipelines.chain.baseline_line).
 baseline_lines="$(while IFS= read -r line; do
     words=()

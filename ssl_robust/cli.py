@@ -53,10 +53,20 @@ def _load_pipeline(job: str) -> Callable[[DictConfig], Any]:
     return fn
 
 
-def _options_text() -> str:
+# A section and a key of each job, the examples of --help's own help.
+_HELP_EXAMPLES = {
+    "pretrain": ("optim", "optim.base_lr"),
+    "denoiser": ("denoiser", "denoiser.lr"),
+    "finetune": ("optim", "optim.lr"),
+    "evaluate": ("adv", "adv.steps"),
+}
+
+
+def _options_text(job: str) -> str:
+    section, key = _HELP_EXAMPLES[job]
     return (
         "options:\n"
-        "  -h, --help [SECTION]  this text; with a section (optim) or a key (optim.base_lr)\n"
+        f"  -h, --help [SECTION]  this text; with a section ({section}) or a key ({key})\n"
         "                        only the keys under it\n"
         f"  {PRINT_FLAG}        print the config the arguments give (YAML) and exit; nothing runs"
     )
@@ -85,7 +95,7 @@ def help_text(job: str, prog: str, doc: str, cfg: DictConfig, args: list[str], t
     if examples:
         text += f" SECTION=VALUE is short for SECTION.name=VALUE ({', '.join(examples)})."
     parts.append("\n".join(textwrap.wrap(text, 96, break_on_hyphens=False)))
-    parts.append(_options_text())
+    parts.append(_options_text(job))
     parts.append(
         f"keys ({shown}; {{...}} lists the valid values, (...) their range):\n"
         + describe(SCHEMAS[job], cfg, choices, prefix=topic, ranges=job_ranges(job))

@@ -413,3 +413,19 @@ def test_denoiser_bounds_across_keys_are_config_errors(
     assert main("denoiser", [override, f"run.dir={run}"]) == EXIT_USAGE
     assert f"error: {message}" in capsys.readouterr().err
     assert not run.exists()
+
+
+@pytest.mark.parametrize("job", sorted(SCHEMAS))
+def test_the_help_options_examples_are_keys_of_the_job(
+    job: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--help's own line names a section and a key of this job, and both work."""
+    from ssl_robust.cli import _HELP_EXAMPLES
+
+    assert set(_HELP_EXAMPLES) == set(SCHEMAS)
+    section, key = _HELP_EXAMPLES[job]
+    assert main(job, ["--help"], pipeline=_never_run) == 0
+    assert f"with a section ({section}) or a key ({key})" in capsys.readouterr().out
+    for topic in (section, key):
+        assert main(job, ["--help", topic], pipeline=_never_run) == 0
+        assert f"  {key} = " in capsys.readouterr().out

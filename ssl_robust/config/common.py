@@ -13,7 +13,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class RunConfig:
-    # Run directory: the unit of resume. "" derives runs/<job>-<method>-<data>.
+    # Run directory: the unit of resume. "" derives one: pretraining runs/pretrain-<method>-<data>,
+    # denoiser runs/denoiser-<data>, fine-tuning finetune-<mode>-<subset>-seed<seed>-<encoder
+    # run> beside the encoder run, evaluation runs/evaluate-<classifier run>[-purified].
     dir: str = ""
     # Seeds everything random: weights, data order, views, splits and subsets.
     seed: int = 0
@@ -43,7 +45,8 @@ class DataConfig:
     eval_batch_size: int = 512
     # DataLoader worker processes per rank.
     num_workers: int = 2
-    # imagefolder: decode every image once into a uint8 array (cached on disk next to the run).
+    # imagefolder: decode every image once into a uint8 array (cached on disk under
+    # <root>/.cache, shared by every run on the tree).
     in_memory: bool = True
     # Unreadable image files: false raises naming the file; true skips them and reports a count.
     skip_bad_images: bool = False
@@ -51,7 +54,7 @@ class DataConfig:
     # workers, any dataset) or "gpu" (the uint8 dataset on the device, batched transforms;
     # in-memory datasets only; works on the CPU too).
     augment: str = "cpu"
-    # torch.compile the device views (augment=gpu): fuses their ~400 small ops per view into a
+    # torch.compile the device views (augment=gpu): fuses their ~420 small ops per view into a
     # few kernels, which is what they cost on a GPU. Compiles once per batch shape.
     compile_views: bool = False
     # Normalisation; empty lists take the dataset's own statistics.

@@ -150,8 +150,10 @@ class AttackSection:
     # Linf radii in units of 1/255 and L2 radii on [0, 1] images (RobustBench's 8/255 and 0.5).
     linf_eps: list[float] = field(default_factory=lambda: [8.0])
     l2_eps: list[float] = field(default_factory=lambda: [0.5])
-    # PGD steps (>= 100 for purifiers) and step size (0: 2.5 * eps / steps).
+    # PGD steps (>= 100 for purifiers).
     steps: int = 100
+    # PGD step size on [0, 1] images, not in units of 1/255 (2/255 is 0.00784), for every radius
+    # of both norms; 0: 2.5 * eps / steps for each radius.
     step_size: float = 0.0
     random_start: bool = True
     # ce: cross-entropy; margin: the Carlini-Wagner logit margin.
