@@ -124,7 +124,9 @@ class _Regression(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(run: Path, callback: TrainingCurves, fail_at: int | None = None) -> None:
+def _fit(
+    run: Path, callback: TrainingCurves, fail_at: int | None = None, *extra: pl.Callback
+) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 4, generator=g)
     data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
@@ -132,7 +134,7 @@ def _fit(run: Path, callback: TrainingCurves, fail_at: int | None = None) -> Non
         default_root_dir=run,
         max_epochs=3,
         logger=CSVLogger(save_dir=str(run), name="logs"),
-        callbacks=[callback],
+        callbacks=[*extra, callback],
         log_every_n_steps=1,
         enable_progress_bar=False,
         enable_checkpointing=False,
@@ -167,16 +169,52 @@ def test_curves_are_redrawn_while_a_fit_runs(tmp_path: Path, titles: list[str]) 
     Image.open(tmp_path / CURVES_FILE).verify()
 
 
-def test_curves_wait_between_drawings(tmp_path: Path, titles: list[str]) -> None:
-    _fit(tmp_path, TrainingCurves(tmp_path, every_s=3600))
-    _fit(tmp_path / "off", TrainingCurves(tmp_path / "off", every_s=0))
+class _Clock(pl.Callback):
+    """Stands for the ``time`` module of :mod:`ssl_robust.launch.trainer`: ``monotonic`` moves
+    ``step_s`` per training batch and ``draw_s`` per drawing, and nothing else."""
+
+    def __init__(self, step_s: float, draw_s: float) -> None:
+        self.now = 100.0
+        self.step_s = step_s
+        self.draw_s = draw_s
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def on_train_batch_end(self, *args: object) -> None:
+        self.now += self.step_s
+
+
+def test_curves_wait_between_drawings(
+    tmp_path: Path, titles: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ssl_robust.launch import trainer as trainer_mod
+
+    clock = _Clock(step_s=0.25, draw_s=1.0)  # an epoch (8 batches) lasts 2 s
+    monkeypatch.setattr(trainer_mod, "time", clock)
+    _fit(tmp_path, TrainingCurves(tmp_path, every_s=6.5), None, clock)  # 6 s in all
+    _fit(tmp_path / "off", TrainingCurves(tmp_path / "off", every_s=0), None, clock)
     assert titles == []
     assert not (tmp_path / CURVES_FILE).exists()
-    # Drawing may take at most max_share of the time: after a drawing of ~0.1 s or more, the
-    # next waits about (1 - share) / share times as long, however short every_s.
-    callback = TrainingCurves(tmp_path, every_s=1e-6, max_share=1e-4)
-    _fit(tmp_path, callback)
-    assert callback.drawn == 1 and callback.wait_s > 50
+    # Drawing may take at most max_share of the time: after a drawing of 1 s at a share of 1/4,
+    # the next waits 1 x (1 - 1/4) / (1/4) = 3 s, however short every_s. Drawn after epoch 1
+    # (t = 2, then 3), not after epoch 2 (t = 5: 2 s since), again after epoch 3 (t = 7: 4 s
+    # since).
+    clock.now = 0.0
+    real = curves.plot_training_curves  # the titles fixture's spy
+
+    def slow(run_dir: Path, title: str | None = None) -> Path | None:
+        clock.now += clock.draw_s
+        return real(run_dir, title)
+
+    monkeypatch.setattr(curves, "plot_training_curves", slow)
+    callback = TrainingCurves(tmp_path, every_s=1e-6, max_share=0.25)
+    _fit(tmp_path, callback, None, clock)
+    assert [t.split(": ", 1)[1] for t in titles] == [
+        f"running, {k} of 3 epochs done" for k in (1, 3)
+    ]
+    assert callback.drawn == 2 and callback.wait_s == 3.0
+    assert clock.now == 3 * 2.0 + 2 * 1.0
 
 
 def test_a_crashed_fit_keeps_its_curves(tmp_path: Path, titles: list[str]) -> None:
