@@ -245,6 +245,48 @@ def test_gpu_path_statistics_match_cpu_path() -> None:
     assert stats["cpu"][1] == pytest.approx(stats["gpu"][1], rel=0.15)
 
 
+VIEW_SETTINGS = {
+    "defaults": {},
+    "weak": {"cj_strength": 0.5, "min_scale": 0.3, "random_gray_scale": 0.0, "hf_prob": 0.0},
+    "blurred": {"cj_prob": 0.3, "cj_strength": 0.2, "random_gray_scale": 0.6, "hf_prob": 0.9,
+                "min_scale": 0.9, "gaussian_blur": 0.5},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("settings", list(VIEW_SETTINGS))
+@pytest.mark.parametrize("method", ["simclr", "byol"])
+def test_gpu_views_take_the_cpu_views_settings(method: str, settings: str) -> None:
+    """Each device-side view is built with the settings of lightly's view on the CPU path:
+    crop scale, flips, jitter probability and strength, grayscale, blur, solarisation and the
+    normalisation, for the defaults and for other values of every ViewParams field."""
+    from tests.test_gpu_views import _approx_equal, _lightly_settings, _our_settings
+
+    params = ViewParams(input_size=8, mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6),
+                        **VIEW_SETTINGS[settings])  # fmt: skip
+    ours = gpu_view_transforms(method, params)
+    theirs = view_transform(method, params).transforms  # type: ignore[attr-defined]
+    assert len(ours) == len(theirs) == 2
+    for gpu, cpu in zip(ours, theirs):
+        expected = _lightly_settings(cpu)
+        _approx_equal(_our_settings(gpu), expected)
+        # Lightly took the values asked for (strength s scales brightness to 1 +- 0.8 s for
+        # SimCLR, 1 +- 0.4 s for BYOL).
+        assert expected["min_scale"] == params.min_scale
+        assert expected["random_gray_scale"] == params.random_gray_scale
+        assert expected["cj_prob"] == params.cj_prob and expected["hf_prob"] == params.hf_prob
+        bright = (0.8 if method == "simclr" else 0.4) * params.cj_strength
+        assert expected["brightness"] == pytest.approx((1 - bright, 1 + bright))
+        assert expected["normalize"] == ([0.1, 0.2, 0.3], [0.4, 0.5, 0.6])
+    # BYOL's views blur with probabilities 1.0 and 0.1 times gaussian_blur, SimCLR's both with
+    # gaussian_blur; only BYOL's second view solarises (0.2).
+    blur = [1.0, 0.1] if method == "byol" else [1.0, 1.0]
+    assert [v.gaussian_blur for v in ours] == pytest.approx(
+        [b * params.gaussian_blur for b in blur]
+    )
+    solarize = [0.0, 0.2] if method == "byol" else [0.0, 0.0]
+    assert [v.solarization_prob for v in ours] == pytest.approx(solarize)
+
+
 def test_view_hook_rewrites_training_views() -> None:
     class Zero(torch.nn.Module):
         def forward(
