@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -192,13 +193,51 @@ def test_choices_match_the_code_that_implements_them() -> None:
     assert set(choices["optim.lr_scaling"]) == set(LR_SCALING)
 
 
+def _own_choices() -> dict[str, dict[str, tuple[str, ...]]]:
+    from ssl_robust.config import denoiser, evaluate, finetune, pretrain
+
+    return {
+        "pretrain": pretrain.CHOICES,
+        "denoiser": denoiser.CHOICES,
+        "finetune": finetune.CHOICES,
+        "evaluate": evaluate.CHOICES,
+    }
+
+
+def test_the_shared_choices_name_keys_of_some_job() -> None:
+    from ssl_robust.config import COMMON_CHOICES
+
+    assert set(_own_choices()) == set(SCHEMAS)
+    every_key = set().union(*(schema_keys(schema) for schema in SCHEMAS.values()))
+    assert set(COMMON_CHOICES) <= every_key
+    # The jobs with data and trainer sections check the shared choices; evaluate has neither.
+    for job in ("pretrain", "denoiser", "finetune"):
+        assert set(COMMON_CHOICES) <= set(schema_keys(SCHEMAS[job])), job
+
+
 @pytest.mark.parametrize("job", sorted(SCHEMAS))
 def test_every_job_choice_names_a_real_key(job: str) -> None:
+    from omegaconf import OmegaConf
+
+    from ssl_robust.config import COMMON_CHOICES
+
     keys = set(schema_keys(SCHEMAS[job]))
-    assert {
-        k for k in job_choices(job) if k.split(".")[0] in {k2.split(".")[0] for k2 in keys}
-    } <= keys
-    assert load_config(SCHEMAS[job], [], job=job) is not None  # schema defaults are valid
+    own = _own_choices()[job]
+    assert own and set(own) <= keys
+    assert job_choices(job) == {**COMMON_CHOICES, **own}
+    defaults = load_config(SCHEMAS[job], [], job=job)
+    for key, values in job_choices(job).items():
+        if key not in keys:
+            continue  # a shared section this job does not have
+        # The schema default is one of the choices; each choice loads and reads back; any other
+        # value is refused, naming the key.
+        assert OmegaConf.select(defaults, key) in values, key
+        for value in values:
+            written = value or "''"  # an empty choice is written ''
+            cfg = load_config(SCHEMAS[job], [f"{key}={written}"], job=job)
+            assert OmegaConf.select(cfg, key) == value, (key, value)
+        with pytest.raises(ConfigError, match=re.escape(f"invalid value 'nonsense' for '{key}'")):
+            load_config(SCHEMAS[job], [f"{key}=nonsense"], job=job)
 
 
 def test_unknown_job() -> None:
