@@ -299,24 +299,57 @@ def test_pretraining_on_stl10_uses_the_unlabeled_pool(
     from tests.test_data import _FakeSTL10
 
     monkeypatch.setattr(ds, "_torchvision", lambda name, root, download, split: _FakeSTL10(split))
+    from ssl_robust.data.datasets import build_splits
+    from ssl_robust.methods.monitor import knn_accuracy
+
     steps: list[int] = []
+    banks: list[tuple[Any, torch.Tensor, int]] = []
 
     class Count(pl.Callback):
         def on_train_epoch_end(self, trainer: pl.Trainer, module: Any) -> None:
             steps.append(trainer.num_training_batches)
 
-    metrics = pretrain(
-        tiny_pretrain_cfg(
-            "data=stl10",
-            "data.batch_size=16",
-            "trainer.limit_train_batches=1.0",
-            "trainer.max_epochs=1",
-            "monitor.knn_k=5",
-        ),
-        callbacks=[Count()],
+        def on_validation_epoch_end(self, trainer: pl.Trainer, module: Any) -> None:
+            if not trainer.sanity_checking:  # the bank the kNN accuracy was just scored with
+                source = trainer.val_dataloaders[0].dataset.source
+                labels = torch.cat(module.monitor._bank_labels)
+                banks.append((source, labels, sum(len(b) for b in module.monitor._bank)))
+
+    cfg = tiny_pretrain_cfg(
+        "data=stl10",
+        "data.batch_size=16",
+        "trainer.limit_train_batches=1.0",
+        "trainer.max_epochs=1",
+        "monitor.knn_k=5",
     )
+    metrics = pretrain(cfg, callbacks=[Count()])
     assert steps == [150 // 16]  # 60 labeled + 90 unlabeled images
-    assert 0.0 <= metrics["val/knn_acc"] <= 1.0  # the bank holds only the labeled 60
+    # The kNN bank is the labeled train split, every image once, and nothing else (not the
+    # unlabeled pool, not the test images it is scored on).
+    splits = build_splits("stl10", "", image_size=8)
+    assert len(splits.train) == 60 and len(splits.val) == 30
+    assert len(banks) == 1
+    source, labels, n_features = banks[0]
+    assert np.array_equal(source.images, splits.train.images)
+    assert np.array_equal(source.labels, splits.train.labels)
+    assert n_features == 60 and sorted(labels.tolist()) == sorted(splits.train.labels.tolist())
+    assert (labels >= 0).all()
+    # val/knn_acc: the exported encoder's test images scored against that bank.
+    encoder = load_encoder(cfg.run.dir)[0].eval()
+    to_input = eval_transform(8, tuple(splits.info.mean), tuple(splits.info.std))
+
+    def features(images: np.ndarray) -> torch.Tensor:
+        from PIL import Image
+
+        with torch.no_grad():
+            return encoder(torch.stack([to_input(Image.fromarray(im)) for im in images]))
+
+    expected = knn_accuracy(
+        features(splits.val.images), torch.from_numpy(splits.val.labels),
+        features(splits.train.images), torch.from_numpy(splits.train.labels),
+        num_classes=10, k=5, t=cfg.monitor.knn_t,
+    )  # fmt: skip
+    assert metrics["val/knn_acc"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_compiled_views_need_the_device_path(tiny_pretrain_cfg: Callable[..., DictConfig]) -> None:
