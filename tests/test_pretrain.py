@@ -154,21 +154,66 @@ def _same_history(full: Path, part: Path) -> None:
             np.testing.assert_allclose(v_part, v_full, rtol=1e-5, err_msg=key)
 
 
+class _CountBatches(pl.Callback):
+    """Counts the training and validation batches a fit runs."""
+
+    def __init__(self) -> None:
+        self.train = 0
+        self.val = 0
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self.train += 1
+
+    def on_validation_batch_start(self, *args: object) -> None:
+        self.val += 1
+
+
+class _TickingClock:
+    """Stands for the ``time`` module of :mod:`ssl_robust.launch.perf`: each read of
+    ``perf_counter`` is ``step_s`` later than the one before."""
+
+    def __init__(self, step_s: float) -> None:
+        self.step_s = step_s
+        self.reads = 0
+
+    def perf_counter(self) -> float:
+        self.reads += 1
+        return self.reads * self.step_s
+
+
 def test_rerunning_a_finished_run_does_not_retrain(
-    tiny_pretrain_cfg: Callable[..., DictConfig],
+    tiny_pretrain_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import ssl_robust.launch.perf as perf
+
     cfg = tiny_pretrain_cfg("trainer.max_epochs=1")
     first = pretrain(cfg)
-    before = _weights(Path(cfg.run.dir))
-    again = pretrain(cfg)
-    after = _weights(Path(cfg.run.dir))
-    for k in before:
-        assert torch.equal(before[k], after[k])
-    assert again["val/knn_acc"] == first["val/knn_acc"]
-    # The training time is the first run's (up to its last checkpoint, plus the rerun's
-    # near-nothing), not replaced by the rerun's.
-    assert again["perf/fit_time_s"] == pytest.approx(first["perf/fit_time_s"], abs=2)
-    assert again["perf/fit_time_s"] > 0.5 * first["perf/fit_time_s"]
+    run = Path(cfg.run.dir)
+    files = ("checkpoints/last.ckpt", "checkpoints/best.ckpt")
+    stamps = {name: (run / name).stat().st_mtime_ns for name in files}
+    encoder = (run / "encoder.safetensors").read_bytes()
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3  # one epoch of limit_train_batches=3
+    fit_s = ckpt["callbacks"]["FitClock"]["fit_s"]  # the fit time up to the checkpoint
+    # The rerun's fit lasts 7 s of a fake clock: read when the fit starts and when it ends,
+    # and by nothing else (an epoch or a checkpoint would read it too).
+    clock = _TickingClock(7.0)
+    monkeypatch.setattr(perf, "time", clock)
+    batches = _CountBatches()
+    again = pretrain(cfg, callbacks=[batches])
+    # Nothing trained or validated, no checkpoint written; the same weights exported again.
+    assert (batches.train, batches.val) == (0, 0)
+    assert {name: (run / name).stat().st_mtime_ns for name in files} == stamps
+    after = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert after["global_step"] == 3
+    assert all(torch.equal(ckpt["state_dict"][k], v) for k, v in after["state_dict"].items())
+    assert (run / "encoder.safetensors").read_bytes() == encoder
+    # The fit time kept in the checkpoint plus the rerun's own, exactly; the other numbers are
+    # the first run's.
+    assert clock.reads == 2
+    assert again.pop("perf/fit_time_s") == fit_s + 7.0
+    assert 0 < fit_s <= first.pop("perf/fit_time_s")
+    assert again == pytest.approx(first)
 
 
 def test_no_resume_starts_over(tiny_pretrain_cfg: Callable[..., DictConfig]) -> None:
