@@ -48,20 +48,61 @@ def test_fast_dev_run_every_method(name: str, tiny_pretrain_cfg: Callable[..., D
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
 
 
+class _Layout(pl.Callback):
+    """Records whether each view of a training batch is channels_last and, for every call of
+    the online backbone in a training step: the autocast dtype (None: off), whether its input
+    and the first conv's weights are channels_last, and the dtype of the features."""
+
+    def __init__(self) -> None:
+        self.views: list[bool] = []
+        self.calls: list[tuple[Any, bool, bool, torch.dtype]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, i: int) -> None:
+        self.views += [v.is_contiguous(memory_format=torch.channels_last) for v in batch[0]]
+
+    def on_train_start(self, trainer: pl.Trainer, module: Any) -> None:
+        conv = next(m for m in module.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+
+        def hook(backbone: torch.nn.Module, args: Any, out: torch.Tensor) -> None:
+            if not backbone.training:
+                return  # a validation call
+            on = torch.is_autocast_enabled("cpu")
+            self.calls.append(
+                (
+                    torch.get_autocast_dtype("cpu") if on else None,
+                    args[0].is_contiguous(memory_format=torch.channels_last),
+                    conv.weight.is_contiguous(memory_format=torch.channels_last),
+                    out.dtype,
+                )
+            )
+
+        module.backbone.register_forward_hook(hook)
+
+
 @pytest.mark.parametrize(
-    "overrides",
+    ("overrides", "autocast", "channels_last"),
     [
-        ("optim.name=lars",),
-        ("trainer.precision=bf16-mixed", "trainer.channels_last=true"),
-        ("method=byol", "data.augment=gpu", "trainer.channels_last=true"),
+        (("optim.name=lars",), None, False),
+        (("trainer.precision=bf16-mixed", "trainer.channels_last=true"), torch.bfloat16, True),
+        (("method=byol", "data.augment=gpu", "trainer.channels_last=true"), None, True),
+        (("method=byol", "trainer.precision=bf16-mixed"), torch.bfloat16, False),
     ],
-    ids=["lars", "bf16-channels-last", "byol-device-views"],
+    ids=["lars", "bf16-channels-last", "byol-device-views", "byol-bf16"],
 )
 def test_fast_dev_run_options(
-    overrides: tuple[str, ...], tiny_pretrain_cfg: Callable[..., DictConfig]
+    overrides: tuple[str, ...],
+    autocast: torch.dtype | None,
+    channels_last: bool,
+    tiny_pretrain_cfg: Callable[..., DictConfig],
 ) -> None:
-    metrics = pretrain(tiny_pretrain_cfg(*overrides, "trainer.fast_dev_run=true"))
+    layout = _Layout()
+    metrics = pretrain(tiny_pretrain_cfg(*overrides, "trainer.fast_dev_run=true"), [layout])
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    # One training step (fast_dev_run), the online backbone on both views at once: in the
+    # precision and the memory format asked for, views and weights alike.
+    assert layout.views == [channels_last] * 2
+    features = autocast or torch.float32
+    assert layout.calls == [(autocast, channels_last, channels_last, features)]
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
