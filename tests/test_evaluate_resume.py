@@ -570,10 +570,19 @@ def test_sigusr1_under_slurm_requeues_and_stops_keeping_the_finished_units(
         job.evaluate(cfg)
     assert stop.value.code == 0 and requeued == [True]
     assert signal.getsignal(signal.SIGUSR1) == before  # the handler is the job's only
-    done = sorted(_stamps(Path(cfg.run.dir)))
+    kept = _stamps(Path(cfg.run.dir))
+    done = sorted(kept)
     assert "clean" in done and 2 <= len([u for u in done if u.startswith("shift/")]) < 4
-    # The requeued job computes only what is missing.
+    assert not (Path(cfg.run.dir) / "report.json").exists()
+    # The requeued job computes only what is missing, keeps the stored units as they are, and
+    # ends with the numbers of a run that was never stopped.
     monkeypatch.setattr(shift_mod, "generate", real)
     monkeypatch.delenv("SLURM_JOB_ID")
     metrics, (generated, _, _) = evaluate_counted(cfg, monkeypatch)
-    assert generated == 4 - (len(done) - 1) and "shift/mean_acc" in metrics
+    assert generated == 4 - (len(done) - 1)
+    final = _stamps(Path(cfg.run.dir))
+    assert sorted(final) == sorted(UNITS[:5]) and {k: final[k] for k in kept} == kept
+    reference, calls = evaluate_counted(cfg_for("sig-reference", *off), monkeypatch)
+    assert calls == (4, 0, 0)
+    assert _numbers(metrics) == _numbers(reference)
+    assert {k for k in metrics if k.startswith("shift/")} >= {"shift/mean_acc", "shift/n"}
