@@ -198,9 +198,19 @@ def test_shape_range_and_reproducibility(images: torch.Tensor, name: str) -> Non
 
 @pytest.mark.parametrize("name", ALL_NAMES)
 def test_other_image_sizes_and_dtypes(name: str) -> None:
-    x = synthetic_images(2, 48, 40).double()
-    out = corrupt(x, name, 3)  # no generator: torch's global RNG
-    assert out.shape == x.shape and out.dtype == torch.float32
+    x = synthetic_images(2, 48, 40)
+    # Other float dtypes are the same images converted to float32 first: the same draws, the
+    # same arithmetic, to the bit.
+    for dtype in (torch.float64, torch.float16, torch.bfloat16):
+        xd = x.to(dtype)
+        out = corrupt(xd, name, 3, gen(0))
+        assert out.shape == x.shape and out.dtype == torch.float32
+        torch.testing.assert_close(out, corrupt(xd.float(), name, 3, gen(0)), rtol=0, atol=0)
+    # No generator: torch's global RNG, the same stream as a generator seeded alike.
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        out = corrupt(x.double(), name, 3)
+    torch.testing.assert_close(out, corrupt(x, name, 3, gen(0)), rtol=0, atol=0)
     assert out.min() >= 0 and out.max() <= 1
 
 
