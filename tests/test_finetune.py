@@ -136,17 +136,33 @@ def test_full_finetune_changes_the_encoder_and_resumes(
         def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
             trainer.should_stop = True
 
+    class Batches(pl.Callback):
+        def __init__(self) -> None:
+            self.seen: list[tuple[int, int]] = []  # (epoch, batch) of each training batch
+
+        def on_train_batch_start(self, trainer: pl.Trainer, m: Any, b: Any, i: int) -> None:
+            self.seen.append((trainer.current_epoch, i))
+
     run = tmp_path / "full"
     common = ("mode=full", "subset.per_class=10", "trainer.max_epochs=2", "optim.lr=0.05")
     finetune(ft_cfg(random_encoder, run, *common), callbacks=[StopAfterFirstEpoch()])
     ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 4  # one epoch: 100 images in batches of 32, 32, 32 and 4
-    metrics = finetune(ft_cfg(random_encoder, run, *common))  # rerun = resume
+    rest = Batches()
+    metrics = finetune(ft_cfg(random_encoder, run, *common), callbacks=[rest])  # rerun = resume
+    assert rest.seen == [(1, 0), (1, 1), (1, 2), (1, 3)]  # the second epoch only
     ckpt = torch.load(run / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 8 and metrics["epochs"] == 2
     assert metrics["optim/encoder_lr"] == pytest.approx(0.005)
+    # The resumed run ends as an uninterrupted one: the same weights, the same numbers.
+    whole = finetune(ft_cfg(random_encoder, tmp_path / "whole", *common))
+    resumed_w = load_file(str(run / "classifier.safetensors"))
+    whole_w = load_file(str(tmp_path / "whole" / "classifier.safetensors"))
+    assert resumed_w.keys() == whole_w.keys()
+    for k in whole_w:
+        torch.testing.assert_close(resumed_w[k], whole_w[k], rtol=1e-5, atol=1e-6, msg=k)
     for key in ("train/loss", "val/acc", "val/acc_shift", "test/acc"):
-        assert key in metrics
+        assert metrics[key] == pytest.approx(whole[key], rel=1e-5), key
     clf, info = load_classifier(run)
     assert info["mode"] == "full" and info["subset"]["size"] == 100
     before = load_file(str(random_encoder / "encoder.safetensors"))
@@ -462,5 +478,10 @@ def test_a_baseline_like_an_exported_encoder_sees_its_data(
     finetune(load_config(FinetuneConfig, args, job="finetune"))
     info = json.loads((tmp_path / "b" / "classifier.json").read_text())
     assert (info["data"]["name"], info["data"]["image_size"]) == ("digits", 8)
-    # Normalised with the data's own statistics, not the unrelated encoder's.
-    assert info["encoder"]["mean"] != [0.3] * 3
+    # Normalised with the data's own statistics, not the unrelated encoder's (0.3 and 0.4):
+    # those of the train split's pixels (digits at 8 px, split seed 0), to 4 decimals.
+    train = build_splits("digits", "", image_size=8).train.images.reshape(-1, 3) / 255.0
+    assert np.allclose(train.mean(0), 0.3055, atol=5e-5)
+    assert np.allclose(train.std(0), 0.3759, atol=5e-5)
+    for key, value in (("mean", 0.3055), ("std", 0.3759)):
+        assert info["encoder"][key] == info["data"][key] == [value] * 3, key
