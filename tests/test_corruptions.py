@@ -839,8 +839,38 @@ def test_frost_from_the_package_is_make_cifar_c_frost() -> None:
         np.testing.assert_allclose(out[i].transpose(1, 2, 0), ref / 255, atol=1e-5)
 
 
+# cv2.resize's outputs for a small photograph, made by tests/data/make_cv2_resize_golden.py with
+# opencv-python-headless 5.0.0 installed in a throwaway folder (see there): CI has no OpenCV.
+CV2_GOLDEN = Path(__file__).parent / "data" / "cv2_resize_golden.npz"
+
+
+def test_photo_resize_equals_cv2_golden() -> None:
+    golden = np.load(CV2_GOLDEN)
+    photo = golden["photo"]  # (40, 56, 3) uint8
+    texture = torch.from_numpy(photo.copy()).permute(2, 0, 1)
+    factors = [float(f) for f in golden["factors"]]
+    assert factors == [0.05, 0.1, 0.2, 0.25, 0.3, 0.45, 0.6]
+    for f in factors:
+        ref = golden[f"resized_{f}"]
+        assert ref.shape == (round(40 * f), round(56 * f), 3)
+        ours = C._cv2_linear_resize(texture, f)
+        assert ours.dtype == torch.float32
+        np.testing.assert_array_equal(ours.permute(1, 2, 0).numpy(), ref, err_msg=f"fx={f}")
+    # cv2 copies the image at fx = 1 (checked when the file was made).
+    np.testing.assert_array_equal(C._cv2_linear_resize(texture, 1.0).permute(1, 2, 0), photo)
+    # The written-out reference of the known-answer test agrees with cv2 where it is used (at
+    # 0.3 and above its float arithmetic is off by one level in places: cv2's is fixed-point).
+    for f in (0.2, 0.25):
+        np.testing.assert_array_equal(_cv2_resize_reference(photo, f), golden[f"resized_{f}"])
+
+
 def test_photo_resize_equals_cv2(tmp_path: Path) -> None:
     cv2 = pytest.importorskip("cv2")
+    # The stored outputs are still this cv2's.
+    golden = np.load(CV2_GOLDEN)
+    for f in golden["factors"]:
+        ref = cv2.resize(golden["photo"], (0, 0), fx=f, fy=f, interpolation=cv2.INTER_LINEAR)
+        np.testing.assert_array_equal(golden[f"resized_{f}"], ref, err_msg=f"fx={f}")
     photo = _write_frost_photos(tmp_path, PHOTO_SIZES)[0]
     texture = torch.from_numpy(photo.copy()).permute(2, 0, 1)
     for f in (0.05, 0.1, 0.2, 0.25, 0.3, 0.45, 0.6, 1.0):  # reductions: images <= 160 px
