@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import struct
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -64,6 +65,18 @@ def tiny_cfg(classifier_run: Path, tmp_path: Path) -> Callable[..., DictConfig]:
         return load_config(EvaluateConfig, args, job="evaluate")
 
     return make
+
+
+def _stamps(run_dir: Path) -> dict[str, tuple[int, int]]:
+    """The stored units and the identity of their files (a rewrite makes a new file)."""
+    folder = run_dir / "partial"
+    return {
+        str(p.relative_to(folder)).removesuffix(".safetensors"): (
+            p.stat().st_ino,
+            p.stat().st_mtime_ns,
+        )
+        for p in folder.rglob("*.safetensors")
+    }
 
 
 def _report(cfg: DictConfig) -> dict[str, Any]:
@@ -499,13 +512,68 @@ def test_default_run_dir_is_named_after_the_classifier(
 
 
 @pytest.mark.slow
+def _wandb_records(path: Path) -> list[Any]:
+    """The protobuf records of a wandb run file (``run-<id>.wandb``). Its format is a LevelDB
+    log: a 7-byte header (``:W&B``, magic, version), then 32 KiB blocks of chunks, each a
+    7-byte header (CRC-32, length, type: 1 whole record, 2 first, 3 middle, 4 last part) and
+    its bytes; a block's tail shorter than a header is padding."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    records, part, pos, block = [], b"", 7, 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        part += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(part)
+            records.append(record)
+            part = b""
+    return records
+
+
 def test_wandb_offline_run_gets_the_report(tiny_cfg: Callable[..., DictConfig]) -> None:
     pytest.importorskip("wandb")
+    from ssl_robust.evaluate.report import report_tables
+
     cfg = tiny_cfg("wandb.mode=offline", "adv.sanity_checks=false")
     evaluate(cfg)
     run = Path(cfg.run.dir)
     run_id = (run / "wandb_id.txt").read_text().strip()
-    assert list((run / "wandb").glob(f"offline-run-*-{run_id}"))
+    (folder,) = (run / "wandb").glob(f"offline-run-*-{run_id}")
+    history: dict[str, Any] = {}
+    summary: dict[str, Any] = {}
+    for record in _wandb_records(folder / f"run-{run_id}.wandb"):
+        kind = record.WhichOneof("record_type")
+        items = {"history": record.history.item, "summary": record.summary.update}.get(kind, [])
+        for item in items:
+            key = item.key or "/".join(item.nested_key)
+            (history if kind == "history" else summary)[key] = json.loads(item.value_json)
+    report = _report(cfg)
+    # Every number of the report, logged and in the run's summary.
+    numbers = report["metrics"]
+    assert len(numbers) > 100
+    assert {k: history.get(k) for k in numbers} == numbers
+    assert {k: summary.get(k) for k in numbers} == numbers
+    # Every table of the report with its rows, and every plot.
+    tables = report_tables(report)
+    assert "shift_grid" in tables and "adv" in tables
+    for key, table in tables.items():
+        assert history[f"tables/{key}/_type"] == "table-file"
+        logged = json.loads((folder / "files" / history[f"tables/{key}/path"]).read_text())
+        assert logged["columns"] == list(table.columns), key
+        plain = (int, float, str, type(None))
+        rows = [[v if isinstance(v, plain) else str(v) for v in row] for row in table.rows]
+        assert logged["data"] == rows, key
+    plots = {p.stem for p in (run / "plots").glob("*.png")}
+    assert "reliability" in plots
+    assert {k.split("/")[1] for k in history if k.startswith("plots/")} == plots
+    assert all(history[f"plots/{name}/_type"] == "image-file" for name in plots)
 
 
 @pytest.mark.slow
@@ -846,7 +914,7 @@ def test_example_figures_show_what_the_pipeline_saw_and_predicted(
     ]
     # A bare classifier: its predictions under the images are the classifier's.
     cfg = tiny_cfg(*common)
-    evaluate(cfg)
+    first = evaluate(cfg)
     run = Path(cfg.run.dir)
     figures = _report(cfg)["figures"]
     ex = figures["examples"]
@@ -881,9 +949,18 @@ def test_example_figures_show_what_the_pipeline_saw_and_predicted(
     for name in ("examples", "corruption_examples"):
         with Image.open(run / "plots" / f"{name}.png") as png:
             assert png.size[0] > 300 and png.size[1] > 100
-    # Resumed: the figure is redrawn from the stored adversarial examples, none recomputed.
-    assert evaluate(cfg)
+    # Resumed: the figure is redrawn from the stored adversarial examples, none recomputed
+    # (every stored unit is the same file, untouched), with the same numbers.
+    stored = _stamps(run)
+    assert set(stored) == {f"shift/{c}/{s}" for c in GRID for s in (1, 5)} | {"adv/linf_8/pgd"}
+    (run / "plots" / "examples.png").unlink()
+    again = evaluate(cfg)
+    assert _stamps(run) == stored
+    assert {k: v for k, v in again.items() if not k.endswith("wall_s")} == {
+        k: v for k, v in first.items() if not k.endswith("wall_s")
+    }
     assert _report(cfg)["figures"]["examples"]["rows"] == ex["rows"]
+    assert (run / "plots" / "examples.png").is_file()
 
     # Behind a purifier: a purified row after each classified one.
     cfg = tiny_cfg(
