@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -113,6 +114,14 @@ def test_train_denoiser_writes_the_run_directory(
     expected |= {"perf/fit_time_s", "perf/train_images_per_s", "perf/unet_params"}
     assert expected <= set(saved)
     assert saved["epochs"] == 2 and saved["perf/unet_params"] > 0
+    # Training throughput as for pretraining (BENCHMARKS.md): logged per epoch, validation and
+    # sample grids excluded; metrics.json holds the median after the first epoch (the only one
+    # of two), not the images over the whole fit's time.
+    with (run / "logs" / "version_0" / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("perf/train_images_per_s")]
+    per_epoch = [float(r["perf/train_images_per_s"]) for r in rows]
+    assert len(per_epoch) == 2 and min(per_epoch) > 0
+    assert saved["perf/train_images_per_s"] == pytest.approx(per_epoch[1])
     # Stratified timesteps: val/loss is an average of the (near-equal count) bucket means.
     assert min(saved[k] for k in BUCKETS) < saved["val/loss"] < max(saved[k] for k in BUCKETS)
 
