@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-__all__ = ["private_tmp", "write_atomic", "write_text_atomic"]
+__all__ = ["private_tmp", "save_safetensors", "shared_modes", "write_atomic", "write_text_atomic"]
 
 
 def private_tmp(path: Path) -> Path:
@@ -40,3 +40,29 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """:func:`write_atomic` of ``text`` (UTF-8)."""
     write_atomic(path, lambda fh: fh.write(text.encode()))
+
+
+def save_safetensors(
+    path: Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None
+) -> None:
+    """safetensors' ``save_file``, through :func:`write_atomic`. The file gets the permissions
+    of any file this process opens (the umask's): safetensors' own ``save_file`` (0.8) makes
+    it private (0600), so colleagues on a shared cluster could not read exported weights."""
+    from safetensors.torch import save
+
+    write_atomic(path, lambda fh: fh.write(save(tensors, metadata)))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def shared_modes(folder: Path) -> None:
+    """Give every file under ``folder`` the permissions of a file opened normally (0666 less
+    the umask): for folders a library wrote with private files (diffusers' safetensors)."""
+    mode = 0o666 & ~_umask()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(mode)

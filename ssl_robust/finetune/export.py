@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
+from ssl_robust.files import save_safetensors, write_text_atomic
 from ssl_robust.finetune.model import Classifier
 from ssl_robust.models.backbones import build_backbone
 from ssl_robust.models.export import EncoderMeta
@@ -31,8 +31,7 @@ def save_classifier(
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "classifier.safetensors"
     state = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
-    save_file(state, str(weights.with_suffix(".tmp")))
-    os.replace(weights.with_suffix(".tmp"), weights)
+    save_safetensors(weights, state)
     # The normalisation the classifier applies (data.mean/std may override the encoder's).
     applied = {
         "mean": _applied(classifier.mean, encoder_meta.mean),
@@ -43,9 +42,7 @@ def save_classifier(
         "num_classes": classifier.num_classes,
         **info,
     }
-    desc = folder / "classifier.json"
-    desc.with_suffix(".tmp").write_text(json.dumps(meta, indent=2))
-    os.replace(desc.with_suffix(".tmp"), desc)
+    write_text_atomic(folder / "classifier.json", json.dumps(meta, indent=2))
     return weights
 
 

@@ -7,12 +7,12 @@ training checkpoint and never need the pretraining method's code.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from ssl_robust.files import save_safetensors, write_text_atomic
 from ssl_robust.models.backbones import Encoder, build_backbone
 
 
@@ -38,12 +38,8 @@ def export_encoder(encoder: Encoder, meta: EncoderMeta, folder: str | Path) -> P
         k.replace("_orig_mod.", ""): v.detach().cpu().contiguous()
         for k, v in encoder.state_dict().items()
     }
-    tmp = weights.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, weights)
-    info = folder / "encoder.json"
-    info.with_suffix(".tmp").write_text(json.dumps(asdict(meta), indent=2))
-    os.replace(info.with_suffix(".tmp"), info)
+    save_safetensors(weights, state)
+    write_text_atomic(folder / "encoder.json", json.dumps(asdict(meta), indent=2))
     return weights
 
 

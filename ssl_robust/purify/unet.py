@@ -22,6 +22,8 @@ import diffusers
 from diffusers.models.unets.unet_2d import UNet2DModel
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
+from ssl_robust.files import shared_modes
+
 # Keyword arguments for UNet2DModel, without sample_size / in_channels / out_channels.
 UNET_PRESETS: dict[str, dict[str, Any]] = {
     # ~68k parameters: CPU tests only. No attention anywhere (mid block included) to stay fast.
@@ -138,6 +140,7 @@ def save_denoiser(unet: UNet2DModel, scheduler: DDPMScheduler, folder: str | Pat
     folder.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(folder / "unet", safe_serialization=True)
     scheduler.save_pretrained(folder / "scheduler")
+    shared_modes(folder / "unet")  # diffusers writes its safetensors private (0600)
     model_index = {
         "_class_name": "DDPMPipeline",
         "_diffusers_version": diffusers.__version__,
