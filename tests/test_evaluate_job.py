@@ -8,6 +8,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -511,7 +512,6 @@ def test_default_run_dir_is_named_after_the_classifier(
     assert m["test/n"] == 16
 
 
-@pytest.mark.slow
 def _wandb_records(path: Path) -> list[Any]:
     """The protobuf records of a wandb run file (``run-<id>.wandb``). Its format is a LevelDB
     log: a 7-byte header (``:W&B``, magic, version), then 32 KiB blocks of chunks, each a
@@ -537,6 +537,7 @@ def _wandb_records(path: Path) -> list[Any]:
     return records
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_gets_the_report(tiny_cfg: Callable[..., DictConfig]) -> None:
     pytest.importorskip("wandb")
     from ssl_robust.evaluate.report import report_tables
@@ -548,7 +549,14 @@ def test_wandb_offline_run_gets_the_report(tiny_cfg: Callable[..., DictConfig]) 
     (folder,) = (run / "wandb").glob(f"offline-run-*-{run_id}")
     history: dict[str, Any] = {}
     summary: dict[str, Any] = {}
-    for record in _wandb_records(folder / f"run-{run_id}.wandb"):
+    # wandb's service process writes the run file; under load it may land a moment after
+    # finish() returns.
+    record_file = folder / f"run-{run_id}.wandb"
+    for _ in range(600):
+        if record_file.is_file():
+            break
+        time.sleep(0.1)
+    for record in _wandb_records(record_file):
         kind = record.WhichOneof("record_type")
         items = {"history": record.history.item, "summary": record.summary.update}.get(kind, [])
         for item in items:
