@@ -144,6 +144,9 @@ def test_reliability_bins_hand_example():
     # A confidence of exactly 1 lands in the last bin.
     last = reliability_bins(torch.eye(3), torch.tensor([0, 1, 2]))
     assert last["count"][-1].item() == 3
+    # A confidence on an inner edge belongs to the bin above it: 0.5 and 0.75 on 4 bins.
+    edges = reliability_bins(torch.tensor([[0.5, 0.5], [0.75, 0.25]]), torch.tensor([0, 0]), 4)
+    assert edges["count"].tolist() == [0, 0, 1, 1]
 
 
 def test_validation():
@@ -151,6 +154,8 @@ def test_validation():
         ece(PROBS.log(), LABELS)
     with pytest.raises(ValueError, match="probabilities"):
         brier(PROBS * 2, LABELS)
+    with pytest.raises(ValueError, match="probabilities"):  # sums to 1.01
+        brier(torch.tensor([[0.6, 0.41]]), torch.tensor([0]))
     with pytest.raises(ValueError, match="labels"):
         ece(PROBS, LABELS[:3])
     with pytest.raises(ValueError, match="n_bins"):
@@ -349,6 +354,20 @@ def test_a_bootstrap_interval_holds_its_estimate() -> None:
         lambda p, y: ece(p, y), [(probs, labels)], 100, bounds=(0.0, 1.0)
     )
     assert estimate == pytest.approx(0.0, abs=1e-7) and low <= estimate <= high
+    # Without bounds to clip at: |mean - 0.5| of 1000 zeros and 1000 ones is 0, and fewer than
+    # 2.5 % of the resamples (P(exactly 1000 ones) ~ 1.8 %) give 0, so the basic interval
+    # 2 * 0 - q_high .. 2 * 0 - q_low lies wholly below 0 before it is widened.
+    x = torch.tensor([0.0, 1.0]).repeat_interleave(1000)[None]
+    low, high = bootstrap_interval(lambda v: abs(v.mean().item() - 0.5), [(x,)], 200, seed=0)
+    assert low < 0.0 and high == 0.0
+
+
+def test_bootstrap_interval_is_the_basic_not_the_percentile_interval() -> None:
+    # The max of [0, 0, 0, 1] is 1; a resample's max is 0 with probability (3/4)^4 ~ 0.32, so
+    # the resampled quantiles are q_0.025 = 0 and q_0.975 = 1: the basic interval is
+    # (2 - 1, 2 - 0) = (1, 2), where the percentile one would be (0, 1).
+    x = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    assert bootstrap_interval(lambda v: v.max().item(), [(x,)], resamples=200, seed=0) == (1.0, 2.0)
 
 
 def _nll_at(logits: torch.Tensor, labels: torch.Tensor, t: float) -> float:
