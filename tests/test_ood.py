@@ -89,6 +89,11 @@ def test_fpr_at_tpr_hand_examples():
     # Perfect separation: no false positives; tpr = 1 takes the lowest in-score.
     assert fpr_at_tpr(s_in, torch.tensor([-1.0, 0.5])) == 0.0
     assert fpr_at_tpr(s_in, torch.tensor([0.5, 1.0]), tpr=1.0) == 0.5
+    # 0.07 * 100 is 7.000000000000001 in floating point: the threshold is still the 7th largest
+    # of 1..100 (94), not the 8th (93), so 93.5 is no false positive.
+    assert 0.07 * 100 > 7
+    assert fpr_at_tpr(torch.arange(1.0, 101.0), torch.tensor([93.5]), tpr=0.07) == 0.0
+    assert fpr_at_tpr(torch.arange(1.0, 101.0), torch.tensor([94.0]), tpr=0.07) == 1.0
     metrics = ood_metrics(s_in, s_out)
     assert metrics["fpr95"] == pytest.approx(3 / 5)
     assert metrics["auroc"] == pytest.approx(brute_force_auroc(s_in, s_out))
