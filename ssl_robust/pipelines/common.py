@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,52 @@ def checkpoint_config(ckpt: str, run_dir: Path) -> dict[str, Any] | None:
         loaded = OmegaConf.to_container(OmegaConf.load(path))
         return loaded if isinstance(loaded, dict) else None  # type: ignore[return-value]
     return None
+
+
+# What each job is called in messages.
+JOB_NAMES = {
+    "pretrain": "pretraining",
+    "denoiser": "denoiser",
+    "finetune": "fine-tuning",
+    "evaluate": "evaluation",
+}
+
+
+def job_of_config(sections: set[str]) -> str | None:
+    """The job whose config has these top-level sections (a run directory's config.yaml):
+    the one whose own sections (no other job has) are all there; None if none or several."""
+    from ssl_robust.config import SCHEMAS
+
+    own = {}
+    for job, schema in SCHEMAS.items():
+        others: set[str] = set().union(
+            *({f.name for f in fields(s)} for j, s in SCHEMAS.items() if j != job)
+        )
+        own[job] = {f.name for f in fields(schema)} - others
+    found = [job for job, names in own.items() if names and names <= sections]
+    return found[0] if len(found) == 1 else None
+
+
+def check_phase(run_dir: Path, job: str) -> None:
+    """Before anything is written: refuse a run directory that holds another job's run (its
+    config.yaml says which), rather than overwrite its config and metrics, load its checkpoint
+    as this job's, or (with run.resume=false) delete its checkpoints."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception:  # an unreadable config.yaml: the job's own checks report it
+        return
+    if not isinstance(loaded, DictConfig):
+        return
+    owner = job_of_config({str(k) for k in loaded})
+    if owner is not None and owner != job:
+        name = JOB_NAMES[owner]
+        raise ConfigError(
+            f"run.dir {str(run_dir)!r} holds {'an' if name[0] in 'aeiou' else 'a'} {name} run "
+            f"(its config.yaml); give this {JOB_NAMES[job]} run another run.dir"
+        )
 
 
 def check_resumable(

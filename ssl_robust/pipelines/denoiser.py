@@ -22,6 +22,7 @@ from ssl_robust.launch.trainer import (
 )
 from ssl_robust.pipelines.common import (
     build_data,
+    check_phase,
     check_resumable,
     console,
     fit_resumable,
@@ -99,6 +100,7 @@ def train_denoiser(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[
 
     # Build everything that can fail on bad input before any file is written.
     check_config(cfg)
+    check_phase(run_dir, "denoiser")
     check_resumable(run_dir, cfg, resume_settings, "denoiser")
     splits = build_data(cfg, run_dir, with_unlabeled=True)
     info = splits.info

@@ -72,6 +72,7 @@ from ssl_robust.launch.trainer import (
 from ssl_robust.models.backbones import Encoder, build_backbone
 from ssl_robust.models.export import EncoderMeta, load_encoder, load_encoder_meta
 from ssl_robust.pipelines.common import (
+    check_phase,
     check_resumable,
     console,
     final_metrics,
@@ -669,6 +670,7 @@ def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
             extra={"method": "supervised", "dataset": splits.info.name},
         )
     run_dir = default_run_dir(cfg, spec)
+    check_phase(run_dir, "finetune")
     _check_same_job(run_dir, cfg)
     # A run that would resume must ask for the training its checkpoint holds. Without
     # subset.json the subset's request is compared here; with it, by its own check.

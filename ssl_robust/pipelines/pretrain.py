@@ -34,6 +34,7 @@ from ssl_robust.models.backbones import Encoder, build_backbone
 from ssl_robust.models.export import EncoderMeta, export_encoder
 from ssl_robust.pipelines.common import (
     build_data,
+    check_phase,
     check_resumable,
     fit_resumable,
     print_summary,
@@ -103,6 +104,7 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
             "data.compile_views=true compiles the batched device views, which only "
             f"data.augment=gpu uses; got data.augment={cfg.data.augment!r}"
         )
+    check_phase(run_dir, "pretrain")
     check_resumable(run_dir, cfg, resume_settings, "pretraining")
     backbone = build_backbone(cfg.model.backbone, cfg.model.width)
     splits = build_data(cfg, run_dir, with_unlabeled=True)

@@ -39,6 +39,7 @@ from ssl_robust.evaluate.ood import FEATURE_SCORES, NOISE_KINDS
 from ssl_robust.evaluate.report import threat_name
 from ssl_robust.finetune.features import source_images
 from ssl_robust.finetune.model import Classifier
+from ssl_robust.pipelines.common import check_phase
 from ssl_robust.purify.purifier import Purifier
 from ssl_robust.purify.unet import load_denoiser
 
@@ -292,10 +293,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_run_dir(cfg: DictConfig) -> Path:
+    """``run.dir`` or ``runs/evaluate-<classifier run>[-purified]``; refused (ConfigError) when
+    it holds another job's run."""
     if cfg.run.dir:
-        return Path(cfg.run.dir)
-    name = Path(cfg.classifier.run).resolve().name
-    return Path("runs") / f"evaluate-{name}{'-purified' if cfg.purifier.run else ''}"
+        run_dir = Path(cfg.run.dir)
+    else:
+        name = Path(cfg.classifier.run).resolve().name
+        run_dir = Path("runs") / f"evaluate-{name}{'-purified' if cfg.purifier.run else ''}"
+    check_phase(run_dir, "evaluate")
+    return run_dir
 
 
 def seeded_subset(n: int, cap: int, seed: int) -> np.ndarray:

@@ -1,0 +1,75 @@
+"""A run directory belongs to the job that made it: another job's run is refused before
+anything is written (its config, metrics and checkpoints stay as they were)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssl_robust.cli import EXIT_USAGE, main
+from ssl_robust.config import SCHEMAS, ConfigError, load_config, save_config
+from ssl_robust.models.backbones import build_backbone
+from ssl_robust.models.export import EncoderMeta, export_encoder
+from ssl_robust.pipelines.common import check_phase, job_of_config
+
+JOBS = sorted(SCHEMAS)
+
+
+def _runs(root: Path) -> dict[str, Path]:
+    """A run directory of each job: its config.yaml, a metrics.json and a checkpoint."""
+    runs = {}
+    for job in JOBS:
+        run = root / f"{job}-run"
+        save_config(load_config(SCHEMAS[job], [], job=job), run / "config.yaml")
+        (run / "metrics.json").write_text(f'{{"{job}": 1}}')
+        (run / "checkpoints").mkdir()
+        (run / "checkpoints" / "last.ckpt").write_bytes(job.encode())
+        runs[job] = run
+    return runs
+
+
+def _contents(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_each_job_is_known_by_its_config_sections(tmp_path: Path) -> None:
+    runs = _runs(tmp_path)
+    for job in JOBS:
+        for owner, run in runs.items():
+            if owner == job:
+                check_phase(run, job)  # its own run: resumable
+            else:
+                with pytest.raises(ConfigError) as err:
+                    check_phase(run, job)
+                assert str(run) in str(err.value) and "give this" in str(err.value)
+    check_phase(tmp_path / "new", "pretrain")  # nothing there yet
+    assert job_of_config({"run", "trainer", "data"}) is None  # sections every job shares
+
+
+def test_every_job_refuses_another_jobs_run_dir_and_leaves_it_as_it_was(
+    tmp_path: Path, classifier_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = _runs(tmp_path)
+    before = {job: _contents(run) for job, run in runs.items()}
+    encoder = tmp_path / "encoder"
+    net = build_backbone("convnet", width=4)
+    export_encoder(net, EncoderMeta("convnet", 4, net.feat_dim, 8, [0.3], [0.4], 10), encoder)
+    torch.manual_seed(0)
+    attempts = {
+        # run.resume=false would otherwise delete the denoiser's checkpoints.
+        "pretrain": (runs["denoiser"], ["run.resume=false"], "a denoiser run"),
+        "denoiser": (runs["pretrain"], [], "a pretraining run"),
+        "finetune": (
+            runs["evaluate"],
+            [f"encoder.run={encoder}", "data=digits", "data.image_size=8"],
+            "an evaluation run",
+        ),
+        "evaluate": (runs["finetune"], ["tiny", f"classifier.run={classifier_run}"], "a fine"),
+    }
+    for job, (run, args, holds) in attempts.items():
+        assert main(job, [*args, f"run.dir={run}"]) == EXIT_USAGE, job
+        err = capsys.readouterr().err
+        assert f"error: run.dir '{run}' holds {holds}" in err, err
+    assert {job: _contents(run) for job, run in runs.items()} == before
