@@ -45,6 +45,7 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 # Exit statuses: bad command line or config (nothing ran), and bad input found while running.
 EXIT_USAGE = 2
 EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 def _load_pipeline(job: str) -> Callable[[DictConfig], Any]:
@@ -211,6 +212,14 @@ def main(
             raise
         _error(str(err))
         return EXIT_ERROR
+    except KeyboardInterrupt:
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            raise
+        _error(
+            "interrupted; the run directory keeps what was finished (checkpoints, stored "
+            "units): run the same command again to resume"
+        )
+        return EXIT_INTERRUPTED
     finally:
         release_process_group()
     return 0

@@ -195,6 +195,18 @@ class TrainingCurves(pl.Callback):
         self.draw(trainer, f"{why} {where} (step {trainer.global_step})")
 
 
+def fit(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+    """``trainer.fit``, with Ctrl-C raised as ``KeyboardInterrupt``: Lightning shuts down
+    gracefully and then calls ``sys.exit(1)``, the status of bad input, with no word of why
+    (a SLURM requeue's ``SystemExit(0)`` passes through)."""
+    try:
+        trainer.fit(*args, **kwargs)
+    except SystemExit as exit_:
+        if exit_.code == 1 and trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
+
+
 def wandb_run_id(run_dir: Path) -> str:
     """The wandb run id kept in the run directory, so a resumed run continues the same run."""
     path = run_dir / "wandb_id.txt"

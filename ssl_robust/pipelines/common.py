@@ -19,6 +19,7 @@ from ssl_robust.data.datasets import Splits, build_splits
 from ssl_robust.launch.curves import plot_training_curves
 from ssl_robust.launch.perf import EpochThroughput, FitClock, steady_throughput
 from ssl_robust.launch.trainer import (
+    fit,
     newest_checkpoint,
     read_json,
     resume_checkpoint,
@@ -121,7 +122,7 @@ def fit_resumable(
     if ckpt and trainer.is_global_zero:
         console.print(f"Resuming from {ckpt}", soft_wrap=True)
     start = time.perf_counter()
-    trainer.fit(module, ckpt_path=ckpt, **fit_kwargs)
+    fit(trainer, module, ckpt_path=ckpt, **fit_kwargs)
     elapsed = time.perf_counter() - start
     metrics = read_json(run_dir / "metrics.json") if ckpt else {}
     metrics.update(final_metrics(trainer))

@@ -65,6 +65,7 @@ from ssl_robust.launch.trainer import (
     build_loggers,
     build_trainer,
     checkpoint_callbacks,
+    fit,
     read_json,
     resume_checkpoint,
     write_json,
@@ -546,7 +547,7 @@ def _fit(
     ckpt = job.resume_from
     if ckpt and trainer.is_global_zero:
         console.print(f"Resuming from {ckpt}", soft_wrap=True)
-    trainer.fit(module, train_loader, val_loaders, ckpt_path=ckpt)
+    fit(trainer, module, train_loader, val_loaders, ckpt_path=ckpt)
     fit_time_s(trainer, metrics)  # over all the run's pieces
     metrics["epochs"] = float(trainer.current_epoch)
     metrics.update(final_metrics(trainer))
