@@ -119,6 +119,8 @@ def hand_made_report() -> dict[str, Any]:
             "classifier": "runs/finetune-x",
             "purifier": "runs/denoiser-y (ddim, t*=100, 5 NFE, fresh noise)",
             "num_images": 100,
+            "data": "cifar10 validation split (data), 32 px",
+            "data_config": {"name": "cifar10", "root": "data", "image_size": 32},
             "grid": {"corruptions": GRID, "severities": SEVERITIES, "source": "generated"},
             "threats": [
                 {"name": "linf_8", "norm": "linf", "eps": 8 / 255, "eps_label": "8/255"},
@@ -250,6 +252,8 @@ def test_write_report_from_a_hand_made_dict(tmp_path: Path) -> None:
         "| mean |  | 82.50 | 47.50 | 65.00 |",
         "| linf_8 | 8/255 | 90.00 | 12.00 | 6.1–22.2 | 7.00 | – | 64 | 12120 | 321.00 |",
         "| linf | black_box | **no** |",
+        "| data | cifar10, 32 x 32 px: the official test split, read from the folder data |",
+        "random start: yes)",
         # Per class, the classes the shift hurts most first; a class without images last.
         "| class | images | clean | shift | drop |\n| --- | ---: | ---: | ---: | ---: |\n"
         "| cat | 40 | 90.00 | 30.00 | 60.00 |\n| dog | 60 | 95.00 | 75.00 | 20.00 |\n"
@@ -294,7 +298,7 @@ def test_minimal_report_renders_only_what_ran(tmp_path: Path) -> None:
     assert "| pipeline | 50.00 | 23.7–76.3 | 10 |" in md
     for absent in ("Common corruptions", "Adversarial", "Calibration", "Out-of-distribution"):
         assert absent not in md
-    assert "Anchors for context" in md
+    assert "Anchors" not in md  # no dataset named: no CIFAR-10 numbers to read it against
 
 
 def test_log_to_wandb_sends_tables_images_and_summary(tmp_path: Path) -> None:
@@ -489,3 +493,192 @@ def test_temperature_scaled_calibration_gets_its_columns_text_summary_and_curve(
         return sum(n for n, c in colors if c == (44, 160, 44))
 
     assert green(scaled) > green(plain) + 50
+
+
+def test_cifar10_anchors_only_on_cifar10_and_the_data_row_says_what_was_read() -> None:
+    report = hand_made_report()
+    md = render_markdown(report)
+    assert "## Anchors for context (CIFAR-10; RobustBench entries)" in md
+    assert "| Standard WRN-28-10 | 94.78 |" in md
+    digits = {"name": "digits", "root": "data", "image_size": 16, "val_fraction": 0.2, "seed": 3}
+    report["meta"] |= {"data": "digits validation split (data), 16 px", "data_config": digits}
+    md = render_markdown(report)
+    assert "Anchors" not in md and "WRN" not in md and "RobustBench entries" not in md
+    assert (
+        "| data | digits, 16 x 16 px: scikit-learn's 8 x 8 handwritten digits, upsampled; the "
+        "validation split is the 20% held out from training (class-balanced, seed 3) |"
+    ) in md
+    assert "(data)" not in md  # the unused root folder is not shown as if it meant something
+    # A report without data_config (an older one): the dataset from its data line.
+    del report["meta"]["data_config"]
+    report["meta"]["data"] = "cifar10 validation split (data), 32 px"
+    assert "Anchors for context" in render_markdown(report)
+
+
+def _sanity_report() -> dict[str, Any]:
+    """The hand-made report with realistic sanity values for both norms (eps as stored:
+    fractions of the [0, 1] range)."""
+    report = hand_made_report()
+    linf = [2 / 255, 4 / 255, 8 / 255]
+    l2 = [0.25, 0.5, 1.0]
+
+    def checks(grid: list[float], large: float) -> dict[str, dict[str, Any]]:
+        values = {
+            "eps_monotone": {"eps": [0.0, *grid], "acc": [0.9, 0.8, 0.5, 0.25]},
+            "large_eps": {"eps": large, "acc": 0.0},
+            "more_steps": {"eps": grid[1], "steps": [100, 200], "acc": [0.5, 0.48]},
+            "more_eot": {"eps": grid[1], "eot": [20, 40], "acc": [0.5, 0.5]},
+            "black_box": {
+                "eps": grid,
+                "white_box_acc": [0.8, 0.5, 0.25],
+                "black_box_acc": [0.85, 0.7, 0.6],
+                "queries": 2000,
+            },
+            "nonzero_gradients": {"zero_grad_fraction": 0.0},
+        }
+        return {c: {"passed": True, "values": v} for c, v in values.items()}
+
+    report["sanity"] = {"linf": checks(linf, 1.0), "l2": checks(l2, math.sqrt(3 * 32 * 32))}
+    return report
+
+
+def test_sanity_table_gives_eps_in_the_threats_units_and_explains_each_check() -> None:
+    report = _sanity_report()
+    table = report_tables(report)["sanity"]
+    assert table.columns == ["norm", "check", "passed", "measured"]
+    md = render_markdown(report)
+    for needle in (
+        "| linf | eps_monotone | yes | eps 0, 2/255, 4/255, 8/255: accuracy 90.0, 80.0, 50.0, "
+        "25.0% |",
+        "| linf | large_eps | yes | eps 255/255 (the whole [0, 1] image box): accuracy 0.0% |",
+        "| linf | more_steps | yes | eps 4/255: 100 steps 50.0%, 200 steps 48.0% |",
+        "| linf | more_eot | yes | eps 4/255: EOT 20 50.0%, EOT 40 50.0% |",
+        "| linf | black_box | yes | eps 2/255, 4/255, 8/255: PGD 80.0, 50.0, 25.0%; random "
+        "search (2000 queries) 85.0, 70.0, 60.0% |",
+        "| linf | nonzero_gradients | yes | images with an all-zero input gradient: 0.0% |",
+        "| l2 | eps_monotone | yes | eps 0, 0.25, 0.5, 1: accuracy",
+        "| l2 | large_eps | yes | eps 55.43 (= sqrt(3072), the whole [0, 1] image box): "
+        "accuracy 0.0% |",
+        # Every check explained, under the table; the unbounded one's expectation in words.
+        "Linf eps in units of 1/255 like the threats",
+        "so accuracy should reach ~0 (at most 5%)",
+    ):
+        assert needle in md, needle
+    for check in SANITY_CHECKS:
+        assert f"\n- {check}: " in md, check
+    # No raw JSON, no eps as fractions of the [0, 1] range.
+    sanity_part = md[md.index("**Sanity checks") : md.index("## Calibration")]
+    assert "{" not in sanity_part and "0.0078" not in sanity_part and "0.0157" not in sanity_part
+    # The table's note is Markdown only: the wandb table has the rows and columns.
+    assert all(len(r) == 4 for r in table.rows)
+
+
+class _Figures:
+    """Keeps the figures the report's plotters make (laid out and drawn, as save_figure would,
+    but left open) so that a test can look at their artists."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from ssl_robust.evaluate import report as report_mod
+
+        self.figs: dict[str, Any] = {}
+
+        def keep(fig: Any, path: Path, dpi: int, rect: tuple[float, ...] | None = None) -> Path:
+            fig.tight_layout(rect=rect)
+            fig.canvas.draw()
+            self.figs[path.stem] = fig
+            return path
+
+        monkeypatch.setattr(report_mod, "save_figure", keep)
+
+    def close(self) -> None:
+        from ssl_robust.plotting import pyplot
+
+        for fig in self.figs.values():
+            pyplot().close(fig)
+
+
+@pytest.fixture
+def figures(monkeypatch: pytest.MonkeyPatch) -> Any:
+    kept = _Figures(monkeypatch)
+    yield kept
+    kept.close()
+
+
+def test_robust_plot_joins_no_threats_and_spreads_far_apart_radii(
+    tmp_path: Path, figures: _Figures
+) -> None:
+    report = _sanity_report()
+    report["meta"]["threats"].append(
+        {"name": "linf_128", "norm": "linf", "eps": 128 / 255, "eps_label": "128/255"}
+    )
+    m = report["metrics"]
+    m.update({k.replace("linf_8", "linf_128"): v for k, v in m.items() if "/linf_8/" in k})
+    m["adv/linf_128/acc"], m["adv/linf_128/acc_worst"] = 0.0, 0.0
+    make_plots(report, tmp_path)
+    fig = figures.figs["robust_eps"]
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    linf = axes["Robust accuracy, linf"]
+    threat_lines = [ln for ln in linf.get_lines() if ln.get_label().startswith("threat")]
+    assert threat_lines
+    for line in threat_lines:  # markers at the measured radii, no line between them
+        assert line.get_linestyle() == "None" and line.get_marker() not in ("", "None", None)
+    (worst,) = [ln for ln in threat_lines if "worst" in ln.get_label()]
+    assert list(worst.get_xdata()) == pytest.approx([8.0, 128.0])
+    # 0..8/255 and 128/255 and the whole box on one axis: symmetric-log, ticked where measured.
+    assert linf.get_xscale() == "symlog"
+    assert list(linf.get_xticks()) == pytest.approx([0, 2, 4, 8, 128, 255])
+    assert "1/255" in linf.get_xlabel() and linf.get_ylabel() == "accuracy (%)"
+    assert linf.get_ylim() == (-2, 102)
+    sweep = next(ln for ln in linf.get_lines() if ln.get_label().startswith("sanity sweep"))
+    assert sweep.get_linestyle() == "--" and sweep.get_marker() == "o"  # measured points, dashed
+    l2 = axes["Robust accuracy, l2"]
+    assert "27.7" not in " ".join(t.get_text() for t in l2.get_xticklabels())  # D = 3072 here
+    assert any(t.get_text() == "55.43" for t in l2.get_xticklabels())
+    for ax in (linf, l2):  # the legend under the axes, covering no point
+        assert ax.get_legend().get_window_extent().y1 <= ax.get_window_extent().y0
+
+
+def test_confusion_colour_bar_and_cells_are_both_percent(tmp_path: Path, figures: _Figures) -> None:
+    report = hand_made_report()
+    report["confusion"] = {"clean": [[8, 2, 0], [1, 9, 0], [0, 0, 0]]}
+    make_plots(report, tmp_path)
+    fig = figures.figs["confusion"]
+    ax = fig.axes[0]
+    (image,) = ax.get_images()
+    assert image.get_clim() == (0, 100)
+    assert image.get_array().max() == pytest.approx(90.0)  # 9 of 10: 90 %, not 0.9
+    cells = {t.get_text() for t in ax.texts}
+    assert {"80", "20", "10", "90"} <= cells
+    colour_bar = fig.axes[1]
+    assert colour_bar.get_ylim() == (0, 100) and "%" in colour_bar.get_ylabel()
+
+
+def test_ood_histogram_titles_give_auroc_in_percent_like_the_table(
+    tmp_path: Path, figures: _Figures
+) -> None:
+    report = hand_made_report()
+    report["metrics"]["ood/noise_gaussian/msp/auroc"] = 0.8167
+    make_plots(report, tmp_path)
+    titles = [ax.get_title() for ax in figures.figs["ood_hist"].axes]
+    assert "msp: noise_gaussian (AUROC 81.67%)" in titles
+    assert "| noise_gaussian | msp | 81.67 |" in render_markdown(report)
+    assert not any("0.8" in t for t in titles)
+
+
+def test_reliability_legend_sits_below_the_bars_and_the_gap_is_an_outline(
+    tmp_path: Path, figures: _Figures
+) -> None:
+    report = hand_made_report()
+    make_plots(report, tmp_path)
+    fig = figures.figs["reliability"]
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        assert legend.get_window_extent().y1 <= ax.get_window_extent().y0  # outside, below
+        labels = [t.get_text() for t in legend.get_texts()]
+        assert "gap to its mean confidence (hatched)" in labels
+        accuracy, gap = ax.containers  # the bars: accuracy, then the gap to confidence
+        assert all(bar.get_fill() for bar in accuracy)
+        # Unfilled, hatched: where a gap lies over its bar (under-confident) no blend colour.
+        assert all(not bar.get_fill() and bar.get_hatch() for bar in gap)
+    md = render_markdown(report, {"reliability": "plots/reliability.png"})
+    assert "its hatched outline the gap to the bin's mean confidence" in md

@@ -385,6 +385,8 @@ class Table:
     columns: list[str]
     rows: list[list[Any]]
     formats: list[str]
+    # Markdown under the table (what its rows mean); not part of the wandb table.
+    note: str = ""
 
 
 def _fmt(value: Any, kind: str) -> str:
@@ -431,7 +433,7 @@ def _threats(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _compact(values: Any) -> str:
-    """A short, readable rendering of a sanity check's values."""
+    """A short rendering of a sanity check's values, for a check this module does not know."""
 
     def short(v: Any) -> Any:
         if isinstance(v, float):
@@ -443,6 +445,96 @@ def _compact(values: Any) -> str:
         return v
 
     return json.dumps(short(values), separators=(", ", ": "))
+
+
+def _eps_text(norm: str, eps: float | Sequence[float]) -> str:
+    """Radii as the threats name them: Linf in units of 1/255 (``0, 2/255``), L2 plain."""
+    values = [float(eps)] if isinstance(eps, (int, float)) else [float(e) for e in eps]
+    if norm == "linf":
+        return ", ".join(f"{round(255 * e, 2):g}/255" if e else "0" for e in values)
+    return ", ".join(f"{round(e, 2):g}" for e in values)
+
+
+def _pcts(values: Sequence[float]) -> str:
+    return ", ".join(f"{100 * v:.1f}" for v in values) + "%"
+
+
+def _sanity_measured(norm: str, check: str, v: Any) -> str:
+    """What a sanity check measured, in words, with eps in the threats' units."""
+    try:
+        if check == "eps_monotone":
+            return f"eps {_eps_text(norm, v['eps'])}: accuracy {_pcts(v['acc'])}"
+        if check == "large_eps":
+            eps = float(v["eps"])
+            whole = ""
+            if norm == "linf" and eps >= 1:
+                whole = " (the whole [0, 1] image box)"
+            elif norm == "l2" and abs(eps**2 - round(eps**2)) < 1e-3:
+                whole = f" (= sqrt({round(eps**2)}), the whole [0, 1] image box)"
+            return f"eps {_eps_text(norm, eps)}{whole}: accuracy {_pcts([v['acc']])}"
+        if check == "more_steps":
+            (a, b), (acc_a, acc_b) = v["steps"], v["acc"]
+            return (
+                f"eps {_eps_text(norm, v['eps'])}: {a} steps {_pcts([acc_a])}, "
+                f"{b} steps {_pcts([acc_b])}"
+            )
+        if check == "more_eot":
+            (a, b), (acc_a, acc_b) = v["eot"], v["acc"]
+            return (
+                f"eps {_eps_text(norm, v['eps'])}: EOT {a} {_pcts([acc_a])}, "
+                f"EOT {b} {_pcts([acc_b])}"
+            )
+        if check == "black_box":
+            return (
+                f"eps {_eps_text(norm, v['eps'])}: PGD {_pcts(v['white_box_acc'])}; "
+                f"random search ({v['queries']} queries) {_pcts(v['black_box_acc'])}"
+            )
+        if check == "nonzero_gradients":
+            return f"images with an all-zero input gradient: {_pcts([v['zero_grad_fraction']])}"
+    except (KeyError, TypeError, ValueError):
+        pass
+    return _compact(v)
+
+
+def _large_eps_max_acc() -> float:
+    """The accuracy the unbounded-eps check accepts as ~0 (sanity_checks' default)."""
+    import inspect
+
+    from ssl_robust.evaluate.attacks import sanity_checks
+
+    return float(inspect.signature(sanity_checks).parameters["large_eps_max_acc"].default)
+
+
+def _sanity_note(sanity: dict[str, dict[str, Any]]) -> str:
+    """What each sanity check that ran asks of the attack, one bullet each."""
+    ran = {c for checks in sanity.values() for c in checks}
+    says = {
+        "eps_monotone": "accuracy must not rise (beyond a small tolerance) as eps grows: a "
+        "larger ball holds every smaller one, so a rise means the attack is failing to find "
+        "adversarial images it could reach.",
+        "large_eps": "PGD with an eps so large that the ball holds every image (Linf 255/255; "
+        "L2 the square root of the number of pixel values) can turn any image into one of "
+        f"another class, so accuracy should reach ~0 (at most {100 * _large_eps_max_acc():g}%). "
+        "Accuracy left there means the gradients do not lead anywhere (gradient masking), not "
+        "robustness.",
+        "more_steps": "more PGD steps (both counts measured are shown), at the eps of the "
+        "sweep whose accuracy is nearest half the clean accuracy, must not raise accuracy "
+        "(beyond the tolerance): a stronger attack can only do better, so more steps "
+        "helping the model means the attack is broken.",
+        "more_eot": "likewise with more EOT gradient draws per step.",
+        "black_box": "a gradient-free random search with the stated queries must not beat PGD "
+        "(its accuracy must not be lower than PGD's) at any eps of the sweep: if it does, the "
+        "gradients mislead PGD.",
+        "nonzero_gradients": "no image may have an all-zero input gradient of the logit margin "
+        "(shattered gradients; Athalye et al. 2018).",
+    }
+    lines = [f"- {c}: {says[c]}" for c in SANITY_CHECKS if c in ran and c in says]
+    if not lines:
+        return ""
+    return (
+        "Accuracies in % of the sanity images; Linf eps in units of 1/255 like the threats, L2 "
+        "eps on [0, 1] images. Each check:\n\n" + "\n".join(lines)
+    )
 
 
 def _calib_sets(report: dict[str, Any]) -> list[str]:
@@ -737,15 +829,21 @@ def report_tables(report: dict[str, Any]) -> dict[str, Table]:
     sanity: dict[str, dict[str, dict[str, Any]]] = report.get("sanity", {})
     if sanity:
         rows = [
-            [norm, check, bool(result.get("passed")), _compact(result.get("values"))]
+            [
+                norm,
+                check,
+                bool(result.get("passed")),
+                _sanity_measured(norm, check, result.get("values")),
+            ]
             for norm, checks in sanity.items()
             for check, result in checks.items()
         ]
         tables["sanity"] = Table(
             "Sanity checks (against gradient masking and weak attacks; Carlini et al. 2019)",
-            ["norm", "check", "passed", "values"],
+            ["norm", "check", "passed", "measured"],
             rows,
             ["str", "str", "str", "str"],
+            note=_sanity_note(sanity),
         )
 
     calib_sets = _calib_sets(report)
@@ -904,7 +1002,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
     info = [
         ["classifier run", meta.get("classifier", "")],
         ["purifier", meta.get("purifier") or "none"],
-        ["data", meta.get("data", "")],
+        ["data", _data_text(meta)],
         ["evaluation images", meta.get("num_images", "")],
         ["device", meta.get("device", "")],
         ["seed", meta.get("seed", "")],
@@ -932,6 +1030,8 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
             if len(present) > 1 or k not in ("clean",):
                 out.extend([f"**{t.title}**", ""])
             out.extend([_markdown_table(t), ""])
+            if t.note:
+                out.extend([t.note, ""])
         for name in [plot] if isinstance(plot, str) else plot:
             if name and name in plots:
                 out.extend([f"![{name}]({plots[name]})", ""])
@@ -1002,8 +1102,8 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
     if attack:
         protocol = (
             f"PGD-{attack.get('steps')} ({attack.get('loss')} loss, step "
-            f"{attack.get('step_size_rule', '2.5 eps / steps')}, random start "
-            f"{attack.get('random_start')}) on the whole pipeline x in [0, 1] -> "
+            f"{attack.get('step_size_rule', '2.5 eps / steps')}, random start: "
+            f"{_yes_no(attack.get('random_start'))}) on the whole pipeline x in [0, 1] -> "
             f"{'purifier -> ' if meta.get('purifier') else ''}classifier; EOT "
             f"{attack.get('eot')} gradient draws per step, each adversarial image re-scored over "
             f"{attack.get('rescore_draws')} independent calls (mean and worst case). "
@@ -1026,13 +1126,61 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
         f"pools {meta.get('calib_shift_set', 'the highest-severity corruptions')}."
         + _temperature_text(report)
         + _severity_text(report)
-        + _selective_text(report),
+        + _selective_text(report)
+        + (
+            " Reliability diagrams: a bar is the accuracy of a confidence bin, its hatched "
+            "outline the gap to the bin's mean confidence: above the bar, over-confident; "
+            "inside it, under-confident."
+            if "reliability" in plots
+            else ""
+        ),
         ["reliability", "calib_severity", "risk_coverage"],
     )
     section("Out-of-distribution detection", ["ood"], _ood_text(report), "ood_hist")
     section("Latency and throughput", ["perf"])
-    out += ["## Anchors for context (CIFAR-10; RobustBench entries)", "", _anchors_md(), ""]
+    if _dataset(meta) == "cifar10":  # published CIFAR-10 numbers: no yardstick for other data
+        out += ["## Anchors for context (CIFAR-10; RobustBench entries)", "", _anchors_md(), ""]
     return "\n".join(out)
+
+
+def _yes_no(value: Any) -> str:
+    """A flag as the report writes it: yes / no (unknown: "–")."""
+    return "–" if value is None else ("yes" if value else "no")
+
+
+def _dataset(meta: dict[str, Any]) -> str | None:
+    """The evaluation data's name (``data_config``, else the first word of ``data``)."""
+    name = (meta.get("data_config") or {}).get("name")
+    if name:
+        return str(name)
+    words = str(meta.get("data", "")).split()
+    return words[0] if words else None
+
+
+def _data_text(meta: dict[str, Any]) -> str:
+    """The evaluation images, in words: the dataset, which split and where it was read from."""
+    data = meta.get("data_config") or {}
+    name = data.get("name")
+    if not name:
+        return str(meta.get("data", ""))
+    size = data.get("image_size")
+    px = f", {size} x {size} px" if size else ""
+    root = data.get("root", "")
+    if name == "digits":
+        frac = data.get("val_fraction")
+        held = f"{100 * float(frac):g}% " if frac is not None else ""
+        where = (
+            "scikit-learn's 8 x 8 handwritten digits, upsampled; the validation split is the "
+            f"{held}held out from training (class-balanced, seed {data.get('seed', 0)})"
+        )
+    elif name in ("cifar10", "cifar100", "stl10"):
+        where = f"the official test split, read from the folder {root}"
+    else:
+        where = (
+            f"the test (or val) folder of the image tree {root}, or, without one, the "
+            f"{100 * float(data.get('val_fraction', 0.2)):g}% held out from it"
+        )
+    return f"{name}{px}: {where}"
 
 
 def _temperature_text(report: dict[str, Any]) -> str:
@@ -1246,10 +1394,14 @@ def _panels(n: int, width: float, height: float) -> tuple[Any, list[Any]]:
 
 
 def _plot_reliability(report: dict[str, Any], path: Path) -> Path | None:
+    """Reliability diagrams: each bin's accuracy as a bar, its gap to the bin's mean confidence
+    as a hatched outline (above the bar: over-confident; inside it: under-confident), the
+    temperature-scaled bins as a line; the legend under the panels, clear of every bar."""
     bins_by_set: dict[str, dict[str, list[Any]]] = report.get("reliability", {})
     if not bins_by_set:
         return None
     fig, axes = _panels(len(bins_by_set), 4.0, 4.0)
+    m = report.get("metrics", {})
     for ax, (name, bins) in zip(axes, bins_by_set.items()):
         # Empty bins (count 0) have no accuracy or confidence: draw nothing there.
         full = [i for i, c in enumerate(bins["count"]) if c]
@@ -1257,37 +1409,41 @@ def _plot_reliability(report: dict[str, Any], path: Path) -> Path | None:
         widths = [bins["upper"][i] - bins["lower"][i] for i in full]
         acc = [bins["accuracy"][i] for i in full]
         conf = [bins["confidence"][i] for i in full]
-        ax.bar(lower, acc, width=widths, align="edge", edgecolor="k", alpha=0.7, label="accuracy")
+        ax.bar(lower, acc, width=widths, align="edge", color="C0", edgecolor="k", alpha=0.7,
+               label="accuracy of the bin")  # fmt: skip
+        # Outlines, not a translucent fill: no blend colour where a gap overlaps its bar.
         ax.bar(
             lower,
             [c - a for c, a in zip(conf, acc)],
             bottom=acc,
             width=widths,
             align="edge",
-            color="red",
-            alpha=0.3,
-            label="gap to confidence",
+            fill=False,
+            edgecolor="C3",
+            hatch="///",
+            linewidth=1,
+            label="gap to its mean confidence (hatched)",
         )
-        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
         scaled = (report.get("reliability_scaled") or {}).get(name)
         if scaled is not None:
             used = [i for i, c in enumerate(scaled["count"]) if c]
-            ts_ece = report.get("metrics", {}).get(f"calib/{name}/ts_ece")
+            ts_ece = m.get(f"calib/{name}/ts_ece")
             ax.plot(
                 [scaled["confidence"][i] for i in used],
                 [scaled["accuracy"][i] for i in used],
                 "o-",
                 color="C2",
                 markersize=3,
-                label="temperature-scaled" + (f", ECE {ts_ece:.3f}" if ts_ece is not None else ""),
+                label="temperature-scaled" + (f", ECE {ts_ece:.4f}" if ts_ece is not None else ""),
             )
-        ece = report.get("metrics", {}).get(f"calib/{name}/ece")
-        ax.set_title(f"{name}" + (f" (ECE {ece:.3f})" if ece is not None else ""))
+        ece = m.get(f"calib/{name}/ece")
+        ax.set_title(f"{name}" + (f" (ECE {ece:.4f})" if ece is not None else ""))
         ax.set_xlabel("confidence")
         ax.set_ylabel("accuracy")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-        ax.legend(loc="upper left")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False)
     return save_figure(fig, path, dpi=_DPI)
 
 
@@ -1348,7 +1504,7 @@ def _plot_risk_coverage(report: dict[str, Any], path: Path) -> Path | None:
     for i, (name, c) in enumerate(curves.items()):
         color = f"C{i % 10}"
         aurc = m.get(f"selective/{name}/aurc")
-        label = name + (f" (AURC {aurc:.3f})" if aurc is not None else "")
+        label = name + (f" (AURC {aurc:.4f})" if aurc is not None else "")
         ax.plot(c["coverage"], [100 * r for r in c["risk"]], color=color, label=label)
         ax.plot(c["coverage"], [100 * r for r in c["best"]], ":", color=color, linewidth=1)
     ax.plot([], [], "k:", linewidth=1, label="best ranking (errors last)")
@@ -1362,6 +1518,10 @@ def _plot_risk_coverage(report: dict[str, Any], path: Path) -> Path | None:
 
 
 def _plot_robust(report: dict[str, Any], path: Path) -> Path | None:
+    """Robust accuracy against eps, one panel per norm: the sanity sweep, the unbounded-eps
+    check and every threat, each a marker where it was measured. Only the sweep's points are
+    joined (dashed); the threats, often far apart (8/255 and 128/255), are not, and a wide
+    span of radii gets a symmetric-log axis ticked at the radii measured."""
     m = report.get("metrics", {})
     threats = [t for t in _threats(report) if f"adv/{t['name']}/acc" in m]
     sanity = report.get("sanity", {})
@@ -1369,46 +1529,71 @@ def _plot_robust(report: dict[str, Any], path: Path) -> Path | None:
     if not norms:
         return None
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(norms), figsize=(4.5 * len(norms), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(norms), figsize=(4.8 * len(norms), 4.6), squeeze=False)
     for ax, norm in zip(axes[0], norms):
         scale = 255.0 if norm == "linf" else 1.0  # plot Linf radii in units of 1/255
-        curve = sanity.get(norm, {}).get("eps_monotone", {}).get("values")
+        xs_seen: list[float] = []
+        checks = sanity.get(norm, {})
+        curve = checks.get("eps_monotone", {}).get("values")
         if curve:
+            xs = [scale * e for e in curve["eps"]]
+            xs_seen += xs
+            ax.plot(xs, [100 * a for a in curve["acc"]], "o--", color="gray", linewidth=1,
+                    label="sanity sweep (PGD)")  # fmt: skip
+        large = checks.get("large_eps", {}).get("values")
+        if large and isinstance(large.get("eps"), (int, float)) and large.get("acc") is not None:
+            xs_seen.append(scale * large["eps"])
             ax.plot(
-                [scale * e for e in curve["eps"]],
-                [100 * a for a in curve["acc"]],
-                "o-",
+                [scale * large["eps"]],
+                [100 * large["acc"]],
+                "D",
                 color="gray",
-                label="sanity sweep",
+                markerfacecolor="none",
+                label="sanity: whole image box (should be ~0)",
             )
         mine = sorted((t for t in threats if t["norm"] == norm), key=lambda t: t["eps"])
         if mine:
             xs = [scale * t["eps"] for t in mine]
+            xs_seen += xs
             keys = [f"adv/{t['name']}/acc" for t in mine]
             ax.errorbar(
                 xs,
                 [100 * m[k] for k in keys],
                 yerr=100 * interval_bars(m, keys),
-                fmt="s-",
+                fmt="s",
+                color="C0",
+                markersize=7,
                 capsize=3,
-                label="PGD mean (95% CI)",
+                label="threat: PGD mean (95% CI)",
             )
-            ax.plot(
-                xs, [100 * m[f"adv/{t['name']}/acc_worst"] for t in mine], "v--", label="PGD worst"
-            )
+            # Over the mean's square (the two often coincide), small enough to leave it seen.
+            ax.plot(xs, [100 * m[f"adv/{t['name']}/acc_worst"] for t in mine], "v",
+                    color="C1", markersize=5, zorder=3, label="threat: PGD worst")  # fmt: skip
             if any(f"adv/{t['name']}/autoattack_acc" in m for t in mine):
                 aa = [
                     (scale * t["eps"], 100 * m[f"adv/{t['name']}/autoattack_acc"])
                     for t in mine
                     if f"adv/{t['name']}/autoattack_acc" in m
                 ]
-                ax.plot(*zip(*aa), "x", markersize=9, label="AutoAttack")
-        ax.set_xlabel("eps (x 1/255)" if norm == "linf" else "eps (L2)")
+                ax.plot(*zip(*aa), "x", color="C3", markersize=9, label="threat: AutoAttack")
+        positive = sorted({round(x, 6) for x in xs_seen if x > 0})
+        if len(positive) > 1 and positive[-1] / positive[0] > 8:
+            # Radii spanning decades: log-like spacing (linear below the smallest, so 0 shows).
+            ax.set_xscale("symlog", linthresh=positive[0], linscale=0.5)
+            ax.set_xticks([0.0, *positive] if min(xs_seen) <= 0 else positive)
+            ax.set_xticklabels([f"{x:.4g}" for x in ax.get_xticks()], fontsize=8)
+            ax.minorticks_off()
+            ax.set_xlim(-0.3 * positive[0] if min(xs_seen) <= 0 else None, positive[-1] * 1.5)
+        elif positive:  # from 0, so that a lone radius is not centred on a zoomed-in axis
+            ax.set_xlim(-0.05 * positive[-1], 1.1 * positive[-1])
+        unit = "eps (x 1/255)" if norm == "linf" else "eps (L2, on [0, 1] images)"
+        ax.set_xlabel(unit + (", symmetric-log axis" if ax.get_xscale() == "symlog" else ""))
         ax.set_ylabel("accuracy (%)")
         ax.set_ylim(-2, 102)
         ax.set_title(f"Robust accuracy, {norm}")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2, fontsize=8,
+                  frameon=False)  # fmt: skip
     return save_figure(fig, path, dpi=_DPI)
 
 
@@ -1443,9 +1628,12 @@ def _plot_ood(report: dict[str, Any], path: Path) -> Path | None:
             edges = h["edges"]
             widths = [b - a for a, b in itertools.pairwise(edges)]
             ax.bar(edges[:-1], h["in"], width=widths, align="edge", alpha=0.6, label="in-dist.")
-            ax.bar(edges[:-1], h["out"], width=widths, align="edge", alpha=0.6, label=name)
+            # An outline over the filled in-distribution bars: no blend colour where they meet.
+            ax.stairs(h["out"], edges, color="C1", linewidth=1.5, label=name)
             auroc = m.get(f"ood/{name}/{score}/auroc")
-            title = f"{score}: {name}" + (f" (AUROC {auroc:.3f})" if auroc is not None else "")
+            title = f"{score}: {name}" + (
+                f" (AUROC {100 * auroc:.2f}%)" if auroc is not None else ""
+            )
             ax.set_title(title, fontsize=9)
             ax.set_xlabel(_SCORE_AXIS.get(score, score), fontsize=8)
             ax.set_ylabel("fraction")
@@ -1467,8 +1655,8 @@ def _plot_confusion(report: dict[str, Any], path: Path) -> Path | None:
     for ax, (name, counts) in zip(axes[0], sets.items()):
         c = np.asarray(counts, dtype=float)
         totals = c.sum(1, keepdims=True)
-        frac = np.divide(c, totals, out=np.zeros_like(c), where=totals > 0)
-        im = ax.imshow(frac, vmin=0, vmax=1, cmap="Blues")
+        pct = 100 * np.divide(c, totals, out=np.zeros_like(c), where=totals > 0)
+        im = ax.imshow(pct, vmin=0, vmax=100, cmap="Blues")
         if k <= 20:
             ax.set_xticks(range(k))
             ax.set_yticks(range(k))
@@ -1478,13 +1666,14 @@ def _plot_confusion(report: dict[str, Any], path: Path) -> Path | None:
             for i in range(k):
                 for j in range(k):
                     if c[i, j]:
-                        white = frac[i, j] > 0.5
-                        ax.text(j, i, f"{100 * frac[i, j]:.0f}", ha="center", va="center",
+                        white = pct[i, j] > 50
+                        ax.text(j, i, f"{pct[i, j]:.0f}", ha="center", va="center",
                                 fontsize=6, color="white" if white else "black")  # fmt: skip
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
         ax.set_title("clean" if name == "clean" else f"{name}: {shift_set}", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        bar.set_label("% of the true class's images", fontsize=8)
     return save_figure(fig, path, dpi=_DPI)
 
 
