@@ -1,4 +1,5 @@
-"""The pretraining views figure: what it shows, and when it is drawn."""
+"""The pretraining views figure (what it shows, and when it is drawn) and the caption of the
+denoiser's sample grids."""
 
 from __future__ import annotations
 
@@ -81,3 +82,38 @@ def test_a_failing_image_grid_leaves_no_figure_open(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="1 column titles for 2 columns"):
         plot_image_grid([bad], labels, ["a", "b"], tmp_path / "g.png", column_titles=["x"])
     assert set(plt.get_fignums()) == before and not (tmp_path / "grid.png").exists()
+
+
+def test_denoiser_grids_get_a_caption_naming_their_rows(tmp_path: Path) -> None:
+    from ssl_robust.purify import DenoiserModule, build_unet, make_scheduler
+    from ssl_robust.purify.callbacks import SampleGrids
+
+    torch.manual_seed(0)
+    module = DenoiserModule(build_unet("tiny", 8), make_scheduler())
+    grids = SampleGrids(
+        tmp_path / "samples", torch.rand(3, 3, 8, 8), every_n_epochs=1, num_samples=4, steps=2,
+        t_star=20, purify_sampler="ddim", purify_steps=2,
+    )  # fmt: skip
+    trainer = SimpleNamespace(global_step=6, is_global_zero=True, loggers=[])
+    grids.write(trainer, module, epoch=2)  # type: ignore[arg-type]
+    caption = (tmp_path / "samples" / "README.md").read_text()
+    for needle in (
+        "The latest grids are from epoch 2 (EMA weights)",
+        "## latest_purify.png / epoch_<k>_purify.png",
+        "Purification of 3 fixed validation images, one per column (3 columns):",
+        "1. top row, **clean**: the validation images;",
+        "2. middle row, **noised to t\\*=20**: the forward diffusion of each;",
+        "3. bottom row, **purified**: the reverse process (DDIM, 2 steps) run from exactly",
+        "4 images generated from pure noise (DDIM, 2 steps)",
+        "enlarged 8x (nearest neighbour)",
+    ):
+        assert needle in caption, needle
+    # The grids themselves stay bare images: the caption sits beside them.
+    names = {p.name for p in (tmp_path / "samples").iterdir()}
+    assert names == {
+        "README.md", "epoch_0002_samples.png", "epoch_0002_purify.png",
+        "latest_samples.png", "latest_purify.png",
+    }  # fmt: skip
+    ddpm = SampleGrids(tmp_path, torch.rand(2, 3, 8, 8), 1, 1, sampler="ddpm", t_star=50)
+    assert "(ancestral DDPM, 50 steps)" in ddpm.caption(1)
+    assert "(DDPM, every step)" in ddpm.caption(1)

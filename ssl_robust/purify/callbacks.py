@@ -14,6 +14,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import WandbLogger
 from torch import Tensor
 
+from ssl_robust.files import write_text_atomic
 from ssl_robust.purify.denoiser import DenoiserModule, purification_grid, save_image_grid
 from ssl_robust.purify.purifier import SAMPLERS, Purifier
 
@@ -26,8 +27,10 @@ class SampleGrids(Callback):
     Files in ``folder``: ``epoch_<k>_samples.png`` (images generated from pure noise) and
     ``epoch_<k>_purify.png`` (rows: clean val images / diffused to t* / purified), where k counts
     finished epochs, plus copies ``latest_samples.png`` and ``latest_purify.png``. Grids are also
-    written when training ends between two scheduled epochs. With a ``WandbLogger`` attached
-    they are logged as images ``samples/generated`` and ``samples/purified``.
+    written when training ends between two scheduled epochs. The grids are bare images (no
+    title or row labels), so ``README.md`` beside them says what each shows: its rows, t*, the
+    samplers and the epoch of the latest. With a ``WandbLogger`` attached they are logged as
+    images ``samples/generated`` and ``samples/purified``.
 
     All noise comes from generators seeded by ``seed``, so grids of different epochs (and of
     resumed runs) show the same noise and differ only by the weights; the training RNG is not
@@ -108,6 +111,37 @@ class SampleGrids(Callback):
             "purify": self.folder / "latest_purify.png",
         }
 
+    def caption(self, epoch: int) -> str:
+        """The Markdown caption of the grids (``README.md`` beside them), the latest at
+        ``epoch`` finished epochs."""
+        n = len(self.clean)
+        reverse = {
+            "ddim": f"DDIM, {self.purify_steps} steps",
+            "ddpm": f"ancestral DDPM, {self.t_star} steps",
+            "oneshot": "one-shot: the x0 prediction at t*",
+        }.get(self.purify_sampler, self.purify_sampler)
+        gen = f"DDIM, {self.steps} steps" if self.sampler == "ddim" else "DDPM, every step"
+        zoom = (
+            f" Images are enlarged {self.zoom}x (nearest neighbour) for legibility."
+            if self.zoom > 1
+            else ""
+        )
+        return (
+            "# Denoiser sample grids\n\n"
+            f"The latest grids are from epoch {epoch} (EMA weights); `epoch_<k>_*.png` are "
+            "the same grids after k finished epochs, drawn from the same seeded noise, so they "
+            f"differ only by the weights.{zoom}\n\n"
+            f"## latest_purify.png / epoch_<k>_purify.png\n\n"
+            f"Purification of {n} fixed validation images, one per column ({n} columns):\n\n"
+            "1. top row, **clean**: the validation images;\n"
+            f"2. middle row, **noised to t\\*={self.t_star}**: the forward diffusion of each;\n"
+            f"3. bottom row, **purified**: the reverse process ({reverse}) run from exactly the "
+            "noised images above; it should look like the top row.\n\n"
+            f"## latest_samples.png / epoch_<k>_samples.png\n\n"
+            f"{self.num_samples} images generated from pure noise ({gen}): they should look "
+            "like images of the dataset.\n"
+        )
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start_step = trainer.global_step
 
@@ -160,6 +194,7 @@ class SampleGrids(Callback):
             tmp = latest.with_suffix(".tmp.png")
             shutil.copyfile(path, tmp)
             os.replace(tmp, latest)  # atomic: a reader never sees a half-written PNG
+        write_text_atomic(self.folder / "README.md", self.caption(epoch))
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(
