@@ -456,7 +456,12 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
         for check, result in checks.items()
         if not result["passed"]
     ]
+    # Every file the evaluation leaves for a reader, not only the Markdown.
     extra = {"Report": str(paths["markdown"])}
+    if (run_dir / "plots").is_dir():
+        extra["Plots"] = str(run_dir / "plots")
+    extra["Report JSON (every number, table and plot input)"] = str(paths["json"])
+    extra["Metrics JSON"] = str(run_dir / "metrics.json")
     if report.get("sanity"):
         extra["Sanity checks"] = "all passed" if not failed else "FAILED: " + ", ".join(failed)
     print_summary(f"evaluate {meta['title']}", run_dir, shown, extra)
