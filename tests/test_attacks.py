@@ -526,3 +526,190 @@ def test_sanity_checks_pass_on_stochastic_pipeline(trained):
     )
     assert all(c["passed"] for c in checks.values()), checks
     assert checks["more_eot"]["values"]["eot"] == [2, 4]
+
+
+def test_l2_projection_leaves_points_inside_the_ball() -> None:
+    x = torch.full((1, 3, 4, 4), 0.5)
+    d = torch.zeros_like(x)
+    d[0, 0, 0, 0] = 0.1  # ||d||_2 = 0.1 < 0.5
+    assert torch.equal(attacks_mod._project(x + d, x, "l2", 0.5), x + d)
+    # Outside it: rescaled onto the sphere, direction kept.
+    torch.testing.assert_close(attacks_mod._project(x + 10 * d, x, "l2", 0.5), x + 5 * d)
+
+
+def test_random_starts_are_uniform_in_the_ball() -> None:
+    x = torch.full((2000, 3, 8, 8), 0.5)
+    eps = 0.1
+    # Linf: each coordinate uniform on [-eps, eps]: mean 0 and both ends reached.
+    d = attacks_mod._random_start(x, "linf", eps, torch.Generator().manual_seed(0)) - x
+    assert abs(d.mean().item()) < 0.002
+    assert d.min() < -0.99 * eps and d.max() > 0.99 * eps and d.abs().max() <= eps
+    # L2 in D = 192 dimensions: the radius is eps * U^(1/D), P(radius < 0.97 eps) =
+    # 0.97^192 ~ 0.3 %; nearly all of a uniform ball's volume is next to its surface.
+    d = attacks_mod._random_start(x, "l2", eps, torch.Generator().manual_seed(0)) - x
+    radius = d.flatten(1).norm(dim=1)
+    assert (radius <= eps + 1e-6).all()
+    assert (radius > 0.97 * eps).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("loss", ["ce", "margin"])
+def test_eot_on_a_deterministic_pipeline_changes_nothing(loss: str) -> None:
+    # Averaging 4 identical passes is one pass: the same iterates, and the same choice among
+    # them (the final iterate's objective is an average too, not a sum).
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+    x = torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 5, (64,), generator=torch.Generator().manual_seed(2))
+    kw = {"eps": 0.03, "steps": 3, "loss": loss}
+    one = pgd(lin, x, y, eot=1, generator=torch.Generator().manual_seed(3), **kw)
+    four = pgd(lin, x, y, eot=4, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(one, four)
+
+
+class ScriptedModel:
+    """Returns the logits scripted for its n-th call (plus a small input-dependent term, so
+    that PGD moves), recording its inputs."""
+
+    def __init__(self, script: list[list[float]]) -> None:
+        self.script = torch.tensor(script)
+        self.inputs: list[Tensor] = []
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self.inputs.append(x.detach().clone())
+        base = self.script[len(self.inputs) - 1].expand(x.shape[0], -1)
+        return base + 1e-4 * x.flatten(1).sum(1, keepdim=True) * torch.tensor([1.0, -1.0, 0.0])
+
+
+def test_best_iterate_prefers_a_misclassified_one_over_a_higher_loss() -> None:
+    # Label 0. Iterates x0, x1, x2 (2 steps, then the final scoring):
+    #   x0 right, CE 0.91; x1 wrong (class 1), CE 0.74; x2 right, CE 1.05.
+    # The worst case is x1, the only one fooled, though its CE is the lowest.
+    script = [[0.3, 0.0, 0.0], [0.0, 0.1, -10.0], [0.1, 0.0, 0.05]]
+    ce = [F.cross_entropy(torch.tensor([s]), torch.tensor([0])).item() for s in script]
+    assert ce == pytest.approx([0.91, 0.74, 1.05], abs=0.01)
+    model = ScriptedModel(script)
+    x, y = torch.full((1, 1, 4, 4), 0.5), torch.tensor([0])
+    out = pgd(model, x, y, eps=0.1, step_size=0.01, steps=2, random_start=False, loss="ce")
+    assert len(model.inputs) == 3
+    assert not torch.equal(model.inputs[1], model.inputs[0])
+    assert not torch.equal(model.inputs[1], model.inputs[2])
+    assert torch.equal(out, model.inputs[1])
+
+
+def test_robust_accuracy_clean_accuracy_is_the_mean_over_draws(trained):
+    # Right half the time, independently per call: with 4 draws the clean accuracy is ~0.5,
+    # the worst case (right in all 4) ~1/16. The clean scoring is the pipeline's first 4 calls.
+    model, x, y = trained
+    out = robust_accuracy(
+        FlippingModel(model, p=0.5, seed=5), (x, y), eps=0.01, steps=1, rescore_draws=4
+    )
+    clean = rescore(FlippingModel(model, p=0.5, seed=5), x, y, draws=4)
+    assert out["clean_acc"] == pytest.approx(clean["acc"])
+    assert out["clean_acc_worst"] == pytest.approx(clean["acc_worst"])
+    assert out["clean_acc"] == pytest.approx(0.5, abs=0.1)
+    assert out["clean_acc_worst"] < out["clean_acc"] - 0.2
+
+
+def test_sanity_checks_run_the_stronger_attacks_where_accuracy_is_half_the_clean_one():
+    torch.manual_seed(0)
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+    x = torch.rand(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = lin(x).argmax(1).detach()
+    checks = sanity_checks(
+        lin,
+        x,
+        y,
+        eps_grid=(0.002, 0.01, 0.03, 0.1),
+        steps=5,
+        generator=torch.Generator().manual_seed(0),
+    )
+    # Clean 1.0; PGD 0.97, 0.67, 0.22, 0.0: 0.67 is the closest to 1.0 / 2 (0.97 to 1.0).
+    acc = checks["eps_monotone"]["values"]["acc"]
+    assert acc == pytest.approx([1.0, 0.97, 0.67, 0.22, 0.0], abs=0.01)
+    assert checks["more_steps"]["values"]["eps"] == checks["more_eot"]["values"]["eps"] == 0.01
+
+
+class _ConstantMargin:
+    """Logits that ignore the input (nothing is ever accepted); records the inputs."""
+
+    def __init__(self) -> None:
+        self.inputs: list[Tensor] = []
+
+    def __call__(self, x: Tensor) -> Tensor:
+        self.inputs.append(x.clone())
+        return torch.tensor([1.0, 0.0]).expand(x.shape[0], -1)
+
+
+def test_random_search_window_shrinks_on_schedule_and_reaches_every_row():
+    # Linf, no proposal accepted: each proposal differs from the starting point (stripes of
+    # +-eps per column) inside its window only, on every row of it (one sign per channel over
+    # the window, 3 channels: some column differs unless all 3 signs match, 1/8).
+    b, h, queries = 16, 16, 100
+    x, y = torch.full((b, 3, h, h), 0.5), torch.zeros(b, dtype=torch.long)
+    model = _ConstantMargin()
+    out = random_search(
+        model, x, y, "linf", 0.1, queries, p_init=0.8, generator=torch.Generator().manual_seed(0)
+    )
+    start, proposals = model.inputs[0], model.inputs[1:]
+    assert torch.equal(out, start) and len(proposals) == queries - 1
+    sides, rows = [], torch.zeros(h, dtype=torch.bool)
+    for i, prop in enumerate(proposals, start=1):
+        changed = (prop != start).any(dim=3).any(dim=1)  # (B, H): rows the window covers
+        sides.append(int(changed.sum(dim=1).max()))
+        if i > 40:  # windows of one pixel
+            rows |= changed.any(dim=0)
+    # Query i is at progress 100 i of 10,000: the area p_init = 0.8 halves past 10, 50, 200,
+    # 500, 1000, 2000, 4000, 6000, 8000; side = round(sqrt(p * 16 * 16)).
+    expected = [7] * 2 + [5] * 3 + [4] * 5 + [3] * 10 + [2] * 20 + [1] * 59
+    assert sides == expected
+    assert rows.all()  # the top offset reaches h - side, the last row
+
+
+def test_random_search_stops_moving_misclassified_samples():
+    # Sample 0 starts right and every proposal lowers its margin: each is accepted. Sample 1
+    # starts misclassified: it keeps its starting point though proposals lower it further.
+    calls: list[Tensor] = []
+
+    def model(inp: Tensor) -> Tensor:
+        calls.append(inp.clone())
+        n = float(len(calls))
+        return torch.tensor([[100.0 - n, 0.0], [-n, 0.0]])
+
+    x, y = torch.full((2, 3, 4, 4), 0.5), torch.zeros(2, dtype=torch.long)
+    out = random_search(model, x, y, "linf", 0.1, 20, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 20
+    assert torch.equal(out[0], calls[-1][0])
+    assert torch.equal(out[1], calls[0][1])
+    assert not torch.equal(calls[-1][1], calls[0][1])
+
+
+def test_black_box_check_fails_when_it_beats_pgd_by_more_than_tol(monkeypatch):
+    # PGD (stubbed) leaves all 100 images right; the black-box attack (stubbed) fools m of
+    # them. Prediction: class 0 iff the mean pixel is above 0.5.
+    def model(inp: Tensor) -> Tensor:
+        m = inp.flatten(1).mean(1)
+        return torch.stack([m, 1 - m], dim=1)
+
+    x, y = torch.full((100, 1, 4, 4), 0.75), torch.zeros(100, dtype=torch.long)
+    monkeypatch.setattr(attacks_mod, "pgd", lambda model, x, y, **kw: x.clone())
+    for fooled, passed in ((1, True), (3, False)):
+
+        def fake_black_box(model, x, y, *args, fooled=fooled, **kw):
+            out = x.clone()
+            out[:fooled] = 0.25
+            return out
+
+        monkeypatch.setattr(attacks_mod, "random_search", fake_black_box)
+        checks = sanity_checks(
+            model,
+            x,
+            y,
+            eps_grid=(0.1,),
+            steps=1,
+            tol=0.02,
+            generator=torch.Generator().manual_seed(0),
+        )
+        values = checks["black_box"]["values"]
+        assert values["white_box_acc"] == [1.0]
+        assert values["black_box_acc"] == [pytest.approx(1 - fooled / 100)]
+        assert checks["black_box"]["passed"] is passed
