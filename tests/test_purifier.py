@@ -89,6 +89,30 @@ def test_t_star_from_sigma_picks_nearest_noise_level(scheduler: DDPMScheduler) -
     assert Purifier(build_unet("tiny", SIZE), scheduler, sigma=0.25).t_star == 145
 
 
+def test_diffuse_matches_diffusers_add_noise(unet: UNet2DModel, scheduler: DDPMScheduler) -> None:
+    # x_{t*} = sqrt(abar) x0 + sqrt(1 - abar) eps with abar = alphas_cumprod[t* - 1] (t* is
+    # 1-based, diffusers' timestep index is t* - 1), the noise drawn from the generator.
+    purifier = Purifier(unet, scheduler, t_star=100)
+    x0 = _images(2, seed=5) * 2 - 1
+    noise = torch.randn(x0.shape, generator=_gen(1))
+    ref = scheduler.add_noise(x0, noise, torch.tensor([99]))
+    torch.testing.assert_close(purifier.diffuse(x0, _gen(1)), ref, atol=1e-6, rtol=1e-6)
+
+
+def test_noise_sigma_is_the_pixel_noise_of_t_star(scheduler: DDPMScheduler) -> None:
+    # sigma = sqrt((1 - abar) / abar) / 2: noise of that std on [0, 1] images is diffusing to t*
+    # (the factor 2 of the [0, 1] -> [-1, 1] map), so it maps back to the same t*.
+    ac = scheduler.alphas_cumprod
+    for t_star in (1, 100, 145, 500):
+        purifier = Purifier(build_unet("tiny", SIZE), scheduler, t_star=t_star)
+        abar = ac[t_star - 1].item()
+        assert purifier.noise_sigma == pytest.approx(math.sqrt((1 - abar) / abar) / 2, rel=1e-6)
+        assert t_star_from_sigma(ac, purifier.noise_sigma) == t_star
+    assert Purifier(build_unet("tiny", SIZE), scheduler, sigma=0.25).noise_sigma == (
+        pytest.approx(0.25, abs=0.002)
+    )
+
+
 def test_ddim_schedule_trailing_spacing() -> None:
     assert ddim_schedule(100, 5) == [100, 80, 60, 40, 20]
     assert ddim_schedule(10, 3) == [10, 7, 3]
@@ -99,7 +123,8 @@ def test_ddim_schedule_trailing_spacing() -> None:
 # ----------------------------------------------------------------------------- steps vs diffusers
 
 
-def test_ddpm_step_matches_diffusers(scheduler: DDPMScheduler) -> None:
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_ddpm_step_matches_diffusers(scheduler: DDPMScheduler, variance_type: str) -> None:
     # In float64: diffusers forms beta_t = 1 - abar_t / abar_prev in the tensors' dtype, which in
     # float32 loses ~1e-3 of beta_t to cancellation; the step rule itself must agree exactly.
     g = _gen(1)
@@ -107,11 +132,13 @@ def test_ddpm_step_matches_diffusers(scheduler: DDPMScheduler) -> None:
     x_t = torch.randn(shape, generator=g, dtype=torch.float64)
     eps = torch.randn(shape, generator=g, dtype=torch.float64)
     ac = scheduler.alphas_cumprod.double()
-    ref_sched = make_scheduler()
+    ref_sched = DDPMScheduler.from_config(scheduler.config, variance_type=variance_type)
     ref_sched.alphas_cumprod, ref_sched.one = ac, torch.tensor(1.0, dtype=torch.float64)
     for t in (1, 2, 50, 400, 1000):  # 1-based step; diffusers index t - 1
         abar_prev = 1.0 if t == 1 else ac[t - 2].item()
-        mine = ddpm_step(x_t, eps, ac[t - 1].item(), abar_prev, _gen(7))
+        mine = ddpm_step(
+            x_t, eps, ac[t - 1].item(), abar_prev, _gen(7), variance_type=variance_type
+        )
         ref = ref_sched.step(eps, t - 1, x_t, generator=_gen(7)).prev_sample
         torch.testing.assert_close(mine, ref, atol=1e-10, rtol=1e-10)
 
