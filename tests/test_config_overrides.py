@@ -429,3 +429,25 @@ def test_the_help_options_examples_are_keys_of_the_job(
     for topic in (section, key):
         assert main(job, ["--help", topic], pipeline=_never_run) == 0
         assert f"  {key} = " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.backbone=resnet19_cifar", "model.backbone: unknown backbone 'resnet19_cifar'"),
+        ("denoise.t_min=150", "denoise.t_min (150) must be <= denoise.t_max (100)"),
+    ],
+)
+def test_pretraining_settings_that_failed_once_running_are_config_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, message: str
+) -> None:
+    """They passed --print-config and chain --check, then failed with exit 1 (t_min > t_max
+    without denoise.run even trained)."""
+    run = tmp_path / "run"
+    assert main("pretrain", [override, f"run.dir={run}"]) == EXIT_USAGE
+    assert f"error: {message}" in capsys.readouterr().err
+    assert not run.exists()
+    from ssl_robust.pipelines.chain import check_steps, plan_chain
+
+    (error,) = check_steps(plan_chain(tmp_path / "c", pretrain=override))
+    assert error.startswith(f"pretrain: {message}")

@@ -3,10 +3,12 @@ anything is written (its config, metrics and checkpoints stay as they were)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import DictConfig
 
 from ssl_robust.cli import EXIT_USAGE, main
 from ssl_robust.config import SCHEMAS, ConfigError, load_config, save_config
@@ -73,3 +75,19 @@ def test_every_job_refuses_another_jobs_run_dir_and_leaves_it_as_it_was(
         err = capsys.readouterr().err
         assert f"error: run.dir '{run}' holds {holds}" in err, err
     assert {job: _contents(run) for job, run in runs.items()} == before
+
+
+def test_denoised_view_settings_without_a_denoiser_do_not_block_a_resume(
+    tiny_pretrain_cfg: Callable[..., DictConfig],
+) -> None:
+    """denoise.t_min/t_max/mode do nothing while denoise.run is empty: a change to them is no
+    reason to refuse a resume (a change of the denoiser itself still is)."""
+    from ssl_robust.pipelines.pretrain import pretrain, resume_settings
+
+    cfg = tiny_pretrain_cfg("trainer.max_epochs=1")
+    pretrain(cfg)
+    extended = tiny_pretrain_cfg("trainer.max_epochs=2", "denoise.t_min=5", "denoise.mode=both")
+    assert pretrain(extended)["epochs"] == 2
+    with_denoiser = {"denoise": {"run": "d", "t_min": 0}}
+    assert resume_settings(with_denoiser) == {"denoise.run": "d", "denoise.t_min": 0}
+    assert resume_settings({"denoise": {"run": "", "t_min": 0}}) == {}

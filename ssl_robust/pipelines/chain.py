@@ -283,6 +283,14 @@ def check_steps(steps: Sequence[Step]) -> list[str]:
                 from ssl_robust.pipelines.finetune import check_config as check_finetune
 
                 check_finetune(cfg)
+            elif job == "pretrain":
+                from ssl_robust.pipelines.pretrain import check_config as check_pretrain
+
+                check_pretrain(cfg)
+            elif job == "denoiser":
+                from ssl_robust.pipelines.denoiser import check_config as check_denoiser
+
+                check_denoiser(cfg)
         except (ConfigError, FileNotFoundError, ValueError) as err:
             errors.append(f"{step.name}: {err}")
     return errors

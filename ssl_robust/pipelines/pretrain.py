@@ -52,8 +52,29 @@ _RESUME_FREE = RUN_ONLY_KEYS | {"data.augment"}
 
 
 def resume_settings(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The flattened keys of a pretraining config that a resumed run must share."""
-    return settings_of(config, _RESUME_SECTIONS, _RESUME_FREE)
+    """The flattened keys of a pretraining config that a resumed run must share (the denoised
+    views' settings only when there are denoised views)."""
+    settings = settings_of(config, _RESUME_SECTIONS, _RESUME_FREE)
+    if not settings.get("denoise.run"):
+        settings = {k: v for k, v in settings.items() if not k.startswith("denoise.")}
+    return settings
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Value checks that need no data or files (the loader checks keys, types and each key's
+    range): settings that depend on each other, and the backbone's name; raises ConfigError."""
+    if cfg.data.compile_views and cfg.data.augment != "gpu":
+        raise ConfigError(
+            "data.compile_views=true compiles the batched device views, which only "
+            f"data.augment=gpu uses; got data.augment={cfg.data.augment!r}"
+        )
+    d = cfg.denoise
+    if d.t_min > d.t_max:
+        raise ConfigError(f"denoise.t_min ({d.t_min}) must be <= denoise.t_max ({d.t_max})")
+    try:
+        build_backbone(str(cfg.model.backbone), int(cfg.model.width))
+    except ValueError as err:
+        raise ConfigError(f"model.backbone: {err}") from err
 
 
 def build_method(cfg: DictConfig, backbone: Encoder, num_classes: int) -> pl.LightningModule:
@@ -99,11 +120,7 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
     pl.seed_everything(cfg.run.seed, workers=True, verbose=False)
 
     # Build everything that can fail on bad input before any file is written.
-    if cfg.data.compile_views and cfg.data.augment != "gpu":
-        raise ConfigError(
-            "data.compile_views=true compiles the batched device views, which only "
-            f"data.augment=gpu uses; got data.augment={cfg.data.augment!r}"
-        )
+    check_config(cfg)
     check_phase(run_dir, "pretrain")
     check_resumable(run_dir, cfg, resume_settings, "pretraining")
     backbone = build_backbone(cfg.model.backbone, cfg.model.width)
