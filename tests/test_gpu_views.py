@@ -105,6 +105,27 @@ def test_crop_fallback_is_torchvision_centre_crop(height: int, width: int) -> No
     assert (ours == torch.tensor(ref)).all()
 
 
+def _uniforms_for(area: float, log_ratio: float, top: float, left: float) -> torch.Tensor:
+    """Crop uniforms whose 10 tries all draw ``area`` (fraction of the image, scale
+    (0.08, 1)) and ``log_ratio`` (fraction of [log 3/4, log 4/3]), then ``top`` and ``left``."""
+    u = torch.empty(1, 22, dtype=torch.float64)
+    u[:, :10] = (area - 0.08) / 0.92
+    u[:, 10:20] = log_ratio
+    u[:, 20], u[:, 21] = top, left
+    return u
+
+
+def test_crop_params_known_answers_at_the_edges() -> None:
+    def crop(u: torch.Tensor) -> list[int]:
+        return gv._crop_params_from_uniforms(u, 32, 32, (0.08, 1.0), (3 / 4, 4 / 3))[0].tolist()
+
+    # Area 0.75 of 32 x 32 at ratio 4/3: 32 wide (the whole width still fits) and 24 high.
+    assert crop(_uniforms_for(0.75, 1 - 1e-12, 0.0, 0.0)) == [0, 0, 24, 32]
+    # Area 0.25 at ratio 1: 16 x 16; offsets uniform on {0, ..., 32 - 16}, the last included.
+    assert crop(_uniforms_for(0.25, 0.5, 0.999, 0.999)) == [16, 16, 16, 16]
+    assert crop(_uniforms_for(0.25, 0.5, 0.0, 0.5)) == [0, 8, 16, 16]
+
+
 # ---------------------------------------------------------------------------------------------
 # resized crop, flips, rotation
 # ---------------------------------------------------------------------------------------------
@@ -464,8 +485,15 @@ def test_sampled_params_follow_torchvision_and_lightly() -> None:
     for name, p in masks.items():
         assert _within_binomial(params[name], p), name
     # independent draws: joint rates are products
-    for a, b in [("hflip", "gray"), ("jitter", "blur"), ("gray", "solarize"), ("vflip", "rot90")]:
+    pairs = [("hflip", "gray"), ("jitter", "blur"), ("gray", "solarize"), ("vflip", "rot90")]
+    for a, b in [*pairs, ("jitter", "gray")]:
         assert _within_binomial(params[a] & params[b], masks[a] * masks[b]), (a, b)
+    # The op order is drawn apart from the factors: where brightness comes in the order does
+    # not depend on its factor (nor does any op's).
+    for k in range(4):
+        position = (params["jitter_order"] == k).float().argmax(1).double()
+        r = np.corrcoef(position.numpy(), params["jitter_factors"][:, k].double().numpy())[0, 1]
+        assert abs(r) < 0.1, (names[k], r)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,6 +571,11 @@ def test_eval_transform() -> None:
     std = torch.tensor(gv.IMAGENET_NORMALIZE["std"]).view(1, 3, 1, 1)
     ref = TF.resize(x.float() / 255, [32, 32], antialias=True)
     torch.testing.assert_close(up, (ref - mean) / std)
+    # Downscaling is antialiased too, like torchvision's Resize.
+    big = _smooth_images(2, 64, seed=15)
+    down = gv.eval_transform(32, normalize=None)(big)
+    ref = TF.resize(big.float() / 255, [32, 32], antialias=True)
+    torch.testing.assert_close(down, ref, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize(
