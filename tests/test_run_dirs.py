@@ -91,3 +91,24 @@ def test_denoised_view_settings_without_a_denoiser_do_not_block_a_resume(
     with_denoiser = {"denoise": {"run": "d", "t_min": 0}}
     assert resume_settings(with_denoiser) == {"denoise.run": "d", "denoise.t_min": 0}
     assert resume_settings({"denoise": {"run": "", "t_min": 0}}) == {}
+
+
+def test_a_fast_dev_run_on_a_finished_run_leaves_it_as_it_was(
+    tiny_pretrain_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    """It crashed resuming the finished run's checkpoint, after rewriting its config.yaml and
+    curves; with run.resume=false it would have deleted the checkpoints."""
+    import tempfile
+
+    from ssl_robust.pipelines.pretrain import pretrain
+
+    cfg = tiny_pretrain_cfg("trainer.max_epochs=1")
+    pretrain(cfg)
+    run = Path(cfg.run.dir)
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    smoke = tiny_pretrain_cfg("trainer.fast_dev_run=true", "run.resume=false")
+    metrics = pretrain(smoke)
+    assert "train/loss" in metrics  # it trained (one batch)
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    assert after == before
+    assert not list(Path(tempfile.gettempdir()).glob("ssl_robust-fast_dev_run-*"))

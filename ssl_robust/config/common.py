@@ -161,7 +161,8 @@ class TrainerConfig:
     # Redraw <run dir>/curves.png at an epoch's end once this many seconds have passed (and
     # always when a fit stops on an error or a requeue); 0 = only when the fit ends or stops.
     curves_every_s: float = 60.0
-    # One training and one validation batch; no checkpoints, metrics or exports (a smoke test).
+    # One training and one validation batch in a scratch directory, removed after: nothing in
+    # run.dir is read or written (a smoke test; no checkpoints, metrics or exports).
     fast_dev_run: bool = False
 
 

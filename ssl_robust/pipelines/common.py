@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from rich.console import Console
 from rich.table import Table
 
 from ssl_robust.config import ConfigError, to_dict
 from ssl_robust.data.datasets import Splits, build_splits
 from ssl_robust.launch.curves import plot_training_curves
+from ssl_robust.launch.distributed import is_global_zero
 from ssl_robust.launch.perf import EpochThroughput, FitClock, steady_throughput
 from ssl_robust.launch.trainer import (
     fit,
@@ -27,6 +32,32 @@ from ssl_robust.launch.trainer import (
 )
 
 console = Console()
+Pipeline = TypeVar("Pipeline", bound=Callable[..., dict[str, float]])
+
+
+def smoke_in_scratch(pipeline: Pipeline) -> Pipeline:
+    """A training pipeline that runs ``trainer.fast_dev_run`` in a scratch run directory,
+    removed at the end: a smoke test on an existing run touches nothing of it (no rewritten
+    config.yaml or curves, no resume of its checkpoint, no deleted ones with run.resume=false).
+    The scratch path is the same for every rank of a job (it depends on run.dir only)."""
+
+    @functools.wraps(pipeline)
+    def run(cfg: DictConfig, *args: Any, **kwargs: Any) -> dict[str, float]:
+        if not cfg.trainer.fast_dev_run:
+            return pipeline(cfg, *args, **kwargs)
+        key = hashlib.sha1(str(Path(cfg.run.dir or ".").resolve()).encode()).hexdigest()[:12]
+        scratch = Path(tempfile.gettempdir()) / f"ssl_robust-fast_dev_run-{key}"
+        smoke = cfg.copy()
+        with open_dict(smoke):
+            smoke.run.dir = str(scratch)
+            smoke.run.resume = True  # nothing to resume there, nothing to delete elsewhere
+        try:
+            return pipeline(smoke, *args, **kwargs)
+        finally:
+            if is_global_zero():
+                shutil.rmtree(scratch, ignore_errors=True)
+
+    return cast(Pipeline, run)
 
 
 def run_dir_for(cfg: DictConfig, job: str) -> Path:

@@ -29,6 +29,7 @@ from ssl_robust.pipelines.common import (
     print_summary,
     run_dir_for,
     settings_of,
+    smoke_in_scratch,
     write_curves,
 )
 from ssl_robust.purify.callbacks import SampleGrids
@@ -86,6 +87,7 @@ def check_config(cfg: DictConfig) -> None:
         )
 
 
+@smoke_in_scratch
 def train_denoiser(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
     """Trains a DDPM denoiser for purification; returns the final metrics (as in metrics.json).
 

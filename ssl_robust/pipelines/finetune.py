@@ -80,6 +80,7 @@ from ssl_robust.pipelines.common import (
     fit_time_s,
     flatten,
     print_summary,
+    smoke_in_scratch,
     write_curves,
 )
 
@@ -626,6 +627,7 @@ def _encoder(cfg: DictConfig) -> tuple[Path | None, Encoder, EncoderMeta | None]
     return None, _random_backbone(cfg), None
 
 
+@smoke_in_scratch
 def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
     """Fine-tune a pretrained encoder on a labeled subset; returns the final metrics.
 

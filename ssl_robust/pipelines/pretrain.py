@@ -40,6 +40,7 @@ from ssl_robust.pipelines.common import (
     print_summary,
     run_dir_for,
     settings_of,
+    smoke_in_scratch,
     write_curves,
 )
 
@@ -109,6 +110,7 @@ def build_method(cfg: DictConfig, backbone: Encoder, num_classes: int) -> pl.Lig
     return METHODS[m.name](**common, **specific[m.name])
 
 
+@smoke_in_scratch
 def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
     """Self-supervised pretraining: returns the final metrics (also in ``metrics.json``).
 
