@@ -218,6 +218,7 @@ def test_size_rule_scales_only_pixel_parameters() -> None:
     assert severity_params("defocus_blur", 5, 64, 64) == (3.0, 0.2)
     assert severity_params("glass_blur", 2, 64, 96) == (0.5, 2, 1)
     assert severity_params("motion_blur", 1, 16, 16) == (3, 0.5)
+    assert severity_params("motion_blur", 5, 48, 48) == (14, 3.75)  # radius 9 * 1.5 rounded
     assert severity_params("snow", 1, 64, 64)[4:] == (16, 6.0, 0.95)
     assert severity_params("gaussian_noise", 3, 224, 224) == (0.08,)
     assert severity_params("pixelate", 3, 224, 224) == (0.85,)
@@ -621,17 +622,19 @@ def test_cuda_matches_cpu_for_a_cpu_generator(images: torch.Tensor, name: str) -
         assert (cuda - cpu).abs().max() <= atol, (cuda - cpu).abs().max()
 
 
+@pytest.mark.parametrize("size", [16, 24])
 @pytest.mark.parametrize("name", ["defocus_blur", "gaussian_blur"])
-def test_small_images_are_blurred_as_seen_at_32_px(name: str) -> None:
+def test_small_images_are_blurred_as_seen_at_32_px(name: str, size: int) -> None:
     # At 16 px the scaled kernels would fall under a pixel (defocus used to be a no-op):
-    # the blur is the 32-px blur of the pixel-replicated image, area-averaged back.
+    # the blur is the 32-px blur of the pixel-replicated image, area-averaged back (at 24 px,
+    # a factor 4/3, area averaging differs from bilinear sampling; at 16 px it does not).
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(4, 3, 16, 16, generator=gen)
+    x = torch.rand(4, 3, size, size, generator=gen)
     changes = []
     for sev in C.SEVERITIES:
         out = corrupt(x, name, sev)
-        big = F.interpolate(x, size=(32, 32), mode="nearest")
-        ref = F.interpolate(corrupt(big, name, sev), size=(16, 16), mode="area")
+        big = F.interpolate(x, size=(32, 32), mode="nearest-exact")
+        ref = F.adaptive_avg_pool2d(corrupt(big, name, sev), (size, size))
         torch.testing.assert_close(out, ref.clamp(0, 1))
         changes.append(float((out - x).abs().mean()))
     assert changes[0] > 1e-3 and all(a < b for a, b in itertools.pairwise(changes))
@@ -892,6 +895,18 @@ def test_photo_frost_cuda_matches_cpu(tmp_path: Path) -> None:
         cpu = corrupt(x, "frost", severity, gen(0), frost_textures=textures)
         cuda = corrupt(x.cuda(), "frost", severity, gen(0), frost_textures=textures).cpu()
         assert (cuda - cpu).abs().max() <= 1e-5
+
+
+def test_corrupted_source_draws_apart_for_each_image() -> None:
+    # Identical images at the same severity get different noise: the image index is part
+    # of each image's seed.
+    from ssl_robust.data.datasets import ArraySource
+    from ssl_robust.evaluate.corruptions import CorruptedSource
+
+    source = ArraySource(np.full((2, 8, 8, 3), 128, np.uint8), np.array([0, 0]), ["a"])
+    twin = CorruptedSource(source, 3, seed=0, names=["gaussian_noise"])
+    assert not np.array_equal(twin.array(0), twin.array(1))
+    assert np.array_equal(twin.array(1), twin.array(1))
 
 
 def test_corrupted_source_is_a_seeded_shifted_twin() -> None:
