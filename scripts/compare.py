@@ -15,9 +15,15 @@ from ssl_robust.compare import compare, wandb_runs
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="*", help="run directories or folders holding them")
-    parser.add_argument("--out", default="reports/compare", help="output folder")
+    parser.add_argument(
+        "--out",
+        default="reports/compare",
+        help="output folder: comparison.md, comparison.html and the plots (default: %(default)s)",
+    )
     parser.add_argument("--metrics", nargs="+", help="metric columns (default: the standard ones)")
-    parser.add_argument("--title", default="Run comparison")
+    parser.add_argument(
+        "--title", default="Run comparison", help="the pages' title (default: %(default)s)"
+    )
     parser.add_argument(
         "--ce-reference",
         help="an evaluation run directory: every evaluation's corruption errors (CE, mCE, "
