@@ -12,6 +12,12 @@ method and label fraction. Those filled-in keys hide an upstream setting that th
 too (a fine-tuning's own ``trainer.max_epochs`` hides its encoder's); the settings of every
 upstream run are therefore also kept apart, each under the sections that lead to it
 (``encoder>trainer.max_epochs``, :func:`upstream_settings`), for telling replicates apart.
+
+The pages name each run by its folder (as many trailing components as tell the runs apart:
+``baseline/a`` beside ``finetune/a``), show accuracies and rates in % (the unit in each
+column heading) and end with the plots; the plots label each run by the fewest settings
+that tell it apart (``encoder=none, fraction=0.1, purifier=set, seed=1``), in a legend
+beside the axes, a distinct colour per run.
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ import json
 import math
 import os
 import re
-import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,10 +125,49 @@ def _numeric(values: dict[str, Any]) -> dict[str, float]:
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
+    """A run directory's ``config.yaml``, flattened; ``data.image_size`` 0 (the dataset's own
+    size) replaced by the size the run used where its files say (:func:`effective_image_size`),
+    so that a run at the native size and one that asked for that size are alike."""
     path = folder / "config.yaml"
     if not path.is_file():
         return {}
-    return flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=True), ".")
+    config = flatten(OmegaConf.to_container(OmegaConf.load(path), resolve=True), ".")
+    size = config.get("data.image_size")
+    if size == 0 and not isinstance(size, bool):
+        used = effective_image_size(folder)
+        if used:
+            config["data.image_size"] = used
+    return config
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def effective_image_size(folder: Path) -> int | None:
+    """The image size a run worked at, from the files it wrote: an evaluation's
+    ``report.json`` (``meta.data_config``), a fine-tuning's ``classifier.json`` (``data``), a
+    pretraining's ``encoder.json``, a denoiser's ``unet/config.json`` (``sample_size``); None
+    when none of them says."""
+    report = _read_json(folder / "report.json")
+    meta = report.get("meta") if isinstance(report, dict) else None
+    classifier = _read_json(folder / "classifier.json")
+    encoder = _read_json(folder / "encoder.json")
+    unet = _read_json(folder / "unet" / "config.json")
+    found = (
+        (meta.get("data_config") if isinstance(meta, dict) else None, "image_size"),
+        (classifier.get("data") if isinstance(classifier, dict) else None, "image_size"),
+        (encoder, "image_size"),
+        (unet, "sample_size"),
+    )
+    for source, key in found:
+        value = source.get(key) if isinstance(source, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 def data_label(config: Mapping[str, Any]) -> str:
@@ -356,8 +400,28 @@ _JOB_MARKERS = (
     ("method.name", "pretrain"),
     ("denoiser.unet", "denoiser"),
 )
-# Longer legend labels give way to the run name.
-_MAX_LABEL = 60
+# A phase whose legend labels run longer names its runs by their folders (:func:`display_names`)
+# when those are shorter.
+_MAX_LABEL = 52
+# The settings a label names first, when several tell the same runs apart (a fine-tuning's
+# encoder.run beside its mode, optimiser and trainer settings that come with it): by their own
+# key, whichever run they belong to.
+_HEADLINE_KEYS = (
+    "method.name",
+    "encoder.run",
+    "mode",
+    "subset.fraction",
+    "subset.per_class",
+    "purifier.run",
+    "purify.run",
+    "purifier.sampler",
+    "purify.sampler",
+    "purifier.t_star",
+    "purify.t_star",
+    "purifier.ddim_steps",
+    "purify.ddim_steps",
+    "encoder.backbone",
+)
 
 
 def job_of(run: Run) -> str:
@@ -374,19 +438,180 @@ def by_job(runs: Sequence[Run]) -> dict[str, list[Run]]:
     return {job: groups[job] for job in order if job in groups}
 
 
+def _natural(text: str) -> list[tuple[int, float, str]]:
+    """Sort key that puts numbers in their order (``t_star=20`` before ``t_star=100``)."""
+    out = []
+    for part in re.split(r"(\d+(?:\.\d+)?)", text):
+        try:
+            out.append((0, float(part), ""))
+        except ValueError:
+            out.append((1, 0.0, part))
+    return out
+
+
+def display_names(runs: Sequence[Run]) -> dict[str, str]:
+    """A name per run (by ``source``) for a table or a legend: the last components of its
+    folder, as many for every run as tell them all apart (``finetune/a`` beside
+    ``baseline/a``; the folder's name alone when that is unique); a wandb run by its name."""
+    parts: dict[str, tuple[str, ...]] = {}
+    for run in runs:
+        if run.source.startswith("wandb:"):
+            parts[run.source] = (run.name,)
+        else:
+            parts[run.source] = (*Path(run.source).parts[:-1], run.name)
+    depth = max((len(p) for p in parts.values()), default=1)
+    for k in range(1, depth + 1):
+        tails = ["/".join(p[-k:]) for p in parts.values()]
+        if len(set(tails)) == len(tails):
+            return {source: "/".join(p[-k:]) for source, p in parts.items()}
+    # Runs named alike that no folder tells apart (wandb runs): their source says which.
+    names = {source: "/".join(p) for source, p in parts.items()}
+    counts = {n: list(names.values()).count(n) for n in names.values()}
+    return {s: n if counts[n] == 1 else f"{n} ({s})" for s, n in names.items()}
+
+
+def _short_key(key: str) -> str:
+    """A setting as a label names it: ``<section>.run`` and ``<section>.name`` as the
+    section (``encoder=none``, ``method=byol``, as on the command line), a seed as ``seed``,
+    another key by its last part, an upstream run's setting after the run it belongs to
+    (``encoder>max_epochs``)."""
+    hops = key.split(UPSTREAM_SEP)
+    own = hops[-1]
+    section, _, last = own.rpartition(".")
+    if own == "data.like":
+        return own
+    if section and last == "run":
+        return section.rsplit(".", 1)[-1]
+    if _is_seed(own):
+        return "seed" if own == "run.seed" else own
+    head = hops[-2] + UPSTREAM_SEP if len(hops) > 1 else ""
+    return head + (section.rsplit(".", 1)[-1] if section and last == "name" else last)
+
+
+def _label_value(key: str, value: Any) -> str:
+    """A setting's value as a label shows it: another run by its folder's name, or by
+    whether it is set (``set`` / ``none``, as the tables over replicates show it)."""
+    if _is_upstream(key.rpartition(UPSTREAM_SEP)[2]):
+        if value is True:
+            return "set"
+        if isinstance(value, str) and value:
+            return Path(value).name
+        return "none"
+    return _fmt(value)
+
+
+def _label_names(keys: Sequence[str]) -> dict[str, str]:
+    """Each key's :func:`_short_key`, or its full key where two of ``keys`` would read alike."""
+    short = {k: _short_key(k) for k in keys}
+    counts = {n: list(short.values()).count(n) for n in short.values()}
+    return {k: n if counts[n] == 1 else k for k, n in short.items()}
+
+
+def _telling_keys(rows: Sequence[Mapping[str, str]], keys: Sequence[str]) -> list[str]:
+    """The fewest of ``keys``, taken in their order, that tell apart the ``rows`` that differ
+    anywhere in ``keys``: each kept only when it splits rows the ones before it leave
+    together (so of settings that always change together, such as a baseline's backbone
+    and optimiser beside a probe's, only the first is named)."""
+
+    def parts(chosen: Sequence[str]) -> int:
+        return len({tuple(row.get(k) for k in chosen) for row in rows})
+
+    target = parts(keys)
+    chosen: list[str] = []
+    for key in keys:
+        if parts(chosen) == target:
+            break
+        if parts([*chosen, key]) > parts(chosen):
+            chosen.append(key)
+    return chosen
+
+
+def _by_priority(keys: Iterable[str]) -> list[str]:
+    """``keys`` with those of :data:`_HEADLINE_KEYS` first (a run's own before an upstream
+    run's), the others in their order."""
+
+    def rank(key: str) -> tuple[int, int]:
+        own = key.rpartition(UPSTREAM_SEP)[2]
+        at = _HEADLINE_KEYS.index(own) if own in _HEADLINE_KEYS else len(_HEADLINE_KEYS)
+        return at, key.count(UPSTREAM_SEP)
+
+    return sorted(keys, key=rank)
+
+
+def chain_seeds(run: Run) -> dict[str, Any]:
+    """The seeds of ``run`` and of the runs it builds on (``classifier>run.seed``, the seed of
+    the fine-tuning an evaluation scores), read from their run directories: what tells
+    replicates apart."""
+    out = {k: v for k, v in run.config.items() if _is_seed(k)}
+    folder = Path(run.source)
+    if run.source.startswith("wandb:") or not folder.is_dir():
+        return out
+
+    def walk(config: Mapping[str, Any], here: Path, prefix: str, seen: frozenset[Path]) -> None:
+        for key, value in sorted(config.items()):
+            if not key.endswith(".run") or not isinstance(value, str) or not value:
+                continue
+            upstream = upstream_dir(value, here)
+            if not (upstream / "config.yaml").is_file() or upstream.resolve() in seen:
+                continue
+            own = _read_config(upstream)
+            name = prefix + key.removesuffix(".run") + UPSTREAM_SEP
+            out.update({name + k: v for k, v in own.items() if _is_seed(k)})
+            walk(own, upstream, name, seen | {upstream.resolve()})
+
+    walk(_read_config(folder) or run.config, folder, "", frozenset({folder.resolve()}))
+    return out
+
+
+def _phase_labels(runs: Sequence[Run]) -> dict[str, str]:
+    """:func:`run_labels` of the runs of one phase."""
+    unique = list({r.source: r for r in runs}.values())
+    names = display_names(unique)
+    if len(unique) == 1:
+        return names
+    series = _by_priority(line_series(unique, differing_keys(unique)))
+    rows: dict[str, dict[str, str]] = {}
+    seed_keys: list[str] = []
+    for run in unique:
+        upstream = _upstream_of(run) if any(map(_is_upstream_setting, series)) else {}
+        active = _active_config(run)
+        row = {}
+        for key in series:
+            where = upstream if _is_upstream_setting(key) else active
+            if key in where:
+                row[key] = _label_value(key, where[key])
+        seeds = chain_seeds(run)
+        seed_keys += [
+            k for k in sorted(seeds, key=lambda k: k.count(UPSTREAM_SEP)) if k not in seed_keys
+        ]
+        rows[run.source] = row | {k: _fmt(v) for k, v in seeds.items()}
+    chosen = _telling_keys(list(rows.values()), [*series, *seed_keys])
+    shown = _label_names(chosen)
+    labels = {
+        source: ", ".join(f"{shown[k]}={row[k]}" for k in chosen if k in row)
+        for source, row in rows.items()
+    }
+    if any(len(label) > _MAX_LABEL for label in labels.values()) and max(
+        map(len, names.values())
+    ) < max(map(len, labels.values())):
+        return names  # one form for the whole legend
+    counts = {label: list(labels.values()).count(label) for label in labels.values()}
+    # A run that no setting or seed tells apart (a rerun) is named by its folder.
+    return {s: names[s] if not label or counts[label] > 1 else label for s, label in labels.items()}
+
+
 def run_labels(runs: Sequence[Run]) -> dict[str, str]:
-    """A legend label per run (by ``source``): the config keys that differ within its phase,
-    prefixed by the phase when there are several; the run name when that says nothing or
-    would not fit a legend."""
-    groups = by_job(runs)
+    """A short legend label per run (by ``source``), unique within its phase: the fewest of the
+    settings that differ within the phase that tell its runs apart, in ``key=value`` form
+    (:func:`_telling_keys`; the settings of the runs each builds on included, an upstream run
+    by whether it is set), then the seed that tells replicates apart (``seed=1``: its own or
+    that of the run it builds on, :func:`chain_seeds`); the run's name
+    (:func:`display_names`) when that says nothing, is shorter than a label over
+    :data:`_MAX_LABEL` characters or would not be unique. The full settings are in the
+    tables."""
     labels = {}
-    for job, members in groups.items():
-        series = [k for k in differing_keys(members) if not _is_seed(k)]
-        for run in members:
-            label = _series_label(run, series)
-            if not label or len(label) > _MAX_LABEL:
-                label = run.name
-            labels[run.source] = f"{job}: {label}" if len(groups) > 1 else label
+    for members in by_job(runs).values():
+        labels.update(_phase_labels(members))
     return labels
 
 
@@ -422,12 +647,51 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+# Accuracies and rates (an AUROC, a false-positive rate) are shown in %, as the evaluation
+# reports show them; effective robustness, a difference of accuracies, in percentage points.
+_PERCENT = re.compile(r"(^|_)(acc|auroc|aupr|fpr\d*)(_|$)")
+
+
+def metric_unit(metric: str) -> str:
+    """How a metric is shown: ``"%"`` (an accuracy or a rate, times 100), ``"pp"``
+    (effective robustness, in percentage points) or ``""`` (as it is: an ECE, a loss, an
+    mCE, a count)."""
+    last = metric.rsplit("/", 1)[-1]
+    if last.endswith("effective_robustness"):
+        return "pp"
+    return "%" if _PERCENT.search(last) else ""
+
+
+def metric_header(metric: str) -> str:
+    """A metric's column heading, its unit after it: ``test/acc (%)``."""
+    unit = metric_unit(metric)
+    return f"{metric} ({unit})" if unit else metric
+
+
+def format_metric(metric: str, value: float | None) -> str:
+    """A metric's value in its unit (:func:`metric_unit`): ``91.64`` for an accuracy of
+    0.9164, two decimals as the evaluation reports; others as :func:`_fmt`."""
+    if value is None or not metric_unit(metric):
+        return _fmt(value)
+    return f"{100 * value:.2f}"
+
+
+UNITS_NOTE = (
+    "Units: accuracies and rates (AUROC, FPR) in % (column headings say so), as in the "
+    "evaluation reports; effective robustness in percentage points (pp); ECE, losses, "
+    "corruption errors (CE, mCE) and counts as they are."
+)
+
+
 def ordered_runs(
     runs: Sequence[Run], keys: Sequence[str], active: Mapping[str, dict[str, Any]] | None = None
 ) -> list[Run]:
     """The runs in the order of their table: by the differing keys' values, then by name."""
     active = active or {r.source: _active_config(r) for r in runs}
-    return sorted(runs, key=lambda r: [_fmt(active[r.source].get(k)) for k in keys] + [r.name])
+    names = display_names(runs)
+    return sorted(
+        runs, key=lambda r: [_fmt(active[r.source].get(k)) for k in keys] + [names[r.source]]
+    )
 
 
 def run_link(run: Run, out: Path) -> str | None:
@@ -445,8 +709,9 @@ def run_link(run: Run, out: Path) -> str | None:
 def table(
     runs: Sequence[Run], keys: Sequence[str], metrics: Sequence[str]
 ) -> tuple[list[str], list[list[str]]]:
-    """Header and rows (strings), runs sorted by the differing keys (:func:`ordered_runs`)."""
-    fmt = _fmt
+    """Header and rows (strings), runs sorted by the differing keys (:func:`ordered_runs`) and
+    named by :func:`display_names`; metrics in their unit (:func:`format_metric`, the unit in
+    the heading)."""
 
     # Here, not at the top: the evaluate package imports torch, which a comparison of finished
     # runs needs only for this interval.
@@ -455,9 +720,12 @@ def table(
     def metric(run: Run, name: str) -> str:
         value = run.metrics.get(name)
         bounds = accuracy_interval(run.metrics, name)
+        shown = format_metric(name, value)
         if value is None or bounds is None:
-            return fmt(value)
-        return f"{value:.4g} [{bounds[0]:.3f}, {bounds[1]:.3f}]"
+            return shown
+        if metric_unit(name):
+            return f"{shown} [{100 * bounds[0]:.1f}, {100 * bounds[1]:.1f}]"
+        return f"{shown} [{bounds[0]:.3f}, {bounds[1]:.3f}]"
 
     # A switched-off section's settings show as missing: they did not act.
     active = {r.source: _active_config(r) for r in runs}
@@ -474,11 +742,13 @@ def table(
         value = active[run.source].get(key)
         if key in short and value:
             return short[key][str(value)]
-        return fmt(value)
+        return _fmt(value)
 
-    header = ["run", *keys, *metrics]
+    names = display_names(runs)
+    header = ["run", *keys, *map(metric_header, metrics)]
     rows = [
-        [r.name, *(setting(r, k) for k in keys), *(metric(r, m) for m in metrics)] for r in ordered
+        [names[r.source], *(setting(r, k) for k in keys), *(metric(r, m) for m in metrics)]
+        for r in ordered
     ]
     return header, rows
 
@@ -552,8 +822,9 @@ def replicate_groups(
 
 
 def _fmt_setting(key: str, value: Any) -> str:
-    """A setting of a replicate group: an upstream run by whether it is set."""
-    if _is_upstream(key) and value is True:
+    """A setting of a replicate group: an upstream run (its own or one further up:
+    ``classifier>data.like``) by whether it is set."""
+    if _is_upstream(key.rpartition(UPSTREAM_SEP)[2]) and value is True:
         return "set"
     return _fmt(value)
 
@@ -567,7 +838,7 @@ def replicate_table(
     if all(len(members) == 1 for _, members in groups):
         return None
     setting = list(groups[0][0])
-    header = [*setting, "runs", *metrics]
+    header = [*setting, "runs", *map(metric_header, metrics)]
     rows = []
     for values, members in groups:
         row = [_fmt_setting(k, values[k]) for k in setting] + [str(len(members))]
@@ -576,9 +847,15 @@ def replicate_table(
             if not found:
                 row.append(_fmt(None))
             elif len(found) == 1:
-                row.append(_fmt(found[0]) + (" (1 run)" if len(members) > 1 else ""))
+                row.append(
+                    format_metric(metric, found[0]) + (" (1 run)" if len(members) > 1 else "")
+                )
             else:
-                cell = f"{np.mean(found):.4g} ± {np.std(found, ddof=1):.2g}"
+                mean, std = float(np.mean(found)), float(np.std(found, ddof=1))
+                if metric_unit(metric):
+                    cell = f"{100 * mean:.2f} ± {100 * std:.2f}"
+                else:
+                    cell = f"{mean:.4g} ± {std:.2g}"
                 row.append(cell + (f" ({len(found)} runs)" if len(found) < len(members) else ""))
         rows.append(row)
     return header, rows
@@ -593,7 +870,8 @@ REPLICATES_NOTE = (
 
 
 CI_NOTE = (
-    "[low, high]: the 95% interval over the images an accuracy was measured on (Wilson; for "
+    "[low, high]: the 95% interval (in the value's unit) over the images an accuracy was "
+    "measured on (Wilson; for "
     "the corruption means, +-1.96 standard errors of each image's accuracy over the grid; for "
     "an ECE or AUROC, the bootstrap interval the evaluation recorded)."
 )
@@ -627,12 +905,16 @@ def to_markdown(
 def to_html(
     sections: Sequence[tuple[str | None, Sequence[str], Sequence[Sequence[str]]]],
     title: str,
-    note: str = "",
+    note: str | Sequence[str] = "",
     links: Sequence[Sequence[str | None]] | None = None,
+    plots: Sequence[tuple[str, str]] = (),
+    intro: Sequence[str] = (),
 ) -> str:
-    """A page with one table per ``(heading or None, header, rows)`` section, and a note;
-    ``links[s][i]``, when given, makes row i's first cell of section s a link."""
-    body = []
+    """A page with the ``intro`` paragraphs, one table per ``(heading or None, header, rows)``
+    section, the notes (one paragraph each) and a Plots section showing each ``(file,
+    caption)`` of ``plots`` (files beside the page); ``links[s][i]``, when given, makes row i's
+    first cell of section s a link."""
+    body = [f"<p>{html.escape(line)}</p>\n" for line in intro]
     for s, (heading, header, rows) in enumerate(sections):
         head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
 
@@ -651,15 +933,25 @@ def to_html(
         if heading:
             body.append(f"<h2>{html.escape(heading)}</h2>\n")
         body.append(f"<table><thead><tr>{head}</tr></thead><tbody>\n{cells}</tbody></table>\n")
+    notes = [note] if isinstance(note, str) else list(note)
+    body += [f"<p>{html.escape(n)}</p>\n" for n in notes if n]
+    if plots:
+        body.append("<h2>Plots</h2>\n")
+    for name, caption in plots:
+        src = html.escape(quote(name))
+        body.append(
+            f"<figure><a href='{src}'><img src='{src}' alt='{html.escape(caption)}'></a>"
+            f"<figcaption>{html.escape(caption)} ({html.escape(name)})</figcaption></figure>\n"
+        )
     style = (
         "table{border-collapse:collapse;font-family:sans-serif}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
+        "img{max-width:100%}figure{margin:1em 0}"
     )
     return (
         f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>\n"
         + "".join(body)
-        + (f"<p>{html.escape(note)}</p>\n" if note else "")
         + "</body></html>\n"
     )
 
@@ -668,37 +960,28 @@ def _value(run: Run, key: str) -> Any:
     return run.metrics[key] if key in run.metrics else run.config.get(key)
 
 
+def _label_row(run: Run, series: Sequence[str], upstream: Mapping[str, Any] | None) -> dict:
+    """The ``series`` settings of ``run`` as a label shows them (:func:`_label_value`), those it
+    lacks or switched off left out (they say nothing about it); upstream paths and settings
+    from ``upstream`` when given (a line over replicates: its upstream runs by whether they
+    are set, their paths differ between replicates)."""
+    active = _active_config(run)
+    row = {}
+    for key in series:
+        where = upstream if upstream is not None and _is_upstream_setting(key) else active
+        if key in where:
+            row[key] = _label_value(key, where[key])
+    return row
+
+
 def _series_label(
     run: Run, series: Sequence[str], upstream: Mapping[str, Any] | None = None
 ) -> str:
-    """``name=value, ...`` of the ``series`` config keys of ``run``, each by its last key part;
-    ``<section>.name`` as the section (``method=byol``, as on the command line) and an upstream
-    ``<section>.run`` as the section and the run directory's name (``purifier=none``).
-
-    With ``upstream`` (the run's :func:`upstream_settings`), a line over replicates: its
-    upstream runs by whether they are set (``purifier=set``; their paths differ between
-    replicates), and their settings (``encoder>max_epochs=800``) from there.
-    """
-
-    active = _active_config(run)
-
-    def short(key: str, value: Any) -> str:
-        head, sep, own = key.rpartition(UPSTREAM_SEP)
-        section, _, last = own.rpartition(".")
-        if section and last == "run":
-            name = Path(str(value)).name if isinstance(value, str) else "set"
-            return f"{head}{sep}{section.rsplit('.', 1)[-1]}={name if value else 'none'}"
-        if section and last == "name":
-            return f"{head}{sep}{section.rsplit('.', 1)[-1]}={value}"
-        return f"{head}{sep}{last}={value}"
-
-    labels = []
-    for key in series:
-        where = upstream if upstream is not None and _is_upstream_setting(key) else active
-        # A key the run lacks or switched off says nothing about it.
-        if key in where:
-            labels.append(short(key, where[key]))
-    return ", ".join(labels)
+    """``name=value, ...`` of the ``series`` config keys of ``run`` (:func:`_short_key`:
+    ``method=byol``, ``purifier=none``, ``encoder>max_epochs=800``; :func:`_label_row`)."""
+    row = _label_row(run, series, upstream)
+    names = _label_names(list(row))
+    return ", ".join(f"{names[k]}={v}" for k, v in row.items())
 
 
 def _is_upstream_setting(key: str) -> bool:
@@ -718,35 +1001,89 @@ def line_series(
     return own + ups
 
 
+# A point of a line: x, the mean over its runs, how many runs, their sample standard deviation
+# (0 for one run).
+LinePoint = tuple[float, float, int, float]
+
+
 def line_data(
     runs: Sequence[Run],
     x: str | Sequence[str],
     metrics: Sequence[str],
     series: Sequence[str] | Callable[[Run], Sequence[str]],
-) -> dict[tuple[str, str], list[tuple[float, float, int]]]:
-    """What :func:`plot_lines` draws: ``(series label, metric) -> [(x, mean, runs)]`` by x, the
-    mean over the runs that share the label and x (replicate seeds).
+) -> dict[tuple[str, str], list[LinePoint]]:
+    """What :func:`plot_lines` draws: ``(series label, metric) -> [(x, mean, runs, std)]`` by
+    x, the mean and sample standard deviation over the runs that share the setting and x
+    (replicate seeds).
 
     ``x``: a config key or metric, or several metrics of which each run's first present is
-    taken. ``series``: the keys that label a line (:func:`line_series`), or those of each run;
-    upstream paths and settings in them are read as :func:`_series_label` with ``upstream``.
+    taken. ``series``: the keys that tell lines apart (:func:`line_series`), or those of each
+    run; upstream paths and settings in them are read as :func:`_label_row` with
+    ``upstream``. A line is labelled by the fewest of those settings that tell the lines apart
+    (:func:`_telling_keys`, :data:`_HEADLINE_KEYS` first), not by all of them.
     """
     names = [x] if isinstance(x, str) else list(x)
-    found: dict[tuple[str, str], dict[float, list[float]]] = {}
+    found: dict[tuple[tuple[tuple[str, str], ...], str], dict[float, list[float]]] = {}
+    order: list[str] = []
     for run in runs:
         xv = next((_value(run, n) for n in names if _value(run, n) is not None), None)
         if not isinstance(xv, int | float) or isinstance(xv, bool):
             continue
         keys = series(run) if callable(series) else series
+        order += [k for k in keys if k not in order]
         upstream = _upstream_of(run) if any(map(_is_upstream_setting, keys)) else {}
-        label = _series_label(run, keys, upstream)
+        setting = tuple(_label_row(run, keys, upstream).items())
         for metric in metrics:
             if metric in run.metrics:
-                by_x = found.setdefault((label, metric), {})
+                by_x = found.setdefault((setting, metric), {})
                 by_x.setdefault(float(xv), []).append(run.metrics[metric])
+    settings = list(dict.fromkeys(setting for setting, _ in found))
+    chosen = _telling_keys([dict(s) for s in settings], _by_priority(order))
+    shown = _label_names(chosen)
+    labels = {
+        s: ", ".join(f"{shown[k]}={dict(s)[k]}" for k in chosen if k in dict(s)) for s in settings
+    }
+    if len(set(labels.values())) < len(labels):  # a setting lacking a key reads like another
+        labels = {s: ", ".join(f"{_short_key(k)}={v}" for k, v in s) for s in settings}
+
+    def point(v: float, values: list[float]) -> LinePoint:
+        std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        return (v, float(np.mean(values)), len(values), std)
+
+    out = {
+        (labels[setting], metric): [point(v, by_x[v]) for v in sorted(by_x)]
+        for (setting, metric), by_x in found.items()
+    }
+    return dict(sorted(out.items(), key=lambda item: (_natural(item[0][0]), item[0][1])))
+
+
+# Descriptions of the metrics drawn against the label fraction, in their legend.
+_METRIC_NAMES = {"test/acc": "clean (test/acc)", "shift/mean_acc": "corrupted (shift/mean_acc)"}
+_MARKERS = "os^vDP*Xhp<>"
+_LINESTYLES: tuple[Any, ...] = ("-", "--", "-.", ":")
+
+
+def run_styles(keys: Sequence[str]) -> dict[str, dict[str, str]]:
+    """A colour, marker and line style per key (a run, a line), in order: tab10's ten
+    colours, then ten darker ones of tab20b (dashed, square markers), then (past twenty)
+    colours spread over a continuous map; the marker and line style change with every block
+    of ten, so that no two keys look alike."""
+    import matplotlib
+    from matplotlib.colors import to_hex
+
+    tab10, tab20b = matplotlib.colormaps["tab10"], matplotlib.colormaps["tab20b"]
+    palette = [tab10(i) for i in range(10)]
+    palette += [tab20b(i) for i in (0, 4, 8, 12, 16, 2, 6, 10, 14, 18)]
+    if len(keys) > len(palette):
+        cmap = matplotlib.colormaps["turbo"]
+        palette = [cmap(0.05 + 0.9 * i / (len(keys) - 1)) for i in range(len(keys))]
     return {
-        key: [(v, float(np.mean(by_x[v])), len(by_x[v])) for v in sorted(by_x)]
-        for key, by_x in sorted(found.items())
+        key: {
+            "color": to_hex(palette[i]),
+            "marker": _MARKERS[(i // 10) % len(_MARKERS)],
+            "linestyle": _LINESTYLES[(i // 10) % len(_LINESTYLES)],
+        }
+        for i, key in enumerate(keys)
     }
 
 
@@ -759,43 +1096,112 @@ def plot_lines(
     title: str,
 ) -> Path | None:
     """One line per (series value, metric) of ``metric`` against ``x`` (:func:`line_data`),
-    averaged over runs that share both (e.g. seeds). ``None`` if nothing to plot."""
+    averaged over runs that share both (e.g. seeds), with their standard deviation as error
+    bars; against ``subset.fraction``, a log axis ticked at the fractions in %. ``None`` if
+    nothing to plot."""
+    fraction = x == "subset.fraction"
     xlabel = x if isinstance(x, str) else " / ".join(x)
+    if fraction:
+        xlabel = "labelled fraction (subset.fraction, %, log scale)"
     return _draw_lines(
-        line_data(runs, x, metrics, series), xlabel, title, path, log_x=x == "subset.fraction"
+        line_data(runs, x, metrics, series), xlabel, title, path, metrics, log_x=fraction
     )
 
 
 def _draw_lines(
-    points: Mapping[tuple[str, str], Sequence[tuple[float, float, int]]],
+    points: Mapping[tuple[str, str], Sequence[LinePoint]],
     xlabel: str,
     title: str,
     path: Path,
+    metrics: Sequence[str] = (),
     log_x: bool = False,
 ) -> Path | None:
-    """The lines of :func:`line_data`, labelled ``<series> <metric>``; None without any."""
+    """The lines of :func:`line_data` in %: a colour and marker per series (:func:`run_styles`),
+    a line style per metric (in the order of ``metrics``: the clean accuracy solid, the
+    corrupted dashed), error bars of ± one standard deviation over the runs of a point
+    (replicate seeds), points nudged sideways so that lines that coincide stay visible; the
+    legend beside the axes. With ``log_x`` the x axis is logarithmic and ticked at the x
+    values, as % (label fractions). None without any line."""
     if not points:
         return None
-    names = {key: f"{key[0]} {key[1]}".strip() for key in points}
-    # Labels too long for a legend inside the axes go below them, wrapped.
-    below = any(len(name) > _MAX_LABEL for name in names.values())
-    if below:
-        names = {k: textwrap.fill(v, 80, subsequent_indent="  ") for k, v in names.items()}
-    lines = sum(name.count("\n") + 1 for name in names.values()) if below else 0
-    fig, ax = pyplot().subplots(figsize=(7, 4 + 0.16 * lines))
-    for key, line in points.items():
-        ax.plot([p[0] for p in line], [p[1] for p in line], marker="o", label=names[key])
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("accuracy")
+    from matplotlib.lines import Line2D
+
+    series = list(dict.fromkeys(label for label, _ in points))
+    drawn = list(dict.fromkeys([*[m for m in metrics if any(k[1] == m for k in points)],
+                                *[m for _, m in points]]))  # fmt: skip
+    styles = run_styles(series)
+    dashes = {m: _LINESTYLES[i % len(_LINESTYLES)] for i, m in enumerate(drawn)}
+    xs_all = sorted({p[0] for line in points.values() for p in line})
+    if log_x:
+        decades = math.log10(xs_all[-1] / xs_all[0]) if xs_all[0] > 0 else 1.0
+        step = 0.02 * max(decades, 1.0)
+    else:
+        step = 0.012 * ((xs_all[-1] - xs_all[0]) or 1.0)
+    fig, ax = pyplot().subplots(figsize=(6.2, 4.2))
+    replicated = any(p[2] > 1 for line in points.values() for p in line)
+    for (label, metric), line in points.items():
+        shift = (series.index(label) - (len(series) - 1) / 2) * step
+        xs = [p[0] * 10**shift if log_x else p[0] + shift for p in line]
+        style = styles[label]
+        ax.errorbar(
+            xs, [100 * p[1] for p in line], yerr=[100 * p[3] for p in line],
+            color=style["color"], marker=style["marker"], linestyle=dashes[metric],
+            markersize=5, capsize=3, linewidth=1.4, alpha=0.9,
+        )  # fmt: skip
     if log_x:
         ax.set_xscale("log")
-    ax.set_title(title, fontsize=10)
+        ax.set_xticks(xs_all)
+        ax.set_xticklabels([f"{100 * v:g} %" for v in xs_all])
+        ax.minorticks_off()
+        ax.set_xlim(xs_all[0] / 10 ** (0.1 * max(decades, 1.0)),
+                    xs_all[-1] * 10 ** (0.1 * max(decades, 1.0)))  # fmt: skip
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("accuracy (%)")
+    note = "mean ± std over replicate seeds" if replicated else "one run per point"
+    ax.set_title(f"{title}\n({note}; points nudged sideways to stay apart)", fontsize=9)
     ax.grid(alpha=0.3)
-    if below:
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.15))
-    else:
-        ax.legend(fontsize=7)
-    return save_figure(fig, path, dpi=120)
+    handles = [
+        Line2D([], [], color=styles[s]["color"], marker=styles[s]["marker"], label=s)
+        for s in series
+        if s
+    ]
+    if len(drawn) > 1 or not handles:
+        handles += [
+            Line2D([], [], color="0.3", linestyle=dashes[m], label=_METRIC_NAMES.get(m, m))
+            for m in drawn
+        ]
+    return _save_with_legend(fig, [ax], path, handles)
+
+
+def _save_with_legend(
+    fig: Any, axes: Sequence[Any], path: Path, handles: Sequence[Any] | None = None
+) -> Path:
+    """Save ``fig`` with one legend beside its axes (right of them, outside, so that it covers
+    no data): ``handles``, or one entry per label over all ``axes``; the figure is widened by
+    the legend's width, in as many columns as its height needs."""
+    if handles is None:
+        handles, names = [], []
+        for ax in axes:
+            for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
+                if name not in names:
+                    handles.append(handle)
+                    names.append(name)
+    handles = list(handles)
+    if not handles:
+        return save_figure(fig, path, dpi=120)
+    fontsize = 7 if len(handles) > 8 else 8
+    width, height = fig.get_size_inches()
+    rows = max(1, int((height - 0.3) * 72 / (fontsize * 1.8)))
+    legend = fig.legend(
+        handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=fontsize,
+        ncol=math.ceil(len(handles) / rows), frameon=False,
+    )  # fmt: skip
+    extent = legend.get_window_extent(fig.canvas.get_renderer())
+    extra = extent.width / fig.dpi + 0.3
+    fig.set_size_inches(width + extra, height)
+    right = width / (width + extra)
+    legend.set_bbox_to_anchor((right, 0.5), transform=fig.transFigure)
+    return save_figure(fig, path, dpi=120, rect=(0, 0, right, 1))
 
 
 def severity_key(level: int) -> str:
@@ -846,7 +1252,7 @@ def plot_severity(runs: Sequence[Run], labels: Mapping[str, str], path: Path) ->
     ax.set_xlabel("corruption severity (0 = clean)")
     ax.set_xticks(sorted({x for xs, _ in data.values() for x in xs}))
     ax.set_title("mean accuracy over the corruptions (95% CI over the images)", fontsize=10)
-    return save_figure(fig, path, dpi=120)
+    return _save_with_legend(fig, [ax], path)
 
 
 def calibration_severity_data(
@@ -871,30 +1277,34 @@ def calibration_severity_data(
 def plot_calibration_severity(
     runs: Sequence[Run], labels: Mapping[str, str], path: Path
 ) -> Path | None:
-    """ECE against corruption severity (0 = clean), one colour per evaluation run, dashed
-    after temperature scaling: whose calibration holds as the shift grows. ``None`` if no run
-    has per-severity ECEs."""
+    """ECE against corruption severity (0 = clean), one line per evaluation run, in two panels
+    on one scale: as measured, and after temperature scaling (where recorded); whose
+    calibration holds as the shift grows. ``None`` if no run has per-severity ECEs."""
     data = calibration_severity_data(runs)
     if not data:
         return None
-    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
-    for i, (source, lines) in enumerate(
-        sorted(data.items(), key=lambda item: labels.get(item[0], item[0]))
-    ):
-        color = f"C{i % 10}"
-        for kind, style, extra in (("ece", "-o", ""), ("ts_ece", "--s", ", temperature-scaled")):
-            if kind in lines:
-                xs, ys = lines[kind]
-                label = labels.get(source, source) + extra
-                ax.plot(xs, ys, style, color=color, markersize=4, label=label)
-    ax.set_xlabel("corruption severity (0 = clean)")
-    ax.set_ylabel("ECE (mean over the corruptions)")
-    ax.set_xticks(sorted({x for lines in data.values() for xs, _ in lines.values() for x in xs}))
-    ax.set_ylim(bottom=0)
-    ax.set_title("calibration as the shift grows (dashed: temperature-scaled)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6 if len(data) > 3 else 8)
-    return save_figure(fig, path, dpi=120)
+    kinds = [k for k in ("ece", "ts_ece") if any(k in lines for lines in data.values())]
+    titles = {"ece": "ECE", "ts_ece": "ECE after temperature scaling"}
+    sources = sorted(data, key=lambda s: _natural(labels.get(s, s)))
+    styles = run_styles(sources)
+    fig, axes = pyplot().subplots(
+        1, len(kinds), figsize=(4.6 * len(kinds), 4.2), squeeze=False, sharey=True
+    )
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        for source in sources:
+            if kind in data[source]:
+                xs, ys = data[source][kind]
+                ax.plot(xs, ys, markersize=4, label=labels.get(source, source),
+                        **styles[source])  # fmt: skip
+        ax.set_xlabel("corruption severity (0 = clean)")
+        ax.set_xticks(
+            sorted({x for lines in data.values() for xs, _ in lines.values() for x in xs})
+        )
+        ax.set_title(f"{titles[kind]} (mean over the corruptions)", fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("ECE (0 = calibrated)")
+    axes[0][0].set_ylim(bottom=0)
+    return _save_with_legend(fig, axes[0], path)
 
 
 def certified_data(runs: Sequence[Run]) -> dict[str, tuple[list[float], list[float]]]:
@@ -925,20 +1335,7 @@ def plot_certified(runs: Sequence[Run], labels: Mapping[str, str], path: Path) -
     ax.set_xlabel("L2 radius (on [0, 1] images)")
     ax.set_ylabel("certified accuracy (%)")
     ax.set_title("certified accuracy (randomized smoothing; 95% CI over the images)", fontsize=10)
-    return save_figure(fig, path, dpi=120)
-
-
-def _save_with_side_legend(fig: Any, axes: Sequence[Any], path: Path) -> Path:
-    """Save a row of 4.6-inch panels with one legend entry per label over all of them, in a
-    2.4-inch column beside them."""
-    handles, names = [], []
-    for ax in axes:
-        for handle, name in zip(*ax.get_legend_handles_labels(), strict=True):
-            if name not in names:
-                handles.append(handle)
-                names.append(name)
-    fig.legend(handles, names, loc="center right", fontsize=6 if len(names) > 6 else 8)
-    return save_figure(fig, path, dpi=120, rect=(0, 0, 1 - 2.4 / (4.6 * len(axes) + 2.4), 1))
+    return _save_with_legend(fig, [ax], path)
 
 
 def tradeoff_data(runs: Sequence[Run]) -> dict[str, list[tuple[str, float, float]]]:
@@ -958,8 +1355,10 @@ def tradeoff_data(runs: Sequence[Run]) -> dict[str, list[tuple[str, float, float
 
 def plot_tradeoff(runs: Sequence[Run], labels: Mapping[str, str], path: Path) -> Path | None:
     """Robust against clean accuracy, a panel per threat and a point per evaluated pipeline
-    (95 % intervals over the images on both axes): the trade-off a purifier's t* or a
-    fine-tuning choice moves along. ``None`` without two pipelines attacked alike."""
+    (95 % intervals over the images on both axes), every panel on the same 0-100 % axes: the
+    trade-off a purifier's t* or a fine-tuning choice moves along. A threat every pipeline
+    falls to (robust accuracy 0) says so in its panel. ``None`` without two pipelines
+    attacked alike."""
     from ssl_robust.evaluate.metrics import interval_bars
 
     data = tradeoff_data(runs)
@@ -969,29 +1368,34 @@ def plot_tradeoff(runs: Sequence[Run], labels: Mapping[str, str], path: Path) ->
     # In the labels' natural order (t_star=20 before t_star=100).
     sources = sorted(
         {s for points in data.values() for s, _, _ in points},
-        key=lambda s: [
-            (0, int(part), "") if part.isdigit() else (1, 0, part)
-            for part in re.split(r"(\d+)", labels.get(s, s))
-        ],
+        key=lambda s: _natural(labels.get(s, s)),
     )
-    colors = {s: f"C{i % 10}" for i, s in enumerate(sources)}
-    markers = {s: "os^vDP*Xhp"[(i // 10) % 10] for i, s in enumerate(sources)}
-    fig, axes = pyplot().subplots(1, len(data), figsize=(4.6 * len(data) + 2.4, 4.2), squeeze=False)
+    styles = run_styles(sources)
+    fig, axes = pyplot().subplots(1, len(data), figsize=(4.4 * len(data), 4.2), squeeze=False)
     for ax, (threat, points) in zip(axes[0], data.items(), strict=True):
-        for source, clean, robust in points:
+        for source, clean, robust in sorted(points, key=lambda p: sources.index(p[0])):
             run = by_source[source]
             xbar = interval_bars(run.metrics, ["test/acc"])
             ybar = interval_bars(run.metrics, [f"adv/{threat}/acc"])
             ax.errorbar(
                 [100 * clean], [100 * robust], xerr=100 * xbar, yerr=100 * ybar,
-                marker=markers[source], color=colors[source], capsize=3, linestyle="none",
-                label=labels.get(source, source),
+                marker=styles[source]["marker"], color=styles[source]["color"], capsize=3,
+                linestyle="none", label=labels.get(source, source), alpha=0.85,
             )  # fmt: skip
+        if all(robust == 0 for _, _, robust in points):
+            ax.text(
+                50, 50, f"robust accuracy 0 % for all {len(points)} runs:\n"
+                f"the {threat} attack fooled every attacked image\n(bars: 95% CI upper bounds)",
+                ha="center", va="center", fontsize=8, color="0.25",
+                bbox={"facecolor": "white", "edgecolor": "0.7", "boxstyle": "round"},
+            )  # fmt: skip
+        ax.set_xlim(-3, 103)
+        ax.set_ylim(-3, 103)
         ax.set_xlabel("clean accuracy (%)")
         ax.set_ylabel(f"robust accuracy, {threat} (%)")
         ax.set_title(f"{threat}: clean vs robust (95% CI)", fontsize=10)
         ax.grid(alpha=0.3)
-    return _save_with_side_legend(fig, axes[0], path)
+    return _save_with_legend(fig, axes[0], path)
 
 
 def _accuracy_lines(
@@ -1003,22 +1407,25 @@ def _accuracy_lines(
 ) -> tuple[Any, Any]:
     """A figure with one line of accuracies per run (``data``: source -> (xs, accuracies)), in
     percent, each point with its 95 % interval over the images (``key``: the metric of a point),
-    the legend labelled by ``labels`` plus ``suffix(run)``; the caller names the axes."""
+    a colour, marker and line style per run (:func:`run_styles`), labelled by ``labels`` plus
+    ``suffix(run)``; the caller names the axes and saves it (:func:`_save_with_legend`)."""
     from ssl_robust.evaluate.metrics import interval_bars
 
     by_source = {r.source: r for r in runs}
-    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
-    for source, (xs, ys) in sorted(data.items(), key=lambda item: labels.get(item[0], item[0])):
+    sources = sorted(data, key=lambda s: _natural(labels.get(s, s)))
+    styles = run_styles(sources)
+    fig, ax = pyplot().subplots(figsize=(6.2, 4.2))
+    for source in sources:
+        xs, ys = data[source]
         run = by_source[source]
         # The 95 % interval over the images of each point, where the run recorded one.
         bars = interval_bars(run.metrics, [key(run, x) for x in xs])
         ax.errorbar(
-            xs, [100 * y for y in ys], yerr=100 * bars, marker="o", capsize=3,
-            label=labels.get(source, source) + suffix(run),
+            xs, [100 * y for y in ys], yerr=100 * bars, capsize=3, markersize=5, alpha=0.85,
+            label=labels.get(source, source) + suffix(run), **styles[source],
         )  # fmt: skip
     ax.set_ylabel("accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6 if len(data) > 6 else 8)
     return fig, ax
 
 
@@ -1030,18 +1437,31 @@ def plot_curves(
 ) -> Path | None:
     """One panel per validation metric in ``metrics`` against epochs, one line per local run
     directory that logged it at least twice (resumed runs stitched), labelled as
-    :func:`curve_data` says. ``None`` if no run has such a curve."""
+    :func:`curve_data` says, each panel's legend below it. ``None`` if no run has such a
+    curve."""
     curves = curve_data(runs, series, metrics)
     if not curves:
         return None
     fig, axes = pyplot().subplots(1, len(curves), figsize=(5.5 * len(curves), 4), squeeze=False)
+    legends = []
     for ax, (metric, lines) in zip(axes[0], curves.items(), strict=True):
+        styles = run_styles([label for label, _, _ in lines])
         for label, xs, ys in lines:
-            ax.plot(xs, ys, marker="o" if len(xs) <= 30 else None, markersize=3, label=label)
+            style = styles[label] | ({} if len(xs) <= 30 else {"marker": None})
+            ax.plot(xs, ys, markersize=3, label=label, **style)
         ax.set_title(metric)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6 if len(lines) > 6 else 8)
+        # Below the panel: a legend inside would cover the curves.
+        ncol = 1 if len(lines) <= 6 else 2
+        legend = ax.legend(
+            fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=ncol, frameon=False
+        )
+        legends.append(legend)
+    renderer = fig.canvas.get_renderer()
+    below = max(legend.get_window_extent(renderer).height for legend in legends) / fig.dpi
+    width, height = fig.get_size_inches()
+    fig.set_size_inches(width, height + below)
     return save_figure(fig, path, dpi=120)
 
 
@@ -1246,20 +1666,20 @@ def plot_accuracy_on_the_line(
     groups = [g for g in data if g in lines]
     if not groups:
         return None
-    sources = sorted({s for g in groups for s, _, _ in data[g]}, key=lambda s: labels.get(s, s))
-    colors = {s: f"C{i % 10}" for i, s in enumerate(sources)}
-    markers = {s: "os^vDP*Xhp"[(i // 10) % 10] for i, s in enumerate(sources)}
-    fig, axes = pyplot().subplots(
-        1, len(groups), figsize=(4.6 * len(groups) + 2.4, 4.4), squeeze=False
+    sources = sorted(
+        {s for g in groups for s, _, _ in data[g]}, key=lambda s: _natural(labels.get(s, s))
     )
+    styles = run_styles(sources)
+    fig, axes = pyplot().subplots(1, len(groups), figsize=(4.6 * len(groups), 4.4), squeeze=False)
     ticks = np.array([0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99])
     for ax, group in zip(axes[0], groups, strict=True):
         points = data[group]
         clean = np.array([c for _, c, _ in points])
         shifted = np.array([v for _, _, v in points])
-        for source, c, v in points:
-            ax.plot(probit([c]), probit([v]), marker=markers[source], color=colors[source],
-                    linestyle="none", label=labels.get(source, source))  # fmt: skip
+        for source, c, v in sorted(points, key=lambda p: sources.index(p[0])):
+            ax.plot(probit([c]), probit([v]), marker=styles[source]["marker"],
+                    color=styles[source]["color"], linestyle="none", alpha=0.85,
+                    label=labels.get(source, source))  # fmt: skip
         slope, intercept = lines[group]
         lo = float(min(probit(clean).min(), probit(shifted).min())) - 0.3
         hi = float(max(probit(clean).max(), probit(shifted).max())) + 0.3
@@ -1279,7 +1699,7 @@ def plot_accuracy_on_the_line(
         ax.set_ylabel(f"{measure} (%, probit scale)")
         ax.set_title(f"{measure} vs clean" + (f"\n({name})" if name else ""), fontsize=9)
         ax.grid(alpha=0.3)
-    return _save_with_side_legend(fig, axes[0], path)
+    return _save_with_legend(fig, axes[0], path)
 
 
 def _nfe_settings(run: Run) -> set[str]:
@@ -1296,7 +1716,7 @@ def _nfe_settings(run: Run) -> set[str]:
     return {f"{section}.{name}" for name in names}
 
 
-def nfe_data(runs: Sequence[Run]) -> dict[tuple[str, str], list[tuple[float, float, int]]]:
+def nfe_data(runs: Sequence[Run]) -> dict[tuple[str, str], list[LinePoint]]:
     """What :func:`plot_robust_vs_nfe` draws (:func:`line_data`): each attacked evaluation's
     robust accuracies (``adv/<threat>/acc``) against its denoiser evaluations per image
     (:data:`NFE_METRICS`), a line per setting over the replicate seeds and the runs they build
@@ -1331,6 +1751,73 @@ def plot_robust_vs_nfe(runs: Sequence[Run], path: Path) -> Path | None:
         nfe_data(runs), "denoiser evaluations per image (NFE)",
         "robust accuracy vs the purifier's NFE", path,
     )  # fmt: skip
+
+
+# What each plot shows, as the comparison pages caption it (by its key in compare's result).
+PLOT_CAPTIONS = {
+    "plot_accuracy_vs_fraction": "Clean and corrupted accuracy against the label fraction",
+    "plot_accuracy_vs_severity": "Accuracy against the corruption severity",
+    "plot_calibration_vs_severity": "Calibration (ECE) against the corruption severity",
+    "plot_certified_accuracy": "Certified accuracy against the L2 radius",
+    "plot_clean_vs_robust": "Clean against robust accuracy, per threat",
+    "plot_accuracy_on_the_line": "Shifted against clean accuracy (accuracy on the line)",
+    "plot_training_curves": "Validation curves of the training runs",
+    "plot_robust_vs_nfe": "Robust accuracy against the purifier's NFE",
+}
+
+
+def _plots(
+    runs: Sequence[Run],
+    groups: Mapping[str, Sequence[Run]],
+    keys_by_job: Mapping[str, Sequence[str]],
+    lines: Mapping[tuple[str, str], tuple[float, float]],
+    out: Path,
+) -> dict[str, Path]:
+    """The plots that apply to ``runs`` (grouped by phase, with the keys that differ in each
+    and the fitted accuracy lines), written into ``out``, by kind (:data:`PLOT_CAPTIONS`)."""
+    written: dict[str, Path] = {}
+    # Clean vs corruption accuracy per method (and whatever else differs) against label
+    # fraction: from the evaluations when they vary it, else from the fine-tuning runs.
+    fraction = "subset.fraction"
+    for job in ("evaluate", "finetune"):
+        members = groups.get(job, [])
+        keys = keys_by_job.get(job, [])
+        acc = [m for m in ("test/acc", "shift/mean_acc") if any(m in r.metrics for r in members)]
+        if fraction in keys and acc:
+            # A line per setting, over the replicate seeds and the runs they build on.
+            series = line_series(members, keys, leave_out=(fraction,))
+            plot = plot_lines(
+                members, fraction, acc, series, out / "accuracy_vs_fraction.png",
+                "clean (test/acc) and corrupted (shift/mean_acc) accuracy",
+            )  # fmt: skip
+            if plot:
+                written["plot_accuracy_vs_fraction"] = plot
+                break
+    labels = run_labels(runs)
+    severity = (runs, labels, out / "accuracy_vs_severity.png")
+    drawn: list[tuple[str, Callable[..., Path | None], tuple[Any, ...]]] = [
+        # How each evaluated pipeline degrades with the corruption severity.
+        ("plot_accuracy_vs_severity", plot_severity, severity),
+        # How each pipeline's calibration decays with the severity, before and after scaling.
+        ("plot_calibration_vs_severity", plot_calibration_severity,
+         (runs, labels, out / "calibration_vs_severity.png")),
+        # Certified accuracy against the radius, per certified pipeline.
+        ("plot_certified_accuracy", plot_certified, (runs, labels, out / "certified_accuracy.png")),
+        # Clean against robust accuracy, per threat, a point per evaluated pipeline.
+        ("plot_clean_vs_robust", plot_tradeoff, (runs, labels, out / "clean_vs_robust.png")),
+        # Shifted against clean accuracy, and the line effective robustness is measured from.
+        ("plot_accuracy_on_the_line", plot_accuracy_on_the_line,
+         (runs, labels, lines, out / "accuracy_on_the_line.png")),
+        # Validation curves of the training runs, side by side.
+        ("plot_training_curves", plot_curves, (runs, labels, out / "training_curves.png")),
+        # Robust accuracy against the purifier's network evaluations.
+        ("plot_robust_vs_nfe", plot_robust_vs_nfe, (runs, out / "robust_vs_nfe.png")),
+    ]  # fmt: skip
+    for kind, draw, args in drawn:
+        plot = draw(*args)
+        if plot:
+            written[kind] = plot
+    return written
 
 
 def compare(
@@ -1404,10 +1891,9 @@ def compare(
             sections.append((f"{prefix}mean ± std over replicates", *over))
             links.append([None] * len(over[1]))
     written = {"markdown": out / "comparison.md", "html": out / "comparison.html"}
-    md = [f"# {title}\n"]
-    md += [
-        (f"## {h}\n\n" if h else "") + to_markdown(hd, rows, ln)
-        for (h, hd, rows), ln in zip(sections, links, strict=True)
+    written |= _plots(runs, groups, keys_by_job, lines, out)
+    plots = [
+        (path.name, PLOT_CAPTIONS[kind]) for kind, path in written.items() if kind in PLOT_CAPTIONS
     ]
     # An interval is shown where a run recorded how many images an accuracy is over.
     shown = any(" [" in cell for _, _, rows in sections for row in rows for cell in row[1:])
@@ -1415,54 +1901,26 @@ def compare(
         notes.insert(0, REPLICATES_NOTE)
     if shown:
         notes.insert(0, CI_NOTE)
+    native = [job for job, keys in keys_by_job.items() if "data.image_size" in keys and any(
+        _active_config(r).get("data.image_size") == 0 for r in groups[job])]  # fmt: skip
+    if native:
+        notes.append(
+            f"data.image_size 0 ({', '.join(native)}): the dataset's own size, which those "
+            "runs' files do not say; it may equal another run's size."
+        )
+    md = [f"# {title}\n"]
+    if any(metric_unit(h.rsplit(" (", 1)[0]) for _, header, _ in sections for h in header):
+        md.append(UNITS_NOTE + "\n")
+    md += [
+        (f"## {h}\n\n" if h else "") + to_markdown(hd, rows, ln)
+        for (h, hd, rows), ln in zip(sections, links, strict=True)
+    ]
     md += [note + "\n" for note in notes]
+    if plots:
+        md.append("## Plots\n")
+        md += [f"**{caption}** ([{name}]({quote(name)}))\n\n![{caption}]({quote(name)})\n"
+               for name, caption in plots]  # fmt: skip
     write_text_atomic(written["markdown"], "\n".join(md))
-    write_text_atomic(written["html"], to_html(sections, title, " ".join(notes), links))
-
-    # Clean vs corruption accuracy per method (and whatever else differs) against label
-    # fraction: from the evaluations when they vary it, else from the fine-tuning runs.
-    fraction = "subset.fraction"
-    for job in ("evaluate", "finetune"):
-        members = groups.get(job, [])
-        keys = keys_by_job.get(job, [])
-        acc = [m for m in ("test/acc", "shift/mean_acc") if any(m in r.metrics for r in members)]
-        if fraction in keys and acc:
-            # A line per setting, over the replicate seeds and the runs they build on.
-            series = line_series(members, keys, leave_out=(fraction,))
-            plot = plot_lines(
-                members, fraction, acc, series, out / "accuracy_vs_fraction.png",
-                "clean (test/acc) and corrupted (shift/mean_acc) accuracy",
-            )  # fmt: skip
-            if plot:
-                written["plot_accuracy_vs_fraction"] = plot
-                break
-    labels = run_labels(runs)
-    # How each evaluated pipeline degrades with the corruption severity.
-    plot = plot_severity(runs, labels, out / "accuracy_vs_severity.png")
-    if plot:
-        written["plot_accuracy_vs_severity"] = plot
-    # How each pipeline's calibration decays with the severity, before and after scaling.
-    plot = plot_calibration_severity(runs, labels, out / "calibration_vs_severity.png")
-    if plot:
-        written["plot_calibration_vs_severity"] = plot
-    # Certified accuracy against the radius, per certified pipeline.
-    plot = plot_certified(runs, labels, out / "certified_accuracy.png")
-    if plot:
-        written["plot_certified_accuracy"] = plot
-    # Clean against robust accuracy, per threat, a point per evaluated pipeline.
-    plot = plot_tradeoff(runs, labels, out / "clean_vs_robust.png")
-    if plot:
-        written["plot_clean_vs_robust"] = plot
-    # Shifted against clean accuracy, and the line effective robustness is measured from.
-    plot = plot_accuracy_on_the_line(runs, labels, lines, out / "accuracy_on_the_line.png")
-    if plot:
-        written["plot_accuracy_on_the_line"] = plot
-    # Validation curves of the training runs, side by side.
-    plot = plot_curves(runs, labels, out / "training_curves.png")
-    if plot:
-        written["plot_training_curves"] = plot
-    # Robust accuracy against the purifier's network evaluations.
-    plot = plot_robust_vs_nfe(runs, out / "robust_vs_nfe.png")
-    if plot:
-        written["plot_robust_vs_nfe"] = plot
+    units = [UNITS_NOTE] if len(md) > 1 and md[1] == UNITS_NOTE + "\n" else []
+    write_text_atomic(written["html"], to_html(sections, title, notes, links, plots, units))
     return written

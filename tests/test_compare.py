@@ -84,16 +84,19 @@ def test_offline_pretraining_runs_compare(pretrain_runs: dict[str, Path], tmp_pa
         assert list((run / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
     written = compare(list(pretrain_runs.values()), tmp_path / "out")
     md = written["markdown"].read_text()
-    # Only the key that differs is a column (the run dirs are ignored), with the metric.
-    header = md.splitlines()[2]
-    assert header == "| run | method.name | val/knn_acc | val/knn_acc_shift |"
+    # The units first; only the key that differs is a column (the run dirs are ignored), with
+    # the metrics, accuracies in %.
+    assert md.splitlines()[2].startswith("Units: accuracies and rates (AUROC, FPR) in %")
+    header = md.splitlines()[4]
+    assert header == "| run | method.name | val/knn_acc (%) | val/knn_acc_shift (%) |"
     out = tmp_path / "out"
     for method, run in pretrain_runs.items():
         final = json.loads((run / "metrics.json").read_text())
         knn, shift = final["val/knn_acc"], final["val/knn_acc_shift"]
         # The run's name links to its training curves, relative to the comparison.
         link = os.path.relpath(run / "curves.png", out)
-        assert f"| [{run.name}]({link}) | {method} | {knn:.4g} | {shift:.4g} |" in md
+        row = f"| [{run.name}]({link}) | {method} | {100 * knn:.2f} | {100 * shift:.2f} |"
+        assert row in md
         assert (out / link).is_file()
         assert f"<a href='{link}'>{run.name}</a>" in written["html"].read_text()
     assert "<td>byol</td>" in written["html"].read_text()
@@ -109,7 +112,10 @@ def test_offline_pretraining_runs_compare(pretrain_runs: dict[str, Path], tmp_pa
         final = json.loads((run / "metrics.json").read_text())["val/knn_acc"]
         assert values[-1] == pytest.approx(final)
     with Image.open(written["plot_training_curves"]) as img:
-        assert img.format == "PNG" and img.size == (660, 480)
+        # One 5.5-inch panel at 120 dpi, its legend below it.
+        assert img.format == "PNG" and img.size[0] == 660 and img.size[1] > 480
+    # The page shows the plot it wrote, by a relative link.
+    assert "![Validation curves of the training runs](training_curves.png)" in md
 
 
 def _evaluation_tree(root: Path, pretrain_runs: dict[str, Path]) -> None:
@@ -175,18 +181,23 @@ def test_evaluation_runs_follow_upstream_and_plot(
     md = written["markdown"].read_text().splitlines()
     # Header, rule, runs; then the 8 settings over their 2 seeds each.
     assert len([line for line in md if line.startswith("| ")]) == 2 + 16 + 2 + 8
-    assert "shift/mean_acc" in md[2] and "adv/linf_8/acc" in md[2]
-    assert md[2].endswith("| perf/purifier_nfe |")  # the NFE is a default column
+    assert "shift/mean_acc (%)" in md[4] and "adv/linf_8/acc (%)" in md[4]
+    assert md[4].endswith("| perf/purifier_nfe |")  # the NFE is a default column, as it is
 
     # The lines drawn: one per method and fraction (the DDIM steps are the NFE axis), their two
     # points each the mean over the two seeds of the fine-tuning the evaluation builds on.
     lines = nfe_data(evals)
     assert list(lines) == [
         (f"method={m}, fraction={f}", "adv/linf_8/acc")
-        for m in ("byol", "simclr") for f in (0.1, 1.0)
+        for m in ("byol", "simclr") for f in ("0.1", "1")
     ]  # fmt: skip
     for points in lines.values():
-        assert points == [(5.0, pytest.approx(0.0505), 2), (20.0, pytest.approx(0.2005), 2)]
+        # Seeds 0 and 1: 0.001 apart, a sample standard deviation of 0.001 / sqrt(2).
+        std = pytest.approx(0.001 / 2**0.5)
+        assert points == [
+            (5.0, pytest.approx(0.0505), 2, std),
+            (20.0, pytest.approx(0.2005), 2, std),
+        ]
     # Against the fraction: a line per method and DDIM steps and metric (not per run), each
     # over both fractions and both seeds.
     series = line_series(evals, keys, leave_out=("subset.fraction",))
@@ -194,9 +205,9 @@ def test_evaluation_runs_follow_upstream_and_plot(
     by_fraction = line_data(evals, "subset.fraction", ["test/acc", "shift/mean_acc"], series)
     assert len(by_fraction) == 2 * 2 * 2
     assert {len(p) for p in by_fraction.values()} == {2}
-    assert {n for p in by_fraction.values() for _, _, n in p} == {2}
+    assert {n for p in by_fraction.values() for _, _, n, _ in p} == {2}
     assert by_fraction["method=simclr, ddim_steps=5", "shift/mean_acc"] == [
-        (0.1, pytest.approx(0.04), 2), (1.0, pytest.approx(0.4), 2)
+        (0.1, pytest.approx(0.04), 2, 0.0), (1.0, pytest.approx(0.4), 2, 0.0)
     ]  # fmt: skip
 
 
@@ -213,9 +224,9 @@ def test_replicates_are_summarised_over_seeds(
         ("byol", 0.1, 2), ("byol", 1.0, 2), ("simclr", 0.1, 2), ("simclr", 1.0, 2)
     ]  # fmt: skip
     header, rows = replicate_table(fts, keys, ["test/acc"])
-    assert header == ["method.name", "subset.fraction", "runs", "test/acc"]
-    # simclr at 0.1: 0.8 x 0.91 + 0.01 x seed -> mean 0.733, std 0.01 / sqrt(2).
-    assert rows[2] == ["simclr", "0.1", "2", "0.733 ± 0.0071"]
+    assert header == ["method.name", "subset.fraction", "runs", "test/acc (%)"]
+    # simclr at 0.1: 0.8 x 0.91 + 0.01 x seed -> mean 73.3 %, std 1 / sqrt(2) points.
+    assert rows[2] == ["simclr", "0.1", "2", "73.30 ± 0.71"]
     # A setting one of whose runs lacks a metric says over how many it is.
     fts[0].metrics.pop("test/acc")
     _, rows = replicate_table(fts, keys, ["test/acc"])
@@ -239,7 +250,7 @@ def test_replicates_are_summarised_over_seeds(
     assert replicate_table(evals[:1] + evals[2:], keys, ["test/acc"]) is None  # no replicates
     written = compare(evals, tmp_path / "out")
     md = written["markdown"].read_text()
-    assert "## mean ± std over replicates" in md and "| 2 | 0.6 ± 0.14 |" in md, md
+    assert "## mean ± std over replicates" in md and "| 2 | 60.00 ± 14.14 |" in md, md
     assert "Over replicates: runs that differ only in run.seed" in md
 
 
@@ -277,37 +288,37 @@ def test_runs_of_several_phases_compare_within_their_phase(
     md = written["markdown"].read_text()
     sections = md.split("\n## ")[1:]
     assert [s.splitlines()[0] for s in sections] == [
-        "pretrain (2 runs)", "denoiser (1 run)", "finetune (2 runs)"
+        "pretrain (2 runs)", "denoiser (1 run)", "finetune (2 runs)", "Plots"
     ]  # fmt: skip
     # Each phase's columns are the keys that differ within it, not every key of every schema.
-    headers = [s.splitlines()[2] for s in sections]
+    headers = [s.splitlines()[2] for s in sections[:3]]
     assert headers == [
-        "| run | method.name | val/knn_acc | val/knn_acc_shift |",
+        "| run | method.name | val/knn_acc (%) | val/knn_acc_shift (%) |",
         "| run | val/loss |",
-        "| run | subset.fraction | val/acc_shift | test/acc | val/loss |",
+        "| run | subset.fraction | val/acc_shift (%) | test/acc (%) | val/loss |",
     ]
     assert (
-        "| [ft-0.1](../runs/ft-0.1) | 0.1 | 0.425 | 0.525 | 0.95 |" in md
-    )  # no curves: the folder
+        "| [ft-0.1](../runs/ft-0.1) | 0.1 | 42.50 | 52.50 | 0.95 |" in md
+    )  # no curves: the folder; a loss as it is
     assert written["html"].read_text().count("<table>") == 3
     # The fine-tuning runs' accuracy against the fraction.
     assert "plot_accuracy_vs_fraction" in written
 
-    # Legends: the phase, then what differs within it (or the run name); val/loss gets a
-    # panel per phase.
+    # Legends: what differs within the phase (or the run's name); val/loss gets a panel per
+    # phase.
     labels = run_labels(runs)
-    assert labels[str(den)] == "denoiser: den"
-    assert labels[str(fts[0])] == "finetune: fraction=0.1"
-    assert labels[str(pretrain_runs["byol"])] == "pretrain: method=byol"
+    assert labels[str(den)] == "den"
+    assert labels[str(fts[0])] == "fraction=0.1"
+    assert labels[str(pretrain_runs["byol"])] == "method=byol"
     curves = curve_data(runs, labels)
     assert list(curves) == ["val/knn_acc", "val/loss (denoiser)", "val/loss (finetune)"]
     assert [label for label, _, _ in curves["val/loss (finetune)"]] == [
-        "finetune: fraction=0.1", "finetune: fraction=1.0"
+        "fraction=0.1", "fraction=1"
     ]  # fmt: skip
     ((_, epochs, values),) = curves["val/loss (denoiser)"]
     assert epochs.tolist() == [1.0, 2.0, 3.0] and values.tolist() == [0.9, 0.2, 0.05]
     with Image.open(written["plot_training_curves"]) as img:
-        assert img.size == (660 * 3, 480)
+        assert img.size[0] == 660 * 3 and img.size[1] > 480
 
 
 def test_accuracies_show_their_interval_over_the_images(tmp_path: Path) -> None:
@@ -328,18 +339,19 @@ def test_accuracies_show_their_interval_over_the_images(tmp_path: Path) -> None:
     ]
     columns = ["test/acc", "adv/linf_8/acc", "shift/mean_acc", "val/knn_acc"]
     header, rows = table(runs, ["x"], columns)
-    assert header == ["run", "x", *columns]
+    assert header == ["run", "x", *(f"{c} (%)" for c in columns)]
     # 90/100 and 12 % of 64: Wilson 95 % intervals (Newcombe 1998's method 3); the grid mean:
-    # 0.65 +- 1.96 x 0.025.
+    # 0.65 +- 1.96 x 0.025; all in %.
     assert rows == [
-        ["a", "1", "0.9 [0.826, 0.945]", "0.12 [0.061, 0.222]", "0.65 [0.601, 0.699]", "—"],
-        ["b", "2", "0.5", "—", "—", "0.7"],
+        ["a", "1", "90.00 [82.6, 94.5]", "12.00 [6.1, 22.2]", "65.00 [60.1, 69.9]", "—"],
+        ["b", "2", "50.00", "—", "—", "70.00"],
     ]
     written = compare(runs, tmp_path, metrics=["test/acc"])
     md = written["markdown"].read_text()
-    assert "| 0.9 [0.826, 0.945] |" in md and "95% interval over the images" in md
-    assert "<td>0.9 [0.826, 0.945]</td>" in written["html"].read_text()
-    assert "95% interval over the images" in written["html"].read_text()
+    assert "| 90.00 [82.6, 94.5] |" in md and "95% interval (in the value's unit) over" in md
+    page = written["html"].read_text()
+    assert "<td>90.00 [82.6, 94.5]</td>" in page and "<th>test/acc (%)</th>" in page
+    assert "95% interval (in the value&#x27;s unit) over the images" in page
     md = compare(runs[1:], tmp_path, metrics=["test/acc"])["markdown"].read_text()
     assert "95% interval" not in md
 
@@ -438,12 +450,12 @@ def test_a_switched_off_purifier_and_its_upstream_settings_are_not_differences(
     evals = find_runs([tmp_path / "eval"])
     assert differing_keys(evals) == ["purifier.ddim_steps", "purifier.run"]
     header, rows = table(evals, differing_keys(evals), ["test/acc"])
-    assert header == ["run", "purifier.ddim_steps", "purifier.run", "test/acc"]
-    assert rows[0] == ["ddim2", "2", "den", "0.5"]  # an upstream run by its folder's name
-    assert ["bare", "—", "none", "0.5"] in rows
+    assert header == ["run", "purifier.ddim_steps", "purifier.run", "test/acc (%)"]
+    assert rows[0] == ["ddim2", "2", "den", "50.00"]  # an upstream run by its folder's name
+    assert ["bare", "—", "none", "50.00"] in rows
     labels = run_labels(evals)
     assert labels[str(tmp_path / "eval" / "bare")] == "purifier=none"
-    assert labels[str(tmp_path / "eval" / "ddim8")] == "ddim_steps=8, purifier=den"
+    assert labels[str(tmp_path / "eval" / "ddim8")] == "purifier=set, ddim_steps=8"
 
 
 def test_a_linear_probe_has_no_augmentation_and_workers_explain_nothing(tmp_path: Path) -> None:
@@ -537,7 +549,8 @@ def test_corruption_errors_against_a_reference_run(tmp_path: Path) -> None:
 
     written = compare([same, better], tmp_path / "out", ce_reference=ref)
     md = written["markdown"].read_text()
-    assert "| better | b | — | 0.5 |" in md and "| same | a | 0.95 | 1 |" in md, md
+    # The mCE a ratio, as it is; the accuracy in %.
+    assert "| better | b | — | 0.5 |" in md and "| same | a | 95.00 | 1 |" in md, md
     assert "corruption errors against supervised" in written["html"].read_text()
     with pytest.raises(ValueError, match="has no corruption accuracies"):
         add_corruption_errors(runs, trained)
@@ -552,7 +565,9 @@ def test_a_baseline_from_random_weights_shows_its_backbone() -> None:
     ]
     assert differing_keys(runs[:2]) == []
     assert differing_keys(runs) == ["encoder.backbone", "encoder.run"]
-    assert run_labels(runs)["c"] == "backbone=convnet, encoder=none"
+    # Backbone and encoder change together: the label names the encoder only.
+    assert run_labels(runs)["c"] == "encoder=none"
+    assert run_labels(runs)["a"] == "ssl" and run_labels(runs)["b"] == "ssl-wide"  # by name
 
 
 def test_clean_against_robust_accuracy_per_threat(tmp_path: Path) -> None:
@@ -621,9 +636,10 @@ def test_effective_robustness_above_the_line_through_the_compared_evaluations(
         run.metrics["natural/c101/acc"] = run.metrics["test/acc"] - 0.05 - 0.01 * i
     written = compare([*runs, robust], tmp_path / "out")
     md = written["markdown"].read_text()
-    assert md.splitlines()[2] == (
-        "| run | classifier.run | test/acc | natural/c101/acc | "
-        "natural/c101/effective_robustness | shift/mean_acc | shift/effective_robustness |"
+    assert md.splitlines()[4] == (
+        "| run | classifier.run | test/acc (%) | natural/c101/acc (%) | "
+        "natural/c101/effective_robustness (pp) | shift/mean_acc (%) | "
+        "shift/effective_robustness (pp) |"
     )
     assert "Effective robustness: accuracy under shift above the line" in md
     with Image.open(written["plot_accuracy_on_the_line"]) as image:

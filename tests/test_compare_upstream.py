@@ -84,13 +84,15 @@ def test_fine_tunings_of_differently_pretrained_encoders_are_not_replicates(
         ({"encoder>optim.base_lr": 0.3, "encoder>trainer.max_epochs": 800}, ["c"]),
     ]
     header, rows = replicate_table(runs, keys, ["test/acc"])
-    assert header == ["encoder>optim.base_lr", "encoder>trainer.max_epochs", "runs", "test/acc"]
-    assert rows == [["0.06", "100", "2", "0.65 ± 0.071"], ["0.3", "800", "1", "0.9"]]
+    assert header == [
+        "encoder>optim.base_lr", "encoder>trainer.max_epochs", "runs", "test/acc (%)"
+    ]  # fmt: skip
+    assert rows == [["0.06", "100", "2", "65.00 ± 7.07"], ["0.3", "800", "1", "90.00"]]
     # Only the 800-epoch one: no replicates at all.
     assert replicate_table(runs[1:], differing_keys(runs[1:]), ["test/acc"]) is None
     md = compare([ft], tmp_path / "out")["markdown"].read_text()
-    assert "| encoder>optim.base_lr | encoder>trainer.max_epochs | runs | test/acc |" in md
-    assert "| 0.06 | 100 | 2 | 0.65 ± 0.071 |" in md, md
+    assert "| encoder>optim.base_lr | encoder>trainer.max_epochs | runs | test/acc (%) |" in md
+    assert "| 0.06 | 100 | 2 | 65.00 ± 7.07 |" in md, md
 
     # One step further down: evaluations of those fine-tunings, the encoder's settings under
     # the classifier's.
@@ -106,13 +108,15 @@ def test_fine_tunings_of_differently_pretrained_encoders_are_not_replicates(
     keys = differing_keys(evals)
     assert [[r.name for r in g] for _, g in replicate_groups(evals, keys)] == [["a", "b"], ["c"]]
     header, rows = replicate_table(evals, keys, ["test/acc"])
-    assert header[:2] == upstream_keys(evals) and rows[0][2:] == ["2", "0.55 ± 0.071"]
-    # Lines of a plot over them: one per encoder setting, the 100-epoch one over both seeds.
+    assert header[:2] == upstream_keys(evals) and rows[0][2:] == ["2", "55.00 ± 7.07"]
+    # Lines of a plot over them: one per encoder setting, the 100-epoch one over both seeds,
+    # named by the first of the encoder's settings that tell them apart (the other changes
+    # with it).
     lines = line_data(evals, "test/acc", ["test/acc"], line_series(evals, keys))
     assert list(lines) == [
-        ("classifier>encoder>base_lr=0.06, classifier>encoder>max_epochs=100", "test/acc"),
-        ("classifier>encoder>base_lr=0.3, classifier>encoder>max_epochs=800", "test/acc"),
-    ]
+        ("encoder>base_lr=0.06", "test/acc"), ("encoder>base_lr=0.3", "test/acc")
+    ]  # fmt: skip
+    assert [n for _, _, n, _ in lines["encoder>base_lr=0.06", "test/acc"]] == [1, 1]
 
 
 def test_upstream_settings_that_switch_off_or_cannot_be_read(tmp_path: Path) -> None:
@@ -179,10 +183,13 @@ def test_lines_against_the_fraction_are_per_setting_not_per_run(tmp_path: Path) 
     lines = line_data(runs, "subset.fraction", ["test/acc"], series)
     assert lines == {
         ("purifier=none", "test/acc"): [
-            (0.1, pytest.approx(0.1), 2),
-            (1.0, pytest.approx(0.55), 2),
+            (0.1, pytest.approx(0.1), 2, pytest.approx(0.1 / 2**0.5)),
+            (1.0, pytest.approx(0.55), 2, pytest.approx(0.1 / 2**0.5)),
         ],
-        ("purifier=set", "test/acc"): [(0.1, pytest.approx(0.15), 2), (1.0, pytest.approx(0.6), 2)],
+        ("purifier=set", "test/acc"): [
+            (0.1, pytest.approx(0.15), 2, pytest.approx(0.1 / 2**0.5)),
+            (1.0, pytest.approx(0.6), 2, pytest.approx(0.1 / 2**0.5)),
+        ],
     }
     written = compare([tmp_path / "eval"], tmp_path / "out")
     assert written["plot_accuracy_vs_fraction"].is_file()
@@ -212,13 +219,13 @@ def test_robust_accuracy_against_the_nfe_of_real_evaluations(tmp_path: Path) -> 
     lines = nfe_data(runs)
     assert lines == {
         ("sampler=ddim, t_star=100", "adv/linf_8/acc"): [
-            (2.0, pytest.approx(0.12), 1), (8.0, pytest.approx(0.18), 1)
+            (2.0, pytest.approx(0.12), 1, 0.0), (8.0, pytest.approx(0.18), 1, 0.0)
         ],
         ("sampler=ddim, t_star=50", "adv/linf_8/acc"): [
-            (2.0, pytest.approx(0.07), 1), (8.0, pytest.approx(0.13), 1)
+            (2.0, pytest.approx(0.07), 1, 0.0), (8.0, pytest.approx(0.13), 1, 0.0)
         ],
         ("sampler=ddpm", "adv/linf_8/acc"): [
-            (10.0, pytest.approx(0.01), 1), (40.0, pytest.approx(0.04), 1)
+            (10.0, pytest.approx(0.01), 1, 0.0), (40.0, pytest.approx(0.04), 1, 0.0)
         ],
     }  # fmt: skip
     written = compare(runs, tmp_path / "out")
@@ -253,7 +260,7 @@ def test_the_comparison_is_written_atomically(
     assert [dst for _, dst in replaced] == [written["markdown"], written["html"]]
     assert all(src.parent == out and src.name.startswith(".") for src, _ in replaced)
     assert sorted(p.name for p in out.iterdir()) == ["comparison.html", "comparison.md"]
-    assert "| a | 1 | 0.5 |" in written["markdown"].read_text()
+    assert "| a | 1 | 50.00 |" in written["markdown"].read_text()
 
     # A failure before the rename keeps the previous pages whole and leaves no temp file.
     def fail(src: str | Path, dst: str | Path) -> None:
