@@ -83,6 +83,13 @@ def test_blocks_are_severities_of_the_same_images(
         for s in range(1, 6)
     ]
     assert noise == sorted(noise)
+    # Each severity draws its own noise (its own seed), not the same draws scaled: where two
+    # severities both moved a value, they moved it the same way about half the time.
+    assert len({cifar_c._corruption_seed(0, "gaussian_noise", s) for s in range(1, 6)}) == 5
+    blocks = [load_cifar_c(written, "gaussian_noise", s)[0].astype(float) - images for s in (1, 2)]
+    both = (blocks[0] != 0) & (blocks[1] != 0)
+    same_way = (np.sign(blocks[0]) == np.sign(blocks[1]))[both].mean()
+    assert both.sum() > 1000 and 0.4 < same_way < 0.6
 
 
 def test_batch_size_does_not_change_the_result(
