@@ -10,6 +10,7 @@ from ssl_robust.data.datasets import build_splits, load_digits_source, stratifie
 from ssl_robust.data.subsets import (
     SubsetSpec,
     assert_disjoint,
+    check_indices,
     class_counts,
     draw_subset,
     load_or_draw_subset,
@@ -97,3 +98,24 @@ def test_bad_requests_raise_clear_errors() -> None:
     assert SubsetSpec(fraction=0.01).label == "1pct" and SubsetSpec(per_class=4).label == (
         "4perclass"
     )
+
+
+def test_each_class_is_shuffled_apart_and_a_whole_class_can_be_asked_for() -> None:
+    # Two classes of 100 images, one after the other: the same seed must not pick the same
+    # positions within each class.
+    labels = np.repeat(np.arange(2), 100)
+    idx = draw_subset(labels, SubsetSpec(per_class=10, seed=0))
+    assert len(idx) == 20 and not np.array_equal(idx[:10], idx[10:] - 100)
+    # As many per class as a class has: all of it.
+    labels = np.repeat(np.arange(3), 5)
+    np.testing.assert_array_equal(draw_subset(labels, SubsetSpec(per_class=5)), np.arange(15))
+
+
+def test_check_indices_refuses_indices_past_the_split_and_repeats() -> None:
+    check_indices(np.array([0, 9]), 10)
+    with pytest.raises(ValueError, match="outside the train split of 10"):
+        check_indices(np.array([0, 10]), 10)
+    with pytest.raises(ValueError, match="outside"):
+        check_indices(np.array([-1, 3]), 10)
+    with pytest.raises(ValueError, match="repeat"):
+        check_indices(np.array([1, 1]), 10)
