@@ -15,6 +15,7 @@ from ssl_robust.config import SCHEMAS, ConfigError, load_config, save_config
 from ssl_robust.models.backbones import build_backbone
 from ssl_robust.models.export import EncoderMeta, export_encoder
 from ssl_robust.pipelines.common import check_phase, job_of_config
+from tests.conftest import TINY_PRETRAIN
 
 JOBS = sorted(SCHEMAS)
 
@@ -112,3 +113,24 @@ def test_a_fast_dev_run_on_a_finished_run_leaves_it_as_it_was(
     after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
     assert after == before
     assert not list(Path(tempfile.gettempdir()).glob("ssl_robust-fast_dev_run-*"))
+
+
+def test_fewer_epochs_than_a_run_has_trained_are_refused(
+    tiny_pretrain_cfg: Callable[..., DictConfig], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A finished 2-epoch run rerun with trainer.max_epochs=1 "succeeded" at once and left
+    config.yaml saying 1 beside the 2-epoch encoder and metrics."""
+    from ssl_robust.pipelines.pretrain import pretrain
+
+    cfg = tiny_pretrain_cfg("trainer.max_epochs=2")
+    pretrain(cfg)
+    run = Path(cfg.run.dir)
+    before = _contents(run)
+    assert (
+        main("pretrain", [*TINY_PRETRAIN, f"run.dir={run}", "trainer.max_epochs=1"]) == EXIT_USAGE
+    )
+    err = capsys.readouterr().err
+    assert "holds a pretraining checkpoint (last.ckpt) already in epoch 2" in err
+    assert "trainer.max_epochs=1 cannot take that back" in err
+    assert _contents(run) == before
+    assert pretrain(tiny_pretrain_cfg("trainer.max_epochs=2"))["epochs"] == 2  # same: fine

@@ -207,10 +207,9 @@ def settings_of(
     }
 
 
-def checkpoint_config(ckpt: str, run_dir: Path) -> dict[str, Any] | None:
-    """The config a checkpoint was written with (``ConfigInCheckpoint``), else the run
+def checkpoint_config(blob: Any, run_dir: Path) -> dict[str, Any] | None:
+    """The config a loaded checkpoint was written with (``ConfigInCheckpoint``), else the run
     directory's ``config.yaml`` (checkpoints without it); None when neither is there."""
-    blob = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
     config = blob.get("ssl_robust_config") if isinstance(blob, dict) else None
     if isinstance(config, Mapping):
         return dict(config)
@@ -284,7 +283,19 @@ def check_resumable(
     ckpt = newest_checkpoint(run_dir) if resume_requested(bool(cfg.run.resume)) else None
     if ckpt is None:
         return
-    old = checkpoint_config(ckpt, run_dir)
+    blob = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+    epoch = blob.get("epoch") if isinstance(blob, dict) else None
+    max_epochs = int(cfg.trainer.max_epochs)
+    if isinstance(epoch, int) and max_epochs <= epoch:
+        # Lightning would end at once, and config.yaml would say max_epochs beside the
+        # results of more epochs.
+        raise ConfigError(
+            f"{str(run_dir)!r} holds a {job} checkpoint ({Path(ckpt).name}) already in epoch "
+            f"{epoch + 1}; trainer.max_epochs={max_epochs} cannot take that back: give "
+            f"trainer.max_epochs >= {epoch + 1} to resume or extend it, run.resume=false to "
+            "train anew in this directory, or another run.dir"
+        )
+    old = checkpoint_config(blob, run_dir)
     if old is None:
         return
     before, now = settings(old), settings(to_dict(cfg))
