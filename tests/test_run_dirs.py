@@ -134,3 +134,4 @@ def test_fewer_epochs_than_a_run_has_trained_are_refused(
     assert "trainer.max_epochs=1 cannot take that back" in err
     assert _contents(run) == before
     assert pretrain(tiny_pretrain_cfg("trainer.max_epochs=2"))["epochs"] == 2  # same: fine
+    assert f"{run} is complete (2 epochs): nothing trained" in capsys.readouterr().out
