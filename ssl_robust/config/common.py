@@ -39,9 +39,11 @@ class DataConfig:
     image_size: int = 0
     # Held-out fraction when the source has no separate validation split.
     val_fraction: float = 0.2
-    # Per device (the global batch is batch_size x devices x num_nodes x accumulation).
+    # Training batch per device (the global batch is batch_size x devices x num_nodes x
+    # accumulation).
     batch_size: int = 128
-    # Batch of the validation passes (kNN bank, probes, features).
+    # Batch of the validation passes (pretraining: the kNN bank and probes; fine-tuning: the
+    # features and the evaluation split; denoiser: the validation loss).
     eval_batch_size: int = 512
     # DataLoader worker processes per rank.
     num_workers: int = 2
@@ -50,15 +52,19 @@ class DataConfig:
     in_memory: bool = True
     # Unreadable image files: false raises naming the file; true skips them and reports a count.
     skip_bad_images: bool = False
-    # Where the pretraining views are made: "cpu" (lightly's PIL transforms in DataLoader
-    # workers, any dataset) or "gpu" (the uint8 dataset on the device, batched transforms;
-    # in-memory datasets only; works on the CPU too).
+    # Pretraining only (fine-tuning and denoiser training ignore it): where the two SSL views
+    # of each image are made: "cpu" (lightly's PIL transforms in DataLoader workers, any
+    # dataset) or "gpu" (the uint8 dataset on the device, batched transforms; in-memory datasets
+    # only; works on the CPU too).
     augment: str = "cpu"
-    # torch.compile the device views (augment=gpu): fuses their ~420 small ops per view into a
-    # few kernels, which is what they cost on a GPU. Compiles once per batch shape.
+    # Pretraining only: torch.compile the device views (augment=gpu): fuses their ~420 small ops
+    # per view into a few kernels, which is what they cost on a GPU. Compiles once per batch
+    # shape.
     compile_views: bool = False
-    # Normalisation; empty lists take the dataset's own statistics.
+    # Per-channel mean of the encoder's input normalisation; [] = the dataset's own statistics.
+    # (The denoiser works on the raw [0, 1] images and ignores mean and std.)
     mean: list[float] = field(default_factory=list)
+    # Per-channel std of the normalisation, each > 0; [] = the dataset's own statistics.
     std: list[float] = field(default_factory=list)
 
 
@@ -66,18 +72,21 @@ class DataConfig:
 class ViewsConfig:
     """Parameters of lightly's SimCLR/BYOL view transforms that the presets change."""
 
-    # Defaults suit the 16-px digits (the presets set lightly's CIFAR values 0.08 and 0.5):
-    # tiny crops of a digit leave nothing to recognise and a mirrored digit is another symbol.
+    # Smallest area fraction of the random resized crop. The defaults suit the 16-px digits (the
+    # presets set lightly's CIFAR values 0.08 and hf_prob 0.5): tiny crops of a digit leave
+    # nothing to recognise and a mirrored digit is another symbol.
     min_scale: float = 0.3
     # Probability of a horizontal flip.
     hf_prob: float = 0.0
-    # Probability of colour jitter, and its strength (brightness/contrast/saturation 0.8 x s,
-    # hue 0.2 x s, as lightly's SimCLRTransform).
+    # Probability of colour jitter.
     cj_prob: float = 0.8
+    # Strength s of the colour jitter: brightness/contrast/saturation 0.8 x s, hue 0.2 x s (as
+    # lightly's SimCLRTransform).
     cj_strength: float = 1.0
     # Probability of converting a view to grayscale.
     random_gray_scale: float = 0.2
-    # Blur is off at 32 px (lightly's CIFAR-10 benchmark; solo-learn). >0 turns it on.
+    # Probability of a Gaussian blur; 0 = none, as at 32 px in lightly's CIFAR-10 benchmark and
+    # solo-learn.
     gaussian_blur: float = 0.0
 
 
@@ -94,41 +103,54 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
+    # simclr: contrastive, NT-Xent over the batch (Chen et al. 2020); byol: a predictor and a
+    # momentum target network, no negatives (Grill et al. 2020).
     name: str = "simclr"
     # SimCLR: NT-Xent temperature (Chen et al. 2020).
     temperature: float = 0.5
-    # Projection head: hidden and output widths (SimCLR 512/128, BYOL 1024/256 in the presets).
+    # Projection head: hidden width (SimCLR 512, BYOL 1024 in the presets) ...
     proj_hidden_dim: int = 512
+    # ... and output width (SimCLR 128, BYOL 256 in the presets).
     proj_out_dim: int = 128
-    # BYOL: prediction head width and the start of the cosine momentum schedule (tau -> 1).
+    # BYOL: hidden width of the prediction head.
     pred_hidden_dim: int = 1024
+    # BYOL: the target network's EMA momentum at the start; a cosine schedule takes it to 1.
     base_tau: float = 0.99
 
 
 @dataclass
 class OptimConfig:
+    # sgd: SGD with momentum; lars: LARS (You et al. 2017; SimCLR's and BYOL's large-batch
+    # optimiser).
     name: str = "sgd"
     # The learning rate at reference_batch; scaled to the global batch by lr_scaling.
     base_lr: float = 0.06
+    # The global batch that base_lr is given for.
     reference_batch: int = 128
     # linear: base_lr x global_batch / reference_batch; sqrt: x its square root; none: base_lr.
     lr_scaling: str = "linear"
+    # Momentum of SGD and LARS.
     momentum: float = 0.9
+    # Weight decay (an L2 penalty on the weights; see decay_norm_bias).
     weight_decay: float = 5e-4
     # Weight decay on norms and biases too. false (SimCLR's and LARS's practice) exempts them;
     # lightly's CIFAR-10 benchmarks decay every parameter (true in the CIFAR presets).
     decay_norm_bias: bool = False
-    # Linear warm-up from 0, then cosine decay to 0 at the last step.
+    # Epochs of linear warm-up from 0 (fractions allowed), then cosine decay to 0 at the last
+    # step.
     warmup_epochs: float = 1.0
 
 
 @dataclass
 class TrainerConfig:
+    # Training epochs (passes over the training images or, for a linear probe, features).
     max_epochs: int = 15
+    # auto: a GPU when there is one (cuda and gpu: the same), else the CPU.
     accelerator: str = "auto"
     # One process per device: devices x num_nodes ranks (srun: --ntasks-per-node=devices,
     # --nodes=num_nodes; torchrun: --nproc-per-node=devices, --nnodes=num_nodes).
     devices: int = 1
+    # Machines (nodes) of a multi-node run, each with `devices` processes.
     num_nodes: int = 1
     # auto: DDP as soon as devices x num_nodes > 1 (NCCL on GPUs, gloo on CPU).
     strategy: str = "auto"
@@ -146,17 +168,21 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     # Clip the gradient norm to this value; 0 = no clipping.
     gradient_clip_val: float = 0.0
+    # Log the training metrics (metrics.csv, wandb) every this many optimiser steps.
     log_every_n_steps: int = 10
-    # Lightning's limits: a fraction (<= 1.0) or a number of batches per epoch (smoke runs).
-    # Validation reads its splits in one fixed shuffled order, so a limited one is the same
-    # sample of every class each time.
+    # Training batches per epoch: a fraction (<= 1.0) or a number (smoke runs; Lightning's
+    # limit).
     limit_train_batches: float = 1.0
+    # Validation batches per validation, as limit_train_batches. Validation reads its splits in
+    # one fixed shuffled order, so a limited one is the same sample of every class each time.
     limit_val_batches: float = 1.0
     # Deterministic algorithms only: bit-reproducible runs, slower on GPUs.
     deterministic: bool = False
     # cuDNN picks the fastest convolution algorithms for each input shape (fixed-size batches
     # gain); off under deterministic=true, whose algorithms it would override.
     cudnn_benchmark: bool = True
+    # A progress bar of the training and validation batches (a live bar on a terminal); false
+    # for quieter logs, e.g. SLURM output files.
     progress_bar: bool = True
     # Redraw <run dir>/curves.png at an epoch's end once this many seconds have passed (and
     # always when a fit stops on an error or a requeue); 0 = only when the fit ends or stops.
@@ -168,8 +194,10 @@ class TrainerConfig:
 
 @dataclass
 class MonitorConfig:
-    # kNN classifier on the val split (Wu et al. 2018: cosine similarity, k=200, T=0.1).
+    # Neighbours k of the kNN classifier on the val split (Wu et al. 2018: cosine similarity,
+    # k=200, t=0.1), val/knn_acc.
     knn_k: int = 200
+    # Temperature of the kNN classifier's similarity weights exp(sim / t).
     knn_t: float = 0.1
     # Validate (kNN and online probe) every this many epochs.
     every_n_epochs: int = 1
@@ -191,6 +219,7 @@ class WandbConfig:
     # disabled: no wandb (no account needed); offline: logged to <run>/wandb, `wandb sync`
     # later; online: streamed to the server.
     mode: str = "disabled"
+    # The wandb project the runs are logged to.
     project: str = "ssl_robust"
     # "" uses the account's default entity.
     entity: str = ""
@@ -198,6 +227,7 @@ class WandbConfig:
     group: str = ""
     # "" names the run after its run directory.
     name: str = ""
+    # Labels of the run in wandb, e.g. [cifar10, baseline].
     tags: list[str] = field(default_factory=list)
     # "" = the job (pretrain, denoiser, finetune, evaluate).
     job_type: str = ""

@@ -22,17 +22,21 @@ class DenoiserConfig:
     # A key of ssl_robust.purify.UNET_PRESETS. "tiny" (68k parameters) trains on a 2-core CPU
     # in minutes; "ddpm-cifar10" is the 35.7M-parameter google/ddpm-cifar10-32 architecture.
     unet: str = "tiny"
-    # Linear beta schedule of Ho et al. (2020, Sec. 4): T = 1000, beta 1e-4 .. 0.02.
+    # Diffusion steps T of the linear beta schedule (Ho et al. 2020, Sec. 4: T = 1000).
     num_train_timesteps: int = 1000
+    # The schedule's first beta (Ho et al.: 1e-4); <= beta_end.
     beta_start: float = 1e-4
+    # The schedule's last beta, at step T (Ho et al.: 0.02).
     beta_end: float = 0.02
     # Dropout in the UNet's residual blocks (Ho et al. 2020, App. B: 0.1 on CIFAR-10).
     dropout: float = 0.0
-    # AdamW, linear warmup, then (lr_schedule) cosine decay to 0 over the run, or constant
-    # (DDPM: 2e-4, warmup 5000, constant).
+    # AdamW's peak learning rate (DDPM: 2e-4, warmup 5000, constant).
     lr: float = 2e-3
+    # AdamW's (decoupled) weight decay.
     weight_decay: float = 0.0
+    # Optimiser steps of linear warmup from 0 to lr.
     warmup_steps: int = 50
+    # After the warmup: cosine decay to 0 over the run, or constant.
     lr_schedule: str = "cosine"
     # Upper bound of the EMA decay (ramped as (1 + n) / (10 + n)); DDPM uses 0.9999 over 800k
     # steps. The EMA weights are what the run exports.
@@ -54,13 +58,19 @@ class SamplesConfig:
     every_n_epochs: int = 5
     # Images per grid.
     n: int = 16
-    # Sample grid: generation from pure noise (t = T) with the EMA weights.
+    # Sample grid: generation from pure noise (t = T) with the EMA weights, by ddim (`steps`
+    # steps) or ddpm (all T steps).
     sampler: str = "ddim"
+    # DDIM steps of the sample grid, and of the purification grid with purify_sampler=ddim
+    # (there capped at t_star); at most denoiser.num_train_timesteps.
     steps: int = 50
     # Purification grid: val images diffused to t_star (DiffPure's t* = 0.1 is step 100 of 1000)
-    # and purified with purify_sampler (ddim uses `steps`, capped at t_star).
+    # and purified with purify_sampler.
     t_star: int = 100
+    # ddpm: ancestral steps t_star .. 1; ddim: `steps` deterministic steps; oneshot: the
+    # predicted x0 after one UNet call.
     purify_sampler: str = "ddpm"
+    # Seed of the grids' noise: grids of different epochs use the same noise, so they compare.
     seed: int = 0
 
 

@@ -50,8 +50,10 @@ class PurifierSection:
     # al. 2022, Sec. 5.1). Ignored when sigma > 0.
     t_star: int = 100
     # > 0: pick t* for this Gaussian std on [0, 1] images (denoised smoothing, Carlini et al.
-    # 2023).
+    # 2023); 0 = off, t_star sets the noise. (The fine-tuning's purify.sigma differs: there
+    # -1 is off and 0 means t* = 0.)
     sigma: float = 0.0
+    # Steps of the ddim sampler, 1 <= ddim_steps <= t*.
     ddim_steps: int = 5
     # Recompute UNet activations in the backward pass: exact gradients through long samplers
     # in bounded memory (not a BPDA approximation).
@@ -70,6 +72,8 @@ class EvalSection:
     data: str = "auto"
     # "" keeps the classifier's data root (set it when the data moved).
     data_root: str = ""
+    # Let torchvision fetch the evaluation data and the torchvision OOD datasets (needs the
+    # network).
     download: bool = False
     # "auto" takes cuda when available.
     device: str = "auto"
@@ -77,6 +81,8 @@ class EvalSection:
     batch_size: int = 256
     # Cap on evaluation images (a seeded random subset of the split); 0 = all.
     max_images: int = 0
+    # Progress bars of the evaluation's passes (a live bar on a terminal, periodic log lines
+    # elsewhere); false: none.
     progress: bool = True
     # Images in the report's example figures (plots/examples.png: each image clean, purified,
     # attacked under every threat; plots/corruption_examples.png: the first one under every
@@ -89,6 +95,7 @@ class EvalSection:
 
 @dataclass
 class CleanSection:
+    # The clean accuracy (test/acc) on the evaluation split.
     enabled: bool = True
     # Purifications per image behind a stochastic purifier: test/acc is their mean, with
     # test/acc_std and test/acc_worst beside it (1: one purification; ignored when
@@ -99,9 +106,11 @@ class CleanSection:
 
 @dataclass
 class ShiftSection:
+    # Accuracy under a grid of common corruptions (CIFAR-10-C, Hendrycks & Dietterich 2019).
     enabled: bool = True
-    # The corruptions and severities (1..5) of the grid; the default is CIFAR-10-C's 15 x 5.
+    # The corruptions of the grid; the default is CIFAR-10-C's 15.
     corruptions: list[str] = field(default_factory=lambda: list(BENCHMARK_CORRUPTIONS))
+    # The severities of the grid, each in 1..5.
     severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     # A CIFAR-10-C style folder (released layout: <corruption>.npy + labels.npy) to read
     # instead of generating the corruptions on the fly.
@@ -146,45 +155,56 @@ class NaturalSection:
 
 @dataclass
 class AttackSection:
+    # White-box attacks (PGD, AutoAttack) and their sanity checks.
     enabled: bool = True
-    # Linf radii in units of 1/255 and L2 radii on [0, 1] images (RobustBench's 8/255 and 0.5).
+    # Linf radii in units of 1/255 (RobustBench's 8/255 is 8); [] = no Linf attack.
     linf_eps: list[float] = field(default_factory=lambda: [8.0])
+    # L2 radii on [0, 1] images (RobustBench's 0.5); [] = no L2 attack.
     l2_eps: list[float] = field(default_factory=lambda: [0.5])
     # PGD steps (>= 100 for purifiers).
     steps: int = 100
     # PGD step size on [0, 1] images, not in units of 1/255 (2/255 is 0.00784), for every radius
     # of both norms; 0: 2.5 * eps / steps for each radius.
     step_size: float = 0.0
+    # PGD starts from a uniformly random point of the eps-ball (else from the clean image).
     random_start: bool = True
     # ce: cross-entropy; margin: the Carlini-Wagner logit margin.
     loss: str = "ce"
-    # Through a stochastic purifier: gradients averaged over `eot` draws per step (>= 20) and
-    # each adversarial example re-scored over `rescore_draws` purifications (mean and worst).
-    # A deterministic pipeline uses 1 and 1.
+    # Through a stochastic purifier: gradients averaged over this many draws per PGD step
+    # (expectation over transformation; >= 20). A deterministic pipeline uses 1.
     eot: int = 20
+    # Through a stochastic purifier: each adversarial example re-scored over this many
+    # purifications (mean and worst accuracy). A deterministic pipeline uses 1.
     rescore_draws: int = 10
     # Images attacked (a seeded subset of the evaluation set); 0 = all.
     max_images: int = 512
-    # Split each threat's PGD over `shards` blocks of the attacked images, one unit each, so
-    # that separate jobs (a SLURM array) can attack a block each: `shard` = i (1..shards) runs
-    # only block i's attacks and stores them; 0 runs whatever blocks are missing, merges them
-    # and writes the report.
+    # Split each threat's PGD over this many blocks of the attacked images, one unit each, so
+    # that separate jobs (a SLURM array) can attack a block each.
     shards: int = 1
+    # i (1..shards): run only block i's attacks and store them (no report); 0: run whatever
+    # blocks are missing, merge them and write the report.
     shard: int = 0
     # AutoAttack (Croce & Hein 2020) for deterministic pipelines; needs `pyautoattack`.
     autoattack: bool = True
+    # AutoAttack's attack set: standard (APGD-CE, APGD-T, FAB-T, Square), plus (more attacks
+    # and restarts), rand (APGD-CE and APGD-DLR with EOT, for randomized models) or custom
+    # (autoattack_attacks).
     autoattack_version: str = "standard"
     # Attacks of version "custom" (apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square).
     autoattack_attacks: list[str] = field(default_factory=list)
-    # On `sanity_images` images, for each norm in use: accuracy falls as eps grows, more steps
-    # or EOT never help, black-box never beats white-box, gradients are non-zero.
+    # Checks that the attacks work, for each norm in use: accuracy falls as eps grows, more
+    # steps or EOT never help, black-box never beats white-box, gradients are non-zero.
     sanity_checks: bool = True
+    # Images of the sanity checks (taken from the attacked images).
     sanity_images: int = 100
+    # The growing Linf radii (in units of 1/255) of the "accuracy falls as eps grows" check.
     sanity_linf_eps: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0, 16.0])
+    # The growing L2 radii (on [0, 1] images) of the same check.
     sanity_l2_eps: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0])
-    # Black-box queries per image (0: max(100, steps * eot)); comparison slack (0: automatic,
-    # one image or two standard errors of the accuracy estimate).
+    # Black-box queries per image (0: max(100, steps * eot)).
     sanity_queries: int = 0
+    # Slack of the checks' comparisons, an accuracy (0: automatic, one image or two standard
+    # errors of the accuracy estimate).
     sanity_tol: float = 0.0
 
 
@@ -198,13 +218,15 @@ class CertSection:
     # Noise std on [0, 1] images for a bare classifier (required > 0 there); 0 behind a
     # purifier (the sigma of its t* is used).
     sigma: float = 0.0
-    # Draws to guess the class (Cohen et al.'s n0), draws to bound its probability (their n),
-    # failure probability of each certificate.
+    # Noise draws to guess the class (Cohen et al.'s n0).
     n0: int = 100
+    # Noise draws to bound the class's probability (Cohen et al.'s n).
     samples: int = 10000
+    # Failure probability of each certificate (Cohen et al.'s alpha).
     alpha: float = 0.001
-    # Images certified (a seeded subset of the evaluation set; 0 = all), and draws per call.
+    # Images certified (a seeded subset of the evaluation set); 0 = all.
     max_images: int = 100
+    # Noise draws per forward pass.
     batch_size: int = 1000
     # Radii (L2, on [0, 1] images) at which the certified accuracy is reported.
     radii: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
@@ -212,6 +234,7 @@ class CertSection:
 
 @dataclass
 class CalibSection:
+    # Calibration: ECE, NLL and Brier score, reliability diagrams.
     enabled: bool = True
     # Equal-width confidence bins of the ECE and the reliability diagram.
     n_bins: int = 15
@@ -220,11 +243,13 @@ class CalibSection:
     # it. An image is scored with the temperature fit on the other folds of a seeded split
     # (cross-fitting), so no label calibrates its own prediction.
     temperature: bool = True
+    # Folds of that seeded split.
     temperature_folds: int = 2
 
 
 @dataclass
 class OODSection:
+    # Out-of-distribution detection: AUROC, FPR at 95% TPR and AUPR of each score and OOD set.
     enabled: bool = True
     # Synthetic noise sets (Hendrycks et al. 2019, Outlier Exposure, App. B).
     noise_kinds: list[str] = field(default_factory=lambda: ["gaussian", "uniform", "blobs"])
@@ -269,10 +294,13 @@ class OODSection:
 
 @dataclass
 class PerfSection:
+    # Latency and throughput of the classifier, and of classifier + purifier when there is one.
     enabled: bool = True
-    # Throughput batch (latency is measured at batch 1), untimed warm-up calls, timed calls.
+    # Batch of the throughput measurement (latency is measured at batch 1).
     batch_size: int = 256
+    # Untimed warm-up calls before the timed ones.
     warmup: int = 3
+    # Timed calls.
     iters: int = 10
 
 

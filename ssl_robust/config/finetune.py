@@ -80,12 +80,15 @@ class LinearConfig:
 
 @dataclass
 class AugmentConfig:
-    # Full fine-tuning only: random crop from a zero-padded image, then a horizontal flip (the
-    # CIFAR augmentation of He et al. 2016, Sec. 4.2: pad 4, flip 0.5). Digits: a mirrored digit
-    # is another symbol, so the default flips nothing.
+    # Full fine-tuning only (mode=linear trains on cached, unaugmented features): random crop
+    # from an image zero-padded by this many pixels, then a horizontal flip (the CIFAR
+    # augmentation of He et al. 2016, Sec. 4.2: pad 4, flip 0.5); 0 = no crop.
     crop_padding: int = 2
+    # Full fine-tuning only: probability of the horizontal flip. Digits: a mirrored digit is
+    # another symbol, so the default flips nothing.
     hflip_prob: float = 0.0
-    # Std of Gaussian noise added to every training image on [0, 1], unclipped (0: none): the
+    # Full fine-tuning only: std of Gaussian noise added to every training image on [0, 1],
+    # unclipped (0: none): the
     # base classifier of randomized smoothing is trained with the sigma it is certified at
     # (Cohen et al. 2019, cert.sigma of the evaluation); also a common corruption baseline.
     gaussian_noise: float = 0.0
@@ -93,28 +96,38 @@ class AugmentConfig:
 
 @dataclass
 class FinetuneOptimConfig:
-    # SGD with momentum; linear warmup then cosine decay to 0 over the trainer's total steps.
+    # Learning rate of the head (SGD with momentum): linear warmup, then cosine decay to 0 over
+    # the trainer's total steps.
     lr: float = 0.1
     # Full fine-tuning: the encoder's learning rate is lr * encoder_lr_mult; 0 freezes the
     # encoder, its BatchNorm statistics included (it stays in eval mode).
     encoder_lr_mult: float = 0.1
+    # SGD momentum.
     momentum: float = 0.9
+    # Nesterov momentum instead of the classical one.
     nesterov: bool = False
+    # Weight decay (an L2 penalty on the weights).
     weight_decay: float = 0.0
+    # Epochs of the linear warmup from 0 to lr (fractions allowed); 0 = none.
     warmup_epochs: float = 0.0
 
 
 @dataclass
 class PurifyConfig:
-    # A denoiser run directory (diffusers folder); "" = no purification at test time.
+    # A denoiser run directory (diffusers folder): the final weights are also tested through it
+    # (test/acc_purified beside test/acc); "" = none. Training and validation never use it.
     run: str = ""
     # ddpm: ancestral steps t* .. 1 (DiffPure); ddim: ddim_steps deterministic steps; oneshot:
     # the predicted x0 after one UNet call (denoised smoothing).
     sampler: str = "ddpm"
-    # Forward diffusion steps (DiffPure's t* = 0.1 of 1000 steps is 100) ...
+    # Forward diffusion steps t* (DiffPure's t* = 0.1 of 1000 steps is 100); used while sigma
+    # is negative.
     t_star: int = 100
-    # ... or, when >= 0, the step whose noise matches N(0, sigma^2) on [0, 1] images.
+    # Negative (the default -1) = off: t_star sets the noise. >= 0: the t* whose noise matches
+    # N(0, sigma^2) on [0, 1] images instead, so 0 means t* = 0, no noise and no purification.
+    # (The evaluation's purifier.sigma differs: there 0 is off.)
     sigma: float = -1.0
+    # Steps of the ddim sampler, 1 <= ddim_steps <= t*.
     ddim_steps: int = 5
     # Seed of the purification noise (the test accuracy through a stochastic purifier).
     seed: int = 0

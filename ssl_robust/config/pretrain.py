@@ -30,7 +30,9 @@ class DenoiseViewsConfig:
     run: str = ""
     # Which views to replace: "second" or "both".
     mode: str = "second"
+    # The smallest diffusion step of the random t (an image drawn t = 0 stays clean).
     t_min: int = 0
+    # The largest diffusion step of the random t, >= t_min and at most the denoiser's T.
     t_max: int = 100
 
 
