@@ -181,6 +181,20 @@ def test_unknown_preset_lists_presets() -> None:
         load_config(PretrainConfig, ["/nonexistent/x.yaml"])
 
 
+def test_a_misspelt_preset_gets_the_closest_name() -> None:
+    from ssl_robust.config import available_presets
+
+    with pytest.raises(ConfigError) as err:
+        load_config(SCHEMAS["evaluate"], ["quik"], job="evaluate")
+    assert str(err.value) == (
+        f"unknown evaluate preset 'quik'; choose from {available_presets('evaluate')} or give a "
+        "path to a YAML file (did you mean 'quick'?)"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(PretrainConfig, ["zzz"])
+    assert str(err.value).endswith("or give a path to a YAML file")
+
+
 def test_choices_match_the_code_that_implements_them() -> None:
     from ssl_robust.data.datasets import DATASETS
     from ssl_robust.methods import METHODS

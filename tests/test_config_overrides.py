@@ -277,6 +277,50 @@ def test_unknown_key_in_a_preset_names_the_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("adv.linf_eps=8", "'adv.linf_eps' is a list of float: write adv.linf_eps=[8]"),
+        (
+            "shift.corruptions=fog,snow",
+            "'shift.corruptions' is a list of str: write shift.corruptions=[fog,snow]",
+        ),
+        ("wandb.tags=a", "'wandb.tags' is a list of str: write wandb.tags=[a]"),
+    ],
+)
+def test_a_list_key_given_one_value_says_to_write_a_list(
+    override: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """OmegaConf's words were "AnyNode is not a ListConfig, list or tuple"."""
+    with pytest.raises(ConfigError) as err:
+        load_config(EvaluateConfig, [override], job="evaluate")
+    assert str(err.value) == message
+    assert main("evaluate", [override], pipeline=_never_run) == EXIT_USAGE
+    assert capsys.readouterr().err == f"error: {message}\n"
+    # The suggested fix loads.
+    key, _, value = override.partition("=")
+    fixed = load_config(EvaluateConfig, [f"{key}=[{value}]"], job="evaluate")
+    assert len(OmegaConf.select(fixed, key)) == value.count(",") + 1
+
+
+def test_a_list_key_given_one_value_in_a_preset_says_to_write_a_list(tmp_path: Path) -> None:
+    preset = tmp_path / "p.yaml"
+    preset.write_text("adv:\n  linf_eps: 8\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(EvaluateConfig, [str(preset)], job="evaluate")
+    assert str(err.value) == (
+        f"'adv.linf_eps' is a list of float, but config file '{preset}' gives it 8; write it as "
+        "a list: [8]"
+    )
+    preset.write_text("shift:\n  corruptions:\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(EvaluateConfig, [str(preset)], job="evaluate")
+    assert str(err.value) == (
+        f"'shift.corruptions' is a list of str, but config file '{preset}' gives it no value; "
+        "write a list ([] for an empty one)"
+    )
+
+
+@pytest.mark.parametrize(
     ("args", "expected"),
     [
         (["trainer=5"], "error: 'trainer' is a section with keys"),

@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from ssl_robust.config import denoiser, evaluate, finetune, pretrain
 from ssl_robust.config.common import COMMON_CHOICES, COMMON_RANGES, ConfigError, Range
+from ssl_robust.config.describe import format_value
 from ssl_robust.files import write_text_atomic
 
 T = TypeVar("T")
@@ -99,9 +100,11 @@ def resolve_preset(preset: str, job: str) -> Path:
         return path
     candidate = config_root() / job / f"{preset}.yaml"
     if not candidate.is_file():
+        names = available_presets(job)
+        hint = difflib.get_close_matches(preset, names, n=1)
         raise ConfigError(
-            f"unknown {job} preset {preset!r}; choose from {available_presets(job)} "
-            f"or give a path to a YAML file"
+            f"unknown {job} preset {preset!r}; choose from {names} or give a path to a YAML file"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
         )
     return candidate
 
@@ -130,6 +133,10 @@ def _field_type(schema: DictConfig, key: str) -> Any:
         if hint is None:
             return None
     return hint
+
+
+def _is_list(hint: Any) -> bool:
+    return typing.get_origin(hint) is list
 
 
 def _is_str_list(hint: Any) -> bool:
@@ -290,11 +297,13 @@ def _parse_override(schema: DictConfig, item: str) -> DictConfig:
     elif _is_str_list(hint) and text.strip().startswith("[") and text.strip().endswith("]"):
         value = _split_text_list(key, text)
     else:
+        if _is_list(hint) and not text.strip().startswith(("[", "${")) and text.strip():
+            raise ConfigError(f"{key!r} is {_type_name(hint)}: write {key}=[{text.strip()}]")
         if hint is not None and _unquote(text.strip()) == "":
             expected = _type_name(hint)
             how = (
                 f"write {key}=[] for an empty list"
-                if typing.get_origin(hint) is list
+                if _is_list(hint)
                 else "only text keys take an empty value"
             )
             raise ConfigError(
@@ -321,6 +330,15 @@ def _merge(base: DictConfig, other: DictConfig, schema: DictConfig, source: str)
         raise _unknown_key_error(schema, str(err.full_key), source) from None
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
+        if key and _is_list(_field_type(schema, key)):
+            given = OmegaConf.select(other, key, default=None, throw_on_missing=False)
+            if not isinstance(given, (ListConfig, list)):
+                wanted = _type_name(_field_type(schema, key))
+                if given is None:
+                    fix = "no value; write a list ([] for an empty one)"
+                else:
+                    fix = f"{format_value(given)}; write it as a list: [{format_value(given)}]"
+                raise ConfigError(f"{key!r} is {wanted}, but {source} gives it {fix}") from None
         expected = _expected_type(schema, key) if key else ""
         what = f"invalid value for {key!r}" if key else "invalid value"
         raise ConfigError(
