@@ -7,13 +7,13 @@ python scripts/compare.py runs/ --ce-reference runs/evaluate-supervised   # mCE 
 python scripts/compare.py --wandb-project ssl_robust --wandb-group c10-sweep --out reports/c10
 """
 
-import argparse
 import sys
 
+from ssl_robust.cli import ArgumentParser
 from ssl_robust.compare import compare, wandb_runs
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="*", help="run directories or folders holding them")
     parser.add_argument(
         "--out",

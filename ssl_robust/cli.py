@@ -7,6 +7,7 @@ key's value, choices and meaning, ``--print-config``, and one-line errors for ba
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib
 import os
@@ -15,7 +16,7 @@ import textwrap
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -73,6 +74,38 @@ def _options_text(job: str) -> str:
     )
 
 
+def script_name(default: str) -> str:
+    """The script as the usage line shows it: its path relative to the working directory, or as
+    typed (``sys.argv[0]``) when that path would climb out of it (``../../x/scripts/a.py``);
+    ``default`` when there is no script (an interactive interpreter, ``python -c``)."""
+    typed = sys.argv[0] if sys.argv else ""
+    if not typed or typed == "-c":
+        return default
+    try:
+        rel = os.path.relpath(typed)
+    except ValueError:  # another drive (Windows)
+        return typed
+    return typed if rel == os.pardir or rel.startswith(os.pardir + os.sep) else rel
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the job scripts' error style: one ``error: ...`` line (an unknown option
+    names the valid ones) and one line pointing to ``--help``, exit 2; ``prog`` is the script
+    as :func:`script_name` shows it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("prog", script_name(os.path.basename(sys.argv[0]) if sys.argv else ""))
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            options = [
+                opt for action in self._actions for opt in action.option_strings if "--" in opt
+            ]
+            message += f"; valid options: {', '.join(options)}"
+        self.exit(EXIT_USAGE, f"error: {message}\n{self.prog} --help lists every option\n")
+
+
 def usage(prog: str) -> str:
     return f"usage: {prog} [PRESET ...] [KEY=VALUE ...] [{PRINT_FLAG}] [--help [SECTION]]"
 
@@ -124,6 +157,32 @@ def _user_facing(err: BaseException) -> bool:
     return True
 
 
+def _unknown_topic(job: str, topic: str) -> str:
+    """``--help TOPIC`` for a key the job lacks: the keys of the deepest section that TOPIC
+    names, and the closest full key (``trainer.max_epoch`` -> ``trainer.max_epochs``)."""
+    keys = schema_keys(SCHEMAS[job])
+    sections = {k.rsplit(".", i)[0] for k in keys for i in range(1, k.count(".") + 1)}
+    parts = topic.split(".")
+    parents = [".".join(parts[:n]) for n in range(len(parts) - 1, 0, -1)]
+    parent = next((p for p in parents if p in sections), "")
+    if parent:
+        below = [k[len(parent) + 1 :].split(".")[0] for k in keys if k.startswith(parent + ".")]
+        children = list(dict.fromkeys(below))
+        near = difflib.get_close_matches(topic[len(parent) + 1 :], children, n=1)
+        hint = f"{parent}.{near[0]}" if near else ""
+        where = f"under {parent!r}"
+    else:
+        children = [f.name for f in fields(SCHEMAS[job])]
+        near = difflib.get_close_matches(topic, [*keys, *sorted(sections)], n=1)
+        hint = near[0] if near else ""
+        where = "at the top level"
+    return (
+        f"no config key {topic!r} in the {job} job; valid keys {where}: "
+        + ", ".join(children)
+        + (f" (did you mean {hint!r}?)" if hint else "")
+    )
+
+
 def _error(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
 
@@ -154,7 +213,7 @@ def main(
         raise ValueError(f"unknown job {job!r}; choose from {sorted(PIPELINES)}")
     argv = list(sys.argv[1:] if argv is None else argv)
     if prog is None:
-        prog = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0] else f"{job}.py"
+        prog = script_name(f"{job}.py")
     show_help, print_config, topic = False, False, ""
     args: list[str] = []
     i = 0
@@ -188,12 +247,7 @@ def main(
         try:
             text = help_text(job, prog, doc, cfg, args, topic)
         except KeyError:
-            names = [f.name for f in fields(SCHEMAS[job])]
-            hint = difflib.get_close_matches(topic.split(".")[0], names, n=1)
-            _error(
-                f"no config key {topic!r} in the {job} job; its sections: {', '.join(names)}"
-                + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            )
+            _error(_unknown_topic(job, topic))
             return EXIT_USAGE
         print(text, end="")
         return 0

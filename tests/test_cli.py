@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 from omegaconf import DictConfig
 
-from ssl_robust.cli import EXIT_ERROR, EXIT_USAGE, PIPELINES, main
+from ssl_robust.cli import EXIT_ERROR, EXIT_USAGE, PIPELINES, ArgumentParser, main, script_name
 from ssl_robust.config import SCHEMAS, job_choices, load_config, schema_keys, to_dict
 from ssl_robust.config.common import DataConfig
 from ssl_robust.config.describe import field_comments, format_value
@@ -29,16 +30,32 @@ def _never_run(cfg: DictConfig) -> None:
     raise AssertionError("the pipeline must not run")
 
 
+@dataclass
+class _Commented:
+    # The comment of a.
+    a: int = 0
+    b: int = 1
+
+
 def test_field_comments_come_from_the_schema_source() -> None:
     data = field_comments(DataConfig)
-    assert data["augment"].startswith('Where the pretraining views are made: "cpu"')
+    assert data["augment"].startswith("Pretraining only (fine-tuning and denoiser training")
     assert data["augment"].endswith("works on the CPU too).")
-    assert data["std"] == ""  # no comment directly above it
+    assert field_comments(_Commented) == {"a": "The comment of a.", "b": ""}
     # A subclass redeclaring a field has its own comment; inherited fields keep the base's.
     sub = field_comments(FinetuneDataConfig)
     assert sub["name"].startswith('"" fine-tunes on the data the encoder was pretrained on')
     assert sub["augment"] == data["augment"]
     assert set(sub) == {f for f in FinetuneDataConfig.__dataclass_fields__}
+
+
+@pytest.mark.parametrize("job", sorted(PIPELINES))
+def test_every_key_has_a_description(job: str, capsys: pytest.CaptureFixture[str]) -> None:
+    for key in schema_keys(SCHEMAS[job]):
+        assert main(job, ["--help", key], pipeline=_never_run) == 0
+        lines = capsys.readouterr().out.split("keys (")[1].splitlines()
+        at = next(i for i, ln in enumerate(lines) if ln.startswith(f"  {key} = "))
+        assert lines[at + 1 : at + 2] and lines[at + 1].startswith("      "), f"{key}: no text"
 
 
 def test_format_value() -> None:
@@ -65,8 +82,23 @@ def test_help_lists_every_key_with_its_value_and_choices(
         assert line is not None, f"{key} missing from --help"
         assert line.startswith(f"  {key} = {value}"), line
         if key in job_choices(job):
-            assert line.endswith("{" + ", ".join(job_choices(job)[key]) + "}"), line
+            shown = ", ".join(format_value(c) for c in job_choices(job)[key])
+            assert line.endswith("{" + shown + "}"), line
     assert "run.resume = true\n      Rerunning with the same directory continues" in out
+
+
+def test_help_shows_an_empty_choice_and_gives_top_level_keys_their_own_header(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main("finetune", ["--help"], pipeline=_never_run) == 0
+    out = capsys.readouterr().out
+    assert '  data.name = ""   {"", cifar10, cifar100, digits, imagefolder, stl10}\n' in out
+    # mode is no key of the run section printed above it.
+    assert (
+        "what its first piece began.\n\ntop-level keys:\n  mode = linear   {full, linear}\n" in out
+    )
+    assert "{full, linear}\n      linear: a linear head on frozen, cached features; full: " in out
+    assert "\n\nencoder:\n  encoder.run = " in out
 
 
 def cfg_value(cfg: DictConfig, key: str) -> object:
@@ -98,9 +130,82 @@ def test_help_shows_the_values_the_presets_give_and_filters_by_section(
 
 def test_help_on_an_unknown_section_names_the_sections(capsys: pytest.CaptureFixture[str]) -> None:
     assert main("evaluate", ["--help", "ad"], pipeline=_never_run) == EXIT_USAGE
-    err = capsys.readouterr().err
-    assert "no config key 'ad' in the evaluate job" in err
-    assert "clean, shift, natural, adv" in err and "(did you mean 'adv'?)" in err
+    assert capsys.readouterr().err == (
+        "error: no config key 'ad' in the evaluate job; valid keys at the top level: run, "
+        "classifier, purifier, eval, clean, shift, natural, adv, cert, calib, ood, perf, wandb "
+        "(did you mean 'adv'?)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("topic", "hint"),
+    [
+        ("trainer.max_epoch", " (did you mean 'trainer.max_epochs'?)"),  # was: 'trainer'
+        ("trainer.progress", " (did you mean 'trainer.progress_bar'?)"),
+        ("trainer.zzz", ""),
+    ],
+)
+def test_help_on_an_unknown_key_suggests_the_closest_full_key(
+    topic: str, hint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main("pretrain", ["--help", topic], pipeline=_never_run) == EXIT_USAGE
+    keys = [k.split(".")[1] for k in schema_keys(SCHEMAS["pretrain"]) if k.startswith("trainer.")]
+    assert capsys.readouterr().err == (
+        f"error: no config key {topic!r} in the pretrain job; valid keys under 'trainer': "
+        f"{', '.join(keys)}{hint}\n"
+    )
+    assert main("pretrain", ["--help", "traner.max_epochs"], pipeline=_never_run) == EXIT_USAGE
+    assert capsys.readouterr().err.endswith(" (did you mean 'trainer.max_epochs'?)\n")
+
+
+@pytest.mark.parametrize(
+    ("argv0", "shown"),
+    [
+        ("scripts/x.py", "scripts/x.py"),  # relative to the working directory: as it is
+        ("../main/scripts/x.py", "scripts/x.py"),  # back into it: relative
+        ("../other/scripts/x.py", "../other/scripts/x.py"),  # climbing out: as typed
+        ("{cwd}/scripts/x.py", "scripts/x.py"),  # absolute, below the working directory
+        ("{parent}/other/x.py", "{parent}/other/x.py"),  # absolute, elsewhere: as typed
+    ],
+)
+def test_usage_shows_the_script_as_typed_when_its_path_climbs_out(
+    argv0: str,
+    shown: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cwd = tmp_path / "main"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    fill = {"cwd": str(cwd), "parent": str(tmp_path)}
+    monkeypatch.setattr(sys, "argv", [argv0.format(**fill)])
+    assert main("pretrain", ["--help", "run"], pipeline=_never_run) == 0
+    assert capsys.readouterr().out.startswith(f"usage: {shown.format(**fill)} [PRESET ...]")
+    assert script_name("d.py") == shown.format(**fill)
+    monkeypatch.setattr(sys, "argv", ["-c"])
+    assert script_name("d.py") == "d.py"
+
+
+def test_argument_parser_errors_are_one_line_naming_the_options(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["scripts/tool.py"])
+    parser = ArgumentParser()
+    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--out", default="x")
+    parser.add_argument("--mode", choices=["a", "b"])
+    for argv, message in [
+        (["r", "--bogus"], "unrecognized arguments: --bogus; valid options: --help, --out, --mode"),
+        ([], "the following arguments are required: runs"),
+        (["r", "--mode", "c"], "argument --mode: invalid choice: 'c' (choose from 'a', 'b')"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            parser.parse_args(argv)
+        assert stop.value.code == EXIT_USAGE
+        assert capsys.readouterr().err == (
+            f"error: {message}\nscripts/tool.py --help lists every option\n"
+        )
 
 
 def test_unknown_option_and_bad_config_exit_before_any_work(

@@ -20,6 +20,8 @@ from ssl_robust.config.common import COMMON_RANGES, Range
 
 _FIELD = re.compile(r"^(\s+)(\w+)\s*:")
 _WIDTH = 96
+# The header of keys that belong to no section (the fine-tuning job's ``mode``).
+_TOP_LEVEL = "top-level keys"
 
 
 @cache
@@ -103,6 +105,7 @@ def describe(
     """
     ranges = COMMON_RANGES if ranges is None else ranges
     out: list[str] = []
+    block = [""]  # the section whose header the keys printed last stand under ("": none yet)
 
     def matches(key: str) -> bool:
         return not prefix or key == prefix or key.startswith(prefix + ".")
@@ -121,13 +124,20 @@ def describe(
                     out.append(f"{key}:")
                     about = (_section_doc(type(default)), comments.get(f.name, ""))
                     out.extend(_wrap(" ".join(t for t in about if t), "  "))
+                    block[0] = key
                 walk(type(default), value, key + ".")
                 continue
             if not matches(key):
                 continue
+            # A key after a subsection (``mode`` after ``run:``) gets its own section's header,
+            # so that it does not read as a key of the section above it.
+            section = path.rstrip(".") or _TOP_LEVEL
+            if block[0] != section:
+                out.extend(["", f"{section}:"])
+                block[0] = section
             line = f"  {key} = {format_value(value)}"
             if key in choices:
-                line += "   {" + ", ".join(choices[key]) + "}"
+                line += "   {" + ", ".join(format_value(c) for c in choices[key]) + "}"
             elif key in ranges:
                 line += f"   ({ranges[key][1]})"
             out.append(line)
