@@ -28,6 +28,14 @@ from ssl_robust.pipelines.chain import (
 )
 
 
+def _run_dir(argv: list[str]) -> str:
+    """The run directory a step's arguments name (the last run.dir=, or compare's --out)."""
+    if "--out" in argv:
+        return argv[argv.index("--out") + 1]
+    dirs = [a.removeprefix("run.dir=") for a in argv if a.startswith("run.dir=")]
+    return dirs[-1] if dirs else ""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
@@ -66,8 +74,8 @@ def main() -> int:
         "--baseline",
         metavar="ARGS",
         help="a supervised baseline from random weights (fine-tuning preset and overrides, e.g. "
-        "supervised_cifar10), trained for every sweep line (its mode=, run.dir= and encoder.run= words aside) "
-        "and evaluated like the other classifiers",
+        "supervised_cifar10), trained for every sweep line (its mode=, run.dir= and "
+        "encoder.run= words aside) and evaluated like the other classifiers",
     )
     parser.add_argument("--dry-run", action="store_true", help="print the steps, run nothing")
     parser.add_argument(
@@ -118,12 +126,18 @@ def main() -> int:
         print("\ninterrupted; run the same command again to resume", file=sys.stderr)
         return 130
     print("\nchain summary:")
+    width = max(map(len, status))
+    dirs = {step.name: _run_dir(step.argv) for step in steps}
     for name, outcome in status.items():
-        print(f"  {name:40s} {outcome}")
+        where = f"  {dirs[name]}" if dirs.get(name) else ""
+        print(f"  {name:{width}s}  {outcome:18s}{where}")
     failed = [n for n, s in status.items() if s != "done"]
     if failed:
         print(
-            f"not done: {', '.join(failed)}; run the same command again to resume", file=sys.stderr
+            f"not done: {', '.join(failed)}. Fix what stopped the failed steps (their errors "
+            "are above, and in their run directories), then run the same command again: "
+            "finished steps return at once",
+            file=sys.stderr,
         )
         return 1
     print(f"comparison: {args.runs.resolve() / 'compare' / 'comparison.md'}")

@@ -4,6 +4,7 @@ prerequisites of ``slurm/pipeline.sh``."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -298,6 +299,10 @@ def test_the_chain_runs_every_phase_and_a_rerun_resumes(tmp_path: Path) -> None:
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "WANDB_MODE": "disabled"}
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    # The summary: each step, its outcome and its run directory.
+    summary = first.stdout.split("chain summary:")[1]
+    assert re.search(rf"\n  pretrain +done +{re.escape(str(runs / 'pretrain'))}\n", summary)
+    assert re.search(rf"\n  compare +done +{re.escape(str(runs / 'compare'))}\n", summary)
     for run in ("pretrain", "denoiser", "finetune/run.seed_0", "evaluate/run.seed_0"):
         assert (runs / run / "metrics.json").is_file(), run
     purified = json.loads((runs / "evaluate" / "run.seed_0-purified" / "metrics.json").read_text())
@@ -375,3 +380,29 @@ def test_purify_shards_are_checked_as_the_array_tasks_run_them(tmp_path: Path) -
         plan_chain(tmp_path / "r", pretrain="", purify_shards=3)
     with pytest.raises(ValueError, match="purify_shards must be >= 1, got 0"):
         plan_chain(tmp_path / "r", **plan, purify_shards=0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("option", "args", "key"),
+    [
+        ("pretrain", "simclr_cifar10 run.dir=/elsewhere", "run.dir"),
+        ("finetune", "linear_cifar10 encoder.run=/other/encoder", "encoder.run"),
+        ("evaluate", "quick classifier.run=/some/classifier", "classifier.run"),
+        ("purify", "purifier.run=/another/denoiser", "purifier.run"),
+        ("baseline", "supervised_cifar10 data.like=/x", "data.like"),
+    ],
+)
+def test_keys_the_chain_sets_are_refused_in_the_phase_arguments(
+    tmp_path: Path, option: str, args: str, key: str
+) -> None:
+    """They were silently overridden by the chain's own value."""
+    den = tmp_path / "den"
+    (den / "unet").mkdir(parents=True)
+    (den / "unet" / "config.json").write_text("{}")
+    plan: dict[str, object] = {"pretrain": "", "denoiser_run": den, option: args}
+    with pytest.raises(ValueError, match=rf"{option} \(.*\) sets {key}, which the chain sets"):
+        plan_chain(tmp_path / "r", **plan)  # type: ignore[arg-type]
+    # A sweep line may name its own fine-tuning's run directory.
+    lines = ["run.seed=0 run.dir=mine"]
+    names = [step.name for step in plan_chain(tmp_path / "r", pretrain="", lines=lines)]
+    assert "finetune:mine" in names

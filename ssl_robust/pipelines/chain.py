@@ -95,6 +95,26 @@ def _script(name: str, *args: str) -> list[str]:
     return [sys.executable, str(ROOT / "scripts" / f"{name}.py"), *args]
 
 
+# Keys each option's arguments may not set: the chain sets them (a value given there was
+# silently overridden).
+_SET_BY_CHAIN = {
+    "pretrain": ("run.dir",),
+    "denoiser": ("run.dir",),
+    "finetune": ("run.dir", "encoder.run"),
+    "evaluate": ("run.dir", "classifier.run", "purifier.run"),
+    "purify": ("run.dir", "classifier.run", "purifier.run"),
+    "baseline": ("run.dir", "data.like"),
+}
+_SET_BY_CHAIN_WHY = {
+    "run.dir": "each phase's run directory lies under the runs folder; a sweep line may set "
+    "its own fine-tuning's",
+    "encoder.run": "the pretraining run, or --encoder",
+    "classifier.run": "each fine-tuned classifier in turn",
+    "purifier.run": "the denoiser run, or --denoiser-run",
+    "data.like": "the encoder's data",
+}
+
+
 def plan_chain(
     runs: Path,
     *,
@@ -143,6 +163,16 @@ def plan_chain(
         )
     if denoiser is not None and denoiser_run is not None:
         raise ValueError("give denoiser or denoiser_run, not both")
+    given = {"pretrain": pretrain, "denoiser": denoiser, "finetune": finetune,
+             "evaluate": evaluate, "purify": purify, "baseline": baseline}  # fmt: skip
+    for option, args in given.items():
+        words = shlex.split(args or "")
+        for key in _SET_BY_CHAIN[option]:
+            if any(w.startswith(f"{key}=") for w in words):
+                raise ValueError(
+                    f"{option} ({args!r}) sets {key}, which the chain sets for every "
+                    f"{option} step ({_SET_BY_CHAIN_WHY[key]}); leave it out"
+                )
     if purify_shards < 1:
         raise ValueError(f"purify_shards must be >= 1, got {purify_shards}")
     for what, given in (("purify", purify.strip()), ("purify_shards", purify_shards > 1)):
