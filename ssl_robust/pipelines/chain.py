@@ -163,9 +163,9 @@ def plan_chain(
         )
     if denoiser is not None and denoiser_run is not None:
         raise ValueError("give denoiser or denoiser_run, not both")
-    given = {"pretrain": pretrain, "denoiser": denoiser, "finetune": finetune,
+    phase_args = {"pretrain": pretrain, "denoiser": denoiser, "finetune": finetune,
              "evaluate": evaluate, "purify": purify, "baseline": baseline}  # fmt: skip
-    for option, args in given.items():
+    for option, args in phase_args.items():
         words = shlex.split(args or "")
         for key in _SET_BY_CHAIN[option]:
             if any(w.startswith(f"{key}=") for w in words):
