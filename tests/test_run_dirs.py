@@ -135,3 +135,21 @@ def test_fewer_epochs_than_a_run_has_trained_are_refused(
     assert _contents(run) == before
     assert pretrain(tiny_pretrain_cfg("trainer.max_epochs=2"))["epochs"] == 2  # same: fine
     assert f"{run} is complete (2 epochs): nothing trained" in capsys.readouterr().out
+
+
+def test_denoised_views_of_another_size_or_schedule_are_refused_before_writing(
+    tiny_pretrain_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    """A 16 px denoiser for 8 px views failed at the first batch, after config.yaml and the
+    logs were written; t_max beyond its schedule raised a ValueError (exit 1)."""
+    from ssl_robust.pipelines.pretrain import pretrain
+    from ssl_robust.purify.unet import build_unet, make_scheduler, save_denoiser
+
+    den = save_denoiser(build_unet("tiny", sample_size=16), make_scheduler(100), tmp_path / "d")
+    cfg = tiny_pretrain_cfg(f"denoise.run={den}", run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"a denoiser of 16 px images, and the views are 8 px"):
+        pretrain(cfg)
+    cfg = tiny_pretrain_cfg(f"denoise.run={den}", "denoise.t_max=500", run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"denoise \(run .*\): need 0 <= t_min <= t_max <= 100"):
+        pretrain(cfg)
+    assert not (tmp_path / "run").exists()

@@ -144,14 +144,24 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
     if cfg.denoise.run:
         from ssl_robust.purify.views import load_denoised_views
 
-        view_hook = load_denoised_views(
-            cfg.denoise.run,
-            t_min=cfg.denoise.t_min,
-            t_max=cfg.denoise.t_max,
-            mode=cfg.denoise.mode,
-            mean=info.mean,
-            std=info.std,
-        )
+        try:
+            view_hook = load_denoised_views(
+                cfg.denoise.run,
+                t_min=cfg.denoise.t_min,
+                t_max=cfg.denoise.t_max,
+                mode=cfg.denoise.mode,
+                mean=info.mean,
+                std=info.std,
+            )
+        except ValueError as err:  # t_max beyond the denoiser's schedule
+            raise ConfigError(f"denoise (run {cfg.denoise.run!r}): {err}") from err
+        size = view_hook.unet.config["sample_size"]
+        if size not in (info.image_size, [info.image_size] * 2):
+            raise ConfigError(
+                f"denoise.run={cfg.denoise.run!r} holds a denoiser of {size} px images, and the "
+                f"views are {info.image_size} px (data.image_size={cfg.data.image_size}): "
+                "give the denoiser's size or a denoiser trained at the views' size"
+            )
     train_transform: Any
     if augment == "gpu":
         train_transform = gpu_view_transforms(cfg.method.name, views)
