@@ -496,6 +496,17 @@ def test_missing_runs_and_config_typos_fail_early(
         tiny_cfg("adv.linf_eps=[eight]")
 
 
+def test_a_purifier_step_beyond_the_denoisers_schedule_is_a_config_error(
+    tiny_cfg: Callable[..., DictConfig], denoiser_run: Path
+) -> None:
+    """Known only once the denoiser is read; refused before anything is written (it was a
+    ValueError: exit 1)."""
+    cfg = tiny_cfg(f"purifier.run={denoiser_run}", "purifier.t_star=5000")
+    with pytest.raises(ConfigError, match=r"purifier \(run .*\): t_star must be in \[0, 1000\]"):
+        evaluate(cfg)
+    assert not Path(cfg.run.dir).exists()
+
+
 def test_default_run_dir_is_named_after_the_classifier(
     classifier_run: Path, denoiser_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

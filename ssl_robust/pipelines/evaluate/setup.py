@@ -421,18 +421,21 @@ def build_purifier(cfg: DictConfig, image_size: int) -> tuple[Purifier | None, d
         name: {k: v for k, v in dict(c).items() if not k.startswith("_")}
         for name, c in (("unet", unet.config), ("scheduler", scheduler.config))
     }
-    purifier = Purifier(
-        unet.requires_grad_(False),
-        scheduler,
-        t_star=None if p.sigma > 0 else p.t_star,
-        sigma=p.sigma if p.sigma > 0 else None,
-        sampler=p.sampler,
-        ddim_steps=p.ddim_steps,
-        fixed_noise=p.fixed_noise,
-        gradient_checkpointing=p.gradient_checkpointing,
-        dtype=torch.bfloat16 if p.dtype == "bfloat16" else None,
-        seed=cfg.run.seed,
-    )
+    try:
+        purifier = Purifier(
+            unet.requires_grad_(False),
+            scheduler,
+            t_star=None if p.sigma > 0 else p.t_star,
+            sigma=p.sigma if p.sigma > 0 else None,
+            sampler=p.sampler,
+            ddim_steps=p.ddim_steps,
+            fixed_noise=p.fixed_noise,
+            gradient_checkpointing=p.gradient_checkpointing,
+            dtype=torch.bfloat16 if p.dtype == "bfloat16" else None,
+            seed=cfg.run.seed,
+        )
+    except ValueError as err:  # t_star or sigma beyond the denoiser's schedule
+        raise ConfigError(f"purifier (run {p.run!r}): {err}") from err
     return purifier, desc
 
 
