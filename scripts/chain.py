@@ -15,10 +15,10 @@ same command again finishes only what is left. Steps and their outcomes are appe
 <runs>/chain.txt.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
+from ssl_robust.cli import ArgumentParser
 from ssl_robust.pipelines.chain import (
     chain_env,
     check_steps,
@@ -37,7 +37,7 @@ def _run_dir(argv: list[str]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__.splitlines()[0],
         epilog="Each phase option takes one quoted string: a preset and key=value overrides.",
     )

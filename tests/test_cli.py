@@ -299,6 +299,27 @@ def test_every_job_script_answers_help(job: str) -> None:
     assert f"python scripts/{SCRIPTS[job]} --help [SECTION]" in res.stdout  # the docstring
 
 
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("compare.py", [], "give run directories (or folders holding them), or --wandb-project"),
+        ("chain.py", ["runs"], "one of the arguments --pretrain --encoder is required"),
+    ],
+)
+def test_compare_and_chain_usage_errors_are_one_line_like_the_job_scripts(
+    script: str, args: list[str], message: str
+) -> None:
+    res = subprocess.run(
+        [sys.executable, f"scripts/{script}", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == EXIT_USAGE
+    assert res.stderr == f"error: {message}\nscripts/{script} --help lists every option\n"
+
+
 def test_summary_prints_every_written_path_absolute(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
