@@ -34,6 +34,25 @@ TINY_PRETRAIN = [
     "monitor.views_figure=0",  # tests that want views.png turn it on
 ]
 
+# A seconds-long fine-tuning on the CPU (with finetune_cfg's encoder and run directory).
+TINY_FINETUNE = [
+    "trainer.accelerator=cpu",
+    "trainer.progress_bar=false",
+    "data.num_workers=0",
+    "data.batch_size=32",
+]
+
+
+def finetune_cfg(
+    encoder_run: Path, run_dir: Path, *overrides: str, base: tuple[str, ...] = ()
+) -> DictConfig:
+    """A fine-tuning config: TINY_FINETUNE, then ``base``, the encoder and run directory, then
+    ``overrides``."""
+    from ssl_robust.config import FinetuneConfig, load_config
+
+    args = [*TINY_FINETUNE, *base, f"encoder.run={encoder_run}", f"run.dir={run_dir}"]
+    return load_config(FinetuneConfig, [*args, *overrides], job="finetune")
+
 
 @pytest.fixture
 def tiny_pretrain_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
@@ -47,6 +66,23 @@ def tiny_pretrain_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
         )
 
     return make
+
+
+@pytest.fixture(scope="module")
+def random_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised convnet-4 (with BatchNorm) exported like a pretraining run on the
+    8 px digits (no config.yaml: the data comes from encoder.json)."""
+    from ssl_robust.models.backbones import build_backbone
+    from ssl_robust.models.export import EncoderMeta, export_encoder
+
+    torch.manual_seed(0)
+    enc = build_backbone("convnet", 4)
+    folder = tmp_path_factory.mktemp("enc") / "pretrain-random"
+    meta = EncoderMeta(
+        "convnet", 4, enc.feat_dim, 8, [0.3] * 3, [0.4] * 3, 10, {"dataset": "digits"}
+    )
+    export_encoder(enc, meta, folder)
+    return folder
 
 
 @pytest.fixture(scope="module")

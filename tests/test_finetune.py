@@ -20,39 +20,10 @@ from ssl_robust.data.datasets import ArraySource, build_splits
 from ssl_robust.evaluate.corruptions import corrupted_source
 from ssl_robust.finetune import features as features_mod
 from ssl_robust.finetune.export import load_classifier
-from ssl_robust.models.backbones import build_backbone
-from ssl_robust.models.export import EncoderMeta, export_encoder
 from ssl_robust.pipelines.finetune import MODES, finetune
 from ssl_robust.pipelines.pretrain import pretrain
-
-TINY = [
-    "trainer.accelerator=cpu",
-    "trainer.progress_bar=false",
-    "data.num_workers=0",
-    "data.batch_size=32",
-]
-
-
-def ft_cfg(encoder_run: Path, run_dir: Path, *overrides: str) -> DictConfig:
-    return load_config(
-        FinetuneConfig,
-        [*TINY, f"encoder.run={encoder_run}", f"run.dir={run_dir}", *overrides],
-        job="finetune",
-    )
-
-
-@pytest.fixture(scope="module")
-def random_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised convnet exported like a pretraining run (no config.yaml: the
-    data comes from encoder.json)."""
-    torch.manual_seed(0)
-    enc = build_backbone("convnet", 4)
-    folder = tmp_path_factory.mktemp("enc") / "pretrain-random"
-    meta = EncoderMeta(
-        "convnet", 4, enc.feat_dim, 8, [0.3] * 3, [0.4] * 3, 10, {"dataset": "digits"}
-    )
-    export_encoder(enc, meta, folder)
-    return folder
+from tests.conftest import TINY_FINETUNE as TINY
+from tests.conftest import finetune_cfg as ft_cfg
 
 
 def _accuracy(

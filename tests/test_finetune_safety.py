@@ -25,37 +25,15 @@ from ssl_robust.models.backbones import build_backbone
 from ssl_robust.models.export import EncoderMeta, export_encoder
 from ssl_robust.pipelines.finetune import _device, finetune, training_settings
 from tests.callbacks import CheckpointMidEpoch, StopAfterEpoch
+from tests.conftest import TINY_FINETUNE, finetune_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "trainer.accelerator=cpu",
-    "trainer.progress_bar=false",
-    "data.num_workers=0",
-    "data.batch_size=32",
-    "subset.per_class=10",  # 100 images: batches of 32, 32, 32 and 4
-    "data.val_shift_severity=0",
-]
+# 100 images (batches of 32, 32, 32 and 4), no shifted validation set.
+TINY = [*TINY_FINETUNE, "subset.per_class=10", "data.val_shift_severity=0"]
 
 
 def ft_cfg(encoder_run: Path, run_dir: Path, *overrides: str) -> DictConfig:
-    return load_config(
-        FinetuneConfig,
-        [*TINY, f"encoder.run={encoder_run}", f"run.dir={run_dir}", *overrides],
-        job="finetune",
-    )
-
-
-@pytest.fixture(scope="module")
-def random_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised convnet (with BatchNorm) exported like a pretraining run."""
-    torch.manual_seed(0)
-    enc = build_backbone("convnet", 4)
-    folder = tmp_path_factory.mktemp("enc") / "pretrain-random"
-    meta = EncoderMeta(
-        "convnet", 4, enc.feat_dim, 8, [0.3] * 3, [0.4] * 3, 10, {"dataset": "digits"}
-    )
-    export_encoder(enc, meta, folder)
-    return folder
+    return finetune_cfg(encoder_run, run_dir, *overrides, base=tuple(TINY[len(TINY_FINETUNE) :]))
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
