@@ -495,3 +495,32 @@ def test_pretraining_settings_that_failed_once_running_are_config_errors(
 
     (error,) = check_steps(plan_chain(tmp_path / "c", pretrain=override))
     assert error.startswith(f"pretrain: {message}")
+
+
+def test_purification_sigma_means_the_same_in_fine_tuning_and_evaluation() -> None:
+    """0 = use t_star in both (fine-tuning's -1 was off and 0 there meant t* = 0)."""
+    from ssl_robust.config import EvaluateConfig
+
+    ft = load_config(FinetuneConfig, [], job="finetune")
+    ev = load_config(EvaluateConfig, [], job="evaluate")
+    assert ft.purify.sigma == ev.purifier.sigma == 0.0
+    for job, key in (("finetune", "purify.sigma"), ("evaluate", "purifier.sigma")):
+        with pytest.raises(ConfigError, match=rf"'{key}': must be >= 0; 0 = use "):
+            load_config(SCHEMAS[job], [f"{key}=-1"], job=job)
+
+
+def test_fine_tunings_purifier_takes_t_star_at_sigma_0_and_sigmas_t_star_above(
+    tmp_path: Path,
+) -> None:
+    from ssl_robust.pipelines.finetune import build_purifier
+    from tests.eval_runs import tiny_denoiser
+
+    den = tiny_denoiser(tmp_path / "den")
+    for sigma, t_star in ((0.0, 7), (0.1, 58)):  # 58: sigma 0.1 on the linear 1000-step schedule
+        cfg = load_config(
+            FinetuneConfig,
+            [f"purify.run={den}", "purify.t_star=7", f"purify.sigma={sigma}"],
+            job="finetune",
+        )
+        purifier = build_purifier(cfg.purify, 8)
+        assert purifier is not None and purifier.t_star == t_star

@@ -50,8 +50,7 @@ class PurifierSection:
     # al. 2022, Sec. 5.1). Ignored when sigma > 0.
     t_star: int = 100
     # > 0: pick t* for this Gaussian std on [0, 1] images (denoised smoothing, Carlini et al.
-    # 2023); 0 = off, t_star sets the noise. (The fine-tuning's purify.sigma differs: there
-    # -1 is off and 0 means t* = 0.)
+    # 2023); 0 = off, t_star sets the noise (as the fine-tuning's purify.sigma).
     sigma: float = 0.0
     # Steps of the ddim sampler, 1 <= ddim_steps <= t*.
     ddim_steps: int = 5

@@ -121,12 +121,11 @@ class PurifyConfig:
     # the predicted x0 after one UNet call (denoised smoothing).
     sampler: str = "ddpm"
     # Forward diffusion steps t* (DiffPure's t* = 0.1 of 1000 steps is 100); used while sigma
-    # is negative.
+    # is 0.
     t_star: int = 100
-    # Negative (the default -1) = off: t_star sets the noise. >= 0: the t* whose noise matches
-    # N(0, sigma^2) on [0, 1] images instead, so 0 means t* = 0, no noise and no purification.
-    # (The evaluation's purifier.sigma differs: there 0 is off.)
-    sigma: float = -1.0
+    # > 0: the t* whose noise matches N(0, sigma^2) on [0, 1] images instead of t_star (as the
+    # evaluation's purifier.sigma); 0 = use t_star.
+    sigma: float = 0.0
     # Steps of the ddim sampler, 1 <= ddim_steps <= t*.
     ddim_steps: int = 5
     # Seed of the purification noise (the test accuracy through a stochastic purifier).
@@ -171,5 +170,6 @@ RANGES: dict[str, Range] = {
     "optim.weight_decay": at_least(0),
     "optim.warmup_epochs": at_least(0),
     "purify.t_star": at_least(0),
+    "purify.sigma": at_least(0, "0 = use purify.t_star"),
     "purify.ddim_steps": at_least(1),
 }

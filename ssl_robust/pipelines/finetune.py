@@ -326,7 +326,7 @@ def build_purifier(p: DictConfig, image_size: int) -> Purifier | None:
             f"train a denoiser at this size or set data.image_size"
         )
     unet.requires_grad_(False)
-    use_sigma = p.sigma >= 0
+    use_sigma = p.sigma > 0
     return Purifier(
         unet,
         scheduler,
