@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 import warnings
@@ -57,18 +58,69 @@ class _DropLightningNoise(logging.Filter):
         return not record.getMessage().startswith("💡 Tip")  # an advert for a hosted logger
 
 
+# Warnings (regex on the start of the message) that every run of this design raises and no user
+# can act on:
+_EXPECTED_WARNINGS = (
+    # A deprecation that Lightning's own pytree helper raises under this torch.
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # A mid-epoch resume's loader "is not resumable": every training loader here is
+    # (ResumableDataLoader), by other means than the `state_dict` Lightning looks for.
+    r"You.re resuming from a checkpoint that ended",
+    # Raised by each SLURMEnvironment (each Trainer) on any machine where `srun` exists: a
+    # one-process job runs without srun by design, and a world started at the wrong size
+    # fails earlier, in check_world_size, with the same hint.
+    r"The `srun` command is available on your system but is not used",
+    # Every resume: the run directory keeps its checkpoints to be resumed (a fresh start
+    # deletes them, resume_checkpoint).
+    r"Checkpoint directory .* exists and is not empty",
+)
+
+# wandb warnings (start of the message) that every run raises: Lightning's WandbLogger always
+# passes `anonymous` to wandb.init, a setting that recent wandb ignores.
+_EXPECTED_WANDB_WARNINGS = ("The anonymous setting has no effect",)
+
+
+def _ignore_expected_warnings() -> None:
+    """Put the ignore filters of :data:`_EXPECTED_WARNINGS` first in ``warnings.filters``, if
+    they are not there yet: adding a filter resets Python's record of the warnings already
+    shown, so adding them again at every Trainer would repeat every other warning once per
+    Trainer."""
+    wanted = [("ignore", pattern) for pattern in reversed(_EXPECTED_WARNINGS)]
+    first = [(f[0], getattr(f[1], "pattern", None)) for f in warnings.filters[: len(wanted)]]
+    if first == wanted:
+        return
+    for pattern in _EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def _quiet_wandb() -> None:
+    """Drop :data:`_EXPECTED_WANDB_WARNINGS` from ``wandb.termwarn`` (wandb's console warnings,
+    which bypass both ``warnings`` and ``logging``); once, and only where wandb is imported
+    already (``build_loggers`` imports it when wandb is on)."""
+    wandb = sys.modules.get("wandb")
+    termwarn = getattr(wandb, "termwarn", None)
+    if termwarn is None or getattr(termwarn, "drops_expected_warnings", False):
+        return
+
+    def quiet_termwarn(string: str, *args: Any, **kwargs: Any) -> None:
+        if not str(string).startswith(_EXPECTED_WANDB_WARNINGS):
+            termwarn(string, *args, **kwargs)
+
+    quiet_termwarn.drops_expected_warnings = True  # type: ignore[attr-defined]
+    wandb.termwarn = quiet_termwarn  # type: ignore[union-attr]
+
+
 def quiet_lightning() -> None:
-    """Keep Lightning's output to what concerns the run: no advert, no deprecation warning
-    that Lightning's own pytree helper raises under this torch (nothing a user can act on), and
-    not its warning that a mid-epoch resume's loader "is not resumable": every training loader
-    here is (:class:`~ssl_robust.data.datamodule.ResumableDataLoader`), by other means than
-    the ``state_dict`` Lightning looks for."""
+    """Keep Lightning's (and wandb's) output to what concerns the run: no advert, and none of
+    the warnings that every run of this design raises (:data:`_EXPECTED_WARNINGS`,
+    :data:`_EXPECTED_WANDB_WARNINGS`); every other warning still shows. Called by every
+    :func:`build_trainer`; installs each filter once."""
     for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
         log = logging.getLogger(name)
         if not any(isinstance(f, _DropLightningNoise) for f in log.filters):
             log.addFilter(_DropLightningNoise())
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    warnings.filterwarnings("ignore", message=r"You.re resuming from a checkpoint that ended")
+    _ignore_expected_warnings()
+    _quiet_wandb()
 
 
 class ProgressBar(RichProgressBar):
