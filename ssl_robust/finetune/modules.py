@@ -86,6 +86,9 @@ class _Classification(pl.LightningModule):
                 batch_size=n,
                 on_epoch=True,
                 on_step=False,
+                # The training loss and accuracy on the progress bar (epoch means: logging per
+                # step too would rename the logged metrics train/loss_step, train/loss_epoch).
+                prog_bar=stage == "train",
                 add_dataloader_idx=False,
                 # Under DDP each rank sees a shard of the evaluation split: the epoch means of
                 # validation and test are over every rank's images.
