@@ -1,13 +1,19 @@
-"""Progress of long work in log files: a line per unit, not a silent bar."""
+"""Progress of long work in log files: a line per unit, not a silent bar; feature extraction
+and the evaluation's clean pass show theirs."""
 
 from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 from rich.console import Console
 from rich.progress import Progress, TextColumn
 
+from ssl_robust.data.datasets import ImageSource
+from ssl_robust.finetune.features import extract_features
 from ssl_robust.launch import progress as progress_mod
 from ssl_robust.launch.progress import LogProgress, progress_bar
 
@@ -102,3 +108,58 @@ def test_a_terminal_gets_rich_s_live_bar_and_disabled_prints_nothing() -> None:
         task = off.add_task("attacks", total=1)
         off.update(task, description="PGD", advance=1)
     assert type(off) is Progress and off.disable and buf.getvalue() == ""
+
+
+class _Loaded(ImageSource):
+    """Images read one at a time (like an image folder), counting the reads."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images, self.labels, self.classes, self.reads = images, np.zeros(len(images)), [], 0
+
+    def load(self, index: int) -> Image.Image:
+        self.reads += 1
+        return Image.fromarray(self.images[index])
+
+
+def test_feature_extraction_logs_its_count_and_time_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [0.0]
+    monkeypatch.setattr(progress_mod.time, "monotonic", lambda: clock[0])
+    images = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
+
+    def mean_colour(x: torch.Tensor) -> torch.Tensor:  # (B, 3, 4, 4) -> (B, 3), 40 s a batch
+        clock[0] += 40
+        return x.mean((2, 3))
+
+    console, buf = _log_console()
+    source = _Loaded(images)
+    feats = extract_features(mean_colour, source, 4, what="features, train images", console=console)
+    # Read a batch at a time (every image once) and the same features as from the array.
+    assert source.reads == 10
+    torch.testing.assert_close(feats, extract_features(mean_colour, images, 4, progress=False))
+    # A line a minute (after the 2nd batch, 80 s) and one at the end, with the images done.
+    assert buf.getvalue().splitlines() == [
+        "features, train images 8/10 (0:01:20, ~0:00:20 left)",
+        "features, train images 10/10 (0:02:00): done",
+    ]
+    console, buf = _log_console()
+    extract_features(mean_colour, images, 4, progress=False, console=console)
+    assert buf.getvalue() == ""
+
+
+def test_the_evaluation_s_clean_pass_logs_its_image_passes(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from ssl_robust.pipelines.evaluate.units import predict_draws
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
+    x = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
+    cpu = torch.device("cpu")
+    logits, _ = predict_draws(model, x, 2, 2, cpu, progress=True, what="clean passes")
+    assert logits.shape == (2, 5, 3)
+    # The pipelines' console writes to stdout, captured here (not a terminal): one line at the
+    # end of a pass shorter than the minute between lines; plain text, no colour codes.
+    out = capsys.readouterr().out
+    assert out.splitlines() == ["clean passes 10/10 (0:00:00): done"] and "\x1b" not in out
+    # Without progress (inside another section's bar) nothing.
+    predict_draws(model, x, 2, 2, cpu)
+    assert capsys.readouterr().out == ""

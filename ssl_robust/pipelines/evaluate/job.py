@@ -252,7 +252,9 @@ def _evaluate(cfg: DictConfig) -> dict[str, float]:
         else:
             # One stream for all draws: the unit is stored whole, so a resume replays it.
             model.reseed(seed + SEED_CLEAN, device)
-            draw_logits, clean_feats = predict_draws(model, x_u8, clean_draws, bs, device, feats)
+            draw_logits, clean_feats = predict_draws(
+                model, x_u8, clean_draws, bs, device, feats, cfg.eval.progress, "clean passes"
+            )
             if specs["clean"]["bare"]:
                 bare = predict(model.classifier, x_u8, bs, device)
             kept = {"logits": draw_logits} | ({"bare": bare} if bare is not None else {})

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -264,9 +265,21 @@ def _on_device(images: Tensor, batch_size: int, device: torch.device) -> Iterato
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: Tensor, batch_size: int, device: torch.device) -> Tensor:
-    """Logits (N, K) on the CPU for uint8 (N, 3, H, W) or float [0, 1] images."""
-    return torch.cat([model(x).float().cpu() for x in _on_device(images, batch_size, device)])
+def predict(
+    model: nn.Module,
+    images: Tensor,
+    batch_size: int,
+    device: torch.device,
+    advance: Callable[[int], None] | None = None,
+) -> Tensor:
+    """Logits (N, K) on the CPU for uint8 (N, 3, H, W) or float [0, 1] images; ``advance`` is
+    told the size of each batch done."""
+    out = []
+    for x in _on_device(images, batch_size, device):
+        out.append(model(x).float().cpu())
+        if advance is not None:
+            advance(x.shape[0])
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -277,20 +290,32 @@ def predict_draws(
     batch_size: int,
     device: torch.device,
     features: bool = False,
+    progress: bool = False,
+    what: str = "image passes",
 ) -> tuple[Tensor, Tensor | None]:
     """Logits (draws, N, K) of ``draws`` passes over the images (purifications, behind a
     stochastic purifier) and, with ``features``, the encoder's features (N, D) of the first
-    pass: the same noise draws as without them."""
-    if not features:
-        logits = [predict(model, images, batch_size, device) for _ in range(draws)]
-        return torch.stack(logits), None
-    outs, feats = [], []
-    for x in _on_device(images, batch_size, device):
-        out, f = model.embed(x)
-        outs.append(out.float().cpu())
-        feats.append(f.float().cpu())
-    rest = [predict(model, images, batch_size, device) for _ in range(draws - 1)]
-    return torch.stack([torch.cat(outs), *rest]), torch.cat(feats)
+    pass: the same noise draws as without them. With ``progress``, its own progress bar (a
+    line a minute and one at the end in a log file) counts the image passes under ``what``;
+    leave it off inside another section's bar."""
+    with ExitStack() as stack:
+        advance: Callable[[int], None] | None = None
+        if progress:
+            bar = stack.enter_context(progress_bars(True))
+            task = bar.add_task(what, total=draws * images.shape[0])
+            advance = functools.partial(bar.advance, task)
+        if not features:
+            logits = [predict(model, images, batch_size, device, advance) for _ in range(draws)]
+            return torch.stack(logits), None
+        outs, feats = [], []
+        for x in _on_device(images, batch_size, device):
+            out, f = model.embed(x)
+            outs.append(out.float().cpu())
+            feats.append(f.float().cpu())
+            if advance is not None:
+                advance(x.shape[0])
+        rest = [predict(model, images, batch_size, device, advance) for _ in range(draws - 1)]
+        return torch.stack([torch.cat(outs), *rest]), torch.cat(feats)
 
 
 def nchw(images_nhwc: np.ndarray) -> Tensor:
