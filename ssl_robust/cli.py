@@ -276,7 +276,18 @@ def main(
         return EXIT_INTERRUPTED
     finally:
         release_process_group()
+        finish_wandb()
     return 0
+
+
+def finish_wandb() -> None:
+    """Finish the job's wandb run, if it has one, before the process exits: left open, wandb's
+    service closes it at exit with its own coloured lines in the job's log (and a run the
+    interpreter shuts down first may miss its last records). Looked up in ``sys.modules``: a
+    job without wandb never imports it here."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 def release_process_group() -> None:

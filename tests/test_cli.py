@@ -334,3 +334,15 @@ def test_summary_prints_every_written_path_absolute(
     assert f"Run directory: {tmp_path / 'runs' / 'x'}\n" in out
     assert f"Encoder: {tmp_path / 'runs' / 'x' / 'encoder.safetensors'}\n" in out
     assert "Fit time: 4.2 s\n" in out
+
+
+def test_a_job_finishes_its_wandb_run_before_it_returns(tmp_path: Path) -> None:
+    """Left open, wandb's service closed it at exit with its own coloured lines in the log."""
+    wandb = pytest.importorskip("wandb")
+    from tests.conftest import TINY_PRETRAIN
+
+    args = [*TINY_PRETRAIN, "trainer.max_epochs=1", "wandb.mode=offline", f"run.dir={tmp_path}"]
+    assert main("pretrain", args) == 0
+    assert wandb.run is None
+    (folder,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert list(folder.glob("run-*.wandb"))
