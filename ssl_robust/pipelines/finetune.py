@@ -396,7 +396,7 @@ def run_linear(
     start = time.perf_counter()
     feats = load_or_compute_features(
         clf.features, job.splits.train, job.splits.val, cache, key,
-        cfg.data.eval_batch_size, job.device,
+        cfg.data.eval_batch_size, job.device, progress=cfg.trainer.progress_bar,
     )  # fmt: skip
     shifted: torch.Tensor | None = None
     severity = int(cfg.data.val_shift_severity)
@@ -407,6 +407,7 @@ def run_linear(
         shifted, _ = load_or_compute_split_features(
             clf.features, feats.eval_labels.numpy(), lambda: _val_shift(job), cache,
             f"{shift_key}-val-shift", cfg.data.eval_batch_size, job.device,
+            progress=cfg.trainer.progress_bar,
         )  # fmt: skip
     metrics["perf/features_s"] = time.perf_counter() - start
     clf.cpu()
