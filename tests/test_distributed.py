@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import socket
 import subprocess
 import sys
 from datetime import timedelta
@@ -33,6 +31,7 @@ from ssl_robust.launch.distributed import (
     next_hpc_checkpoint,
     use_sync_batchnorm,
 )
+from tests.helpers import clean_env, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,14 +50,6 @@ TINY = [
 ]
 
 SLURM_STEP = {"SLURM_JOB_NAME": "ssl-pretrain", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0"}
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    """This environment without any launcher's rank/world variables, plus ``extra``."""
-    drop = ("SLURM_", "TORCHELASTIC_", "PL_")
-    names = {"WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop) and k not in names}
-    return {**env, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **extra}
 
 
 # --- world size: fail fast, naming both numbers ------------------------------------------------
@@ -109,7 +100,7 @@ def test_mis_sized_world_fails_before_process_group_setup(tmp_path: Path) -> Non
     """The real entry point under a fake srun step of 3 tasks (every variable srun sets for a
     task, so Lightning would go on to launch): our message, before the Trainer is built, so
     nothing is written and no process group waits for ranks that never come."""
-    env = _clean_env(
+    env = clean_env(
         **SLURM_STEP,
         SLURM_NTASKS="3",
         SLURM_NTASKS_PER_NODE="3",
@@ -239,19 +230,13 @@ pretrain(cfg, callbacks=[BankSize()])
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_torchrun_two_nodes_on_loopback(tmp_path: Path) -> None:
     driver = tmp_path / "driver.py"
     driver.write_text(_DRIVER)
     run = tmp_path / "run"
-    port = _free_port()
+    port = free_port()
     procs = []
     for node in (0, 1):
         cmd = [
@@ -266,7 +251,7 @@ def test_torchrun_two_nodes_on_loopback(tmp_path: Path) -> None:
             subprocess.Popen(
                 cmd,
                 cwd=ROOT,
-                env=_clean_env(),
+                env=clean_env(),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,

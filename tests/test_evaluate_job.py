@@ -47,6 +47,7 @@ from ssl_robust.finetune.export import load_classifier
 from ssl_robust.pipelines.evaluate import evaluate
 from ssl_robust.pipelines.evaluate.setup import SEED_OOD
 from tests.eval_runs import DATA, train_digits_classifier
+from tests.helpers import unit_stamps
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ["impulse_noise", "contrast"]  # the tiny preset's grid, severities 1 and 5
@@ -66,18 +67,6 @@ def tiny_cfg(classifier_run: Path, tmp_path: Path) -> Callable[..., DictConfig]:
         return load_config(EvaluateConfig, args, job="evaluate")
 
     return make
-
-
-def _stamps(run_dir: Path) -> dict[str, tuple[int, int]]:
-    """The stored units and the identity of their files (a rewrite makes a new file)."""
-    folder = run_dir / "partial"
-    return {
-        str(p.relative_to(folder)).removesuffix(".safetensors"): (
-            p.stat().st_ino,
-            p.stat().st_mtime_ns,
-        )
-        for p in folder.rglob("*.safetensors")
-    }
 
 
 def _report(cfg: DictConfig) -> dict[str, Any]:
@@ -970,11 +959,11 @@ def test_example_figures_show_what_the_pipeline_saw_and_predicted(
             assert png.size[0] > 300 and png.size[1] > 100
     # Resumed: the figure is redrawn from the stored adversarial examples, none recomputed
     # (every stored unit is the same file, untouched), with the same numbers.
-    stored = _stamps(run)
+    stored = unit_stamps(run)
     assert set(stored) == {f"shift/{c}/{s}" for c in GRID for s in (1, 5)} | {"adv/linf_8/pgd"}
     (run / "plots" / "examples.png").unlink()
     again = evaluate(cfg)
-    assert _stamps(run) == stored
+    assert unit_stamps(run) == stored
     assert {k: v for k, v in again.items() if not k.endswith("wall_s")} == {
         k: v for k, v in first.items() if not k.endswith("wall_s")
     }

@@ -18,6 +18,7 @@ from ssl_robust.pipelines.evaluate.setup import threat_specs
 from ssl_robust.pipelines.evaluate.units import purifier_settings, unit_specs
 from ssl_robust.purify.purifier import Purifier, t_star_from_sigma
 from ssl_robust.purify.unet import load_denoiser
+from tests.helpers import metric_numbers, unit_stamps
 
 job = importlib.import_module("ssl_robust.pipelines.evaluate.job")
 adv_mod = importlib.import_module("ssl_robust.pipelines.evaluate.adversarial")
@@ -53,31 +54,15 @@ def cfg_for(classifier_run: Path, tmp_path: Path) -> Callable[..., DictConfig]:
     return make
 
 
-def _stamps(run_dir: Path) -> dict[str, tuple[int, int]]:
-    """The stored units and the identity of their files (a rewrite makes a new file)."""
-    folder = run_dir / "partial"
-    return {
-        str(p.relative_to(folder)).removesuffix(".safetensors"): (
-            p.stat().st_ino,
-            p.stat().st_mtime_ns,
-        )
-        for p in folder.rglob("*.safetensors")
-    }
-
-
-def _numbers(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in metrics.items() if not k.endswith("wall_s")}
-
-
 def _rerun(
     cfg: DictConfig, capsys: pytest.CaptureFixture[str]
 ) -> tuple[dict[str, float], list[str], str]:
     """Runs the job again in the same directory: its metrics, the units it rewrote and what
     it printed."""
-    before = _stamps(Path(cfg.run.dir))
+    before = unit_stamps(Path(cfg.run.dir))
     capsys.readouterr()
     metrics = job.evaluate(cfg)
-    after = _stamps(Path(cfg.run.dir))
+    after = unit_stamps(Path(cfg.run.dir))
     return metrics, sorted(u for u in after if before.get(u) != after[u]), capsys.readouterr().out
 
 
@@ -127,7 +112,7 @@ def test_settings_the_purifier_ignores_reuse_every_unit(
     purifier = [f"purifier.run={denoiser_run}", "purifier.sampler=ddpm", "purifier.sigma=0.02"]
     cfg = cfg_for("run", *purifier, "purifier.gradient_checkpointing=true")
     reference = job.evaluate(cfg)
-    stored = _stamps(Path(cfg.run.dir))
+    stored = unit_stamps(Path(cfg.run.dir))
     assert sorted(stored) == sorted(UNITS)
     # Gradient checkpointing, the t_star that sigma overrides and the DDIM steps of the DDPM
     # sampler change no number: every unit is read back, none rewritten.
@@ -139,8 +124,8 @@ def test_settings_the_purifier_ignores_reuse_every_unit(
         assert rewritten == [], change
         assert "1/1 clean pass, 1/1 PGD threats, 1/1 sanity-check norms already done" in out
         assert "ignoring" not in out
-        assert _numbers(metrics) == _numbers(reference)
-    assert _stamps(Path(cfg.run.dir)) == stored
+        assert metric_numbers(metrics) == metric_numbers(reference)
+    assert unit_stamps(Path(cfg.run.dir)) == stored
     # Another sigma is another t*: every unit is recomputed, and says why.
     metrics, rewritten, out = _rerun(
         cfg_for("run", *[*purifier[:2], "purifier.sigma=0.05"]), capsys

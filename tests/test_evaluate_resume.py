@@ -21,6 +21,7 @@ from ssl_robust.config import ConfigError, EvaluateConfig, load_config
 from ssl_robust.evaluate.store import STALE_TMP_S, read_unit
 from ssl_robust.finetune.export import load_classifier, save_classifier
 from ssl_robust.models.export import EncoderMeta
+from tests.helpers import metric_numbers, unit_stamps
 
 # The tiny preset's 2 x 2 grid on 128 images, two threats (one per norm) and their sanity checks;
 # no latency section (timings only).
@@ -116,24 +117,6 @@ def evaluate_counted(
     return metrics, _done(calls)
 
 
-def _stamps(run_dir: Path) -> dict[str, tuple[int, int]]:
-    """The stored units and the identity of their files (a rewrite makes a new file)."""
-    folder = run_dir / "partial"
-    stamps = {}
-    for path in folder.rglob("*.safetensors"):
-        st = path.stat()
-        stamps[str(path.relative_to(folder)).removesuffix(".safetensors")] = (
-            st.st_ino,
-            st.st_mtime_ns,
-        )
-    return stamps
-
-
-def _numbers(metrics: dict[str, float]) -> dict[str, float]:
-    """Everything but the wall-clock times."""
-    return {k: v for k, v in metrics.items() if not k.endswith("wall_s")}
-
-
 def _report(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "report.json").read_text())
 
@@ -165,7 +148,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_numbers(
     # 1. Preempted in the corruption grid, after two of its four cells.
     with pytest.raises(Preempted):
         evaluate_counted(cfg, monkeypatch, fail={"generate": 3})
-    first = _stamps(run)
+    first = unit_stamps(run)
     assert sorted(first) == ["clean", "shift/impulse_noise/1", "shift/impulse_noise/5"]
     assert "resuming" not in capsys.readouterr().out
     assert not (run / "report.json").exists()
@@ -177,7 +160,7 @@ def test_interrupted_runs_resume_to_the_uninterrupted_numbers(
         "resuming evaluation: 1/1 clean pass, 2/4 corruption cells, 0/2 PGD threats, "
         f"0/2 sanity-check norms, 0/1 OOD feature bank already done in {run / 'partial'}"
     ) in capsys.readouterr().out
-    second = _stamps(run)
+    second = unit_stamps(run)
     assert sorted(second) == sorted([*UNITS[:5], "adv/linf_8/pgd"])
     assert {k: second[k] for k in first} == first  # nothing done twice
 
@@ -185,12 +168,12 @@ def test_interrupted_runs_resume_to_the_uninterrupted_numbers(
     metrics, calls = evaluate_counted(cfg, monkeypatch)
     assert calls == (0, 1, 2)
     assert "1/1 clean pass, 4/4 corruption cells, 1/2 PGD threats" in capsys.readouterr().out
-    final = _stamps(run)
+    final = unit_stamps(run)
     assert sorted(final) == sorted(UNITS)
     assert {k: final[k] for k in second} == second
 
     # The numbers of the uninterrupted run, to the bit (every unit reseeds its own streams).
-    assert _numbers(metrics) == _numbers(reference[0])
+    assert metric_numbers(metrics) == metric_numbers(reference[0])
     assert json.loads((run / "metrics.json").read_text()) == pytest.approx(metrics)
     report, ref_report = _report(run), _report(Path(cfg_for("reference").run.dir))
     assert report["sanity"] == ref_report["sanity"]
@@ -200,8 +183,8 @@ def test_interrupted_runs_resume_to_the_uninterrupted_numbers(
 
     # partial/ is kept: one more rerun computes nothing and gives the same numbers.
     again, calls = evaluate_counted(cfg, monkeypatch)
-    assert calls == (0, 0, 0) and _stamps(run) == final
-    assert _numbers(again) == _numbers(reference[0])
+    assert calls == (0, 0, 0) and unit_stamps(run) == final
+    assert metric_numbers(again) == metric_numbers(reference[0])
 
 
 @pytest.fixture
@@ -239,7 +222,7 @@ def test_a_changed_config_does_not_reuse_stale_units(
 ) -> None:
     evaluate_counted(cfg_for("run"), monkeypatch)
     run = Path(cfg_for("run").run.dir)
-    before = _stamps(run)
+    before = unit_stamps(run)
     assert sorted(before) == sorted(UNITS)
     capsys.readouterr()
 
@@ -250,7 +233,7 @@ def test_a_changed_config_does_not_reuse_stale_units(
         sum(u.endswith("/pgd") for u in recomputed),
         sum(u.startswith("adv/sanity/") for u in recomputed),
     )
-    after = _stamps(run)
+    after = unit_stamps(run)
     rewritten = sorted(u for u in after if before.get(u) != after[u])
     assert rewritten == sorted(recomputed)
     assert all(after[u] == before[u] for u in after if u not in recomputed)
@@ -269,7 +252,7 @@ def test_a_changed_config_does_not_reuse_stale_units(
 
     # The numbers of a fresh run with the changed config.
     fresh, _ = evaluate_counted(cfg_for("fresh", change), monkeypatch)
-    assert _numbers(metrics) == _numbers(fresh)
+    assert metric_numbers(metrics) == metric_numbers(fresh)
 
 
 def test_unreadable_units_and_temp_files_are_ignored(
@@ -304,7 +287,7 @@ def test_unreadable_units_and_temp_files_are_ignored(
     ) in out
     assert "3/4 corruption cells, 1/2 PGD threats, 1/2 sanity-check norms" in out
     assert not tmp.exists() and fresh.exists()
-    assert _numbers(metrics) == _numbers(reference)
+    assert metric_numbers(metrics) == metric_numbers(reference)
     # Replaced by readable units: the next rerun computes nothing.
     _, calls = evaluate_counted(cfg, monkeypatch)
     assert calls == (0, 0, 0)
@@ -329,14 +312,14 @@ def test_autoattack_results_are_stored_per_threat(
         m.setattr(adv_mod, "autoattack", Calls(adv_mod.autoattack, fail_at=1))
         with pytest.raises(Preempted):
             evaluate_counted(cfg, monkeypatch)
-    assert sorted(_stamps(Path(cfg.run.dir))) == ["adv/linf_8/pgd"]
+    assert sorted(unit_stamps(Path(cfg.run.dir))) == ["adv/linf_8/pgd"]
     with monkeypatch.context() as m:
         aa = Calls(adv_mod.autoattack, fail_at=None)
         m.setattr(adv_mod, "autoattack", aa)
         metrics, calls = evaluate_counted(cfg, monkeypatch)
     assert calls == (0, 0, 0) and aa.done == 1
-    assert sorted(_stamps(Path(cfg.run.dir))) == ["adv/linf_8/autoattack", "adv/linf_8/pgd"]
-    assert _numbers(metrics) == _numbers(reference)
+    assert sorted(unit_stamps(Path(cfg.run.dir))) == ["adv/linf_8/autoattack", "adv/linf_8/pgd"]
+    assert metric_numbers(metrics) == metric_numbers(reference)
     assert "adv/linf_8/autoattack_acc" in metrics
 
 
@@ -432,12 +415,12 @@ def test_jobs_for_separate_sections_share_a_run_directory_at_the_same_time(
     for proc in jobs:
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, out[-3000:]
-    assert set(_stamps(shared)) == set(UNITS)
+    assert set(unit_stamps(shared)) == set(UNITS)
     assert not list((shared / "partial").rglob(".*.tmp"))
     merged, calls = evaluate_counted(cfg_for("shared"), monkeypatch)
     assert calls == (0, 0, 0)
     reference, _ = evaluate_counted(cfg_for("alone"), monkeypatch)
-    assert _numbers(merged) == _numbers(reference)
+    assert metric_numbers(merged) == metric_numbers(reference)
 
 
 def test_shard_blocks_and_their_merge() -> None:
@@ -487,7 +470,7 @@ def test_sharded_attacks_run_as_separate_jobs_and_merge(
     assert not (split / "report.json").exists()
     merged, calls = evaluate_counted(cfg_for("split", *sharded), monkeypatch)
     assert calls == (0, 2, 0)
-    assert _numbers(merged) == _numbers(whole)
+    assert metric_numbers(merged) == metric_numbers(whole)
     assert "PGD ran in 3 blocks of the attacked images" in (split / "report.md").read_text()
     with pytest.raises(ConfigError, match=r"adv.shard must be in 0..adv.shards \(3\)"):
         job.evaluate(cfg_for("bad", *sharded, "adv.shard=4"))
@@ -570,7 +553,7 @@ def test_sigusr1_under_slurm_requeues_and_stops_keeping_the_finished_units(
         job.evaluate(cfg)
     assert stop.value.code == 0 and requeued == [True]
     assert signal.getsignal(signal.SIGUSR1) == before  # the handler is the job's only
-    kept = _stamps(Path(cfg.run.dir))
+    kept = unit_stamps(Path(cfg.run.dir))
     done = sorted(kept)
     assert "clean" in done and 2 <= len([u for u in done if u.startswith("shift/")]) < 4
     assert not (Path(cfg.run.dir) / "report.json").exists()
@@ -580,9 +563,9 @@ def test_sigusr1_under_slurm_requeues_and_stops_keeping_the_finished_units(
     monkeypatch.delenv("SLURM_JOB_ID")
     metrics, (generated, _, _) = evaluate_counted(cfg, monkeypatch)
     assert generated == 4 - (len(done) - 1)
-    final = _stamps(Path(cfg.run.dir))
+    final = unit_stamps(Path(cfg.run.dir))
     assert sorted(final) == sorted(UNITS[:5]) and {k: final[k] for k in kept} == kept
     reference, calls = evaluate_counted(cfg_for("sig-reference", *off), monkeypatch)
     assert calls == (4, 0, 0)
-    assert _numbers(metrics) == _numbers(reference)
+    assert metric_numbers(metrics) == metric_numbers(reference)
     assert {k for k in metrics if k.startswith("shift/")} >= {"shift/mean_acc", "shift/n"}

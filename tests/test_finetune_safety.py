@@ -4,8 +4,6 @@ uninterrupted, single-process run of the same request would, or refuse to run.""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +24,7 @@ from ssl_robust.models.export import EncoderMeta, export_encoder
 from ssl_robust.pipelines.finetune import _device, finetune, training_settings
 from tests.callbacks import CheckpointMidEpoch, StopAfterEpoch
 from tests.conftest import TINY_FINETUNE, finetune_cfg
+from tests.helpers import clean_env, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # 100 images (batches of 32, 32, 32 and 4), no shifted validation set.
@@ -304,19 +303,6 @@ out.write_text(json.dumps(m))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    drop = ("SLURM_", "TORCHELASTIC_", "PL_")
-    names = {"WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop) and k not in names}
-    return {**env, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **extra}
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_the_test_accuracy_under_ddp_is_over_every_ranks_images(
@@ -330,12 +316,12 @@ def test_the_test_accuracy_under_ddp_is_over_every_ranks_images(
     run = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-        "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}",
         str(driver), str(tmp_path), *TINY, f"encoder.run={random_encoder}", f"run.dir={run}",
         "mode=full", "trainer.max_epochs=2", "trainer.devices=2", "data.eval_batch_size=64",
     ]  # fmt: skip
     proc = subprocess.run(
-        cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=280
+        cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=280
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     ranks = [json.loads((tmp_path / f"metrics_rank{r}.json").read_text()) for r in (0, 1)]
