@@ -252,7 +252,7 @@ if [ "$have_baseline" = 1 ]; then
     split "$baseline"
     export SWEEP="$baseline_copy" SWEEP_DIR="$RUNS/baseline" SWEEP_SHOWN="$RUNS/baseline_sweep.txt"
     submit --array="1-$(grep -c . "$baseline_copy")" ${after_encoder[@]+"${after_encoder[@]}"} \
-        "$here/finetune_array.sbatch" ${_words[@]+"${_words[@]}"} "data.name=''" "data.like=$encoder"
+        "$here/finetune_array.sbatch" ${_words[@]+"${_words[@]}"} "data.name=" "data.like=$encoder"
     unset SWEEP SWEEP_DIR
     baseline_job="$JOB"
     record baseline "$JOB"

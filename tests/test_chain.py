@@ -125,7 +125,7 @@ def test_a_supervised_baseline_runs_every_distinct_line_and_is_evaluated_alike(
     assert _args(first) == [
         "supervised_cifar10",
         "trainer.max_epochs=100",
-        "data.name=''",
+        "data.name=",
         f"data.like={runs}/pretrain",
         "subset.fraction=0.1",
         "run.seed=0",
@@ -178,7 +178,7 @@ def test_plan_matches_the_slurm_pipeline_dry_run(tmp_path: Path) -> None:
     assert len(arrays) == 2 and arrays[1][0]["dependency"] == arrays[0][0]["dependency"]
     assert arrays[1][0]["array"] == "1-2"  # 3 lines, two of them one baseline
     assert arrays[1][1] == [
-        "supervised_cifar10", "data.root=/data", "data.name=''", f"data.like={runs}/pretrain"
+        "supervised_cifar10", "data.root=/data", "data.name=", f"data.like={runs}/pretrain"
     ]  # fmt: skip
     # The array's tasks name their run directories as run_name does (the shell's `tr`).
     for line in sweep_lines(tmp_path / "sweep.txt"):

@@ -269,7 +269,7 @@ def plan_chain(
             name = run_name(line)
             classifier = runs / "baseline" / name
             # The encoder's data and split (data.like), whatever data the baseline's preset names.
-            same_data = ["data.name=''", f"data.like={encoder}"]
+            same_data = ["data.name=", f"data.like={encoder}"]
             argv = [*shlex.split(baseline), *same_data, *shlex.split(line), f"run.dir={classifier}"]
             steps.append(Step(f"baseline:{name}", _script("finetune", *argv), list(needs_encoder)))
             evaluations(f"baseline-{name}", classifier, [f"baseline:{name}"])
