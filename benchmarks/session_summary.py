@@ -97,8 +97,17 @@ def purify_rows(rows: Sequence[dict[str, Any]] | None) -> list[str]:
     return out
 
 
-def training_rows(method: str, csv_path: Path | None, metrics: dict[str, Any] | None) -> list[str]:
-    """Epochs reached, wall time, kNN accuracy (last and best) and in-loop images/s."""
+def training_rows(
+    method: str,
+    csv_path: Path | None,
+    metrics: dict[str, Any] | None,
+    wall_s: float | None = None,
+) -> list[str]:
+    """Epochs reached, wall time, kNN accuracy (last and best) and in-loop images/s.
+
+    ``wall_s``: the seconds scripts/pretrain.py ran, start-up (imports, decoding the images,
+    compilation) included: the target's measure. Without it the row is the fit's own time,
+    which leaves start-up out and is not judged."""
     knn: list[tuple[int, float]] = []
     ips: list[float] = []
     if csv_path is not None and csv_path.is_file():
@@ -115,12 +124,22 @@ def training_rows(method: str, csv_path: Path | None, metrics: dict[str, Any] | 
     rows = []
     fit_s = metrics.get("perf/fit_time_s")
     epochs = metrics.get("epochs")
+    done = f" ({epochs:.0f} epochs)" if epochs is not None else ""
+    if wall_s is not None:
+        rows.append(
+            _row(
+                f"{method} CIFAR-10 200 epochs, wall time incl. start-up",
+                f"{wall_s:.0f} s{done}",
+                f"< {TARGET_TRAIN_S:.0f} s",
+                _verdict(wall_s < TARGET_TRAIN_S and epochs == 200),
+            )
+        )
     rows.append(
         _row(
-            f"{method} CIFAR-10 200 epochs, wall time of fit",
-            "-" if fit_s is None else f"{fit_s:.0f} s ({epochs:.0f} epochs)",
-            f"< {TARGET_TRAIN_S:.0f} s incl. start-up",
-            _verdict(None if fit_s is None else fit_s < TARGET_TRAIN_S and epochs == 200),
+            f"{method} CIFAR-10, time in fit (start-up excluded)",
+            "-" if fit_s is None else f"{fit_s:.0f} s{done}",
+            "-",
+            "-",
         )
     )
     if ips:
@@ -150,15 +169,21 @@ def summarize(
     method: str,
     csv_path: Path | None,
     metrics: dict[str, Any] | None,
+    wall_s: float | None = None,
 ) -> str:
     """The Markdown table (header included)."""
     bench = bench or {}
+    failed = {part: r["error"] for part, r in bench.items() if isinstance(r, dict) and "error" in r}
     lines = [
         _row("measure", "figure", "target", "verdict"),
         _row("---", "---", "---", "---"),
-        *pretrain_rows(bench.get("pretrain")),
-        *purify_rows(bench.get("purify")),
-        *training_rows(method, csv_path, metrics),
+        *[
+            _row(f"{part} benchmark", f"failed: {error}", "-", "**failed**")
+            for part, error in failed.items()
+        ],
+        *pretrain_rows(None if "pretrain" in failed else bench.get("pretrain")),
+        *purify_rows(None if "purify" in failed else bench.get("purify")),
+        *training_rows(method, csv_path, metrics, wall_s),
     ]
     return "\n".join(lines)
 
@@ -175,8 +200,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument("--csv", type=Path, help="the training run's logs/version_0/metrics.csv")
     p.add_argument("--metrics", type=Path, help="the training run's metrics.json")
     p.add_argument("--method", default="simclr", choices=sorted(KNN_REFERENCE))
+    p.add_argument(
+        "--train-wall-s", type=float, help="seconds scripts/pretrain.py ran, start-up included"
+    )
     a = p.parse_args(argv)
-    table = summarize(_load(a.bench), a.method, a.csv, _load(a.metrics))
+    table = summarize(_load(a.bench), a.method, a.csv, _load(a.metrics), a.train_wall_s)
     print(table)
     return table
 

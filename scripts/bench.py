@@ -11,6 +11,7 @@ OOD feature scores vs a float64 reference.
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,11 @@ if __name__ == "__main__":
     for part in PARTS:
         if part not in a.only:
             continue
-        results[part] = mains[part](flag)
+        try:
+            results[part] = mains[part](flag)
+        except Exception as err:  # one part's failure must not cost the parts after it
+            traceback.print_exc()
+            results[part] = {"error": repr(err)}
         if a.json:  # after every part, so a run stopped half-way keeps what it measured
             a.json.parent.mkdir(parents=True, exist_ok=True)
             tmp = a.json.with_suffix(".tmp")
@@ -47,3 +52,7 @@ if __name__ == "__main__":
             tmp.replace(a.json)
     if a.json:
         print(f"wrote {a.json}")
+    failed = [part for part, r in results.items() if isinstance(r, dict) and "error" in r]
+    if failed:
+        print(f"error: benchmark parts failed: {', '.join(failed)} (tracebacks above)")
+        sys.exit(1)

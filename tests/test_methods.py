@@ -287,3 +287,45 @@ def test_norms_and_biases_decay_only_when_asked(decay_all: bool) -> None:
     norm_bias = [p for p in backbone.parameters() if p.ndim <= 1]
     assert norm_bias and all(decay_of[id(p)] == (5e-4 if decay_all else 0.0) for p in norm_bias)
     assert all(decay_of[id(p)] == 5e-4 for p in backbone.parameters() if p.ndim > 1)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_model_compile_compiles_every_encoder_a_step_runs(
+    name: str, tiny_pretrain_cfg: Callable[..., DictConfig]
+) -> None:
+    """BYOL deep-copies its backbone for the momentum target before model.compile applies:
+    compiling only `backbone` left the target running eagerly in every step."""
+    from ssl_robust.methods import compile_backbones
+
+    cfg = tiny_pretrain_cfg(f"method={name}")
+    method = build_method(cfg, build_backbone("convnet", 4), 10)
+    keys = set(method.state_dict())
+    compile_backbones(method)
+    encoders = [m for n, m in method.named_children() if n in ("backbone", "backbone_momentum")]
+    assert len(encoders) == (2 if name == "byol" else 1)
+    assert all(m._compiled_call_impl is not None for m in encoders)
+    assert set(method.state_dict()) == keys  # checkpoints and exports keep their keys
+
+
+def test_the_knn_monitor_runs_in_float32_under_bf16_autocast() -> None:
+    """lightly's benchmark (84.8 / 86.8) computed the similarities in float32; under a bf16
+    autocast they were bf16 products."""
+    torch.manual_seed(0)
+    bank = torch.randn(500, 64)
+    bank_labels = torch.randint(0, 10, (500,))
+    query = bank[:200] + 0.3 * torch.randn(200, 64)
+    labels = bank_labels[:200]
+    plain = knn_accuracy_counts(query, labels, bank, bank_labels, 10, k=20, t=0.1)
+    seen = []
+    real_mm = torch.mm
+
+    def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = real_mm(a, b)
+        seen.append(out.dtype)
+        return out
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "mm", mm)
+        under_autocast = knn_accuracy_counts(query, labels, bank, bank_labels, 10, k=20, t=0.1)
+    assert seen and all(d == torch.float32 for d in seen)
+    assert int(under_autocast) == int(plain)

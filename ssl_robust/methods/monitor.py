@@ -32,7 +32,9 @@ def knn_accuracy_counts(
     """
     q = F.normalize(query.float(), dim=1)  # (B, D)
     b = F.normalize(bank.float(), dim=1).t().contiguous()  # (D, N): lightly's layout
-    pred = knn_predict(q, b, bank_labels, num_classes, knn_k=min(k, b.shape[1]), knn_t=t)
+    # In float32 under a bf16 autocast too, as lightly's benchmark (and its accuracies) did.
+    with torch.autocast(q.device.type, enabled=False):
+        pred = knn_predict(q, b, bank_labels, num_classes, knn_k=min(k, b.shape[1]), knn_t=t)
     return (pred[:, 0] == query_labels).sum()
 
 

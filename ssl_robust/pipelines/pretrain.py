@@ -28,7 +28,7 @@ from ssl_robust.launch.trainer import (
     checkpoint_callbacks,
     write_json,
 )
-from ssl_robust.methods import METHODS
+from ssl_robust.methods import METHODS, compile_backbones
 from ssl_robust.methods.optim import OptimizerSpec
 from ssl_robust.models.backbones import Encoder, build_backbone
 from ssl_robust.models.export import EncoderMeta, export_encoder
@@ -195,7 +195,7 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
     if cfg.trainer.channels_last:
         method = method.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if cfg.model.compile:
-        backbone.compile()  # in place: state_dict keys and the exported encoder stay the same
+        compile_backbones(method)
 
     figures: list[Callback] = []
     if cfg.monitor.views_figure > 0:
