@@ -256,38 +256,43 @@ def main(
         return 0
 
     run = pipeline or _load_pipeline(job)
+    status = EXIT_ERROR  # an exception that propagates
     try:
         run(cfg)
+        status = 0
     except ConfigError as err:
         _error(str(err))
-        return EXIT_USAGE
+        status = EXIT_USAGE
     except (ValueError, FileNotFoundError) as err:
         if os.environ.get(TRACEBACK_ENV) == "1" or not _user_facing(err):
             raise
         _error(str(err))
-        return EXIT_ERROR
+        status = EXIT_ERROR
     except KeyboardInterrupt:
+        status = EXIT_INTERRUPTED
         if os.environ.get(TRACEBACK_ENV) == "1":
             raise
         _error(
             "interrupted; the run directory keeps what was finished (checkpoints, stored "
             "units): run the same command again to resume"
         )
-        return EXIT_INTERRUPTED
+    except SystemExit as exit_:  # a SLURM requeue stops with 0
+        status = exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
+        raise
     finally:
         release_process_group()
-        finish_wandb()
-    return 0
+        finish_wandb(status)
+    return status
 
 
-def finish_wandb() -> None:
-    """Finish the job's wandb run, if it has one, before the process exits: left open, wandb's
-    service closes it at exit with its own coloured lines in the job's log (and a run the
-    interpreter shuts down first may miss its last records). Looked up in ``sys.modules``: a
-    job without wandb never imports it here."""
+def finish_wandb(status: int = 0) -> None:
+    """Finish the job's wandb run, if it has one, with the job's exit status (wandb shows a
+    non-zero one as failed), before the process exits: left open, wandb's service closes it at
+    exit with its own coloured lines in the job's log. Looked up in ``sys.modules``: a job
+    without wandb never imports it here."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
+        wandb.finish(exit_code=status)
 
 
 def release_process_group() -> None:

@@ -12,7 +12,7 @@ import yaml
 from omegaconf import DictConfig
 
 from ssl_robust.cli import EXIT_ERROR, EXIT_USAGE, PIPELINES, ArgumentParser, main, script_name
-from ssl_robust.config import SCHEMAS, job_choices, load_config, schema_keys, to_dict
+from ssl_robust.config import SCHEMAS, ConfigError, job_choices, load_config, schema_keys, to_dict
 from ssl_robust.config.common import DataConfig
 from ssl_robust.config.describe import field_comments, format_value
 from ssl_robust.config.finetune import FinetuneDataConfig
@@ -346,3 +346,28 @@ def test_a_job_finishes_its_wandb_run_before_it_returns(tmp_path: Path) -> None:
     assert wandb.run is None
     (folder,) = (tmp_path / "wandb").glob("offline-run-*")
     assert list(folder.glob("run-*.wandb"))
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [(None, 0), (ConfigError("bad"), 2), (RuntimeError("a bug"), 1), (KeyboardInterrupt(), 130)],
+)
+def test_the_wandb_run_ends_with_the_jobs_exit_status(
+    monkeypatch: pytest.MonkeyPatch, error: BaseException | None, status: int
+) -> None:
+    """A failed or interrupted job showed in wandb as finished (exit code 0)."""
+    wandb = pytest.importorskip("wandb")
+    codes: list[int] = []
+    monkeypatch.setattr(wandb, "run", object())  # a run the job opened
+    monkeypatch.setattr(wandb, "finish", lambda exit_code=None: codes.append(exit_code))
+
+    def job(cfg: DictConfig) -> None:
+        if error is not None:
+            raise error
+
+    if isinstance(error, RuntimeError):  # not ours: it keeps its traceback
+        with pytest.raises(RuntimeError):
+            main("evaluate", ["classifier.run=x"], pipeline=job)
+    else:
+        assert main("evaluate", ["classifier.run=x"], pipeline=job) == status
+    assert codes == [status]

@@ -135,6 +135,9 @@ def test_fewer_epochs_than_a_run_has_trained_are_refused(
     assert _contents(run) == before
     assert pretrain(tiny_pretrain_cfg("trainer.max_epochs=2"))["epochs"] == 2  # same: fine
     assert f"{run} is complete (2 epochs): nothing trained" in capsys.readouterr().out
+    # An extension trains, and says nothing of the kind (the fit rewrites last.ckpt).
+    assert pretrain(tiny_pretrain_cfg("trainer.max_epochs=3"))["epochs"] == 3
+    assert "nothing trained" not in capsys.readouterr().out
 
 
 def test_denoised_views_of_another_size_or_schedule_are_refused_before_writing(

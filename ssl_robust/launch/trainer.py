@@ -9,7 +9,7 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -251,8 +251,19 @@ def fit(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
     """``trainer.fit``, with Ctrl-C raised as ``KeyboardInterrupt``: Lightning shuts down
     gracefully and then calls ``sys.exit(1)``, the status of bad input, with no word of why
     (a SLURM requeue's ``SystemExit(0)`` passes through)."""
+    _interruptible(trainer, trainer.fit, *args, **kwargs)
+
+
+def test(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+    """``trainer.test``, with Ctrl-C raised as ``KeyboardInterrupt`` (see :func:`fit`)."""
+    _interruptible(trainer, trainer.test, *args, **kwargs)
+
+
+def _interruptible(
+    trainer: pl.Trainer, call: Callable[..., Any], *args: Any, **kwargs: Any
+) -> None:
     try:
-        trainer.fit(*args, **kwargs)
+        call(*args, **kwargs)
     except SystemExit as exit_:
         if exit_.code == 1 and trainer.interrupted:
             raise KeyboardInterrupt from None

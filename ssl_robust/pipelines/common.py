@@ -150,19 +150,21 @@ def fit_resumable(
     seconds ``fit`` took.
     """
     ckpt = resume_checkpoint(run_dir, resume)
+    saved_step = None
     if ckpt and trainer.is_global_zero:
         console.print(f"Resuming from {ckpt}", soft_wrap=True)
+        # Read before the fit: it rewrites last.ckpt.
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
+        saved_step = saved.get("global_step") if isinstance(saved, dict) else None
     start = time.perf_counter()
     fit(trainer, module, ckpt_path=ckpt, **fit_kwargs)
     elapsed = time.perf_counter() - start
-    if ckpt and trainer.is_global_zero:
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-        if isinstance(saved, dict) and saved.get("global_step") == trainer.global_step:
-            console.print(
-                f"{run_dir} is complete ({trainer.current_epoch} epochs): nothing trained; "
-                "raise trainer.max_epochs to extend it",
-                soft_wrap=True,
-            )
+    if saved_step is not None and saved_step == trainer.global_step:
+        console.print(
+            f"{run_dir} is complete ({trainer.current_epoch} epochs): nothing trained; "
+            "raise trainer.max_epochs to extend it",
+            soft_wrap=True,
+        )
     metrics = read_json(run_dir / "metrics.json") if ckpt else {}
     metrics.update(final_metrics(trainer))
     if best_metric is not None:

@@ -68,6 +68,7 @@ from ssl_robust.launch.trainer import (
     fit,
     read_json,
     resume_checkpoint,
+    test,
     write_json,
 )
 from ssl_robust.models.backbones import Encoder, build_backbone
@@ -376,7 +377,7 @@ def _test_purified(trainer: pl.Trainer, job: _Job, clean: bool, metrics: dict[st
     loader = _image_loader(job.splits.val, d.eval_batch_size, d.num_workers)
     module = ClassifierTest(job.classifier, job.purifier, seed=job.cfg.purify.seed, clean=clean)
     start = time.perf_counter()
-    trainer.test(module, dataloaders=loader, verbose=False)
+    test(trainer, module, dataloaders=loader, verbose=False)
     metrics.update(final_metrics(trainer))
     if job.purifier is not None:
         metrics["purify/nfe"] = float(job.purifier.nfe)
@@ -450,7 +451,7 @@ def run_linear(
             eval_loader(TensorDataset(shifted, feats.eval_labels), cfg.data.eval_batch_size)
         )
     _fit(trainer, probe, train_loader, val_loaders, job, metrics)
-    trainer.test(probe, dataloaders=eval_features, verbose=False)
+    test(trainer, probe, dataloaders=eval_features, verbose=False)
     metrics.update(final_metrics(trainer))
     metrics.update(probe.derived)
     clf.head = probe.folded_head()
