@@ -156,3 +156,32 @@ def test_denoised_views_of_another_size_or_schedule_are_refused_before_writing(
     with pytest.raises(ConfigError, match=r"denoise \(run .*\): need 0 <= t_min <= t_max <= 100"):
         pretrain(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_fast_dev_runs_of_other_jobs_or_launches_never_share_a_scratch_directory(
+    tiny_pretrain_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keyed by run.dir alone, a pretraining and a denoiser smoke test from one folder shared
+    it: the second was refused ("holds a pretraining run") and deleted the first's files."""
+    from ssl_robust.pipelines.common import smoke_in_scratch
+
+    seen: list[str] = []
+
+    def pretrain(cfg: DictConfig) -> dict[str, float]:
+        seen.append(str(cfg.run.dir))
+        return {}
+
+    def train_denoiser(cfg: DictConfig) -> dict[str, float]:
+        seen.append(str(cfg.run.dir))
+        return {}
+
+    cfg = tiny_pretrain_cfg("trainer.fast_dev_run=true")
+    smoke_in_scratch(pretrain)(cfg)
+    smoke_in_scratch(train_denoiser)(cfg)
+    smoke_in_scratch(pretrain)(cfg)  # the same job and launch: the same folder
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    smoke_in_scratch(pretrain)(cfg)  # another launch
+    assert seen[0] == seen[2] and len(set(seen)) == 3
+    assert all(Path(s).name.startswith("ssl_robust-fast_dev_run-") for s in seen)
+    assert not any(Path(s).exists() for s in seen)  # removed after each

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import getpass
 import hashlib
+import os
 import shutil
 import tempfile
 import time
@@ -21,7 +23,7 @@ from rich.table import Table
 from ssl_robust.config import ConfigError, to_dict
 from ssl_robust.data.datasets import Splits, build_splits
 from ssl_robust.launch.curves import plot_training_curves
-from ssl_robust.launch.distributed import is_global_zero
+from ssl_robust.launch.distributed import local_rank
 from ssl_robust.launch.perf import EpochThroughput, FitClock, steady_throughput
 from ssl_robust.launch.trainer import (
     fit,
@@ -35,18 +37,34 @@ console = Console()
 Pipeline = TypeVar("Pipeline", bound=Callable[..., dict[str, float]])
 
 
+SMOKE_ID_ENV = "SSL_ROBUST_SMOKE_ID"
+
+
+def _launch_id() -> str:
+    """One id for every rank of this launch: SLURM's job step, torchrun's run, else the first
+    process's pid (exported, so the ranks Lightning starts as child processes inherit it)."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '')}"
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        return f"torchrun{os.environ['TORCHELASTIC_RUN_ID']}"
+    return os.environ.setdefault(SMOKE_ID_ENV, f"pid{os.getpid()}")
+
+
 def smoke_in_scratch(pipeline: Pipeline) -> Pipeline:
     """A training pipeline that runs ``trainer.fast_dev_run`` in a scratch run directory,
     removed at the end: a smoke test on an existing run touches nothing of it (no rewritten
     config.yaml or curves, no resume of its checkpoint, no deleted ones with run.resume=false).
-    The scratch path is the same for every rank of a job (it depends on run.dir only)."""
+    The scratch path is the same for every rank of one launch and differs between jobs,
+    launches and users."""
 
     @functools.wraps(pipeline)
     def run(cfg: DictConfig, *args: Any, **kwargs: Any) -> dict[str, float]:
         if not cfg.trainer.fast_dev_run:
             return pipeline(cfg, *args, **kwargs)
-        key = hashlib.sha1(str(Path(cfg.run.dir or ".").resolve()).encode()).hexdigest()[:12]
-        scratch = Path(tempfile.gettempdir()) / f"ssl_robust-fast_dev_run-{key}"
+        what = f"{pipeline.__name__} {Path(cfg.run.dir or '.').resolve()} {_launch_id()}"
+        key = hashlib.sha1(what.encode()).hexdigest()[:12]
+        user = getpass.getuser()
+        scratch = Path(tempfile.gettempdir()) / f"ssl_robust-fast_dev_run-{user}-{key}"
         smoke = cfg.copy()
         with open_dict(smoke):
             smoke.run.dir = str(scratch)
@@ -54,7 +72,7 @@ def smoke_in_scratch(pipeline: Pipeline) -> Pipeline:
         try:
             return pipeline(smoke, *args, **kwargs)
         finally:
-            if is_global_zero():
+            if local_rank() == 0:  # one process on each node (its /tmp)
                 shutil.rmtree(scratch, ignore_errors=True)
 
     return cast(Pipeline, run)
