@@ -513,6 +513,15 @@ def test_cifar10_anchors_only_on_cifar10_and_the_data_row_says_what_was_read() -
     del report["meta"]["data_config"]
     report["meta"]["data"] = "cifar10 validation split (data), 32 px"
     assert "Anchors for context" in render_markdown(report)
+    # An image folder of CIFAR-10's ten classes (the *_cifar10_folder presets) is CIFAR-10.
+    folder = {"name": "imagefolder", "root": "/data/cifar10-jpeg", "image_size": 32}
+    report["meta"] |= {"data": "imagefolder", "data_config": folder}
+    report["per_class"] = {"images": [100] * 10, "clean": [0.9] * 10, "classes": [
+        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"
+    ]}  # fmt: skip
+    assert "Anchors for context" in render_markdown(report)
+    report["per_class"]["classes"] = [f"c{i}" for i in range(10)]
+    assert "Anchors for context" not in render_markdown(report)
 
 
 def _sanity_report() -> dict[str, Any]:

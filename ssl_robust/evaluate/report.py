@@ -1138,7 +1138,7 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
     )
     section("Out-of-distribution detection", ["ood"], _ood_text(report), "ood_hist")
     section("Latency and throughput", ["perf"])
-    if _dataset(meta) == "cifar10":  # published CIFAR-10 numbers: no yardstick for other data
+    if _is_cifar10(meta, report):  # published CIFAR-10 numbers: no yardstick for other data
         out += ["## Anchors for context (CIFAR-10; RobustBench entries)", "", _anchors_md(), ""]
     return "\n".join(out)
 
@@ -1146,6 +1146,17 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
 def _yes_no(value: Any) -> str:
     """A flag as the report writes it: yes / no (unknown: "–")."""
     return "–" if value is None else ("yes" if value else "no")
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")  # fmt: skip
+
+
+def _is_cifar10(meta: dict[str, Any], report: dict[str, Any]) -> bool:
+    """CIFAR-10 by name, or an image folder of its ten classes (the *_cifar10_folder presets'
+    JPEG tree)."""
+    classes = tuple((report.get("per_class") or {}).get("classes") or ())
+    return _dataset(meta) == "cifar10" or classes == CIFAR10_CLASSES
 
 
 def _dataset(meta: dict[str, Any]) -> str | None:
