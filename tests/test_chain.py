@@ -378,6 +378,10 @@ def test_purify_shards_are_checked_as_the_array_tasks_run_them(tmp_path: Path) -
     assert "set adv.shards in 1..2" in error
     with pytest.raises(ValueError, match=r"purify_shards \(3\) sets the purified evaluations"):
         plan_chain(tmp_path / "r", pretrain="", purify_shards=3)
+    for option in ("evaluate", "purify"):
+        with pytest.raises(ValueError, match=rf"{option} .* sets adv.shards, which the chain"):
+            plan_chain(tmp_path / "r", **{**plan, option: "adv.shards=2"}, purify_shards=3)  # type: ignore[arg-type]
+    assert plan_chain(tmp_path / "r", **{**plan, "purify": "adv.shards=2"})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="purify_shards must be >= 1, got 0"):
         plan_chain(tmp_path / "r", **plan, purify_shards=0)  # type: ignore[arg-type]
 
@@ -390,6 +394,7 @@ def test_purify_shards_are_checked_as_the_array_tasks_run_them(tmp_path: Path) -
         ("evaluate", "quick classifier.run=/some/classifier", "classifier.run"),
         ("purify", "purifier.run=/another/denoiser", "purifier.run"),
         ("baseline", "supervised_cifar10 data.like=/x", "data.like"),
+        ("baseline", "supervised_cifar10 data.name=cifar100", "data.name"),
     ],
 )
 def test_keys_the_chain_sets_are_refused_in_the_phase_arguments(

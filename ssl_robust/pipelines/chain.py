@@ -103,7 +103,7 @@ _SET_BY_CHAIN = {
     "finetune": ("run.dir", "encoder.run"),
     "evaluate": ("run.dir", "classifier.run", "purifier.run"),
     "purify": ("run.dir", "classifier.run", "purifier.run"),
-    "baseline": ("run.dir", "data.like"),
+    "baseline": ("run.dir", "data.like", "data.name"),
 }
 _SET_BY_CHAIN_WHY = {
     "run.dir": "each phase's run directory lies under the runs folder; a sweep line may set "
@@ -112,6 +112,8 @@ _SET_BY_CHAIN_WHY = {
     "classifier.run": "each fine-tuned classifier in turn",
     "purifier.run": "the denoiser run, or --denoiser-run",
     "data.like": "the encoder's data",
+    "data.name": "the encoder's data, through data.like",
+    "adv.shards": "--purify-shards",
 }
 
 
@@ -172,6 +174,13 @@ def plan_chain(
                 raise ValueError(
                     f"{option} ({args!r}) sets {key}, which the chain sets for every "
                     f"{option} step ({_SET_BY_CHAIN_WHY[key]}); leave it out"
+                )
+    if purify_shards > 1:
+        for option, args in (("evaluate", evaluate), ("purify", purify)):
+            if any(w.startswith("adv.shards=") for w in shlex.split(args)):
+                raise ValueError(
+                    f"{option} ({args!r}) sets adv.shards, which the chain sets for every "
+                    f"purified evaluation ({_SET_BY_CHAIN_WHY['adv.shards']}); leave it out"
                 )
     if purify_shards < 1:
         raise ValueError(f"purify_shards must be >= 1, got {purify_shards}")
