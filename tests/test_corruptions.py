@@ -959,3 +959,33 @@ def test_corrupted_source_is_a_seeded_shifted_twin() -> None:
         corrupted_source(source, 3, names=[])
     with pytest.raises(ValueError, match="severity"):
         corrupted_source(source, 0)
+
+
+def test_an_in_memory_twin_is_kept_in_its_cache_and_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarted run read the twin from its cache instead of corrupting every image again."""
+    from ssl_robust.data.datasets import ArraySource
+
+    rng = np.random.default_rng(0)
+    source = ArraySource(
+        rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8), np.arange(12) % 3, ["a", "b", "c"]
+    )
+    made = C.corrupted_source(source, 3, seed=0, cache_dir=tmp_path)
+    (cached,) = tmp_path.glob("twin-*.npy")
+    np.testing.assert_array_equal(np.load(cached), made.images)
+
+    def never(self: object, index: int) -> np.ndarray:
+        raise AssertionError("the twin was made again")
+
+    monkeypatch.setattr(C.CorruptedSource, "array", never)
+    again = C.corrupted_source(source, 3, seed=0, cache_dir=tmp_path)
+    np.testing.assert_array_equal(again.images, made.images)
+    np.testing.assert_array_equal(again.labels, source.labels)
+    monkeypatch.undo()
+    # Another severity, seed or set of images is another twin.
+    C.corrupted_source(source, 4, seed=0, cache_dir=tmp_path)
+    C.corrupted_source(source, 3, seed=1, cache_dir=tmp_path)
+    other = ArraySource(source.images[::-1].copy(), source.labels, list(source.classes))
+    C.corrupted_source(other, 3, seed=0, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("twin-*.npy"))) == 4

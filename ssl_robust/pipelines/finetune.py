@@ -349,7 +349,10 @@ def _val_shift(job: _Job) -> ImageSource:
     monitor's, each image under one of the 15 corruptions, the same for every run."""
     from ssl_robust.evaluate.corruptions import corrupted_source
 
-    return corrupted_source(job.splits.val, int(job.cfg.data.val_shift_severity), seed=0)
+    # Kept beside the encoder's cached features: every fine-tuning of it reads the same twin.
+    home = job.encoder_dir if job.encoder_dir is not None else job.run_dir
+    severity = int(job.cfg.data.val_shift_severity)
+    return corrupted_source(job.splits.val, severity, seed=0, cache_dir=home / "cache")
 
 
 def _trainer(job: _Job, callbacks: Sequence[Callback]) -> pl.Trainer:

@@ -175,7 +175,9 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
 
         # A fixed seed, not run.seed: every run is scored on the same shifted images (like the
         # clean val split), on every rank and after every restart.
-        val_shift = corrupted_source(splits.val, int(cfg.monitor.shift_severity), seed=0)
+        # Kept in the run directory: a resumed or requeued run reads it instead of making it.
+        severity = int(cfg.monitor.shift_severity)
+        val_shift = corrupted_source(splits.val, severity, seed=0, cache_dir=run_dir / "cache")
     datamodule = SSLDataModule(
         train=splits.unsupervised_train(),
         val=splits.val,
