@@ -1,4 +1,5 @@
-"""Lightning callbacks the tests use to interrupt runs the ways real runs get interrupted."""
+"""Lightning callbacks the tests use: to interrupt runs the ways real runs get interrupted,
+and to count what a fit ran."""
 
 from __future__ import annotations
 
@@ -31,3 +32,17 @@ class CheckpointMidEpoch(pl.Callback):
         if trainer.global_step == self.step:
             trainer.save_checkpoint(Path(trainer.default_root_dir) / "hpc_ckpt_1.ckpt")
             raise SystemExit(0)
+
+
+class CountBatches(pl.Callback):
+    """Counts the training and validation batches a fit runs."""
+
+    def __init__(self) -> None:
+        self.train = 0
+        self.val = 0
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self.train += 1
+
+    def on_validation_batch_start(self, *args: object) -> None:
+        self.val += 1

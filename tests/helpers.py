@@ -38,3 +38,16 @@ def clean_env(**extra: str) -> dict[str, str]:
     names = {"WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"}
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop) and k not in names}
     return {**env, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **extra}
+
+
+class TickingClock:
+    """Stands for the ``time`` module of :mod:`ssl_robust.launch.perf`: each read of
+    ``perf_counter`` is ``step_s`` later than the one before."""
+
+    def __init__(self, step_s: float) -> None:
+        self.step_s = step_s
+        self.reads = 0
+
+    def perf_counter(self) -> float:
+        self.reads += 1
+        return self.reads * self.step_s

@@ -24,7 +24,8 @@ from ssl_robust.methods.monitor import knn_accuracy_counts
 from ssl_robust.models.export import load_encoder
 from ssl_robust.pipelines import pretrain
 from ssl_robust.pipelines.common import build_data
-from tests.callbacks import CheckpointMidEpoch, StopAfterEpoch
+from tests.callbacks import CheckpointMidEpoch, CountBatches, StopAfterEpoch
+from tests.helpers import TickingClock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,33 +155,6 @@ def _same_history(full: Path, part: Path) -> None:
             np.testing.assert_allclose(v_part, v_full, rtol=1e-5, err_msg=key)
 
 
-class _CountBatches(pl.Callback):
-    """Counts the training and validation batches a fit runs."""
-
-    def __init__(self) -> None:
-        self.train = 0
-        self.val = 0
-
-    def on_train_batch_start(self, *args: object) -> None:
-        self.train += 1
-
-    def on_validation_batch_start(self, *args: object) -> None:
-        self.val += 1
-
-
-class _TickingClock:
-    """Stands for the ``time`` module of :mod:`ssl_robust.launch.perf`: each read of
-    ``perf_counter`` is ``step_s`` later than the one before."""
-
-    def __init__(self, step_s: float) -> None:
-        self.step_s = step_s
-        self.reads = 0
-
-    def perf_counter(self) -> float:
-        self.reads += 1
-        return self.reads * self.step_s
-
-
 def test_rerunning_a_finished_run_does_not_retrain(
     tiny_pretrain_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -197,9 +171,9 @@ def test_rerunning_a_finished_run_does_not_retrain(
     fit_s = ckpt["callbacks"]["FitClock"]["fit_s"]  # the fit time up to the checkpoint
     # The rerun's fit lasts 7 s of a fake clock: read when the fit starts and when it ends,
     # and by nothing else (an epoch or a checkpoint would read it too).
-    clock = _TickingClock(7.0)
+    clock = TickingClock(7.0)
     monkeypatch.setattr(perf, "time", clock)
-    batches = _CountBatches()
+    batches = CountBatches()
     again = pretrain(cfg, callbacks=[batches])
     # Nothing trained or validated, no checkpoint written; the same weights exported again.
     assert (batches.train, batches.val) == (0, 0)

@@ -20,7 +20,8 @@ from ssl_robust.data.datasets import build_splits
 from ssl_robust.data.images import ImageDataModule
 from ssl_robust.pipelines.denoiser import build_denoiser, train_denoiser
 from ssl_robust.purify import SAMPLERS, UNET_PRESETS, load_denoiser
-from tests.callbacks import CheckpointMidEpoch, StopAfterEpoch
+from tests.callbacks import CheckpointMidEpoch, CountBatches, StopAfterEpoch
+from tests.helpers import TickingClock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -158,33 +159,6 @@ def test_train_denoiser_writes_the_run_directory(
     assert latest == (samples / "epoch_0002_purify.png").read_bytes()
 
 
-class CountSteps(pl.Callback):
-    """Counts the training and validation batches a fit runs."""
-
-    def __init__(self) -> None:
-        self.train = 0
-        self.val = 0
-
-    def on_train_batch_start(self, *args: object) -> None:
-        self.train += 1
-
-    def on_validation_batch_start(self, *args: object) -> None:
-        self.val += 1
-
-
-class TickingClock:
-    """Stands for the ``time`` module of :mod:`ssl_robust.launch.perf`: each read of
-    ``perf_counter`` is ``step_s`` later than the one before."""
-
-    def __init__(self, step_s: float) -> None:
-        self.step_s = step_s
-        self.reads = 0
-
-    def perf_counter(self) -> float:
-        self.reads += 1
-        return self.reads * self.step_s
-
-
 def test_rerun_of_a_finished_run_does_not_retrain(
     tiny_denoiser_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -201,7 +175,7 @@ def test_rerun_of_a_finished_run_does_not_retrain(
     # and by nothing else (an epoch or a checkpoint would read it too).
     clock = TickingClock(7.0)
     monkeypatch.setattr(perf, "time", clock)
-    start, steps = RecordStartStep(), CountSteps()
+    start, steps = RecordStartStep(), CountBatches()
     second = train_denoiser(cfg, callbacks=[start, steps])
     assert start.step is None  # restored at the end: the training loop never started
     assert (steps.train, steps.val) == (0, 0)
