@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import Callback
 from ssl_robust.config import ConfigError, save_config, to_dict
 from ssl_robust.config.common import RUN_ONLY_KEYS
 from ssl_robust.data.images import ImageDataModule
+from ssl_robust.launch.distributed import check_world_size
 from ssl_robust.launch.trainer import (
     ConfigInCheckpoint,
     build_loggers,
@@ -102,6 +103,9 @@ def train_denoiser(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[
 
     # Build everything that can fail on bad input before any file is written.
     check_config(cfg)
+    # The launched processes against devices x num_nodes, before the run directory is touched
+    # (build_trainer checks again).
+    check_world_size(cfg.trainer.devices, cfg.trainer.num_nodes)
     check_phase(run_dir, "denoiser")
     check_resumable(run_dir, cfg, resume_settings, "denoiser")
     splits = build_data(cfg, run_dir, with_unlabeled=True)

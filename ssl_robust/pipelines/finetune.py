@@ -59,7 +59,7 @@ from ssl_robust.finetune.features import (
 )
 from ssl_robust.finetune.model import Classifier
 from ssl_robust.finetune.modules import ClassifierTest, FineTuner, LinearProbe
-from ssl_robust.launch.distributed import local_rank
+from ssl_robust.launch.distributed import check_world_size, local_rank
 from ssl_robust.launch.trainer import (
     ConfigInCheckpoint,
     build_loggers,
@@ -679,6 +679,8 @@ def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
         )
     run_dir = default_run_dir(cfg, spec)
     check_phase(run_dir, "finetune")
+    # The launched processes against devices x num_nodes, before anything is written.
+    check_world_size(cfg.trainer.devices, cfg.trainer.num_nodes)
     _check_same_job(run_dir, cfg)
     # A run that would resume must ask for the training its checkpoint holds. Without
     # subset.json the subset's request is compared here; with it, by its own check.

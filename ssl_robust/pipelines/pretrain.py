@@ -19,6 +19,7 @@ from ssl_robust.data.transforms import (
     gpu_view_transforms,
     view_transform,
 )
+from ssl_robust.launch.distributed import check_world_size
 from ssl_robust.launch.figures import ViewsFigure
 from ssl_robust.launch.trainer import (
     ConfigInCheckpoint,
@@ -123,6 +124,9 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
 
     # Build everything that can fail on bad input before any file is written.
     check_config(cfg)
+    # The launched processes against devices x num_nodes, before the run directory is touched
+    # (build_trainer checks again).
+    check_world_size(cfg.trainer.devices, cfg.trainer.num_nodes)
     check_phase(run_dir, "pretrain")
     check_resumable(run_dir, cfg, resume_settings, "pretraining")
     backbone = build_backbone(cfg.model.backbone, cfg.model.width)
