@@ -63,7 +63,10 @@ def smoke_in_scratch(pipeline: Pipeline) -> Pipeline:
             return pipeline(cfg, *args, **kwargs)
         what = f"{pipeline.__name__} {Path(cfg.run.dir or '.').resolve()} {_launch_id()}"
         key = hashlib.sha1(what.encode()).hexdigest()[:12]
-        user = getpass.getuser()
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):  # no passwd entry (some containers)
+            user = str(os.getuid())
         scratch = Path(tempfile.gettempdir()) / f"ssl_robust-fast_dev_run-{user}-{key}"
         smoke = cfg.copy()
         with open_dict(smoke):
