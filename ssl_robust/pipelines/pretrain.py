@@ -74,7 +74,10 @@ def check_config(cfg: DictConfig) -> None:
     if d.t_min > d.t_max:
         raise ConfigError(f"denoise.t_min ({d.t_min}) must be <= denoise.t_max ({d.t_max})")
     try:
-        build_backbone(str(cfg.model.backbone), int(cfg.model.width))
+        # A throwaway build: in a forked random state, so the run's own weights are those it
+        # would get without this check.
+        with torch.random.fork_rng(devices=[]):
+            build_backbone(str(cfg.model.backbone), int(cfg.model.width))
     except ValueError as err:
         raise ConfigError(f"model.backbone: {err}") from err
 
