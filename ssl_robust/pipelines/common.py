@@ -171,21 +171,11 @@ def fit_resumable(
     seconds ``fit`` took.
     """
     ckpt = resume_checkpoint(run_dir, resume)
-    saved_step = None
     if ckpt and trainer.is_global_zero:
         console.print(f"Resuming from {ckpt}", soft_wrap=True)
-        # Read before the fit: it rewrites last.ckpt.
-        saved = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-        saved_step = saved.get("global_step") if isinstance(saved, dict) else None
     start = time.perf_counter()
     fit(trainer, module, ckpt_path=ckpt, **fit_kwargs)
     elapsed = time.perf_counter() - start
-    if saved_step is not None and saved_step == trainer.global_step:
-        console.print(
-            f"{run_dir} is complete ({trainer.current_epoch} epochs): nothing trained; "
-            "raise trainer.max_epochs to extend it",
-            soft_wrap=True,
-        )
     metrics = read_json(run_dir / "metrics.json") if ckpt else {}
     metrics.update(final_metrics(trainer))
     if best_metric is not None:
@@ -201,6 +191,13 @@ def fit_resumable(
     throughput = next((c for c in callbacks if isinstance(c, EpochThroughput)), None)
     if throughput is not None and throughput.images_per_s:
         metrics["perf/train_images_per_s"] = steady_throughput(throughput.images_per_s)
+    elif throughput is not None and ckpt and trainer.is_global_zero:
+        # A resumed fit that ended no training epoch with a sample in it: it was complete.
+        console.print(
+            f"{run_dir} is complete ({trainer.current_epoch} epochs): nothing trained; "
+            "raise trainer.max_epochs to extend it",
+            soft_wrap=True,
+        )
     fit_time_s(trainer, metrics)
     return metrics, elapsed
 
