@@ -165,31 +165,29 @@ def plan_chain(
         )
     if denoiser is not None and denoiser_run is not None:
         raise ValueError("give denoiser or denoiser_run, not both")
+    if purify_shards < 1:
+        raise ValueError(f"purify_shards must be >= 1, got {purify_shards}")
     phase_args = {"pretrain": pretrain, "denoiser": denoiser, "finetune": finetune,
              "evaluate": evaluate, "purify": purify, "baseline": baseline}  # fmt: skip
     for option, args in phase_args.items():
         words = shlex.split(args or "")
-        for key in _SET_BY_CHAIN[option]:
+        # With purify_shards the chain sets the purified evaluations' adv.shards too.
+        sharded = ("adv.shards",) if purify_shards > 1 and option in ("evaluate", "purify") else ()
+        for key in (*_SET_BY_CHAIN[option], *sharded):
             if any(w.startswith(f"{key}=") for w in words):
                 raise ValueError(
                     f"{option} ({args!r}) sets {key}, which the chain sets for every "
                     f"{option} step ({_SET_BY_CHAIN_WHY[key]}); leave it out"
                 )
-    if purify_shards > 1:
-        for option, args in (("evaluate", evaluate), ("purify", purify)):
-            if any(w.startswith("adv.shards=") for w in shlex.split(args)):
-                raise ValueError(
-                    f"{option} ({args!r}) sets adv.shards, which the chain sets for every "
-                    f"purified evaluation ({_SET_BY_CHAIN_WHY['adv.shards']}); leave it out"
-                )
-    if purify_shards < 1:
-        raise ValueError(f"purify_shards must be >= 1, got {purify_shards}")
-    for what, given in (("purify", purify.strip()), ("purify_shards", purify_shards > 1)):
+    purifying = [
+        ("purify", purify, bool(purify.strip())),
+        ("purify_shards", purify_shards, purify_shards > 1),
+    ]
+    for what, value, given in purifying:
         if given and denoiser is None and denoiser_run is None:
             raise ValueError(
-                f"{what} ({purify if what == 'purify' else purify_shards!r}) sets the purified "
-                "evaluations, and without a denoiser there are none: give denoiser (a preset to "
-                "train) or denoiser_run (a trained one)"
+                f"{what} ({value!r}) sets the purified evaluations, and without a denoiser "
+                "there are none: give denoiser (a preset to train) or denoiser_run (a trained one)"
             )
     if encoder is not None and not (encoder / "encoder.safetensors").is_file():
         raise ValueError(
