@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import corruption_bench, ood_bench, pretrain_bench, purify_bench  # noqa: E402
+from ssl_robust.files import write_text_atomic  # noqa: E402
 
 PARTS = ("pretrain", "purify", "corruptions", "ood")
 
@@ -47,9 +48,7 @@ if __name__ == "__main__":
             results[part] = {"error": repr(err)}
         if a.json:  # after every part, so a run stopped half-way keeps what it measured
             a.json.parent.mkdir(parents=True, exist_ok=True)
-            tmp = a.json.with_suffix(".tmp")
-            tmp.write_text(json.dumps(results, indent=2, default=str))
-            tmp.replace(a.json)
+            write_text_atomic(a.json, json.dumps(results, indent=2, default=str))
     if a.json:
         print(f"wrote {a.json}")
     failed = [part for part, r in results.items() if isinstance(r, dict) and "error" in r]

@@ -119,6 +119,12 @@ class _Job:
     device: torch.device
     resume_from: str | None = None  # the checkpoint this run continues, if any
 
+    @property
+    def cache_home(self) -> Path:
+        """Where caches shared by every fine-tuning of the encoder live: its run directory (this
+        run's for a backbone from random weights)."""
+        return self.encoder_dir if self.encoder_dir is not None else self.run_dir
+
 
 def resolve_data(
     cfg: DictConfig, encoder_dir: Path | None, meta: EncoderMeta | None
@@ -350,9 +356,8 @@ def _val_shift(job: _Job) -> ImageSource:
     from ssl_robust.evaluate.corruptions import corrupted_source
 
     # Kept beside the encoder's cached features: every fine-tuning of it reads the same twin.
-    home = job.encoder_dir if job.encoder_dir is not None else job.run_dir
     severity = int(job.cfg.data.val_shift_severity)
-    return corrupted_source(job.splits.val, severity, seed=0, cache_dir=home / "cache")
+    return corrupted_source(job.splits.val, severity, seed=0, cache_dir=job.cache_home / "cache")
 
 
 def _trainer(job: _Job, callbacks: Sequence[Callback]) -> pl.Trainer:
@@ -394,8 +399,7 @@ def run_linear(
     """Linear probe on cached features; the folded head is copied into the classifier."""
     cfg, clf = job.cfg, job.classifier
     clf.to(job.device).eval()
-    home = job.encoder_dir if job.encoder_dir is not None else job.run_dir
-    cache = Path(cfg.linear.cache_dir) if cfg.linear.cache_dir else home / "features"
+    cache = Path(cfg.linear.cache_dir) if cfg.linear.cache_dir else job.cache_home / "features"
     key = feature_key(weights_digest(clf.encoder), job.data, job.data["image_size"])
     start = time.perf_counter()
     feats = load_or_compute_features(

@@ -51,10 +51,6 @@ SEED_CLEAN, SEED_SHIFT, SEED_ADV, SEED_OOD, SEED_PERF, SEED_EXAMPLES = 1, 2, 3, 
 SEED_CERT, SEED_NATURAL, SEED_BOOTSTRAP, SEED_TEMPERATURE = 7, 8, 9, 10
 
 
-# Each PGD unit keeps MAX_EXAMPLES adversarial examples for the report's figures (eval.examples
-# shows up to this many, so changing it never recomputes an attack).
-
-
 # The minimum attack budget for a stochastic purifier: EOT >= 20 draws per step, >= 100 steps.
 MIN_EOT, MIN_STEPS = 20, 100
 
