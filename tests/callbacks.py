@@ -3,10 +3,13 @@ and to count what a fit ran."""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+
+from tests.helpers import host_syncs
 
 
 class StopAfterEpoch(pl.Callback):
@@ -46,3 +49,20 @@ class CountBatches(pl.Callback):
 
     def on_validation_batch_start(self, *args: object) -> None:
         self.val += 1
+
+
+class RecordHostSyncs(pl.Callback):
+    """Records the host-synchronising operations (``tests.helpers.host_syncs``) of each
+    training step: training_step, backward and the optimizer step, from batch start to end."""
+
+    def __init__(self) -> None:
+        self.per_step: list[list[tuple[str, str]]] = []
+        self._stack = ExitStack()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, i: int) -> None:
+        self.per_step.append(self._stack.enter_context(host_syncs()))  # filled as they happen
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, module: Any, out: Any, b: Any, i: int
+    ) -> None:
+        self._stack.close()

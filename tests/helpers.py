@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import torch
 
 
 def unit_stamps(run_dir: Path) -> dict[str, tuple[int, int]]:
@@ -51,3 +57,46 @@ class TickingClock:
     def perf_counter(self) -> float:
         self.reads += 1
         return self.reads * self.step_s
+
+
+@contextmanager
+def host_syncs() -> Iterator[list[tuple[str, str]]]:
+    """Records the operations inside the block that make the host wait for a CUDA device:
+    ``.item()`` and ``bool()`` of a tensor, ``nonzero``, boolean-mask indexing, ``unique``...
+    They run on any device, so a CPU run finds them (``torch.cuda.set_sync_debug_mode`` needs a
+    GPU). Yields a list of ``(operation, innermost project or library frame)``, filled as they
+    happen.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    always = {
+        aten._local_scalar_dense.default,  # .item(), bool(), int(), float()
+        aten.nonzero.default,
+        aten.masked_select.default,
+        aten._unique2.default,
+        aten.unique_consecutive.default,
+        aten.equal.default,
+        aten.repeat_interleave.Tensor,
+    }
+    found: list[tuple[str, str]] = []
+
+    class _Record(TorchDispatchMode):
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            flagged = func in always or (
+                func is aten.index.Tensor
+                and any(i is not None and i.dtype == torch.bool for i in args[1])
+            )
+            if flagged:
+                frames = [
+                    f"{f.filename}:{f.lineno}"
+                    for f in traceback.extract_stack()
+                    if "/torch/" not in f.filename
+                ]
+                found.append((str(func), frames[-2] if len(frames) > 1 else "?"))
+            return func(*args, **(kwargs or {}))
+
+    with _Record():
+        yield found

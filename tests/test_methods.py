@@ -14,6 +14,7 @@ from ssl_robust.methods.monitor import OnlineMonitor, knn_accuracy_counts
 from ssl_robust.methods.optim import OptimizerSpec, scaled_lr
 from ssl_robust.models.backbones import build_backbone
 from ssl_robust.pipelines import build_method, pretrain
+from tests.callbacks import RecordHostSyncs
 
 
 def _method(name: str, **kw: Any) -> pl.LightningModule:
@@ -329,3 +330,19 @@ def test_the_knn_monitor_runs_in_float32_under_bf16_autocast() -> None:
         under_autocast = knn_accuracy_counts(query, labels, bank, bank_labels, 10, k=20, t=0.1)
     assert seen and all(d == torch.float32 for d in seen)
     assert int(under_autocast) == int(plain)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_training_steps_make_no_host_synchronising_call(
+    name: str, tiny_pretrain_cfg: Callable[..., DictConfig]
+) -> None:
+    # On a GPU one such call per step (an .item(), a boolean mask) makes the host wait for the
+    # device, so Lightning's per-step host work becomes GPU idle time (BENCHMARKS.md). The
+    # loggers' .item() every trainer.log_every_n_steps steps is kept out by a long interval.
+    record = RecordHostSyncs()
+    pretrain(
+        tiny_pretrain_cfg(f"method={name}", "data.augment=gpu", "trainer.log_every_n_steps=1000"),
+        [record],
+    )
+    assert len(record.per_step) == 6  # 2 epochs x 3 batches, each recorded
+    assert [found for found in record.per_step if found] == []

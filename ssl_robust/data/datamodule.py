@@ -313,10 +313,16 @@ class SSLDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.augment == "gpu":
-            # Only indices travel; the images already live on the device.
+            # Only indices travel; the images already live on the device. Pinned, so that their
+            # copy (non_blocking, by Lightning) never waits for the device's queued work.
             keys = _Keys(self.train_source.labels)
             return seeded_train_loader(
-                self, keys, self.batch_size, self.seed, collate_fn=self._collate_keys
+                self,
+                keys,
+                self.batch_size,
+                self.seed,
+                collate_fn=self._collate_keys,
+                pin_memory=torch.cuda.is_available(),
             )
         ds = TransformDataset(self.train_source, self.train_transform, seed=self.seed)  # type: ignore[arg-type]
         return seeded_train_loader(

@@ -6,10 +6,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 
 from ssl_robust.methods import optim
+from ssl_robust.methods.losses import NTXentLoss
 from ssl_robust.methods.monitor import OnlineMonitor, monitor_validation_step
 from ssl_robust.models.backbones import Encoder
 
@@ -34,7 +34,8 @@ class SimCLR(pl.LightningModule):
         self.projection_head = SimCLRProjectionHead(
             backbone.feat_dim, proj_hidden_dim, proj_out_dim
         )
-        # gather_distributed: negatives come from the global batch across all ranks.
+        # gather_distributed: negatives come from the global batch across all ranks. lightly's
+        # loss without its per-step host synchronisation (see methods.losses).
         self.criterion = NTXentLoss(temperature=temperature, gather_distributed=True)
         self.monitor = OnlineMonitor(backbone.feat_dim, num_classes, knn_k, knn_t, online_probe)
         self.optimizer_spec = optimizer
