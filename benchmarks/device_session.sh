@@ -20,9 +20,11 @@
 #   RUN_DIR  the training run's directory (default: a fresh one); a second call on the still
 #            warm machine resumes a run the first one was stopped in;
 #   SMOKE=1  a tiny CPU rehearsal of the same steps: bench --smoke and 1 epoch on the digits.
-# $OUT receives at most 6 files (the tool returns 8): session.log, nvidia-smi.txt, bench.json
+# $OUT receives at most 7 files (the tool returns 8): session.log, nvidia-smi.txt, bench.json
 # (written after each benchmark part), metrics.csv (copied every 15 s while training),
-# metrics.json and summary.md (the figures against the targets, benchmarks/session_summary.py).
+# metrics.json, profile.txt (20 training steps of epoch 2 under torch.profiler: the GPU's busy
+# share and the top host and device operators) and summary.md (the figures against the
+# targets, benchmarks/session_summary.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -57,6 +59,7 @@ copy_logs() {  # the newest piece's log (a resumed run starts logs/version_<k+1>
     latest="$(ls -d "$RUN"/logs/version_* 2>/dev/null | sort -V | tail -n 1)"
     [ -z "$latest" ] || cp "$latest/metrics.csv" "$OUT/metrics.csv" 2>/dev/null
     cp "$RUN/metrics.json" "$OUT/metrics.json" 2>/dev/null
+    cp "$RUN/profile.txt" "$OUT/profile.txt" 2>/dev/null
 }
 
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -81,13 +84,14 @@ else
         start=$(date +%s)
         # A compiler failure must not cost the call: dynamo falls back to eager (and logs it).
         # curves.png does not come back from the machine: not redrawn during the timed run.
+        # trainer.profile_steps: where a step's time goes (profile.txt), a second or two.
         # Off for the timed run: the kNN monitor under shift (its corrupted twin of the 10k
         # validation images is made on the CPU first, ~40 s) and the views figure.
         TORCHDYNAMO_SUPPRESS_ERRORS=1 timeout -k 10 "$TRAIN_S" python3 scripts/pretrain.py \
             "${METHOD}_cifar10_folder" \
             data.root="$DATA/cifar10-jpeg" data.augment=gpu data.compile_views=true \
             model.compile=true monitor.every_n_epochs=40 monitor.shift_severity=0 \
-            monitor.views_figure=0 wandb.mode=disabled \
+            monitor.views_figure=0 wandb.mode=disabled trainer.profile_steps=20 \
             trainer.progress_bar=false trainer.curves_every_s=0 run.dir="$RUN" ${EXTRA:-}
         echo "training exit $? after $(( $(date +%s) - start )) s"
         # The wall-time target is judged on a run made in one piece only.
@@ -96,6 +100,7 @@ else
     fi
 fi
 copy_logs
+[ -f "$OUT/profile.txt" ] && head -n 2 "$OUT/profile.txt"
 python3 benchmarks/session_summary.py --bench "$OUT/bench.json" --csv "$OUT/metrics.csv" \
     --metrics "$OUT/metrics.json" --method "$METHOD" ${WALL_S:+--train-wall-s "$WALL_S"} \
     > "$OUT/summary.md"

@@ -6,6 +6,7 @@ import csv
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl
@@ -14,7 +15,13 @@ from pytorch_lightning.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ssl_robust.launch.perf import EpochThroughput, batch_length, steady_throughput
+from ssl_robust.launch.perf import (
+    EpochThroughput,
+    StepProfiler,
+    batch_length,
+    profile_report,
+    steady_throughput,
+)
 
 
 def test_batch_length_finds_the_leading_size() -> None:
@@ -160,3 +167,97 @@ def test_progress_bar_shows_the_logged_metrics_without_the_log_version(
     assert any("GPU available" in m for m in said), said
     assert not any("Tip" in m or "was configured so 100%" in m for m in said), said
     assert not any("LeafSpec" in str(w.message) for w in caught)
+
+
+class _ProfiledSteps(_TimedSteps):
+    """Records (epoch, batch, whether torch.profiler was on) for every training step."""
+
+    def __init__(self, clock: _FakeClock, train_s: float) -> None:
+        super().__init__(clock, train_s, 0.0)
+        self.seen: list[tuple[int, int, bool]] = []
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], i: int) -> torch.Tensor:
+        on = bool(torch.autograd.profiler._is_profiler_enabled)
+        self.seen.append((self.current_epoch, i, on))
+        return super().training_step(batch, i)
+
+
+def _profiled_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, epochs: int, steps: int
+) -> tuple[list[tuple[int, int]], str]:
+    import ssl_robust.launch.perf as perf
+
+    clock = _FakeClock()
+    monkeypatch.setattr(perf, "time", clock)
+    data = TensorDataset(torch.randn(100, 4), torch.randn(100))  # 7 batches of 16
+    module = _ProfiledSteps(clock, train_s=0.5)
+    pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[StepProfiler(tmp_path / "profile.txt", steps)],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+    ).fit(module, DataLoader(data, batch_size=16))
+    profiled = [(epoch, i) for epoch, i, on in module.seen if on]
+    return profiled, (tmp_path / "profile.txt").read_text()
+
+
+def test_step_profiler_profiles_steps_after_the_first_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    profiled, report = _profiled_fit(tmp_path, monkeypatch, epochs=3, steps=2)
+    assert profiled == [(1, 0), (1, 1)]  # the first epoch compiles and warms up
+    # Wall time from the fake clock: 2 steps of 0.5 s.
+    assert report.splitlines()[0] == "2 training steps profiled: 1000.0 ms wall, 500.00 ms per step"
+    assert "no device" in report and "top operators by host (CPU) time" in report
+    assert "aten::mse_loss" in report and "Optimizer.step" in report
+
+
+def test_step_profiler_takes_what_a_single_epoch_has(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    profiled, report = _profiled_fit(tmp_path, monkeypatch, epochs=1, steps=3)
+    assert profiled == [(0, 4), (0, 5), (0, 6)]  # the epoch's last three
+    profiled, report = _profiled_fit(tmp_path, monkeypatch, epochs=1, steps=10)
+    assert profiled == [(0, i) for i in range(7)]  # fewer steps than asked: all of them
+    assert report.startswith("7 training steps profiled: 3500.0 ms wall")
+
+
+def test_profile_report_gives_the_device_busy_share() -> None:
+    class _Events(list):  # key_averages(): events with device times (us) and a table
+        def table(self, sort_by: str, **kw: object) -> str:
+            return f"<table by {sort_by}>"
+
+    class _Event:
+        def __init__(self, device_us: float) -> None:
+            self.self_device_time_total = device_us
+
+    report = profile_report(_Events([_Event(3000.0), _Event(2000.0)]), 4, 0.02, on_device=True)
+    lines = report.splitlines()
+    assert lines[0] == "4 training steps profiled: 20.0 ms wall, 5.00 ms per step"
+    assert lines[1].startswith("device busy 5.0 ms = 25% of the wall time")
+    # Device time first, then host time.
+    assert report.index("by self_device_time_total") < report.index("by self_cpu_time_total")
+
+
+def test_trainer_profile_steps_writes_profile_txt(tiny_pretrain_cfg: Any) -> None:
+    from ssl_robust.pipelines import pretrain
+
+    cfg = tiny_pretrain_cfg("trainer.profile_steps=2")
+    pretrain(cfg)
+    report = (Path(cfg.run.dir) / "profile.txt").read_text()
+    assert report.startswith("2 training steps profiled:")
+    assert "aten::convolution" in report
+
+
+def test_step_profiler_failure_costs_the_report_not_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("CUPTI unavailable")
+
+    monkeypatch.setattr(torch.profiler, "profile", broken)
+    profiled, report = _profiled_fit(tmp_path, monkeypatch, epochs=2, steps=2)
+    assert profiled == []
+    assert report == "profiling failed to start: RuntimeError('CUPTI unavailable')\n"

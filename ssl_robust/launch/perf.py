@@ -12,6 +12,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -128,3 +129,107 @@ class EpochThroughput(pl.Callback):
             metrics = {"perf/train_images_per_s": ips, "perf/epoch_s": epoch_s}
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
+
+
+class StepProfiler(pl.Callback):
+    """Profiles ``steps`` training steps with ``torch.profiler`` and writes a text report to
+    ``path``: the steps' wall time, how much of it the device was busy, and the operators that
+    took the most host and device time. Rank 0 only.
+
+    The steps come after the piece's first epoch when it trains more than one (compilation and
+    cuDNN's algorithm search happen in the first), else as late in its only epoch as they fit.
+    Whether a loop is bound by the host or by the device shows here: a busy share well under
+    1 with host operators filling the step means the device waits for the host.
+    """
+
+    def __init__(self, path: str | Path, steps: int) -> None:
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.path = Path(path)
+        self.steps = steps
+        self._start_at = -1  # the piece's step count at which profiling starts
+        self._seen = 0  # steps of this piece so far
+        self._profile: torch.profiler.profile | None = None
+        self._t0 = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        per_epoch = int(trainer.num_training_batches)
+        epochs_left = (trainer.max_epochs or 1) - trainer.current_epoch
+        left = per_epoch * max(1, epochs_left)
+        self._start_at = per_epoch if epochs_left > 1 else max(0, left - self.steps)
+        self._seen = 0
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_rank != 0 or self._seen != self._start_at or self._profile:
+            return
+        device = trainer.strategy.root_device
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        sync(device)
+        try:
+            self._profile = torch.profiler.profile(activities=activities)
+            self._profile.__enter__()
+        except Exception as err:  # a profiler that cannot start must not cost the run
+            self._profile = None
+            self._start_at = -1
+            self._write(f"profiling failed to start: {err!r}\n")
+            return
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._seen += 1
+        if self._profile is not None and self._seen == self._start_at + self.steps:
+            self._finish(trainer, self.steps)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._profile is not None:  # the epoch or the run ended first
+            self._finish(trainer, self._seen - self._start_at)
+
+    def _finish(self, trainer: pl.Trainer, steps: int) -> None:
+        assert self._profile is not None
+        device = trainer.strategy.root_device
+        sync(device)
+        wall_s = time.perf_counter() - self._t0
+        profile, self._profile = self._profile, None
+        try:
+            profile.__exit__(None, None, None)
+            report = profile_report(profile.key_averages(), steps, wall_s, device.type == "cuda")
+        except Exception as err:  # as above: the report is lost, not the run
+            report = f"profiling failed: {err!r}\n"
+        self._write(report)
+
+    def _write(self, text: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(text)
+
+
+def profile_report(events: Any, steps: int, wall_s: float, on_device: bool) -> str:
+    """The text of :class:`StepProfiler`'s report from ``torch.profiler``'s ``key_averages()``."""
+    lines = [
+        f"{steps} training steps profiled: {wall_s * 1e3:.1f} ms wall, "
+        f"{wall_s * 1e3 / max(steps, 1):.2f} ms per step"
+    ]
+    tables = [("host (CPU) time", "self_cpu_time_total")]
+    if on_device:
+        busy_s = sum(e.self_device_time_total for e in events) / 1e6  # microseconds
+        lines.append(
+            f"device busy {busy_s * 1e3:.1f} ms = {busy_s / wall_s:.0%} of the wall time "
+            "(kernels and copies; well under 100 %: the device waits for the host)"
+        )
+        tables.insert(0, ("device time", "self_device_time_total"))
+    else:
+        lines.append("no device: the host ran every operator (a CPU run)")
+    for title, key in tables:
+        lines += ["", f"top operators by {title}:"]
+        lines.append(events.table(sort_by=key, row_limit=25, max_name_column_width=60))
+    return "\n".join(lines) + "\n"

@@ -36,7 +36,7 @@ from ssl_robust.launch.distributed import (
     resolve_accelerator,
     use_sync_batchnorm,
 )
-from ssl_robust.launch.perf import EpochThroughput, FitClock
+from ssl_robust.launch.perf import EpochThroughput, FitClock, StepProfiler
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
@@ -416,6 +416,8 @@ def build_trainer(
         all_callbacks.append(SlurmRequeue())
     if tcfg.progress_bar:
         all_callbacks.append(ProgressBar(leave=True))
+    if tcfg.profile_steps:
+        all_callbacks.append(StepProfiler(run_dir / "profile.txt", tcfg.profile_steps))
     if loggers:
         all_callbacks.append(LearningRateMonitor(logging_interval="step"))
         all_callbacks.append(TrainingCurves(run_dir, tcfg.curves_every_s))
