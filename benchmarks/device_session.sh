@@ -85,6 +85,8 @@ else
         # A compiler failure must not cost the call: dynamo falls back to eager (and logs it).
         # curves.png does not come back from the machine: not redrawn during the timed run.
         # trainer.profile_steps: where a step's time goes (profile.txt), a second or two.
+        # last.ckpt every 20 epochs (and after the last), not every 2.5 s epoch: ~100 MB each.
+        # A run stopped by the call's limit resumes from its last multiple of 20 (RUN_DIR).
         # Off for the timed run: the kNN monitor under shift (its corrupted twin of the 10k
         # validation images is made on the CPU first, ~40 s) and the views figure.
         TORCHDYNAMO_SUPPRESS_ERRORS=1 timeout -k 10 "$TRAIN_S" python3 scripts/pretrain.py \
@@ -92,6 +94,7 @@ else
             data.root="$DATA/cifar10-jpeg" data.augment=gpu data.compile_views=true \
             model.compile=true monitor.every_n_epochs=40 monitor.shift_severity=0 \
             monitor.views_figure=0 wandb.mode=disabled trainer.profile_steps=20 \
+            trainer.checkpoint_every_n_epochs=20 \
             trainer.progress_bar=false trainer.curves_every_s=0 run.dir="$RUN" ${EXTRA:-}
         echo "training exit $? after $(( $(date +%s) - start )) s"
         # The wall-time target is judged on a run made in one piece only.

@@ -499,3 +499,61 @@ def test_a_rerun_asking_for_another_training_is_refused_before_writing(
     # Monitoring and I/O may change; a fresh start may change anything.
     pretrain(tiny_pretrain_cfg("trainer.max_epochs=1", "data.num_workers=1", "monitor.knn_k=10"))
     pretrain(tiny_pretrain_cfg("trainer.max_epochs=1", "method=byol", "run.resume=false"))
+
+
+@pytest.mark.parametrize(
+    ("every", "epochs", "saved_after"),
+    [(1, 3, [1, 2, 3]), (2, 3, [2, 3]), (2, 4, [2, 4]), (5, 3, [3])],
+)
+def test_last_checkpoint_every_n_epochs_and_after_the_last(
+    every: int,
+    epochs: int,
+    saved_after: list[int],
+    tiny_pretrain_cfg: Callable[..., DictConfig],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    saves: list[tuple[int, str]] = []
+    real = pl.Trainer.save_checkpoint
+
+    def recorded(trainer: pl.Trainer, filepath: Any, *args: Any, **kwargs: Any) -> None:
+        saves.append((trainer.current_epoch + 1, Path(filepath).name))
+        real(trainer, filepath, *args, **kwargs)
+
+    monkeypatch.setattr(pl.Trainer, "save_checkpoint", recorded)
+    cfg = tiny_pretrain_cfg(
+        f"trainer.checkpoint_every_n_epochs={every}", f"trainer.max_epochs={epochs}"
+    )
+    pretrain(cfg)
+    assert [epoch for epoch, name in saves if name == "last.ckpt"] == saved_after
+    last = torch.load(Path(cfg.run.dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["epoch"] + 1 == epochs  # the finished run's checkpoint: a rerun trains nothing
+
+
+def test_a_stopped_fit_checkpoints_its_last_epoch(
+    tiny_pretrain_cfg: Callable[..., DictConfig],
+) -> None:
+    # Stopped after epoch 1 of 4 with checkpoints every 3 epochs: epoch 1 is still saved.
+    cfg = tiny_pretrain_cfg("trainer.checkpoint_every_n_epochs=3", "trainer.max_epochs=4")
+    pretrain(cfg, [StopAfterEpoch(1)])
+    last = torch.load(Path(cfg.run.dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["epoch"] == 0 and last["global_step"] == 3
+
+
+def test_last_checkpoint_state_key_does_not_depend_on_the_interval(tmp_path: Path) -> None:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from ssl_robust.launch.trainer import checkpoint_callbacks
+
+    # A run checkpointed by Lightning's every-epoch callback (or another interval) restores
+    # this callback's state under the same key.
+    keys = {checkpoint_callbacks(tmp_path, None, every_n_epochs=n)[0].state_key for n in (1, 7)}
+    plain = ModelCheckpoint(
+        dirpath=tmp_path / "checkpoints",
+        filename="last",
+        save_top_k=1,
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )
+    assert keys == {plain.state_key}
+    with pytest.raises(ValueError, match="every_n_epochs must be >= 1"):
+        checkpoint_callbacks(tmp_path, None, every_n_epochs=0)

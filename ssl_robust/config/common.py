@@ -187,6 +187,10 @@ class TrainerConfig:
     # Redraw <run dir>/curves.png at an epoch's end once this many seconds have passed (and
     # always when a fit stops on an error or a requeue); 0 = only when the fit ends or stops.
     curves_every_s: float = 60.0
+    # Write checkpoints/last.ckpt every this many training epochs, and after the last one. A
+    # crash loses at most this many epochs (a SLURM preemption none: it checkpoints on its
+    # signal); more than 1 for short epochs (CIFAR on a fast GPU: ~100 MB every few seconds).
+    checkpoint_every_n_epochs: int = 1
     # Profile this many training steps (torch.profiler; after the first epoch, which compiles)
     # into <run dir>/profile.txt: the device's busy share of the steps' wall time and the
     # operators that take the most host and device time; 0 = off.
@@ -248,7 +252,7 @@ RUN_ONLY_KEYS = frozenset(
         "data.root", "data.download", "data.num_workers", "data.eval_batch_size",
         "data.in_memory", "data.compile_views", "model.compile", "linear.cache_dir",
         "trainer.progress_bar", "trainer.curves_every_s", "trainer.log_every_n_steps",
-        "trainer.profile_steps",
+        "trainer.profile_steps", "trainer.checkpoint_every_n_epochs",
         "trainer.pg_timeout_s", "trainer.auto_requeue", "trainer.cudnn_benchmark",
         "trainer.accelerator", "eval.progress", "eval.data_root", "eval.device",
         "eval.batch_size",
@@ -309,6 +313,7 @@ COMMON_RANGES: dict[str, Range] = {
     "trainer.limit_val_batches": _BATCHES,
     "trainer.curves_every_s": at_least(0, "0 = only when a fit ends or stops"),
     "trainer.profile_steps": at_least(0, "0 = off"),
+    "trainer.checkpoint_every_n_epochs": at_least(1),
     "data.image_size": at_least(0, "0 = the dataset's own size"),
     "data.num_workers": at_least(0),
     "data.batch_size": at_least(1),

@@ -140,7 +140,9 @@ def train_denoiser(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[
     )
 
     config = to_dict(cfg)
-    checkpoints = checkpoint_callbacks(run_dir, monitor="val/loss", mode="min")
+    checkpoints = checkpoint_callbacks(
+        run_dir, "val/loss", "min", cfg.trainer.checkpoint_every_n_epochs
+    )
     trainer = build_trainer(
         cfg.trainer,
         run_dir,

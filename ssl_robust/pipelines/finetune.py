@@ -370,7 +370,7 @@ def _trainer(job: _Job, callbacks: Sequence[Callback]) -> pl.Trainer:
         # No best-by-val checkpoint: val/acc is measured on the evaluation split, and picking
         # weights by it would select on the test set. The final weights are tested.
         callbacks=[
-            *checkpoint_callbacks(job.run_dir, monitor=None),
+            *checkpoint_callbacks(job.run_dir, None, "max", cfg.trainer.checkpoint_every_n_epochs),
             ConfigInCheckpoint(config),
             *callbacks,
         ],

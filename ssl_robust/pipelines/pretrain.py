@@ -227,7 +227,9 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
         run_dir,
         loggers=build_loggers(run_dir, cfg.wandb, config, "pretrain", run_dir.name),
         callbacks=[
-            *checkpoint_callbacks(run_dir, monitor="val/knn_acc"),
+            *checkpoint_callbacks(
+                run_dir, "val/knn_acc", "max", cfg.trainer.checkpoint_every_n_epochs
+            ),
             ConfigInCheckpoint(config),
             ValidateLastEpoch(),
             *figures,
