@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from ssl_robust.benchmarking import sync
 from ssl_robust.data.datamodule import SSLDataModule
@@ -123,6 +124,20 @@ def _rate(
     return n * batch / (time.perf_counter() - start)
 
 
+class _LightlyStyle(Dataset):
+    """``(transform(image), label)`` of a source: a lightly user's dataset."""
+
+    def __init__(self, source: ArraySource, transform: Callable[[Any], Any]) -> None:
+        self.source = source
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        return self.transform(self.source.load(index)), int(self.source.labels[index])
+
+
 def _cycle(loader_factory: Callable[[], Any]) -> Iterator[Any]:
     """Epoch after epoch of one loader (its persistent workers are not forked again)."""
     loader = loader_factory()
@@ -179,14 +194,25 @@ def bench_pretrain(
     }
     warm = warmup + (3 if compiled is not None else 0)  # compilation happens in the warm-up
 
-    # (a) lightly: PIL transforms in workers, host batches to the device.
-    cpu_dm = SSLDataModule(
-        source, source, view_transform(method, params), ev, batch, num_workers=workers
-    )
+    # (a) lightly, as its users write it: lightly's PIL transform in a plain dataset, a shuffling
+    # DataLoader with workers and the default collate, host batches to the device. (Not this
+    # project's seeded wrapper of data.augment=cpu, which also seeds each image's views.)
+    lightly_set = _LightlyStyle(source, view_transform(method, params))
+
+    def lightly_loader() -> DataLoader:
+        return DataLoader(
+            lightly_set,
+            batch_size=batch,
+            shuffle=True,
+            drop_last=True,
+            num_workers=workers,
+            pin_memory=dev.type == "cuda",
+            persistent_workers=workers > 0,
+        )
 
     def lightly_batches() -> Iterator[list[torch.Tensor]]:
-        for raw in _cycle(cpu_dm.train_dataloader):
-            yield [v.to(dev, non_blocking=True) for v in raw["views"]]
+        for views, _labels in _cycle(lightly_loader):
+            yield [v.to(dev, non_blocking=True) for v in views]
 
     # Its workers fill their prefetch queues while the step compiles: untimed, so the timed
     # steps wait for batches made at the workers' own pace.

@@ -432,3 +432,30 @@ def test_labeled_sets_read_cifar10_2_npz_archives(tmp_path: Path) -> None:
     np.savez(tree / "embeddings.npz", x=np.zeros(3))
     images, labels = load_labeled_set(tree, classes, 32)
     assert labels.tolist() == [0, 1] and np.array_equal(images, split["test"][0][:2])
+
+
+def test_seeded_views_are_those_of_the_derived_seeds_without_touching_accelerators(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import random
+
+    from ssl_robust.data.transforms import ViewParams, view_transform
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    source = ArraySource(images, np.arange(4), [str(i) for i in range(4)])
+    params = ViewParams(input_size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    transform = view_transform("simclr", params)
+    calls: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    views, label, key = TransformDataset(source, transform, seed=5)[(3, 2)]
+    assert label == 2 and key == (3, 2) and calls == []  # the GPU's random state is left alone
+    # The reference: every generator seeded from SeedSequence([seed, epoch, index]).
+    state = np.random.SeedSequence([5, 3, 2]).generate_state(2)
+    torch.manual_seed(int(state[0]))
+    np.random.seed(int(state[1]))
+    random.seed(int(state[0]))
+    expected = transform(source.load(2))
+    assert all(torch.equal(v, e) for v, e in zip(views, expected))
+    other, _, _ = TransformDataset(source, transform, seed=5)[(4, 2)]  # another epoch
+    assert not torch.equal(other[0], views[0])
