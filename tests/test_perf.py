@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 from torch import nn
+from torch.autograd import DeviceType
 from torch.utils.data import DataLoader, TensorDataset
 
 from ssl_robust.launch.perf import (
@@ -230,10 +231,13 @@ def test_profile_report_gives_the_device_busy_share() -> None:
             return f"<table by {sort_by}>"
 
     class _Event:
-        def __init__(self, device_us: float) -> None:
+        def __init__(self, device_us: float, on_host: bool = False) -> None:
             self.self_device_time_total = device_us
+            self.device_type = DeviceType.CPU if on_host else DeviceType.CUDA
 
-    report = profile_report(_Events([_Event(3000.0), _Event(2000.0)]), 4, 0.02, on_device=True)
+    # Two kernels, and the host operator that launched one of them (its time counted once).
+    events = _Events([_Event(3000.0), _Event(2000.0), _Event(2000.0, on_host=True)])
+    report = profile_report(events, 4, 0.02, on_device=True)
     lines = report.splitlines()
     assert lines[0] == "4 training steps profiled: 20.0 ms wall, 5.00 ms per step"
     assert lines[1].startswith("device busy 5.0 ms = 25% of the wall time")

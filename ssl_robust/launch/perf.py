@@ -18,6 +18,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.trainer.states import TrainerFn
+from torch.autograd import DeviceType
 
 from ssl_robust.benchmarking import sync
 
@@ -221,9 +222,14 @@ def profile_report(events: Any, steps: int, wall_s: float, on_device: bool) -> s
     ]
     tables = [("host (CPU) time", "self_cpu_time_total")]
     if on_device:
-        busy_s = sum(e.self_device_time_total for e in events) / 1e6  # microseconds
+        # The device's own events (kernels, copies) only: a host operator's device time is
+        # that of the kernels it launched, which are also events (as torch.profiler's totals).
+        busy_s = (
+            sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU) / 1e6
+        )
+        share = busy_s / max(wall_s, 1e-9)
         lines.append(
-            f"device busy {busy_s * 1e3:.1f} ms = {busy_s / wall_s:.0%} of the wall time "
+            f"device busy {busy_s * 1e3:.1f} ms = {share:.0%} of the wall time "
             "(kernels and copies; well under 100 %: the device waits for the host)"
         )
         tables.insert(0, ("device time", "self_device_time_total"))
