@@ -9,8 +9,9 @@ Skipped without CUDA; ``benchmarks/device_session.sh`` runs them first on the GP
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import pytest
@@ -114,9 +115,29 @@ def test_online_probe_step_does_not_synchronise() -> None:
         loss.backward()
 
 
+def _step_is_sync_free(model: Any, before_step: Callable[[], None]) -> None:
+    """One whole training step outside Lightning (``before_step``, both views through the
+    model, loss, probe, backward and SGD), after a warm-up, under ``no_sync``."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    views = [torch.randn(64, 3, 32, 32, device=CUDA) for _ in range(2)]
+    labels = torch.arange(64, device=CUDA) % 10
+
+    def step() -> None:
+        before_step()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, features = model.ssl_loss(views)
+            probe_loss, _ = model.monitor.probe_step(features, labels)
+        opt.zero_grad(set_to_none=True)
+        (loss + probe_loss).backward()
+        opt.step()
+
+    step()  # warm-up: cuDNN and cuBLAS handles, optimizer state
+    with no_sync():
+        step()
+
+
 def test_byol_step_does_not_synchronise() -> None:
-    # The whole BYOL step outside Lightning: momentum update, both branches, loss, probe,
-    # backward and SGD.
+    # With the momentum update of the target network before the step.
     from lightly.models.utils import update_momentum
 
     from ssl_robust.methods import BYOL
@@ -124,46 +145,19 @@ def test_byol_step_does_not_synchronise() -> None:
     from ssl_robust.models.backbones import build_backbone
 
     model = BYOL(build_backbone("resnet18_cifar", 8), 10, 64, OptimizerSpec(), 64, 32, 64).to(CUDA)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    views = [torch.randn(64, 3, 32, 32, device=CUDA) for _ in range(2)]
-    labels = torch.arange(64, device=CUDA) % 10
 
-    def step() -> None:
+    def momentum_update() -> None:
         update_momentum(model.backbone, model.backbone_momentum, m=0.99)
         update_momentum(model.projection_head, model.projection_head_momentum, m=0.99)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, features = model.ssl_loss(views)
-            probe_loss, _ = model.monitor.probe_step(features, labels)
-        opt.zero_grad(set_to_none=True)
-        (loss + probe_loss).backward()
-        opt.step()
 
-    step()  # warm-up: cuDNN and cuBLAS handles, optimizer state
-    with no_sync():
-        step()
+    _step_is_sync_free(model, momentum_update)
 
 
 def test_simclr_step_does_not_synchronise() -> None:
-    # The whole SimCLR step outside Lightning: both views through the encoder and head, the
-    # NT-Xent loss (methods.losses: no boolean mask), probe, backward and SGD.
+    # The NT-Xent loss of methods.losses: no boolean mask.
     from ssl_robust.methods import SimCLR
     from ssl_robust.methods.optim import OptimizerSpec
     from ssl_robust.models.backbones import build_backbone
 
     model = SimCLR(build_backbone("resnet18_cifar", 8), 10, 64, OptimizerSpec(), 0.5, 64, 32)
-    model = model.to(CUDA)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    views = [torch.randn(64, 3, 32, 32, device=CUDA) for _ in range(2)]
-    labels = torch.arange(64, device=CUDA) % 10
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, features = model.ssl_loss(views)
-            probe_loss, _ = model.monitor.probe_step(features, labels)
-        opt.zero_grad(set_to_none=True)
-        (loss + probe_loss).backward()
-        opt.step()
-
-    step()  # warm-up: cuDNN and cuBLAS handles, optimizer state
-    with no_sync():
-        step()
+    _step_is_sync_free(model.to(CUDA), lambda: None)
