@@ -110,11 +110,11 @@ def test_resuming_with_other_hyperparameters_is_refused_before_writing(
         finetune(
             ft_cfg(
                 random_encoder, run, "trainer.max_epochs=3", "optim.lr=0.0001",
-                "linear.standardize=false",
+                "linear.standardize=false", "trainer.gradient_clip_val=1",
             )
         )  # fmt: skip
     message = str(err.value)
-    for change in ("optim.lr: 0.1 -> 0.0001", "trainer.max_epochs: 2 -> 3",
+    for change in ("optim.lr: 0.1 -> 0.0001", "trainer.gradient_clip_val: 0.0 -> 1.0",
                    "linear.standardize: True -> False", "run.resume=false",
                    "another run.dir"):  # fmt: skip
         assert change in message, message
@@ -160,14 +160,47 @@ def test_training_settings_leave_out_what_does_not_change_the_training() -> None
     cfg = load_config(FinetuneConfig, ["encoder.run=x", "mode=full"], job="finetune")
     keys = set(training_settings(to_dict(cfg)))
     for key in ("optim.lr", "optim.encoder_lr_mult", "augment.crop_padding", "data.batch_size",
-                "trainer.max_epochs", "trainer.accumulate_grad_batches", "subset.fraction",
+                "trainer.accumulate_grad_batches", "subset.fraction",
                 "run.seed", "data.val_shift_severity"):  # fmt: skip
         assert key in keys, key
+    # trainer.max_epochs may grow: the run is extended (check_resumable refuses fewer).
     for key in ("run.dir", "run.resume", "wandb.mode", "trainer.devices", "trainer.num_nodes",
+                "trainer.max_epochs", "trainer.checkpoint_every_n_epochs",
                 "trainer.progress_bar", "data.num_workers", "data.eval_batch_size",
                 "linear.standardize", "purify.run", "encoder.run"):  # fmt: skip
         assert key not in keys, key
     assert "subset.fraction" not in training_settings(to_dict(cfg), with_subset=False)
+
+
+@pytest.mark.parametrize("mode", ["full", "linear"])
+def test_more_epochs_extend_a_finished_run_along_the_longer_schedule(
+    mode: str, random_encoder: Path, tmp_path: Path
+) -> None:
+    from ssl_robust.finetune.modules import warmup_cosine
+
+    run = tmp_path / "ft"
+    common = (f"mode={mode}", "optim.warmup_epochs=0")
+    first = Batches()
+    done = finetune(ft_cfg(random_encoder, run, *common, "trainer.max_epochs=2"), [first])
+    steps_per_epoch = len(first.seen) // 2
+
+    class FirstRate(pl.Callback):  # the first resumed step's rate, and its peak
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            if not hasattr(self, "rate"):
+                self.rate = trainer.optimizers[0].param_groups[0]["lr"]
+                self.peak = trainer.lr_scheduler_configs[0].scheduler.base_lrs[0]
+
+    rate, rest = FirstRate(), Batches()
+    longer = finetune(ft_cfg(random_encoder, run, *common, "trainer.max_epochs=4"), [rate, rest])
+    assert longer["epochs"] == 4 and done["epochs"] == 2
+    assert [s for s, _ in rest.seen] == list(range(2 * steps_per_epoch, 4 * steps_per_epoch))
+    # The first resumed step already runs at the 4-epoch cosine's rate, not the 2-epoch one's
+    # (which ended at 0).
+    k, total = 2 * steps_per_epoch, 4 * steps_per_epoch
+    assert rate.rate == pytest.approx(rate.peak * warmup_cosine(k, 0, total))
+    assert rate.rate == pytest.approx(rate.peak / 2)  # half-way along the cosine
+    with pytest.raises(ConfigError, match="cannot take that back"):
+        finetune(ft_cfg(random_encoder, run, *common, "trainer.max_epochs=3"))
 
 
 # --- metrics.json --------------------------------------------------------------------------------

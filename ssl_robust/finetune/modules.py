@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ssl_robust.finetune.model import Classifier
+from ssl_robust.methods.optim import FollowingLambdaLR
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -49,9 +50,7 @@ def _sgd_cosine(
         weight_decay=weight_decay,
         nesterov=nesterov and momentum > 0,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, warmup, total)
-    )
+    scheduler = FollowingLambdaLR(optimizer, lambda step: warmup_cosine(step, warmup, total))
     info = {"optim/total_steps": float(total), "optim/warmup_steps": float(warmup)}
     return {
         "optimizer": optimizer,

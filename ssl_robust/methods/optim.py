@@ -53,12 +53,27 @@ class WarmupCosine(CosineWarmupScheduler):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         keep = ("max_epochs", "warmup_epochs")
         super().load_state_dict({k: v for k, v in state_dict.items() if k not in keep})
-        # The optimizer's restored rates came from the old schedule: recompute them (a no-op
-        # when the length did not change, so an ordinary resume stays exact).
-        for group, base_lr, lr_lambda in zip(
-            self.optimizer.param_groups, self.base_lrs, self.lr_lambdas
-        ):
-            group["lr"] = base_lr * lr_lambda(self.last_epoch)
+        follow_schedule(self)
+
+
+class FollowingLambdaLR(torch.optim.lr_scheduler.LambdaLR):
+    """A LambdaLR whose rates follow its (current) lambdas when restored: a run resumed with a
+    larger ``max_epochs`` continues along the longer schedule from its first step. (A plain
+    function lambda is not checkpointed, so the new one is used from the next step anyway.)"""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        follow_schedule(self)
+
+
+def follow_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set the optimizer's rates to the scheduler's at its restored step. The rates restored
+    with the optimizer came from the old schedule; with an unchanged one this is a no-op, so an
+    ordinary resume stays exact."""
+    for group, base_lr, lr_lambda in zip(
+        scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas
+    ):
+        group["lr"] = base_lr * lr_lambda(scheduler.last_epoch)
 
 
 def scaled_lr(base_lr: float, global_batch: int, reference_batch: int, rule: str) -> float:

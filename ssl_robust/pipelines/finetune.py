@@ -250,6 +250,8 @@ _NOT_TRAINING = RUN_ONLY_KEYS | {
     # How many processes on which devices; memory layout; reproducibility switches.
     "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.sync_batchnorm",
     "trainer.channels_last", "trainer.deterministic", "trainer.fast_dev_run",
+    # More epochs extend a run along the longer schedule (check_resumable refuses fewer).
+    "trainer.max_epochs",
 }  # fmt: skip
 
 
