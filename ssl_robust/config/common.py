@@ -143,7 +143,9 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    # Training epochs (passes over the training images or, for a linear probe, features).
+    # Training epochs (passes over the training images or, for a linear probe, features). A
+    # larger value on a finished run extends it along the longer schedule; never fewer than its
+    # checkpoint has trained.
     max_epochs: int = 15
     # auto: a GPU when there is one (cuda and gpu: the same), else the CPU.
     accelerator: str = "auto"
