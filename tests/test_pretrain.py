@@ -529,14 +529,18 @@ def test_last_checkpoint_every_n_epochs_and_after_the_last(
     assert last["epoch"] + 1 == epochs  # the finished run's checkpoint: a rerun trains nothing
 
 
-def test_a_stopped_fit_checkpoints_its_last_epoch(
+def test_a_run_stopped_between_checkpoints_resumes_from_the_last_multiple(
     tiny_pretrain_cfg: Callable[..., DictConfig],
 ) -> None:
-    # Stopped after epoch 1 of 4 with checkpoints every 3 epochs: epoch 1 is still saved.
-    cfg = tiny_pretrain_cfg("trainer.checkpoint_every_n_epochs=3", "trainer.max_epochs=4")
-    pretrain(cfg, [StopAfterEpoch(1)])
+    # Checkpoints every 2 epochs, the run stopped (a crash) after epoch 3 of 4: the rerun
+    # resumes after epoch 2 and trains epochs 3 and 4 (3 batches each).
+    cfg = tiny_pretrain_cfg("trainer.checkpoint_every_n_epochs=2", "trainer.max_epochs=4")
+    pretrain(cfg, [StopAfterEpoch(3)])
     last = torch.load(Path(cfg.run.dir) / "checkpoints" / "last.ckpt", weights_only=False)
-    assert last["epoch"] == 0 and last["global_step"] == 3
+    assert last["epoch"] == 1 and last["global_step"] == 6
+    count = CountBatches()
+    pretrain(cfg, [count])
+    assert count.train == 6
 
 
 def test_last_checkpoint_state_key_does_not_depend_on_the_interval(tmp_path: Path) -> None:

@@ -361,8 +361,9 @@ class _EpochCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0) or trainer.should_stop
-        # The skip test is true once this step is saved, so a multiple is not saved twice.
+        # The run's last epoch, the same on every rank (a save is collective under DDP). The
+        # skip test is true once this step is saved, so a multiple is not saved twice.
+        last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0)
         if last and not self._should_skip_saving_checkpoint(trainer):
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
