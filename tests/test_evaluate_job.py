@@ -496,6 +496,23 @@ def test_a_purifier_step_beyond_the_denoisers_schedule_is_a_config_error(
     assert not Path(cfg.run.dir).exists()
 
 
+def test_a_denoiser_of_another_size_or_channels_is_a_config_error(
+    tiny_cfg: Callable[..., DictConfig], tmp_path: Path
+) -> None:
+    from ssl_robust.purify.unet import build_unet, make_scheduler, save_denoiser
+
+    for size, channels, kind in ((16, 3, "16-px"), (8, 1, "8-px 1-channel")):
+        unet = build_unet("tiny", sample_size=size, in_channels=channels)
+        den = save_denoiser(unet, make_scheduler(100), tmp_path / f"d{size}-{channels}")
+        cfg = tiny_cfg(f"purifier.run={den}")
+        match = (
+            rf"purifier.run=.* holds a denoiser of {kind} images, the evaluation images are 8 px"
+        )
+        with pytest.raises(ConfigError, match=match):
+            evaluate(cfg)
+        assert not Path(cfg.run.dir).exists()
+
+
 def test_default_run_dir_is_named_after_the_classifier(
     classifier_run: Path, denoiser_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -203,7 +203,9 @@ def test_purifier_at_test_time(random_encoder: Path, tmp_path: Path) -> None:
         "data.image_size=16",
         f"purify.run={tmp_path / 'denoiser'}",
     )
-    with pytest.raises(ValueError, match="8-px images, the data is 16 px"):
+    with pytest.raises(
+        ConfigError, match=r"purify.run=.* holds a denoiser of 8-px images, the images are 16 px"
+    ):
         finetune(bad)
 
 

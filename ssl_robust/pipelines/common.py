@@ -336,3 +336,22 @@ def check_resumable(
             f"settings ({changes}); resuming it would ignore them. Use run.resume=false to "
             "train anew in this directory, or another run.dir"
         )
+
+
+def check_denoiser_size(
+    unet: Any, image_size: int, key: str, run: str, images: str, fix: str
+) -> None:
+    """The denoiser of ``key=run`` must work on the ``images`` (3-channel, ``image_size`` px).
+
+    Raises:
+        ConfigError: Naming both sizes and the way out (``fix``).
+    """
+    size = unet.config["sample_size"]
+    size = size if isinstance(size, int) else size[0]
+    channels = unet.config["in_channels"]
+    if size != image_size or channels != 3:
+        kind = f"{size}-px" if channels == 3 else f"{size}-px {channels}-channel"
+        raise ConfigError(
+            f"{key}={run!r} holds a denoiser of {kind} images, the {images} are "
+            f"{image_size} px: {fix}"
+        )

@@ -74,6 +74,7 @@ from ssl_robust.launch.trainer import (
 from ssl_robust.models.backbones import Encoder, build_backbone
 from ssl_robust.models.export import EncoderMeta, load_encoder, load_encoder_meta
 from ssl_robust.pipelines.common import (
+    check_denoiser_size,
     check_phase,
     check_resumable,
     console,
@@ -328,12 +329,8 @@ def build_purifier(p: DictConfig, image_size: int) -> Purifier | None:
     from ssl_robust.purify.unet import load_denoiser
 
     unet, scheduler = load_denoiser(p.run)
-    size = unet.config["sample_size"]
-    if (size if isinstance(size, int) else size[0]) != image_size:
-        raise ValueError(
-            f"the denoiser in {p.run!r} works on {size}-px images, the data is {image_size} px; "
-            f"train a denoiser at this size or set data.image_size"
-        )
+    fix = "train a denoiser at this size, or set data.image_size to the denoiser's"
+    check_denoiser_size(unet, image_size, "purify.run", p.run, "images", fix)
     unet.requires_grad_(False)
     use_sigma = p.sigma > 0
     return Purifier(

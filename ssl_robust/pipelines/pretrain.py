@@ -35,6 +35,7 @@ from ssl_robust.models.backbones import Encoder, build_backbone
 from ssl_robust.models.export import EncoderMeta, export_encoder
 from ssl_robust.pipelines.common import (
     build_data,
+    check_denoiser_size,
     check_phase,
     check_resumable,
     fit_resumable,
@@ -162,13 +163,10 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
             )
         except ValueError as err:  # t_max beyond the denoiser's schedule
             raise ConfigError(f"denoise (run {cfg.denoise.run!r}): {err}") from err
-        size = view_hook.unet.config["sample_size"]
-        if size not in (info.image_size, [info.image_size] * 2):
-            raise ConfigError(
-                f"denoise.run={cfg.denoise.run!r} holds a denoiser of {size} px images, and the "
-                f"views are {info.image_size} px (data.image_size={cfg.data.image_size}): "
-                "give the denoiser's size or a denoiser trained at the views' size"
-            )
+        fix = "set data.image_size to the denoiser's, or train a denoiser at the views' size"
+        check_denoiser_size(
+            view_hook.unet, info.image_size, "denoise.run", cfg.denoise.run, "views", fix
+        )
     train_transform: Any
     if augment == "gpu":
         train_transform = gpu_view_transforms(cfg.method.name, views)

@@ -39,7 +39,7 @@ from ssl_robust.evaluate.ood import FEATURE_SCORES, NOISE_KINDS
 from ssl_robust.evaluate.report import threat_name
 from ssl_robust.finetune.features import source_images
 from ssl_robust.finetune.model import Classifier
-from ssl_robust.pipelines.common import check_phase
+from ssl_robust.pipelines.common import check_denoiser_size, check_phase
 from ssl_robust.purify.purifier import Purifier
 from ssl_robust.purify.unet import load_denoiser
 
@@ -406,13 +406,8 @@ def build_purifier(cfg: DictConfig, image_size: int) -> tuple[Purifier | None, d
     if not p.run:
         return None, {}
     unet, scheduler = load_denoiser(p.run)
-    size = unet.config["sample_size"]
-    size = size if isinstance(size, int) else size[0]
-    if size != image_size or unet.config["in_channels"] != 3:
-        raise ConfigError(
-            f"the denoiser in {p.run} was built for {unet.config['in_channels']}-channel "
-            f"{size}x{size} images, the evaluation images are 3-channel {image_size}x{image_size}"
-        )
+    fix = "give a denoiser trained at the classifier's image size"
+    check_denoiser_size(unet, image_size, "purifier.run", p.run, "evaluation images", fix)
     desc = {
         name: {k: v for k, v in dict(c).items() if not k.startswith("_")}
         for name, c in (("unet", unet.config), ("scheduler", scheduler.config))
