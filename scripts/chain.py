@@ -81,7 +81,8 @@ def main() -> int:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="check every phase's arguments and exit (slurm/pipeline.sh does, before submitting)",
+        help="check every phase's arguments and existing run directory, and exit "
+        "(slurm/pipeline.sh does, before submitting)",
     )
     args = parser.parse_args()
     try:

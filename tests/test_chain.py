@@ -32,6 +32,12 @@ def _args(step: Step) -> list[str]:
     return step.argv[2:]  # after the interpreter and the script
 
 
+def _value(step: Step, key: str) -> str:
+    """The value the step's arguments give ``key`` ("" when they do not)."""
+    found = [a.split("=", 1)[1] for a in _args(step) if a.startswith(f"{key}=")]
+    return found[-1] if found else ""
+
+
 def test_plan_has_the_slurm_pipelines_steps_run_dirs_and_prerequisites(tmp_path: Path) -> None:
     (tmp_path / "sweep.txt").write_text(SWEEP)
     runs = tmp_path / "runs"
@@ -411,3 +417,33 @@ def test_keys_the_chain_sets_are_refused_in_the_phase_arguments(
     lines = ["run.seed=0 run.dir=mine"]
     names = [step.name for step in plan_chain(tmp_path / "r", pretrain="", lines=lines)]
     assert "finetune:mine" in names
+
+
+def test_existing_run_directories_are_checked_before_anything_runs(tmp_path: Path) -> None:
+    """A step whose run directory holds another phase's run, or a checkpoint trained with other
+    settings, would fail only when its job starts (hours into a SLURM chain): --check says so
+    first."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from ssl_robust.config import SCHEMAS, load_config, to_dict
+
+    runs = tmp_path / "r"
+    steps = plan_chain(runs, pretrain="", denoiser="", finetune="")
+    assert check_steps(steps) == []
+    dirs = {s.name: Path(_value(s, "run.dir")) for s in steps if _value(s, "run.dir")}
+    # The pretraining step's directory holds a denoiser run.
+    den_cfg = load_config(SCHEMAS["denoiser"], [], job="denoiser")
+    dirs["pretrain"].mkdir(parents=True)
+    OmegaConf.save(den_cfg, dirs["pretrain"] / "config.yaml")
+    # The denoiser step's holds a checkpoint of a denoiser trained at another learning rate.
+    trained = to_dict(load_config(SCHEMAS["denoiser"], ["denoiser.lr=0.5"], job="denoiser"))
+    (dirs["denoiser"] / "checkpoints").mkdir(parents=True)
+    torch.save(
+        {"epoch": 0, "ssl_robust_config": trained}, dirs["denoiser"] / "checkpoints/last.ckpt"
+    )
+    errors = check_steps(steps)
+    assert len(errors) == 2, errors
+    assert errors[0].startswith("pretrain: run.dir") and "holds a denoiser run" in errors[0]
+    assert errors[1].startswith("denoiser: ") and "trained with other settings" in errors[1]
+    assert "denoiser.lr: 0.5 ->" in errors[1]

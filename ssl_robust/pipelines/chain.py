@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "Step",
@@ -293,8 +294,10 @@ _JOBS = {"pretrain": "pretrain", "train_denoiser": "denoiser", "finetune": "fine
 
 def check_steps(steps: Sequence[Step]) -> list[str]:
     """Every step's config built as its job would build it (presets, keys, types, ranges; the
-    evaluation's value lists too), before anything runs: a typo in the evaluation's arguments
-    should not wait for hours of pretraining to show. Returns ``<step>: <error>`` lines."""
+    evaluation's value lists too), and its run directory checked as the job checks it (another
+    phase's run, a checkpoint trained with other settings), before anything runs: a typo in the
+    evaluation's arguments should not wait for hours of pretraining to show. Returns
+    ``<step>: <error>`` lines."""
     from ssl_robust.config import SCHEMAS, ConfigError, load_config
 
     errors = []
@@ -328,9 +331,35 @@ def check_steps(steps: Sequence[Step]) -> list[str]:
                 from ssl_robust.pipelines.denoiser import check_config as check_denoiser
 
                 check_denoiser(cfg)
+            if cfg.run.dir:  # the chain sets it for every phase
+                _check_run_dir(Path(str(cfg.run.dir)), job, cfg)
         except (ConfigError, FileNotFoundError, ValueError) as err:
             errors.append(f"{step.name}: {err}")
     return errors
+
+
+def _check_run_dir(run_dir: Path, job: str, cfg: Any) -> None:
+    """What the job checks of an existing run directory before it writes: whose run it holds
+    and whether a checkpoint there was trained as this step asks (the evaluation resumes its
+    units by its own fingerprint, checked when it runs)."""
+    from ssl_robust.pipelines.common import check_phase, check_resumable
+
+    check_phase(run_dir, job)
+    if job == "pretrain":
+        from ssl_robust.pipelines.pretrain import resume_settings as pretrain_settings
+
+        check_resumable(run_dir, cfg, pretrain_settings, "pretraining")
+    elif job == "denoiser":
+        from ssl_robust.pipelines.denoiser import resume_settings as denoiser_settings
+
+        check_resumable(run_dir, cfg, denoiser_settings, "denoiser")
+    elif job == "finetune":
+        from ssl_robust.data.subsets import SPEC_FILE
+        from ssl_robust.pipelines.finetune import _check_same_job, training_settings
+
+        _check_same_job(run_dir, cfg)
+        with_subset = not (run_dir / SPEC_FILE).is_file()
+        check_resumable(run_dir, cfg, lambda c: training_settings(c, with_subset), "fine-tuning")
 
 
 def run_chain(
