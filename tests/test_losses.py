@@ -79,6 +79,19 @@ def test_ntxent_emulated_two_ranks_equals_lightly(monkeypatch: pytest.MonkeyPatc
     assert not torch.isclose(ours[0].float(), single)  # the other rank's negatives counted
 
 
+def test_ntxent_builds_its_masks_on_the_projections_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On the meta device (shapes only), two emulated ranks: a mask made on the host, as
+    # lightly's dist.eye_rank makes it, fails here as masked_fill on a GPU refuses it.
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "rank", lambda: 1)
+    monkeypatch.setattr(dist, "gather", lambda x: (torch.zeros_like(x), x))
+    out0 = torch.randn(4, 8, device="meta", requires_grad=True)
+    loss = NTXentLoss(0.5, gather_distributed=True)(out0, torch.randn(4, 8, device="meta"))
+    loss.backward()
+    assert loss.device.type == "meta" and loss.shape == ()
+    assert out0.grad is not None and out0.grad.shape == (4, 8)
+
+
 def test_ntxent_similarities_stay_float32_under_bf16_autocast() -> None:
     out0, out1 = _pair(64, 32, seed=3)
     exact = NTXentLoss(0.1)(out0.double(), out1.double())

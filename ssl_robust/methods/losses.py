@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from lightly.loss import NTXentLoss as _LightlyNTXentLoss
@@ -38,19 +40,27 @@ class NTXentLoss(_LightlyNTXentLoss):
             out0, out1: (B, D) projections of the two views of the same B images.
         """
         batch_size = out0.shape[0]
-        with torch.autocast(out0.device.type, enabled=False):
+        device_type = out0.device.type
+        no_autocast = (
+            torch.autocast(device_type, enabled=False)
+            if torch.amp.is_autocast_available(device_type)
+            else contextlib.nullcontext()  # e.g. the meta device of shape checks
+        )
+        with no_autocast:
             z0 = F.normalize(out0.float(), dim=1)  # (B, D)
             z1 = F.normalize(out1.float(), dim=1)
             if self.gather_distributed and dist.world_size() > 1:
                 # Negatives from every rank; gradients flow back through this rank's part.
                 z0_all = torch.cat(dist.gather(z0), 0)  # (M, D), M = B x world
                 z1_all = torch.cat(dist.gather(z1), 0)
-                own = dist.eye_rank(batch_size, device=z0.device)  # (B, M): (i, rank*B + i)
                 offset = dist.rank() * batch_size
             else:
-                z0_all, z1_all = z0, z1
-                own = torch.eye(batch_size, device=z0.device, dtype=torch.bool)
-                offset = 0
+                z0_all, z1_all, offset = z0, z1, 0
+            # Each view's similarity to itself: (i, offset + i). Made on the device (lightly's
+            # dist.eye_rank makes a host tensor: a copy per step, and masked_fill on a GPU
+            # refuses a host mask).
+            rows = torch.arange(batch_size, device=z0.device) + offset
+            own = rows[:, None] == torch.arange(len(z0_all), device=z0.device)[None, :]  # (B, M)
             t = self.temperature
             logits_00 = (z0 @ z0_all.T / t).masked_fill(own, float("-inf"))  # (B, M)
             logits_01 = z0 @ z1_all.T / t
