@@ -52,17 +52,22 @@ class CountBatches(pl.Callback):
 
 
 class RecordHostSyncs(pl.Callback):
-    """Records the host-synchronising operations (``tests.helpers.host_syncs``) of each
-    training step: training_step, backward and the optimizer step, from batch start to end."""
+    """Records the host-synchronising operations (``tests.helpers.host_syncs``) of each training
+    step, from its batch start to the next one's (for the epoch's last, to its batch end: the
+    validation loader's start draws a seed with a host tensor's .item()): training_step,
+    backward, the optimizer step, Lightning's per-step metric handling, and the next batch's
+    transfer and views."""
 
     def __init__(self) -> None:
         self.per_step: list[list[tuple[str, str]]] = []
         self._stack = ExitStack()
 
     def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, i: int) -> None:
+        self._stack.close()
         self.per_step.append(self._stack.enter_context(host_syncs()))  # filled as they happen
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, module: Any, out: Any, b: Any, i: int
     ) -> None:
-        self._stack.close()
+        if i + 1 >= trainer.num_training_batches:
+            self._stack.close()

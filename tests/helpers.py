@@ -62,10 +62,12 @@ class TickingClock:
 @contextmanager
 def host_syncs() -> Iterator[list[tuple[str, str]]]:
     """Records the operations inside the block that make the host wait for a CUDA device:
-    ``.item()`` and ``bool()`` of a tensor, ``nonzero``, boolean-mask indexing, ``unique``...
-    They run on any device, so a CPU run finds them (``torch.cuda.set_sync_debug_mode`` needs a
-    GPU). Yields a list of ``(operation, innermost project or library frame)``, filled as they
-    happen.
+    ``.item()`` and ``bool()`` of a tensor, ``nonzero``, boolean-mask indexing and assignment,
+    ``unique``... They run on any device, so a CPU run finds them
+    (``torch.cuda.set_sync_debug_mode`` needs a GPU). Not seen in a CPU run: copies to the host
+    (``.cpu()``, ``.tolist()``, ``.numpy()`` of a CPU tensor dispatch nothing), and an
+    ``.item()`` of a tensor that lives on the host in a GPU run too (a CPU run cannot tell).
+    Yields a list of ``(operation, innermost project or library frame)``, filled as they happen.
     """
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -79,6 +81,9 @@ def host_syncs() -> Iterator[list[tuple[str, str]]]:
         aten.equal.default,
         aten.repeat_interleave.Tensor,
     }
+    # With a boolean index among their indices (x[mask], x[mask] = v): a nonzero inside.
+    masked = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default}
+    masked.add(aten._index_put_impl_.default)
     found: list[tuple[str, str]] = []
 
     class _Record(TorchDispatchMode):
@@ -86,8 +91,7 @@ def host_syncs() -> Iterator[list[tuple[str, str]]]:
             self, func: Any, types: Any, args: Any = (), kwargs: Any = None
         ) -> Any:
             flagged = func in always or (
-                func is aten.index.Tensor
-                and any(i is not None and i.dtype == torch.bool for i in args[1])
+                func in masked and any(i is not None and i.dtype == torch.bool for i in args[1])
             )
             if flagged:
                 frames = [

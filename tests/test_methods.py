@@ -334,11 +334,22 @@ def test_the_knn_monitor_runs_in_float32_under_bf16_autocast() -> None:
 
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_training_steps_make_no_host_synchronising_call(
-    name: str, tiny_pretrain_cfg: Callable[..., DictConfig]
+    name: str, tiny_pretrain_cfg: Callable[..., DictConfig], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # On a GPU one such call per step (an .item(), a boolean mask) makes the host wait for the
-    # device, so Lightning's per-step host work becomes GPU idle time (BENCHMARKS.md). The
+    # device, so Lightning's per-step host work becomes GPU idle time (BENCHMARKS.md). Each
+    # step is recorded up to the next one's start: Lightning's metric handling after the step
+    # (a prog_bar=True metric is read every step) and the next batch's views included. The
     # loggers' .item() every trainer.log_every_n_steps steps is kept out by a long interval.
+    from ssl_robust.data import gpu_views
+
+    # The views as on a GPU: the CPU's hue path gathers by index (a nonzero) on purpose.
+    jitter = gpu_views.color_jitter
+
+    def gpu_path(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return jitter(*args, **{**kwargs, "hue_by_index": False})
+
+    monkeypatch.setattr(gpu_views, "color_jitter", gpu_path)
     record = RecordHostSyncs()
     pretrain(
         tiny_pretrain_cfg(f"method={name}", "data.augment=gpu", "trainer.log_every_n_steps=1000"),
@@ -346,3 +357,24 @@ def test_training_steps_make_no_host_synchronising_call(
     )
     assert len(record.per_step) == 6  # 2 epochs x 3 batches, each recorded
     assert [found for found in record.per_step if found] == []
+
+
+def test_the_host_sync_recorder_sees_what_makes_a_gpu_wait() -> None:
+    from tests.helpers import host_syncs
+
+    x = torch.arange(6.0)
+    mask = x > 2
+    with host_syncs() as found:
+        x.sum() * 2 + x.mean()  # stays on the device
+        torch.where(mask, x, 0.0)
+        x.masked_fill(mask, 0.0)
+    assert found == []
+    with host_syncs() as found:
+        x[mask]  # a nonzero inside
+        x[mask] = 0.0
+        float(x.sum())
+        bool(mask.any())
+        mask.nonzero()
+    ops = [op.split(".")[1] for op, _where in found]
+    assert ops == ["index", "index_put_", "_local_scalar_dense", "_local_scalar_dense", "nonzero"]
+    assert all("tests/test_methods.py:" in where for _op, where in found)  # where they are

@@ -170,6 +170,46 @@ def test_progress_bar_shows_the_logged_metrics_without_the_log_version(
     assert not any("LeafSpec" in str(w.message) for w in caught)
 
 
+def test_progress_bar_reads_the_step_loss_at_most_once_a_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The methods log train/loss without prog_bar=True (Lightning would read it back from the
+    device after every step); the bar reads it itself, throttled."""
+    import ssl_robust.launch.trainer as launch
+    from ssl_robust.config.common import TrainerConfig
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(2, 1)
+
+        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            loss = self.layer(batch[0]).pow(2).mean()
+            self.log("train/loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    tcfg = TrainerConfig(accelerator="cpu", max_epochs=1)
+    trainer = launch.build_trainer(tcfg, tmp_path, loggers=[], callbacks=[])
+    module = Tiny()
+    trainer.fit(module, DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4))
+    assert "train/loss" not in trainer.progress_bar_metrics  # not Lightning's bar metric
+    bar = trainer.progress_bar_callback
+    assert isinstance(bar, launch.ProgressBar)
+    clock = [100.0]
+    monkeypatch.setattr(launch.time, "monotonic", lambda: clock[0])
+    bar._read_at = None
+    first = bar.get_metrics(trainer, module)["train/loss"]
+    assert first == pytest.approx(float(trainer.callback_metrics["train/loss"]))
+    trainer.callback_metrics["train/loss"] = torch.tensor(5.0)
+    clock[0] = 100.5
+    assert bar.get_metrics(trainer, module)["train/loss"] == first  # read 0.5 s ago
+    clock[0] = 101.0
+    assert bar.get_metrics(trainer, module)["train/loss"] == 5.0
+
+
 class _ProfiledSteps(_TimedSteps):
     """Records (epoch, batch, whether torch.profiler was on) for every training step."""
 
@@ -184,7 +224,12 @@ class _ProfiledSteps(_TimedSteps):
 
 
 def _profiled_fit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, epochs: int, steps: int
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    epochs: int,
+    steps: int,
+    val_s: float | None = None,
+    callbacks: tuple[pl.Callback, ...] = (),
 ) -> tuple[list[tuple[int, int]], str]:
     import ssl_robust.launch.perf as perf
 
@@ -192,14 +237,17 @@ def _profiled_fit(
     monkeypatch.setattr(perf, "time", clock)
     data = TensorDataset(torch.randn(100, 4), torch.randn(100))  # 7 batches of 16
     module = _ProfiledSteps(clock, train_s=0.5)
+    module.val_s = val_s or 0.0
+    val = DataLoader(data, batch_size=50) if val_s is not None else None  # 2 batches
     pl.Trainer(
         max_epochs=epochs,
         accelerator="cpu",
         logger=False,
-        callbacks=[StepProfiler(tmp_path / "profile.txt", steps)],
+        callbacks=[StepProfiler(tmp_path / "profile.txt", steps), *callbacks],
         enable_progress_bar=False,
         enable_checkpointing=False,
-    ).fit(module, DataLoader(data, batch_size=16))
+        num_sanity_val_steps=0,
+    ).fit(module, DataLoader(data, batch_size=16), val)
     profiled = [(epoch, i) for epoch, i, on in module.seen if on]
     return profiled, (tmp_path / "profile.txt").read_text()
 
@@ -223,6 +271,33 @@ def test_step_profiler_takes_what_a_single_epoch_has(
     profiled, report = _profiled_fit(tmp_path, monkeypatch, epochs=1, steps=10)
     assert profiled == [(0, i) for i in range(7)]  # fewer steps than asked: all of them
     assert report.startswith("7 training steps profiled: 3500.0 ms wall")
+
+
+def test_step_profiler_stops_before_a_validation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 10 steps asked from the second epoch's start, which has 7: the 2 validation batches of
+    # 4 s each (fake clock) after them are not profiled.
+    profiled, report = _profiled_fit(tmp_path, monkeypatch, epochs=3, steps=10, val_s=4.0)
+    assert profiled == [(1, i) for i in range(7)]
+    assert report.startswith("7 training steps profiled: 3500.0 ms wall, 500.00 ms per step")
+
+
+def test_step_profiler_says_when_the_run_ended_before_its_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class StopFirstEpoch(pl.Callback):
+        def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+            trainer.should_stop = True
+
+    profiled, report = _profiled_fit(
+        tmp_path, monkeypatch, epochs=3, steps=2, callbacks=(StopFirstEpoch(),)
+    )
+    assert profiled == []
+    assert report == (
+        "not profiled: this piece of the run trained 7 steps and profiling starts after 7 "
+        "(after the first epoch of a longer run)\n"
+    )
 
 
 def test_profile_report_gives_the_device_busy_share() -> None:

@@ -137,7 +137,9 @@ class StepProfiler(pl.Callback):
     ``path``: the steps' wall time, how much of it the device was busy, and the operators that
     took the most host and device time. Rank 0 only.
 
-    The steps come after the piece's first epoch when it trains more than one (compilation and
+    The steps are whole, from the end of the step before (or the epoch's start) to their own
+    end, so each holds its batch's transfer and views, and they never take in a validation.
+    They come after the piece's first epoch when it trains more than one (compilation and
     cuDNN's algorithm search happen in the first), else as late in its only epoch as they fit.
     Whether a loop is bound by the host or by the device shows here: a busy share well under
     1 with host operators filling the step means the device waits for the host.
@@ -148,37 +150,21 @@ class StepProfiler(pl.Callback):
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.path = Path(path)
         self.steps = steps
-        self._start_at = -1  # the piece's step count at which profiling starts
+        self._start_at = -1  # the piece's step count after which profiling starts
         self._seen = 0  # steps of this piece so far
         self._profile: torch.profiler.profile | None = None
         self._t0 = 0.0
+        self._written = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         per_epoch = int(trainer.num_training_batches)
         epochs_left = (trainer.max_epochs or 1) - trainer.current_epoch
-        left = per_epoch * max(1, epochs_left)
-        self._start_at = per_epoch if epochs_left > 1 else max(0, left - self.steps)
+        self._start_at = per_epoch if epochs_left > 1 else max(0, per_epoch - self.steps)
         self._seen = 0
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if trainer.global_rank != 0 or self._seen != self._start_at or self._profile:
-            return
-        device = trainer.strategy.root_device
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        sync(device)
-        try:
-            self._profile = torch.profiler.profile(activities=activities)
-            self._profile.__enter__()
-        except Exception as err:  # a profiler that cannot start must not cost the run
-            self._profile = None
-            self._start_at = -1
-            self._write(f"profiling failed to start: {err!r}\n")
-            return
-        self._t0 = time.perf_counter()
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._seen == self._start_at:
+            self._start(trainer)
 
     def on_train_batch_end(
         self,
@@ -191,10 +177,38 @@ class StepProfiler(pl.Callback):
         self._seen += 1
         if self._profile is not None and self._seen == self._start_at + self.steps:
             self._finish(trainer, self.steps)
+        elif self._seen == self._start_at and batch_idx + 1 < trainer.num_training_batches:
+            self._start(trainer)  # mid-epoch; at an epoch's end, when the next one starts
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._profile is not None and trainer.state.fn == TrainerFn.FITTING:
+            self._finish(trainer, self._seen - self._start_at)  # the epoch ended first
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._profile is not None:  # the epoch or the run ended first
+        if self._profile is not None:  # the run ended first
             self._finish(trainer, self._seen - self._start_at)
+        elif trainer.global_rank == 0 and not self._written:
+            self._write(
+                f"not profiled: this piece of the run trained {self._seen} steps and profiling "
+                f"starts after {self._start_at} (after the first epoch of a longer run)\n"
+            )
+
+    def _start(self, trainer: pl.Trainer) -> None:
+        if trainer.global_rank != 0 or self._profile is not None or self._written:
+            return
+        device = trainer.strategy.root_device
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        sync(device)
+        try:
+            self._profile = torch.profiler.profile(activities=activities)
+            self._profile.__enter__()
+        except Exception as err:  # a profiler that cannot start must not cost the run
+            self._profile = None
+            self._write(f"profiling failed to start: {err!r}\n")
+            return
+        self._t0 = time.perf_counter()
 
     def _finish(self, trainer: pl.Trainer, steps: int) -> None:
         assert self._profile is not None
@@ -210,6 +224,7 @@ class StepProfiler(pl.Callback):
         self._write(report)
 
     def _write(self, text: str) -> None:
+        self._written = True
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(text)
 

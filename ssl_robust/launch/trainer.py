@@ -9,11 +9,12 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import (
     Callback,
     LearningRateMonitor,
@@ -124,14 +125,38 @@ def quiet_lightning() -> None:
 
 
 class ProgressBar(RichProgressBar):
-    """Lightning's rich bar without ``v_num``: the log version is not a metric, and the bar
-    rendered it as a float ("v_num: 0.000")."""
+    """Lightning's rich bar without ``v_num`` (the log version is not a metric, and the bar
+    rendered it as a float, "v_num: 0.000"), showing the per-step ``step_metrics`` read at most
+    once every ``every_s`` seconds.
+
+    The training steps log their loss without ``prog_bar=True``: Lightning turns progress-bar
+    metrics into Python numbers after every step, bar or no bar, and reading a device tensor
+    makes the host wait for the device, every step.
+    """
+
+    def __init__(
+        self, *args: Any, step_metrics: Sequence[str] = ("train/loss",), every_s: float = 1.0,
+        **kwargs: Any,
+    ) -> None:  # fmt: skip
+        super().__init__(*args, **kwargs)
+        self.step_metrics = tuple(step_metrics)
+        self.every_s = every_s
+        self._read_at: float | None = None
+        self._values: dict[str, float] = {}
 
     def get_metrics(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> dict[str, int | str | float | dict[str, float]]:
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
+        now = time.monotonic()
+        if self._read_at is None or now - self._read_at >= self.every_s:
+            self._read_at = now
+            for name in self.step_metrics:
+                value = trainer.callback_metrics.get(name)
+                if isinstance(value, torch.Tensor) and value.numel() == 1:
+                    self._values[name] = float(value)
+        items.update(self._values)
         return items
 
 

@@ -57,7 +57,8 @@ class SimCLR(pl.LightningModule):
         loss, features = self.ssl_loss(views)
         probe_loss, probe_acc = self.monitor.probe_step(features, labels)
         bs = len(labels)
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=bs)
+        # Not prog_bar=True: the bar reads it (launch.trainer.ProgressBar) without a per-step sync.
+        self.log("train/loss", loss, sync_dist=True, batch_size=bs)
         self.log("train/online_acc", probe_acc, sync_dist=True, batch_size=bs)
         return loss + probe_loss
 

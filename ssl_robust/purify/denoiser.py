@@ -145,7 +145,7 @@ class DenoiserModule(pl.LightningModule):
         t = torch.randint(0, self.num_train_timesteps, shape, generator=generator, device=x.device)
         noise = torch.randn(x.shape, generator=generator, device=x.device)  # float32
         loss = self._noise_loss(x, t, noise).mean()
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)  # on the bar through launch.trainer.ProgressBar
         return loss
 
     def _ema_to_device(self) -> None:
