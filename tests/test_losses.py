@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from lightly.loss import NTXentLoss as LightlyNTXentLoss
@@ -116,3 +118,36 @@ def test_ntxent_makes_no_host_synchronising_call() -> None:
 def test_ntxent_refuses_a_memory_bank_argument() -> None:
     with pytest.raises(TypeError):
         NTXentLoss(0.5, memory_bank_size=128)  # type: ignore[call-arg]
+
+
+def _two_rank_worker(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: our loss and lightly's on this rank's shard, with gradients."""
+    import torch.distributed as torch_dist
+
+    torch_dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+    )
+    try:
+        out0, out1 = _pair(5, 4, seed=20 + rank)
+        ours = _loss_and_grads(NTXentLoss(0.5, gather_distributed=True), out0.float(), out1.float())
+        ref = _loss_and_grads(
+            LightlyNTXentLoss(0.5, gather_distributed=True), out0.float(), out1.float()
+        )
+        alone = NTXentLoss(0.5)(out0.float(), out1.float())
+        torch.save({"ours": ours, "ref": ref, "alone": alone}, f"{out}/rank{rank}.pt")
+    finally:
+        torch_dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ntxent_equals_lightly_across_two_gloo_ranks(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    from tests.helpers import free_port
+
+    mp.spawn(_two_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for mine, theirs in zip(got["ours"], got["ref"]):
+            torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+        assert not torch.isclose(got["ours"][0], got["alone"])  # the other rank's negatives
