@@ -107,6 +107,7 @@ copy_logs
 [ -f "$OUT/profile.txt" ] && head -n 2 "$OUT/profile.txt"
 python3 benchmarks/session_summary.py --bench "$OUT/bench.json" --csv "$OUT/metrics.csv" \
     --metrics "$OUT/metrics.json" --method "$METHOD" ${WALL_S:+--train-wall-s "$WALL_S"} \
+    --profile "$OUT/profile.txt" \
     > "$OUT/summary.md"
 cat "$OUT/summary.md"
 echo "== $(date -Is) done in $(( $(date +%s) - T0 )) s; results in $OUT"

@@ -110,6 +110,7 @@ def training_rows(
     which leaves start-up out and is not judged."""
     knn: list[tuple[int, float]] = []
     ips: list[float] = []
+    epoch_s: list[float] = []
     if csv_path is not None and csv_path.is_file():
         with csv_path.open() as f:
             for r in csv.DictReader(f):
@@ -117,6 +118,8 @@ def training_rows(
                     knn.append((int(float(r.get("epoch") or -1)), float(r["val/knn_acc"])))
                 if r.get("perf/train_images_per_s"):
                     ips.append(float(r["perf/train_images_per_s"]))
+                if r.get("perf/epoch_s"):
+                    epoch_s.append(float(r["perf/epoch_s"]))
     metrics = metrics or {}
     if not knn and "val/knn_acc" in metrics:
         knn = [(int(metrics.get("epochs", -1)), float(metrics["val/knn_acc"]))]
@@ -142,6 +145,21 @@ def training_rows(
             "-",
         )
     )
+    if epoch_s:
+        # The epochs' own time (training and validation); what the wall time holds besides:
+        # start-up, the first compilation outside the loop, checkpoints between epochs, export.
+        within = sum(epoch_s)
+        outside = (
+            "" if wall_s is None else f"; outside them {wall_s - within:.0f} s of {wall_s:.0f}"
+        )
+        rows.append(
+            _row(
+                f"time in the {len(epoch_s)} logged epochs (perf/epoch_s)",
+                f"{within:.0f} s (first {epoch_s[0]:.0f} s){outside}",
+                "-",
+                "-",
+            )
+        )
     if ips:
         steady = steady_throughput(ips)  # as metrics.json computes it
         rows.append(
@@ -164,12 +182,22 @@ def training_rows(
     return rows
 
 
+def profile_rows(text: str | None) -> list[str]:
+    """The head of the training run's profile.txt (trainer.profile_steps): ms per step and the
+    device's busy share."""
+    if not text:
+        return []
+    head = text.splitlines()[:2]
+    return [_row("profiled training steps (profile.txt)", "; ".join(head), "-", "-")]
+
+
 def summarize(
     bench: dict[str, Any] | None,
     method: str,
     csv_path: Path | None,
     metrics: dict[str, Any] | None,
     wall_s: float | None = None,
+    profile: str | None = None,
 ) -> str:
     """The Markdown table (header included)."""
     bench = bench or {}
@@ -184,6 +212,7 @@ def summarize(
         *pretrain_rows(None if "pretrain" in failed else bench.get("pretrain")),
         *purify_rows(None if "purify" in failed else bench.get("purify")),
         *training_rows(method, csv_path, metrics, wall_s),
+        *profile_rows(profile),
     ]
     return "\n".join(lines)
 
@@ -203,8 +232,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     p.add_argument(
         "--train-wall-s", type=float, help="seconds scripts/pretrain.py ran, start-up included"
     )
+    p.add_argument("--profile", type=Path, help="the training run's profile.txt")
     a = p.parse_args(argv)
-    table = summarize(_load(a.bench), a.method, a.csv, _load(a.metrics), a.train_wall_s)
+    profile = a.profile.read_text() if a.profile and a.profile.is_file() else None
+    table = summarize(_load(a.bench), a.method, a.csv, _load(a.metrics), a.train_wall_s, profile)
     print(table)
     return table
 

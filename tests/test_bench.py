@@ -96,12 +96,15 @@ def _bench(ours: float = 20000.0) -> dict:
 
 def test_session_summary_judges_each_target(tmp_path: Path) -> None:
     csv_path = tmp_path / "metrics.csv"
-    rows = ["epoch,val/knn_acc,perf/train_images_per_s"]
-    rows += [f"{e},,{ips}" for e, ips in ((0, 5000.0), (1, 21000.0), (2, 23000.0))]
-    rows += ["19,0.70,", "199,0.841,"]
+    rows = ["epoch,val/knn_acc,perf/train_images_per_s,perf/epoch_s"]
+    rows += [f"{e},,{ips},{s}" for e, ips, s in ((0, 5000, 40.5), (1, 21000, 2.5), (2, 23000, 2))]
+    rows += ["19,0.70,,", "199,0.841,,"]
     csv_path.write_text("\n".join(rows) + "\n")
     metrics = {"perf/fit_time_s": 500.0, "epochs": 200.0, "val/knn_acc": 0.841}
-    table = session_summary.summarize(_bench(), "simclr", csv_path, metrics, wall_s=580.0)
+    profile = "20 training steps profiled: 400.0 ms wall, 20.00 ms per step\ndevice busy 380.0 ms"
+    table = session_summary.summarize(
+        _bench(), "simclr", csv_path, metrics, wall_s=580.0, profile=profile
+    )
     lines = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
     assert lines["b/a (ours / lightly pipeline)"].endswith("| 2.11 | >= 2.4 | **missed** |")
     assert lines["b/c (ours / compute floor)"].endswith("| 0.80 | >= 0.9 | **missed** |")
@@ -114,6 +117,11 @@ def test_session_summary_judges_each_target(tmp_path: Path) -> None:
     late = session_summary.summarize(None, "simclr", csv_path, metrics, wall_s=640.0)
     assert "| 640 s (200 epochs) | < 600 s | **missed** |" in late
     assert "| 22000 |" in lines["in-loop training images/s (median after epoch 1)"]
+    epochs = lines["time in the 3 logged epochs (perf/epoch_s)"]
+    assert "| 45 s (first 40 s); outside them 535 s of 580 |" in epochs  # 40.5 + 2.5 + 2
+    assert (
+        "20.00 ms per step; device busy 380.0 ms" in lines["profiled training steps (profile.txt)"]
+    )
     knn = lines["simclr kNN accuracy (last at epoch 200, best)"]
     assert "| 84.1 / 84.1 |" in knn and knn.endswith("| met |")  # 84.1 >= 84.8 - 1
 
