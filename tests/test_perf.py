@@ -133,6 +133,22 @@ def test_trainer_sets_cudnn_autotuning_unless_deterministic(
         torch.backends.cudnn.benchmark = saved
 
 
+class _LoggedLoss(pl.LightningModule):
+    """A linear layer that logs its step loss as the methods do (not prog_bar=True)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(2, 1)
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.layer(batch[0]).pow(2).mean()
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
 def test_progress_bar_shows_the_logged_metrics_without_the_log_version(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -141,20 +157,7 @@ def test_progress_bar_shows_the_logged_metrics_without_the_log_version(
 
     tcfg = TrainerConfig(accelerator="cpu", max_epochs=1, limit_train_batches=2)
 
-    class Tiny(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layer = nn.Linear(2, 1)
-
-        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-            loss = self.layer(batch[0]).pow(2).mean()
-            self.log("train/loss", loss, prog_bar=True)
-            return loss
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    module = Tiny()
+    module = _LoggedLoss()
     with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = build_trainer(tcfg, tmp_path, loggers=[CSVLogger(str(tmp_path))], callbacks=[])
@@ -178,22 +181,9 @@ def test_progress_bar_reads_the_step_loss_at_most_once_a_second(
     import ssl_robust.launch.trainer as launch
     from ssl_robust.config.common import TrainerConfig
 
-    class Tiny(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layer = nn.Linear(2, 1)
-
-        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-            loss = self.layer(batch[0]).pow(2).mean()
-            self.log("train/loss", loss)
-            return loss
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     tcfg = TrainerConfig(accelerator="cpu", max_epochs=1)
     trainer = launch.build_trainer(tcfg, tmp_path, loggers=[], callbacks=[])
-    module = Tiny()
+    module = _LoggedLoss()
     trainer.fit(module, DataLoader(TensorDataset(torch.randn(8, 2)), batch_size=4))
     assert "train/loss" not in trainer.progress_bar_metrics  # not Lightning's bar metric
     bar = trainer.progress_bar_callback
