@@ -19,10 +19,11 @@ class NTXentLoss(_LightlyNTXentLoss):
     - it drops each view's similarity to itself by boolean indexing (``logits[~diag]``), whose
       data-dependent shape makes the host wait for the GPU at every step. The host then cannot
       queue the next step while the GPU runs this one, and Lightning's per-step host work
-      became GPU idle time: the SimCLR loop ran at 19.8k images/s against 30.5k for the same
-      step in a bare loop. Here those entries are set to -inf instead: they drop out of the
-      softmax (exp(-inf) = 0) and the positive keeps its column, so the loss and its gradients
-      are lightly's (checked against it in the tests).
+      becomes GPU idle time: with this wait and one more (progress-bar metrics, see
+      launch.trainer.ProgressBar) the SimCLR loop ran at 19.8k images/s, against 30.5k for the
+      same step in a bare loop. Here those entries are set to -inf instead: they drop out of
+      the softmax (exp(-inf) = 0) and the positive keeps its column, so the loss and its
+      gradients are lightly's (checked against it in the tests).
     - under bf16 autocast its similarity matmul rounds the logits to bf16 (a step of 1/64 near
       the positives' 1/T = 2). lightly's published accuracies were trained in 32-bit; the
       (2B x 2B x D) product costs nothing next to the encoder, so it runs in float32 here.

@@ -355,9 +355,9 @@ def _check_run_dir(run_dir: Path, job: str, cfg: Any) -> None:
         check_resumable(run_dir, cfg, denoiser_settings, "denoiser")
     elif job == "finetune":
         from ssl_robust.data.subsets import SPEC_FILE
-        from ssl_robust.pipelines.finetune import _check_same_job, training_settings
+        from ssl_robust.pipelines.finetune import check_same_job, training_settings
 
-        _check_same_job(run_dir, cfg)
+        check_same_job(run_dir, cfg)
         with_subset = not (run_dir / SPEC_FILE).is_file()
         check_resumable(run_dir, cfg, lambda c: training_settings(c, with_subset), "fine-tuning")
 

@@ -207,7 +207,7 @@ def default_run_dir(cfg: DictConfig, spec: SubsetSpec) -> Path:
     return enc.parent / f"finetune-{cfg.mode}-{spec.label}-seed{cfg.run.seed}-{enc.name}"
 
 
-def _check_same_job(run_dir: Path, cfg: DictConfig) -> None:
+def check_same_job(run_dir: Path, cfg: DictConfig) -> None:
     """A rerun must continue the same job: never resume another encoder's or mode's run."""
     path = run_dir / "config.yaml"
     if not path.is_file():
@@ -239,7 +239,7 @@ def _check_same_job(run_dir: Path, cfg: DictConfig) -> None:
 # checkpoint only if these hold the same values as in the run that wrote it. Each section is
 # compared whole, so that a key added later is compared too, except for _NOT_TRAINING: where
 # files live, how many processes on which devices, logging. The encoder and the mode are
-# checked by _check_same_job, the data and the labeled subset against subset.json.
+# checked by check_same_job, the data and the labeled subset against subset.json.
 _TRAINING_SECTIONS = {
     "full": ("data", "optim", "augment", "trainer"),
     "linear": ("data", "optim", "linear", "trainer"),
@@ -684,7 +684,7 @@ def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
     check_phase(run_dir, "finetune")
     # The launched processes against devices x num_nodes, before anything is written.
     check_world_size(cfg.trainer.devices, cfg.trainer.num_nodes)
-    _check_same_job(run_dir, cfg)
+    check_same_job(run_dir, cfg)
     # A run that would resume must ask for the training its checkpoint holds. Without
     # subset.json the subset's request is compared here; with it, by its own check.
     with_subset = not (run_dir / SPEC_FILE).is_file()
