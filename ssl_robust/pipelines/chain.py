@@ -339,27 +339,21 @@ def check_steps(steps: Sequence[Step]) -> list[str]:
 
 
 def _check_run_dir(run_dir: Path, job: str, cfg: Any) -> None:
-    """What the job checks of an existing run directory before it writes: whose run it holds
-    and whether a checkpoint there was trained as this step asks (the evaluation resumes its
-    units by its own fingerprint, checked when it runs)."""
-    from ssl_robust.pipelines.common import check_phase, check_resumable
-
-    check_phase(run_dir, job)
+    """What the job checks of an existing run directory before it writes (each training job's
+    own ``check_run_dir``; the evaluation resumes its units by its own fingerprint, checked
+    when it runs, so only whose run the directory holds)."""
     if job == "pretrain":
-        from ssl_robust.pipelines.pretrain import resume_settings as pretrain_settings
-
-        check_resumable(run_dir, cfg, pretrain_settings, "pretraining")
+        from ssl_robust.pipelines.pretrain import check_run_dir
     elif job == "denoiser":
-        from ssl_robust.pipelines.denoiser import resume_settings as denoiser_settings
-
-        check_resumable(run_dir, cfg, denoiser_settings, "denoiser")
+        from ssl_robust.pipelines.denoiser import check_run_dir
     elif job == "finetune":
-        from ssl_robust.data.subsets import SPEC_FILE
-        from ssl_robust.pipelines.finetune import check_same_job, training_settings
+        from ssl_robust.pipelines.finetune import check_run_dir
+    else:
+        from ssl_robust.pipelines.common import check_phase
 
-        check_same_job(run_dir, cfg)
-        with_subset = not (run_dir / SPEC_FILE).is_file()
-        check_resumable(run_dir, cfg, lambda c: training_settings(c, with_subset), "fine-tuning")
+        check_phase(run_dir, job)
+        return
+    check_run_dir(run_dir, cfg)
 
 
 def run_chain(

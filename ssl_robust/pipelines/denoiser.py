@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -88,6 +89,13 @@ def check_config(cfg: DictConfig) -> None:
         )
 
 
+def check_run_dir(run_dir: Path, cfg: DictConfig) -> None:
+    """Before anything is written (and by ``chain --check``): the run directory holds no other
+    phase's run, and a checkpoint there was trained as ``cfg`` asks; raises ConfigError."""
+    check_phase(run_dir, "denoiser")
+    check_resumable(run_dir, cfg, resume_settings, "denoiser")
+
+
 @smoke_in_scratch
 def train_denoiser(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
     """Trains a DDPM denoiser for purification; returns the final metrics (as in metrics.json).
@@ -106,8 +114,7 @@ def train_denoiser(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[
     # The launched processes against devices x num_nodes, before the run directory is touched
     # (build_trainer checks again).
     check_world_size(cfg.trainer.devices, cfg.trainer.num_nodes)
-    check_phase(run_dir, "denoiser")
-    check_resumable(run_dir, cfg, resume_settings, "denoiser")
+    check_run_dir(run_dir, cfg)
     splits = build_data(cfg, run_dir, with_unlabeled=True)
     info = splits.info
     datamodule = ImageDataModule(
@@ -141,7 +148,10 @@ def train_denoiser(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[
 
     config = to_dict(cfg)
     checkpoints = checkpoint_callbacks(
-        run_dir, "val/loss", "min", cfg.trainer.checkpoint_every_n_epochs
+        run_dir,
+        monitor="val/loss",
+        mode="min",
+        every_n_epochs=cfg.trainer.checkpoint_every_n_epochs,
     )
     trainer = build_trainer(
         cfg.trainer,

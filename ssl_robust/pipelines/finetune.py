@@ -234,6 +234,18 @@ def check_same_job(run_dir: Path, cfg: DictConfig) -> None:
             )
 
 
+def check_run_dir(run_dir: Path, cfg: DictConfig) -> None:
+    """Before anything is written (and by ``chain --check``): the run directory holds no other
+    phase's run nor another encoder's or mode's fine-tuning, and a checkpoint there was trained
+    as ``cfg`` asks; raises ConfigError (ValueError for another job)."""
+    check_phase(run_dir, "finetune")
+    check_same_job(run_dir, cfg)
+    # A run that would resume must ask for the training its checkpoint holds. Without
+    # subset.json the subset's request is compared here; with it, by its own check.
+    with_subset = not (run_dir / SPEC_FILE).is_file()
+    check_resumable(run_dir, cfg, lambda c: training_settings(c, with_subset), "fine-tuning")
+
+
 # The config sections that determine a checkpoint's weights and the metrics recorded with them,
 # per mode (the probe has no augmentation, full fine-tuning no linear.*): a run resumes a
 # checkpoint only if these hold the same values as in the run that wrote it. Each section is
@@ -369,7 +381,9 @@ def _trainer(job: _Job, callbacks: Sequence[Callback]) -> pl.Trainer:
         # No best-by-val checkpoint: val/acc is measured on the evaluation split, and picking
         # weights by it would select on the test set. The final weights are tested.
         callbacks=[
-            *checkpoint_callbacks(job.run_dir, None, "max", cfg.trainer.checkpoint_every_n_epochs),
+            *checkpoint_callbacks(
+                job.run_dir, monitor=None, every_n_epochs=cfg.trainer.checkpoint_every_n_epochs
+            ),
             ConfigInCheckpoint(config),
             *callbacks,
         ],
@@ -681,14 +695,9 @@ def finetune(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
             extra={"method": "supervised", "dataset": splits.info.name},
         )
     run_dir = default_run_dir(cfg, spec)
-    check_phase(run_dir, "finetune")
     # The launched processes against devices x num_nodes, before anything is written.
     check_world_size(cfg.trainer.devices, cfg.trainer.num_nodes)
-    check_same_job(run_dir, cfg)
-    # A run that would resume must ask for the training its checkpoint holds. Without
-    # subset.json the subset's request is compared here; with it, by its own check.
-    with_subset = not (run_dir / SPEC_FILE).is_file()
-    check_resumable(run_dir, cfg, lambda c: training_settings(c, with_subset), "fine-tuning")
+    check_run_dir(run_dir, cfg)
     purifier = build_purifier(cfg.purify, splits.info.image_size)
     classifier = Classifier(encoder, splits.info.num_classes, data["mean"], data["std"])
 

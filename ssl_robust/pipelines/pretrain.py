@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -83,6 +84,13 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"model.backbone: {err}") from err
 
 
+def check_run_dir(run_dir: Path, cfg: DictConfig) -> None:
+    """Before anything is written (and by ``chain --check``): the run directory holds no other
+    phase's run, and a checkpoint there was trained as ``cfg`` asks; raises ConfigError."""
+    check_phase(run_dir, "pretrain")
+    check_resumable(run_dir, cfg, resume_settings, "pretraining")
+
+
 def build_method(cfg: DictConfig, backbone: Encoder, num_classes: int) -> pl.LightningModule:
     m, o, mon = cfg.method, cfg.optim, cfg.monitor
     spec = OptimizerSpec(
@@ -131,8 +139,7 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
     # The launched processes against devices x num_nodes, before the run directory is touched
     # (build_trainer checks again).
     check_world_size(cfg.trainer.devices, cfg.trainer.num_nodes)
-    check_phase(run_dir, "pretrain")
-    check_resumable(run_dir, cfg, resume_settings, "pretraining")
+    check_run_dir(run_dir, cfg)
     backbone = build_backbone(cfg.model.backbone, cfg.model.width)
     splits = build_data(cfg, run_dir, with_unlabeled=True)
     info = splits.info
@@ -226,7 +233,7 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
         loggers=build_loggers(run_dir, cfg.wandb, config, "pretrain", run_dir.name),
         callbacks=[
             *checkpoint_callbacks(
-                run_dir, "val/knn_acc", "max", cfg.trainer.checkpoint_every_n_epochs
+                run_dir, monitor="val/knn_acc", every_n_epochs=cfg.trainer.checkpoint_every_n_epochs
             ),
             ConfigInCheckpoint(config),
             ValidateLastEpoch(),
