@@ -33,11 +33,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ssl_robust.benchmarking import sync
 from ssl_robust.data.datamodule import SSLDataModule
-from ssl_robust.data.datasets import ArraySource
+from ssl_robust.data.datasets import ArraySource, TransformDataset
 from ssl_robust.data.transforms import (
     ViewParams,
     eval_transform,
@@ -124,20 +124,6 @@ def _rate(
     return n * batch / (time.perf_counter() - start)
 
 
-class _LightlyStyle(Dataset):
-    """``(transform(image), label)`` of a source: a lightly user's dataset."""
-
-    def __init__(self, source: ArraySource, transform: Callable[[Any], Any]) -> None:
-        self.source = source
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        return self.transform(self.source.load(index)), int(self.source.labels[index])
-
-
 def _cycle(loader_factory: Callable[[], Any]) -> Iterator[Any]:
     """Epoch after epoch of one loader (its persistent workers are not forked again)."""
     loader = loader_factory()
@@ -194,10 +180,11 @@ def bench_pretrain(
     }
     warm = warmup + (3 if compiled is not None else 0)  # compilation happens in the warm-up
 
-    # (a) lightly, as its users write it: lightly's PIL transform in a plain dataset, a shuffling
-    # DataLoader with workers and the default collate, host batches to the device. (Not this
-    # project's seeded wrapper of data.augment=cpu, which also seeds each image's views.)
-    lightly_set = _LightlyStyle(source, view_transform(method, params))
+    # (a) lightly, as its users write it: lightly's PIL transform in a plain dataset (indexed by
+    # int, TransformDataset seeds nothing), a shuffling DataLoader with workers and the default
+    # collate, host batches to the device. (Not data.augment=cpu's seeded (epoch, index) keys,
+    # which also seed each image's views.)
+    lightly_set = TransformDataset(source, view_transform(method, params))
 
     def lightly_loader() -> DataLoader:
         return DataLoader(
