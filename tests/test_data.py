@@ -70,6 +70,35 @@ def test_build_splits_digits_info() -> None:
     assert len(s.info.mean) == 3 and all(0 < v < 1 for v in s.info.std)
 
 
+def test_image_statistics_equal_a_float64_reference() -> None:
+    from ssl_robust.data.datasets import _array_stats
+
+    rng = np.random.default_rng(0)
+    # Not a multiple of the 4096-image blocks; channels with different spreads.
+    images = np.stack(
+        [rng.integers(0, hi, (5000, 6, 6), dtype=np.uint8) for hi in (256, 100, 3)], axis=-1
+    )
+    x = images.reshape(-1, 3).astype(np.float64) / 255.0
+    stats = _array_stats(images)
+    assert stats == {"mean": x.mean(0).round(4).tolist(), "std": x.std(0).round(4).tolist()}
+    flat = np.full((3, 2, 2, 3), 51, dtype=np.uint8)  # known answer: 0.2, spread 0
+    assert _array_stats(flat) == {"mean": [0.2] * 3, "std": [0.0] * 3}
+
+
+def test_given_statistics_are_not_computed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Computing them takes seconds of every start-up on CIFAR-10-sized folders.
+    import ssl_robust.data.datasets as datasets
+
+    def refuse(images: np.ndarray) -> dict[str, list[float]]:
+        raise AssertionError("statistics computed although the config gives them")
+
+    monkeypatch.setattr(datasets, "_array_stats", refuse)
+    s = build_splits("digits", root="unused", image_size=8, mean=[0.1] * 3, std=[0.3] * 3)
+    assert (s.info.mean, s.info.std) == ([0.1] * 3, [0.3] * 3)
+    with pytest.raises(AssertionError, match="computed although"):
+        build_splits("digits", root="unused", image_size=8, mean=[0.1] * 3)
+
+
 def test_unknown_dataset_lists_choices() -> None:
     with pytest.raises(ValueError, match=r"unknown dataset 'mnist'.*cifar10.*digits.*imagefolder"):
         build_splits("mnist", root=".")

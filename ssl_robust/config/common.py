@@ -172,8 +172,8 @@ class TrainerConfig:
     gradient_clip_val: float = 0.0
     # Log the training metrics (metrics.csv, wandb) every this many optimiser steps.
     log_every_n_steps: int = 10
-    # Training batches per epoch: a fraction (<= 1.0) or a number (smoke runs; Lightning's
-    # limit).
+    # Training batches per epoch: a fraction (< 1) or a number of 2 or more (smoke runs;
+    # Lightning's limit). 1 means every batch (1.0 = 100 %), not one.
     limit_train_batches: float = 1.0
     # Validation batches per validation, as limit_train_batches. Validation reads its splits in
     # one fixed shuffled order, so a limited one is the same sample of every class each time.
