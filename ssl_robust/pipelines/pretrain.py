@@ -76,9 +76,10 @@ def check_config(cfg: DictConfig) -> None:
     if d.t_min > d.t_max:
         raise ConfigError(f"denoise.t_min ({d.t_min}) must be <= denoise.t_max ({d.t_max})")
     try:
-        # A throwaway build: in a forked random state, so the run's own weights are those it
-        # would get without this check.
-        with torch.random.fork_rng(devices=[]):
+        # A throwaway build, on the meta device (no memory, no initialisation: a large timm
+        # model takes seconds to build) and in a forked random state, so the run's own weights
+        # are those it would get without this check.
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
             build_backbone(str(cfg.model.backbone), int(cfg.model.width))
     except ValueError as err:
         raise ConfigError(f"model.backbone: {err}") from err
