@@ -242,7 +242,7 @@ def test_section_given_a_value_in_a_preset_names_the_file(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as err:
         load_config(PretrainConfig, [str(bad)])
     msg = str(err.value)
-    assert msg.startswith("'method' is a section with keys base_tau, name, pred_hidden_dim")
+    assert msg.startswith("'method' is a section with keys base_tau, joint_views, name, pred_hid")
     assert f"config file '{bad}' gives it the value 'byol'" in msg
     assert msg.endswith("(did you mean method: {name: byol}?)")
     # A section left empty (all its keys commented out) and one given a list.

@@ -99,11 +99,11 @@ def test_fast_dev_run_options(
     layout = _Layout()
     metrics = pretrain(tiny_pretrain_cfg(*overrides, "trainer.fast_dev_run=true"), [layout])
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
-    # One training step (fast_dev_run), the online backbone on both views at once: in the
-    # precision and the memory format asked for, views and weights alike.
+    # One training step (fast_dev_run), the online backbone once per view: in the precision and
+    # the memory format asked for, views and weights alike.
     assert layout.views == [channels_last] * 2
     features = autocast or torch.float32
-    assert layout.calls == [(autocast, channels_last, channels_last, features)]
+    assert layout.calls == [(autocast, channels_last, channels_last, features)] * 2
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -119,6 +119,80 @@ def test_loss_decreases_on_a_fixed_batch(name: str) -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_views_pass_separately_or_jointly_through_batchnorm() -> None:
+    from ssl_robust.methods.views import forward_views
+
+    bn = torch.nn.BatchNorm1d(3, affine=False)  # training mode: the pass's own statistics
+    g = torch.Generator().manual_seed(0)
+    views = [torch.randn(6, 3, generator=g), 5.0 + 2.0 * torch.randn(6, 3, generator=g)]
+
+    def fn(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return bn(x), 2 * x
+
+    apart = forward_views(fn, views, joint=False)
+    together = forward_views(fn, views, joint=True)
+    for (normed, doubled), v in zip(apart, views):
+        # Each view normalised by its own statistics: zero mean per channel.
+        torch.testing.assert_close(normed.mean(0), torch.zeros(3), atol=1e-6, rtol=0)
+        torch.testing.assert_close(doubled, 2 * v)
+    # One pass: the views share the statistics; the second (mean 5) lies above the first.
+    joint_normed = torch.cat([together[0][0], together[1][0]])
+    torch.testing.assert_close(joint_normed.mean(0), torch.zeros(3), atol=1e-6, rtol=0)
+    assert (together[1][0].mean(0) > 0.8).all() and (together[0][0].mean(0) < -0.8).all()
+    torch.testing.assert_close(together[1][1], 2 * views[1])
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_simclr_loss_follows_lightlys_benchmark_step(joint: bool) -> None:
+    # lightly's CIFAR-10 benchmark: z0 = forward(x0); z1 = forward(x1); NTXentLoss(z0, z1) --
+    # one pass per view (joint_views=false); joint_views=true passes both at once.
+    from lightly.loss import NTXentLoss as LightlyNTXent
+
+    model = _method("simclr", joint_views=joint)
+    x0, x1 = _views()
+    loss, features = model.ssl_loss([x0, x1])  # type: ignore[operator]
+    head, backbone = model.projection_head, model.backbone
+    if joint:
+        f = backbone(torch.cat([x0, x1]))
+        z0, z1 = head(f).chunk(2)
+        f0 = f[:16]
+    else:
+        f0 = backbone(x0)
+        z0, z1 = head(f0), head(backbone(x1))
+    torch.testing.assert_close(loss, LightlyNTXent(temperature=0.5)(z0, z1))
+    torch.testing.assert_close(features, f0)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_byol_loss_follows_lightlys_benchmark_step(joint: bool) -> None:
+    # lightly's benchmark: p0 = forward(x0), z0 = forward_momentum(x0), p1, z1 the same for x1,
+    # loss 0.5 (cos(p0, z1) + cos(p1, z0)) negated; here 2 plus the two negated cosines.
+    model = _method("byol", joint_views=joint)
+    m: Any = model
+    x0, x1 = _views()
+    loss, features = model.ssl_loss([x0, x1])  # type: ignore[operator]
+
+    def online(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = m.backbone(x)
+        return f, m.prediction_head(m.projection_head(f))
+
+    def target(x: torch.Tensor) -> torch.Tensor:
+        return m.projection_head_momentum(m.backbone_momentum(x))
+
+    if joint:
+        f, p = online(torch.cat([x0, x1]))
+        (p0, p1), (z0, z1), f0 = p.chunk(2), target(torch.cat([x0, x1])).chunk(2), f[:16]
+    else:
+        (f0, p0), (_, p1), z0, z1 = online(x0), online(x1), target(x0), target(x1)
+    cos = F.cosine_similarity
+    expected = 2.0 - cos(p0, z1.detach()).mean() - cos(p1, z0.detach()).mean()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(features, f0)
+    # The two ways differ: BatchNorm sees other batches.
+    other = _method("byol", joint_views=not joint)
+    assert not torch.allclose(other.ssl_loss([x0, x1])[0], loss)  # type: ignore[operator]
 
 
 def test_build_method_rejects_unknown(tiny_pretrain_cfg: Callable[..., DictConfig]) -> None:

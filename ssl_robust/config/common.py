@@ -116,6 +116,11 @@ class MethodConfig:
     pred_hidden_dim: int = 1024
     # BYOL: the target network's EMA momentum at the start; a cosine schedule takes it to 1.
     base_tau: float = 0.99
+    # How the two views go through the networks. false: one pass per view, so BatchNorm
+    # normalises each view by its own batch statistics, as lightly's CIFAR-10 benchmark (the
+    # 84.8 / 86.8 anchors) and solo-learn run them. true: one pass of both views (twice the
+    # batch), whose BatchNorm statistics they share.
+    joint_views: bool = False
 
 
 @dataclass

@@ -14,6 +14,7 @@ from lightly.utils.scheduler import cosine_schedule
 
 from ssl_robust.methods import optim
 from ssl_robust.methods.monitor import OnlineMonitor, monitor_validation_step
+from ssl_robust.methods.views import forward_views
 from ssl_robust.models.backbones import Encoder
 
 
@@ -31,12 +32,14 @@ class BYOL(pl.LightningModule):
         knn_k: int = 200,
         knn_t: float = 0.1,
         online_probe: bool = True,
+        joint_views: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= base_tau <= 1.0:
             raise ValueError(f"base_tau must be in [0, 1], got {base_tau}")
         self.save_hyperparameters(ignore=["backbone", "optimizer"])
         self.backbone = backbone
+        self.joint_views = joint_views  # see methods.views.forward_views
         self.projection_head = BYOLProjectionHead(backbone.feat_dim, proj_hidden_dim, proj_out_dim)
         self.prediction_head = BYOLPredictionHead(proj_out_dim, pred_hidden_dim, proj_out_dim)
         # The target network: an exponential moving average of the online one, never trained.
@@ -59,16 +62,20 @@ class BYOL(pl.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         return cosine_schedule(min(self.global_step, total), total, self.base_tau, 1.0)
 
+    def _online(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.backbone(x)  # (B, D)
+        return features, self.prediction_head(self.projection_head(features))
+
+    @torch.no_grad()
+    def _target(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.projection_head_momentum(self.backbone_momentum(x)),)
+
     def ssl_loss(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Symmetrised BYOL loss, 2 - cos(p0, z1) - cos(p1, z0) in [0, 4]; first-view features."""
-        x0, x1 = views
-        x = torch.cat([x0, x1])  # (2B, C, H, W)
-        features = self.backbone(x)  # (2B, D)
-        p0, p1 = self.prediction_head(self.projection_head(features)).chunk(2)
-        with torch.no_grad():
-            z0, z1 = self.projection_head_momentum(self.backbone_momentum(x)).chunk(2)
+        (f0, p0), (_, p1) = forward_views(self._online, views, self.joint_views)
+        (z0,), (z1,) = forward_views(self._target, views, self.joint_views)
         loss = 2.0 + self.criterion(p0, z1) + self.criterion(p1, z0)
-        return loss, features[: len(x0)]
+        return loss, f0
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         tau = self.momentum()

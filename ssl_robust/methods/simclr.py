@@ -11,6 +11,7 @@ from lightly.models.modules import SimCLRProjectionHead
 from ssl_robust.methods import optim
 from ssl_robust.methods.losses import NTXentLoss
 from ssl_robust.methods.monitor import OnlineMonitor, monitor_validation_step
+from ssl_robust.methods.views import forward_views
 from ssl_robust.models.backbones import Encoder
 
 
@@ -27,10 +28,12 @@ class SimCLR(pl.LightningModule):
         knn_k: int = 200,
         knn_t: float = 0.1,
         online_probe: bool = True,
+        joint_views: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "optimizer"])
         self.backbone = backbone
+        self.joint_views = joint_views  # see methods.views.forward_views
         self.projection_head = SimCLRProjectionHead(
             backbone.feat_dim, proj_hidden_dim, proj_out_dim
         )
@@ -45,12 +48,14 @@ class SimCLR(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.backbone(x)  # (B, D)
+        return features, self.projection_head(features)  # (B, P)
+
     def ssl_loss(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """NT-Xent loss of two views, and the first view's backbone features."""
-        x0, x1 = views
-        features = self.backbone(torch.cat([x0, x1]))  # (2B, D): one pass, shared BN statistics
-        z0, z1 = self.projection_head(features).chunk(2)  # (B, P) each
-        return self.criterion(z0, z1), features[: len(x0)]
+        (f0, z0), (_, z1) = forward_views(self._embed, views, self.joint_views)
+        return self.criterion(z0, z1), f0
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         views, labels = batch

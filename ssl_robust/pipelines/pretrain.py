@@ -114,6 +114,7 @@ def build_method(cfg: DictConfig, backbone: Encoder, num_classes: int) -> pl.Lig
         "knn_k": mon.knn_k,
         "knn_t": mon.knn_t,
         "online_probe": mon.online_probe,
+        "joint_views": m.joint_views,
     }
     specific: dict[str, dict[str, Any]] = {
         "simclr": {"temperature": m.temperature},
