@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ssl_robust.cli import EXIT_USAGE, main
 from ssl_robust.config import SCHEMAS, ConfigError, load_config, save_config
@@ -92,6 +92,32 @@ def test_denoised_view_settings_without_a_denoiser_do_not_block_a_resume(
     with_denoiser = {"denoise": {"run": "d", "t_min": 0}}
     assert resume_settings(with_denoiser) == {"denoise.run": "d", "denoise.t_min": 0}
     assert resume_settings({"denoise": {"run": "", "t_min": 0}}) == {}
+
+
+def test_a_run_from_before_joint_views_resumes_only_as_it_was_trained(
+    tiny_pretrain_cfg: Callable[..., DictConfig],
+) -> None:
+    """Its config.yaml lacks method.joint_views, and its views went through the networks in one
+    pass: resuming it with one pass per view (the default now) would mix the two."""
+    from ssl_robust.pipelines.pretrain import pretrain
+
+    cfg = tiny_pretrain_cfg("trainer.max_epochs=1")
+    pretrain(cfg)
+    run = Path(cfg.run.dir)
+    config = OmegaConf.load(run / "config.yaml")
+    del config.method["joint_views"]
+    OmegaConf.save(config, run / "config.yaml")
+    blob = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    del blob["ssl_robust_config"]["method"]["joint_views"]
+    torch.save(blob, run / "checkpoints" / "last.ckpt")
+    before = _contents(run)
+    with pytest.raises(ConfigError, match=r"method.joint_views: True -> False"):
+        pretrain(tiny_pretrain_cfg("trainer.max_epochs=2"))
+    assert _contents(run) == before
+    assert (
+        pretrain(tiny_pretrain_cfg("trainer.max_epochs=2", "method.joint_views=true"))["epochs"]
+        == 2
+    )
 
 
 def test_a_fast_dev_run_on_a_finished_run_leaves_it_as_it_was(

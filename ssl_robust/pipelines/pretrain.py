@@ -55,10 +55,19 @@ _RESUME_SECTIONS = ("method", "model", "data", "views", "optim", "denoise")
 _RESUME_FREE = RUN_ONLY_KEYS | {"data.augment"}
 
 
+# What a config written before a key existed meant by it: both views went through the networks
+# in one pass then.
+_BEFORE_KEYS = {"method.joint_views": True}
+
+
 def resume_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """The flattened keys of a pretraining config that a resumed run must share (the denoised
     views' settings only when there are denoised views)."""
     settings = settings_of(config, _RESUME_SECTIONS, _RESUME_FREE)
+    for key, then in _BEFORE_KEYS.items():
+        section = key.split(".")[0]
+        if section in config and key not in settings:
+            settings[key] = then
     if not settings.get("denoise.run"):
         settings = {k: v for k, v in settings.items() if not k.startswith("denoise.")}
     return settings
