@@ -104,3 +104,30 @@ def host_syncs() -> Iterator[list[tuple[str, str]]]:
 
     with _Record():
         yield found
+
+
+def blobs(n: int, seed: int, size: int = 8) -> torch.Tensor:
+    """Smooth synthetic images in [0, 1], (n, 3, size, size): two coloured Gaussian blobs on a
+    grey background (what a small denoiser learns in a few hundred steps)."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    centres = torch.rand(n, 2, 2, generator=g)  # (n, blob, xy)
+    colours = torch.rand(n, 2, 3, generator=g)  # (n, blob, C)
+    widths = 0.1 + 0.2 * torch.rand(n, 2, generator=g)  # (n, blob)
+    d2 = (xx - centres[..., 0, None, None]) ** 2 + (yy - centres[..., 1, None, None]) ** 2
+    bumps = torch.exp(-d2 / (2 * widths[..., None, None] ** 2))  # (n, blob, H, W)
+    return (0.2 + 0.8 * (colours[..., None, None] * bumps[:, :, None]).sum(1)).clamp(0, 1)
+
+
+def frost_photos(folder: Path, height: int = 200, width: int = 200, seed: int = 0) -> Path:
+    """Five random (height, width) "photographs" frost1..frost5.png in a new ``folder``, for
+    the frost corruption's photo textures; returns the folder."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(1, 6):
+        photo = rng.integers(0, 256, (height, width, 3)).astype(np.uint8)
+        Image.fromarray(photo).save(folder / f"frost{i}.png")
+    return folder

@@ -14,6 +14,7 @@ import ssl_robust
 from ssl_robust.evaluate import cifar_c
 from ssl_robust.evaluate.cifar_c import available_corruptions, load_cifar_c, write_cifar_c
 from ssl_robust.evaluate.corruptions import corrupt, load_frost_textures
+from tests.helpers import frost_photos
 
 N = 6
 NAMES = ["gaussian_noise", "contrast", "fog"]
@@ -215,23 +216,11 @@ def test_progress_in_a_log_is_a_line_per_unit(
     ]
 
 
-def _frost_photos(folder: Path, seed: int = 0) -> Path:
-    """Five random 200 x 200 "photographs" frost1..frost5.png (40 x 40 after the 0.2 resize)."""
-    from PIL import Image
-
-    folder.mkdir()
-    rng = np.random.default_rng(seed)
-    for i in range(1, 6):
-        photo = rng.integers(0, 256, (200, 200, 3)).astype(np.uint8)
-        Image.fromarray(photo).save(folder / f"frost{i}.png")
-    return folder
-
-
 def test_frost_textures_are_part_of_the_cache_identity(
     tmp_path: Path, data: tuple[np.ndarray, np.ndarray]
 ) -> None:
     images, labels = data
-    photos = _frost_photos(tmp_path / "photos")
+    photos = frost_photos(tmp_path / "photos")  # 40 x 40 after the 0.2 resize
     procedural = write_cifar_c(tmp_path / "proc", images, labels, corruptions=["frost"])
     manifest = json.loads((procedural / "manifest.json").read_text())
     assert manifest["frost_textures"] == "procedural" and "frost_folder" not in manifest
@@ -255,9 +244,9 @@ def test_frost_textures_are_part_of_the_cache_identity(
         np.testing.assert_array_equal(arr[(severity - 1) * N : severity * N], expected)
 
     # The same photographs in another folder are the same source: the cache is reused.
-    copy = _frost_photos(tmp_path / "copy")
+    copy = frost_photos(tmp_path / "copy")
     write_cifar_c(folder, images, labels, corruptions=["frost"], frost_textures=str(copy))
-    other = _frost_photos(tmp_path / "other", seed=1)
+    other = frost_photos(tmp_path / "other", seed=1)
     with pytest.raises(ValueError, match="frost_textures"):
         write_cifar_c(folder, images, labels, corruptions=["frost"], frost_textures=str(other))
     # A manifest written before the frost source was recorded is a procedural cache.

@@ -13,22 +13,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ssl_robust.purify import DenoiserModule, Purifier, build_unet, make_scheduler, save_denoiser
 from ssl_robust.purify.views import MODES, DenoisedViews, load_denoised_views
+from tests.helpers import blobs
 
 SIZE = 8
 MEAN = (0.3, 0.4, 0.5)
 STD = (0.2, 0.25, 0.3)
-
-
-def blobs(n: int, seed: int) -> torch.Tensor:
-    """Smooth synthetic images in [0, 1], (n, 3, SIZE, SIZE): coloured Gaussian blobs."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, SIZE), torch.linspace(0, 1, SIZE), indexing="ij")
-    centres = torch.rand(n, 2, 2, generator=g)  # (n, blob, xy)
-    colours = torch.rand(n, 2, 3, generator=g)  # (n, blob, C)
-    widths = 0.1 + 0.2 * torch.rand(n, 2, generator=g)  # (n, blob)
-    d2 = (xx - centres[..., 0, None, None]) ** 2 + (yy - centres[..., 1, None, None]) ** 2
-    bumps = torch.exp(-d2 / (2 * widths[..., None, None] ** 2))  # (n, blob, H, W)
-    return (0.2 + 0.8 * (colours[..., None, None] * bumps[:, :, None]).sum(1)).clamp(0, 1)
 
 
 def normalise(x: torch.Tensor) -> torch.Tensor:

@@ -20,23 +20,11 @@ from ssl_robust.purify import (
     purification_grid,
     save_image_grid,
 )
+from tests.helpers import blobs
 
 SIZE = 8
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*does not have many workers")
-
-
-def blobs(n: int, seed: int) -> torch.Tensor:
-    """Smooth synthetic images in [0, 1]: two coloured Gaussian blobs on a grey background."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, SIZE), torch.linspace(0, 1, SIZE), indexing="ij")
-    centres = torch.rand(n, 2, 2, generator=g)  # (n, blob, xy)
-    colours = torch.rand(n, 2, 3, generator=g)  # (n, blob, C)
-    widths = 0.1 + 0.2 * torch.rand(n, 2, generator=g)  # (n, blob)
-    d2 = (xx - centres[..., 0, None, None]) ** 2 + (yy - centres[..., 1, None, None]) ** 2
-    bumps = torch.exp(-d2 / (2 * widths[..., None, None] ** 2))  # (n, blob, H, W)
-    images = 0.2 + 0.8 * (colours[..., None, None] * bumps[:, :, None]).sum(1)  # (n, C, H, W)
-    return images.clamp(0, 1)
 
 
 def loader(n: int = 64, batch_size: int = 16, labels: bool = True) -> DataLoader:

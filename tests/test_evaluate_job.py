@@ -47,7 +47,7 @@ from ssl_robust.finetune.export import load_classifier
 from ssl_robust.pipelines.evaluate import evaluate
 from ssl_robust.pipelines.evaluate.setup import SEED_OOD
 from tests.eval_runs import DATA, train_digits_classifier
-from tests.helpers import unit_stamps
+from tests.helpers import frost_photos, unit_stamps
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ["impulse_noise", "contrast"]  # the tiny preset's grid, severities 1 and 5
@@ -619,16 +619,6 @@ def test_script_runs_and_reports_config_errors(classifier_run: Path, tmp_path: P
     assert (tmp_path / "runs" / f"evaluate-{classifier_run.name}" / "report.md").is_file()
 
 
-def _frost_photos(folder: Path) -> Path:
-    """Five random 200 x 240 "photographs" frost1..frost5.png (10 x 12 at the digits' 8 px)."""
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(1, 6):
-        photo = rng.integers(0, 256, (200, 240, 3)).astype(np.uint8)
-        Image.fromarray(photo).save(folder / f"frost{i}.png")
-    return folder
-
-
 def test_frost_source_is_checked_reported_and_keys_the_cells(
     tiny_cfg: Callable[..., DictConfig], tmp_path: Path
 ) -> None:
@@ -640,7 +630,7 @@ def test_frost_source_is_checked_reported_and_keys_the_cells(
     with pytest.raises(ConfigError, match=r"lacks frost1 .*frost5"):
         evaluate(tiny_cfg(f"shift.frost={tmp_path / 'empty'}"))
 
-    photos = _frost_photos(tmp_path / "photos")
+    photos = frost_photos(tmp_path / "photos", 200, 240)  # 10 x 12 at the digits' 8 px
     only_frost = [
         *[f"{s}.enabled=false" for s in ("adv", "calib", "ood", "perf")],
         "shift.corruptions=[frost]",
