@@ -168,7 +168,10 @@ def test_simclr_loss_follows_lightlys_benchmark_step(joint: bool) -> None:
 @pytest.mark.parametrize("joint", [False, True])
 def test_byol_loss_follows_lightlys_benchmark_step(joint: bool) -> None:
     # lightly's benchmark: p0 = forward(x0), z0 = forward_momentum(x0), p1, z1 the same for x1,
-    # loss 0.5 (cos(p0, z1) + cos(p1, z0)) negated; here 2 plus the two negated cosines.
+    # loss 0.5 (criterion(p0, z1) + criterion(p1, z0)) with lightly's negative cosine; here
+    # that plus 1, so the gradients (and what the presets' learning rate does) are lightly's.
+    from lightly.loss import NegativeCosineSimilarity
+
     model = _method("byol", joint_views=joint)
     m: Any = model
     x0, x1 = _views()
@@ -186,9 +189,20 @@ def test_byol_loss_follows_lightlys_benchmark_step(joint: bool) -> None:
         (p0, p1), (z0, z1), f0 = p.chunk(2), target(torch.cat([x0, x1])).chunk(2), f[:16]
     else:
         (f0, p0), (_, p1), z0, z1 = online(x0), online(x1), target(x0), target(x1)
-    cos = F.cosine_similarity
-    expected = 2.0 - cos(p0, z1.detach()).mean() - cos(p1, z0.detach()).mean()
+    criterion = NegativeCosineSimilarity()
+    lightly_loss = 0.5 * (criterion(p0, z1.detach()) + criterion(p1, z0.detach()))
+    torch.testing.assert_close(loss, 1.0 + lightly_loss)
+    cos = F.cosine_similarity  # known form: 1 - the mean cosine of the two directions
+    expected = 1.0 - 0.5 * (cos(p0, z1).mean() + cos(p1, z0).mean())
     torch.testing.assert_close(loss, expected)
+    # The same gradients as lightly's loss.
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours = torch.autograd.grad(loss, params, allow_unused=True)
+    theirs = torch.autograd.grad(lightly_loss, params, allow_unused=True)
+    for a, b in zip(ours, theirs):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
     torch.testing.assert_close(features, f0)
     # The two ways differ: BatchNorm sees other batches.
     other = _method("byol", joint_views=not joint)

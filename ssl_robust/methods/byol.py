@@ -71,10 +71,16 @@ class BYOL(pl.LightningModule):
         return (self.projection_head_momentum(self.backbone_momentum(x)),)
 
     def ssl_loss(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Symmetrised BYOL loss, 2 - cos(p0, z1) - cos(p1, z0) in [0, 4]; first-view features."""
+        """Symmetrised BYOL loss 1 - (cos(p0, z1) + cos(p1, z0)) / 2 in [0, 2], and the first
+        view's features.
+
+        lightly's benchmark loss, 0.5 (criterion(p0, z1) + criterion(p1, z0)) with criterion
+        the negative cosine, plus 1: the same gradients, so its learning rate and weight decay
+        (the presets') train as they did for its 86.8 anchor.
+        """
         (f0, p0), (_, p1) = forward_views(self._online, views, self.joint_views)
         (z0,), (z1,) = forward_views(self._target, views, self.joint_views)
-        loss = 2.0 + self.criterion(p0, z1) + self.criterion(p1, z0)
+        loss = 1.0 + 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
         return loss, f0
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
