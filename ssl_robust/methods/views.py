@@ -24,7 +24,7 @@ def forward_views(
 
     Args:
         fn: A batch-first network that returns a tuple of (batch, ...) tensors.
-        views: Batches of the same size.
+        views: Batches (each view's outputs keep its own batch size).
         joint: One pass for all the views.
 
     Returns:
