@@ -142,6 +142,10 @@ def test_views_pass_separately_or_jointly_through_batchnorm() -> None:
     torch.testing.assert_close(joint_normed.mean(0), torch.zeros(3), atol=1e-6, rtol=0)
     assert (together[1][0].mean(0) > 0.8).all() and (together[0][0].mean(0) < -0.8).all()
     torch.testing.assert_close(together[1][1], 2 * views[1])
+    # Views of other sizes keep theirs.
+    uneven = forward_views(fn, [views[0][:2], views[1][:5]], joint=True)
+    assert [len(out[1]) for out in uneven] == [2, 5]
+    torch.testing.assert_close(uneven[1][1], 2 * views[1][:5])
 
 
 @pytest.mark.parametrize("joint", [False, True])
