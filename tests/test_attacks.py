@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 import sys
+from typing import Any
 
 import pytest
 import torch
@@ -439,6 +440,42 @@ def test_sanity_checks_flag_gradient_masking(trained):
     assert max(w - b for w, b in zip(values["white_box_acc"], values["black_box_acc"])) > 0.5
     assert not checks["nonzero_gradients"]["passed"]
     assert not checks["large_eps"]["passed"]
+
+
+def test_a_deterministic_pipeline_skips_the_more_eot_check(trained):
+    # For a deterministic model every EOT pass has the same gradient: more of them repeat the
+    # baseline attack. Without the check the other checks are unchanged, and the progress
+    # costs leave its attack out.
+    model, x, y = trained
+    x, y = x[:32], y[:32]
+
+    def run(eot_check: bool) -> tuple[dict[str, dict[str, Any]], list[float]]:
+        counted = _Passes(model)
+        per_attack: list[float] = []
+        checks = sanity_checks(
+            counted,
+            x,
+            y,
+            "linf",
+            eps_grid=(0.06, 0.25),
+            steps=5,
+            black_box_queries=20,
+            generator=torch.Generator().manual_seed(0),
+            on_attack=lambda i, what: per_attack.append(counted.passes / len(x)),
+            eot_check=eot_check,
+        )
+        per_attack.append(counted.passes / len(x))
+        return checks, [b - a for a, b in itertools.pairwise(per_attack)]
+
+    full, full_costs = run(True)
+    checks, costs = run(False)
+    assert set(full) - set(checks) == {"more_eot"}
+    # The deterministic check it replaces could not fail: the same attack twice.
+    assert full["more_eot"]["values"]["acc"][0] == full["more_eot"]["values"]["acc"][1]
+    assert {c: checks[c] for c in checks} == {c: full[c] for c in checks}
+    assert costs == sanity_attack_costs(2, steps=5, eot=1, black_box_queries=20, eot_check=False)
+    assert full_costs == sanity_attack_costs(2, steps=5, eot=1, black_box_queries=20)
+    assert len(full_costs) == len(costs) + 1
 
 
 def test_sanity_checks_l2(trained):

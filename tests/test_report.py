@@ -173,6 +173,7 @@ def test_hand_made_report_has_exactly_the_documented_keys() -> None:
         severities=SEVERITIES,
         threats=["linf_8", "l2_0.5"],
         sanity_norms=["linf"],
+        sanity_eot=True,  # a stochastic purifier (fresh noise, EOT 20)
         calib_sets=["clean", "shift"],
         ood_sets=["noise_gaussian", "shift_s5"],
         perf=True,

@@ -254,6 +254,7 @@ def expected_metric_keys(
     threats: Sequence[str] = (),
     autoattack: bool = False,
     sanity_norms: Sequence[str] = (),
+    sanity_eot: bool = False,
     calib_sets: Sequence[str] = (),
     ood_sets: Sequence[str] = (),
     perf: bool = False,
@@ -278,6 +279,8 @@ def expected_metric_keys(
         threats: Threat names (:func:`threat_name`) attacked.
         autoattack: AutoAttack ran for every threat.
         sanity_norms: Norms whose sanity checks ran.
+        sanity_eot: Their checks include ``more_eot`` (a stochastic pipeline; for a
+            deterministic one more EOT passes repeat the same gradient and the check is skipped).
         calib_sets: Calibration sets (``clean``, ``shift``).
         ood_sets: OOD sets.
         perf: The latency section ran.
@@ -333,7 +336,7 @@ def expected_metric_keys(
         per_threat += ["autoattack_acc", "autoattack_wall_s"]
     keys |= {f"adv/{t}/{m}" for t in threats for m in per_threat}
     for norm in sanity_norms:
-        keys |= {f"adv/sanity/{norm}/{c}" for c in SANITY_CHECKS}
+        keys |= {f"adv/sanity/{norm}/{c}" for c in SANITY_CHECKS if sanity_eot or c != "more_eot"}
         keys.add(f"adv/sanity/{norm}/passed")
     if cert_radii:
         keys |= {
@@ -577,7 +580,8 @@ def _summary_rows(report: dict[str, Any]) -> list[list[str]]:
     for key in sorted(k for k in m if k.startswith("natural/") and k.endswith("/acc")):
         add(f"natural shift, {key.split('/')[1]}", key)
     for t in _threats(report):
-        add(f"robust accuracy, {t['name']} (PGD, mean over draws)", f"adv/{t['name']}/acc")
+        pgd = "PGD, mean over draws" if meta.get("stochastic", True) else "PGD"
+        add(f"robust accuracy, {t['name']} ({pgd})", f"adv/{t['name']}/acc")
         add(f"robust accuracy, {t['name']} (AutoAttack)", f"adv/{t['name']}/autoattack_acc")
     for r, key in certified_radii(m):
         if r > 0:
@@ -1104,10 +1108,17 @@ def render_markdown(report: dict[str, Any], plots: dict[str, str] | None = None)
             f"PGD-{attack.get('steps')} ({attack.get('loss')} loss, step "
             f"{attack.get('step_size_rule', '2.5 eps / steps')}, random start: "
             f"{_yes_no(attack.get('random_start'))}) on the whole pipeline x in [0, 1] -> "
-            f"{'purifier -> ' if meta.get('purifier') else ''}classifier; EOT "
-            f"{attack.get('eot')} gradient draws per step, each adversarial image re-scored over "
-            f"{attack.get('rescore_draws')} independent calls (mean and worst case). "
-            f"Gradients: {attack.get('gradients', 'exact')}."
+            f"{'purifier -> ' if meta.get('purifier') else ''}classifier; "
+            + (
+                f"EOT {attack.get('eot')} gradient draws per step, each adversarial image "
+                f"re-scored over {attack.get('rescore_draws')} independent calls (mean and "
+                "worst case). "
+                if meta.get("stochastic", True)
+                else "the pipeline is deterministic, so one gradient per step and one scoring "
+                "call per image (more EOT draws or scoring calls would repeat the same "
+                "computation). "
+            )
+            + f"Gradients: {attack.get('gradients', 'exact')}."
         )
         if attack.get("shards", 1) > 1:
             protocol += (

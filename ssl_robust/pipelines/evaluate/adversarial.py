@@ -268,7 +268,7 @@ def adv_section(
     sanity_costs = {  # per attack of the checks, passes per image
         norm: sanity_attack_costs(
             len(sanity_grid[norm]), int(a.steps), eot, draws,
-            black_box_queries=int(a.sanity_queries) or None,
+            black_box_queries=int(a.sanity_queries) or None, eot_check=stochastic,
         )
         for norm in norms
     }  # fmt: skip
@@ -373,6 +373,7 @@ def adv_section(
                 generator=torch.Generator().manual_seed(seed + SEED_ADV),
                 on_attack=functools.partial(attack_started, bar, attacks_task, costs),
                 random_start=bool(a.random_start),
+                eot_check=stochastic,
             )
             bar.update(attacks_task, completed=sum(costs))
             bar.remove_task(attacks_task)
