@@ -10,7 +10,7 @@ python scripts/compare.py --wandb-project ssl_robust --wandb-group c10-sweep --o
 import sys
 
 from ssl_robust.cli import ArgumentParser
-from ssl_robust.compare import compare, wandb_runs
+from ssl_robust.compare import compare, unfinished_runs, wandb_runs
 
 if __name__ == "__main__":
     parser = ArgumentParser(description=__doc__.splitlines()[0])
@@ -45,3 +45,5 @@ if __name__ == "__main__":
         sys.exit(f"error: {err}")
     for kind, path in written.items():
         print(f"{kind}: {path}")
+    for path in unfinished_runs(args.runs):
+        print(f"not compared (no results yet): {path}", file=sys.stderr)

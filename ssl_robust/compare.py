@@ -339,6 +339,32 @@ def find_runs(roots: Iterable[str | Path]) -> list[Run]:
     return [found[k] for k in sorted(found)]
 
 
+def _display_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it, else as it is."""
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def unfinished_runs(roots: Iterable[str | Path]) -> list[Path]:
+    """Run directories at or below each root that have no results yet (sorted by path): a
+    ``config.yaml`` but neither ``metrics.json`` nor ``report.json``, as a job that is still
+    running, or was stopped before its end, leaves them. Folders below a run directory
+    (``wandb/``'s copies of the config) are not runs of their own."""
+    found: set[Path] = set()
+    for root in map(Path, roots):
+        if not root.exists():
+            continue
+        configs = {p.parent for p in root.rglob("config.yaml")}
+        for folder in configs:
+            if any(parent in configs for parent in folder.parents):
+                continue
+            if not any((folder / name).is_file() for name in ("metrics.json", "report.json")):
+                found.add(folder.resolve())
+    return sorted(found)
+
+
 def wandb_runs(project: str, entity: str = "", filters: dict[str, Any] | None = None) -> list[Run]:
     """Runs of a wandb project through the public API (needs network and a login).
 
@@ -1848,9 +1874,19 @@ def compare(
     runs = [s for s in sources if isinstance(s, Run)]
     paths = [s for s in sources if not isinstance(s, Run)]
     runs += find_runs(paths)
+    pending = unfinished_runs(paths)
     if not runs:
-        raise ValueError(f"no runs (metrics.json / report.json) found in {list(map(str, paths))}")
+        raise ValueError(
+            f"no runs (metrics.json / report.json) found in {list(map(str, paths))}"
+            + (f"; without results yet: {', '.join(map(str, pending))}" if pending else "")
+        )
     notes: list[str] = []
+    if pending:
+        notes.append(
+            f"Not compared: {len(pending)} run director{'ies' if len(pending) > 1 else 'y'} "
+            "without results yet (still running, or stopped before the end; rerunning the "
+            f"same command resumes): {', '.join(_display_path(p) for p in pending)}."
+        )
     if ce_reference is not None:
         reference = ce_reference if isinstance(ce_reference, Run) else load_run(ce_reference)
         notes += add_corruption_errors(runs, reference)

@@ -40,6 +40,7 @@ from ssl_robust.compare import (
     short_paths,
     table,
     tradeoff_data,
+    unfinished_runs,
 )
 from ssl_robust.evaluate.metrics import images_key, interval_bars
 from ssl_robust.pipelines import pretrain
@@ -400,6 +401,29 @@ def test_metric_selection_and_errors(tmp_path: Path) -> None:
         load_run(tmp_path)
     written = compare(runs, tmp_path / "out", metrics=["test/acc"])
     assert "| b | 2 | — |" in written["markdown"].read_text()  # a missing metric shows as —
+
+
+def test_run_directories_without_results_are_named_not_compared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    done = _write_run(runs / "eval-a", {"run": {"seed": 0}}, {"test/acc": 0.5}, "report.json")
+    # wandb keeps a copy of the config inside a run: not a run of its own.
+    (done / "wandb" / "offline-run-1" / "files").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({}), done / "wandb" / "offline-run-1" / "files" / "config.yaml")
+    stopped = runs / "eval-b"
+    (stopped / "partial").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"run": {"seed": 1}}), stopped / "config.yaml")
+    assert unfinished_runs([runs]) == [stopped.resolve()]
+    assert unfinished_runs([done]) == []
+
+    md = compare([runs], tmp_path / "out")["markdown"].read_text()
+    assert "[eval-a](" in md and "[eval-b]" not in md
+    assert "Not compared: 1 run directory without results yet" in md
+    assert md.count("runs/eval-b") == 1 and "offline-run-1" not in md
+    with pytest.raises(ValueError, match=r"no runs .*; without results yet: .*eval-b"):
+        compare([stopped], tmp_path / "out")
 
 
 def test_script(pretrain_runs: dict[str, Path], tmp_path: Path) -> None:
