@@ -249,6 +249,40 @@ def test_datamodule_batches(method: str, augment: str) -> None:
     assert abs(float(allx.mean())) < 0.15
 
 
+def test_device_path_validates_on_the_device_with_the_cpu_paths_batches() -> None:
+    """With augment=gpu and the batched eval transform, validation batches are made on the
+    device from uploaded images: the same tensors as the workers' ToTensor + Normalize, in
+    the same order, for the bank, the val split and its shifted twin."""
+    from ssl_robust.data import gpu_views as gv
+    from ssl_robust.data.datamodule import _Indices
+    from ssl_robust.data.datasets import ArraySource
+    from ssl_robust.data.transforms import gpu_eval_transform
+
+    s = build_splits("digits", root="", image_size=8)
+    shifted = ArraySource(255 - s.val.images, s.val.labels, s.val.classes)  # type: ignore[attr-defined]
+    kw = {"val_shift": shifted, "num_workers": 2, "channels_last": True}
+    cpu, params = _datamodule("simclr", "cpu", **kw)
+    dev, _ = _datamodule(
+        "simclr", "gpu", device_eval_transform=gpu_eval_transform(8, params.mean, params.std), **kw
+    )
+    assert dev.device_validation and not cpu.device_validation
+    dev_loaders = dev.val_dataloader()
+    assert [len(loader.dataset) for loader in dev_loaders] == [1438, 359, 359]  # type: ignore[arg-type]
+    for i, (c, d) in enumerate(zip(cpu.val_dataloader(), dev_loaders, strict=True)):
+        assert isinstance(d.dataset, _Indices) and d.num_workers == 0  # nothing to decode
+        for a, b in zip(c, d, strict=True):
+            x, y = cpu.on_after_batch_transfer(a, i)
+            xd, yd = dev.on_after_batch_transfer(b, i)
+            assert torch.equal(xd, x) and torch.equal(yd, y)
+            assert xd.is_contiguous(memory_format=torch.channels_last)
+    # The bank is the training split: its images are the ones uploaded for the views.
+    assert dev.eval_images_on(torch.device("cpu"), 0) is dev.images_on(torch.device("cpu"))
+    # A split at another size than the transform's would need resizing: the workers do it.
+    other, _ = _datamodule("simclr", "gpu", device_eval_transform=gv.eval_transform(16))
+    assert not other.device_validation
+    assert not isinstance(other.val_dataloader()[0].dataset, _Indices)
+
+
 def test_cpu_views_do_not_depend_on_worker_count() -> None:
     dm0, _ = _datamodule("simclr", "cpu", num_workers=0)
     dm2, _ = _datamodule("simclr", "cpu", num_workers=2)

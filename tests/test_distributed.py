@@ -216,7 +216,7 @@ class BankSize(pl.Callback):
 from ssl_robust.data.datamodule import SSLDataModule
 _transfer = SSLDataModule.on_after_batch_transfer
 def _recording(self, batch, dataloader_idx):
-    if isinstance(batch, dict):
+    if isinstance(batch, dict) and "index" in batch:  # a training batch
         import torch.distributed as dist
         rank = dist.get_rank() if dist.is_initialized() else 0
         out = Path(sys.argv[1]) / f"indices_rank{rank}.txt"

@@ -252,6 +252,20 @@ class _Keys(Dataset):
         return key[0], key[1], int(self.labels[key[1]])
 
 
+class _Indices(Dataset):
+    """The device path's evaluation dataset: ``index -> {"eval_index": index, "label": y}``
+    (the images themselves wait on the device)."""
+
+    def __init__(self, labels: np.ndarray) -> None:
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, int]:
+        return {"eval_index": index, "label": int(self.labels[index])}
+
+
 class SSLDataModule(pl.LightningDataModule):
     """Two augmented views for training; bank + val splits (and a shifted twin of val) for kNN /
     online-probe monitoring."""
@@ -271,10 +285,18 @@ class SSLDataModule(pl.LightningDataModule):
         view_hook: nn.Module | None = None,
         bank: ImageSource | None = None,
         val_shift: ImageSource | None = None,
+        device_eval_transform: nn.Module | None = None,
     ) -> None:
         """Args:
         train_transform: for ``augment="cpu"`` a PIL transform returning the list of views;
             for ``"gpu"`` one batched module per view (uint8 (B, C, H, W) -> float views).
+        eval_transform: the PIL transform of the validation images.
+        device_eval_transform: with ``augment="gpu"``, its batched twin (uint8 (B, C, H, W)
+            -> normalised float, ``gpu_views.EvalTransform``). Validation then runs on the
+            device too when every split it reads is in memory at the transform's size (no
+            resizing, where the two could differ): the images are uploaded once and the
+            loaders yield indices, instead of DataLoader workers converting and copying
+            every image at every validation.
         view_hook: ``hook(views, generator) -> views`` applied on the device to train batches.
         bank: the labeled images of the kNN feature bank (default: ``train``, which may also
             hold unlabeled images, label -1, that the online probe ignores).
@@ -309,7 +331,10 @@ class SSLDataModule(pl.LightningDataModule):
         self.val_shift_source = val_shift
         if (self.bank_source.labels < 0).any():
             raise ValueError("the kNN bank needs labeled images; pass the labeled split as bank")
+        self.device_eval_transform = device_eval_transform
         self._device_images: torch.Tensor | None = None
+        self._device_eval_images: dict[int, torch.Tensor] = {}
+        self._eval_transform_device: torch.device | None = None
 
     def train_dataloader(self) -> DataLoader:
         if self.augment == "gpu":
@@ -352,7 +377,29 @@ class SSLDataModule(pl.LightningDataModule):
             "seed": batch_seed(self.seed, [item[2] for item in items]),
         }
 
+    def eval_sources(self) -> list[ImageSource]:
+        """What the validation loaders read, in their order: the kNN bank, the val split and,
+        when there is one, its shifted twin."""
+        shifted = [self.val_shift_source] if self.val_shift_source is not None else []
+        return [self.bank_source, self.val_source, *shifted]
+
+    @property
+    def device_validation(self) -> bool:
+        """Whether validation batches are made on the device (see ``device_eval_transform``)."""
+        t = self.device_eval_transform
+        if self.augment != "gpu" or t is None:
+            return False
+        size = (t.input_size, t.input_size)
+        return all(
+            isinstance(s, ArraySource) and s.images.shape[1:3] == size for s in self.eval_sources()
+        )
+
     def val_dataloader(self) -> list[DataLoader]:
+        if self.device_validation:
+            # Indices only, in the main process: there is nothing for workers to do.
+            return [
+                eval_loader(_Indices(s.labels), self.eval_batch_size) for s in self.eval_sources()
+            ]
         bank = TransformDataset(self.bank_source, self.eval_transform)
         val = TransformDataset(self.val_source, self.eval_transform)
         loaders = [
@@ -385,7 +432,36 @@ class SSLDataModule(pl.LightningDataModule):
                 t.to(device)
         return self._device_images
 
+    def eval_images_on(self, device: torch.device, dataloader_idx: int) -> torch.Tensor:
+        """The images of validation loader ``dataloader_idx`` as uint8 (N, C, H, W) on
+        ``device``, uploaded at the first validation. A bank that is the training split shares
+        the training images' copy."""
+        if self._eval_transform_device != device:
+            # The transform's normalisation buffers go along, once: left on the host, they
+            # would be copied to the device on every batch.
+            self.device_eval_transform.to(device)  # type: ignore[union-attr]
+            self._eval_transform_device = device
+        source = self.eval_sources()[dataloader_idx]
+        if source is self.train_source:
+            return self.images_on(device)
+        images = self._device_eval_images.get(dataloader_idx)
+        if images is None or images.device != device:
+            array = source.images  # type: ignore[attr-defined]
+            if device.type == "cuda":
+                free, _total = torch.cuda.mem_get_info(device)
+                check_fits_on_device(array.nbytes, free, str(device))
+            images = torch.from_numpy(array).permute(0, 3, 1, 2).contiguous().to(device)
+            self._device_eval_images[dataloader_idx] = images
+        return images
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict) and "eval_index" in batch:  # a device-path validation batch
+            index, labels = batch["eval_index"], batch["label"]
+            images = self.eval_images_on(index.device, dataloader_idx)[index]
+            x = self.device_eval_transform(images)  # type: ignore[misc]
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return x, labels
         if isinstance(batch, dict):  # a training batch
             labels = batch["label"]
             device = labels.device

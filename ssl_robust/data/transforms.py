@@ -74,3 +74,11 @@ def eval_transform(input_size: int, mean: tuple[float, ...], std: tuple[float, .
     return T.Compose(
         [T.Resize(input_size), T.CenterCrop(input_size), T.ToTensor(), T.Normalize(mean, std)]
     )
+
+
+def gpu_eval_transform(input_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Any:
+    """The device-side twin of :func:`eval_transform`, for batches already at ``input_size``
+    (uint8 (B, C, H, W) -> normalised float; the same arithmetic as ToTensor + Normalize)."""
+    from ssl_robust.data import gpu_views as gv
+
+    return gv.eval_transform(input_size, {"mean": list(mean), "std": list(std)})

@@ -17,6 +17,7 @@ from ssl_robust.data.datamodule import SSLDataModule
 from ssl_robust.data.transforms import (
     ViewParams,
     eval_transform,
+    gpu_eval_transform,
     gpu_view_transforms,
     view_transform,
 )
@@ -208,6 +209,11 @@ def pretrain(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, f
         val_shift=val_shift,
         train_transform=train_transform,
         eval_transform=eval_transform(info.image_size, tuple(info.mean), tuple(info.std)),
+        device_eval_transform=(
+            gpu_eval_transform(info.image_size, tuple(info.mean), tuple(info.std))
+            if augment == "gpu"
+            else None
+        ),
         batch_size=cfg.data.batch_size,
         eval_batch_size=cfg.data.eval_batch_size,
         num_workers=cfg.data.num_workers,
