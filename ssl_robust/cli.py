@@ -47,6 +47,7 @@ _PACKAGE_DIR = Path(__file__).resolve().parent
 EXIT_USAGE = 2
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as a shell reports a command a scheduler stopped
 
 
 def _load_pipeline(job: str) -> Callable[[DictConfig], Any]:
@@ -276,13 +277,29 @@ def main(
             "interrupted; the run directory keeps what was finished (checkpoints, stored "
             "units): run the same command again to resume"
         )
-    except SystemExit as exit_:  # a SLURM requeue stops with 0
-        status = exit_.code if isinstance(exit_.code, int) else EXIT_ERROR
+    except SystemExit as exit_:
+        if _stopped_by_sigterm(exit_):
+            # Lightning stops a fit on SIGTERM with a SystemExit of no code, which would
+            # otherwise end the process with status 0, as if the job had finished.
+            status = EXIT_TERMINATED
+            _error(
+                "stopped by SIGTERM; the run directory keeps what was finished (checkpoints, "
+                "stored units): run the same command again to resume"
+            )
+            return status
+        status = exit_.code if isinstance(exit_.code, int) else EXIT_ERROR  # a requeue: 0
         raise
     finally:
         release_process_group()
         finish_wandb(status)
     return status
+
+
+def _stopped_by_sigterm(exit_: SystemExit) -> bool:
+    """Whether ``exit_`` is Lightning's stop on SIGTERM (looked up in ``sys.modules``: a job
+    that never imported Lightning cannot have raised it)."""
+    exceptions = sys.modules.get("pytorch_lightning.utilities.exceptions")
+    return exceptions is not None and isinstance(exit_, exceptions.SIGTERMException)
 
 
 def finish_wandb(status: int = 0) -> None:

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig
 
-from ssl_robust.cli import EXIT_INTERRUPTED, main
+from ssl_robust.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, main
 from ssl_robust.pipelines.pretrain import pretrain
 from tests.conftest import TINY_PRETRAIN
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class CtrlCInEpoch(pl.Callback):
@@ -50,3 +58,99 @@ def test_ctrl_c_outside_a_fit_exits_130_too(capsys: pytest.CaptureFixture[str]) 
 
     assert main("evaluate", ["classifier.run=x"], pipeline=evaluation) == EXIT_INTERRUPTED
     assert capsys.readouterr().err.startswith("error: interrupted;")
+
+
+class SigtermInEpoch(pl.Callback):
+    """Sends this process SIGTERM (what a scheduler's stop sends) in the second epoch's second
+    batch."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, i: int) -> None:
+        if trainer.current_epoch == 1 and i == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _encoder_state(run: Path) -> dict[str, torch.Tensor]:
+    from ssl_robust.models.export import load_encoder
+
+    encoder, _ = load_encoder(run)
+    return encoder.state_dict()
+
+
+def test_sigterm_in_a_fit_checkpoints_the_step_exits_143_and_the_rerun_matches(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Lightning ends a fit on SIGTERM with a SystemExit of no code: the job used to exit 0,
+    as if finished, with its progress since the last epoch's checkpoint lost."""
+    run = tmp_path / "run"
+    args = [*TINY_PRETRAIN, f"run.dir={run}"]
+
+    def stopped(cfg: DictConfig) -> Any:
+        return pretrain(cfg, callbacks=[SigtermInEpoch()])
+
+    assert main("pretrain", args, pipeline=stopped) == EXIT_TERMINATED
+    out, err = capsys.readouterr()
+    assert "error: stopped by SIGTERM; the run directory keeps what was finished" in err
+    assert "Traceback" not in err
+    # The step in progress was finished and checkpointed: epoch 1's second batch, step 5.
+    assert f"SIGTERM: checkpointed {run / 'hpc_ckpt_1.ckpt'} (step 5); stopping" in out
+    assert torch.load(run / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"] == 5
+    assert not (run / "metrics.json").exists()
+    assert main("pretrain", args) == 0
+    assert f"Resuming from {run / 'hpc_ckpt_1.ckpt'}" in capsys.readouterr().out
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
+    # The same weights as a run that was never stopped.
+    whole = tmp_path / "whole"
+    assert main("pretrain", [*TINY_PRETRAIN, f"run.dir={whole}"]) == 0
+    for key, value in _encoder_state(whole).items():
+        torch.testing.assert_close(_encoder_state(run)[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_data_loader_workers_leave_sigterm_to_the_main_process() -> None:
+    """Else a scheduler's SIGTERM to the whole job kills them first, and the main process
+    fails at once ("DataLoader worker ... is killed by signal") instead of checkpointing."""
+    from torch.utils.data import Dataset
+
+    from ssl_robust.data.datamodule import eval_loader
+
+    class Handler(Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, i: int) -> bool:
+            return signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+
+    assert signal.getsignal(signal.SIGTERM) != signal.SIG_IGN
+    assert next(iter(eval_loader(Handler(), batch_size=2, num_workers=1))).tolist() == [True] * 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_to_the_whole_job_with_workers_exits_143_with_a_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """As SLURM, `timeout` or `kill -TERM -<pgid>` stop a job: every process, DataLoader
+    workers included, gets SIGTERM."""
+    run = tmp_path / "run"
+    args = [*TINY_PRETRAIN, f"run.dir={run}", "data.num_workers=1", "trainer.max_epochs=500"]
+    args += ["trainer.limit_train_batches=1.0", "monitor.every_n_epochs=1000"]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "pretrain.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a job's
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:  # the fit has started (Lightning's handler is in place)
+        lines.append(line)
+        if line.startswith("scale: "):
+            break
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_TERMINATED, "".join(lines) + out + err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err, err
+    assert "SIGTERM: checkpointed" in out and (run / "hpc_ckpt_1.ckpt").is_file()

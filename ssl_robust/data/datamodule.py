@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -176,16 +177,29 @@ def usable_workers(num_workers: int) -> int:
     return cpus
 
 
+def ignore_sigterm(worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn``: the worker ignores SIGTERM.
+
+    Schedulers (SLURM's time limit or ``scancel``, ``timeout``, a shell's ``kill`` of the
+    process group) send SIGTERM to every process of a job. A worker that died of it would make
+    the main process fail at once with "DataLoader worker ... is killed by signal", before it
+    could finish its training step and checkpoint it; the main process shuts its workers down
+    itself when it stops (and they exit on their own when it is gone)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def worker_options(num_workers: int) -> dict[str, Any]:
     """DataLoader settings of every loader here: ``num_workers`` processes (at most the usable
     CPUs) that survive between epochs (and kNN rounds) instead of restarting each time, and
     pinned batches when a GPU will read them. The sampler runs in the main process and samples
-    are seeded by ``(seed, epoch, index)``, so persistent workers keep resumed epochs exact."""
+    are seeded by ``(seed, epoch, index)``, so persistent workers keep resumed epochs exact.
+    The workers leave SIGTERM to the main process (:func:`ignore_sigterm`)."""
     num_workers = usable_workers(num_workers)
     return {
         "num_workers": num_workers,
         "pin_memory": torch.cuda.is_available(),
         "persistent_workers": num_workers > 0,
+        "worker_init_fn": ignore_sigterm if num_workers > 0 else None,
     }
 
 

@@ -274,7 +274,7 @@ class SlurmRequeue(pl.Callback):
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         path = trainer.strategy.broadcast(next_hpc_checkpoint(Path(trainer.default_root_dir)))
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the whole state, to resume
         ok = self._requeue() if trainer.is_global_zero else False
         if trainer.strategy.broadcast(ok):
             rank_zero_print(f"checkpointed {path} and requeued the job; stopping")
@@ -302,6 +302,46 @@ class SlurmRequeue(pl.Callback):
         if done.returncode != 0:
             print(f"scontrol requeue {job_id} failed: {done.stderr.strip()}", flush=True)
         return done.returncode == 0
+
+
+class CheckpointOnSigterm(pl.Callback):
+    """On SIGTERM, checkpoint the training step in progress before Lightning stops the fit.
+
+    SIGTERM is how schedulers stop a job (SLURM at its time limit or on ``scancel``, Kubernetes,
+    ``timeout``, ``kill``). Lightning notes it (``trainer.received_sigterm``) and stops at the
+    end of the training batch in which it arrived, after this hook has run: the checkpoint,
+    ``hpc_ckpt_N.ckpt`` in the run directory, holds every step taken, and running the same
+    command again resumes from it (the newest of it and ``last.ckpt``) on the next batch.
+    Without it the rerun would start again from the last ``last.ckpt``, up to
+    ``trainer.checkpoint_every_n_epochs`` epochs earlier.
+
+    One process only: under DDP the ranks may notice the signal in different batches, and a
+    checkpoint written by all of them would hang; there a SLURM job checkpoints on SIGUSR1
+    (:class:`SlurmRequeue`) and other stops resume from ``last.ckpt``. A signal in the middle
+    of an accumulation window (``trainer.accumulate_grad_batches``), whose gradients no
+    checkpoint holds, or during validation, also leaves ``last.ckpt`` as the resume point.
+    """
+
+    def __init__(self) -> None:
+        self.saved: Path | None = None
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not trainer.received_sigterm or trainer.world_size > 1 or self.saved is not None:
+            return
+        acc = trainer.accumulate_grad_batches
+        if (batch_idx + 1) % acc and batch_idx + 1 != trainer.num_training_batches:
+            return
+        path = next_hpc_checkpoint(Path(trainer.default_root_dir))
+        trainer.save_checkpoint(path, weights_only=False)  # the whole state, to resume
+        self.saved = path
+        rank_zero_print(f"SIGTERM: checkpointed {path} (step {trainer.global_step}); stopping")
 
 
 @contextmanager

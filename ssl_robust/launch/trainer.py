@@ -23,11 +23,13 @@ from pytorch_lightning.callbacks import (
 )
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from ssl_robust.config import TrainerConfig, WandbConfig
 from ssl_robust.files import write_text_atomic
 from ssl_robust.launch import curves
 from ssl_robust.launch.distributed import (
+    CheckpointOnSigterm,
     ScaleSummary,
     SlurmRequeue,
     build_strategy,
@@ -262,7 +264,9 @@ class TrainingCurves(pl.Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        if isinstance(exception, SystemExit) and not exception.code:
+        if isinstance(exception, SIGTERMException):
+            why = "stopped by SIGTERM"
+        elif isinstance(exception, SystemExit) and not exception.code:
             why = "stopped to be requeued"
         elif isinstance(exception, KeyboardInterrupt):
             why = "interrupted"
@@ -464,14 +468,17 @@ def build_trainer(
     The same section runs on one CPU, one GPU, many GPUs or many nodes: DDP (NCCL on GPUs, gloo
     on CPU, ``pg_timeout_s``) as soon as ``devices x num_nodes > 1``; under SLURM a
     ``SLURMEnvironment`` and, with ``auto_requeue``, a checkpoint + requeue on SIGUSR1
-    (:class:`SlurmRequeue`). A world that the launcher did not start at the configured size
-    fails here, before process-group setup would hang.
+    (:class:`SlurmRequeue`); on SIGTERM a checkpoint of the step in progress in a single
+    process (:class:`CheckpointOnSigterm`). A world that the launcher did not start at the
+    configured size fails here, before process-group setup would hang.
     """
     check_world_size(tcfg.devices, tcfg.num_nodes)
     quiet_lightning()
     accelerator = resolve_accelerator(tcfg.accelerator)
     plugins = cluster_plugins()
-    all_callbacks = [*callbacks, ScaleSummary(), EpochThroughput(), FitClock()]
+    all_callbacks = [
+        *callbacks, ScaleSummary(), EpochThroughput(), FitClock(), CheckpointOnSigterm()
+    ]  # fmt: skip
     if plugins and tcfg.auto_requeue:
         all_callbacks.append(SlurmRequeue())
     if tcfg.progress_bar:

@@ -38,6 +38,7 @@ from ssl_robust.data.datamodule import (
     ResumableDataLoader,
     batches_done_this_epoch,
     eval_loader,
+    ignore_sigterm,
     usable_workers,
 )
 from ssl_robust.data.datasets import (
@@ -324,12 +325,14 @@ def _train_loader(
     therefore sees the same batches as an uninterrupted one."""
     sampler = EpochSeededSampler(len(dataset), seed)  # type: ignore[arg-type]
     sampler.skip_batches = lambda: batches_done_this_epoch(trainer)
+    workers = usable_workers(num_workers)
     return ResumableDataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         drop_last=drop_last,
-        num_workers=usable_workers(num_workers),
+        num_workers=workers,
+        worker_init_fn=ignore_sigterm if workers > 0 else None,
     )
 
 
