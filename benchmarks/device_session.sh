@@ -86,7 +86,8 @@ else
         # curves.png does not come back from the machine: not redrawn during the timed run.
         # trainer.profile_steps: where a step's time goes (profile.txt), a second or two.
         # last.ckpt every 20 epochs (and after the last), not every 2.5 s epoch: ~100 MB each.
-        # A run stopped by the call's limit resumes from its last multiple of 20 (RUN_DIR).
+        # A run stopped by the call's limit (timeout's SIGTERM) checkpoints the step in progress
+        # (hpc_ckpt_1.ckpt) and a second call resumes from there (RUN_DIR).
         # Metrics every 50 steps: each logging is an .item() that makes the host wait.
         # Off for the timed run: the kNN monitor under shift (its corrupted twin of the 10k
         # validation images is made on the CPU first, ~40 s) and the views figure.
