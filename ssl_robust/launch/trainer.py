@@ -358,8 +358,8 @@ def resume_requested(resume: bool, env: Mapping[str, str] | None = None) -> bool
 
 
 def resume_checkpoint(run_dir: Path, resume: bool) -> str | None:
-    """The newest of ``checkpoints/last.ckpt`` and a SLURM ``hpc_ckpt_*.ckpt``, if resuming
-    (:func:`resume_requested`).
+    """The newest of ``checkpoints/last.ckpt`` and an ``hpc_ckpt_*.ckpt`` (written on SLURM's
+    SIGUSR1 or on SIGTERM), if resuming (:func:`resume_requested`).
 
     A fresh start (``resume`` false, not a requeued job) deletes the run directory's
     checkpoints and ``metrics.json``, so that neither a later rerun nor Lightning's own SLURM
@@ -376,7 +376,7 @@ def resume_checkpoint(run_dir: Path, resume: bool) -> str | None:
 
 
 def newest_checkpoint(run_dir: Path) -> str | None:
-    """The newest of ``checkpoints/last.ckpt`` and a SLURM ``hpc_ckpt_*.ckpt``, if any."""
+    """The newest of ``checkpoints/last.ckpt`` and an ``hpc_ckpt_*.ckpt``, if any."""
     candidates = [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")]
     existing = [p for p in candidates if p.is_file()]
     if not existing:
