@@ -1,4 +1,5 @@
-"""Ctrl-C: one line that says what happened and how to go on, exit 130, and the rerun resumes."""
+"""Stopped runs: Ctrl-C (exit 130) and SIGTERM (exit 143) say in one line what happened and
+how to go on, and the rerun resumes; a diverged fit stops with an error at the epoch end."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
-from ssl_robust.cli import EXIT_INTERRUPTED, EXIT_TERMINATED, main
+from ssl_robust.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED, main
 from ssl_robust.pipelines.pretrain import pretrain
 from tests.conftest import TINY_PRETRAIN
 
@@ -154,3 +155,36 @@ def test_sigterm_to_the_whole_job_with_workers_exits_143_with_a_checkpoint(
     assert proc.returncode == EXIT_TERMINATED, "".join(lines) + out + err
     assert "stopped by SIGTERM" in err and "Traceback" not in err, err
     assert "SIGTERM: checkpointed" in out and (run / "hpc_ckpt_1.ckpt").is_file()
+
+
+class PoisonWeights(pl.Callback):
+    """Puts a NaN into the encoder's first weight in the second epoch's first batch, as a
+    diverging step would; the next steps spread it."""
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, i: int
+    ) -> None:
+        if trainer.current_epoch == 1 and i == 0:
+            with torch.no_grad():
+                next(pl_module.backbone.parameters()).view(-1)[0] = float("nan")
+
+
+def test_a_diverged_fit_stops_at_the_epoch_end_and_keeps_the_last_finite_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    args = [*TINY_PRETRAIN, f"run.dir={run}", "trainer.max_epochs=4"]
+
+    def diverging(cfg: DictConfig) -> Any:
+        return pretrain(cfg, callbacks=[PoisonWeights()])
+
+    assert main("pretrain", args, pipeline=diverging) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "error: training diverged in epoch 2 (step 6) (train/loss nan): " in err, err
+    assert "e.g. backbone." in err and "Traceback" not in err
+    assert f"The last finite state is {run / 'checkpoints' / 'last.ckpt'}. Lower" in err
+    # Stopped before epoch 2's checkpoint: last.ckpt is epoch 1's, finite.
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["epoch"] == 0 and ckpt["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    assert not (run / "metrics.json").exists() and not (run / "encoder.safetensors").exists()

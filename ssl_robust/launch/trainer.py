@@ -184,6 +184,43 @@ class ValidateLastEpoch(Callback):
             trainer.check_val_every_n_epoch = 1
 
 
+class DivergedError(ValueError):
+    """Training produced non-finite weights (NaN or inf): every later step would be wasted."""
+
+
+class StopOnDivergence(pl.Callback):
+    """Ends a fit with :class:`DivergedError` at the end of the first training epoch whose
+    weights are no longer finite, before that epoch's checkpoint is written.
+
+    A diverged run otherwise trains on for every remaining epoch (hours on a GPU) and exports a
+    NaN encoder. Checked once an epoch on the trainable weights, not on the step loss: one
+    reduction and one host synchronisation per epoch, and no false alarm from a single
+    overflowing step that a 16-bit gradient scaler skips. Lightning runs checkpoint callbacks
+    after the others, so ``last.ckpt`` keeps the last finite epoch (resuming it repeats the
+    divergence unless the settings change).
+    """
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        if not params:
+            return
+        finite = torch.stack([torch.isfinite(p).all() for p in params]).all()
+        if bool(finite):
+            return
+        bad = [n for n, p in pl_module.named_parameters() if not torch.isfinite(p).all()]
+        loss = trainer.callback_metrics.get("train/loss")
+        said = f" (train/loss {float(loss):.4g})" if loss is not None else ""
+        kept = newest_checkpoint(Path(trainer.default_root_dir))
+        raise DivergedError(
+            f"training diverged in epoch {trainer.current_epoch + 1} (step "
+            f"{trainer.global_step}){said}: {len(bad)} weight tensor(s) hold NaN or inf, "
+            f"e.g. {bad[0]}. "
+            + (f"The last finite state is {kept}. " if kept else "Nothing was checkpointed. ")
+            + "Lower the learning rate, add warm-up, or train in a wider trainer.precision "
+            "(32-true), then start over (run.resume=false) or give another run.dir."
+        )
+
+
 class TrainingCurves(pl.Callback):
     """Keep ``<run_dir>/curves.png`` current while a fit runs, so a long run's progress can be
     looked at (and a crashed or preempted run keeps its curves up to its last logged step).
@@ -477,7 +514,8 @@ def build_trainer(
     accelerator = resolve_accelerator(tcfg.accelerator)
     plugins = cluster_plugins()
     all_callbacks = [
-        *callbacks, ScaleSummary(), EpochThroughput(), FitClock(), CheckpointOnSigterm()
+        *callbacks, ScaleSummary(), EpochThroughput(), FitClock(), CheckpointOnSigterm(),
+        StopOnDivergence(),
     ]  # fmt: skip
     if plugins and tcfg.auto_requeue:
         all_callbacks.append(SlurmRequeue())
