@@ -296,10 +296,17 @@ def main(
 
 
 def _stopped_by_sigterm(exit_: SystemExit) -> bool:
-    """Whether ``exit_`` is Lightning's stop on SIGTERM (looked up in ``sys.modules``: a job
-    that never imported Lightning cannot have raised it)."""
-    exceptions = sys.modules.get("pytorch_lightning.utilities.exceptions")
-    return exceptions is not None and isinstance(exit_, exceptions.SIGTERMException)
+    """Whether ``exit_`` is a stop on SIGTERM: Lightning's in a fit, or
+    ``launch.distributed.Terminated`` in a job without a Trainer (looked up in
+    ``sys.modules``: a job that never imported a module cannot have raised its exception)."""
+    kinds = [
+        getattr(sys.modules.get(module), name, None)
+        for module, name in (
+            ("pytorch_lightning.utilities.exceptions", "SIGTERMException"),
+            ("ssl_robust.launch.distributed", "Terminated"),
+        )
+    ]
+    return any(kind is not None and isinstance(exit_, kind) for kind in kinds)
 
 
 def finish_wandb(status: int = 0) -> None:

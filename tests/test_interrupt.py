@@ -188,3 +188,22 @@ def test_a_diverged_fit_stops_at_the_epoch_end_and_keeps_the_last_finite_checkpo
     assert ckpt["epoch"] == 0 and ckpt["global_step"] == 3
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
     assert not (run / "metrics.json").exists() and not (run / "encoder.safetensors").exists()
+
+
+def test_sigterm_in_an_evaluation_exits_143_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The evaluation has no Trainer: SIGTERM's default action ended it with no word."""
+    from ssl_robust.pipelines.evaluate import job
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def working(cfg: DictConfig) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises first
+        raise AssertionError("SIGTERM did not stop the evaluation")
+
+    monkeypatch.setattr(job, "_evaluate", working)
+    assert main("evaluate", ["classifier.run=x"], pipeline=job.evaluate) == EXIT_TERMINATED
+    assert capsys.readouterr().err.startswith("error: stopped by SIGTERM;")
+    assert signal.getsignal(signal.SIGTERM) == before  # restored

@@ -344,6 +344,30 @@ class CheckpointOnSigterm(pl.Callback):
         rank_zero_print(f"SIGTERM: checkpointed {path} (step {trainer.global_step}); stopping")
 
 
+class Terminated(SystemExit):
+    """A job without a Trainer stopped by SIGTERM (:func:`stop_on_sigterm`); the command line
+    reports it in one line and exits 143, as it does a fit that Lightning stopped."""
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """For a job without a Trainer (the evaluation): SIGTERM raises :class:`Terminated`.
+
+    Without it the signal's default action ends the process at once, with no word of why and
+    its wandb run left open. Such a job stores each finished unit of work atomically as it
+    goes, so stopping between two Python bytecodes loses only the unit in progress.
+    """
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Terminated(128 + signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextmanager
 def requeue_on_signal(signum: int = signal.SIGUSR1) -> Iterator[None]:
     """For a job without a Trainer (the evaluation), under SLURM: on ``SIGUSR1`` requeue the

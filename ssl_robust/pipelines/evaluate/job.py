@@ -20,7 +20,7 @@ from ssl_robust.evaluate.metrics import confusion_matrix, per_class_accuracy
 from ssl_robust.evaluate.report import log_to_wandb, write_report
 from ssl_robust.evaluate.store import UnitStore
 from ssl_robust.finetune.export import load_classifier
-from ssl_robust.launch.distributed import requeue_on_signal
+from ssl_robust.launch.distributed import requeue_on_signal, stop_on_sigterm
 from ssl_robust.launch.trainer import resume_requested, wandb_run_id, write_json
 from ssl_robust.pipelines.common import console, print_summary
 from ssl_robust.pipelines.evaluate.adversarial import adv_section, cert_section, shard_worker
@@ -100,12 +100,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     on every run (they reuse the stored logits).
 
     Under SLURM, ``SIGUSR1`` (``#SBATCH --signal=SIGUSR1@90 --requeue``) requeues the job and
-    stops it; the requeued job resumes from the stored units.
+    stops it; the requeued job resumes from the stored units. SIGTERM stops it
+    (:func:`~ssl_robust.launch.distributed.stop_on_sigterm`); a rerun resumes the same way.
 
     Returns:
         The metrics (names documented in :data:`ssl_robust.evaluate.report.METRIC_DOCS`).
     """
-    with requeue_on_signal():
+    with requeue_on_signal(), stop_on_sigterm():
         return _evaluate(cfg)
 
 
