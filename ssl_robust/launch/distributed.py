@@ -214,6 +214,15 @@ def next_hpc_checkpoint(root: Path) -> Path:
     return root / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
 
 
+def at_step_boundary(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether training batch ``batch_idx`` has just ended with an optimiser step: where a
+    checkpoint can be taken, as it holds whole steps (the gradients of an accumulation window
+    cut short are not in it), and where a resumed run starts, at the next batch
+    (``batches_done_this_epoch``)."""
+    acc = trainer.accumulate_grad_batches
+    return (batch_idx + 1) % acc == 0 or batch_idx + 1 == trainer.num_training_batches
+
+
 class SlurmRequeue(pl.Callback):
     """Checkpoint and requeue the SLURM job when it is sent ``SIGUSR1``.
 
@@ -261,11 +270,7 @@ class SlurmRequeue(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        # Only where an optimiser step has just been taken: a checkpoint holds whole steps (the
-        # gradients of an accumulation window cut short are not in it), and the resumed run
-        # starts at the first batch after the last step (``batches_done_this_epoch``).
-        acc = trainer.accumulate_grad_batches
-        if (batch_idx + 1) % acc and batch_idx + 1 != trainer.num_training_batches:
+        if not at_step_boundary(trainer, batch_idx):
             return
         self._batches += 1
         if trainer.world_size > 1 and self._batches % self.every_n_batches:
@@ -335,8 +340,7 @@ class CheckpointOnSigterm(pl.Callback):
     ) -> None:
         if not trainer.received_sigterm or trainer.world_size > 1 or self.saved is not None:
             return
-        acc = trainer.accumulate_grad_batches
-        if (batch_idx + 1) % acc and batch_idx + 1 != trainer.num_training_batches:
+        if not at_step_boundary(trainer, batch_idx):
             return
         path = next_hpc_checkpoint(Path(trainer.default_root_dir))
         trainer.save_checkpoint(path, weights_only=False)  # the whole state, to resume
