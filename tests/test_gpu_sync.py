@@ -105,6 +105,29 @@ def test_datamodule_device_batch_does_not_synchronise() -> None:
     assert views[0].normalize.mean.device.type == CUDA.type  # moved once, not copied per batch
 
 
+def test_datamodule_device_validation_batch_does_not_synchronise() -> None:
+    images = _images(512, 32).permute(0, 2, 3, 1).numpy()
+    source = ArraySource(images, np.arange(512) % 10, [str(i) for i in range(10)])
+    val = ArraySource(images[:300], np.arange(300) % 10, source.classes)
+    dm = SSLDataModule(
+        source, val, gv.simclr_views(32), lambda x: x, batch_size=128, augment="gpu",
+        eval_batch_size=128, device_eval_transform=gv.eval_transform(32),
+    )  # fmt: skip
+    assert dm.device_validation
+    for loader_idx, loader in enumerate(dm.val_dataloader()):
+        batch = next(iter(loader))
+        on_device = {k: v.to(CUDA, non_blocking=True) for k, v in batch.items()}
+        dm.on_after_batch_transfer(dict(on_device), loader_idx)  # warm-up: uploads once
+        with no_sync():
+            x, labels = dm.on_after_batch_transfer(dict(on_device), loader_idx)
+        assert x.device.type == CUDA.type and x.shape == (128, 3, 32, 32)
+        assert torch.equal(labels.cpu(), batch["label"])
+        expected = gv.eval_transform(32).to(CUDA)(
+            torch.from_numpy(images[batch["eval_index"].numpy()]).permute(0, 3, 1, 2).to(CUDA)
+        )
+        torch.testing.assert_close(x, expected, rtol=0, atol=0)
+
+
 def test_online_probe_step_does_not_synchronise() -> None:
     monitor = OnlineMonitor(feat_dim=16, num_classes=10).to(CUDA)
     features = torch.randn(64, 16, device=CUDA)
