@@ -124,6 +124,37 @@ def test_data_loader_workers_leave_sigterm_to_the_main_process() -> None:
     assert next(iter(eval_loader(Handler(), batch_size=2, num_workers=1))).tolist() == [True] * 2
 
 
+def test_the_workers_are_seeded_as_lightning_seeds_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After seed_everything(workers=True) Lightning gives a loader without a worker_init_fn
+    its own, which seeds numpy and random in each worker; the SIGTERM one runs it too."""
+    import random
+    from functools import partial
+
+    import numpy as np
+    from lightning_fabric.utilities.seed import pl_worker_init_function
+    from torch.utils.data import DataLoader, Dataset
+
+    from ssl_robust.data.datamodule import ignore_sigterm
+
+    class Draws(Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> list[float]:
+            return [float(np.random.random()), random.random(), torch.rand(()).item()]
+
+    def draws(init: Any) -> list[list[float]]:
+        torch.manual_seed(0)  # the base seed the loader hands its workers
+        loader = DataLoader(Draws(), batch_size=None, num_workers=2, worker_init_fn=init)
+        return [list(map(float, d)) for d in loader]
+
+    monkeypatch.setenv("PL_SEED_WORKERS", "1")
+    assert draws(ignore_sigterm) == draws(partial(pl_worker_init_function, rank=0))
+    monkeypatch.delenv("PL_SEED_WORKERS")
+    assert draws(ignore_sigterm) == draws(None)  # PyTorch's own seeding otherwise
+    assert draws(ignore_sigterm) != draws(partial(pl_worker_init_function, rank=0))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigterm_to_the_whole_job_with_workers_exits_143_with_a_checkpoint(

@@ -184,8 +184,17 @@ def ignore_sigterm(worker_id: int = 0) -> None:
     process group) send SIGTERM to every process of a job. A worker that died of it would make
     the main process fail at once with "DataLoader worker ... is killed by signal", before it
     could finish its training step and checkpoint it; the main process shuts its workers down
-    itself when it stops (and they exit on their own when it is gone)."""
+    itself when it stops (and they exit on their own when it is gone).
+
+    After ``seed_everything(workers=True)`` Lightning gives a loader without a
+    ``worker_init_fn`` its own, which seeds the worker's generators; this one runs it too, so
+    the workers draw the same numbers as they did without it.
+    """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        from lightning_fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)  # its rank: the forked process's rank_zero_only.rank
 
 
 def worker_options(num_workers: int) -> dict[str, Any]:
