@@ -74,3 +74,15 @@ def shared_modes(folder: Path) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
             path.chmod(mode)
+
+
+def unfinished_note(folder: Path) -> str:
+    """For an error about a run directory's missing export: when the folder holds checkpoints,
+    the sentence that its job stopped before its end (the export is a job's last step) and how
+    to finish it; else nothing."""
+    if (folder / "checkpoints" / "last.ckpt").is_file() or any(folder.glob("hpc_ckpt_*.ckpt")):
+        return (
+            ". It holds checkpoints, so its job stopped before the end: run that job's command "
+            "again to resume and finish it"
+        )
+    return ""

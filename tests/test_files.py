@@ -62,3 +62,26 @@ def test_save_safetensors_round_trips_and_follows_the_umask(tmp_path: Path) -> N
         os.umask(old)
     assert _mode(tmp_path / "private.safetensors") == 0o600
     torch.testing.assert_close(load_file(tmp_path / "private.safetensors")["a"], torch.arange(3.0))
+
+
+@pytest.mark.parametrize("phase", ["encoder", "classifier", "denoiser"])
+def test_a_missing_export_of_a_run_with_checkpoints_says_the_job_stopped(
+    phase: str, tmp_path: Path
+) -> None:
+    from ssl_robust.finetune.export import load_classifier
+    from ssl_robust.models.export import load_encoder
+    from ssl_robust.purify.unet import load_denoiser
+
+    load = {"encoder": load_encoder, "classifier": load_classifier, "denoiser": load_denoiser}
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(FileNotFoundError) as plain:
+        load[phase](run)
+    assert "stopped before the end" not in str(plain.value)
+    (run / "hpc_ckpt_1.ckpt").write_bytes(b"a step's state")
+    with pytest.raises(FileNotFoundError, match=r"no (exported|diffusers)") as stopped:
+        load[phase](run)
+    assert str(stopped.value).endswith(
+        ". It holds checkpoints, so its job stopped before the end: run that job's command "
+        "again to resume and finish it"
+    )

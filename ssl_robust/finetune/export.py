@@ -16,7 +16,7 @@ from typing import Any
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ssl_robust.files import save_safetensors, write_text_atomic
+from ssl_robust.files import save_safetensors, unfinished_note, write_text_atomic
 from ssl_robust.finetune.model import Classifier
 from ssl_robust.models.backbones import build_backbone
 from ssl_robust.models.export import EncoderMeta
@@ -64,6 +64,7 @@ def load_classifier(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
         raise FileNotFoundError(
             f"no exported classifier in {str(folder)!r}: expected classifier.json and "
             f"classifier.safetensors (written at the end of fine-tuning)"
+            f"{unfinished_note(folder)}"
         )
     meta = json.loads(desc.read_text())
     enc_meta = EncoderMeta(**meta["encoder"])

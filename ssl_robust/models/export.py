@@ -12,7 +12,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from ssl_robust.files import save_safetensors, write_text_atomic
+from ssl_robust.files import save_safetensors, unfinished_note, write_text_atomic
 from ssl_robust.models.backbones import Encoder, build_backbone
 
 
@@ -58,7 +58,7 @@ def load_encoder(folder: str | Path) -> tuple[Encoder, EncoderMeta]:
     if not info.is_file() or not weights.is_file():
         raise FileNotFoundError(
             f"no exported encoder in {str(folder)!r}: expected encoder.json and "
-            f"encoder.safetensors (written at the end of pretraining)"
+            f"encoder.safetensors (written at the end of pretraining){unfinished_note(folder)}"
         )
     meta = load_encoder_meta(folder)
     encoder = build_backbone(meta.backbone, meta.width)

@@ -22,7 +22,7 @@ import diffusers
 from diffusers.models.unets.unet_2d import UNet2DModel
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
-from ssl_robust.files import shared_modes
+from ssl_robust.files import shared_modes, unfinished_note
 
 # Keyword arguments for UNet2DModel, without sample_size / in_channels / out_channels.
 UNET_PRESETS: dict[str, dict[str, Any]] = {
@@ -179,6 +179,7 @@ def load_denoiser(folder: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
         expected = [str(folder / "unet" / "config.json"), str(folder / "config.json")]
         raise FileNotFoundError(
             f"no diffusers UNet in {str(folder)!r}: expected {expected[0]!r} or {expected[1]!r}"
+            f"{unfinished_note(folder)}"
         )
     weights = [
         p
