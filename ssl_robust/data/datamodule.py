@@ -50,6 +50,19 @@ def check_fits_on_device(nbytes: int, free_bytes: int, device: str) -> None:
         )
 
 
+def upload_images(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 ``(N, H, W, C)`` images as one ``(N, C, H, W)`` tensor on ``device``.
+
+    Raises:
+        RuntimeError: on a GPU, when the array would take more than half of its free memory
+            (:func:`check_fits_on_device`).
+    """
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        check_fits_on_device(array.nbytes, free, str(device))
+    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous().to(device)
+
+
 class EpochSeededSampler(Sampler[tuple[int, int]]):
     """Yields ``(epoch, index)`` in an order seeded by ``(seed, epoch)``.
 
@@ -443,12 +456,7 @@ class SSLDataModule(pl.LightningDataModule):
                 memory (the model needs the rest); ``data.augment=cpu`` is the way out.
         """
         if self._device_images is None or self._device_images.device != device:
-            array = self.train_source.images  # type: ignore[attr-defined]
-            if device.type == "cuda":
-                free, _total = torch.cuda.mem_get_info(device)
-                check_fits_on_device(array.nbytes, free, str(device))
-            images = torch.from_numpy(array)
-            self._device_images = images.permute(0, 3, 1, 2).contiguous().to(device)
+            self._device_images = upload_images(self.train_source.images, device)  # type: ignore[attr-defined]
             # The view transforms' buffers (normalisation) go along, once: left on the host,
             # they would be copied to the device, blocking, on every batch.
             for t in self.train_transform:  # type: ignore[union-attr]
@@ -469,11 +477,7 @@ class SSLDataModule(pl.LightningDataModule):
             return self.images_on(device)
         images = self._device_eval_images.get(dataloader_idx)
         if images is None or images.device != device:
-            array = source.images  # type: ignore[attr-defined]
-            if device.type == "cuda":
-                free, _total = torch.cuda.mem_get_info(device)
-                check_fits_on_device(array.nbytes, free, str(device))
-            images = torch.from_numpy(array).permute(0, 3, 1, 2).contiguous().to(device)
+            images = upload_images(source.images, device)  # type: ignore[attr-defined]
             self._device_eval_images[dataloader_idx] = images
         return images
 
